@@ -1,0 +1,31 @@
+#include "cli.h"
+
+namespace gate::cli {
+
+std::optional<po::variables_map> parse(int argc, char** argv, po::options_description& desc,
+                                       const std::string& synopsis, const std::string& about,
+                                       int* exit_code,
+                                       const po::positional_options_description* positional) {
+  desc.add_options()("help,h", "show this help and exit");
+  const std::string name = argv[0];
+  try {
+    auto vm = parse_command(argc, argv, desc, positional);
+    if (vm.count("help")) {
+      std::cout << "Usage: " << synopsis << "\n\n" << about << "\n\n" << desc << "\n";
+      *exit_code = 0;
+      return std::nullopt;
+    }
+    return vm;
+  } catch (const po::error& e) {
+    std::cerr << name << ": " << e.what() << "\nTry '" << name << " --help'.\n";
+    *exit_code = 2;
+    return std::nullopt;
+  }
+}
+
+int fail(const std::string& command, const std::string& message) {
+  std::cerr << command << ": " << message << "\n";
+  return 1;
+}
+
+}  // namespace gate::cli

@@ -1,0 +1,210 @@
+// gate broker: the lock authority.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+
+#include <cstdio>
+#include <iostream>
+
+#include "broker/broker_service.h"
+#include "broker/http_server.h"
+#include "cli.h"
+#include "commands.h"
+#include "core/log.h"
+#include "gate/version.h"
+#include "core/token.h"
+#include "lock/lock_table.h"
+#include "store/lock_store.h"
+
+namespace gate::cmd {
+
+namespace {
+
+bool is_loopback(const std::string& host) {
+  return host == "127.0.0.1" || host == "::1" || host == "localhost" || host.rfind("127.", 0) == 0;
+}
+
+void raise_fd_limit() {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+// One broker per state directory: a second one would fork the lock state.
+int lock_state_dir(const std::string& dir, std::string* error) {
+  const std::string path = dir + "/broker.lock";
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    *error = "cannot open " + path;
+    return -1;
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    ::close(fd);
+    *error = "another broker is using the state directory " + dir +
+             " (stop it, or choose another --state-dir)";
+    return -1;
+  }
+  return fd;
+}
+
+}  // namespace
+
+int broker(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()
+      ("state-dir", po::value<std::string>()->default_value(defaults::kStateDir),
+       "where locks.db lives (env GATE_STATE_DIR)")
+      ("host", po::value<std::string>()->default_value(defaults::kBrokerHost),
+       "TCP address to listen on (env GATE_BROKER_HOST)")
+      ("port", po::value<std::uint16_t>()->default_value(defaults::kBrokerPort),
+       "TCP port; 0 picks a free one (env GATE_BROKER_PORT)")
+      ("unix-socket", po::value<std::string>()->default_value(""),
+       "also listen on this Unix socket (env GATE_BROKER_SOCKET)")
+      ("socket-mode", po::value<std::string>()->default_value("0600"),
+       "permissions of the Unix socket (octal)")
+      ("socket-group", po::value<std::string>()->default_value(""),
+       "group of the Unix socket (then use --socket-mode 0660)")
+      ("allow-remote", po::bool_switch(),
+       "allow a non-loopback --host; anyone who can reach it can take locks")
+      ("lease-ms", po::value<std::int64_t>()->default_value(defaults::kLeaseMs),
+       "default lease of a lock (env GATE_LEASE_MS)")
+      ("max-hold-ms", po::value<std::int64_t>()->default_value(defaults::kMaxHoldMs),
+       "cap on how long a lock is held in one go; 0 = no cap (env GATE_MAX_HOLD_MS)")
+      ("restore-grace-ms", po::value<std::int64_t>()->default_value(defaults::kRestoreGraceMs),
+       "after a restart, how long queued requests keep their place for their clients")
+      ("sync", po::value<std::string>()->default_value("normal"),
+       "normal: a broker crash loses nothing; full: a power loss loses nothing either "
+       "(an fsync per commit)")
+      ("max-body-bytes", po::value<std::size_t>()->default_value(defaults::kMaxBodyBytes),
+       "largest request body accepted (413 above)")
+      ("request-timeout-ms", po::value<std::int64_t>()->default_value(10'000),
+       "time allowed to send a request once its header arrived")
+      ("idle-timeout-ms", po::value<std::int64_t>()->default_value(120'000),
+       "an idle keep-alive connection (or a header not finished) is closed after this")
+      ("max-connections", po::value<std::size_t>()->default_value(10'000),
+       "connections beyond this are answered 503")
+      ("log-level", po::value<std::string>()->default_value("info"),
+       "debug, info, warn or error (env GATE_LOG_LEVEL)")
+      ("log-file", po::value<std::string>()->default_value(""), "append the log here instead of stderr")
+      ("ready-fd", po::value<int>()->default_value(-1),
+       "write the TCP port and a newline to this file descriptor once listening");
+  int code = 0;
+  auto vm = cli::parse(argc, argv, desc, "gate broker [options]",
+                       "Runs the lock broker: FIFO read/write locks per path over HTTP, kept in "
+                       "SQLite so that a restart loses nothing.",
+                       &code);
+  if (!vm) return code;
+  const std::string me = "gate broker";
+
+  LogLevel level;
+  if (!parse_log_level((*vm)["log-level"].as<std::string>(), &level))
+    return cli::fail(me, "--log-level must be debug, info, warn or error"), 2;
+  set_log_level(level);
+  if (auto f = (*vm)["log-file"].as<std::string>(); !f.empty() && !set_log_file(f))
+    return cli::fail(me, "cannot open log file " + f);
+
+  const std::string host = (*vm)["host"].as<std::string>();
+  if (!is_loopback(host) && !(*vm)["allow-remote"].as<bool>())
+    return cli::fail(me, "--host " + host +
+                             " is not a loopback address; anyone who can reach it could take "
+                             "and release locks. Add --allow-remote if that is intended."),
+           2;
+  const std::string sync = (*vm)["sync"].as<std::string>();
+  if (sync != "normal" && sync != "full") return cli::fail(me, "--sync must be normal or full"), 2;
+  unsigned socket_mode = 0;
+  try {
+    socket_mode = static_cast<unsigned>(std::stoul((*vm)["socket-mode"].as<std::string>(), nullptr, 8));
+  } catch (const std::exception&) {
+    return cli::fail(me, "--socket-mode must be octal, e.g. 0600"), 2;
+  }
+
+  std::string note;
+  const std::string configured = (*vm)["state-dir"].as<std::string>();
+  const std::string state_dir =
+      resolve_state_dir(configured, !(*vm)["state-dir"].defaulted(), &note);
+  if (state_dir.empty())
+    return cli::fail(me, "state directory " + configured +
+                             " is not writable; choose one with --state-dir or GATE_STATE_DIR");
+  if (!note.empty()) log(LogLevel::Warn, "broker", note);
+
+  std::string error;
+  int lock_fd = lock_state_dir(state_dir, &error);
+  if (lock_fd < 0) return cli::fail(me, error);
+
+  const std::string db_path = state_dir + "/locks.db";
+  auto store = LockStore::open(db_path, sync == "full" ? LockStore::Sync::Full : LockStore::Sync::Normal,
+                               &error);
+  if (!store) return cli::fail(me, error);
+
+  LockTableOptions options;
+  options.default_lease_ms = std::max<std::int64_t>(1, (*vm)["lease-ms"].as<std::int64_t>());
+  options.max_hold_ms = (*vm)["max-hold-ms"].as<std::int64_t>();
+  options.restore_grace_ms = (*vm)["restore-grace-ms"].as<std::int64_t>();
+  LockTable table(options, random_token);
+  try {
+    auto snap = store->load();
+    const auto held = snap.locks.size(), queued = snap.queue.size();
+    table.restore(std::move(snap.locks), std::move(snap.queue), snap.next_fence, snap.next_req_id,
+                  wall_clock_micros());
+    store->apply(table.take_journal(), table.next_fence(), table.next_req_id());
+    table.take_events();
+    if (held || queued)
+      log(LogLevel::Info, "broker", "restored ", held, " held locks and ", queued,
+          " queued requests from ", db_path);
+  } catch (const std::exception& e) {
+    return cli::fail(me, "cannot read " + db_path + ": " + e.what());
+  }
+
+  raise_fd_limit();
+  ::signal(SIGPIPE, SIG_IGN);
+  boost::asio::io_context ioc(1);
+  BrokerService service(ioc, table, store.get());
+  ServerLimits limits;
+  limits.max_body_bytes = (*vm)["max-body-bytes"].as<std::size_t>();
+  limits.request_timeout = std::chrono::milliseconds((*vm)["request-timeout-ms"].as<std::int64_t>());
+  limits.idle_timeout = std::chrono::milliseconds((*vm)["idle-timeout-ms"].as<std::int64_t>());
+  limits.max_connections = (*vm)["max-connections"].as<std::size_t>();
+  HttpServer server(ioc, service, limits);
+
+  if (!server.listen_tcp(host, (*vm)["port"].as<std::uint16_t>(), &error))
+    return cli::fail(me, error);
+  const std::string socket_path = (*vm)["unix-socket"].as<std::string>();
+  if (!socket_path.empty() &&
+      !server.listen_unix(socket_path, socket_mode, (*vm)["socket-group"].as<std::string>(), &error))
+    return cli::fail(me, error);
+  if (!is_loopback(host))
+    log(LogLevel::Warn, "broker", "listening on non-loopback address ", host,
+        ": anyone who can reach it can take and release locks");
+  log(LogLevel::Info, "broker", "gate ", kVersion, " listening on ", host, ":", server.tcp_port(),
+      socket_path.empty() ? "" : " and unix:" + socket_path, ", state dir ", state_dir,
+      " (lease ", options.default_lease_ms, " ms, hold cap ", options.max_hold_ms, " ms)");
+
+  if (int fd = (*vm)["ready-fd"].as<int>(); fd >= 0) {
+    std::string line = std::to_string(server.tcp_port()) + "\n";
+    if (::write(fd, line.data(), line.size()) < 0) log(LogLevel::Warn, "broker", "--ready-fd write failed");
+    ::close(fd);
+  }
+
+  boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
+  signals.async_wait([&](boost::system::error_code ec, int sig) {
+    if (ec) return;
+    log(LogLevel::Info, "broker", "signal ", sig, ": answering waiters 503, saving state, exiting");
+    service.shutdown();
+    server.drain(std::chrono::seconds(2), [&] { ioc.stop(); });
+  });
+  ioc.run();
+  service.flush();
+  log(LogLevel::Info, "broker", "stopped with ", table.lock_count(), " locks held and ",
+      table.queue_length(), " requests queued (saved in ", db_path, ")");
+  ::close(lock_fd);
+  return 0;
+}
+
+}  // namespace gate::cmd

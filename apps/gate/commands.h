@@ -1,0 +1,9 @@
+#pragma once
+// gate's subcommands: one row in the table in main.cc and one function each.
+// Every function gets argv with argv[0] = "gate <name>" and returns the exit code:
+// 0 success, 1 failure, 2 usage error.
+namespace gate::cmd {
+int broker(int argc, char** argv);
+int locks(int argc, char** argv);
+int mount(int argc, char** argv);
+}  // namespace gate::cmd

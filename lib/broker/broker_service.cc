@@ -1,0 +1,400 @@
+#include "broker/broker_service.h"
+
+#include <boost/asio/post.hpp>
+#include <boost/json.hpp>
+
+#include <sstream>
+
+#include "broker/lock_json.h"
+#include "core/log.h"
+#include "gate/version.h"
+
+namespace gate {
+
+namespace json = boost::json;
+
+HttpAnswer json_answer(int status, const std::string& body) { return {status, body}; }
+
+HttpAnswer error_answer(int status, const std::string& message) {
+  json::object o;
+  o["error"] = message;
+  return {status, json::serialize(o)};
+}
+
+namespace {
+
+HttpAnswer status_answer(int status, const char* word, const std::string& error = "") {
+  json::object o;
+  o["status"] = word;
+  if (!error.empty()) o["error"] = error;
+  return {status, json::serialize(o)};
+}
+
+HttpAnswer granted_answer(const Lock& l) {
+  json::object o;
+  o["status"] = "granted";
+  o["lock"] = lock_to_json(l);
+  return {200, json::serialize(o)};
+}
+
+std::string url_decode(std::string_view s) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '+') {
+      out.push_back(' ');
+    } else if (s[i] == '%') {
+      auto hex = [](char c) -> int {
+        if (c >= '0' && c <= '9') return c - '0';
+        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+        return -1;
+      };
+      int hi = i + 1 < s.size() ? hex(s[i + 1]) : -1;
+      int lo = i + 2 < s.size() ? hex(s[i + 2]) : -1;
+      if (hi < 0 || lo < 0) {
+        out.push_back(s[i]);
+        continue;
+      }
+      out.push_back(static_cast<char>(hi * 16 + lo));
+      i += 2;
+    } else {
+      out.push_back(s[i]);
+    }
+  }
+  return out;
+}
+
+std::string query_param(std::string_view query, std::string_view name) {
+  while (!query.empty()) {
+    auto amp = query.find('&');
+    std::string_view part = query.substr(0, amp);
+    auto eq = part.find('=');
+    if (part.substr(0, eq) == name) return eq == std::string_view::npos ? "" : url_decode(part.substr(eq + 1));
+    if (amp == std::string_view::npos) break;
+    query.remove_prefix(amp + 1);
+  }
+  return "";
+}
+
+}  // namespace
+
+BrokerService::BrokerService(boost::asio::io_context& ioc, LockTable& table, LockStore* store,
+                             Clock clock)
+    : ioc_(ioc), table_(table), store_(store), clock_(std::move(clock)), timer_(ioc) {
+  arm_timer();
+}
+
+std::uint64_t BrokerService::handle(const std::string& method, const std::string& target,
+                                    const std::string& body, Reply reply) {
+  ++metrics_.requests;
+  std::string_view path = target;
+  std::string_view query;
+  if (auto q = path.find('?'); q != std::string_view::npos) {
+    query = path.substr(q + 1);
+    path = path.substr(0, q);
+  }
+  std::uint64_t ticket = 0;
+  auto only = [&](const char* m) {
+    if (method == m) return true;
+    ++metrics_.bad_requests;
+    answer(std::move(reply), error_answer(405, std::string(path) + " takes " + m));
+    return false;
+  };
+  if (shutting_down_) {
+    answer(std::move(reply), status_answer(503, "unavailable", "broker is shutting down"));
+  } else if (path == "/v1/locks/acquire") {
+    if (only("POST")) acquire(body, reply, &ticket);
+  } else if (path == "/v1/locks/release") {
+    if (only("POST")) release(body, reply);
+  } else if (path == "/v1/locks/heartbeat") {
+    if (only("POST")) heartbeat(body, reply);
+  } else if (path == "/v1/locks/status") {
+    if (only("GET")) status(std::string(query), reply);
+  } else if (path == "/v1/health") {
+    json::object o;
+    o["status"] = "ok";
+    o["version"] = kVersion;
+    answer(std::move(reply), {200, json::serialize(o)});
+  } else if (path == "/metrics") {
+    answer(std::move(reply), {200, metrics_text(), "text/plain; version=0.0.4"});
+  } else {
+    ++metrics_.bad_requests;
+    answer(std::move(reply), error_answer(404, "no such route: " + std::string(path).substr(0, 200)));
+  }
+  after_change();
+  return ticket;
+}
+
+void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t* ticket) {
+  std::string error;
+  auto obj = parse_body_object(body, &error);
+  std::optional<AcquireParams> p;
+  if (obj) p = parse_acquire(*obj, &error);
+  if (!p) {
+    ++metrics_.bad_requests;
+    log(LogLevel::Info, "broker", "bad acquire request: ", error);
+    answer(std::move(reply), error_answer(400, error));
+    return;
+  }
+  const Micros now = clock_();
+  AcquireResult r = table_.acquire(*p, now);
+  switch (r.kind) {
+    case AcquireResult::Kind::Granted:
+      ++metrics_.grants;
+      record_wait(0);
+      answer(std::move(reply), granted_answer(r.lock));
+      return;
+    case AcquireResult::Kind::Timeout:
+      ++metrics_.timeouts;
+      answer(std::move(reply), status_answer(408, "timeout"));
+      return;
+    case AcquireResult::Kind::Deadlock:
+      ++metrics_.deadlocks;
+      log(LogLevel::Info, "broker", "deadlock refused: ", r.error);
+      answer(std::move(reply), status_answer(409, "deadlock", r.error));
+      return;
+    case AcquireResult::Kind::Queued:
+      if (r.replaced_req_id) {
+        auto old = waiters_.find(r.replaced_req_id);
+        if (old != waiters_.end()) {
+          answer(std::move(old->second.reply),
+                 status_answer(408, "timeout", "superseded by a request with the same request_id"));
+          waiters_.erase(old);
+        }
+      }
+      waiters_[r.req_id] = Waiter{std::move(reply), now};
+      *ticket = r.req_id;
+      log(LogLevel::Debug, "broker", "queued ", to_string(p->mode), " '", p->key, "' for ",
+          p->owner, " as request ", r.req_id);
+      return;
+  }
+}
+
+void BrokerService::release(const std::string& body, Reply& reply) {
+  std::string error, lock_id, owner;
+  auto obj = parse_body_object(body, &error);
+  if (!obj || !get_string(*obj, "lock_id", true, &lock_id, &error) ||
+      !get_string(*obj, "owner", true, &owner, &error)) {
+    ++metrics_.bad_requests;
+    answer(std::move(reply), error_answer(400, error));
+    return;
+  }
+  switch (table_.release(lock_id, owner, clock_())) {
+    case OpStatus::Ok:
+      ++metrics_.releases;
+      answer(std::move(reply), status_answer(200, "released"));
+      return;
+    case OpStatus::Forbidden:
+      answer(std::move(reply), error_answer(403, "lock " + lock_id + " belongs to another owner"));
+      return;
+    case OpStatus::NotFound:
+      answer(std::move(reply), error_answer(404, "no lock " + lock_id.substr(0, 200) +
+                                                     " (released, expired or capped)"));
+      return;
+  }
+}
+
+void BrokerService::heartbeat(const std::string& body, Reply& reply) {
+  std::string error, lock_id, owner;
+  std::optional<std::int64_t> lease_ms;
+  auto obj = parse_body_object(body, &error);
+  if (!obj || !get_string(*obj, "lock_id", true, &lock_id, &error) ||
+      !get_string(*obj, "owner", true, &owner, &error) ||
+      !get_millis(*obj, "lease_ms", &lease_ms, &error)) {
+    ++metrics_.bad_requests;
+    answer(std::move(reply), error_answer(400, error));
+    return;
+  }
+  Lock lock;
+  switch (table_.heartbeat(lock_id, owner, lease_ms, clock_(), &lock)) {
+    case OpStatus::Ok: {
+      ++metrics_.heartbeats;
+      json::object o;
+      o["status"] = "ok";
+      o["lock"] = lock_to_json(lock);
+      answer(std::move(reply), {200, json::serialize(o)});
+      return;
+    }
+    case OpStatus::Forbidden:
+      answer(std::move(reply), error_answer(403, "lock " + lock_id + " belongs to another owner"));
+      return;
+    case OpStatus::NotFound:
+      answer(std::move(reply), error_answer(404, "no lock " + lock_id.substr(0, 200) +
+                                                     " (released, expired or capped)"));
+      return;
+  }
+}
+
+void BrokerService::status(const std::string& query, Reply& reply) {
+  table_.expire(clock_());
+  const std::string key = query_param(query, "path");
+  json::array locks, queue;
+  for (const auto& l : table_.locks(key)) locks.push_back(lock_to_json(l));
+  for (const auto& q : table_.queue(key)) queue.push_back(queued_to_json(q));
+  json::object o;
+  o["locks"] = std::move(locks);
+  o["queue"] = std::move(queue);
+  answer(std::move(reply), {200, json::serialize(o)});
+}
+
+void BrokerService::client_gone(std::uint64_t ticket) {
+  auto it = waiters_.find(ticket);
+  if (it == waiters_.end()) return;
+  waiters_.erase(it);
+  ++metrics_.disconnects_while_queued;
+  log(LogLevel::Debug, "broker", "client of request ", ticket, " went away; leaving the queue");
+  table_.cancel(ticket, clock_());
+  after_change();
+}
+
+void BrokerService::answer(Reply reply, HttpAnswer a) {
+  pending_.emplace_back(std::move(reply), std::move(a));
+}
+
+void BrokerService::record_wait(Micros waited) {
+  const double secs = static_cast<double>(waited) / 1e6;
+  ++metrics_.wait_count;
+  metrics_.wait_sum += secs;
+  for (std::size_t i = 0; i < BrokerMetrics::kWaitBuckets.size(); ++i)
+    if (secs <= BrokerMetrics::kWaitBuckets[i]) ++metrics_.wait_counts[i];
+}
+
+void BrokerService::process_events() {
+  for (auto& e : table_.take_events()) {
+    switch (e.kind) {
+      case Event::Kind::Granted: {
+        auto it = waiters_.find(e.req_id);
+        if (it == waiters_.end()) break;  // a restored request nobody re-attached yet
+        ++metrics_.grants;
+        ++metrics_.grants_after_wait;
+        const Micros waited = clock_() - it->second.since;
+        record_wait(waited);
+        log(LogLevel::Info, "broker", "granted ", to_string(e.lock.mode), " '", e.lock.key,
+            "' to ", e.lock.owner, " after waiting ", waited / 1000, " ms (fence ",
+            e.lock.fence, ")");
+        answer(std::move(it->second.reply), granted_answer(e.lock));
+        waiters_.erase(it);
+        break;
+      }
+      case Event::Kind::TimedOut: {
+        auto it = waiters_.find(e.req_id);
+        if (it == waiters_.end()) break;
+        ++metrics_.timeouts;
+        answer(std::move(it->second.reply), status_answer(408, "timeout"));
+        waiters_.erase(it);
+        break;
+      }
+      case Event::Kind::Dropped:
+        if (e.reason == "hold cap reached") ++metrics_.cap_expiries;
+        else ++metrics_.lease_expiries;
+        log(LogLevel::Info, "broker", "dropped ", to_string(e.lock.mode), " lock on '",
+            e.lock.key, "' of ", e.lock.owner, ": ", e.reason);
+        break;
+    }
+  }
+}
+
+void BrokerService::after_change() {
+  process_events();
+  arm_timer();
+  if (flush_scheduled_) return;
+  flush_scheduled_ = true;
+  boost::asio::post(ioc_, [this] { flush(); });
+}
+
+void BrokerService::flush() {
+  flush_scheduled_ = false;
+  auto journal = table_.take_journal();
+  if (!unsaved_.empty()) {
+    unsaved_.insert(unsaved_.end(), std::make_move_iterator(journal.begin()),
+                    std::make_move_iterator(journal.end()));
+    journal = std::exchange(unsaved_, {});
+  }
+  bool saved = true;
+  std::string failure;
+  if (store_ && !journal.empty()) {
+    try {
+      store_->apply(journal, table_.next_fence(), table_.next_req_id());
+    } catch (const std::exception& e) {
+      saved = false;
+      failure = e.what();
+      ++metrics_.store_failures;
+      unsaved_ = std::move(journal);  // retried with the next batch
+      log(LogLevel::Error, "broker", failure, "; answering 503 until it works again");
+    }
+  }
+  auto pending = std::exchange(pending_, {});
+  for (auto& [reply, a] : pending) {
+    if (!saved && a.status < 300)
+      a = status_answer(503, "unavailable", "lock state could not be saved: " + failure);
+    reply(std::move(a));
+  }
+}
+
+void BrokerService::arm_timer() {
+  auto next = table_.next_deadline();
+  if (next == timer_at_) return;
+  timer_at_ = next;
+  if (!next) {
+    timer_.cancel();
+    return;
+  }
+  const Micros delay = std::max<Micros>(0, *next - clock_()) + 1;
+  timer_.expires_after(std::chrono::microseconds(delay));
+  timer_.async_wait([this](boost::system::error_code ec) {
+    if (ec) return;
+    timer_at_.reset();
+    table_.expire(clock_());
+    after_change();
+  });
+}
+
+void BrokerService::shutdown() {
+  shutting_down_ = true;
+  for (auto& [id, w] : waiters_)
+    answer(std::move(w.reply), status_answer(503, "unavailable", "broker is shutting down"));
+  waiters_.clear();
+  timer_.cancel();
+  flush();
+}
+
+std::string BrokerService::metrics_text() const {
+  std::ostringstream o;
+  auto counter = [&](const char* name, const char* help, std::uint64_t v) {
+    o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " counter\n"
+      << name << ' ' << v << '\n';
+  };
+  auto gauge = [&](const char* name, const char* help, std::uint64_t v) {
+    o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " gauge\n"
+      << name << ' ' << v << '\n';
+  };
+  gauge("gate_locks_held", "Locks held now.", table_.lock_count());
+  gauge("gate_queue_length", "Acquire requests waiting now.", table_.queue_length());
+  gauge("gate_connections", "Open client connections.", metrics_.connections);
+  counter("gate_requests_total", "HTTP requests handled.", metrics_.requests);
+  counter("gate_grants_total", "Locks granted (including re-entrant grants).", metrics_.grants);
+  counter("gate_grants_after_wait_total", "Grants that had to wait in the queue.",
+          metrics_.grants_after_wait);
+  counter("gate_releases_total", "Successful releases.", metrics_.releases);
+  counter("gate_heartbeats_total", "Successful heartbeats.", metrics_.heartbeats);
+  counter("gate_acquire_timeouts_total", "Acquires answered timeout.", metrics_.timeouts);
+  counter("gate_deadlocks_total", "Acquires refused as deadlocks.", metrics_.deadlocks);
+  counter("gate_lease_expiries_total", "Locks dropped because their lease ran out.",
+          metrics_.lease_expiries);
+  counter("gate_hold_cap_expiries_total", "Locks dropped at the hold cap.", metrics_.cap_expiries);
+  counter("gate_bad_requests_total", "Requests refused as malformed.", metrics_.bad_requests);
+  counter("gate_queued_disconnects_total", "Queued requests whose client went away.",
+          metrics_.disconnects_while_queued);
+  counter("gate_store_failures_total", "Failed writes of the lock state.", metrics_.store_failures);
+  o << "# HELP gate_acquire_wait_seconds Time from acquire to grant.\n"
+       "# TYPE gate_acquire_wait_seconds histogram\n";
+  for (std::size_t i = 0; i < BrokerMetrics::kWaitBuckets.size(); ++i)
+    o << "gate_acquire_wait_seconds_bucket{le=\"" << BrokerMetrics::kWaitBuckets[i] << "\"} "
+      << metrics_.wait_counts[i] << '\n';
+  o << "gate_acquire_wait_seconds_bucket{le=\"+Inf\"} " << metrics_.wait_count << '\n'
+    << "gate_acquire_wait_seconds_sum " << metrics_.wait_sum << '\n'
+    << "gate_acquire_wait_seconds_count " << metrics_.wait_count << '\n';
+  return o.str();
+}
+
+}  // namespace gate

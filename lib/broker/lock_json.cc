@@ -1,0 +1,124 @@
+#include "broker/lock_json.h"
+
+#include <cmath>
+
+#include "core/config.h"
+
+namespace gate {
+
+namespace json = boost::json;
+
+json::object lock_to_json(const Lock& l) {
+  json::object o;
+  o["lock_id"] = l.lock_id;
+  o["path"] = l.key;
+  o["mode"] = to_string(l.mode);
+  o["owner"] = l.owner;
+  o["acquired_at"] = format_iso8601(l.acquired_at);
+  o["lease_expires_at"] = format_iso8601(l.lease_expires_at);
+  if (l.max_hold_ms) o["max_hold_ms"] = *l.max_hold_ms;
+  else o["max_hold_ms"] = nullptr;
+  o["hold_count"] = l.hold_count;
+  o["fence"] = l.fence;
+  o["session"] = l.session;
+  return o;
+}
+
+json::object queued_to_json(const QueuedRequest& r) {
+  json::object o;
+  o["req_id"] = r.req_id;
+  o["path"] = r.key;
+  o["mode"] = to_string(r.mode);
+  o["owner"] = r.owner;
+  o["session"] = r.session;
+  o["requested_at"] = format_iso8601(r.requested_at);
+  return o;
+}
+
+std::optional<json::object> parse_body_object(const std::string& body, std::string* error) {
+  json::error_code ec;
+  json::value v = json::parse(body, ec);
+  if (ec) {
+    *error = "body is not valid JSON: " + ec.message();
+    return std::nullopt;
+  }
+  if (!v.is_object()) {
+    *error = "body must be a JSON object";
+    return std::nullopt;
+  }
+  return std::move(v.as_object());
+}
+
+bool get_string(const json::object& o, const char* field, bool required, std::string* out,
+                std::string* error) {
+  auto it = o.find(field);
+  if (it == o.end() || it->value().is_null()) {
+    if (!required) return true;
+    *error = std::string("missing field '") + field + "'";
+    return false;
+  }
+  if (!it->value().is_string()) {
+    *error = std::string("field '") + field + "' must be a string";
+    return false;
+  }
+  *out = std::string(it->value().as_string());
+  return true;
+}
+
+bool get_millis(const json::object& o, const char* field, std::optional<std::int64_t>* out,
+                std::string* error) {
+  auto it = o.find(field);
+  if (it == o.end() || it->value().is_null()) return true;
+  const json::value& v = it->value();
+  double d;
+  if (v.is_int64()) d = static_cast<double>(v.as_int64());
+  else if (v.is_uint64()) d = static_cast<double>(v.as_uint64());
+  else if (v.is_double()) d = v.as_double();
+  else {
+    *error = std::string("field '") + field + "' must be a number of milliseconds or null";
+    return false;
+  }
+  // At most about 100 years, so that microsecond arithmetic cannot overflow.
+  if (!std::isfinite(d) || d < 0 || d > 3.2e12) {
+    *error = std::string("field '") + field + "' must be between 0 and 3.2e12";
+    return false;
+  }
+  *out = static_cast<std::int64_t>(d);
+  return true;
+}
+
+std::optional<AcquireParams> parse_acquire(const json::object& o, std::string* error) {
+  AcquireParams p;
+  std::string mode;
+  if (!get_string(o, "path", true, &p.key, error) ||
+      !get_string(o, "mode", true, &mode, error) ||
+      !get_string(o, "owner", true, &p.owner, error) ||
+      !get_string(o, "session", false, &p.session, error) ||
+      !get_string(o, "request_id", false, &p.request_id, error) ||
+      !get_millis(o, "timeout_ms", &p.timeout_ms, error) ||
+      !get_millis(o, "lease_ms", &p.lease_ms, error) ||
+      !get_millis(o, "max_hold_ms", &p.max_hold_ms, error))
+    return std::nullopt;
+  if (p.key.empty()) {
+    *error = "field 'path' must not be empty";
+    return std::nullopt;
+  }
+  if (p.key.size() > defaults::kMaxKeyBytes) {
+    *error = "field 'path' is longer than " + std::to_string(defaults::kMaxKeyBytes) + " bytes";
+    return std::nullopt;
+  }
+  if (p.owner.empty()) {
+    *error = "field 'owner' must not be empty";
+    return std::nullopt;
+  }
+  auto m = parse_lock_mode(mode);
+  if (!m) {
+    *error = "field 'mode' must be \"read\" or \"write\", not \"" + mode.substr(0, 32) + "\"";
+    return std::nullopt;
+  }
+  p.mode = *m;
+  if (p.lease_ms && *p.lease_ms == 0) p.lease_ms.reset();
+  return p;
+}
+
+}  // namespace gate

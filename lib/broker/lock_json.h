@@ -1,0 +1,29 @@
+#pragma once
+// The broker's JSON codec for API v1: lock objects, queue entries and the
+// validation of request bodies (with errors that name the field at fault).
+#include <boost/json.hpp>
+
+#include <optional>
+#include <string>
+
+#include "lock/lock_table.h"
+
+namespace gate {
+
+boost::json::object lock_to_json(const Lock& l);
+boost::json::object queued_to_json(const QueuedRequest& r);
+
+// Reads a request body as a JSON object; on failure sets *error for a 400 answer.
+std::optional<boost::json::object> parse_body_object(const std::string& body, std::string* error);
+
+// Typed field access. Each returns false and sets *error when the field is present
+// with the wrong type (or missing when required).
+bool get_string(const boost::json::object& o, const char* field, bool required,
+                std::string* out, std::string* error);
+bool get_millis(const boost::json::object& o, const char* field, std::optional<std::int64_t>* out,
+                std::string* error);
+
+// POST /v1/locks/acquire body -> params. `error` names what is wrong.
+std::optional<AcquireParams> parse_acquire(const boost::json::object& o, std::string* error);
+
+}  // namespace gate

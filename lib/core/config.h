@@ -1,0 +1,62 @@
+#pragma once
+// The one place for gate's defaults and GATE_* environment variables.
+//
+// Every setting has a default here, may be overridden by an environment variable
+// and then by a command-line flag (flag > env > default). Subcommands declare their
+// flags with add_*_options() and read them back with the matching *_from() call.
+#include <boost/program_options.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace gate {
+
+namespace defaults {
+inline constexpr const char* kStateDir = "/var/lib/gate";
+inline constexpr const char* kBrokerHost = "127.0.0.1";
+inline constexpr std::uint16_t kBrokerPort = 8787;
+inline constexpr std::int64_t kLeaseMs = 30'000;
+inline constexpr std::int64_t kMaxHoldMs = 3'600'000;
+inline constexpr std::int64_t kRestoreGraceMs = 10'000;
+inline constexpr std::size_t kMaxBodyBytes = 64 * 1024;
+inline constexpr std::size_t kMaxKeyBytes = 4096;
+}  // namespace defaults
+
+// Where a broker can be reached: a Unix socket when unix_socket is set, else TCP.
+struct BrokerEndpoint {
+  std::string host = defaults::kBrokerHost;
+  std::uint16_t port = defaults::kBrokerPort;
+  std::string unix_socket;
+
+  std::string describe() const;  // "127.0.0.1:8787" or "unix:/run/gate.sock"
+};
+
+namespace po = boost::program_options;
+
+// Flags shared by everything that talks to a broker:
+// --broker-host (GATE_BROKER_HOST), --broker-port (GATE_BROKER_PORT),
+// --broker-socket (GATE_BROKER_SOCKET).
+void add_broker_endpoint_options(po::options_description& desc);
+BrokerEndpoint broker_endpoint_from(const po::variables_map& vm);
+
+// Parses argv for one subcommand: command line first, then GATE_* variables for the
+// options that have one (see env_name_for), so a flag beats the environment.
+// Throws po::error on bad input; callers turn it into a usage message.
+po::variables_map parse_command(int argc, char** argv, const po::options_description& desc,
+                                const po::positional_options_description* positional = nullptr);
+
+// "state-dir" -> "GATE_STATE_DIR". Only options listed in the table have a variable.
+std::optional<std::string> env_name_for(const std::string& option);
+
+// The state directory to use: the configured one if it is (or can be made)
+// writable; otherwise, when it was not chosen explicitly, $XDG_STATE_HOME/gate/broker
+// (or ~/.local/state/gate/broker). Returns the empty string when none works.
+std::string resolve_state_dir(const std::string& configured, bool explicitly_set,
+                              std::string* note);
+
+// Directory for per-user state: $XDG_STATE_HOME/gate or ~/.local/state/gate.
+std::string user_state_root();
+
+}  // namespace gate

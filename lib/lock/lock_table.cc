@@ -1,0 +1,439 @@
+#include "lock/lock_table.h"
+
+#include <algorithm>
+#include <utility>
+
+namespace gate {
+
+const char* to_string(LockMode m) { return m == LockMode::Read ? "read" : "write"; }
+
+std::optional<LockMode> parse_lock_mode(std::string_view s) {
+  if (s == "read") return LockMode::Read;
+  if (s == "write") return LockMode::Write;
+  return std::nullopt;
+}
+
+Micros Lock::ends_at() const {
+  Micros end = lease_expires_at;
+  if (max_hold_ms) end = std::min(end, acquired_at + *max_hold_ms * 1000);
+  return end;
+}
+
+LockTable::LockTable(LockTableOptions options, IdSource new_lock_id)
+    : options_(options), new_lock_id_(std::move(new_lock_id)) {}
+
+std::string LockTable::owner_key(const std::string& owner, const std::string& key) {
+  std::string k = owner;
+  k.push_back('\0');
+  k += key;
+  return k;
+}
+
+std::string LockTable::session_of(const std::string& session, const std::string& owner) {
+  return session.empty() ? "owner:" + owner : session;
+}
+
+std::int64_t LockTable::effective_max_hold(std::optional<std::int64_t> asked) const {
+  const std::int64_t cap = options_.max_hold_ms;
+  if (asked && *asked > 0) return cap > 0 ? std::min(*asked, cap) : *asked;
+  return cap > 0 ? cap : 0;
+}
+
+Lock* LockTable::holder_of(const std::string& owner, const std::string& key) {
+  auto it = by_owner_key_.find(owner_key(owner, key));
+  if (it == by_owner_key_.end()) return nullptr;
+  return &locks_.at(it->second);
+}
+
+bool LockTable::write_held_by_other(const KeyState& ks, const std::string& owner) const {
+  for (const auto& id : ks.holders) {
+    const Lock& l = locks_.at(id);
+    if (l.mode == LockMode::Write && l.owner != owner) return true;
+  }
+  return false;
+}
+
+bool LockTable::held_only_by(const KeyState& ks, const std::string& owner) const {
+  for (const auto& id : ks.holders)
+    if (locks_.at(id).owner != owner) return false;
+  return true;
+}
+
+void LockTable::index_lock(const Lock& l) { lock_deadlines_.emplace(l.ends_at(), l.lock_id); }
+void LockTable::unindex_lock(const Lock& l) { lock_deadlines_.erase({l.ends_at(), l.lock_id}); }
+
+void LockTable::put_lock_journal(const Lock& l) {
+  JournalEntry e{JournalEntry::Kind::PutLock};
+  e.lock = l;
+  journal_.push_back(std::move(e));
+}
+
+void LockTable::counters_journal() { journal_.push_back({JournalEntry::Kind::Counters}); }
+
+AcquireResult LockTable::acquire(const AcquireParams& p, Micros now) {
+  expire(now);
+  AcquireResult result;
+
+  if (Lock* own = holder_of(p.owner, p.key)) {
+    // A lock granted to an orphaned request is claimed by the repeat of that request.
+    if (!p.request_id.empty() && own->unclaimed_request_id == p.request_id) {
+      own->unclaimed_request_id.clear();
+      result.kind = AcquireResult::Kind::Granted;
+      result.lock = *own;
+      return result;
+    }
+    const bool upgrade = own->mode == LockMode::Read && p.mode == LockMode::Write;
+    if (!upgrade || held_only_by(keys_.at(p.key), p.owner)) {
+      reenter(*own, p.mode, now);
+      result.kind = AcquireResult::Kind::Granted;
+      result.lock = *own;
+      return result;
+    }
+  }
+
+  KeyState& ks = keys_[p.key];
+  if (!p.request_id.empty()) {
+    for (auto id : ks.queue) {
+      QueuedRequest& q = requests_.at(id);
+      if (q.request_id != p.request_id || q.owner != p.owner || q.mode != p.mode) continue;
+      if (q.deadline) request_deadlines_.erase({*q.deadline, q.req_id});
+      q.orphan = false;
+      q.deadline.reset();
+      if (p.timeout_ms && *p.timeout_ms > 0) {
+        q.deadline = now + *p.timeout_ms * 1000;
+        request_deadlines_.emplace(*q.deadline, q.req_id);
+      }
+      q.persisted = true;
+      JournalEntry e{JournalEntry::Kind::PutRequest};
+      e.request = q;
+      journal_.push_back(std::move(e));
+      result.kind = AcquireResult::Kind::Queued;
+      result.req_id = q.req_id;
+      result.replaced_req_id = q.req_id;
+      return result;
+    }
+  }
+
+  QueuedRequest r;
+  r.req_id = next_req_id_++;
+  r.key = p.key;
+  r.mode = p.mode;
+  r.owner = p.owner;
+  r.session = session_of(p.session, p.owner);
+  r.request_id = p.request_id;
+  r.requested_at = now;
+  r.lease_ms = p.lease_ms && *p.lease_ms > 0 ? *p.lease_ms : options_.default_lease_ms;
+  if (auto cap = effective_max_hold(p.max_hold_ms); cap > 0) r.max_hold_ms = cap;
+  counters_journal();
+  const std::uint64_t id = r.req_id;
+  ks.queue.push_back(id);
+  waiting_by_session_[r.session].insert(id);
+  requests_.emplace(id, r);
+  pump(p.key, now);
+
+  if (!requests_.count(id)) {
+    // Granted by pump: hand the grant back directly instead of as an event.
+    auto it = std::find_if(events_.begin(), events_.end(), [id](const Event& e) {
+      return e.kind == Event::Kind::Granted && e.req_id == id;
+    });
+    result.kind = AcquireResult::Kind::Granted;
+    result.lock = it->lock;
+    events_.erase(it);
+    return result;
+  }
+  if (p.timeout_ms && *p.timeout_ms <= 0) {
+    remove_request(id);
+    result.kind = AcquireResult::Kind::Timeout;
+    return result;
+  }
+  if (auto cycle = find_deadlock(requests_.at(id))) {
+    remove_request(id);
+    result.kind = AcquireResult::Kind::Deadlock;
+    result.error = *cycle;
+    return result;
+  }
+  QueuedRequest& q = requests_.at(id);
+  if (p.timeout_ms) {
+    q.deadline = now + *p.timeout_ms * 1000;
+    request_deadlines_.emplace(*q.deadline, id);
+  }
+  q.persisted = true;
+  JournalEntry e{JournalEntry::Kind::PutRequest};
+  e.request = q;
+  journal_.push_back(std::move(e));
+  result.kind = AcquireResult::Kind::Queued;
+  result.req_id = id;
+  return result;
+}
+
+void LockTable::reenter(Lock& lock, LockMode mode, Micros now) {
+  unindex_lock(lock);
+  lock.hold_count += 1;
+  if (mode == LockMode::Write) lock.mode = LockMode::Write;
+  lock.lease_expires_at = std::max(lock.lease_expires_at, now + lock.lease_ms * 1000);
+  index_lock(lock);
+  put_lock_journal(lock);
+}
+
+Lock& LockTable::grant(const QueuedRequest& r, Micros now) {
+  if (Lock* own = holder_of(r.owner, r.key)) {
+    reenter(*own, r.mode, now);
+    return *own;
+  }
+  Lock l;
+  l.lock_id = new_lock_id_();
+  l.key = r.key;
+  l.mode = r.mode;
+  l.owner = r.owner;
+  l.session = r.session;
+  l.acquired_at = now;
+  l.lease_ms = r.lease_ms;
+  l.lease_expires_at = now + r.lease_ms * 1000;
+  l.max_hold_ms = r.max_hold_ms;
+  l.hold_count = 1;
+  l.fence = next_fence_++;
+  if (r.orphan) l.unclaimed_request_id = r.request_id;
+  counters_journal();
+  by_owner_key_[owner_key(l.owner, l.key)] = l.lock_id;
+  keys_[l.key].holders.push_back(l.lock_id);
+  index_lock(l);
+  put_lock_journal(l);
+  auto [it, inserted] = locks_.emplace(l.lock_id, std::move(l));
+  return it->second;
+}
+
+void LockTable::pump(const std::string& key, Micros now) {
+  auto kit = keys_.find(key);
+  if (kit == keys_.end()) return;
+  KeyState& ks = kit->second;
+  while (!ks.queue.empty()) {
+    const QueuedRequest& r = requests_.at(ks.queue.front());
+    const bool grantable = r.mode == LockMode::Write ? held_only_by(ks, r.owner)
+                                                     : !write_held_by_other(ks, r.owner);
+    if (!grantable) break;
+    QueuedRequest req = r;
+    remove_request(req.req_id);
+    Lock& l = grant(req, now);
+    events_.push_back({Event::Kind::Granted, req.req_id, l, ""});
+  }
+  forget_key_if_idle(key);
+}
+
+void LockTable::forget_key_if_idle(const std::string& key) {
+  auto it = keys_.find(key);
+  if (it != keys_.end() && it->second.holders.empty() && it->second.queue.empty())
+    keys_.erase(it);
+}
+
+void LockTable::remove_request(std::uint64_t req_id) {
+  auto it = requests_.find(req_id);
+  if (it == requests_.end()) return;
+  const QueuedRequest& r = it->second;
+  auto& q = keys_[r.key].queue;
+  q.erase(std::find(q.begin(), q.end(), req_id));
+  auto sit = waiting_by_session_.find(r.session);
+  if (sit != waiting_by_session_.end()) {
+    sit->second.erase(req_id);
+    if (sit->second.empty()) waiting_by_session_.erase(sit);
+  }
+  if (r.deadline) request_deadlines_.erase({*r.deadline, req_id});
+  if (r.persisted) {
+    JournalEntry e{JournalEntry::Kind::DeleteRequest};
+    e.req_id = req_id;
+    journal_.push_back(std::move(e));
+  }
+  requests_.erase(it);
+}
+
+void LockTable::drop_lock(const std::string& lock_id, const std::string& reason) {
+  auto it = locks_.find(lock_id);
+  if (it == locks_.end()) return;
+  Lock l = std::move(it->second);
+  locks_.erase(it);
+  unindex_lock(l);
+  by_owner_key_.erase(owner_key(l.owner, l.key));
+  auto& holders = keys_[l.key].holders;
+  holders.erase(std::find(holders.begin(), holders.end(), lock_id));
+  JournalEntry e{JournalEntry::Kind::DeleteLock};
+  e.lock_id = lock_id;
+  journal_.push_back(std::move(e));
+  if (!reason.empty()) events_.push_back({Event::Kind::Dropped, 0, std::move(l), reason});
+}
+
+OpStatus LockTable::release(const std::string& lock_id, const std::string& owner, Micros now) {
+  expire(now);
+  auto it = locks_.find(lock_id);
+  if (it == locks_.end()) return OpStatus::NotFound;
+  Lock& l = it->second;
+  if (l.owner != owner) return OpStatus::Forbidden;
+  if (--l.hold_count > 0) {
+    put_lock_journal(l);
+    return OpStatus::Ok;
+  }
+  std::string key = l.key;
+  drop_lock(lock_id, "");
+  pump(key, now);
+  return OpStatus::Ok;
+}
+
+OpStatus LockTable::heartbeat(const std::string& lock_id, const std::string& owner,
+                              std::optional<std::int64_t> lease_ms, Micros now, Lock* out) {
+  expire(now);
+  auto it = locks_.find(lock_id);
+  if (it == locks_.end()) return OpStatus::NotFound;
+  Lock& l = it->second;
+  if (l.owner != owner) return OpStatus::Forbidden;
+  unindex_lock(l);
+  if (lease_ms && *lease_ms > 0) l.lease_ms = *lease_ms;
+  l.lease_expires_at = now + l.lease_ms * 1000;
+  index_lock(l);
+  put_lock_journal(l);
+  if (out) *out = l;
+  return OpStatus::Ok;
+}
+
+bool LockTable::cancel(std::uint64_t req_id, Micros now) {
+  auto it = requests_.find(req_id);
+  if (it == requests_.end()) return false;
+  std::string key = it->second.key;
+  remove_request(req_id);
+  pump(key, now);
+  return true;
+}
+
+void LockTable::expire(Micros now) {
+  std::set<std::string> touched;
+  while (!lock_deadlines_.empty() && lock_deadlines_.begin()->first <= now) {
+    const std::string id = lock_deadlines_.begin()->second;
+    const Lock& l = locks_.at(id);
+    const bool capped = l.max_hold_ms && l.acquired_at + *l.max_hold_ms * 1000 <= now &&
+                        l.acquired_at + *l.max_hold_ms * 1000 <= l.lease_expires_at;
+    touched.insert(l.key);
+    drop_lock(id, capped ? "hold cap reached" : "lease expired");
+  }
+  while (!request_deadlines_.empty() && request_deadlines_.begin()->first <= now) {
+    const std::uint64_t id = request_deadlines_.begin()->second;
+    touched.insert(requests_.at(id).key);
+    remove_request(id);
+    events_.push_back({Event::Kind::TimedOut, id, {}, ""});
+  }
+  for (const auto& key : touched) pump(key, now);
+}
+
+std::optional<Micros> LockTable::next_deadline() const {
+  std::optional<Micros> next;
+  if (!lock_deadlines_.empty()) next = lock_deadlines_.begin()->first;
+  if (!request_deadlines_.empty()) {
+    Micros r = request_deadlines_.begin()->first;
+    next = next ? std::min(*next, r) : r;
+  }
+  return next;
+}
+
+// Who must move before r can be granted: the holders of its key that conflict with
+// it (not its own owner's lock) and the requests queued ahead of it that conflict.
+// A deadlock is a chain of such waits that reaches a lock held by r's own session.
+std::optional<std::string> LockTable::find_deadlock(const QueuedRequest& root) const {
+  const std::string& self = root.session;
+  std::set<std::string> seen_sessions;
+  std::set<std::uint64_t> seen_requests;
+  std::vector<const QueuedRequest*> todo{&root};
+  seen_requests.insert(root.req_id);
+
+  auto visit_session = [&](const std::string& s) {
+    if (!seen_sessions.insert(s).second) return;
+    auto it = waiting_by_session_.find(s);
+    if (it == waiting_by_session_.end()) return;
+    for (auto id : it->second)
+      if (seen_requests.insert(id).second) todo.push_back(&requests_.at(id));
+  };
+
+  while (!todo.empty()) {
+    const QueuedRequest* r = todo.back();
+    todo.pop_back();
+    const KeyState& ks = keys_.at(r->key);
+    for (const auto& id : ks.holders) {
+      const Lock& l = locks_.at(id);
+      if (l.owner == r->owner) continue;
+      if (r->mode == LockMode::Read && l.mode == LockMode::Read) continue;
+      if (l.session == self)
+        return "session " + self + " would wait for '" + r->key +
+               "', which it holds itself (" + to_string(l.mode) + ")";
+      visit_session(l.session);
+    }
+    for (auto id : ks.queue) {
+      if (id >= r->req_id) break;  // the queue is in req_id order
+      const QueuedRequest& q = requests_.at(id);
+      if (r->mode == LockMode::Read && q.mode == LockMode::Read) continue;
+      if (seen_requests.insert(id).second) todo.push_back(&q);
+      if (q.session != self) visit_session(q.session);
+    }
+  }
+  return std::nullopt;
+}
+
+void LockTable::restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
+                        std::uint64_t next_fence, std::uint64_t next_req_id, Micros now) {
+  next_fence_ = std::max(next_fence_, next_fence);
+  next_req_id_ = std::max(next_req_id_, next_req_id);
+  for (auto& l : locks) {
+    next_fence_ = std::max(next_fence_, l.fence + 1);
+    // Nobody could heartbeat while the broker was down: give each lock its lease anew.
+    l.lease_expires_at = std::max(l.lease_expires_at, now + l.lease_ms * 1000);
+    by_owner_key_[owner_key(l.owner, l.key)] = l.lock_id;
+    keys_[l.key].holders.push_back(l.lock_id);
+    index_lock(l);
+    std::string id = l.lock_id;
+    locks_.emplace(std::move(id), std::move(l));
+  }
+  std::sort(queue.begin(), queue.end(),
+            [](const auto& a, const auto& b) { return a.req_id < b.req_id; });
+  const Micros grace_end = now + options_.restore_grace_ms * 1000;
+  for (auto& r : queue) {
+    next_req_id_ = std::max(next_req_id_, r.req_id + 1);
+    r.orphan = true;
+    r.persisted = true;
+    r.deadline = r.deadline ? std::min(*r.deadline, grace_end) : grace_end;
+    request_deadlines_.emplace(*r.deadline, r.req_id);
+    keys_[r.key].queue.push_back(r.req_id);
+    waiting_by_session_[r.session].insert(r.req_id);
+    std::uint64_t id = r.req_id;
+    requests_.emplace(id, std::move(r));
+  }
+  expire(now);
+  std::vector<std::string> all;
+  for (const auto& [key, ks] : keys_) all.push_back(key);
+  for (const auto& key : all) pump(key, now);
+}
+
+std::vector<Event> LockTable::take_events() { return std::exchange(events_, {}); }
+std::vector<JournalEntry> LockTable::take_journal() { return std::exchange(journal_, {}); }
+
+std::vector<Lock> LockTable::locks(const std::string& key) const {
+  std::vector<Lock> out;
+  if (key.empty()) {
+    for (const auto& [id, l] : locks_) out.push_back(l);
+    std::sort(out.begin(), out.end(), [](const Lock& a, const Lock& b) {
+      return a.key != b.key ? a.key < b.key : a.fence < b.fence;
+    });
+    return out;
+  }
+  auto it = keys_.find(key);
+  if (it == keys_.end()) return out;
+  for (const auto& id : it->second.holders) out.push_back(locks_.at(id));
+  return out;
+}
+
+std::vector<QueuedRequest> LockTable::queue(const std::string& key) const {
+  std::vector<QueuedRequest> out;
+  for (const auto& [id, r] : requests_)
+    if (key.empty() || r.key == key) out.push_back(r);
+  return out;
+}
+
+const Lock* LockTable::find_lock(const std::string& lock_id) const {
+  auto it = locks_.find(lock_id);
+  return it == locks_.end() ? nullptr : &it->second;
+}
+
+}  // namespace gate

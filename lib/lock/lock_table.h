@@ -1,0 +1,191 @@
+#pragma once
+// LockTable: the pure lock engine. FIFO read/write locks per key, as
+// ../shared/docs/locking.md specifies:
+//   - requests for a key form one queue in arrival order; a write is granted when
+//     nobody holds the key and it is the oldest request; a read when no writer holds
+//     the key and no write is queued ahead of it;
+//   - re-entrancy per (owner, key), including read->write upgrade;
+//   - leases, a hold cap and broker-wide fences;
+//   - deadlock detection through sessions;
+//   - request_id re-attachment, and a grace period for requests restored after a
+//     restart.
+// No I/O, no threads, no clock of its own: every call takes `now` (wall-clock
+// microseconds). Whatever a call changes is recorded in the journal (for the store)
+// and in the events (grants and time-outs of queued requests, dropped locks), which
+// the caller drains. Not thread-safe: one owner drives it.
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <variant>
+#include <vector>
+
+#include "core/iso_time.h"
+
+namespace gate {
+
+enum class LockMode { Read, Write };
+const char* to_string(LockMode m);
+std::optional<LockMode> parse_lock_mode(std::string_view s);
+
+struct Lock {
+  std::string lock_id;
+  std::string key;
+  LockMode mode = LockMode::Read;
+  std::string owner;
+  std::string session;
+  Micros acquired_at = 0;
+  Micros lease_expires_at = 0;
+  std::int64_t lease_ms = 0;
+  std::optional<std::int64_t> max_hold_ms;
+  std::int64_t hold_count = 0;
+  std::uint64_t fence = 0;
+  // Set when an orphaned (restored) request was granted before its client came back:
+  // an acquire repeating this request_id claims the lock. Not persisted.
+  std::string unclaimed_request_id;
+
+  // When the lease or the hold cap ends this lock.
+  Micros ends_at() const;
+};
+
+struct QueuedRequest {
+  std::uint64_t req_id = 0;
+  std::string key;
+  LockMode mode = LockMode::Read;
+  std::string owner;
+  std::string session;
+  std::string request_id;  // client-chosen, may be empty
+  Micros requested_at = 0;
+  std::int64_t lease_ms = 0;
+  std::optional<std::int64_t> max_hold_ms;
+  std::optional<Micros> deadline;  // time-out, or end of the restore grace period
+  bool orphan = false;     // restored after a restart and not yet re-attached
+  bool persisted = false;  // written to the store (not saved itself)
+};
+
+struct AcquireParams {
+  std::string key;
+  LockMode mode = LockMode::Write;
+  std::string owner;
+  std::string session;     // empty: the owner is its own session
+  std::string request_id;  // empty: none
+  std::optional<std::int64_t> timeout_ms;  // nullopt: wait; 0: try once
+  std::optional<std::int64_t> lease_ms;
+  std::optional<std::int64_t> max_hold_ms;
+};
+
+struct AcquireResult {
+  enum class Kind { Granted, Queued, Timeout, Deadlock };
+  Kind kind = Kind::Timeout;
+  Lock lock;                  // Granted
+  std::uint64_t req_id = 0;   // Queued: wait for a Granted/TimedOut event with this id
+  std::uint64_t replaced_req_id = 0;  // Queued by re-attachment: the id it took over
+  std::string error;          // Deadlock: who waits on whom
+};
+
+enum class OpStatus { Ok, NotFound, Forbidden };
+
+struct Event {
+  enum class Kind { Granted, TimedOut, Dropped };
+  Kind kind;
+  std::uint64_t req_id = 0;  // Granted, TimedOut
+  Lock lock;                 // Granted: the lock; Dropped: the lock that ended
+  std::string reason;        // Dropped: "lease expired" / "hold cap reached"
+};
+
+// What changed, for the store to write in one transaction.
+struct JournalEntry {
+  enum class Kind { PutLock, DeleteLock, PutRequest, DeleteRequest, Counters };
+  Kind kind;
+  Lock lock;               // PutLock
+  QueuedRequest request;   // PutRequest
+  std::string lock_id;     // DeleteLock
+  std::uint64_t req_id = 0;  // DeleteRequest
+};
+
+struct LockTableOptions {
+  std::int64_t default_lease_ms = 30'000;
+  std::int64_t max_hold_ms = 3'600'000;  // the cap; <= 0 means none
+  std::int64_t restore_grace_ms = 10'000;
+};
+
+class LockTable {
+ public:
+  using IdSource = std::function<std::string()>;
+  LockTable(LockTableOptions options, IdSource new_lock_id);
+
+  AcquireResult acquire(const AcquireParams& p, Micros now);
+  OpStatus release(const std::string& lock_id, const std::string& owner, Micros now);
+  OpStatus heartbeat(const std::string& lock_id, const std::string& owner,
+                     std::optional<std::int64_t> lease_ms, Micros now, Lock* out);
+  // Removes a queued request (client went away). False when it is not queued.
+  bool cancel(std::uint64_t req_id, Micros now);
+  // Drops ended locks and timed-out requests; called by every other operation too.
+  void expire(Micros now);
+  // The earliest time at which expire() has work, if any.
+  std::optional<Micros> next_deadline() const;
+
+  // Restore state saved by the store. Queued requests get the grace period.
+  void restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
+               std::uint64_t next_fence, std::uint64_t next_req_id, Micros now);
+
+  std::vector<Event> take_events();
+  std::vector<JournalEntry> take_journal();
+  bool has_events() const { return !events_.empty(); }
+
+  // Views for status and tests. key empty: all keys.
+  std::vector<Lock> locks(const std::string& key = "") const;
+  std::vector<QueuedRequest> queue(const std::string& key = "") const;
+  const Lock* find_lock(const std::string& lock_id) const;
+  std::size_t lock_count() const { return locks_.size(); }
+  std::size_t queue_length() const { return requests_.size(); }
+  std::uint64_t next_fence() const { return next_fence_; }
+  std::uint64_t next_req_id() const { return next_req_id_; }
+
+ private:
+  struct KeyState {
+    std::vector<std::string> holders;  // lock ids, in grant order
+    std::vector<std::uint64_t> queue;  // req ids, in arrival order
+  };
+
+  static std::string owner_key(const std::string& owner, const std::string& key);
+  static std::string session_of(const std::string& session, const std::string& owner);
+
+  Lock* holder_of(const std::string& owner, const std::string& key);
+  bool write_held_by_other(const KeyState& ks, const std::string& owner) const;
+  bool held_only_by(const KeyState& ks, const std::string& owner) const;
+  void pump(const std::string& key, Micros now);
+  Lock& grant(const QueuedRequest& r, Micros now);
+  void reenter(Lock& lock, LockMode mode, Micros now);
+  void remove_request(std::uint64_t req_id);
+  void drop_lock(const std::string& lock_id, const std::string& reason);
+  void forget_key_if_idle(const std::string& key);
+  std::optional<std::string> find_deadlock(const QueuedRequest& r) const;
+  std::vector<std::string> blockers(const QueuedRequest& r) const;
+  std::int64_t effective_max_hold(std::optional<std::int64_t> asked) const;
+  void index_lock(const Lock& l);
+  void unindex_lock(const Lock& l);
+  void put_lock_journal(const Lock& l);
+  void counters_journal();
+
+  LockTableOptions options_;
+  IdSource new_lock_id_;
+  std::uint64_t next_fence_ = 1;
+  std::uint64_t next_req_id_ = 1;
+
+  std::unordered_map<std::string, Lock> locks_;  // by lock id
+  std::unordered_map<std::string, std::string> by_owner_key_;  // owner\0key -> lock id
+  std::unordered_map<std::string, KeyState> keys_;
+  std::map<std::uint64_t, QueuedRequest> requests_;
+  std::unordered_map<std::string, std::set<std::uint64_t>> waiting_by_session_;
+  std::set<std::pair<Micros, std::string>> lock_deadlines_;
+  std::set<std::pair<Micros, std::uint64_t>> request_deadlines_;
+
+  std::vector<Event> events_;
+  std::vector<JournalEntry> journal_;
+};
+
+}  // namespace gate

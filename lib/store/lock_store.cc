@@ -1,0 +1,222 @@
+#include "store/lock_store.h"
+
+#include <SQLiteCpp/SQLiteCpp.h>
+
+#include <stdexcept>
+
+namespace gate {
+
+namespace {
+
+void bind_optional(SQLite::Statement& st, int index, const std::optional<std::int64_t>& v) {
+  if (v) st.bind(index, static_cast<int64_t>(*v));
+  else st.bind(index);  // NULL
+}
+
+std::optional<std::int64_t> optional_column(const SQLite::Column& c) {
+  if (c.isNull()) return std::nullopt;
+  return c.getInt64();
+}
+
+}  // namespace
+
+LockStore::LockStore(std::unique_ptr<SQLite::Database> db) : db_(std::move(db)) {}
+LockStore::~LockStore() = default;
+
+std::unique_ptr<LockStore> LockStore::open(const std::string& path, Sync sync,
+                                           std::string* error) {
+  try {
+    auto db = std::make_unique<SQLite::Database>(
+        path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE | SQLite::OPEN_FULLMUTEX);
+    db->setBusyTimeout(5000);
+    // Reading the schema first makes a file that is not a database fail here.
+    int version = db->execAndGet("PRAGMA user_version").getInt();
+    if (version > kSchemaVersion) {
+      if (error)
+        *error = path + " was written by a newer gate (schema " + std::to_string(version) +
+                 ", this gate knows up to " + std::to_string(kSchemaVersion) +
+                 "); upgrade gate or use another --state-dir";
+      return nullptr;
+    }
+    db->exec("PRAGMA journal_mode=WAL");
+    db->exec(sync == Sync::Full ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
+    std::unique_ptr<LockStore> store(new LockStore(std::move(db)));
+    store->migrate();
+    store->prepare();
+    return store;
+  } catch (const std::exception& e) {
+    if (error)
+      *error = "cannot use the lock database " + path + ": " + e.what() +
+               " (move it aside to start with no locks, or use another --state-dir)";
+    return nullptr;
+  }
+}
+
+int LockStore::schema_version() { return db_->execAndGet("PRAGMA user_version").getInt(); }
+
+void LockStore::migrate() {
+  int version = schema_version();
+  if (version == 0) {
+    // A database with tables but no version is not ours: refuse to touch it.
+    int tables = db_->execAndGet("SELECT count(*) FROM sqlite_master WHERE type='table'").getInt();
+    if (tables != 0) throw std::runtime_error("it holds tables but is not a gate lock database");
+    SQLite::Transaction tx(*db_);
+    db_->exec(
+        "CREATE TABLE locks ("
+        " lock_id TEXT PRIMARY KEY, key TEXT NOT NULL, mode TEXT NOT NULL,"
+        " owner TEXT NOT NULL, session TEXT NOT NULL, acquired_at INTEGER NOT NULL,"
+        " lease_expires_at INTEGER NOT NULL, lease_ms INTEGER NOT NULL,"
+        " max_hold_ms INTEGER, hold_count INTEGER NOT NULL, fence INTEGER NOT NULL);"
+        "CREATE TABLE requests ("
+        " req_id INTEGER PRIMARY KEY, key TEXT NOT NULL, mode TEXT NOT NULL,"
+        " owner TEXT NOT NULL, session TEXT NOT NULL, request_id TEXT NOT NULL,"
+        " requested_at INTEGER NOT NULL, lease_ms INTEGER NOT NULL, max_hold_ms INTEGER,"
+        " deadline INTEGER);"
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        "PRAGMA user_version = 1;");
+    tx.commit();
+  }
+  // Later versions add steps here: if (version == 1) { ...; user_version = 2 }.
+}
+
+void LockStore::prepare() {
+  put_lock_ = std::make_unique<SQLite::Statement>(
+      *db_,
+      "INSERT OR REPLACE INTO locks (lock_id, key, mode, owner, session, acquired_at,"
+      " lease_expires_at, lease_ms, max_hold_ms, hold_count, fence)"
+      " VALUES (?,?,?,?,?,?,?,?,?,?,?)");
+  delete_lock_ = std::make_unique<SQLite::Statement>(*db_, "DELETE FROM locks WHERE lock_id=?");
+  put_request_ = std::make_unique<SQLite::Statement>(
+      *db_,
+      "INSERT OR REPLACE INTO requests (req_id, key, mode, owner, session, request_id,"
+      " requested_at, lease_ms, max_hold_ms, deadline) VALUES (?,?,?,?,?,?,?,?,?,?)");
+  delete_request_ =
+      std::make_unique<SQLite::Statement>(*db_, "DELETE FROM requests WHERE req_id=?");
+  put_counter_ = std::make_unique<SQLite::Statement>(
+      *db_, "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)");
+}
+
+LockStore::Snapshot LockStore::load() {
+  Snapshot snap;
+  SQLite::Statement locks(*db_,
+                          "SELECT lock_id, key, mode, owner, session, acquired_at,"
+                          " lease_expires_at, lease_ms, max_hold_ms, hold_count, fence"
+                          " FROM locks");
+  while (locks.executeStep()) {
+    Lock l;
+    l.lock_id = locks.getColumn(0).getString();
+    l.key = locks.getColumn(1).getString();
+    l.mode = parse_lock_mode(locks.getColumn(2).getString()).value_or(LockMode::Write);
+    l.owner = locks.getColumn(3).getString();
+    l.session = locks.getColumn(4).getString();
+    l.acquired_at = locks.getColumn(5).getInt64();
+    l.lease_expires_at = locks.getColumn(6).getInt64();
+    l.lease_ms = locks.getColumn(7).getInt64();
+    l.max_hold_ms = optional_column(locks.getColumn(8));
+    l.hold_count = locks.getColumn(9).getInt64();
+    l.fence = static_cast<std::uint64_t>(locks.getColumn(10).getInt64());
+    snap.locks.push_back(std::move(l));
+  }
+  SQLite::Statement reqs(*db_,
+                         "SELECT req_id, key, mode, owner, session, request_id, requested_at,"
+                         " lease_ms, max_hold_ms, deadline FROM requests ORDER BY req_id");
+  while (reqs.executeStep()) {
+    QueuedRequest r;
+    r.req_id = static_cast<std::uint64_t>(reqs.getColumn(0).getInt64());
+    r.key = reqs.getColumn(1).getString();
+    r.mode = parse_lock_mode(reqs.getColumn(2).getString()).value_or(LockMode::Write);
+    r.owner = reqs.getColumn(3).getString();
+    r.session = reqs.getColumn(4).getString();
+    r.request_id = reqs.getColumn(5).getString();
+    r.requested_at = reqs.getColumn(6).getInt64();
+    r.lease_ms = reqs.getColumn(7).getInt64();
+    r.max_hold_ms = optional_column(reqs.getColumn(8));
+    r.deadline = optional_column(reqs.getColumn(9));
+    snap.queue.push_back(std::move(r));
+  }
+  SQLite::Statement counters(*db_, "SELECT name, value FROM counters");
+  while (counters.executeStep()) {
+    const std::string name = counters.getColumn(0).getString();
+    const auto value = static_cast<std::uint64_t>(counters.getColumn(1).getInt64());
+    if (name == "next_fence") snap.next_fence = value;
+    if (name == "next_req_id") snap.next_req_id = value;
+  }
+  return snap;
+}
+
+void LockStore::apply(const std::vector<JournalEntry>& journal, std::uint64_t next_fence,
+                      std::uint64_t next_req_id) {
+  try {
+    SQLite::Transaction tx(*db_);
+    bool counters = false;
+    for (const auto& e : journal) {
+      switch (e.kind) {
+        case JournalEntry::Kind::PutLock: {
+          auto& st = *put_lock_;
+          const Lock& l = e.lock;
+          st.bind(1, l.lock_id);
+          st.bind(2, l.key);
+          st.bind(3, to_string(l.mode));
+          st.bind(4, l.owner);
+          st.bind(5, l.session);
+          st.bind(6, static_cast<int64_t>(l.acquired_at));
+          st.bind(7, static_cast<int64_t>(l.lease_expires_at));
+          st.bind(8, static_cast<int64_t>(l.lease_ms));
+          bind_optional(st, 9, l.max_hold_ms);
+          st.bind(10, static_cast<int64_t>(l.hold_count));
+          st.bind(11, static_cast<int64_t>(l.fence));
+          st.exec();
+          st.reset();
+          break;
+        }
+        case JournalEntry::Kind::DeleteLock:
+          delete_lock_->bind(1, e.lock_id);
+          delete_lock_->exec();
+          delete_lock_->reset();
+          break;
+        case JournalEntry::Kind::PutRequest: {
+          auto& st = *put_request_;
+          const QueuedRequest& r = e.request;
+          st.bind(1, static_cast<int64_t>(r.req_id));
+          st.bind(2, r.key);
+          st.bind(3, to_string(r.mode));
+          st.bind(4, r.owner);
+          st.bind(5, r.session);
+          st.bind(6, r.request_id);
+          st.bind(7, static_cast<int64_t>(r.requested_at));
+          st.bind(8, static_cast<int64_t>(r.lease_ms));
+          bind_optional(st, 9, r.max_hold_ms);
+          bind_optional(st, 10, r.deadline);
+          st.exec();
+          st.reset();
+          break;
+        }
+        case JournalEntry::Kind::DeleteRequest:
+          delete_request_->bind(1, static_cast<int64_t>(e.req_id));
+          delete_request_->exec();
+          delete_request_->reset();
+          break;
+        case JournalEntry::Kind::Counters:
+          counters = true;
+          break;
+      }
+    }
+    if (counters) {
+      for (auto [name, value] : {std::pair{"next_fence", next_fence},
+                                 std::pair{"next_req_id", next_req_id}}) {
+        put_counter_->bind(1, name);
+        put_counter_->bind(2, static_cast<int64_t>(value));
+        put_counter_->exec();
+        put_counter_->reset();
+      }
+    }
+    tx.commit();
+  } catch (const SQLite::Exception& e) {
+    for (auto* st : {put_lock_.get(), delete_lock_.get(), put_request_.get(),
+                     delete_request_.get(), put_counter_.get()})
+      st->reset();
+    throw std::runtime_error(std::string("saving lock state failed: ") + e.what());
+  }
+}
+
+}  // namespace gate

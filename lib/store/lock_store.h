@@ -1,0 +1,65 @@
+#pragma once
+// LockStore: the broker's lock state in SQLite (<state-dir>/locks.db, WAL).
+//
+// Holds the held locks, the queued requests and the counters (next fence, next
+// request number), so that a broker restarted on the same state directory serves
+// the same locks under the same ids and never reuses a fence.
+//
+// Durability: by default synchronous=NORMAL in WAL mode. Every change is committed
+// before the broker answers, so a crash of the broker process (kill -9) loses
+// nothing; a power loss or kernel crash can lose the last transactions committed
+// since the last WAL sync (the database itself stays consistent). Sync::Full makes
+// every commit durable at the cost of an fsync per batch.
+//
+// The schema carries a version (PRAGMA user_version) and is migrated forward on
+// open; a database from a newer gate, or one that is not a gate database, is refused
+// and never overwritten.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lock/lock_table.h"
+
+namespace SQLite {
+class Database;
+class Statement;
+}  // namespace SQLite
+
+namespace gate {
+
+class LockStore {
+ public:
+  enum class Sync { Normal, Full };
+  static constexpr int kSchemaVersion = 1;
+
+  // Opens (creating if needed) the database; nullptr and a message for people on
+  // failure.
+  static std::unique_ptr<LockStore> open(const std::string& path, Sync sync, std::string* error);
+  ~LockStore();
+
+  struct Snapshot {
+    std::vector<Lock> locks;
+    std::vector<QueuedRequest> queue;
+    std::uint64_t next_fence = 1;
+    std::uint64_t next_req_id = 1;
+  };
+  Snapshot load();
+
+  // Writes the changes and the counters in one transaction. Throws
+  // std::runtime_error with a message for people when SQLite fails (disk full...).
+  void apply(const std::vector<JournalEntry>& journal, std::uint64_t next_fence,
+             std::uint64_t next_req_id);
+
+  int schema_version();
+
+ private:
+  explicit LockStore(std::unique_ptr<SQLite::Database> db);
+  void migrate();
+  void prepare();
+
+  std::unique_ptr<SQLite::Database> db_;
+  std::unique_ptr<SQLite::Statement> put_lock_, delete_lock_, put_request_, delete_request_,
+      put_counter_;
+};
+
+}  // namespace gate

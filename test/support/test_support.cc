@@ -1,0 +1,179 @@
+#include "support/test_support.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+namespace gate::test {
+
+std::string gate_binary() { return GATE_BINARY; }
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
+}
+
+TempDir::TempDir(const std::string& prefix) {
+  const char* base = std::getenv("TMPDIR");
+  std::string templ = std::string(base && *base ? base : "/tmp") + "/" + prefix + "-XXXXXX";
+  if (!::mkdtemp(templ.data())) throw std::runtime_error("mkdtemp failed for " + templ);
+  path_ = templ;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+Child Child::spawn(const std::vector<std::string>& argv, const std::string& log_path, int keep_fd) {
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    if (!log_path.empty()) {
+      int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+      if (fd >= 0) {
+        ::dup2(fd, 1);
+        ::dup2(fd, 2);
+        ::close(fd);
+      }
+    }
+    // Close every descriptor but stdio and the one the child should keep.
+    for (int fd = 3; fd < 1024; ++fd)
+      if (fd != keep_fd) ::close(fd);
+    ::execvp(args[0], args.data());
+    ::_exit(127);
+  }
+  Child c;
+  c.pid_ = pid;
+  return c;
+}
+
+Child::Child(Child&& other) noexcept : pid_(std::exchange(other.pid_, -1)) {}
+Child& Child::operator=(Child&& other) noexcept {
+  if (this != &other) {
+    kill_and_wait();
+    pid_ = std::exchange(other.pid_, -1);
+  }
+  return *this;
+}
+Child::~Child() { kill_and_wait(); }
+
+void Child::signal(int sig) const {
+  if (pid_ > 0) ::kill(pid_, sig);
+}
+
+int Child::wait(std::chrono::milliseconds timeout) {
+  if (pid_ <= 0) return -1;
+  // Wait for the exit as an event: a pidfd becomes readable when the process ends.
+  int pfd = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0));
+  if (pfd >= 0) {
+    pollfd p{pfd, POLLIN, 0};
+    int ready = ::poll(&p, 1, static_cast<int>(timeout.count()));
+    ::close(pfd);
+    if (ready <= 0) return -1;
+  }
+  int status = 0;
+  pid_t r = ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+  if (r < 0) return -1;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+void Child::kill_and_wait() {
+  if (pid_ <= 0) return;
+  ::kill(pid_, SIGKILL);
+  int status;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+}
+
+BrokerProcess::BrokerProcess() : BrokerProcess(Options{}) {}
+
+BrokerProcess::BrokerProcess(Options options) : options_(std::move(options)) {
+  if (options_.state_dir.empty()) {
+    own_dir_ = std::make_unique<TempDir>("gate-broker");
+    state_dir_ = own_dir_->path();
+  } else {
+    state_dir_ = options_.state_dir;
+  }
+  log_path_ = state_dir_ + "/broker.log";
+  if (options_.unix_socket) socket_path_ = state_dir_ + "/broker.sock";
+  start();
+}
+
+BrokerProcess::~BrokerProcess() {
+  if (child_.running()) {
+    child_.signal(SIGTERM);
+    if (child_.wait(std::chrono::seconds(5)) < 0) child_.kill_and_wait();
+  }
+}
+
+BrokerEndpoint BrokerProcess::endpoint() const {
+  BrokerEndpoint ep;
+  ep.host = "127.0.0.1";
+  ep.port = port_;
+  return ep;
+}
+
+BrokerEndpoint BrokerProcess::unix_endpoint() const {
+  BrokerEndpoint ep;
+  ep.unix_socket = socket_path_;
+  return ep;
+}
+
+void BrokerProcess::start() {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe failed");
+  // The write end must survive exec in the child.
+  ::fcntl(fds[1], F_SETFD, 0);
+  std::vector<std::string> argv = {gate_binary(), "broker", "--state-dir", state_dir_,
+                                   "--port", std::to_string(port_), "--ready-fd",
+                                   std::to_string(fds[1]), "--log-level", "debug"};
+  if (!socket_path_.empty()) {
+    argv.push_back("--unix-socket");
+    argv.push_back(socket_path_);
+  }
+  for (const auto& a : options_.extra_args) argv.push_back(a);
+  child_ = Child::spawn(argv, log_path_, fds[1]);
+  ::close(fds[1]);
+  // Wait for the port line (or EOF if the broker failed), at most 20 s.
+  std::string line;
+  pollfd p{fds[0], POLLIN, 0};
+  while (line.find('\n') == std::string::npos && ::poll(&p, 1, 20'000) > 0) {
+    char buf[64];
+    ssize_t n = ::read(fds[0], buf, sizeof buf);
+    if (n <= 0) break;
+    line.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fds[0]);
+  if (line.find('\n') == std::string::npos)
+    throw std::runtime_error("gate broker did not start; its log:\n" + log());
+  port_ = static_cast<std::uint16_t>(std::stoi(line));
+}
+
+void BrokerProcess::kill9() { child_.kill_and_wait(); }
+
+int BrokerProcess::stop() {
+  child_.signal(SIGTERM);
+  int status = child_.wait(std::chrono::seconds(10));
+  if (status < 0) child_.kill_and_wait();
+  return status;
+}
+
+std::string BrokerProcess::log() const { return read_file(log_path_); }
+
+}  // namespace gate::test

@@ -1,0 +1,92 @@
+#pragma once
+// Real components for tests, each cleaned up by RAII even when a test fails:
+// a temporary directory, a child process, and a real `gate broker` process.
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace gate::test {
+
+// Path of the gate binary under test (set by CMake).
+std::string gate_binary();
+
+// mkdtemp under $TMPDIR (or /tmp); removed recursively on destruction.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix = "gate-test");
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// A child process; killed (SIGKILL) and reaped on destruction if still running.
+class Child {
+ public:
+  Child() = default;
+  // Starts argv[0] (searched in PATH). stdout/stderr go to log_path when given.
+  static Child spawn(const std::vector<std::string>& argv, const std::string& log_path = "",
+                     int keep_fd = -1);
+  Child(Child&& other) noexcept;
+  Child& operator=(Child&& other) noexcept;
+  ~Child();
+
+  pid_t pid() const { return pid_; }
+  bool running() const { return pid_ > 0; }
+  void signal(int sig) const;
+  // Waits for exit; returns the exit status (128+signal when killed), or -1 on
+  // timeout (the child is left running).
+  int wait(std::chrono::milliseconds timeout = std::chrono::seconds(30));
+  void kill_and_wait();
+
+ private:
+  pid_t pid_ = -1;
+};
+
+// A real `gate broker` on an ephemeral loopback port (and a Unix socket when asked),
+// with its own state directory. The constructor returns once the broker listens.
+class BrokerProcess {
+ public:
+  struct Options {
+    std::string state_dir;  // empty: a fresh temporary directory owned by this object
+    bool unix_socket = false;
+    std::vector<std::string> extra_args;
+  };
+  BrokerProcess();
+  explicit BrokerProcess(Options options);
+  ~BrokerProcess();
+
+  BrokerEndpoint endpoint() const;         // TCP
+  BrokerEndpoint unix_endpoint() const;    // Unix socket (when asked for)
+  pid_t pid() const { return child_.pid(); }
+  const std::string& state_dir() const { return state_dir_; }
+  const std::string& log_path() const { return log_path_; }
+
+  void kill9();               // SIGKILL and reap
+  int stop();                 // SIGTERM; returns the exit status
+  void start();               // (re)start on the same state dir and port
+  std::string log() const;    // the broker's log so far
+
+ private:
+  Options options_;
+  std::unique_ptr<TempDir> own_dir_;
+  std::string state_dir_;
+  std::string log_path_;
+  std::string socket_path_;
+  std::uint16_t port_ = 0;
+  Child child_;
+};
+
+// Reads a whole file ("" when missing).
+std::string read_file(const std::string& path);
+
+}  // namespace gate::test

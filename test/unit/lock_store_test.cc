@@ -1,0 +1,117 @@
+// The SQLite store: round trips, counters, versions, refusing what is not ours.
+#include <SQLiteCpp/SQLiteCpp.h>
+#include <catch2/catch.hpp>
+
+#include <fstream>
+
+#include "store/lock_store.h"
+#include "support/test_support.h"
+
+using namespace gate;
+
+namespace {
+LockTable make_table() {
+  static int n = 0;
+  return LockTable({}, [] { return "id-" + std::to_string(++n); });
+}
+constexpr Micros kNow = 1'800'000'000'000'000;
+}  // namespace
+
+TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]") {
+  test::TempDir dir;
+  const std::string path = dir.path() + "/locks.db";
+  std::string error;
+  std::vector<Lock> before;
+  {
+    auto store = LockStore::open(path, LockStore::Sync::Normal, &error);
+    REQUIRE(store);
+    LockTable t = make_table();
+    AcquireParams p{"src/a.c", LockMode::Write, "A", "m:1", "", std::nullopt, 5000, std::nullopt};
+    t.acquire(p, kNow);
+    p.owner = "B";
+    p.session = "m:2";
+    p.request_id = "rid";
+    t.acquire(p, kNow);
+    p.key = "src/b.c";
+    p.mode = LockMode::Read;
+    t.acquire(p, kNow);
+    t.acquire(p, kNow);  // hold_count 2
+    store->apply(t.take_journal(), t.next_fence(), t.next_req_id());
+    before = t.locks();
+  }
+  auto store = LockStore::open(path, LockStore::Sync::Normal, &error);
+  REQUIRE(store);
+  auto snap = store->load();
+  REQUIRE(snap.locks.size() == 2);
+  REQUIRE(snap.queue.size() == 1);
+  CHECK(snap.queue[0].owner == "B");
+  CHECK(snap.queue[0].request_id == "rid");
+  CHECK(snap.next_fence == 3);
+  for (const auto& l : before) {
+    auto it = std::find_if(snap.locks.begin(), snap.locks.end(),
+                           [&](const Lock& s) { return s.lock_id == l.lock_id; });
+    REQUIRE(it != snap.locks.end());
+    CHECK(it->key == l.key);
+    CHECK(it->mode == l.mode);
+    CHECK(it->owner == l.owner);
+    CHECK(it->session == l.session);
+    CHECK(it->hold_count == l.hold_count);
+    CHECK(it->fence == l.fence);
+    CHECK(it->lease_expires_at == l.lease_expires_at);
+    CHECK(it->max_hold_ms == l.max_hold_ms);
+  }
+}
+
+TEST_CASE("released locks are gone from the store", "[store]") {
+  test::TempDir dir;
+  std::string error;
+  auto store = LockStore::open(dir.path() + "/locks.db", LockStore::Sync::Full, &error);
+  REQUIRE(store);
+  LockTable t = make_table();
+  auto r = t.acquire({"k", LockMode::Write, "A", "", "", std::nullopt, std::nullopt, std::nullopt}, kNow);
+  store->apply(t.take_journal(), t.next_fence(), t.next_req_id());
+  t.release(r.lock.lock_id, "A", kNow);
+  store->apply(t.take_journal(), t.next_fence(), t.next_req_id());
+  CHECK(store->load().locks.empty());
+}
+
+TEST_CASE("a new database gets the current schema version", "[store]") {
+  test::TempDir dir;
+  std::string error;
+  auto store = LockStore::open(dir.path() + "/locks.db", LockStore::Sync::Normal, &error);
+  REQUIRE(store);
+  CHECK(store->schema_version() == LockStore::kSchemaVersion);
+}
+
+TEST_CASE("a database from a newer gate is refused, not overwritten", "[store]") {
+  test::TempDir dir;
+  const std::string path = dir.path() + "/locks.db";
+  {
+    SQLite::Database db(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec("CREATE TABLE future (x); PRAGMA user_version = 99;");
+  }
+  std::string error;
+  CHECK_FALSE(LockStore::open(path, LockStore::Sync::Normal, &error));
+  CHECK(error.find("newer gate") != std::string::npos);
+  SQLite::Database db(path, SQLite::OPEN_READONLY);
+  CHECK(db.tableExists("future"));
+}
+
+TEST_CASE("a file that is not a database is refused with a clear message", "[store]") {
+  test::TempDir dir;
+  const std::string path = dir.path() + "/locks.db";
+  { std::ofstream(path) << std::string(4096, 'x'); }
+  std::string error;
+  CHECK_FALSE(LockStore::open(path, LockStore::Sync::Normal, &error));
+  CHECK(error.find(path) != std::string::npos);
+  CHECK(test::read_file(path) == std::string(4096, 'x'));
+}
+
+TEST_CASE("a database with foreign tables and no version is refused", "[store]") {
+  test::TempDir dir;
+  const std::string path = dir.path() + "/locks.db";
+  { SQLite::Database db(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE); db.exec("CREATE TABLE t (x)"); }
+  std::string error;
+  CHECK_FALSE(LockStore::open(path, LockStore::Sync::Normal, &error));
+  CHECK(error.find("not a gate lock database") != std::string::npos);
+}
