@@ -18,6 +18,8 @@ constexpr Command kCommands[] = {
     {"broker", "run the lock broker (HTTP API, state in SQLite)", gate::cmd::broker},
     {"locks", "show the locks held and the requests waiting at a broker", gate::cmd::locks},
     {"mount", "show a directory through a locked FUSE view", gate::cmd::mount},
+    {"up", "start a broker and a locked view of a directory in the background", gate::cmd::up},
+    {"down", "stop what 'gate up' started", gate::cmd::down},
 };
 
 void usage(std::ostream& out) {

@@ -1,0 +1,42 @@
+#pragma once
+// Child processes for gate's own use: run a command and capture its output, start
+// a daemon and wait until it says it is ready, wait for a pid to end, and check
+// whether a pid is alive. One place, so that every child is logged the same way.
+#include <sys/types.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+namespace gate {
+
+struct RunResult {
+  int status = -1;  // exit status; 128+signal when killed; -1 when it could not run
+  std::string output;  // stdout and stderr together
+};
+
+// Runs argv[0] (searched in PATH) to completion, at most `timeout`.
+RunResult run_command(const std::vector<std::string>& argv,
+                      std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+struct Daemon {
+  pid_t pid = -1;
+  std::string ready_line;  // what the daemon wrote to its ready fd
+  std::string error;       // non-empty when it did not become ready
+};
+
+// Starts argv in its own session with stdin from /dev/null and stdout/stderr
+// appended to log_path. The string "{READY_FD}" in argv is replaced by the number
+// of a pipe the daemon writes one line to once it is ready; waits for that line at
+// most `timeout` (on failure the daemon is killed and error says why).
+Daemon start_daemon(const std::vector<std::string>& argv, const std::string& log_path,
+                    std::chrono::milliseconds timeout);
+
+bool process_alive(pid_t pid);
+// Waits for a process (not necessarily our child) to end. False on time-out.
+bool wait_for_exit(pid_t pid, std::chrono::milliseconds timeout);
+
+// The last `lines` lines of a file, for error messages.
+std::string tail_file(const std::string& path, int lines);
+
+}  // namespace gate
