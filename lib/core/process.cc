@@ -150,9 +150,17 @@ Daemon start_daemon(const std::vector<std::string>& argv, const std::string& log
 bool process_alive(pid_t pid) {
   if (pid <= 0) return false;
   if (::kill(pid, 0) != 0 && errno == ESRCH) return false;
-  // A zombie child of ours counts as gone.
+  // A zombie (ours, or one whose parent does not reap it) counts as gone.
   int status;
   if (::waitpid(pid, &status, WNOHANG) == pid) return false;
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text;
+  std::getline(stat, text);
+  auto paren = text.rfind(')');
+  if (paren != std::string::npos && paren + 2 < text.size()) {
+    const char state = text[paren + 2];
+    if (state == 'Z' || state == 'X') return false;
+  }
   return true;
 }
 
@@ -168,7 +176,7 @@ bool wait_for_exit(pid_t pid, std::chrono::milliseconds timeout) {
   ::close(fd);
   int status;
   ::waitpid(pid, &status, WNOHANG);  // reap it if it was our child
-  return r > 0;
+  return r > 0 || !process_alive(pid);
 }
 
 std::string tail_file(const std::string& path, int lines) {
