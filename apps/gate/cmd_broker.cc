@@ -186,12 +186,7 @@ int broker(int argc, char** argv) {
       socket_path.empty() ? "" : " and unix:" + socket_path, ", state dir ", state_dir,
       " (lease ", options.default_lease_ms, " ms, hold cap ", options.max_hold_ms, " ms)");
 
-  if (int fd = (*vm)["ready-fd"].as<int>(); fd >= 0) {
-    std::string line = std::to_string(server.tcp_port()) + "\n";
-    if (::write(fd, line.data(), line.size()) < 0) log(LogLevel::Warn, "broker", "--ready-fd write failed");
-    ::close(fd);
-  }
-
+  // Signals are handled before anyone is told the broker is ready.
   boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
   signals.async_wait([&](boost::system::error_code ec, int sig) {
     if (ec) return;
@@ -199,6 +194,12 @@ int broker(int argc, char** argv) {
     service.shutdown();
     server.drain(std::chrono::seconds(2), [&] { ioc.stop(); });
   });
+  if (int fd = (*vm)["ready-fd"].as<int>(); fd >= 0) {
+    std::string line = std::to_string(server.tcp_port()) + "\n";
+    if (::write(fd, line.data(), line.size()) < 0) log(LogLevel::Warn, "broker", "--ready-fd write failed");
+    ::close(fd);
+  }
+
   ioc.run();
   service.flush();
   log(LogLevel::Info, "broker", "stopped with ", table.lock_count(), " locks held and ",
