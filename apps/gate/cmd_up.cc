@@ -13,8 +13,10 @@
 #include "cli.h"
 #include "commands.h"
 #include "core/iso_time.h"
+#include "core/mounts.h"
 #include "core/process.h"
-#include "local_stack.h"
+#include "vm/stack_state.h"
+#include "vm/vm_instance.h"
 
 namespace gate::cmd {
 
@@ -37,30 +39,6 @@ bool ours(pid_t pid, const std::string& marker) {
   return cmdline.find(marker) != std::string::npos;
 }
 
-bool is_mounted(const std::string& path) {
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    // Field 5 is the mount point (with spaces escaped as \040).
-    std::size_t pos = 0;
-    for (int i = 0; i < 4 && pos != std::string::npos; ++i) pos = line.find(' ', pos + 1);
-    if (pos == std::string::npos) continue;
-    auto end = line.find(' ', pos + 1);
-    std::string mp = line.substr(pos + 1, end - pos - 1);
-    std::string decoded;
-    for (std::size_t i = 0; i < mp.size(); ++i) {
-      if (mp[i] == '\\' && i + 3 < mp.size()) {
-        decoded.push_back(static_cast<char>(std::stoi(mp.substr(i + 1, 3), nullptr, 8)));
-        i += 3;
-      } else {
-        decoded.push_back(mp[i]);
-      }
-    }
-    if (decoded == path) return true;
-  }
-  return false;
-}
-
 void unmount(const std::string& path, bool lazy) {
   run_command({"fusermount3", lazy ? "-uz" : "-u", path}, std::chrono::seconds(10));
 }
@@ -78,10 +56,10 @@ bool stop_pid(pid_t pid, const std::string& marker, const char* what) {
 // Stops what a stack started, whatever state it is in; true when nothing is left.
 bool stop_stack(const StackState& s) {
   bool ok = stop_pid(s.mount_pid, s.broker_socket, "mount");
-  if (is_mounted(s.mount)) unmount(s.mount, false);
-  if (is_mounted(s.mount)) unmount(s.mount, true);
+  if (listed_in_mountinfo(s.mount)) unmount(s.mount, false);
+  if (listed_in_mountinfo(s.mount)) unmount(s.mount, true);
   ok = stop_pid(s.broker_pid, s.broker_socket, "broker") && ok;
-  return ok && !is_mounted(s.mount);
+  return ok && !listed_in_mountinfo(s.mount);
 }
 
 void print_summary(const StackState& s, const std::string& headline) {
@@ -89,29 +67,86 @@ void print_summary(const StackState& s, const std::string& headline) {
             << "  work in:  " << s.mount << "   (a locked view of " << s.repo << ")\n"
             << "  locks:    gate locks --broker-socket " << s.broker_socket << "\n"
             << "  logs:     " << s.log_dir() << "/\n"
-            << "  stop:     gate down --name " << s.name << "\n";
+            << "  stop:     gate down --vm-name " << s.name << "\n";
 }
 
 }  // namespace
 
+int up_vm(const po::variables_map& args, const std::string& exe) {
+  gate::vm::VmOptions o;
+  o.repo_path = args["repo-path"].as<std::string>();
+  if (args.count("vm-name")) o.name = args["vm-name"].as<std::string>();
+  o.vm_dir = args["vm-dir"].as<std::string>();
+  o.ssh_key = args["ssh-key"].as<std::string>();
+  o.base = args["base"].as<std::string>();
+  o.image = args["image"].as<std::string>();
+  if (args.count("host-mount")) o.host_mount = args["host-mount"].as<std::string>();
+  o.method = args["host-mount-method"].as<std::string>();
+  o.ssh_port = args["ssh-port"].as<std::uint16_t>();
+  o.memory_mib = args["memory"].as<int>();
+  o.cpus = args["cpus"].as<int>();
+  o.disk_size = args["disk-size"].as<std::string>();
+  if (args.count("max-hold-ms")) o.max_hold_ms = args["max-hold-ms"].as<std::int64_t>();
+  if (args.count("lease-ms")) o.lease_ms = args["lease-ms"].as<std::int64_t>();
+  o.accel = args["accel"].as<std::string>();
+  if (o.accel != "auto" && o.accel != "kvm" && o.accel != "tcg") {
+    std::cerr << "gate up: --accel must be auto, kvm or tcg\n";
+    return 2;
+  }
+  o.redownload = args["redownload"].as<bool>();
+  o.skip_build = args["skip-build"].as<bool>();
+  o.skip_host_mount = args["skip-host-mount"].as<bool>();
+  o.verbose = args["verbose"].as<bool>();
+  o.dry_run = args["dry-run"].as<bool>();
+  o.keep_vm_on_error = args["keep-vm-on-error"].as<bool>();
+  o.ssh_wait_s = args["ssh-wait-s"].as<int>();
+  o.gate_binary = exe;
+  return gate::vm::vm_up(o, std::cout, std::cerr);
+}
+
 int up(int argc, char** argv) {
   po::options_description desc("Options");
   desc.add_options()
-      ("local", po::bool_switch(), "run the broker on this machine (no VM)")
       ("repo-path", po::value<std::string>(), "the directory to share (required)")
-      ("name", po::value<std::string>(), "name of this setup (default: the directory's name)")
+      ("local", po::bool_switch(), "run the broker on this machine instead of in a VM")
+      ("vm-name", po::value<std::string>(),
+       "name of this setup (default: gate-vm; with --local, the directory's name)")
+      ("vm-dir", po::value<std::string>()->default_value(""),
+       "where the VM's disk lives (default: $XDG_STATE_HOME/gate/vms/NAME)")
+      ("ssh-key", po::value<std::string>()->default_value(""),
+       "public key to log into the VM with; its private key must be beside it "
+       "(default: a key pair gate makes once)")
+      ("base", po::value<std::string>()->default_value("debian-12"),
+       "guest image: debian-12 (built here from Debian's packages), ubuntu-24.04, ubuntu-22.04")
+      ("image", po::value<std::string>()->default_value(""), "a disk built by 'gate image build'")
       ("host-mount", po::value<std::string>(),
        "where the locked view appears (default: $XDG_STATE_HOME/gate/mounts/NAME)")
+      ("host-mount-method", po::value<std::string>()->default_value("host-direct"),
+       "host-direct (host FUSE mount, broker in the VM) or sshfs (mount served from the VM)")
+      ("ssh-port", po::value<std::uint16_t>()->default_value(0), "host port for the VM's ssh (0: free one)")
+      ("memory", po::value<int>()->default_value(1024), "VM memory in MiB")
+      ("cpus", po::value<int>()->default_value(2), "VM CPUs")
+      ("disk-size", po::value<std::string>()->default_value("20G"), "VM disk size")
       ("lease-ms", po::value<std::int64_t>(), "lease of each lock (env GATE_LEASE_MS)")
       ("max-hold-ms", po::value<std::int64_t>(), "hold cap of each lock (env GATE_MAX_HOLD_MS)")
       ("acquire-timeout-ms", po::value<std::int64_t>(),
-       "opens give up (EAGAIN) after this long (env GATE_ACQUIRE_TIMEOUT_MS)");
+       "with --local: opens give up (EAGAIN) after this long (env GATE_ACQUIRE_TIMEOUT_MS)")
+      ("accel", po::value<std::string>()->default_value("auto"),
+       "auto (KVM when it really works, else TCG), kvm or tcg")
+      ("redownload", po::bool_switch(), "rebuild (or download) the image and the VM disk")
+      ("skip-build", po::bool_switch(), "never build an image; fail if none is cached")
+      ("skip-host-mount", po::bool_switch(), "start everything but the host view")
+      ("ssh-wait-s", po::value<int>()->default_value(300), "how long to wait for the VM's ssh")
+      ("verbose", po::bool_switch(), "say more")
+      ("dry-run", po::bool_switch(), "print every step and command, run none")
+      ("keep-vm-on-error", po::bool_switch(), "leave what was started running when a step fails");
   po::positional_options_description pos;
   pos.add("repo-path", 1);
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate up --local [--repo-path] DIR [options]",
-                       "Starts a broker and a locked FUSE view of DIR in the background and "
-                       "prints where to work. Run again, it reuses what is up.",
+  auto vm = cli::parse(argc, argv, desc, "gate up [--local] --repo-path DIR [options]",
+                       "Brings up a broker and a locked view of DIR in the background and prints "
+                       "where to work: the broker in a QEMU VM (default), or on this machine with "
+                       "--local. Run again, it reuses what is up.",
                        &code, &pos);
   if (!vm) return code;
   const std::string me = argv[0];
@@ -119,22 +154,19 @@ int up(int argc, char** argv) {
     std::cerr << me << ": which directory? e.g. gate up --local --repo-path ~/src/project\n";
     return 2;
   }
-  if (!(*vm)["local"].as<bool>()) {
-    std::cerr << me << ": this build runs the broker on this machine only: add --local\n";
-    return 2;
-  }
+  if (!(*vm)["local"].as<bool>()) return up_vm(*vm, self_exe());
   std::error_code ec;
   const fs::path repo = fs::canonical((*vm)["repo-path"].as<std::string>(), ec);
   if (ec || !fs::is_directory(repo))
     return cli::fail(me, "'" + (*vm)["repo-path"].as<std::string>() + "' is not a directory");
 
   StackState s;
-  s.name = vm->count("name") ? (*vm)["name"].as<std::string>() : stack_name_for(repo.string());
+  s.name = vm->count("vm-name") ? (*vm)["vm-name"].as<std::string>() : stack_name_for(repo.string());
   if (auto old = load_stack(s.name)) {
     if (ours(old->broker_pid, old->broker_socket) && ours(old->mount_pid, old->broker_socket)) {
       if (old->repo != repo.string())
         return cli::fail(me, "'" + s.name + "' is already up for " + old->repo +
-                                 "; choose another --name");
+                                 "; choose another --vm-name");
       print_summary(*old, "gate: '" + s.name + "' is already up");
       return 0;
     }
@@ -198,19 +230,24 @@ int up(int argc, char** argv) {
 
 int down(int argc, char** argv) {
   po::options_description desc("Options");
-  desc.add_options()("name", po::value<std::string>(), "which setup (default: the only one up)");
+  desc.add_options()
+      ("vm-name", po::value<std::string>(), "which setup (default: the only one up)")
+      ("force", po::bool_switch(), "stop even if copying the VM's edits back fails")
+      ("skip-unmount", po::bool_switch(), "leave the host view mounted")
+      ("no-sync-back", po::bool_switch(), "sshfs: do not copy the VM's edits back into the repository");
   po::positional_options_description pos;
-  pos.add("name", 1);
+  pos.add("vm-name", 1);
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate down [--name NAME]",
-                       "Unmounts the locked view (releasing its locks) and stops the broker that "
-                       "'gate up' started.",
+  auto vm = cli::parse(argc, argv, desc, "gate down [--vm-name NAME] [options]",
+                       "Unmounts the locked view (releasing its locks) and stops what 'gate up' "
+                       "started: the broker, or the VM and its tunnel. In sshfs mode the VM's "
+                       "edits are first copied back into the repository.",
                        &code, &pos);
   if (!vm) return code;
   const std::string me = argv[0];
   std::string name;
-  if (vm->count("name")) {
-    name = (*vm)["name"].as<std::string>();
+  if (vm->count("vm-name")) {
+    name = (*vm)["vm-name"].as<std::string>();
   } else {
     auto all = list_stacks();
     if (all.empty()) {
@@ -218,7 +255,7 @@ int down(int argc, char** argv) {
       return 0;
     }
     if (all.size() > 1) {
-      std::cerr << me << ": several setups are up; say which with --name:";
+      std::cerr << me << ": several setups are up; say which with --vm-name:";
       for (auto& n : all) std::cerr << " " << n;
       std::cerr << "\n";
       return 2;
@@ -230,8 +267,18 @@ int down(int argc, char** argv) {
     std::cout << "gate: '" << name << "' is not up\n";
     return 0;
   }
-  const bool clean = stop_stack(*s);
-  remove_stack_state(name);
+  bool clean;
+  if (s->mode == "vm") {
+    gate::vm::DownOptions o;
+    o.force = (*vm)["force"].as<bool>();
+    o.skip_unmount = (*vm)["skip-unmount"].as<bool>();
+    o.no_sync_back = (*vm)["no-sync-back"].as<bool>();
+    clean = gate::vm::vm_down(*s, o, std::cout, std::cerr);
+    if (!clean && load_stack(name)) return 1;  // refused: the VM keeps the edits
+  } else {
+    clean = stop_stack(*s);
+    remove_stack_state(name);
+  }
   if (!clean)
     return cli::fail(me, "'" + name + "' stopped, but " + s->mount +
                              " is still mounted; run: fusermount3 -uz " + s->mount);

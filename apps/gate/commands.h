@@ -8,4 +8,9 @@ int locks(int argc, char** argv);
 int mount(int argc, char** argv);
 int up(int argc, char** argv);
 int down(int argc, char** argv);
+int vm_list(int argc, char** argv);
+int clean(int argc, char** argv);
+int status(int argc, char** argv);
+int logs(int argc, char** argv);
+int image(int argc, char** argv);
 }  // namespace gate::cmd

@@ -18,8 +18,13 @@ constexpr Command kCommands[] = {
     {"broker", "run the lock broker (HTTP API, state in SQLite)", gate::cmd::broker},
     {"locks", "show the locks held and the requests waiting at a broker", gate::cmd::locks},
     {"mount", "show a directory through a locked FUSE view", gate::cmd::mount},
-    {"up", "start a broker and a locked view of a directory in the background", gate::cmd::up},
+    {"up", "start a broker (in a VM, or --local) and a locked view of a directory", gate::cmd::up},
     {"down", "stop what 'gate up' started", gate::cmd::down},
+    {"vm-list", "list the VMs and local setups 'gate up' started", gate::cmd::vm_list},
+    {"status", "check a setup's VM, tunnel, broker and mount", gate::cmd::status},
+    {"logs", "print a setup's logs", gate::cmd::logs},
+    {"clean", "repair what a crash left: dead mounts, orphaned tunnels, stale state", gate::cmd::clean},
+    {"image", "build the guest image 'gate up' boots", gate::cmd::image},
 };
 
 void usage(std::ostream& out) {

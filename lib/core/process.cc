@@ -86,8 +86,12 @@ Daemon start_daemon(const std::vector<std::string>& argv, const std::string& log
     return d;
   }
   std::vector<std::string> args = argv;
+  bool wants_ready = false;
   for (auto& a : args)
-    if (a == "{READY_FD}") a = std::to_string(ready[1]);
+    if (a == "{READY_FD}") {
+      a = std::to_string(ready[1]);
+      wants_ready = true;
+    }
   auto cargv = to_argv(args);
   const int log_fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
   if (log_fd < 0) {
@@ -116,6 +120,10 @@ Daemon start_daemon(const std::vector<std::string>& argv, const std::string& log
     return d;
   }
   d.pid = pid;
+  if (!wants_ready) {
+    ::close(ready[0]);
+    return d;
+  }
   std::string line;
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   while (line.find('\n') == std::string::npos) {

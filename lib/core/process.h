@@ -28,7 +28,8 @@ struct Daemon {
 // Starts argv in its own session with stdin from /dev/null and stdout/stderr
 // appended to log_path. The string "{READY_FD}" in argv is replaced by the number
 // of a pipe the daemon writes one line to once it is ready; waits for that line at
-// most `timeout` (on failure the daemon is killed and error says why).
+// most `timeout` (on failure the daemon is killed and error says why). Without
+// "{READY_FD}" it returns at once with the pid.
 Daemon start_daemon(const std::vector<std::string>& argv, const std::string& log_path,
                     std::chrono::milliseconds timeout);
 

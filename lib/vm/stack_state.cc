@@ -1,4 +1,4 @@
-#include "local_stack.h"
+#include "vm/stack_state.h"
 
 #include <filesystem>
 #include <fstream>
@@ -14,6 +14,19 @@ std::string stack_state_dir(const std::string& name) { return user_state_root() 
 std::string stack_log_dir(const std::string& name) { return user_state_root() + "/logs/" + name; }
 std::string StackState::state_dir() const { return stack_state_dir(name); }
 std::string StackState::log_dir() const { return stack_log_dir(name); }
+
+std::string StackState::get(const std::string& key) const {
+  auto it = extra.find(key);
+  return it == extra.end() ? "" : it->second;
+}
+
+int StackState::get_int(const std::string& key) const {
+  try {
+    return std::stoi(get(key));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
 
 std::string stack_name_for(const std::string& repo_path) {
   std::string base = fs::path(repo_path).lexically_normal().filename().string();
@@ -35,6 +48,7 @@ bool save_stack(const StackState& s, std::string* error) {
         << "\nbroker_socket=" << s.broker_socket << "\nbroker_state_dir=" << s.broker_state_dir
         << "\nbroker_pid=" << s.broker_pid << "\nmount_pid=" << s.mount_pid
         << "\nstarted_at=" << s.started_at << "\n";
+    for (const auto& [k, v] : s.extra) out << k << "=" << v << "\n";
     if (!out) {
       *error = "cannot write " + tmp;
       return false;
@@ -65,6 +79,10 @@ std::optional<StackState> load_stack(const std::string& name) {
   s.broker_socket = kv["broker_socket"];
   s.broker_state_dir = kv["broker_state_dir"];
   s.started_at = kv["started_at"];
+  for (const auto& [k, v] : kv)
+    if (k != "name" && k != "mode" && k != "repo" && k != "mount" && k != "broker_socket" &&
+        k != "broker_state_dir" && k != "broker_pid" && k != "mount_pid" && k != "started_at")
+      s.extra[k] = v;
   try {
     s.broker_pid = std::stoi(kv["broker_pid"]);
     s.mount_pid = std::stoi(kv["mount_pid"]);

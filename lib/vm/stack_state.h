@@ -1,10 +1,11 @@
 #pragma once
-// A broker and a locked mount of one directory on this machine, started in the
-// background by `gate up --local` and stopped by `gate down`. Its state lives in
+// What `gate up` started (a local broker and mount, or a VM with its tunnel and
+// mount), so that `gate down`, `clean`, `vm-list` and `status` can find it. Its state lives in
 // $XDG_STATE_HOME/gate/state/<name>/up.env, its logs in
 // $XDG_STATE_HOME/gate/logs/<name>/ (broker.log, mount.log).
 #include <sys/types.h>
 
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -21,6 +22,10 @@ struct StackState {
   pid_t broker_pid = -1;
   pid_t mount_pid = -1;
   std::string started_at;
+  std::map<std::string, std::string> extra;  // VM settings: ssh_port, qemu_pid, method...
+
+  std::string get(const std::string& key) const;
+  int get_int(const std::string& key) const;  // -1 when absent
 
   std::string state_dir() const;  // .../state/<name>
   std::string log_dir() const;    // .../logs/<name>

@@ -1,0 +1,263 @@
+// gate vm-list, clean, status, logs, image: looking after what `gate up` started.
+#include <unistd.h>
+
+#include <boost/json.hpp>
+
+#include <filesystem>
+#include <iostream>
+
+#include "cli.h"
+#include "client/broker_client.h"
+#include "commands.h"
+#include "core/iso_time.h"
+#include "core/mounts.h"
+#include "core/process.h"
+#include "vm/stack_state.h"
+#include "vm/vm_image.h"
+#include "vm/vm_instance.h"
+
+namespace gate::cmd {
+
+namespace fs = std::filesystem;
+namespace json = boost::json;
+
+namespace {
+
+std::string uptime(const StackState& s) {
+  auto t = parse_iso8601(s.started_at);
+  if (!t) return "?";
+  const long secs = static_cast<long>((wall_clock_micros() - *t) / 1'000'000);
+  if (secs < 120) return std::to_string(secs) + "s";
+  if (secs < 7200) return std::to_string(secs / 60) + "m";
+  return std::to_string(secs / 3600) + "h";
+}
+
+std::string endpoint(const StackState& s) {
+  return s.broker_socket.empty() ? "-" : "unix:" + s.broker_socket;
+}
+
+// The setups named by --vm-name, or all with --all / when only one exists.
+std::vector<std::string> selected(const po::variables_map& vm, bool all_by_default) {
+  if (vm.count("vm-name")) return {vm["vm-name"].as<std::string>()};
+  auto all = list_stacks();
+  if (all_by_default || (vm.count("all") && vm["all"].as<bool>()) || all.size() <= 1) return all;
+  return {};
+}
+
+}  // namespace
+
+int vm_list(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()("json", po::bool_switch(), "print JSON");
+  int code = 0;
+  auto vm = cli::parse(argc, argv, desc, "gate vm-list [--json]",
+                       "Lists every setup 'gate up' started: its state (running or stale), pids, "
+                       "ssh port, broker endpoint, mount and method, and uptime.",
+                       &code);
+  if (!vm) return code;
+  json::array rows;
+  std::vector<std::vector<std::string>> table{
+      {"NAME", "STATE", "PID", "SSH", "BROKER", "MOUNT", "METHOD", "UPTIME"}};
+  for (const auto& name : list_stacks()) {
+    auto s = load_stack(name);
+    if (!s) continue;
+    const std::string state = vm::vm_liveness(*s);
+    const std::string pid = s->mode == "vm" ? s->get("qemu_pid") : std::to_string(s->broker_pid);
+    const std::string method = s->mode == "vm" ? s->get("method") : "local";
+    json::object o;
+    o["name"] = name;
+    o["state"] = state;
+    o["pid"] = pid;
+    o["ssh_port"] = s->get("ssh_port");
+    o["broker"] = endpoint(*s);
+    o["mount"] = s->mount;
+    o["method"] = method;
+    o["started_at"] = s->started_at;
+    o["uptime"] = uptime(*s);
+    rows.push_back(o);
+    table.push_back({name, state, pid, s->get("ssh_port").empty() ? "-" : s->get("ssh_port"),
+                     endpoint(*s), s->mount, method, uptime(*s)});
+  }
+  if ((*vm)["json"].as<bool>()) {
+    std::cout << json::serialize(rows) << "\n";
+    return 0;
+  }
+  if (rows.empty()) {
+    std::cout << "no VMs or local setups (start one with 'gate up')\n";
+    return 0;
+  }
+  std::vector<std::size_t> width(table[0].size(), 0);
+  for (auto& r : table)
+    for (std::size_t i = 0; i < r.size(); ++i) width[i] = std::max(width[i], r[i].size());
+  for (auto& r : table) {
+    for (std::size_t i = 0; i < r.size(); ++i)
+      std::cout << r[i] << (i + 1 < r.size() ? std::string(width[i] - r[i].size() + 2, ' ') : "");
+    std::cout << "\n";
+  }
+  return 0;
+}
+
+int clean(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()
+      ("vm-name", po::value<std::string>(), "which setup (default: every one that is not running)")
+      ("logs", po::bool_switch(), "also delete its logs")
+      ("state", po::bool_switch(), "also delete its state directory (known_hosts, sockets)")
+      ("all", po::bool_switch(), "every setup");
+  int code = 0;
+  auto vm = cli::parse(argc, argv, desc, "gate clean [--vm-name NAME] [--logs] [--state] [--all]",
+                       "Repairs what a crash left behind: lazily unmounts dead mounts, stops "
+                       "orphaned tunnels and mount processes, removes dead pid files and runtime "
+                       "state. It never deletes your files.",
+                       &code);
+  if (!vm) return code;
+  auto names = selected(*vm, true);
+  if (names.empty()) std::cout << "gate: nothing to clean\n";
+  for (const auto& name : names) {
+    if (auto s = load_stack(name)) {
+      for (const auto& line : vm::clean_stack(*s)) std::cout << "gate: " << line << "\n";
+    } else {
+      std::cout << "gate: '" << name << "' has no runtime state\n";
+    }
+    std::error_code ec;
+    if ((*vm)["logs"].as<bool>() && fs::remove_all(stack_log_dir(name), ec) > 0)
+      std::cout << "gate: deleted the logs of '" << name << "'\n";
+    if ((*vm)["state"].as<bool>() && !load_stack(name) && fs::remove_all(stack_state_dir(name), ec) > 0)
+      std::cout << "gate: deleted the state of '" << name << "'\n";
+  }
+  return 0;
+}
+
+int status(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()("vm-name", po::value<std::string>(), "which setup (default: all)");
+  int code = 0;
+  auto vm = cli::parse(argc, argv, desc, "gate status [--vm-name NAME]",
+                       "Checks each part of a setup (VM, tunnel, broker, mount) and says what is "
+                       "wrong and how to fix it. Exits 1 when something is wrong.",
+                       &code);
+  if (!vm) return code;
+  auto names = selected(*vm, true);
+  if (names.empty()) {
+    std::cout << "no VMs or local setups (start one with 'gate up')\n";
+    return 0;
+  }
+  bool all_ok = true;
+  for (const auto& name : names) {
+    auto s = load_stack(name);
+    if (!s) {
+      std::cout << name << ": not up\n";
+      continue;
+    }
+    std::cout << name << " (" << (s->mode == "vm" ? s->get("method") : "local") << "):\n";
+    auto line = [&](bool ok, const std::string& what, const std::string& fix) {
+      std::cout << "  " << (ok ? "ok   " : "FAIL ") << what;
+      if (!ok) std::cout << " -> " << fix;
+      std::cout << "\n";
+      all_ok &= ok;
+    };
+    if (s->mode == "vm") {
+      line(vm::qemu_running(*s), "VM (qemu pid " + s->get("qemu_pid") + ")",
+           "the VM is gone: 'gate clean --vm-name " + name + "' then 'gate up'");
+      if (s->get("method") == "host-direct")
+        line(process_alive(s->get_int("tunnel_pid")), "ssh tunnel (pid " + s->get("tunnel_pid") + ")",
+             "'gate down --vm-name " + name + "' and 'gate up' again");
+    } else {
+      line(process_alive(s->broker_pid), "broker (pid " + std::to_string(s->broker_pid) + ")",
+           "'gate down' and 'gate up --local' again");
+    }
+    if (!s->broker_socket.empty() && s->get("method") != "sshfs") {
+      BrokerEndpoint ep;
+      ep.unix_socket = s->broker_socket;
+      BrokerClient client(ep, std::chrono::seconds(3));
+      line(client.healthy(), "broker answers at " + endpoint(*s), "see the logs: gate logs --vm-name " + name);
+    }
+    const MountState m = mount_state(s->mount);
+    line(m == MountState::Mounted, "view mounted at " + s->mount,
+         m == MountState::Stale ? "the mount died: 'gate clean --vm-name " + name + "'"
+                                : "not mounted: 'gate down' and 'gate up' again");
+  }
+  return all_ok ? 0 : 1;
+}
+
+int logs(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()
+      ("vm-name", po::value<std::string>(), "which setup (default: the only one)")
+      ("component", po::value<std::string>()->default_value(""),
+       "vm, serial, ssh, tunnel, broker, mount, rsync, provision, image (default: all)")
+      ("follow,f", po::bool_switch(), "keep printing as the log grows (Ctrl-C ends)")
+      ("lines,n", po::value<int>()->default_value(40), "how many last lines of each log");
+  int code = 0;
+  auto vm = cli::parse(argc, argv, desc, "gate logs [--vm-name NAME] [--component C] [--follow]",
+                       "Prints the logs of a setup, kept in $XDG_STATE_HOME/gate/logs/NAME/.", &code);
+  if (!vm) return code;
+  std::string name;
+  if (vm->count("vm-name")) {
+    name = (*vm)["vm-name"].as<std::string>();
+  } else {
+    std::vector<std::string> dirs;
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(user_state_root() + "/logs", ec)) dirs.push_back(e.path().filename());
+    if (dirs.size() != 1) {
+      std::cerr << argv[0] << ": say which with --vm-name (" << dirs.size() << " have logs)\n";
+      return 2;
+    }
+    name = dirs.front();
+  }
+  const std::string dir = stack_log_dir(name);
+  std::vector<std::string> files;
+  const std::string component = (*vm)["component"].as<std::string>();
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec))
+    if (component.empty() || e.path().stem() == component) files.push_back(e.path());
+  std::sort(files.begin(), files.end());
+  if (files.empty()) return cli::fail(argv[0], "no logs in " + dir + (component.empty() ? "" : " for " + component));
+  if ((*vm)["follow"].as<bool>()) {
+    std::vector<std::string> args = {"tail", "-n", std::to_string((*vm)["lines"].as<int>()), "-F"};
+    args.insert(args.end(), files.begin(), files.end());
+    std::vector<char*> cargs;
+    for (auto& a : args) cargs.push_back(a.data());
+    cargs.push_back(nullptr);
+    ::execvp("tail", cargs.data());
+    return cli::fail(argv[0], "cannot run tail");
+  }
+  for (const auto& f : files)
+    std::cout << "==> " << f << " <==\n" << tail_file(f, (*vm)["lines"].as<int>());
+  return 0;
+}
+
+int image(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()
+      ("action", po::value<std::string>()->default_value("build"), "build or path")
+      ("base", po::value<std::string>()->default_value("debian-12"), "which image")
+      ("force", po::bool_switch(), "rebuild even if cached");
+  po::positional_options_description pos;
+  pos.add("action", 1);
+  int code = 0;
+  auto vm = cli::parse(argc, argv, desc, "gate image [build|path] [--base debian-12] [--force]",
+                       "Builds the guest image gate up boots (Debian 12 from Debian's packages, no "
+                       "download of a cloud image), or prints where it is cached.",
+                       &code, &pos);
+  if (!vm) return code;
+  const std::string base = (*vm)["base"].as<std::string>();
+  const std::string action = (*vm)["action"].as<std::string>();
+  if (action == "path") {
+    std::cout << vm::cached_image(base).disk << "\n";
+    return vm::cached_image(base).complete() ? 0 : 1;
+  }
+  if (action != "build") return cli::fail(argv[0], "unknown action '" + action + "' (build or path)"), 2;
+  std::error_code ec;
+  const std::string log = vm::image_cache_root() + "/build.log";
+  fs::create_directories(vm::image_cache_root(), ec);
+  auto progress = [](const std::string& l) { std::cout << "gate: " << l << "\n" << std::flush; };
+  std::string err = vm::base_is_offline(base)
+                        ? vm::build_offline_image(base, (*vm)["force"].as<bool>(), log, progress)
+                        : vm::download_cloud_image(base, log, progress);
+  if (!err.empty()) return cli::fail(argv[0], err);
+  std::cout << vm::cached_image(base).disk << "\n";
+  return 0;
+}
+
+}  // namespace gate::cmd

@@ -1,0 +1,13 @@
+#pragma once
+// Mount points as the host sees them: live, stale (the FUSE daemon died and the
+// kernel answers ENOTCONN) or absent.
+#include <string>
+
+namespace gate {
+
+enum class MountState { NotMounted, Mounted, Stale };
+MountState mount_state(const std::string& path);
+// Whether /proc/self/mountinfo lists path (an absolute, normalised path) as a mount point.
+bool listed_in_mountinfo(const std::string& path);
+
+}  // namespace gate

@@ -1,0 +1,107 @@
+#include "vm/vm_commands.h"
+
+namespace gate::vm {
+
+std::vector<std::string> qemu_command(const QemuConfig& c) {
+  std::vector<std::string> a = {"qemu-system-x86_64", "-name", "gate-" + c.name};
+  if (c.accel == Accel::Kvm) {
+    a.insert(a.end(), {"-accel", "kvm", "-cpu", "host"});
+  } else {
+    a.insert(a.end(), {"-accel", "tcg,thread=multi", "-cpu", "max"});
+  }
+  a.insert(a.end(), {"-m", std::to_string(c.memory_mib), "-smp", std::to_string(c.cpus),
+                     "-kernel", c.kernel, "-initrd", c.initrd, "-append",
+                     "console=ttyS0 root=/dev/vda rw net.ifnames=0 systemd.show_status=1",
+                     "-drive", "file=" + c.disk + ",if=virtio,format=qcow2,discard=unmap",
+                     "-drive", "file=" + c.seed + ",if=virtio,format=raw,readonly=on",
+                     "-netdev",
+                     "user,id=n0,hostfwd=tcp:127.0.0.1:" + std::to_string(c.ssh_port) + "-:22",
+                     "-device", "virtio-net-pci,netdev=n0",
+                     // Never the user's terminal: no display, serial console to a file.
+                     "-display", "none", "-monitor", "none", "-serial", "file:" + c.serial_log,
+                     "-qmp", "unix:" + c.qmp_socket + ",server=on,wait=off",
+                     "-pidfile", c.pid_file, "-daemonize"});
+  return a;
+}
+
+std::vector<std::string> kvm_probe_command() {
+  return {"qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "64", "-S",
+          "-display", "none", "-nodefaults", "-monitor", "none", "-serial", "none"};
+}
+
+std::vector<std::string> ssh_options(const SshTarget& t) {
+  return {"-p", std::to_string(t.port), "-i", t.identity,
+          "-o", "IdentitiesOnly=yes",
+          "-o", "UserKnownHostsFile=" + t.known_hosts,
+          "-o", "StrictHostKeyChecking=accept-new",
+          "-o", "BatchMode=yes",
+          "-o", "LogLevel=ERROR",
+          "-o", "ServerAliveInterval=5",
+          "-o", "ServerAliveCountMax=3"};
+}
+
+std::vector<std::string> ssh_command(const SshTarget& t, const std::string& remote_command,
+                                     int connect_timeout_s) {
+  std::vector<std::string> a = {"ssh"};
+  auto o = ssh_options(t);
+  a.insert(a.end(), o.begin(), o.end());
+  a.insert(a.end(), {"-o", "ConnectTimeout=" + std::to_string(connect_timeout_s),
+                     t.user + "@" + t.host, remote_command});
+  return a;
+}
+
+std::vector<std::string> tunnel_command(const SshTarget& t, const std::string& local_socket,
+                                        std::uint16_t guest_port) {
+  std::vector<std::string> a = {"ssh", "-N"};
+  auto o = ssh_options(t);
+  a.insert(a.end(), o.begin(), o.end());
+  a.insert(a.end(), {"-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes",
+                     "-o", "StreamLocalBindMask=0177", "-L",
+                     local_socket + ":127.0.0.1:" + std::to_string(guest_port),
+                     t.user + "@" + t.host});
+  return a;
+}
+
+std::vector<std::string> rsync_command(const SshTarget& t, const std::string& local_dir,
+                                       const std::string& guest_dir, bool to_guest) {
+  std::vector<std::string> ssh = {"ssh"};
+  auto o = ssh_options(t);
+  ssh.insert(ssh.end(), o.begin(), o.end());
+  const std::string remote = t.user + "@" + t.host + ":" + guest_dir + "/";
+  const std::string local = local_dir + "/";
+  return {"rsync", "-a", "--info=progress2", "--protect-args", "-e", shell_join(ssh),
+          to_guest ? local : remote, to_guest ? remote : local};
+}
+
+std::vector<std::string> sshfs_command(const SshTarget& t, const std::string& guest_dir,
+                                       const std::string& local_mount) {
+  return {"sshfs", t.user + "@" + t.host + ":" + guest_dir, local_mount,
+          "-p", std::to_string(t.port),
+          "-o", "IdentityFile=" + t.identity + ",IdentitiesOnly=yes,UserKnownHostsFile=" +
+                    t.known_hosts +
+                    ",StrictHostKeyChecking=accept-new,BatchMode=yes,reconnect,"
+                    "ServerAliveInterval=5,ServerAliveCountMax=3"};
+}
+
+std::string shell_join(const std::vector<std::string>& argv) {
+  std::string out;
+  for (const auto& a : argv) {
+    if (!out.empty()) out.push_back(' ');
+    const bool plain = !a.empty() && a.find_first_not_of(
+                                         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                         "0123456789-_./:=,@+%") == std::string::npos;
+    if (plain) {
+      out += a;
+      continue;
+    }
+    out.push_back('\'');
+    for (char c : a) {
+      if (c == '\'') out += "'\\''";
+      else out.push_back(c);
+    }
+    out.push_back('\'');
+  }
+  return out;
+}
+
+}  // namespace gate::vm

@@ -1,0 +1,56 @@
+#pragma once
+// The command lines gate runs to drive a VM: qemu, ssh (commands, the broker
+// tunnel), rsync and sshfs. Pure functions of their settings, so that they can be
+// tested without a VM and shown by `gate up --dry-run`.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace gate::vm {
+
+enum class Accel { Kvm, Tcg };
+
+struct QemuConfig {
+  std::string name;
+  Accel accel = Accel::Tcg;
+  int memory_mib = 1024;
+  int cpus = 2;
+  std::string kernel, initrd;
+  std::string disk;       // qcow2 overlay
+  std::string seed;       // raw seed disk (read-only)
+  std::uint16_t ssh_port = 0;  // host loopback port forwarded to the guest's 22
+  std::string serial_log;
+  std::string qmp_socket;
+  std::string pid_file;
+};
+
+std::vector<std::string> qemu_command(const QemuConfig& c);
+// Probe command: does KVM really start a vCPU here? (see kvm_usable in vm_host.h)
+std::vector<std::string> kvm_probe_command();
+
+struct SshTarget {
+  std::uint16_t port = 22;
+  std::string user = "gate";
+  std::string host = "127.0.0.1";
+  std::string identity;     // private key
+  std::string known_hosts;  // per-VM file
+};
+
+// Options every ssh-based tool shares: key, known_hosts (accept a new VM's key once,
+// then insist on it), no passwords, keep-alives.
+std::vector<std::string> ssh_options(const SshTarget& t);
+std::vector<std::string> ssh_command(const SshTarget& t, const std::string& remote_command,
+                                     int connect_timeout_s = 5);
+// Forwards a local Unix socket to the guest's broker (127.0.0.1:guest_port).
+std::vector<std::string> tunnel_command(const SshTarget& t, const std::string& local_socket,
+                                        std::uint16_t guest_port);
+// rsync over ssh; to_guest chooses the direction. Paths are directories.
+std::vector<std::string> rsync_command(const SshTarget& t, const std::string& local_dir,
+                                       const std::string& guest_dir, bool to_guest);
+std::vector<std::string> sshfs_command(const SshTarget& t, const std::string& guest_dir,
+                                       const std::string& local_mount);
+
+// One string for logs and --dry-run, quoted as a shell would need it.
+std::string shell_join(const std::vector<std::string>& argv);
+
+}  // namespace gate::vm

@@ -1,0 +1,284 @@
+#include "vm/vm_image.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/process.h"
+#include "vm/vm_commands.h"
+
+namespace gate::vm {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kImageVersion = "1";  // bump when the image recipe changes
+
+// Runs a command, appending it and its output to the log. Returns "" or a message.
+std::string logged(const std::vector<std::string>& argv, const std::string& log_path,
+                   std::chrono::milliseconds timeout, const std::string& step) {
+  {
+    std::ofstream log(log_path, std::ios::app);
+    log << "$ " << shell_join(argv) << "\n";
+  }
+  RunResult r = run_command(argv, timeout);
+  {
+    std::ofstream log(log_path, std::ios::app);
+    log << r.output << (r.output.empty() || r.output.back() == '\n' ? "" : "\n")
+        << "(exit " << r.status << ")\n";
+  }
+  if (r.status == 0) return "";
+  if (r.status == 127) return step + ": " + argv[0] + " is not installed";
+  return step + " failed (exit " + std::to_string(r.status) + "); see " + log_path;
+}
+
+bool write_file(const fs::path& path, const std::string& text, mode_t mode = 0644) {
+  std::error_code ec;
+  fs::create_directories(path.parent_path(), ec);
+  std::ofstream out(path, std::ios::trunc);
+  out << text;
+  out.close();
+  ::chmod(path.c_str(), mode);
+  return static_cast<bool>(out);
+}
+
+const char* kProvisionScript = R"SH(#!/bin/sh
+# gate-provision: installs what the seed disk of this VM carries.
+set -eu
+seed=/run/gate-seed
+mkdir -p "$seed"
+if ! mount -o ro LABEL=GATESEED "$seed"; then
+  echo "gate-provision: no seed disk (label GATESEED)" >&2
+  exit 1
+fi
+install -d -m 700 -o gate -g gate /home/gate/.ssh
+install -m 600 -o gate -g gate "$seed/authorized_keys" /home/gate/.ssh/authorized_keys
+rm -rf /opt/gate
+mkdir -p /opt/gate
+cp -a "$seed/opt-gate/." /opt/gate/
+install -m 644 "$seed/gate-broker.env" /etc/default/gate-broker
+umount "$seed"
+echo "gate-provision: installed $(LD_LIBRARY_PATH=/opt/gate/lib /opt/gate/bin/gate --version)"
+)SH";
+
+const char* kProvisionUnit = R"([Unit]
+Description=Install gate from this VM's seed disk
+DefaultDependencies=no
+After=local-fs.target systemd-udev-settle.service
+Wants=systemd-udev-settle.service
+Before=ssh.service gate-broker.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/gate-provision
+StandardOutput=journal+console
+
+[Install]
+WantedBy=multi-user.target
+)";
+
+const char* kBrokerUnit = R"([Unit]
+Description=gate lock broker
+After=gate-provision.service
+Requires=gate-provision.service
+
+[Service]
+Environment=LD_LIBRARY_PATH=/opt/gate/lib
+EnvironmentFile=-/etc/default/gate-broker
+ExecStart=/opt/gate/bin/gate broker --state-dir /var/lib/gate --host 127.0.0.1 --port 8787 $GATE_BROKER_ARGS
+User=gate
+StateDirectory=gate
+Restart=on-failure
+RestartSec=1
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+
+[Install]
+WantedBy=multi-user.target
+)";
+
+std::string customize_tree(const fs::path& root) {
+  bool ok = true;
+  ok &= write_file(root / "etc/hostname", "gate-vm\n");
+  ok &= write_file(root / "etc/hosts", "127.0.0.1 localhost\n127.0.1.1 gate-vm\n");
+  ok &= write_file(root / "etc/fstab", "/dev/vda / ext4 rw,errors=remount-ro 0 1\n");
+  ok &= write_file(root / "etc/network/interfaces",
+                   "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet dhcp\n");
+  ok &= write_file(root / "etc/fuse.conf", "user_allow_other\n");
+  ok &= write_file(root / "etc/ssh/sshd_config.d/gate.conf",
+                   "PasswordAuthentication no\nUseDNS no\nPermitRootLogin no\n");
+  ok &= write_file(root / "usr/local/sbin/gate-provision", kProvisionScript, 0755);
+  ok &= write_file(root / "etc/systemd/system/gate-provision.service", kProvisionUnit);
+  ok &= write_file(root / "etc/systemd/system/gate-broker.service", kBrokerUnit);
+  std::error_code ec;
+  const fs::path wants = root / "etc/systemd/system/multi-user.target.wants";
+  fs::create_directories(wants, ec);
+  for (const char* unit : {"gate-provision.service", "gate-broker.service"}) {
+    fs::remove(wants / unit, ec);
+    fs::create_symlink(std::string("/etc/systemd/system/") + unit, wants / unit, ec);
+    ok &= !ec;
+  }
+  // Units that only slow a short-lived VM's boot down.
+  for (const char* unit : {"apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
+                           "fstrim.timer", "man-db.timer", "systemd-networkd-wait-online.service"}) {
+    fs::remove(root / "etc/systemd/system" / unit, ec);
+    fs::create_symlink("/dev/null", root / "etc/systemd/system" / unit, ec);
+  }
+  return ok ? "" : "writing the guest's configuration failed";
+}
+
+}  // namespace
+
+bool ImageFiles::complete() const {
+  return fs::exists(disk) && fs::exists(kernel) && fs::exists(initrd);
+}
+
+std::string image_cache_root() {
+  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg)
+    return std::string(xdg) + "/gate/images";
+  if (const char* home = std::getenv("HOME"); home && *home)
+    return std::string(home) + "/.cache/gate/images";
+  return "/tmp/gate-images-" + std::to_string(::getuid());
+}
+
+ImageFiles cached_image(const std::string& base) {
+  const std::string dir = image_cache_root() + "/" + base + "-v" + kImageVersion;
+  return {dir + "/disk.raw", dir + "/vmlinuz", dir + "/initrd.img"};
+}
+
+bool known_base(const std::string& base) {
+  return base == "debian-12" || base == "ubuntu-24.04" || base == "ubuntu-22.04";
+}
+
+bool base_is_offline(const std::string& base) { return base == "debian-12"; }
+
+std::string build_offline_image(const std::string& base, bool force, const std::string& log_path,
+                                const Progress& progress) {
+  if (!base_is_offline(base)) return "no offline recipe for " + base + "; use --base debian-12";
+  ImageFiles out = cached_image(base);
+  if (out.complete() && !force) return "";
+  if (::geteuid() != 0)
+    return "building the VM image needs root (mmdebstrap and file ownership): run "
+           "'sudo gate image build' once, or pass --image";
+  const fs::path dir = fs::path(out.disk).parent_path();
+  const fs::path work = dir.string() + ".building";
+  std::error_code ec;
+  fs::remove_all(work, ec);
+  fs::create_directories(work, ec);
+  if (ec) return "cannot create " + work.string() + ": " + ec.message();
+  const fs::path root = work / "root";
+
+  progress("building the Debian 12 guest image from Debian's packages (mmdebstrap; about a minute)");
+  std::string err = logged(
+      {"mmdebstrap", "--variant=apt",
+       "--include=systemd-sysv,openssh-server,fuse3,rsync,udev,iproute2,ifupdown,"
+       "isc-dhcp-client,linux-image-amd64,ca-certificates",
+       "--customize-hook=chroot \"$1\" useradd --create-home --shell /bin/bash gate",
+       "bookworm", root.string()},
+      log_path, std::chrono::minutes(15), "mmdebstrap");
+  if (err.empty()) err = customize_tree(root);
+  std::string kernel, initrd;
+  if (err.empty()) {
+    for (const auto& e : fs::directory_iterator(root / "boot", ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("vmlinuz-", 0) == 0) kernel = e.path().string();
+      if (name.rfind("initrd.img-", 0) == 0) initrd = e.path().string();
+    }
+    if (kernel.empty() || initrd.empty()) err = "the guest has no kernel or initrd in /boot";
+  }
+  if (err.empty()) {
+    fs::copy_file(kernel, work / "vmlinuz", fs::copy_options::overwrite_existing, ec);
+    fs::copy_file(initrd, work / "initrd.img", fs::copy_options::overwrite_existing, ec);
+    if (ec) err = "copying the guest kernel failed: " + ec.message();
+  }
+  if (err.empty()) {
+    progress("writing the guest disk (mkfs.ext4 -d)");
+    err = logged({"mkfs.ext4", "-q", "-F", "-L", "gate-root", "-d", root.string(),
+                  (work / "disk.raw").string(), "3G"},
+                 log_path, std::chrono::minutes(10), "mkfs.ext4");
+  }
+  fs::remove_all(root, ec);
+  if (!err.empty()) {
+    fs::remove_all(work, ec);
+    return err;
+  }
+  fs::remove_all(dir, ec);
+  fs::rename(work, dir, ec);
+  if (ec) return "cannot move the image into " + dir.string() + ": " + ec.message();
+  progress("image ready: " + out.disk);
+  return "";
+}
+
+std::string download_cloud_image(const std::string& base, const std::string& log_path,
+                                 const Progress& progress) {
+  std::string url;
+  if (base == "ubuntu-24.04") url = "https://cloud-images.ubuntu.com/releases/24.04/release/";
+  else if (base == "ubuntu-22.04") url = "https://cloud-images.ubuntu.com/releases/22.04/release/";
+  else return "unknown base '" + base + "' (known: debian-12, ubuntu-24.04, ubuntu-22.04)";
+  progress("checking " + url + "SHA256SUMS");
+  std::string err = logged({"curl", "-fsSL", "--max-time", "20", "-o", "/dev/null", url + "SHA256SUMS"},
+                           log_path, std::chrono::seconds(30), "download");
+  if (!err.empty())
+    return "cannot download " + base + " (no internet?). Use the offline image instead: "
+           "--base debian-12 (built here from Debian's packages)";
+  // Images need cloud-init provisioning, which this gate does not write yet.
+  return base + " cloud images are not supported by this gate yet; use --base debian-12";
+}
+
+std::vector<std::string> carried_libraries(const std::string& binary) {
+  std::vector<std::string> libs;
+  RunResult r = run_command({"ldd", binary}, std::chrono::seconds(10));
+  std::istringstream in(r.output);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto arrow = line.find("=> ");
+    if (arrow == std::string::npos) continue;
+    std::string path = line.substr(arrow + 3);
+    path = path.substr(0, path.find(' '));
+    const std::string name = fs::path(path).filename().string();
+    // The C library family must be the guest's own.
+    bool libc = false;
+    for (const char* skip : {"libc.so", "libm.so", "libpthread.so", "libdl.so", "librt.so", "ld-linux"})
+      libc |= name.rfind(skip, 0) == 0;
+    if (!libc && fs::exists(path)) libs.push_back(path);
+  }
+  return libs;
+}
+
+std::string make_seed_image(const SeedContents& c, const std::string& work_dir,
+                            const std::string& image_path, const std::string& log_path) {
+  std::error_code ec;
+  const fs::path dir = fs::path(work_dir) / "seed";
+  fs::remove_all(dir, ec);
+  fs::create_directories(dir / "opt-gate/bin", ec);
+  fs::create_directories(dir / "opt-gate/lib", ec);
+  if (!write_file(dir / "authorized_keys", c.authorized_key + "\n", 0600) ||
+      !write_file(dir / "gate-broker.env", "GATE_BROKER_ARGS=" + c.broker_args + "\n"))
+    return "cannot write the seed files in " + dir.string();
+  fs::copy_file(c.gate_binary, dir / "opt-gate/bin/gate", fs::copy_options::overwrite_existing, ec);
+  if (ec) return "cannot copy " + c.gate_binary + ": " + ec.message();
+  // Debug information is not needed in the guest and would triple the seed.
+  run_command({"strip", "--strip-debug", (dir / "opt-gate/bin/gate").string()}, std::chrono::seconds(60));
+  std::uintmax_t bytes = fs::file_size(dir / "opt-gate/bin/gate", ec);
+  for (const auto& lib : carried_libraries(c.gate_binary)) {
+    const fs::path to = dir / "opt-gate/lib" / fs::path(lib).filename();
+    fs::copy_file(fs::canonical(lib), to, fs::copy_options::overwrite_existing, ec);
+    if (ec) return "cannot copy " + lib + ": " + ec.message();
+    bytes += fs::file_size(to, ec);
+  }
+  const std::uintmax_t mib = std::max<std::uintmax_t>(32, bytes * 2 / (1024 * 1024) + 16);
+  std::string err = logged({"mkfs.ext4", "-q", "-F", "-L", "GATESEED", "-d", dir.string(), image_path,
+                            std::to_string(mib) + "M"},
+                           log_path, std::chrono::minutes(2), "making the seed disk");
+  fs::remove_all(dir, ec);
+  return err;
+}
+
+}  // namespace gate::vm

@@ -1,0 +1,53 @@
+#pragma once
+// Guest images. gate boots a Debian 12 image it builds itself from Debian's
+// packages (mmdebstrap, no cloud download), with the guest's own kernel, so that
+// the guest's FUSE module matches. The image carries a provisioning service that
+// reads a per-VM seed disk (label GATESEED: the SSH key, the gate binary and its
+// libraries, broker settings), so one cached image serves every VM and the guest
+// needs no network.
+//
+// Cached under $XDG_CACHE_HOME/gate/images/<name>/ as disk.raw, vmlinuz, initrd.img.
+#include <functional>
+#include <string>
+
+namespace gate::vm {
+
+struct ImageFiles {
+  std::string disk, kernel, initrd;
+  bool complete() const;
+};
+
+std::string image_cache_root();
+ImageFiles cached_image(const std::string& base);  // may not exist yet
+
+// The bases gate knows; downloadable ones need the internet.
+bool known_base(const std::string& base);
+bool base_is_offline(const std::string& base);  // built locally from Debian packages
+
+using Progress = std::function<void(const std::string& line)>;
+
+// Builds (or rebuilds with force) the offline image for `base` into the cache.
+// Needs root (mmdebstrap into a directory, mkfs.ext4 -d). Logs commands and their
+// output to log_path. Returns "" or a message for people.
+std::string build_offline_image(const std::string& base, bool force, const std::string& log_path,
+                                const Progress& progress);
+
+// Downloads a vendor cloud image, checking the vendor's SHA256SUMS. Returns "" or
+// a message for people (here: no internet, and what to do instead).
+std::string download_cloud_image(const std::string& base, const std::string& log_path,
+                                 const Progress& progress);
+
+// The seed disk for one VM. Returns "" or an error.
+struct SeedContents {
+  std::string authorized_key;  // the public key line
+  std::string gate_binary;     // host path of the gate executable to install
+  std::string broker_args;     // extra arguments for the guest's gate broker
+};
+std::string make_seed_image(const SeedContents& c, const std::string& work_dir,
+                            const std::string& image_path, const std::string& log_path);
+
+// The shared libraries a binary needs beyond the C library itself (from ldd), to
+// carry into a guest that may not have them.
+std::vector<std::string> carried_libraries(const std::string& binary);
+
+}  // namespace gate::vm

@@ -1,0 +1,551 @@
+#include "vm/vm_instance.h"
+
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include "client/broker_client.h"
+#include "core/config.h"
+#include "core/iso_time.h"
+#include "core/mounts.h"
+#include "core/process.h"
+#include "vm/vm_host.h"
+#include "vm/vm_image.h"
+
+namespace gate::vm {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr std::uint16_t kGuestBrokerPort = 8787;
+constexpr const char* kGuestRepo = "/home/gate/repo";
+constexpr const char* kGuestView = "/home/gate/view";
+
+bool pid_runs(pid_t pid, const std::string& marker) {
+  if (!process_alive(pid)) return false;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
+  std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return cmdline.find(marker) != std::string::npos;
+}
+
+void stop_pid(pid_t pid, const std::string& marker, std::chrono::seconds grace) {
+  if (!pid_runs(pid, marker)) return;
+  ::kill(pid, SIGTERM);
+  if (!wait_for_exit(pid, grace)) {
+    ::kill(pid, SIGKILL);
+    wait_for_exit(pid, 5s);
+  }
+}
+
+// Appends a command and its output to a log file; returns the result.
+RunResult run_logged(const std::vector<std::string>& argv, const std::string& log,
+                     std::chrono::milliseconds timeout) {
+  {
+    std::ofstream out(log, std::ios::app);
+    out << format_iso8601(wall_clock_micros()) << " $ " << shell_join(argv) << "\n";
+  }
+  RunResult r = run_command(argv, timeout);
+  std::ofstream out(log, std::ios::app);
+  out << r.output << (r.output.empty() || r.output.back() == '\n' ? "" : "\n") << "(exit "
+      << r.status << ")\n";
+  return r;
+}
+
+bool have_tool(const std::string& tool) {
+  return run_command({"sh", "-c", "command -v " + tool}, 5s).status == 0;
+}
+
+// The steps of one `gate up`, and what to undo when one fails.
+class UpRun {
+ public:
+  UpRun(const VmOptions& o, std::ostream& out, std::ostream& err) : o_(o), out_(out), err_(err) {}
+
+  int run();
+
+ private:
+  struct Failure {
+    std::string step, message, log;
+  };
+
+  void say(const std::string& line) { out_ << "gate: " << line << "\n" << std::flush; }
+  int fail(const Failure& f);
+  void undo();
+  std::optional<Failure> prepare();
+  std::optional<Failure> start_vm();
+  std::optional<Failure> wait_for_ssh();
+  std::optional<Failure> wait_for_broker_in_guest();
+  std::optional<Failure> host_direct();
+  std::optional<Failure> sshfs();
+  void summary();
+  void dry_run();
+
+  const VmOptions& o_;
+  std::ostream& out_;
+  std::ostream& err_;
+  StackState s_;
+  ImageFiles image_;
+  std::string logs_, key_, pub_;
+  QemuConfig qemu_;
+  SshTarget ssh_;
+  pid_t qemu_pid_ = -1, tunnel_pid_ = -1, mount_pid_ = -1;
+  bool guest_mounted_ = false, host_mounted_ = false;
+  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
+};
+
+int UpRun::fail(const Failure& f) {
+  err_ << "gate up: step '" << f.step << "' failed: " << f.message << "\n";
+  if (!f.log.empty()) err_ << "last lines of " << f.log << ":\n" << tail_file(f.log, 12);
+  if (o_.keep_vm_on_error) {
+    err_ << "gate up: leaving what was started running (--keep-vm-on-error); 'gate down --vm-name "
+         << o_.name << "' stops it\n";
+    std::string e;
+    save_stack(s_, &e);
+  } else {
+    undo();
+  }
+  return 1;
+}
+
+void UpRun::undo() {
+  if (host_mounted_ || listed_in_mountinfo(s_.mount)) {
+    if (mount_pid_ > 0) stop_pid(mount_pid_, s_.mount, 10s);
+    if (listed_in_mountinfo(s_.mount)) run_command({"fusermount3", "-uz", s_.mount}, 10s);
+  }
+  if (tunnel_pid_ > 0) stop_pid(tunnel_pid_, "ssh", 5s);
+  if (qemu_pid_ > 0) stop_pid(qemu_pid_, "gate-" + o_.name, 5s);
+  remove_stack_state(o_.name);
+}
+
+std::optional<UpRun::Failure> UpRun::prepare() {
+  std::error_code ec;
+  const fs::path repo = fs::canonical(o_.repo_path, ec);
+  if (ec || !fs::is_directory(repo))
+    return Failure{"check", "'" + o_.repo_path + "' is not a directory", ""};
+  std::vector<std::string> tools = {"qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen", "mkfs.ext4"};
+  if (o_.method == "sshfs") tools.insert(tools.end(), {"sshfs", "rsync"});
+  for (const auto& t : tools)
+    if (!have_tool(t))
+      return Failure{"check", t + " is not installed (apt-get install qemu-system-x86 qemu-utils "
+                              "openssh-client e2fsprogs sshfs rsync)", ""};
+
+  s_.name = o_.name;
+  s_.mode = "vm";
+  s_.repo = repo.string();
+  s_.mount = o_.host_mount.empty() ? user_state_root() + "/mounts/" + o_.name
+                                   : fs::absolute(o_.host_mount).lexically_normal().string();
+  s_.broker_socket = s_.state_dir() + "/broker.sock";
+  s_.started_at = format_iso8601(wall_clock_micros());
+  s_.extra["method"] = o_.method;
+  const std::string vm_dir = o_.vm_dir.empty() ? user_state_root() + "/vms/" + o_.name : o_.vm_dir;
+  s_.extra["vm_dir"] = fs::absolute(vm_dir).string();
+  logs_ = s_.log_dir();
+  for (const auto& d : {s_.state_dir(), logs_, s_.get("vm_dir")}) {
+    fs::create_directories(d, ec);
+    if (ec) return Failure{"prepare", "cannot create " + d + ": " + ec.message(), ""};
+  }
+
+  if (!o_.ssh_key.empty()) {
+    pub_ = o_.ssh_key;
+    key_ = pub_.size() > 4 && pub_.substr(pub_.size() - 4) == ".pub" ? pub_.substr(0, pub_.size() - 4) : "";
+    if (key_.empty() || !fs::exists(key_) || !fs::exists(pub_))
+      return Failure{"ssh key", "--ssh-key wants a .pub file with its private key beside it (" +
+                                    (key_.empty() ? pub_ + " without .pub" : key_) + " is missing)", ""};
+  } else {
+    std::string e;
+    key_ = ensure_gate_ssh_key(&e);
+    if (key_.empty()) return Failure{"ssh key", e, ""};
+    pub_ = key_ + ".pub";
+  }
+  s_.extra["ssh_key"] = key_;
+  s_.extra["known_hosts"] = s_.state_dir() + "/known_hosts";
+  fs::remove(s_.get("known_hosts"), ec);  // a rebuilt guest may have new host keys
+
+  const std::string image_log = logs_ + "/image.log";
+  if (!o_.image.empty()) {
+    const fs::path dir = fs::absolute(o_.image).parent_path();
+    image_ = {fs::absolute(o_.image).string(), (dir / "vmlinuz").string(), (dir / "initrd.img").string()};
+    if (!image_.complete())
+      return Failure{"image", "--image needs a disk built by 'gate image build', with vmlinuz and "
+                              "initrd.img beside it", ""};
+  } else if (!known_base(o_.base)) {
+    return Failure{"image", "unknown --base '" + o_.base + "' (debian-12, ubuntu-24.04, ubuntu-22.04)", ""};
+  } else if (!base_is_offline(o_.base)) {
+    std::string e = download_cloud_image(o_.base, image_log, [&](const std::string& l) { say(l); });
+    return Failure{"image", e, image_log};
+  } else {
+    image_ = cached_image(o_.base);
+    if (image_.complete() && !o_.redownload) {
+      say("using the cached image " + image_.disk);
+    } else if (o_.skip_build) {
+      return Failure{"image", "no cached image and --skip-build given; run 'gate image build'", ""};
+    } else {
+      std::string e = build_offline_image(o_.base, o_.redownload, image_log,
+                                          [&](const std::string& l) { say(l); });
+      if (!e.empty()) return Failure{"image", e, image_log};
+    }
+  }
+  return std::nullopt;
+}
+
+std::optional<UpRun::Failure> UpRun::start_vm() {
+  const std::string vm_dir = s_.get("vm_dir");
+  const std::string disk = vm_dir + "/disk.qcow2";
+  const std::string vm_log = logs_ + "/vm.log";
+  std::error_code ec;
+  if (!fs::exists(disk) || o_.redownload) {
+    fs::remove(disk, ec);
+    RunResult r = run_logged({"qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image_.disk,
+                              disk, o_.disk_size},
+                             vm_log, 60s);
+    if (r.status != 0) return Failure{"disk", "qemu-img create failed", vm_log};
+  } else {
+    say("reusing the VM disk " + disk);
+  }
+  std::ifstream pub(pub_);
+  std::string key_line;
+  std::getline(pub, key_line);
+  SeedContents seed;
+  seed.authorized_key = key_line;
+  seed.gate_binary = o_.gate_binary;
+  if (o_.max_hold_ms) seed.broker_args += "--max-hold-ms " + std::to_string(*o_.max_hold_ms) + " ";
+  if (o_.lease_ms) seed.broker_args += "--lease-ms " + std::to_string(*o_.lease_ms);
+  const std::string seed_path = vm_dir + "/seed.img";
+  if (auto e = make_seed_image(seed, vm_dir, seed_path, logs_ + "/provision.log"); !e.empty())
+    return Failure{"seed", e, logs_ + "/provision.log"};
+
+  AccelChoice accel = choose_accel(o_.accel, kvm_usable);
+  say(accel.reason);
+  std::uint16_t port = o_.ssh_port;
+  if (port != 0 && !tcp_port_free(port)) {
+    const std::uint16_t other = free_tcp_port();
+    say("port " + std::to_string(port) + " is taken; using " + std::to_string(other) + " for ssh");
+    port = other;
+  }
+  if (port == 0) port = free_tcp_port();
+  qemu_.name = o_.name;
+  qemu_.accel = accel.accel;
+  qemu_.memory_mib = o_.memory_mib;
+  qemu_.cpus = o_.cpus;
+  qemu_.kernel = image_.kernel;
+  qemu_.initrd = image_.initrd;
+  qemu_.disk = disk;
+  qemu_.seed = seed_path;
+  qemu_.ssh_port = port;
+  qemu_.serial_log = logs_ + "/serial.log";
+  qemu_.qmp_socket = s_.state_dir() + "/qmp.sock";
+  qemu_.pid_file = s_.state_dir() + "/qemu.pid";
+  fs::remove(qemu_.serial_log, ec);
+  fs::remove(qemu_.pid_file, ec);
+  say("starting the VM (" + std::to_string(o_.memory_mib) + " MiB, " + std::to_string(o_.cpus) +
+      " CPUs, ssh on 127.0.0.1:" + std::to_string(port) + "; log " + vm_log + ")");
+  RunResult r = run_logged(qemu_command(qemu_), vm_log, 60s);
+  std::ifstream pidf(qemu_.pid_file);
+  pidf >> qemu_pid_;
+  if (r.status != 0 || qemu_pid_ <= 0) return Failure{"vm", "qemu did not start", vm_log};
+  s_.extra["qemu_pid"] = std::to_string(qemu_pid_);
+  s_.extra["ssh_port"] = std::to_string(port);
+  s_.extra["accel"] = accel.accel == Accel::Kvm ? "kvm" : "tcg";
+  s_.extra["qmp_socket"] = qemu_.qmp_socket;
+  ssh_ = ssh_target_of(s_);
+  std::string e;
+  save_stack(s_, &e);
+  return std::nullopt;
+}
+
+std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
+  const std::string ssh_log = logs_ + "/ssh.log";
+  const auto start = std::chrono::steady_clock::now();
+  const bool tty = ::isatty(STDOUT_FILENO);
+  int last_report = -10;
+  while (true) {
+    const int waited = static_cast<int>(
+        std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - start).count());
+    if (!pid_runs(qemu_pid_, "gate-" + o_.name))
+      return Failure{"ssh", "the VM stopped while booting", logs_ + "/serial.log"};
+    if (waited > o_.ssh_wait_s)
+      return Failure{"ssh", "no ssh answer after " + std::to_string(o_.ssh_wait_s) + " s",
+                     logs_ + "/serial.log"};
+    if (tty) {
+      out_ << "\rgate: waiting for the guest's ssh on 127.0.0.1:" << ssh_.port << " ... " << waited << " s"
+           << std::flush;
+    } else if (waited - last_report >= 15) {
+      say("waiting for the guest's ssh on 127.0.0.1:" + std::to_string(ssh_.port) + " (" +
+          std::to_string(waited) + " s)");
+      last_report = waited;
+    }
+    RunResult r = run_logged(ssh_command(ssh_, "true", 3), ssh_log, 20s);
+    if (r.status == 0) break;
+    // qemu's port forward accepts at once and closes until sshd runs: pause briefly.
+    std::this_thread::sleep_for(1s);
+  }
+  if (tty) out_ << "\n";
+  say("ssh answered after " +
+      std::to_string(std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - t0_).count()) +
+      " s");
+  return std::nullopt;
+}
+
+std::optional<UpRun::Failure> UpRun::wait_for_broker_in_guest() {
+  const std::string log = logs_ + "/broker.log";
+  RunResult r = run_logged(
+      ssh_command(ssh_, "for i in $(seq 1 60); do systemctl is-active --quiet gate-broker && exit 0; "
+                        "sleep 0.5; done; systemctl status gate-broker --no-pager; "
+                        "journalctl -u gate-provision -u gate-broker --no-pager | tail -20; exit 1"),
+      log, 60s);
+  if (r.status != 0) return Failure{"broker", "the broker in the guest did not start", log};
+  say("the broker runs in the guest (127.0.0.1:" + std::to_string(kGuestBrokerPort) + " there)");
+  return std::nullopt;
+}
+
+std::optional<UpRun::Failure> UpRun::host_direct() {
+  const std::string tunnel_log = logs_ + "/tunnel.log";
+  std::error_code ec;
+  fs::remove(s_.broker_socket, ec);
+  Daemon tunnel = start_daemon(tunnel_command(ssh_, s_.broker_socket, kGuestBrokerPort), tunnel_log, 0ms);
+  if (tunnel.pid < 0) return Failure{"tunnel", tunnel.error, tunnel_log};
+  tunnel_pid_ = tunnel.pid;
+  s_.extra["tunnel_pid"] = std::to_string(tunnel_pid_);
+  BrokerEndpoint ep;
+  ep.unix_socket = s_.broker_socket;
+  bool healthy = false;
+  for (int i = 0; i < 100 && !healthy; ++i) {
+    if (!process_alive(tunnel_pid_)) return Failure{"tunnel", "ssh tunnel exited", tunnel_log};
+    if (fs::exists(s_.broker_socket)) {
+      BrokerClient client(ep, 2s);
+      healthy = client.healthy();
+    }
+    if (!healthy) std::this_thread::sleep_for(200ms);
+  }
+  if (!healthy) return Failure{"tunnel", "the broker did not answer through the tunnel", tunnel_log};
+  say("tunnel up: " + s_.broker_socket + " -> guest 127.0.0.1:" + std::to_string(kGuestBrokerPort));
+  if (o_.skip_host_mount) return std::nullopt;
+
+  fs::create_directories(s_.mount, ec);
+  const std::string mount_log = logs_ + "/mount.log";
+  std::vector<std::string> argv = {o_.gate_binary, "mount", "--foreground", "--root", s_.repo,
+                                   "--mount", s_.mount, "--broker-socket", s_.broker_socket,
+                                   "--ready-fd", "{READY_FD}"};
+  if (o_.lease_ms) argv.insert(argv.end(), {"--lease-ms", std::to_string(*o_.lease_ms)});
+  if (o_.max_hold_ms) argv.insert(argv.end(), {"--max-hold-ms", std::to_string(*o_.max_hold_ms)});
+  Daemon mount = start_daemon(argv, mount_log, 30s);
+  if (mount.pid < 0) return Failure{"mount", mount.error, mount_log};
+  mount_pid_ = mount.pid;
+  host_mounted_ = true;
+  s_.mount_pid = mount_pid_;
+  say("mounted " + s_.repo + " at " + s_.mount + " (locks from the guest's broker)");
+  return std::nullopt;
+}
+
+std::optional<UpRun::Failure> UpRun::sshfs() {
+  const std::string rsync_log = logs_ + "/rsync.log";
+  const std::string mount_log = logs_ + "/mount.log";
+  say("copying " + s_.repo + " into the guest (rsync; log " + rsync_log + ")");
+  run_logged(ssh_command(ssh_, std::string("mkdir -p ") + kGuestRepo + " " + kGuestView), rsync_log, 30s);
+  RunResult r = run_logged(rsync_command(ssh_, s_.repo, kGuestRepo, true), rsync_log, 30min);
+  if (r.status != 0) return Failure{"rsync", "copying the repository into the guest failed", rsync_log};
+  std::string guest_mount = std::string("LD_LIBRARY_PATH=/opt/gate/lib /opt/gate/bin/gate mount --root ") +
+                            kGuestRepo + " --mount " + kGuestView +
+                            " --broker-port 8787 --log-file /home/gate/gate-mount.log";
+  if (o_.lease_ms) guest_mount += " --lease-ms " + std::to_string(*o_.lease_ms);
+  if (o_.max_hold_ms) guest_mount += " --max-hold-ms " + std::to_string(*o_.max_hold_ms);
+  r = run_logged(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " + guest_mount),
+                 mount_log, 60s);
+  if (r.status != 0) return Failure{"mount", "gate mount inside the guest failed", mount_log};
+  guest_mounted_ = true;
+  say("gate mount runs in the guest at " + std::string(kGuestView));
+  if (o_.skip_host_mount) return std::nullopt;
+  std::error_code ec;
+  fs::create_directories(s_.mount, ec);
+  r = run_logged(sshfs_command(ssh_, kGuestView, s_.mount), mount_log, 60s);
+  if (r.status != 0) return Failure{"sshfs", "sshfs onto the guest's view failed", mount_log};
+  host_mounted_ = true;
+  say("mounted the guest's view at " + s_.mount + " (sshfs)");
+  return std::nullopt;
+}
+
+void UpRun::summary() {
+  const auto secs = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - t0_).count();
+  out_ << "gate: '" << s_.name << "' is up (" << s_.get("method") << ", " << s_.get("accel") << ", "
+       << secs << " s)\n";
+  if (!o_.skip_host_mount) out_ << "  work in:  " << s_.mount << "\n";
+  if (s_.get("method") == "host-direct")
+    out_ << "  locks:    gate locks --broker-socket " << s_.broker_socket << "\n";
+  else
+    out_ << "  edits live in the guest until 'gate down' copies them back into " << s_.repo << "\n";
+  out_ << "  logs:     " << logs_ << "/\n"
+       << "  ssh:      " << shell_join(ssh_command(ssh_, "")) << "\n"
+       << "  stop:     gate down --vm-name " << s_.name << "\n";
+}
+
+void UpRun::dry_run() {
+  QemuConfig q;
+  q.name = o_.name;
+  q.kernel = "<image>/vmlinuz";
+  q.initrd = "<image>/initrd.img";
+  q.disk = "<vm-dir>/disk.qcow2";
+  q.seed = "<vm-dir>/seed.img";
+  q.ssh_port = o_.ssh_port ? o_.ssh_port : 2222;
+  q.serial_log = "<logs>/serial.log";
+  q.qmp_socket = "<state>/qmp.sock";
+  q.pid_file = "<state>/qemu.pid";
+  q.memory_mib = o_.memory_mib;
+  q.cpus = o_.cpus;
+  SshTarget t;
+  t.port = q.ssh_port;
+  t.identity = "<key>";
+  t.known_hosts = "<state>/known_hosts";
+  out_ << "gate up --dry-run: the steps and commands, none run:\n"
+       << "1. image: " << (o_.image.empty() ? "cached " + o_.base + " image, else mmdebstrap bookworm + mkfs.ext4 -d" : o_.image) << "\n"
+       << "2. disk: qemu-img create -f qcow2 -F raw -b <image>/disk.raw <vm-dir>/disk.qcow2 " << o_.disk_size << "\n"
+       << "3. seed: mkfs.ext4 -L GATESEED -d <authorized key, gate binary and libraries> <vm-dir>/seed.img\n"
+       << "4. vm: " << shell_join(qemu_command(q)) << "\n"
+       << "5. ssh: " << shell_join(ssh_command(t, "true", 3)) << " (until it answers)\n";
+  if (o_.method == "sshfs") {
+    out_ << "6. rsync: " << shell_join(rsync_command(t, o_.repo_path, kGuestRepo, true)) << "\n"
+         << "7. guest mount: gate mount --root " << kGuestRepo << " --mount " << kGuestView << "\n"
+         << "8. sshfs: " << shell_join(sshfs_command(t, kGuestView, "<host-mount>")) << "\n";
+  } else {
+    out_ << "6. tunnel: " << shell_join(tunnel_command(t, "<state>/broker.sock", kGuestBrokerPort)) << "\n"
+         << "7. mount: gate mount --foreground --root " << o_.repo_path
+         << " --mount <host-mount> --broker-socket <state>/broker.sock\n";
+  }
+}
+
+int UpRun::run() {
+  if (o_.method != "host-direct" && o_.method != "sshfs") {
+    err_ << "gate up: --host-mount-method must be host-direct or sshfs\n";
+    return 2;
+  }
+  if (o_.dry_run) {
+    dry_run();
+    return 0;
+  }
+  if (auto old = load_stack(o_.name)) {
+    if (qemu_running(*old)) {
+      const bool view_ok = o_.skip_host_mount || mount_state(old->mount) == MountState::Mounted;
+      if (view_ok) {
+        out_ << "gate: '" << o_.name << "' is already up (ssh port " << old->get("ssh_port")
+             << "); work in " << old->mount << "\n";
+        return 0;
+      }
+    }
+    say("'" + o_.name + "' was left half up; cleaning it first");
+    DownOptions d;
+    d.force = true;
+    d.no_sync_back = true;
+    std::ostringstream sink;
+    vm_down(*old, d, sink, sink);
+  }
+  if (auto f = prepare()) return fail(*f);
+  if (auto f = start_vm()) return fail(*f);
+  if (auto f = wait_for_ssh()) return fail(*f);
+  if (auto f = wait_for_broker_in_guest()) return fail(*f);
+  if (auto f = o_.method == "sshfs" ? sshfs() : host_direct()) return fail(*f);
+  std::string e;
+  if (!save_stack(s_, &e)) return fail({"state", e, ""});
+  summary();
+  return 0;
+}
+
+}  // namespace
+
+SshTarget ssh_target_of(const StackState& s) {
+  SshTarget t;
+  t.port = static_cast<std::uint16_t>(std::max(0, s.get_int("ssh_port")));
+  t.identity = s.get("ssh_key");
+  t.known_hosts = s.get("known_hosts");
+  return t;
+}
+
+bool qemu_running(const StackState& s) { return pid_runs(s.get_int("qemu_pid"), "gate-" + s.name); }
+
+std::string vm_liveness(const StackState& s) {
+  if (s.mode != "vm") return pid_runs(s.broker_pid, s.broker_socket) ? "running" : "stale";
+  return qemu_running(s) ? "running" : "stale";
+}
+
+int vm_up(const VmOptions& o, std::ostream& out, std::ostream& err) { return UpRun(o, out, err).run(); }
+
+bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::ostream& err) {
+  const SshTarget ssh = ssh_target_of(s);
+  const std::string logs = s.log_dir();
+  const bool running = qemu_running(s);
+  const bool sshfs = s.get("method") == "sshfs";
+  // 1. The host view: the host gate mount releases its locks as it ends.
+  if (!o.skip_unmount) {
+    if (s.mount_pid > 0) stop_pid(s.mount_pid, s.mount, 10s);
+    if (listed_in_mountinfo(s.mount) || mount_state(s.mount) == MountState::Stale) {
+      run_command({"fusermount3", "-u", s.mount}, 10s);
+      if (listed_in_mountinfo(s.mount)) run_command({"fusermount3", "-uz", s.mount}, 10s);
+    }
+  }
+  // 2. sshfs: the edits live in the guest; bring them home before stopping it.
+  if (sshfs && running && !o.no_sync_back) {
+    run_logged(ssh_command(ssh, std::string("fusermount3 -u ") + kGuestView + " 2>/dev/null; true"),
+               logs + "/mount.log", 30s);
+    out << "gate: copying the guest's edits back into " << s.repo << " (log " << logs << "/rsync.log)\n";
+    RunResult r = run_logged(rsync_command(ssh, s.repo, kGuestRepo, false), logs + "/rsync.log", 30min);
+    if (r.status != 0 && !o.force) {
+      err << "gate down: copying the edits back failed; the VM keeps running so nothing is lost. "
+             "See " << logs << "/rsync.log, then retry, or use --force (edits in the VM are lost)\n";
+      return false;
+    }
+  }
+  // 3. The tunnel.
+  stop_pid(s.get_int("tunnel_pid"), "ssh", 5s);
+  // 4. The guest: ACPI power button, then the hard way.
+  if (running) {
+    const pid_t pid = s.get_int("qemu_pid");
+    std::string e;
+    out << "gate: shutting the VM down\n" << std::flush;
+    if (!qmp_powerdown(s.get("qmp_socket"), &e) ||
+        !wait_for_exit(pid, std::chrono::seconds(o.shutdown_timeout_s))) {
+      out << "gate: the VM did not power off in " << o.shutdown_timeout_s << " s; stopping qemu\n";
+      stop_pid(pid, "gate-" + s.name, 5s);
+    }
+  }
+  std::error_code ec;
+  for (const char* f : {"qemu.pid", "qmp.sock", "broker.sock"}) fs::remove(s.state_dir() + "/" + f, ec);
+  remove_stack_state(s.name);
+  return !qemu_running(s) && (o.skip_unmount || !listed_in_mountinfo(s.mount));
+}
+
+std::vector<std::string> clean_stack(const StackState& s) {
+  std::vector<std::string> did;
+  if (mount_state(s.mount) == MountState::Stale) {
+    run_command({"fusermount3", "-uz", s.mount}, 10s);
+    did.push_back("unmounted the dead mount " + s.mount);
+  }
+  const bool alive = s.mode == "vm" ? qemu_running(s) : pid_runs(s.broker_pid, s.broker_socket);
+  if (alive) {
+    did.push_back("'" + s.name + "' is running; left alone (use 'gate down')");
+    return did;
+  }
+  if (pid_runs(s.get_int("tunnel_pid"), "ssh")) {
+    stop_pid(s.get_int("tunnel_pid"), "ssh", 5s);
+    did.push_back("stopped the orphaned tunnel (pid " + s.get("tunnel_pid") + ")");
+  }
+  if (pid_runs(s.mount_pid, s.mount)) {
+    stop_pid(s.mount_pid, s.mount, 5s);
+    did.push_back("stopped the orphaned mount process (pid " + std::to_string(s.mount_pid) + ")");
+  }
+  if (pid_runs(s.broker_pid, s.broker_socket)) stop_pid(s.broker_pid, s.broker_socket, 5s);
+  std::error_code ec;
+  for (const char* f : {"qemu.pid", "qmp.sock", "broker.sock"})
+    if (fs::remove(s.state_dir() + "/" + f, ec)) did.push_back(std::string("removed the dead ") + f);
+  remove_stack_state(s.name);
+  did.push_back("removed the runtime state of '" + s.name + "'");
+  if (fs::is_directory(s.mount, ec) && !fs::is_empty(s.mount, ec) && !listed_in_mountinfo(s.mount))
+    did.push_back(s.mount + " is not empty and not a mount point; left alone");
+  return did;
+}
+
+}  // namespace gate::vm
