@@ -1,0 +1,164 @@
+// What the VM commands need that runs without a VM: command lines, the choice of
+// accelerator, ports, mount states, the state file.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "core/mounts.h"
+#include "support/test_support.h"
+#include "vm/stack_state.h"
+#include "vm/vm_commands.h"
+#include "vm/vm_host.h"
+#include "vm/vm_image.h"
+
+using namespace gate;
+using namespace gate::vm;
+
+namespace {
+bool has(const std::vector<std::string>& v, const std::string& s) {
+  return std::find(v.begin(), v.end(), s) != v.end();
+}
+std::string after(const std::vector<std::string>& v, const std::string& s) {
+  auto it = std::find(v.begin(), v.end(), s);
+  return it == v.end() || it + 1 == v.end() ? "" : *(it + 1);
+}
+}  // namespace
+
+TEST_CASE("qemu runs in the background and never on the user's terminal", "[vm]") {
+  QemuConfig c;
+  c.name = "t";
+  c.kernel = "/k";
+  c.initrd = "/i";
+  c.disk = "/d.qcow2";
+  c.seed = "/s.img";
+  c.ssh_port = 2345;
+  c.serial_log = "/logs/serial.log";
+  c.qmp_socket = "/state/qmp.sock";
+  c.pid_file = "/state/qemu.pid";
+  auto a = qemu_command(c);
+  CHECK(has(a, "-daemonize"));
+  CHECK_FALSE(has(a, "-nographic"));
+  CHECK(after(a, "-display") == "none");
+  CHECK(after(a, "-serial") == "file:/logs/serial.log");
+  CHECK(after(a, "-netdev") == "user,id=n0,hostfwd=tcp:127.0.0.1:2345-:22");
+  CHECK(after(a, "-pidfile") == "/state/qemu.pid");
+  CHECK(after(a, "-accel").rfind("tcg", 0) == 0);
+  c.accel = Accel::Kvm;
+  a = qemu_command(c);
+  CHECK(after(a, "-accel") == "kvm");
+  CHECK(after(a, "-cpu") == "host");
+}
+
+TEST_CASE("ssh pins the VM's host key in its own known_hosts and never asks", "[vm]") {
+  SshTarget t;
+  t.port = 2345;
+  t.identity = "/k/id";
+  t.known_hosts = "/s/known_hosts";
+  auto a = ssh_command(t, "true");
+  CHECK(a.front() == "ssh");
+  CHECK(after(a, "-p") == "2345");
+  CHECK(after(a, "-i") == "/k/id");
+  CHECK(has(a, "UserKnownHostsFile=/s/known_hosts"));
+  CHECK(has(a, "BatchMode=yes"));
+  CHECK(a[a.size() - 2] == "gate@127.0.0.1");
+  CHECK(a.back() == "true");
+  auto tunnel = tunnel_command(t, "/s/broker.sock", 8787);
+  CHECK(after(tunnel, "-L") == "/s/broker.sock:127.0.0.1:8787");
+  CHECK(has(tunnel, "-N"));
+  CHECK(has(tunnel, "ExitOnForwardFailure=yes"));
+}
+
+TEST_CASE("rsync copies directory contents in the direction asked", "[vm]") {
+  SshTarget t;
+  t.port = 22;
+  t.identity = "/k";
+  t.known_hosts = "/kh";
+  auto to = rsync_command(t, "/repo", "/home/gate/repo", true);
+  CHECK(to[to.size() - 2] == "/repo/");
+  CHECK(to.back() == "gate@127.0.0.1:/home/gate/repo/");
+  auto back = rsync_command(t, "/repo", "/home/gate/repo", false);
+  CHECK(back[back.size() - 2] == "gate@127.0.0.1:/home/gate/repo/");
+  CHECK(back.back() == "/repo/");
+  CHECK(after(to, "-e").find("UserKnownHostsFile=/kh") != std::string::npos);
+}
+
+TEST_CASE("shell_join quotes what a shell would split", "[vm]") {
+  CHECK(shell_join({"a", "b c", "it's", ""}) == "a 'b c' 'it'\\''s' ''");
+}
+
+TEST_CASE("KVM is used only when it really works", "[vm]") {
+  auto works = [](std::string*) { return true; };
+  auto broken = [](std::string* why) {
+    *why = "qemu exits at start";
+    return false;
+  };
+  CHECK(choose_accel("auto", works).accel == Accel::Kvm);
+  auto fallback = choose_accel("auto", broken);
+  CHECK(fallback.accel == Accel::Tcg);
+  CHECK(fallback.reason.find("qemu exits at start") != std::string::npos);
+  CHECK(choose_accel("kvm", broken).accel == Accel::Tcg);
+  CHECK(choose_accel("tcg", works).accel == Accel::Tcg);
+}
+
+TEST_CASE("the KVM probe on this machine gives an answer with a reason", "[vm]") {
+  std::string why;
+  const bool ok = kvm_usable(&why);
+  if (!ok) CHECK_FALSE(why.empty());
+}
+
+TEST_CASE("a free port is free, and a port in use is not", "[vm]") {
+  const auto port = free_tcp_port();
+  REQUIRE(port != 0);
+  CHECK(tcp_port_free(port));
+  test::BrokerProcess broker;
+  CHECK_FALSE(tcp_port_free(broker.endpoint().port));
+}
+
+TEST_CASE("a plain directory is not a mount; / is", "[vm]") {
+  test::TempDir dir;
+  CHECK(mount_state(dir.path()) == MountState::NotMounted);
+  CHECK(listed_in_mountinfo("/"));
+}
+
+TEST_CASE("the setup state survives a save and a load", "[vm]") {
+  test::TempDir dir;
+  ::setenv("XDG_STATE_HOME", dir.path().c_str(), 1);
+  StackState s;
+  s.name = "vm1";
+  s.mode = "vm";
+  s.repo = "/r e p o";
+  s.mount = "/m";
+  s.broker_socket = "/s.sock";
+  s.broker_pid = 12;
+  s.mount_pid = 34;
+  s.started_at = "2026-11-26T16:07:45.123456+00:00";
+  s.extra["ssh_port"] = "2222";
+  s.extra["method"] = "sshfs";
+  std::string error;
+  REQUIRE(save_stack(s, &error));
+  auto back = load_stack("vm1");
+  ::unsetenv("XDG_STATE_HOME");
+  REQUIRE(back);
+  CHECK(back->repo == "/r e p o");
+  CHECK(back->mount_pid == 34);
+  CHECK(back->get_int("ssh_port") == 2222);
+  CHECK(back->get("method") == "sshfs");
+  CHECK(back->get_int("missing") == -1);
+}
+
+TEST_CASE("setup names come from the directory's name", "[vm]") {
+  CHECK(stack_name_for("/home/u/my repo") == "my-repo");
+  CHECK(stack_name_for("/home/u/project/") == "project");
+}
+
+TEST_CASE("the gate binary carries its libraries but not the C library", "[vm]") {
+  auto libs = carried_libraries(test::gate_binary());
+  bool libc = false, json = false;
+  for (auto& l : libs) {
+    libc |= l.find("libc.so") != std::string::npos;
+    json |= l.find("boost_json") != std::string::npos;
+  }
+  CHECK_FALSE(libc);
+  CHECK(json);
+}
