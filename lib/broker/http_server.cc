@@ -161,6 +161,12 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
       buffer_.commit(n);  // pipelined bytes: kept for the next request
       if (waiting_) return watch();
       if (!writing_ && !closed_) return read_header();
+      return;  // on_write goes on with the next request
+    }
+    if (ec == asio::error::operation_aborted && !waiting_ && !closed_) {
+      // Cancelled by on_write once the answer went out: read the next request, which
+      // may already be in the buffer, under the idle time limit again.
+      if (!writing_) read_header();
       return;
     }
     if (waiting_ && server_->service) {
@@ -197,8 +203,11 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
     writing_ = false;
     if (ec || !res_.keep_alive() || server_->draining) return close();
     if (watching_) {
-      stream_.expires_after(server_->limits.idle_timeout);
-      return;  // the watch read continues into the next request
+      // The disconnect watch has no time limit and may hold no data yet: end it, and
+      // on_watch reads the next request with the usual limits.
+      error_code ignored;
+      stream_.socket().cancel(ignored);
+      return;
     }
     read_header();
   }

@@ -78,6 +78,10 @@ AcquireResult LockTable::acquire(const AcquireParams& p, Micros now) {
     // A lock granted to an orphaned request is claimed by the repeat of that request.
     if (!p.request_id.empty() && own->unclaimed_request_id == p.request_id) {
       own->unclaimed_request_id.clear();
+      unindex_lock(*own);
+      own->lease_expires_at = now + own->lease_ms * 1000;
+      index_lock(*own);
+      put_lock_journal(*own);
       result.kind = AcquireResult::Kind::Granted;
       result.lock = *own;
       return result;
@@ -192,7 +196,12 @@ Lock& LockTable::grant(const QueuedRequest& r, Micros now) {
   l.max_hold_ms = r.max_hold_ms;
   l.hold_count = 1;
   l.fence = next_fence_++;
-  if (r.orphan) l.unclaimed_request_id = r.request_id;
+  if (r.orphan) {
+    // Nobody may be there to use it: keep it only until the grace period ends
+    // unless its client comes back and claims it.
+    l.unclaimed_request_id = r.request_id;
+    if (r.deadline) l.lease_expires_at = std::min(l.lease_expires_at, *r.deadline);
+  }
   counters_journal();
   by_owner_key_[owner_key(l.owner, l.key)] = l.lock_id;
   keys_[l.key].holders.push_back(l.lock_id);

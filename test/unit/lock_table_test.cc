@@ -426,3 +426,64 @@ TEST_CASE("every change is journaled for the store", "[lock]") {
     deleted |= e.kind == JournalEntry::Kind::DeleteLock && e.lock_id == a.lock.lock_id;
   CHECK(deleted);
 }
+
+TEST_CASE("a restored request granted before its client returns is dropped at the end of the grace period",
+          "[lock]") {
+  LockTableOptions o;
+  o.restore_grace_ms = 1000;
+  o.default_lease_ms = 30'000;
+  Fixture f(o);
+  Lock held;
+  held.lock_id = "held";
+  held.key = "k";
+  held.mode = W;
+  held.owner = "A";
+  held.session = "owner:A";
+  held.acquired_at = kStart;
+  held.lease_ms = 30'000;
+  held.lease_expires_at = kStart + ms(30'000);
+  held.hold_count = 1;
+  held.fence = 1;
+  QueuedRequest q;
+  q.req_id = 2;
+  q.key = "k";
+  q.mode = W;
+  q.owner = "B";
+  q.session = "owner:B";
+  q.request_id = "rid-b";
+  q.lease_ms = 30'000;
+  f.table.restore({held}, {q}, 2, 3, f.now);
+  f.table.release("held", "A", f.now);
+  auto locks = f.table.locks("k");
+  REQUIRE(locks.size() == 1);
+  CHECK(locks[0].owner == "B");
+  CHECK(locks[0].lease_expires_at == kStart + ms(1000));
+  f.now += ms(1000);
+  f.table.expire(f.now);
+  CHECK(f.table.locks("k").empty());
+}
+
+TEST_CASE("the client that comes back claims its restored grant with a fresh lease", "[lock]") {
+  LockTableOptions o;
+  o.restore_grace_ms = 1000;
+  Fixture f(o);
+  QueuedRequest q;
+  q.req_id = 2;
+  q.key = "k";
+  q.mode = W;
+  q.owner = "B";
+  q.session = "owner:B";
+  q.request_id = "rid-b";
+  q.lease_ms = 30'000;
+  f.table.restore({}, {q}, 2, 3, f.now);  // granted at once: nobody holds k
+  AcquireParams p;
+  p.key = "k";
+  p.mode = W;
+  p.owner = "B";
+  p.request_id = "rid-b";
+  f.now += ms(500);
+  auto r = f.table.acquire(p, f.now);
+  REQUIRE(r.kind == Kind::Granted);
+  CHECK(r.lock.hold_count == 1);
+  CHECK(r.lock.lease_expires_at == f.now + ms(30'000));
+}
