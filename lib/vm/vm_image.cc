@@ -17,7 +17,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kImageVersion = "1";  // bump when the image recipe changes
+constexpr const char* kImageVersion = "2";  // bump when the image recipe changes
 
 // Runs a command, appending it and its output to the log. Returns "" or a message.
 std::string logged(const std::vector<std::string>& argv, const std::string& log_path,
@@ -196,8 +196,8 @@ std::string build_offline_image(const std::string& base, bool force, const std::
   std::string err = logged(
       {"mmdebstrap", "--variant=apt",
        "--include=systemd-sysv,openssh-server,fuse3,rsync,udev,iproute2,ifupdown,"
-       "isc-dhcp-client,kmod",
-       "--customize-hook=chroot \"$1\" useradd --create-home --shell /bin/bash gate",
+       "isc-dhcp-client,kmod,dbus",
+       "--customize-hook=chroot \"$1\" useradd --create-home --shell /bin/bash --groups systemd-journal gate",
        "bookworm", root.string()},
       log_path, std::chrono::minutes(15), "mmdebstrap");
   if (err.empty()) err = customize_tree(root);

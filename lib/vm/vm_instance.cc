@@ -296,9 +296,9 @@ std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
 std::optional<UpRun::Failure> UpRun::wait_for_broker_in_guest() {
   const std::string log = logs_ + "/broker.log";
   RunResult r = run_logged(
-      ssh_command(ssh_, "for i in $(seq 1 60); do systemctl is-active --quiet gate-broker && exit 0; "
-                        "sleep 0.5; done; systemctl status gate-broker --no-pager; "
-                        "journalctl -u gate-provision -u gate-broker --no-pager | tail -20; exit 1"),
+      ssh_command(ssh_, "for i in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/8787) 2>/dev/null && exit 0; "
+                        "sleep 0.5; done; journalctl -b -u gate-provision -u gate-broker --no-pager "
+                        "| tail -30; exit 1"),
       log, 60s);
   if (r.status != 0) return Failure{"broker", "the broker in the guest did not start", log};
   say("the broker runs in the guest (127.0.0.1:" + std::to_string(kGuestBrokerPort) + " there)");
