@@ -1,0 +1,212 @@
+// gate up / down / vm-list / clean with a real QEMU VM (TCG here): the broker runs in
+// the guest, the host reaches it through an SSH tunnel, and real processes lock
+// files through the host mount. Slow (each boot is about a minute): label "vm".
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <boost/json.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <thread>
+
+#include "client/broker_client.h"
+#include "core/mounts.h"
+#include "core/process.h"
+#include "support/test_support.h"
+
+using namespace gate;
+namespace fs = std::filesystem;
+namespace json = boost::json;
+using namespace std::chrono_literals;
+
+namespace {
+
+struct ScopedEnv {
+  ScopedEnv(const char* n, const std::string& v) : name(n) {
+    if (const char* old = std::getenv(n)) previous = old;
+    ::setenv(n, v.c_str(), 1);
+  }
+  ~ScopedEnv() {
+    if (previous) ::setenv(name, previous->c_str(), 1);
+    else ::unsetenv(name);
+  }
+  const char* name;
+  std::optional<std::string> previous;
+};
+
+RunResult gate_cmd(std::vector<std::string> args, std::chrono::milliseconds timeout = 10min) {
+  args.insert(args.begin(), test::gate_binary());
+  return run_command(args, timeout);
+}
+
+std::map<std::string, std::string> state_of(const std::string& state_root, const std::string& name) {
+  std::map<std::string, std::string> kv;
+  std::ifstream in(state_root + "/gate/state/" + name + "/up.env");
+  std::string line;
+  while (std::getline(in, line))
+    if (auto eq = line.find('='); eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
+  return kv;
+}
+
+pid_t pid_of(const std::map<std::string, std::string>& kv, const std::string& key) {
+  auto it = kv.find(key);
+  return it == kv.end() || it->second.empty() ? -1 : std::stoi(it->second);
+}
+
+// Whatever a test does, the VM, its tunnel and its mounts go away at the end.
+struct VmGuard {
+  std::string state_root, name;
+  ~VmGuard() {
+    auto kv = state_of(state_root, name);
+    gate_cmd({"down", "--vm-name", name, "--force", "--no-sync-back"}, 2min);
+    for (const char* key : {"qemu_pid", "tunnel_pid", "mount_pid"}) {
+      const pid_t pid = pid_of(kv, key);
+      if (pid > 0 && process_alive(pid)) ::kill(pid, SIGKILL);
+    }
+    if (!kv["mount"].empty() && mount_state(kv["mount"]) != MountState::NotMounted)
+      run_command({"fusermount3", "-uz", kv["mount"]});
+  }
+};
+
+int queue_length(const BrokerEndpoint& ep, const std::string& path) {
+  BrokerClient c(ep, 5s);
+  HttpReply r = c.status(path);
+  if (r.status != 200) return -1;
+  return static_cast<int>(json::parse(r.body).as_object().at("queue").as_array().size());
+}
+
+bool wait_until(const std::function<bool()>& f, std::chrono::milliseconds limit) {
+  const auto end = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < end) {
+    if (f()) return true;
+    std::this_thread::sleep_for(50ms);  // polling the broker: its state is the event
+  }
+  return f();
+}
+
+std::string cache_dir() { return GATE_VM_CACHE; }
+
+}  // namespace
+
+TEST_CASE("a VM broker serves FIFO locks to processes on the host mount, and down/clean leave nothing",
+          "[vm][slow]") {
+  test::TempDir tmp("gate-vm");
+  ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
+  ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
+  const std::string repo = tmp.path() + "/repo";
+  fs::create_directories(repo);
+  { std::ofstream(repo + "/shared.txt") << "start\n"; }
+
+  auto image = gate_cmd({"image", "build"}, 20min);
+  INFO(image.output);
+  REQUIRE(image.status == 0);
+
+  VmGuard guard{tmp.path() + "/state", "e2e"};
+  auto up = gate_cmd({"up", "--repo-path", repo, "--vm-name", "e2e", "--lease-ms", "5000"});
+  INFO(up.output);
+  REQUIRE(up.status == 0);
+  CHECK(up.output.find("using the cached image") != std::string::npos);
+  auto kv = state_of(tmp.path() + "/state", "e2e");
+  const std::string mnt = kv["mount"];
+  BrokerEndpoint ep;
+  ep.unix_socket = kv["broker_socket"];
+  REQUIRE(mount_state(mnt) == MountState::Mounted);
+  CHECK(test::read_file(mnt + "/shared.txt") == "start\n");
+
+  {  // FIFO with real processes through the host mount
+    const std::string fifo = tmp.path() + "/release-a";
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    const std::string file = mnt + "/shared.txt";
+    // A holds the file open for writing until the test writes to the fifo.
+    auto a = test::Child::spawn({"sh", "-c", "exec 3>>\"$1\"; echo A >&3; read x < \"$2\"", "sh", file, fifo});
+    REQUIRE(wait_until([&] {
+      BrokerClient c(ep, 5s);
+      return c.status("shared.txt").body.find("\"mode\":\"write\"") != std::string::npos;
+    }, 30s));
+    auto b = test::Child::spawn({"sh", "-c", "echo B >> \"$1\"", "sh", file});
+    REQUIRE(wait_until([&] { return queue_length(ep, "shared.txt") == 1; }, 30s));
+    const std::string c_out = tmp.path() + "/c.out";
+    auto c = test::Child::spawn({"sh", "-c", "cat \"$1\" > \"$2\"", "sh", file, c_out});
+    REQUIRE(wait_until([&] { return queue_length(ep, "shared.txt") == 2; }, 30s));
+    CHECK(b.running());
+    CHECK(b.wait(0ms) == -1);  // still waiting behind A
+    { std::ofstream(fifo) << "go\n"; }
+    CHECK(a.wait(30s) == 0);
+    CHECK(b.wait(30s) == 0);
+    CHECK(c.wait(30s) == 0);
+    // C came after B: it saw B's line.
+    CHECK(test::read_file(c_out) == "start\nA\nB\n");
+    CHECK(test::read_file(repo + "/shared.txt") == "start\nA\nB\n");
+    CHECK(queue_length(ep, "shared.txt") == 0);
+  }
+
+  {  // vm-list, down, a second up that reuses the image, and clean after a crash
+    auto list = gate_cmd({"vm-list"});
+    CHECK(list.output.find("e2e") != std::string::npos);
+    CHECK(list.output.find("running") != std::string::npos);
+
+    auto down = gate_cmd({"down", "--vm-name", "e2e"});
+    INFO(down.output);
+    CHECK(down.status == 0);
+    for (const char* key : {"qemu_pid", "tunnel_pid", "mount_pid"}) CHECK_FALSE(process_alive(pid_of(kv, key)));
+    CHECK(mount_state(mnt) == MountState::NotMounted);
+    CHECK(gate_cmd({"down", "--vm-name", "e2e"}).output.find("is not up") != std::string::npos);
+
+    auto again = gate_cmd({"up", "--repo-path", repo, "--vm-name", "e2e"});
+    INFO(again.output);
+    REQUIRE(again.status == 0);
+    CHECK(again.output.find("using the cached image") != std::string::npos);
+    CHECK(again.output.find("reusing the VM disk") != std::string::npos);
+    kv = state_of(tmp.path() + "/state", "e2e");
+
+    // A crash: the VM and the host mount process die.
+    ::kill(pid_of(kv, "qemu_pid"), SIGKILL);
+    ::kill(pid_of(kv, "mount_pid"), SIGKILL);
+    REQUIRE(wait_for_exit(pid_of(kv, "qemu_pid"), 10s));
+    REQUIRE(wait_for_exit(pid_of(kv, "mount_pid"), 10s));
+    auto stale = gate_cmd({"vm-list", "--json"});
+    CHECK(stale.output.find("\"state\":\"stale\"") != std::string::npos);
+    CHECK(mount_state(mnt) == MountState::Stale);
+    auto clean = gate_cmd({"clean", "--vm-name", "e2e"});
+    INFO(clean.output);
+    CHECK(clean.status == 0);
+    CHECK(mount_state(mnt) == MountState::NotMounted);
+    CHECK_FALSE(process_alive(pid_of(kv, "tunnel_pid")));
+    CHECK(gate_cmd({"vm-list"}).output.find("e2e") == std::string::npos);
+    CHECK(fs::exists(repo + "/shared.txt"));  // the user's files are untouched
+  }
+}
+
+TEST_CASE("in sshfs mode an edit made through the host mount is brought back by gate down",
+          "[vm][slow]") {
+  test::TempDir tmp("gate-vm");
+  ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
+  ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
+  const std::string repo = tmp.path() + "/repo";
+  fs::create_directories(repo + "/src");
+  { std::ofstream(repo + "/src/main.c") << "int main(void) { return 0; }\n"; }
+  REQUIRE(gate_cmd({"image", "build"}, 20min).status == 0);
+
+  VmGuard guard{tmp.path() + "/state", "e2e-sshfs"};
+  auto up = gate_cmd({"up", "--repo-path", repo, "--vm-name", "e2e-sshfs", "--host-mount-method", "sshfs"});
+  INFO(up.output);
+  REQUIRE(up.status == 0);
+  const std::string mnt = state_of(tmp.path() + "/state", "e2e-sshfs")["mount"];
+  CHECK(test::read_file(mnt + "/src/main.c") == "int main(void) { return 0; }\n");
+  { std::ofstream(mnt + "/src/main.c", std::ios::app) << "/* edited in the VM */\n"; }
+  { std::ofstream(mnt + "/NEW.md") << "new file\n"; }
+  // Not yet in the repository: the edit lives in the guest's copy.
+  CHECK(test::read_file(repo + "/src/main.c") == "int main(void) { return 0; }\n");
+
+  auto down = gate_cmd({"down", "--vm-name", "e2e-sshfs"});
+  INFO(down.output);
+  CHECK(down.status == 0);
+  CHECK(test::read_file(repo + "/src/main.c") == "int main(void) { return 0; }\n/* edited in the VM */\n");
+  CHECK(test::read_file(repo + "/NEW.md") == "new file\n");
+  CHECK(mount_state(mnt) == MountState::NotMounted);
+}
