@@ -6,6 +6,7 @@
 #include <iostream>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 
@@ -19,6 +20,9 @@ std::optional<po::variables_map> parse(int argc, char** argv, po::options_descri
                                        const std::string& synopsis, const std::string& about,
                                        int* exit_code,
                                        const po::positional_options_description* positional = nullptr);
+
+// Prints rows as columns separated by two spaces (the first row is the header).
+void print_table(const std::vector<std::vector<std::string>>& rows, std::ostream& out);
 
 // Prints "gate <cmd>: message" to stderr and returns 1.
 int fail(const std::string& command, const std::string& message);

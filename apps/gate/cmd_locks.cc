@@ -34,22 +34,6 @@ std::string age(const std::string& iso, Micros now) {
   return out.str();
 }
 
-void print_table(const std::vector<std::vector<std::string>>& rows) {
-  std::vector<std::size_t> width;
-  for (const auto& r : rows)
-    for (std::size_t i = 0; i < r.size(); ++i) {
-      if (width.size() <= i) width.push_back(0);
-      width[i] = std::max(width[i], r[i].size());
-    }
-  for (const auto& r : rows) {
-    for (std::size_t i = 0; i < r.size(); ++i) {
-      std::cout << r[i];
-      if (i + 1 < r.size()) std::cout << std::string(width[i] - r[i].size() + 2, ' ');
-    }
-    std::cout << "\n";
-  }
-}
-
 }  // namespace
 
 int locks(int argc, char** argv) {
@@ -100,9 +84,9 @@ int locks(int argc, char** argv) {
                         age(str(qo, "requested_at"), now), str(qo, "req_id")});
     }
   std::cout << "Held (" << held.size() - 1 << "):\n";
-  if (held.size() > 1) print_table(held);
+  if (held.size() > 1) cli::print_table(held, std::cout);
   std::cout << "\nQueued (" << queued.size() - 1 << "):\n";
-  if (queued.size() > 1) print_table(queued);
+  if (queued.size() > 1) cli::print_table(queued, std::cout);
   return 0;
 }
 

@@ -30,27 +30,14 @@ std::string self_exe() {
   return ec ? "gate" : p.string();
 }
 
-// Whether pid still runs a command line that mentions `marker` (guards against a
-// pid reused by an unrelated process after a crash or reboot).
-bool ours(pid_t pid, const std::string& marker) {
-  if (!process_alive(pid)) return false;
-  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
-  std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return cmdline.find(marker) != std::string::npos;
-}
-
 void unmount(const std::string& path, bool lazy) {
   run_command({"fusermount3", lazy ? "-uz" : "-u", path}, std::chrono::seconds(10));
 }
 
 bool stop_pid(pid_t pid, const std::string& marker, const char* what) {
-  if (!ours(pid, marker)) return true;
-  ::kill(pid, SIGTERM);
-  if (wait_for_exit(pid, std::chrono::seconds(10))) return true;
-  std::cerr << "gate down: the " << what << " (pid " << pid
-            << ") did not stop within 10 s; killing it\n";
-  ::kill(pid, SIGKILL);
-  return wait_for_exit(pid, std::chrono::seconds(5));
+  if (stop_process(pid, marker, std::chrono::seconds(10))) return true;
+  std::cerr << "gate down: the " << what << " (pid " << pid << ") did not stop\n";
+  return false;
 }
 
 // Stops what a stack started, whatever state it is in; true when nothing is left.
@@ -163,7 +150,7 @@ int up(int argc, char** argv) {
   StackState s;
   s.name = vm->count("vm-name") ? (*vm)["vm-name"].as<std::string>() : stack_name_for(repo.string());
   if (auto old = load_stack(s.name)) {
-    if (ours(old->broker_pid, old->broker_socket) && ours(old->mount_pid, old->broker_socket)) {
+    if (process_runs(old->broker_pid, old->broker_socket) && process_runs(old->mount_pid, old->broker_socket)) {
       if (old->repo != repo.string())
         return cli::fail(me, "'" + s.name + "' is already up for " + old->repo +
                                  "; choose another --vm-name");

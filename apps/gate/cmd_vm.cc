@@ -86,14 +86,7 @@ int vm_list(int argc, char** argv) {
     std::cout << "no VMs or local setups (start one with 'gate up')\n";
     return 0;
   }
-  std::vector<std::size_t> width(table[0].size(), 0);
-  for (auto& r : table)
-    for (std::size_t i = 0; i < r.size(); ++i) width[i] = std::max(width[i], r[i].size());
-  for (auto& r : table) {
-    for (std::size_t i = 0; i < r.size(); ++i)
-      std::cout << r[i] << (i + 1 < r.size() ? std::string(width[i] - r[i].size() + 2, ' ') : "");
-    std::cout << "\n";
-  }
+  cli::print_table(table, std::cout);
   return 0;
 }
 

@@ -1,5 +1,10 @@
 // gate: one executable, subcommands from one table.
+#include <fcntl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <string>
 
@@ -46,6 +51,40 @@ const Command* find(const char* name) {
   return nullptr;
 }
 
+// `gate help CMD` on a terminal shows the man page gate-CMD(1): the one beside
+// this executable (BIN/../share/man/man1 when installed, build/man/man1 in the
+// build tree), else the one `man` finds in MANPATH. It does not return when man
+// runs; it returns when stdout is not a terminal, or man or the page is missing,
+// and the caller prints --help instead.
+void exec_man_page(const std::string& command) {
+  if (!::isatty(STDOUT_FILENO)) return;
+  namespace fs = std::filesystem;
+  const std::string page = "gate-" + command + ".1";
+  std::error_code ec;
+  const fs::path bin = fs::read_symlink("/proc/self/exe", ec).parent_path();
+  if (!ec)
+    for (const fs::path& dir : {bin / "../share/man/man1", bin / "../../man/man1"})
+      for (const char* suffix : {"", ".gz"})
+        if (const fs::path file = (dir / (page + suffix)).lexically_normal(); fs::is_regular_file(file, ec)) {
+          ::execlp("man", "man", "-l", file.c_str(), static_cast<char*>(nullptr));
+          return;  // no man(1)
+        }
+  // Ask man quietly whether MANPATH has the page, so a miss prints nothing.
+  const std::string name = "gate-" + command;
+  pid_t pid = ::fork();
+  if (pid < 0) return;
+  if (pid == 0) {
+    int null = ::open("/dev/null", O_WRONLY);
+    ::dup2(null, STDOUT_FILENO);
+    ::dup2(null, STDERR_FILENO);
+    ::execlp("man", "man", "-w", name.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  int status = 0;
+  if (::waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0)
+    ::execlp("man", "man", name.c_str(), static_cast<char*>(nullptr));
+}
+
 int run(const Command& c, int argc, char** argv) {
   std::string name = std::string("gate ") + c.name;
   argv[0] = name.data();
@@ -78,6 +117,7 @@ int main(int argc, char** argv) {
       std::cerr << "gate: no command '" << argv[2] << "'\n";
       return 2;
     }
+    exec_man_page(c->name);
     char help_flag[] = "--help";
     char* args[] = {argv[2], help_flag, nullptr};
     return run(*c, 2, args);

@@ -172,6 +172,21 @@ bool process_alive(pid_t pid) {
   return true;
 }
 
+bool process_runs(pid_t pid, const std::string& marker) {
+  if (!process_alive(pid)) return false;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
+  std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return cmdline.find(marker) != std::string::npos;
+}
+
+bool stop_process(pid_t pid, const std::string& marker, std::chrono::milliseconds grace) {
+  if (!process_runs(pid, marker)) return true;
+  ::kill(pid, SIGTERM);
+  if (wait_for_exit(pid, grace)) return true;
+  ::kill(pid, SIGKILL);
+  return wait_for_exit(pid, std::chrono::seconds(5));
+}
+
 bool wait_for_exit(pid_t pid, std::chrono::milliseconds timeout) {
   if (!process_alive(pid)) return true;
   int fd = pidfd_for(pid);

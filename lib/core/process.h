@@ -34,6 +34,12 @@ Daemon start_daemon(const std::vector<std::string>& argv, const std::string& log
                     std::chrono::milliseconds timeout);
 
 bool process_alive(pid_t pid);
+// Whether pid is alive and its command line mentions `marker`: guards against a pid
+// that a crash or reboot freed and an unrelated process reused.
+bool process_runs(pid_t pid, const std::string& marker);
+// SIGTERM, wait up to `grace`, then SIGKILL, for a process that process_runs().
+// True when it is gone (or was never ours).
+bool stop_process(pid_t pid, const std::string& marker, std::chrono::milliseconds grace);
 // Waits for a process (not necessarily our child) to end. False on time-out.
 bool wait_for_exit(pid_t pid, std::chrono::milliseconds timeout);
 

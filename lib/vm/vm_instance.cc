@@ -29,22 +29,6 @@ constexpr std::uint16_t kGuestBrokerPort = 8787;
 constexpr const char* kGuestRepo = "/home/gate/repo";
 constexpr const char* kGuestView = "/home/gate/view";
 
-bool pid_runs(pid_t pid, const std::string& marker) {
-  if (!process_alive(pid)) return false;
-  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline", std::ios::binary);
-  std::string cmdline((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  return cmdline.find(marker) != std::string::npos;
-}
-
-void stop_pid(pid_t pid, const std::string& marker, std::chrono::seconds grace) {
-  if (!pid_runs(pid, marker)) return;
-  ::kill(pid, SIGTERM);
-  if (!wait_for_exit(pid, grace)) {
-    ::kill(pid, SIGKILL);
-    wait_for_exit(pid, 5s);
-  }
-}
-
 // Appends a command and its output to a log file; returns the result.
 RunResult run_logged(const std::vector<std::string>& argv, const std::string& log,
                      std::chrono::milliseconds timeout) {
@@ -116,11 +100,11 @@ int UpRun::fail(const Failure& f) {
 
 void UpRun::undo() {
   if (host_mounted_ || listed_in_mountinfo(s_.mount)) {
-    if (mount_pid_ > 0) stop_pid(mount_pid_, s_.mount, 10s);
+    if (mount_pid_ > 0) stop_process(mount_pid_, s_.mount, 10s);
     if (listed_in_mountinfo(s_.mount)) run_command({"fusermount3", "-uz", s_.mount}, 10s);
   }
-  if (tunnel_pid_ > 0) stop_pid(tunnel_pid_, "ssh", 5s);
-  if (qemu_pid_ > 0) stop_pid(qemu_pid_, "gate-" + o_.name, 5s);
+  if (tunnel_pid_ > 0) stop_process(tunnel_pid_, "ssh", 5s);
+  if (qemu_pid_ > 0) stop_process(qemu_pid_, "gate-" + o_.name, 5s);
   remove_stack_state(o_.name);
 }
 
@@ -268,7 +252,7 @@ std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
   while (true) {
     const int waited = static_cast<int>(
         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - start).count());
-    if (!pid_runs(qemu_pid_, "gate-" + o_.name))
+    if (!process_runs(qemu_pid_, "gate-" + o_.name))
       return Failure{"ssh", "the VM stopped while booting", logs_ + "/serial.log"};
     if (waited > o_.ssh_wait_s)
       return Failure{"ssh", "no ssh answer after " + std::to_string(o_.ssh_wait_s) + " s",
@@ -465,10 +449,10 @@ SshTarget ssh_target_of(const StackState& s) {
   return t;
 }
 
-bool qemu_running(const StackState& s) { return pid_runs(s.get_int("qemu_pid"), "gate-" + s.name); }
+bool qemu_running(const StackState& s) { return process_runs(s.get_int("qemu_pid"), "gate-" + s.name); }
 
 std::string vm_liveness(const StackState& s) {
-  if (s.mode != "vm") return pid_runs(s.broker_pid, s.broker_socket) ? "running" : "stale";
+  if (s.mode != "vm") return process_runs(s.broker_pid, s.broker_socket) ? "running" : "stale";
   return qemu_running(s) ? "running" : "stale";
 }
 
@@ -481,7 +465,7 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
   const bool sshfs = s.get("method") == "sshfs";
   // 1. The host view: the host gate mount releases its locks as it ends.
   if (!o.skip_unmount) {
-    if (s.mount_pid > 0) stop_pid(s.mount_pid, s.mount, 10s);
+    if (s.mount_pid > 0) stop_process(s.mount_pid, s.mount, 10s);
     if (listed_in_mountinfo(s.mount) || mount_state(s.mount) == MountState::Stale) {
       run_command({"fusermount3", "-u", s.mount}, 10s);
       if (listed_in_mountinfo(s.mount)) run_command({"fusermount3", "-uz", s.mount}, 10s);
@@ -500,7 +484,7 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
     }
   }
   // 3. The tunnel.
-  stop_pid(s.get_int("tunnel_pid"), "ssh", 5s);
+  stop_process(s.get_int("tunnel_pid"), "ssh", 5s);
   // 4. The guest: ACPI power button, then the hard way.
   if (running) {
     const pid_t pid = s.get_int("qemu_pid");
@@ -509,7 +493,7 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
     if (!qmp_powerdown(s.get("qmp_socket"), &e) ||
         !wait_for_exit(pid, std::chrono::seconds(o.shutdown_timeout_s))) {
       out << "gate: the VM did not power off in " << o.shutdown_timeout_s << " s; stopping qemu\n";
-      stop_pid(pid, "gate-" + s.name, 5s);
+      stop_process(pid, "gate-" + s.name, 5s);
     }
   }
   std::error_code ec;
@@ -524,20 +508,20 @@ std::vector<std::string> clean_stack(const StackState& s) {
     run_command({"fusermount3", "-uz", s.mount}, 10s);
     did.push_back("unmounted the dead mount " + s.mount);
   }
-  const bool alive = s.mode == "vm" ? qemu_running(s) : pid_runs(s.broker_pid, s.broker_socket);
+  const bool alive = s.mode == "vm" ? qemu_running(s) : process_runs(s.broker_pid, s.broker_socket);
   if (alive) {
     did.push_back("'" + s.name + "' is running; left alone (use 'gate down')");
     return did;
   }
-  if (pid_runs(s.get_int("tunnel_pid"), "ssh")) {
-    stop_pid(s.get_int("tunnel_pid"), "ssh", 5s);
+  if (process_runs(s.get_int("tunnel_pid"), "ssh")) {
+    stop_process(s.get_int("tunnel_pid"), "ssh", 5s);
     did.push_back("stopped the orphaned tunnel (pid " + s.get("tunnel_pid") + ")");
   }
-  if (pid_runs(s.mount_pid, s.mount)) {
-    stop_pid(s.mount_pid, s.mount, 5s);
+  if (process_runs(s.mount_pid, s.mount)) {
+    stop_process(s.mount_pid, s.mount, 5s);
     did.push_back("stopped the orphaned mount process (pid " + std::to_string(s.mount_pid) + ")");
   }
-  if (pid_runs(s.broker_pid, s.broker_socket)) stop_pid(s.broker_pid, s.broker_socket, 5s);
+  if (process_runs(s.broker_pid, s.broker_socket)) stop_process(s.broker_pid, s.broker_socket, 5s);
   std::error_code ec;
   for (const char* f : {"qemu.pid", "qmp.sock", "broker.sock"})
     if (fs::remove(s.state_dir() + "/" + f, ec)) did.push_back(std::string("removed the dead ") + f);

@@ -40,19 +40,6 @@ bool mounted(const std::string& path) {
   return false;
 }
 
-// Sets an environment variable for the test's lifetime.
-struct ScopedEnv {
-  ScopedEnv(const char* n, const std::string& v) : name(n) {
-    if (const char* old = std::getenv(n)) previous = old;
-    ::setenv(n, v.c_str(), 1);
-  }
-  ~ScopedEnv() {
-    if (previous) ::setenv(name, previous->c_str(), 1);
-    else ::unsetenv(name);
-  }
-  const char* name;
-  std::optional<std::string> previous;
-};
 
 }  // namespace
 
@@ -158,7 +145,7 @@ TEST_CASE("a user who cannot write /var/lib/gate gets a broker on their own stat
 
 TEST_CASE("gate up --local shows a locked view and gate down leaves nothing behind", "[cli][up]") {
   test::TempDir tmp;
-  ScopedEnv xdg("XDG_STATE_HOME", tmp.path() + "/state");
+  test::ScopedEnv xdg("XDG_STATE_HOME", tmp.path() + "/state");
   const std::string repo = tmp.path() + "/my repo";
   fs::create_directories(repo);
   { std::ofstream(repo + "/hello.txt") << "hi\n"; }
@@ -203,7 +190,7 @@ TEST_CASE("gate up --local shows a locked view and gate down leaves nothing behi
 
 TEST_CASE("gate up refuses what is not a directory", "[cli][up]") {
   test::TempDir tmp;
-  ScopedEnv xdg("XDG_STATE_HOME", tmp.path());
+  test::ScopedEnv xdg("XDG_STATE_HOME", tmp.path());
   auto r = gate_cmd({"up", "--local", "--repo-path", tmp.path() + "/missing"});
   CHECK(r.status == 1);
   CHECK(r.output.find("is not a directory") != std::string::npos);

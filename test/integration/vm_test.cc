@@ -26,18 +26,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-struct ScopedEnv {
-  ScopedEnv(const char* n, const std::string& v) : name(n) {
-    if (const char* old = std::getenv(n)) previous = old;
-    ::setenv(n, v.c_str(), 1);
-  }
-  ~ScopedEnv() {
-    if (previous) ::setenv(name, previous->c_str(), 1);
-    else ::unsetenv(name);
-  }
-  const char* name;
-  std::optional<std::string> previous;
-};
 
 RunResult gate_cmd(std::vector<std::string> args, std::chrono::milliseconds timeout = 10min) {
   args.insert(args.begin(), test::gate_binary());
@@ -96,8 +84,8 @@ std::string cache_dir() { return GATE_VM_CACHE; }
 TEST_CASE("a VM broker serves FIFO locks to processes on the host mount, and down/clean leave nothing",
           "[vm][slow]") {
   test::TempDir tmp("gate-vm");
-  ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
-  ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
+  test::ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
+  test::ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
   const std::string repo = tmp.path() + "/repo";
   fs::create_directories(repo);
   { std::ofstream(repo + "/shared.txt") << "start\n"; }
@@ -185,8 +173,8 @@ TEST_CASE("a VM broker serves FIFO locks to processes on the host mount, and dow
 TEST_CASE("in sshfs mode an edit made through the host mount is brought back by gate down",
           "[vm][slow]") {
   test::TempDir tmp("gate-vm");
-  ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
-  ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
+  test::ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
+  test::ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
   const std::string repo = tmp.path() + "/repo";
   fs::create_directories(repo + "/src");
   { std::ofstream(repo + "/src/main.c") << "int main(void) { return 0; }\n"; }
