@@ -13,6 +13,7 @@
 #include "core/mounts.h"
 #include "core/process.h"
 #include "vm/stack_state.h"
+#include "vm/vm_commands.h"
 #include "vm/vm_image.h"
 #include "vm/vm_instance.h"
 
@@ -205,7 +206,19 @@ int logs(int argc, char** argv) {
   for (const auto& e : fs::directory_iterator(dir, ec))
     if (component.empty() || e.path().stem() == component) files.push_back(e.path());
   std::sort(files.begin(), files.end());
-  if (files.empty()) return cli::fail(argv[0], "no logs in " + dir + (component.empty() ? "" : " for " + component));
+  // The guest's broker logs to the guest's journal: fetch it while the VM runs.
+  auto setup = load_stack(name);
+  const bool guest = setup && setup->mode == "vm" && vm::qemu_running(*setup) &&
+                     (component.empty() || component == "broker");
+  if (guest && !(*vm)["follow"].as<bool>()) {
+    RunResult r = run_command(
+        vm::ssh_command(vm::ssh_target_of(*setup),
+                        "journalctl -u gate-broker -u gate-provision --no-pager -n " +
+                            std::to_string((*vm)["lines"].as<int>())),
+        std::chrono::seconds(30));
+    std::cout << "==> guest journal: gate-broker, gate-provision <==\n" << r.output;
+  }
+  if (files.empty() && !guest) return cli::fail(argv[0], "no logs in " + dir + (component.empty() ? "" : " for " + component));
   if ((*vm)["follow"].as<bool>()) {
     std::vector<std::string> args = {"tail", "-n", std::to_string((*vm)["lines"].as<int>()), "-F"};
     args.insert(args.end(), files.begin(), files.end());
