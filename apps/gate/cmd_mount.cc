@@ -1,0 +1,288 @@
+// gate mount: shows a directory through FUSE with every open holding a broker lock.
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "cli.h"
+#include "client/broker_client.h"
+#include "commands.h"
+#include "core/log.h"
+#include "mount/gate_fs.h"
+
+namespace gate::cmd {
+
+namespace {
+
+// Every open file costs the daemon two descriptors (the handle and the inode's
+// O_PATH fd), so take all there is: root may go past the hard limit to nr_open.
+void raise_fd_limit() {
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
+  rlim_t most = rl.rlim_max;
+  if (::geteuid() == 0) {
+    std::ifstream nr_open("/proc/sys/fs/nr_open");
+    rlim_t n = 0;
+    if (nr_open >> n && n > most) most = n;
+  }
+  rlimit want{most, most};
+  if (::setrlimit(RLIMIT_NOFILE, &want) != 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
+std::string real_path(const std::string& path) {
+  char buf[PATH_MAX];
+  return ::realpath(path.c_str(), buf) ? std::string(buf) : std::string();
+}
+
+// /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
+std::string unescape_mountinfo(const std::string& s) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '\\' && i + 3 < s.size()) {
+      out += static_cast<char>(std::stoi(s.substr(i + 1, 3), nullptr, 8));
+      i += 3;
+    } else {
+      out += s[i];
+    }
+  }
+  return out;
+}
+
+bool is_mount_point(const std::string& path) {
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    // id parent major:minor root mount-point ...
+    std::istringstream fields(line);
+    std::string id, parent, dev, root, point;
+    fields >> id >> parent >> dev >> root >> point;
+    if (unescape_mountinfo(point) == path) return true;
+  }
+  return false;
+}
+
+bool is_under(const std::string& inner, const std::string& outer) {
+  return inner == outer || (inner.size() > outer.size() && inner.compare(0, outer.size(), outer) == 0 &&
+                            (outer == "/" || inner[outer.size()] == '/'));
+}
+
+// Checks the mount point; returns "" or the one-line reason to refuse.
+std::string check_mount_point(const std::string& mnt) {
+  struct stat st;
+  if (::stat(mnt.c_str(), &st) != 0) {
+    if (errno == ENOTCONN)
+      return mnt + " is a stale FUSE mount (its daemon is gone); run: fusermount3 -u " + mnt;
+    if (errno == ENOENT) return "mount point " + mnt + " does not exist; create it with: mkdir -p " + mnt;
+    return "cannot stat mount point " + mnt + ": " + std::strerror(errno);
+  }
+  if (!S_ISDIR(st.st_mode)) return "mount point " + mnt + " is not a directory";
+  const std::string real = real_path(mnt);
+  if (is_mount_point(real))
+    return "mount point " + mnt + " is in use (something is mounted there); unmount it first " +
+           "(fusermount3 -u " + mnt + ") or choose another directory";
+  DIR* dir = ::opendir(mnt.c_str());
+  if (!dir) return "cannot read mount point " + mnt + ": " + std::strerror(errno);
+  bool empty = true;
+  while (dirent* e = ::readdir(dir)) {
+    if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) {
+      empty = false;
+      break;
+    }
+  }
+  ::closedir(dir);
+  if (!empty)
+    return "mount point " + mnt + " is not empty; gate mounts only over an empty directory "
+           "(its files would be hidden)";
+  return "";
+}
+
+std::string short_random() { return random_token().substr(0, 8); }
+
+std::string host_name() {
+  char buf[256] = {0};
+  if (::gethostname(buf, sizeof(buf) - 1) != 0 || !buf[0]) return "host";
+  return buf;
+}
+
+std::string file_safe(std::string s) {
+  for (char& c : s)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') c = '_';
+  return s.empty() ? "root" : s;
+}
+
+void write_ready(int fd) {
+  if (fd < 0) return;
+  static const char line[] = "ready\n";
+  if (::write(fd, line, sizeof(line) - 1) < 0)
+    log(LogLevel::Warn, "mount", "--ready-fd write failed: ", std::strerror(errno));
+  ::close(fd);
+}
+
+// Leaves the terminal once the mount is up: the parent reports and exits, the
+// child (a new session, stdio on /dev/null and the log) serves the mount.
+bool daemonize(const std::string& log_path) {
+  pid_t pid = ::fork();
+  if (pid < 0) return false;
+  if (pid > 0) ::_exit(0);
+  ::setsid();
+  if (::chdir("/") != 0) { /* "/" always exists */ }
+  int null = ::open("/dev/null", O_RDWR | O_CLOEXEC);
+  if (null >= 0) {
+    ::dup2(null, 0);
+    ::dup2(null, 1);
+    ::close(null);
+  }
+  int err = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (err >= 0) {
+    ::dup2(err, 2);  // libfuse's own messages go to stderr
+    ::close(err);
+  }
+  return true;
+}
+
+}  // namespace
+
+int mount(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()
+      ("root", po::value<std::string>(), "the directory to show (required)")
+      ("mount", po::value<std::string>(), "where to show it: an empty directory (required)");
+  add_broker_endpoint_options(desc);
+  desc.add_options()
+      ("foreground,f", po::bool_switch(), "stay in the foreground, logging to stderr")
+      ("owner", po::value<std::string>()->default_value(""),
+       "name of this mount at the broker (prefix of its owner tokens and sessions); "
+       "default: the host name")
+      ("lease-ms", po::value<std::int64_t>()->default_value(defaults::kLeaseMs),
+       "lease of every lock; a mount that dies loses its locks this long after (env GATE_LEASE_MS)")
+      ("max-hold-ms", po::value<std::int64_t>(),
+       "cap on holding one lock; default: the broker's (env GATE_MAX_HOLD_MS)")
+      ("acquire-timeout-ms", po::value<std::int64_t>(),
+       "an open waits at most this long, then fails with EAGAIN; default: wait until granted "
+       "(env GATE_ACQUIRE_TIMEOUT_MS)")
+      ("allow-other", po::bool_switch(),
+       "let other users use the mount, with the kernel checking permissions (default_permissions)")
+      ("attr-timeout-ms", po::value<std::int64_t>()->default_value(1000),
+       "how long the kernel may cache attributes and names")
+      ("log-file", po::value<std::string>()->default_value(""),
+       "append the log here; default in the background: $XDG_STATE_HOME/gate/logs/mount-NAME.log")
+      ("log-level", po::value<std::string>()->default_value("info"),
+       "debug, info, warn or error (env GATE_LOG_LEVEL)")
+      ("ready-fd", po::value<int>()->default_value(-1),
+       "write \"ready\" and a newline to this file descriptor once mounted")
+      ("no-locking", po::bool_switch(),
+       "benchmarks only: a plain passthrough that takes no locks and needs no broker")
+      ("debug-fuse", po::bool_switch(), "print every FUSE request (implies --foreground)");
+  po::positional_options_description positional;
+  positional.add("root", 1).add("mount", 1);
+  int code = 0;
+  auto vm = cli::parse(argc, argv, desc, "gate mount --root DIR --mount MNT [options]",
+                       "Shows DIR at MNT. Every open holds a lock at the broker until its last "
+                       "close: read-only opens share a read lock, all others take the write lock, "
+                       "in FIFO order. Stop with Ctrl-C, SIGTERM or fusermount3 -u MNT; every "
+                       "lock is released. GATE_RELEASE_ON_FLUSH=1 releases on flush instead.",
+                       &code, &positional);
+  if (!vm) return code;
+  const std::string me = argv[0];
+
+  LogLevel level;
+  if (!parse_log_level((*vm)["log-level"].as<std::string>(), &level))
+    return cli::fail(me, "--log-level must be debug, info, warn or error"), 2;
+  set_log_level(level);
+  if (!vm->count("root") || !vm->count("mount"))
+    return cli::fail(me, "both --root DIR and --mount MNT are needed; see --help"), 2;
+
+  const std::string root_arg = (*vm)["root"].as<std::string>();
+  const std::string mnt_arg = (*vm)["mount"].as<std::string>();
+  const bool debug_fuse = (*vm)["debug-fuse"].as<bool>();
+  const bool foreground = (*vm)["foreground"].as<bool>() || debug_fuse;
+  const bool locking = !(*vm)["no-locking"].as<bool>();
+
+  const std::string root = real_path(root_arg);
+  struct stat st;
+  if (root.empty() || ::stat(root.c_str(), &st) != 0)
+    return cli::fail(me, "cannot use " + root_arg + " as the directory to show: " + std::strerror(errno));
+  if (!S_ISDIR(st.st_mode)) return cli::fail(me, root_arg + " is not a directory");
+  if (std::string why = check_mount_point(mnt_arg); !why.empty()) return cli::fail(me, why);
+  const std::string mnt = real_path(mnt_arg);
+  if (is_under(mnt, root) || is_under(root, mnt))
+    return cli::fail(me, "the mount point " + mnt + " and the directory " + root +
+                             " must not contain each other");
+
+  raise_fd_limit();
+
+  mount::MountOptions options;
+  options.root = root;
+  options.mountpoint = mnt;
+  options.locking = locking;
+  options.allow_other = (*vm)["allow-other"].as<bool>();
+  options.debug_fuse = debug_fuse;
+  options.cache_timeout_s = static_cast<double>((*vm)["attr-timeout-ms"].as<std::int64_t>()) / 1000.0;
+  if (const char* v = std::getenv("GATE_RELEASE_ON_FLUSH"); v && std::string(v) == "1")
+    options.release_on_flush = true;
+  const std::string owner_name = (*vm)["owner"].as<std::string>();
+  auto& locks = options.locks;
+  locks.broker = broker_endpoint_from(*vm);
+  locks.mount_id = (owner_name.empty() ? host_name() : owner_name) + "-" + short_random();
+  locks.lease_ms = (*vm)["lease-ms"].as<std::int64_t>();
+  if (locks.lease_ms <= 0) return cli::fail(me, "--lease-ms must be positive"), 2;
+  if (vm->count("max-hold-ms")) locks.max_hold_ms = (*vm)["max-hold-ms"].as<std::int64_t>();
+  if (vm->count("acquire-timeout-ms"))
+    locks.acquire_timeout_ms = (*vm)["acquire-timeout-ms"].as<std::int64_t>();
+
+  if (locking) {
+    BrokerClient probe(locks.broker, std::chrono::seconds(3));
+    if (!probe.healthy())
+      return cli::fail(me, "no broker answers at " + locks.broker.describe() +
+                               "; start one with `gate broker`, or point --broker-host/--broker-port "
+                               "or --broker-socket at a running one");
+  }
+
+  std::string log_path = (*vm)["log-file"].as<std::string>();
+  if (log_path.empty() && !foreground) {
+    const std::string dir = user_state_root() + "/logs";
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    log_path = dir + "/mount-" +
+               file_safe(owner_name.empty() ? std::filesystem::path(mnt).filename().string()
+                                            : owner_name) +
+               ".log";
+  }
+  if (!log_path.empty() && !set_log_file(log_path))
+    return cli::fail(me, "cannot open the log file " + log_path + " (choose one with --log-file)");
+
+  const std::string broker_text = locks.broker.describe(), mount_id = locks.mount_id;
+  const std::int64_t lease_ms = locks.lease_ms;
+  mount::GateFs fs(std::move(options));
+  if (std::string error = fs.mount(); !error.empty()) return cli::fail(me, error);
+
+  if (!foreground) {
+    std::cout << "gate mount: " << root << " is at " << mnt << " (log: " << log_path
+              << "); stop with: fusermount3 -u " << mnt << std::endl;
+    if (!daemonize(log_path)) return cli::fail(me, "could not go to the background (fork failed)");
+  }
+  fs.start();
+  log(LogLevel::Info, "mount", "mounted ", root, " at ", mnt,
+      locking ? " with locks at broker " + broker_text + " as " + mount_id + " (lease " +
+                    std::to_string(lease_ms) + " ms)"
+              : std::string(" WITHOUT locking (--no-locking)"));
+  write_ready((*vm)["ready-fd"].as<int>());
+  int rc = fs.serve();
+  log(LogLevel::Info, "mount", "unmounted ", mnt);
+  return rc;
+}
+
+}  // namespace gate::cmd

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The cost of `gate mount`, in one run: the native directory, the mount with locking
+# (broker on its Unix socket) and the same mount with --no-locking, which separates
+# FUSE's cost from the broker's.
+#   (a) create+write+close of 2,000 4 KiB files, then open+read+close of them
+#   (b) sequential write and read of a 1 GiB file (dd, 1 MiB blocks)
+#   (c) git status and find . -type f | xargs stat on a 10,000-file tree
+#   plus open+close per second of one file, and the mount's RSS with 10,000 open handles.
+# Usage: bench/mount_bench.sh [path/to/gate]    (as root; BENCH_MB=256 for a quicker (b))
+set -euo pipefail
+
+GATE=$(realpath "${1:-build/default/apps/gate/gate}")
+HERE=$(cd "$(dirname "$0")" && pwd)
+MB=${BENCH_MB:-1024}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gate-bench-XXXXXX")
+PIDS=()
+MOUNTS=()
+
+cleanup() {
+  for m in "${MOUNTS[@]}"; do
+    fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || true
+  done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_for() {  # FILE: until it has a line, at most 20 s
+  for _ in $(seq 1 200); do
+    [ -s "$1" ] && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for $1" >&2
+  exit 1
+}
+
+c++ -O2 -std=c++17 -o "$WORK/mount_bench" "$HERE/mount_bench.cc"
+B="$WORK/mount_bench"
+
+mkdir -p "$WORK/state" "$WORK/native" "$WORK/root-locked" "$WORK/mnt-locked" \
+  "$WORK/root-plain" "$WORK/mnt-plain"
+"$GATE" broker --state-dir "$WORK/state" --port 0 --unix-socket "$WORK/broker.sock" \
+  --log-level warn --ready-fd 3 3>"$WORK/broker.port" 2>"$WORK/broker.log" &
+PIDS+=($!)
+wait_for "$WORK/broker.port"
+
+"$GATE" mount --foreground --root "$WORK/root-locked" --mount "$WORK/mnt-locked" \
+  --broker-socket "$WORK/broker.sock" --log-level warn --ready-fd 3 \
+  3>"$WORK/ready-locked" 2>"$WORK/mount-locked.log" &
+LOCKED_PID=$!
+PIDS+=($LOCKED_PID)
+MOUNTS+=("$WORK/mnt-locked")
+"$GATE" mount --foreground --root "$WORK/root-plain" --mount "$WORK/mnt-plain" --no-locking \
+  --log-level warn --ready-fd 3 3>"$WORK/ready-plain" 2>"$WORK/mount-plain.log" &
+PIDS+=($!)
+MOUNTS+=("$WORK/mnt-plain")
+wait_for "$WORK/ready-locked"
+wait_for "$WORK/ready-plain"
+
+declare -A DIR=([native]="$WORK/native" [locked]="$WORK/mnt-locked" [plain]="$WORK/mnt-plain")
+declare -A ROOT=([native]="$WORK/native" [locked]="$WORK/root-locked" [plain]="$WORK/root-plain")
+TARGETS=(native locked plain)
+TIMEFORMAT=%R
+
+echo "== gate mount benchmark ($(nproc) cores; locked = broker on its Unix socket; plain = --no-locking)"
+
+echo "-- (a) 2,000 files of 4 KiB"
+for t in "${TARGETS[@]}"; do
+  mkdir -p "${DIR[$t]}/a"
+  printf '%-7s ' "$t"
+  "$B" files "${DIR[$t]}/a" 2000 4096
+done
+
+echo "-- (b) sequential ${MB} MiB write (with fsync) and read, 1 MiB blocks"
+for t in "${TARGETS[@]}"; do
+  w=$(dd if=/dev/zero of="${DIR[$t]}/big" bs=1M count="$MB" conv=fsync 2>&1 | tail -1)
+  r=$(dd if="${DIR[$t]}/big" of=/dev/null bs=1M 2>&1 | tail -1)
+  printf '%-7s write: %s\n        read:  %s\n' "$t" "$w" "$r"
+  rm -f "${DIR[$t]}/big"
+done
+
+echo "-- (c) a 10,000-file tree in git (made in the source directory, not through the mount)"
+for t in "${TARGETS[@]}"; do
+  tree="${ROOT[$t]}/tree"
+  mkdir -p "$tree"
+  for d in $(seq 1 100); do
+    mkdir -p "$tree/d$d"
+    for f in $(seq 1 100); do echo "$d $f" >"$tree/d$d/f$f"; done
+  done
+  git -C "$tree" init -q
+  git -C "$tree" add -A
+  git -C "$tree" -c user.name=b -c user.email=b@example.com commit -qm tree
+done
+for t in "${TARGETS[@]}"; do
+  cd "${DIR[$t]}/tree"
+  git status >/dev/null  # first run fills caches
+  gs=$( { time git status >/dev/null; } 2>&1 )
+  st=$( { time (find . -type f -print0 | xargs -0 stat >/dev/null); } 2>&1 )
+  cd "$WORK"
+  printf '%-7s git status: %s s   find|xargs stat: %s s\n' "$t" "$gs" "$st"
+done
+
+echo "-- open+close of one existing file"
+for t in "${TARGETS[@]}"; do
+  printf '%-7s ' "$t"
+  "$B" openclose "${DIR[$t]}/a/f0" 20000
+done
+
+# The daemon needs two descriptors per open file (handle + inode), so the hard
+# limit caps how many handles fit; ask for 10,000 or as many as fit.
+HANDLES=$(( ($(ulimit -Hn) - 300) / 2 ))
+[ "$HANDLES" -gt 10000 ] && HANDLES=10000
+echo "-- resident memory of the locked mount with $HANDLES open handles"
+# A fresh mount: every file a mount has seen costs it a descriptor until the kernel
+# forgets the inode, and the runs above saw 12,000 files.
+fusermount3 -u "$WORK/mnt-locked"
+wait "$LOCKED_PID" 2>/dev/null || true
+"$GATE" mount --foreground --root "$WORK/root-locked" --mount "$WORK/mnt-locked" \
+  --broker-socket "$WORK/broker.sock" --log-level warn --ready-fd 3 \
+  3>"$WORK/ready-locked2" 2>"$WORK/mount-locked2.log" &
+LOCKED_PID=$!
+PIDS+=($LOCKED_PID)
+wait_for "$WORK/ready-locked2"
+ulimit -n "$(ulimit -Hn)"
+mkdir -p "$WORK/mnt-locked/h"
+coproc HOLD { "$B" hold "$WORK/mnt-locked/h" "$HANDLES"; }
+read -r line <&"${HOLD[0]}"
+rss=$(awk '/VmRSS/ {print $2, $3}' "/proc/$LOCKED_PID/status")
+locks=$(curl -s --unix-socket "$WORK/broker.sock" http://localhost/v1/locks/status | grep -o '"lock_id"' | wc -l || true)
+echo "locked  $line: mount RSS $rss, broker holds $locks locks"
+exec {HOLD[1]}>&-
+wait "$HOLD_PID" 2>/dev/null || true

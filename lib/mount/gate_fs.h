@@ -1,0 +1,60 @@
+#pragma once
+// GateFs: a FUSE passthrough of a source directory in which every open holds a
+// broker lock until its last close, as ../../shared/docs/locking.md ("What the
+// mount locks") says:
+//   open read-only -> read lock; open for writing, O_TRUNC, O_APPEND, create ->
+//   write lock; both held until the handle's release (or flush, when asked);
+//   setattr, xattr changes, unlink, mkdir, rmdir, mknod -> write lock for the call,
+//   re-entering an open handle's lock on the same key; rename, link, symlink ->
+//   write locks on both keys in sorted order.
+// A wait for a lock never blocks a FUSE worker (see LockAgent); Ctrl-C ends it with
+// EINTR. Names are resolved only with *at() calls on O_PATH fds and O_NOFOLLOW,
+// so nothing the mount is asked to do reaches outside the source directory.
+//
+// Use: mount() (reports errors), optionally daemonize, start(), serve() until
+// unmounted or SIGINT/SIGTERM; the destructor unmounts and releases every lock.
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "mount/lock_agent.h"
+
+struct fuse_session;
+
+namespace gate::mount {
+
+struct MountOptions {
+  std::string root;        // source directory
+  std::string mountpoint;  // where it shows
+  bool locking = true;     // off only for benchmarks (--no-locking)
+  LockAgentOptions locks;
+  bool release_on_flush = false;  // GATE_RELEASE_ON_FLUSH=1
+  bool allow_other = false;       // adds default_permissions
+  double cache_timeout_s = 1.0;   // kernel attribute/entry cache
+  unsigned max_threads = 64;      // FUSE workers; none ever waits for a lock
+  unsigned max_idle_threads = 16;
+  bool debug_fuse = false;
+};
+
+class GateFs {
+ public:
+  explicit GateFs(MountOptions options);
+  ~GateFs();
+  GateFs(const GateFs&) = delete;
+  GateFs& operator=(const GateFs&) = delete;
+
+  // Opens the source and mounts it. Returns "" or a sentence saying what failed.
+  std::string mount();
+  // Starts background threads (heartbeats). Call after any fork.
+  void start();
+  // Serves requests until unmounted or signalled (SIGINT, SIGTERM, SIGHUP), then
+  // ends every wait, releases every lock and unmounts. Returns 0 on a clean end.
+  int serve();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace gate::mount

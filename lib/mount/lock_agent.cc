@@ -1,0 +1,488 @@
+#include "mount/lock_agent.h"
+
+#include <dirent.h>
+#include <pthread.h>
+#include <unistd.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+
+#include "core/log.h"
+
+namespace gate::mount {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+constexpr std::size_t kMaxIdleClients = 32;
+constexpr auto kWaiterLinger = std::chrono::seconds(30);
+
+const char* mode_name(LockMode mode) { return mode == LockMode::Read ? "read" : "write"; }
+
+// BrokerClient reports broker trouble as values, but asio can still throw when the
+// process is out of descriptors (creating its epoll); treat that as "unreachable".
+template <typename Call>
+CallResult guarded(Call call) {
+  try {
+    return call();
+  } catch (const std::exception& e) {
+    CallResult r;
+    r.status = CallStatus::Unavailable;
+    r.error = e.what();
+    return r;
+  }
+}
+
+}  // namespace
+
+std::thread start_quiet_thread(std::function<void()> body) {
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_BLOCK, &all, &old);
+  std::thread t(std::move(body));
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return t;
+}
+
+void LockJob::interrupt() {
+  std::lock_guard lock(m_);
+  interrupted_ = true;
+  if (current_) current_->abort();
+  cv_.notify_all();
+}
+
+LockAgent::LockAgent(LockAgentOptions options) : options_(std::move(options)) {}
+
+LockAgent::~LockAgent() { stop(); }
+
+void LockAgent::start() {
+  if (heartbeat_.joinable()) return;
+  heartbeat_ = start_quiet_thread([this] { heartbeat_main(); });
+}
+
+std::string LockAgent::new_owner() const { return options_.mount_id + ":" + random_token(); }
+
+std::unique_ptr<BrokerClient> LockAgent::take_client() {
+  {
+    std::lock_guard lock(pool_m_);
+    if (!idle_clients_.empty()) {
+      auto client = std::move(idle_clients_.back());
+      idle_clients_.pop_back();
+      return client;
+    }
+  }
+  try {
+    return std::make_unique<BrokerClient>(options_.broker);
+  } catch (const std::exception& e) {
+    // Out of descriptors, typically: the call fails, the mount goes on.
+    log(LogLevel::Error, "mount", "cannot make a broker connection: ", e.what());
+    return nullptr;
+  }
+}
+
+void LockAgent::give_back(std::unique_ptr<BrokerClient> client) {
+  if (!client) return;
+  std::lock_guard lock(pool_m_);
+  if (idle_clients_.size() < kMaxIdleClients) idle_clients_.push_back(std::move(client));
+}
+
+AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
+                                       std::optional<std::int64_t> timeout_ms) const {
+  const LockNeed& need = job.needs[index];
+  AcquireRequest req;
+  req.path = need.key;
+  req.mode = mode_name(need.mode);
+  req.owner = need.owner;
+  req.timeout_ms = timeout_ms;
+  req.lease_ms = options_.lease_ms;
+  req.max_hold_ms = options_.max_hold_ms;
+  req.session = options_.mount_id + ":" + std::to_string(job.pid);
+  req.request_id = job.request_ids_[index];
+  return req;
+}
+
+int LockAgent::classify(const CallResult& r, const LockJob& job, std::size_t index,
+                        const BrokerClient& client, bool try_once) const {
+  const LockNeed& need = job.needs[index];
+  switch (r.status) {
+    case CallStatus::Ok:
+      return 0;
+    case CallStatus::Timeout:
+      return try_once ? -1 : EAGAIN;
+    case CallStatus::Deadlock:
+      log(LogLevel::Info, "mount", "refused ", mode_name(need.mode), " lock on ", need.key,
+          " for pid ", job.pid, ": it would deadlock (", r.error, "); returning EDEADLK");
+      return EDEADLK;
+    case CallStatus::Unavailable:
+      log(LogLevel::Error, "mount", "broker at ", client.endpoint().describe(),
+          " is unreachable (", r.error, "); ", mode_name(need.mode), " lock on ", need.key,
+          " fails with EIO");
+      return EIO;
+    case CallStatus::BadRequest:
+      log(LogLevel::Warn, "mount", "broker refused the lock request for ", need.key, ": ",
+          r.error);
+      return need.key.size() > defaults::kMaxKeyBytes ? ENAMETOOLONG : EIO;
+    case CallStatus::Forbidden:
+    case CallStatus::NotFound:
+      log(LogLevel::Warn, "mount", "unexpected broker answer ", to_string(r.status),
+          " to an acquire of ", need.key, ": ", r.error);
+      return EIO;
+  }
+  return EIO;
+}
+
+void LockAgent::run(const std::shared_ptr<LockJob>& job) {
+  job->started_ = Clock::now();
+  job->request_ids_.clear();
+  for (std::size_t i = 0; i < job->needs.size(); ++i)
+    job->request_ids_.push_back(random_token());
+  if (stopping_) return finish(job, EIO);
+
+  // Fast path: every lock that is free now is taken here, with one round trip each.
+  auto client = take_client();
+  if (!client) return finish(job, EMFILE);
+  std::size_t i = job->held.size();
+  for (; i < job->needs.size(); ++i) {
+    CallResult r = guarded([&] { return client->acquire(make_request(*job, i, 0)); });
+    if (r.status == CallStatus::Unavailable) {
+      // A kept-alive connection may have died with a broker restart; one retry
+      // goes through a fresh connection.
+      r = guarded([&] { return client->acquire(make_request(*job, i, 0)); });
+    }
+    int err = classify(r, *job, i, *client, /*try_once=*/true);
+    if (err == 0) {
+      job->held.push_back({job->needs[i].key, job->needs[i].mode, r.lock.lock_id, job->needs[i].owner,
+                           r.lock.fence});
+      continue;
+    }
+    if (err == -1 && !job->nonblocking) break;
+    give_back(std::move(client));
+    return finish(job, err == -1 ? EAGAIN : err);
+  }
+  give_back(std::move(client));
+  if (i == job->needs.size()) return finish(job, 0);
+  if (options_.acquire_timeout_ms && *options_.acquire_timeout_ms <= 0)
+    return finish(job, EAGAIN);
+  if (waits_for_itself(*job, i)) {
+    log(LogLevel::Info, "mount", "refused ", mode_name(job->needs[i].mode), " lock on ",
+        job->needs[i].key, " for pid ", job->pid,
+        ": it holds the file open itself, so it would wait forever; returning EDEADLK");
+    return finish(job, EDEADLK);
+  }
+  enqueue(job);
+}
+
+// Whether process `pid` has `key` of this mount open (its own or an inherited fd).
+bool LockAgent::process_has_open(pid_t pid, const std::string& key) const {
+  if (options_.mountpoint.empty() || pid <= 0) return false;
+  const std::string target = key == "." ? options_.mountpoint : options_.mountpoint + "/" + key;
+  const std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
+  DIR* dir = ::opendir(fd_dir.c_str());
+  if (!dir) return false;
+  bool found = false;
+  char link[PATH_MAX];
+  while (dirent* e = ::readdir(dir)) {
+    ssize_t n = ::readlinkat(::dirfd(dir), e->d_name, link, sizeof(link));
+    if (n > 0 && static_cast<std::size_t>(n) == target.size() &&
+        target.compare(0, target.size(), link, static_cast<std::size_t>(n)) == 0) {
+      found = true;
+      break;
+    }
+  }
+  ::closedir(dir);
+  return found;
+}
+
+bool LockAgent::waits_for_itself(const LockJob& job, std::size_t index) const {
+  const LockNeed& need = job.needs[index];
+  bool conflicting = false;
+  {
+    std::lock_guard guard(track_m_);
+    auto [begin, end] = by_key_.equal_range(need.key);
+    for (auto it = begin; it != end && !conflicting; ++it)
+      conflicting = need.mode == LockMode::Write || it->second->lock.mode == LockMode::Write;
+  }
+  return conflicting && process_has_open(job.pid, need.key);
+}
+
+void LockAgent::finish(const std::shared_ptr<LockJob>& job, int err) {
+  if (err != 0 && !job->held.empty()) {
+    release(job->held);
+    job->held.clear();
+  }
+  if (job->done) job->done(*job, err);
+}
+
+void LockAgent::enqueue(std::shared_ptr<LockJob> job) {
+  std::unique_lock lock(wait_m_);
+  if (stopping_) {
+    lock.unlock();
+    return finish(job, EIO);
+  }
+  queue_.push_back(std::move(job));
+  if (idle_threads_ < queue_.size()) {
+    ++threads_;
+    start_quiet_thread([this] { waiter_main(); }).detach();
+  }
+  wait_cv_.notify_one();
+}
+
+std::size_t LockAgent::waiting_jobs() const {
+  std::lock_guard lock(wait_m_);
+  return queue_.size() + waiting_.size();
+}
+
+void LockAgent::waiter_main() {
+  auto client = take_client();
+  std::unique_lock lock(wait_m_);
+  for (;;) {
+    ++idle_threads_;
+    bool woke = wait_cv_.wait_for(lock, kWaiterLinger,
+                                  [this] { return stopping_ || !queue_.empty(); });
+    --idle_threads_;
+    if (queue_.empty()) {
+      if (stopping_ || !woke) break;
+      continue;
+    }
+    std::shared_ptr<LockJob> job = std::move(queue_.front());
+    queue_.pop_front();
+    waiting_.push_back(job);
+    lock.unlock();
+    if (!client) client = take_client();
+    if (client) {
+      wait_for(job, *client);
+      // An interrupt aborts the client until reset (so no abort can be missed).
+      if (job->interrupted()) client->reset();
+    } else {
+      finish(job, EMFILE);
+    }
+    lock.lock();
+    std::erase_if(waiting_, [&](const std::weak_ptr<LockJob>& w) {
+      auto p = w.lock();
+      return !p || p == job;
+    });
+  }
+  lock.unlock();
+  client.reset();
+  // The last touch of `this`: stop() waits for threads_ to reach zero.
+  std::lock_guard done(wait_m_);
+  --threads_;
+  threads_done_cv_.notify_all();
+}
+
+void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client) {
+  std::optional<Clock::time_point> deadline;
+  if (options_.acquire_timeout_ms)
+    deadline = job->started_ + milliseconds(*options_.acquire_timeout_ms);
+  Clock::time_point unreachable_since{};
+  bool unreachable = false;
+  int err = 0;
+  std::size_t i = job->held.size();
+  while (i < job->needs.size()) {
+    {
+      std::lock_guard lock(job->m_);
+      if (job->interrupted_ || stopping_) {
+        err = job->interrupted_ ? EINTR : EIO;
+        break;
+      }
+      job->current_ = &client;
+    }
+    std::optional<std::int64_t> timeout;
+    if (deadline) {
+      auto left = std::chrono::duration_cast<milliseconds>(*deadline - Clock::now()).count();
+      timeout = std::max<std::int64_t>(0, left);
+    }
+    CallResult r = guarded([&] { return client.acquire(make_request(*job, i, timeout)); });
+    {
+      std::lock_guard lock(job->m_);
+      job->current_ = nullptr;
+    }
+    if (r.status == CallStatus::Ok)
+      job->held.push_back({job->needs[i].key, job->needs[i].mode, r.lock.lock_id, job->needs[i].owner,
+                           r.lock.fence});
+    if (job->interrupted_ || stopping_) {
+      // A grant that raced with Ctrl-C is given back by finish().
+      err = job->interrupted_ ? EINTR : EIO;
+      break;
+    }
+    if (r.status == CallStatus::Unavailable) {
+      // The broker went away while we queued (a restart keeps queued requests for a
+      // grace period, and the same request_id re-attaches): retry for a while.
+      auto now = Clock::now();
+      if (!unreachable) {
+        unreachable = true;
+        unreachable_since = now;
+        log(LogLevel::Warn, "mount", "broker at ", client.endpoint().describe(),
+            " dropped the wait for ", job->needs[i].key, " (", r.error, "); reconnecting");
+      } else if (now - unreachable_since > options_.reconnect_window) {
+        log(LogLevel::Error, "mount", "broker at ", client.endpoint().describe(),
+            " is unreachable (", r.error, "); the wait for ", job->needs[i].key,
+            " fails with EIO");
+        err = EIO;
+        break;
+      }
+      std::unique_lock lock(job->m_);
+      job->cv_.wait_for(lock, milliseconds(200),
+                        [&] { return job->interrupted_.load() || stopping_.load(); });
+      continue;
+    }
+    unreachable = false;
+    if (r.status == CallStatus::Ok) {
+      ++i;
+      continue;
+    }
+    err = classify(r, *job, i, client, /*try_once=*/false);
+    break;
+  }
+  if (err == EINTR)
+    log(LogLevel::Debug, "mount", "wait for ", job->needs[std::min(i, job->needs.size() - 1)].key,
+        " interrupted (pid ", job->pid, ")");
+  finish(job, err);
+}
+
+void LockAgent::release(const HeldLock& lock) { release(std::vector<HeldLock>{lock}); }
+
+void LockAgent::release(const std::vector<HeldLock>& locks) {
+  if (locks.empty()) return;
+  auto client = take_client();
+  if (!client) return;
+  // Reverse order of taking; the order does not matter to the broker but reads well.
+  for (auto it = locks.rbegin(); it != locks.rend(); ++it) {
+    CallResult r = guarded([&] { return client->release(it->lock_id, it->owner); });
+    if (r.status == CallStatus::Unavailable)
+      r = guarded([&] { return client->release(it->lock_id, it->owner); });
+    if (r.status == CallStatus::Ok) continue;
+    if (r.status == CallStatus::Unavailable) {
+      log(LogLevel::Warn, "mount", "could not release the lock on ", it->key, " (", it->lock_id,
+          "): broker at ", client->endpoint().describe(),
+          " is unreachable; it frees the lock when the lease runs out");
+    } else {
+      log(LogLevel::Debug, "mount", "release of ", it->key, " (", it->lock_id,
+          "): ", to_string(r.status), " ", r.error);
+    }
+  }
+  give_back(std::move(client));
+}
+
+std::shared_ptr<TrackedLock> LockAgent::track(HeldLock lock, pid_t pid) {
+  auto tracked = std::make_shared<TrackedLock>();
+  tracked->lock = std::move(lock);
+  tracked->pid = pid;
+  std::lock_guard guard(track_m_);
+  tracked_.emplace(tracked.get(), tracked);
+  by_key_.emplace(tracked->lock.key, tracked.get());
+  return tracked;
+}
+
+bool LockAgent::untrack(const std::shared_ptr<TrackedLock>& tracked) {
+  std::lock_guard guard(track_m_);
+  if (tracked_.erase(tracked.get()) == 0) return false;
+  auto [begin, end] = by_key_.equal_range(tracked->lock.key);
+  for (auto it = begin; it != end; ++it) {
+    if (it->second == tracked.get()) {
+      by_key_.erase(it);
+      break;
+    }
+  }
+  return true;
+}
+
+std::optional<std::string> LockAgent::owner_holding(const std::string& key, pid_t pid) const {
+  std::optional<std::string> other;
+  {
+    std::lock_guard guard(track_m_);
+    auto [begin, end] = by_key_.equal_range(key);
+    for (auto it = begin; it != end; ++it) {
+      const TrackedLock* t = it->second;
+      if (t->lost) continue;
+      if (t->pid == pid) return t->lock.owner;
+      if (!other) other = t->lock.owner;
+    }
+  }
+  // Another process's handle counts only when the caller holds that file open too
+  // (an inherited descriptor); otherwise the caller waits like anyone else.
+  if (other && process_has_open(pid, key)) return other;
+  return std::nullopt;
+}
+
+void LockAgent::heartbeat_main() {
+  std::unique_ptr<BrokerClient> client;
+  const auto interval = milliseconds(std::max<std::int64_t>(options_.lease_ms / 3, 50));
+  std::unique_lock lock(hb_m_);
+  while (!hb_cv_.wait_for(lock, interval, [this] { return stopping_.load(); })) {
+    lock.unlock();
+    if (!client) client = take_client();
+    if (client) heartbeat_all(*client);
+    lock.lock();
+  }
+}
+
+void LockAgent::heartbeat_all(BrokerClient& client) {
+  std::vector<std::shared_ptr<TrackedLock>> locks;
+  {
+    std::lock_guard guard(track_m_);
+    locks.reserve(tracked_.size());
+    for (auto& [ptr, tracked] : tracked_)
+      if (!tracked->lost) locks.push_back(tracked);
+  }
+  for (auto& t : locks) {
+    if (stopping_) return;
+    CallResult r =
+        guarded([&] { return client.heartbeat(t->lock.lock_id, t->lock.owner, options_.lease_ms); });
+    if (r.status == CallStatus::Ok) continue;
+    if (r.status == CallStatus::NotFound || r.status == CallStatus::Forbidden) {
+      t->lost_reason = r.status == CallStatus::NotFound
+                           ? "the broker no longer has it (its lease ran out or it reached "
+                             "the maximum hold time)"
+                           : "the broker says another owner holds it";
+      t->lost = true;
+      log(LogLevel::Warn, "mount", "lost the lock on ", t->lock.key, " (", t->lock.lock_id,
+          "): ", t->lost_reason, "; writes through this open file now fail with EIO");
+      continue;
+    }
+    log(LogLevel::Warn, "mount", "could not renew ", locks.size(), " lock(s): broker at ",
+        client.endpoint().describe(), " answered ", to_string(r.status), " (", r.error,
+        "); retrying");
+    return;
+  }
+}
+
+void LockAgent::stop() {
+  if (stopping_.exchange(true)) return;
+  {
+    std::unique_lock lock(wait_m_);
+    for (auto& w : waiting_)
+      if (auto job = w.lock()) {
+        std::lock_guard jl(job->m_);
+        if (job->current_) job->current_->abort();
+        job->cv_.notify_all();
+      }
+    wait_cv_.notify_all();
+    if (!threads_done_cv_.wait_for(lock, std::chrono::seconds(10),
+                                   [this] { return threads_ == 0; }))
+      log(LogLevel::Warn, "mount", threads_, " lock waiter(s) did not stop in time");
+  }
+  {
+    std::lock_guard lock(hb_m_);
+    hb_cv_.notify_all();
+  }
+  if (heartbeat_.joinable()) heartbeat_.join();
+
+  std::vector<HeldLock> held;
+  {
+    std::lock_guard guard(track_m_);
+    for (auto& [ptr, tracked] : tracked_) held.push_back(tracked->lock);
+    tracked_.clear();
+    by_key_.clear();
+  }
+  if (!held.empty()) {
+    log(LogLevel::Info, "mount", "releasing ", held.size(), " lock(s) still held at unmount");
+    release(held);
+  }
+}
+
+}  // namespace gate::mount

@@ -1,0 +1,179 @@
+#pragma once
+// LockAgent: everything the mount says to the broker.
+//
+// - A LockJob asks for one or more locks (already in the order they must be taken).
+//   LockAgent::run() first tries them at once on the calling thread with a pooled
+//   keep-alive client (timeout 0). Whatever cannot be granted now is handed to a
+//   waiter thread, which waits on its own BrokerClient and finishes the job there,
+//   so a FUSE worker never blocks on a lock wait. The job's `done` is called exactly
+//   once, on whichever thread finished it.
+// - LockJob::interrupt() (a FUSE interrupt, Ctrl-C) ends a wait at once: the
+//   waiter's connection is aborted, which also takes the request out of the broker's
+//   queue, and the job finishes with EINTR.
+// - Locks that outlive a call (open handles) are tracked: one background thread
+//   heartbeats them at a third of the lease and marks them lost when the broker no
+//   longer knows them.
+// - A pool of idle clients serves the short calls (try-acquire, release), so no
+//   call opens a new connection when an idle one exists.
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "client/broker_client.h"
+
+namespace gate::mount {
+
+enum class LockMode { Read, Write };
+
+struct LockNeed {
+  std::string key;
+  LockMode mode = LockMode::Write;
+  std::string owner;
+};
+
+struct HeldLock {
+  std::string key;
+  LockMode mode = LockMode::Write;
+  std::string lock_id;
+  std::string owner;
+  std::uint64_t fence = 0;
+};
+
+struct LockAgentOptions {
+  BrokerEndpoint broker;
+  std::string mount_id;  // session = "<mount_id>:<pid>"
+  std::int64_t lease_ms = defaults::kLeaseMs;
+  std::optional<std::int64_t> max_hold_ms;
+  std::optional<std::int64_t> acquire_timeout_ms;  // nullopt: wait until granted
+  // How long a queued wait keeps retrying while the broker is unreachable (a
+  // restart keeps queued requests for a grace period; request_id re-attaches).
+  std::chrono::milliseconds reconnect_window{defaults::kRestoreGraceMs};
+  // Where the mount shows; lets a wait be refused when the caller itself holds the
+  // file open through an inherited descriptor (`sh -c 'cat f >> f'`: the shell opened
+  // f, its child cat waits for it), which per-pid sessions cannot see.
+  std::string mountpoint;
+};
+
+// One request's locks. Create with std::make_shared, fill the public fields, run.
+class LockJob {
+ public:
+  std::vector<LockNeed> needs;  // taken in this order
+  pid_t pid = 0;                // of the calling process (for the session)
+  bool nonblocking = false;     // O_NONBLOCK: never wait, EAGAIN instead
+  // Called once: err 0 with every lock in `held`, or an errno with nothing held.
+  std::function<void(LockJob& job, int err)> done;
+
+  std::vector<HeldLock> held;
+
+  // Thread-safe, callable at any time (also before or after the wait).
+  void interrupt();
+  bool interrupted() const { return interrupted_.load(); }
+
+ private:
+  friend class LockAgent;
+  std::mutex m_;
+  std::condition_variable cv_;
+  BrokerClient* current_ = nullptr;  // the client waiting for this job
+  std::atomic<bool> interrupted_{false};
+  std::vector<std::string> request_ids_;
+  std::chrono::steady_clock::time_point started_;
+};
+
+// Shared between an open handle and the heartbeat thread.
+struct TrackedLock {
+  HeldLock lock;
+  pid_t pid = 0;
+  std::atomic<bool> lost{false};
+  std::string lost_reason;  // set before `lost` becomes true
+};
+
+class LockAgent {
+ public:
+  explicit LockAgent(LockAgentOptions options);
+  ~LockAgent();
+  LockAgent(const LockAgent&) = delete;
+  LockAgent& operator=(const LockAgent&) = delete;
+
+  // Starts the heartbeat thread (after daemonizing: fork keeps no threads).
+  void start();
+  // Ends every wait (jobs finish with EIO), releases every tracked lock, stops the
+  // threads. Idempotent.
+  void stop();
+
+  void run(const std::shared_ptr<LockJob>& job);
+
+  // Releases locks on a pooled client; failures are logged, never fatal (the lease
+  // frees the lock at the broker anyway).
+  void release(const std::vector<HeldLock>& locks);
+  void release(const HeldLock& lock);
+
+  std::shared_ptr<TrackedLock> track(HeldLock lock, pid_t pid);
+  // Stops heartbeating; returns false when it was not tracked (already released).
+  bool untrack(const std::shared_ptr<TrackedLock>& tracked);
+
+  // The owner token to re-enter for a metadata call by `pid` on `key`: that of a
+  // handle `pid` opened, or of any handle on `key` when `pid` holds the file open
+  // through an inherited descriptor; nullopt when the call must take its own lock.
+  std::optional<std::string> owner_holding(const std::string& key, pid_t pid) const;
+
+  std::string new_owner() const;
+  const LockAgentOptions& options() const { return options_; }
+  std::size_t waiting_jobs() const;
+
+ private:
+  std::unique_ptr<BrokerClient> take_client();
+  void give_back(std::unique_ptr<BrokerClient> client);
+
+  AcquireRequest make_request(const LockJob& job, std::size_t index,
+                              std::optional<std::int64_t> timeout_ms) const;
+  // Outcome of one acquire as an errno (0 granted, -1 "would wait").
+  int classify(const CallResult& r, const LockJob& job, std::size_t index,
+               const BrokerClient& client, bool try_once) const;
+  void finish(const std::shared_ptr<LockJob>& job, int err);
+  bool waits_for_itself(const LockJob& job, std::size_t index) const;
+  bool process_has_open(pid_t pid, const std::string& key) const;
+  void enqueue(std::shared_ptr<LockJob> job);
+  void waiter_main();
+  void wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client);
+  void heartbeat_main();
+  void heartbeat_all(BrokerClient& client);
+
+  LockAgentOptions options_;
+  std::atomic<bool> stopping_{false};
+
+  mutable std::mutex pool_m_;
+  std::vector<std::unique_ptr<BrokerClient>> idle_clients_;
+
+  // Waiter threads: one per waiting job at most; idle ones linger a while.
+  mutable std::mutex wait_m_;
+  std::condition_variable wait_cv_;
+  std::condition_variable threads_done_cv_;
+  std::deque<std::shared_ptr<LockJob>> queue_;
+  std::vector<std::weak_ptr<LockJob>> waiting_;  // jobs a waiter works on
+  std::size_t threads_ = 0;
+  std::size_t idle_threads_ = 0;
+
+  mutable std::mutex track_m_;
+  std::unordered_map<TrackedLock*, std::shared_ptr<TrackedLock>> tracked_;
+  std::unordered_multimap<std::string, TrackedLock*> by_key_;
+
+  std::mutex hb_m_;
+  std::condition_variable hb_cv_;
+  std::thread heartbeat_;
+};
+
+// Starts a thread with every signal blocked, so SIGINT/SIGTERM reach the thread
+// that runs the FUSE loop.
+std::thread start_quiet_thread(std::function<void()> body);
+
+}  // namespace gate::mount

@@ -1,0 +1,7 @@
+# The locked mount, end to end: a real broker, a real FUSE mount, real processes.
+# Included from test/CMakeLists.txt (needs root or a user allowed to mount FUSE).
+if(TARGET gate_mount)
+  add_executable(mount_test integration/mount_test.cc)
+  target_link_libraries(mount_test PRIVATE gate_test_support gate_client gate_core Boost::json)
+  catch_discover_tests(mount_test PROPERTIES LABELS "mount")
+endif()
