@@ -153,7 +153,7 @@ int broker(int argc, char** argv) {
     const auto held = snap.locks.size(), queued = snap.queue.size();
     table.restore(std::move(snap.locks), std::move(snap.queue), snap.next_fence, snap.next_req_id,
                   wall_clock_micros());
-    store->apply(table.take_journal(), table.next_fence(), table.next_req_id());
+    store->apply(table.take_journal());
     table.take_events();
     if (held || queued)
       log(LogLevel::Info, "broker", "restored ", held, " held locks and ", queued,

@@ -127,7 +127,9 @@ std::uint64_t BrokerService::handle(const std::string& method, const std::string
 
 void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t* ticket) {
   std::string error;
-  auto obj = parse_body_object(body, &error);
+  unsigned char scratch[4096];
+  json::monotonic_resource mr(scratch, sizeof scratch);
+  auto obj = parse_body_object(body, &error, &mr);
   std::optional<AcquireParams> p;
   if (obj) p = parse_acquire(*obj, &error);
   if (!p) {
@@ -172,7 +174,9 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
 
 void BrokerService::release(const std::string& body, Reply& reply) {
   std::string error, lock_id, owner;
-  auto obj = parse_body_object(body, &error);
+  unsigned char scratch[2048];
+  json::monotonic_resource mr(scratch, sizeof scratch);
+  auto obj = parse_body_object(body, &error, &mr);
   if (!obj || !get_string(*obj, "lock_id", true, &lock_id, &error) ||
       !get_string(*obj, "owner", true, &owner, &error)) {
     ++metrics_.bad_requests;
@@ -314,7 +318,7 @@ void BrokerService::flush() {
   std::string failure;
   if (store_ && !journal.empty()) {
     try {
-      store_->apply(journal, table_.next_fence(), table_.next_req_id());
+      store_->apply(journal);
     } catch (const std::exception& e) {
       saved = false;
       failure = e.what();

@@ -35,9 +35,10 @@ json::object queued_to_json(const QueuedRequest& r) {
   return o;
 }
 
-std::optional<json::object> parse_body_object(const std::string& body, std::string* error) {
+std::optional<json::object> parse_body_object(const std::string& body, std::string* error,
+                                              json::storage_ptr storage) {
   json::error_code ec;
-  json::value v = json::parse(body, ec);
+  json::value v = json::parse(body, ec, std::move(storage));
   if (ec) {
     *error = "body is not valid JSON: " + ec.message();
     return std::nullopt;

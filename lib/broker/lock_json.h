@@ -14,7 +14,9 @@ boost::json::object lock_to_json(const Lock& l);
 boost::json::object queued_to_json(const QueuedRequest& r);
 
 // Reads a request body as a JSON object; on failure sets *error for a 400 answer.
-std::optional<boost::json::object> parse_body_object(const std::string& body, std::string* error);
+// `storage` lets a caller parse into a buffer on its stack (no heap allocation).
+std::optional<boost::json::object> parse_body_object(const std::string& body, std::string* error,
+                                                     boost::json::storage_ptr storage = {});
 
 // Typed field access. Each returns false and sets *error when the field is present
 // with the wrong type (or missing when required).

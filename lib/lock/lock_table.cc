@@ -41,26 +41,27 @@ std::int64_t LockTable::effective_max_hold(std::optional<std::int64_t> asked) co
 
 Lock* LockTable::holder_of(const std::string& owner, const std::string& key) {
   auto it = by_owner_key_.find(owner_key(owner, key));
-  if (it == by_owner_key_.end()) return nullptr;
-  return &locks_.at(it->second);
+  return it == by_owner_key_.end() ? nullptr : it->second;
 }
 
 bool LockTable::write_held_by_other(const KeyState& ks, const std::string& owner) const {
-  for (const auto& id : ks.holders) {
-    const Lock& l = locks_.at(id);
-    if (l.mode == LockMode::Write && l.owner != owner) return true;
-  }
+  for (const Lock* l : ks.holders)
+    if (l->mode == LockMode::Write && l->owner != owner) return true;
   return false;
 }
 
 bool LockTable::held_only_by(const KeyState& ks, const std::string& owner) const {
-  for (const auto& id : ks.holders)
-    if (locks_.at(id).owner != owner) return false;
+  for (const Lock* l : ks.holders)
+    if (l->owner != owner) return false;
   return true;
 }
 
-void LockTable::index_lock(const Lock& l) { lock_deadlines_.emplace(l.ends_at(), l.lock_id); }
-void LockTable::unindex_lock(const Lock& l) { lock_deadlines_.erase({l.ends_at(), l.lock_id}); }
+void LockTable::index_lock(const Lock& l) {
+  lock_deadlines_.emplace(l.ends_at(), const_cast<Lock*>(&l));
+}
+void LockTable::unindex_lock(const Lock& l) {
+  lock_deadlines_.erase({l.ends_at(), const_cast<Lock*>(&l)});
+}
 
 void LockTable::put_lock_journal(const Lock& l) {
   JournalEntry e{JournalEntry::Kind::PutLock};
@@ -68,7 +69,22 @@ void LockTable::put_lock_journal(const Lock& l) {
   journal_.push_back(std::move(e));
 }
 
-void LockTable::counters_journal() { journal_.push_back({JournalEntry::Kind::Counters}); }
+void LockTable::reserve_fences() {
+  if (next_fence_ < fence_reserved_) return;
+  fence_reserved_ = next_fence_ + kFenceBlock;
+  JournalEntry e{JournalEntry::Kind::Counters};
+  e.fence_floor = fence_reserved_;
+  journal_.push_back(std::move(e));
+}
+
+Lock& LockTable::insert_lock(Lock l) {
+  auto [it, inserted] = locks_.emplace(l.lock_id, std::move(l));
+  Lock& stored = it->second;
+  by_owner_key_[owner_key(stored.owner, stored.key)] = &stored;
+  keys_[stored.key].holders.push_back(&stored);
+  index_lock(stored);
+  return stored;
+}
 
 AcquireResult LockTable::acquire(const AcquireParams& p, Micros now) {
   expire(now);
@@ -128,7 +144,6 @@ AcquireResult LockTable::acquire(const AcquireParams& p, Micros now) {
   r.requested_at = now;
   r.lease_ms = p.lease_ms && *p.lease_ms > 0 ? *p.lease_ms : options_.default_lease_ms;
   if (auto cap = effective_max_hold(p.max_hold_ms); cap > 0) r.max_hold_ms = cap;
-  counters_journal();
   const std::uint64_t id = r.req_id;
   ks.queue.push_back(id);
   waiting_by_session_[r.session].insert(id);
@@ -196,19 +211,16 @@ Lock& LockTable::grant(const QueuedRequest& r, Micros now) {
   l.max_hold_ms = r.max_hold_ms;
   l.hold_count = 1;
   l.fence = next_fence_++;
+  reserve_fences();
   if (r.orphan) {
     // Nobody may be there to use it: keep it only until the grace period ends
     // unless its client comes back and claims it.
     l.unclaimed_request_id = r.request_id;
     if (r.deadline) l.lease_expires_at = std::min(l.lease_expires_at, *r.deadline);
   }
-  counters_journal();
-  by_owner_key_[owner_key(l.owner, l.key)] = l.lock_id;
-  keys_[l.key].holders.push_back(l.lock_id);
-  index_lock(l);
-  put_lock_journal(l);
-  auto [it, inserted] = locks_.emplace(l.lock_id, std::move(l));
-  return it->second;
+  Lock& stored = insert_lock(std::move(l));
+  put_lock_journal(stored);
+  return stored;
 }
 
 void LockTable::pump(const std::string& key, Micros now) {
@@ -254,19 +266,16 @@ void LockTable::remove_request(std::uint64_t req_id) {
   requests_.erase(it);
 }
 
-void LockTable::drop_lock(const std::string& lock_id, const std::string& reason) {
-  auto it = locks_.find(lock_id);
-  if (it == locks_.end()) return;
-  Lock l = std::move(it->second);
-  locks_.erase(it);
-  unindex_lock(l);
-  by_owner_key_.erase(owner_key(l.owner, l.key));
-  auto& holders = keys_[l.key].holders;
-  holders.erase(std::find(holders.begin(), holders.end(), lock_id));
+void LockTable::drop_lock(Lock* lock, const std::string& reason) {
+  unindex_lock(*lock);
+  by_owner_key_.erase(owner_key(lock->owner, lock->key));
+  auto& holders = keys_[lock->key].holders;
+  holders.erase(std::find(holders.begin(), holders.end(), lock));
   JournalEntry e{JournalEntry::Kind::DeleteLock};
-  e.lock_id = lock_id;
+  e.lock_id = lock->lock_id;
   journal_.push_back(std::move(e));
-  if (!reason.empty()) events_.push_back({Event::Kind::Dropped, 0, std::move(l), reason});
+  auto node = locks_.extract(lock->lock_id);
+  if (!reason.empty()) events_.push_back({Event::Kind::Dropped, 0, std::move(node.mapped()), reason});
 }
 
 OpStatus LockTable::release(const std::string& lock_id, const std::string& owner, Micros now) {
@@ -280,7 +289,7 @@ OpStatus LockTable::release(const std::string& lock_id, const std::string& owner
     return OpStatus::Ok;
   }
   std::string key = l.key;
-  drop_lock(lock_id, "");
+  drop_lock(&l, "");
   pump(key, now);
   return OpStatus::Ok;
 }
@@ -313,12 +322,11 @@ bool LockTable::cancel(std::uint64_t req_id, Micros now) {
 void LockTable::expire(Micros now) {
   std::set<std::string> touched;
   while (!lock_deadlines_.empty() && lock_deadlines_.begin()->first <= now) {
-    const std::string id = lock_deadlines_.begin()->second;
-    const Lock& l = locks_.at(id);
-    const bool capped = l.max_hold_ms && l.acquired_at + *l.max_hold_ms * 1000 <= now &&
-                        l.acquired_at + *l.max_hold_ms * 1000 <= l.lease_expires_at;
-    touched.insert(l.key);
-    drop_lock(id, capped ? "hold cap reached" : "lease expired");
+    Lock* l = lock_deadlines_.begin()->second;
+    const bool capped = l->max_hold_ms && l->acquired_at + *l->max_hold_ms * 1000 <= now &&
+                        l->acquired_at + *l->max_hold_ms * 1000 <= l->lease_expires_at;
+    touched.insert(l->key);
+    drop_lock(l, capped ? "hold cap reached" : "lease expired");
   }
   while (!request_deadlines_.empty() && request_deadlines_.begin()->first <= now) {
     const std::uint64_t id = request_deadlines_.begin()->second;
@@ -361,8 +369,8 @@ std::optional<std::string> LockTable::find_deadlock(const QueuedRequest& root) c
     const QueuedRequest* r = todo.back();
     todo.pop_back();
     const KeyState& ks = keys_.at(r->key);
-    for (const auto& id : ks.holders) {
-      const Lock& l = locks_.at(id);
+    for (const Lock* holder : ks.holders) {
+      const Lock& l = *holder;
       if (l.owner == r->owner) continue;
       if (r->mode == LockMode::Read && l.mode == LockMode::Read) continue;
       if (l.session == self)
@@ -389,12 +397,9 @@ void LockTable::restore(std::vector<Lock> locks, std::vector<QueuedRequest> queu
     next_fence_ = std::max(next_fence_, l.fence + 1);
     // Nobody could heartbeat while the broker was down: give each lock its lease anew.
     l.lease_expires_at = std::max(l.lease_expires_at, now + l.lease_ms * 1000);
-    by_owner_key_[owner_key(l.owner, l.key)] = l.lock_id;
-    keys_[l.key].holders.push_back(l.lock_id);
-    index_lock(l);
-    std::string id = l.lock_id;
-    locks_.emplace(std::move(id), std::move(l));
+    insert_lock(std::move(l));
   }
+  fence_reserved_ = next_fence_;  // the next grant saves a new floor
   std::sort(queue.begin(), queue.end(),
             [](const auto& a, const auto& b) { return a.req_id < b.req_id; });
   const Micros grace_end = now + options_.restore_grace_ms * 1000;
@@ -429,7 +434,7 @@ std::vector<Lock> LockTable::locks(const std::string& key) const {
   }
   auto it = keys_.find(key);
   if (it == keys_.end()) return out;
-  for (const auto& id : it->second.holders) out.push_back(locks_.at(id));
+  for (const Lock* l : it->second.holders) out.push_back(*l);
   return out;
 }
 

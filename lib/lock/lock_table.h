@@ -104,6 +104,7 @@ struct JournalEntry {
   QueuedRequest request;   // PutRequest
   std::string lock_id;     // DeleteLock
   std::uint64_t req_id = 0;  // DeleteRequest
+  std::uint64_t fence_floor = 0;  // Counters: every future fence is at least this
 };
 
 struct LockTableOptions {
@@ -147,9 +148,12 @@ class LockTable {
 
  private:
   struct KeyState {
-    std::vector<std::string> holders;  // lock ids, in grant order
+    std::vector<Lock*> holders;        // in grant order
     std::vector<std::uint64_t> queue;  // req ids, in arrival order
   };
+  // Fences are saved in blocks: the store holds a floor above every fence handed
+  // out, so a restart never reuses one, without a counter write per grant.
+  static constexpr std::uint64_t kFenceBlock = 1024;
 
   static std::string owner_key(const std::string& owner, const std::string& key);
   static std::string session_of(const std::string& session, const std::string& owner);
@@ -161,7 +165,8 @@ class LockTable {
   Lock& grant(const QueuedRequest& r, Micros now);
   void reenter(Lock& lock, LockMode mode, Micros now);
   void remove_request(std::uint64_t req_id);
-  void drop_lock(const std::string& lock_id, const std::string& reason);
+  void drop_lock(Lock* lock, const std::string& reason);
+  Lock& insert_lock(Lock l);
   void forget_key_if_idle(const std::string& key);
   std::optional<std::string> find_deadlock(const QueuedRequest& r) const;
   std::vector<std::string> blockers(const QueuedRequest& r) const;
@@ -169,19 +174,21 @@ class LockTable {
   void index_lock(const Lock& l);
   void unindex_lock(const Lock& l);
   void put_lock_journal(const Lock& l);
-  void counters_journal();
+  void reserve_fences();
 
   LockTableOptions options_;
   IdSource new_lock_id_;
   std::uint64_t next_fence_ = 1;
+  std::uint64_t fence_reserved_ = 1;  // the floor the store holds
   std::uint64_t next_req_id_ = 1;
 
+  // Locks live in locks_ (nodes never move); the indexes point at them.
   std::unordered_map<std::string, Lock> locks_;  // by lock id
-  std::unordered_map<std::string, std::string> by_owner_key_;  // owner\0key -> lock id
+  std::unordered_map<std::string, Lock*> by_owner_key_;  // owner\0key
   std::unordered_map<std::string, KeyState> keys_;
   std::map<std::uint64_t, QueuedRequest> requests_;
   std::unordered_map<std::string, std::set<std::uint64_t>> waiting_by_session_;
-  std::set<std::pair<Micros, std::string>> lock_deadlines_;
+  std::set<std::pair<Micros, Lock*>> lock_deadlines_;
   std::set<std::pair<Micros, std::uint64_t>> request_deadlines_;
 
   std::vector<Event> events_;

@@ -144,11 +144,10 @@ LockStore::Snapshot LockStore::load() {
   return snap;
 }
 
-void LockStore::apply(const std::vector<JournalEntry>& journal, std::uint64_t next_fence,
-                      std::uint64_t next_req_id) {
+void LockStore::apply(const std::vector<JournalEntry>& journal) {
   try {
     SQLite::Transaction tx(*db_);
-    bool counters = false;
+    std::uint64_t fence_floor = 0;
     for (const auto& e : journal) {
       switch (e.kind) {
         case JournalEntry::Kind::PutLock: {
@@ -197,18 +196,15 @@ void LockStore::apply(const std::vector<JournalEntry>& journal, std::uint64_t ne
           delete_request_->reset();
           break;
         case JournalEntry::Kind::Counters:
-          counters = true;
+          fence_floor = std::max(fence_floor, e.fence_floor);
           break;
       }
     }
-    if (counters) {
-      for (auto [name, value] : {std::pair{"next_fence", next_fence},
-                                 std::pair{"next_req_id", next_req_id}}) {
-        put_counter_->bind(1, name);
-        put_counter_->bind(2, static_cast<int64_t>(value));
-        put_counter_->exec();
-        put_counter_->reset();
-      }
+    if (fence_floor) {
+      put_counter_->bind(1, "next_fence");
+      put_counter_->bind(2, static_cast<int64_t>(fence_floor));
+      put_counter_->exec();
+      put_counter_->reset();
     }
     tx.commit();
   } catch (const SQLite::Exception& e) {

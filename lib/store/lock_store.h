@@ -45,10 +45,9 @@ class LockStore {
   };
   Snapshot load();
 
-  // Writes the changes and the counters in one transaction. Throws
+  // Writes the changes (and the fence floor) in one transaction. Throws
   // std::runtime_error with a message for people when SQLite fails (disk full...).
-  void apply(const std::vector<JournalEntry>& journal, std::uint64_t next_fence,
-             std::uint64_t next_req_id);
+  void apply(const std::vector<JournalEntry>& journal);
 
   int schema_version();
 

@@ -36,7 +36,7 @@ TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]"
     p.mode = LockMode::Read;
     t.acquire(p, kNow);
     t.acquire(p, kNow);  // hold_count 2
-    store->apply(t.take_journal(), t.next_fence(), t.next_req_id());
+    store->apply(t.take_journal());
     before = t.locks();
   }
   auto store = LockStore::open(path, LockStore::Sync::Normal, &error);
@@ -46,7 +46,7 @@ TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]"
   REQUIRE(snap.queue.size() == 1);
   CHECK(snap.queue[0].owner == "B");
   CHECK(snap.queue[0].request_id == "rid");
-  CHECK(snap.next_fence == 3);
+  CHECK(snap.next_fence > 2);  // a floor above every fence handed out
   for (const auto& l : before) {
     auto it = std::find_if(snap.locks.begin(), snap.locks.end(),
                            [&](const Lock& s) { return s.lock_id == l.lock_id; });
@@ -69,9 +69,9 @@ TEST_CASE("released locks are gone from the store", "[store]") {
   REQUIRE(store);
   LockTable t = make_table();
   auto r = t.acquire({"k", LockMode::Write, "A", "", "", std::nullopt, std::nullopt, std::nullopt}, kNow);
-  store->apply(t.take_journal(), t.next_fence(), t.next_req_id());
+  store->apply(t.take_journal());
   t.release(r.lock.lock_id, "A", kNow);
-  store->apply(t.take_journal(), t.next_fence(), t.next_req_id());
+  store->apply(t.take_journal());
   CHECK(store->load().locks.empty());
 }
 
