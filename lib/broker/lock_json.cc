@@ -8,8 +8,8 @@ namespace gate {
 
 namespace json = boost::json;
 
-json::object lock_to_json(const Lock& l) {
-  json::object o;
+json::object lock_to_json(const Lock& l, json::storage_ptr storage) {
+  json::object o(std::move(storage));
   o["lock_id"] = l.lock_id;
   o["path"] = l.key;
   o["mode"] = to_string(l.mode);

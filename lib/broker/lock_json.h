@@ -10,7 +10,7 @@
 
 namespace gate {
 
-boost::json::object lock_to_json(const Lock& l);
+boost::json::object lock_to_json(const Lock& l, boost::json::storage_ptr storage = {});
 boost::json::object queued_to_json(const QueuedRequest& r);
 
 // Reads a request body as a JSON object; on failure sets *error for a 400 answer.

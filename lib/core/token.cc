@@ -2,19 +2,47 @@
 
 #include <sys/random.h>
 
+#include <unistd.h>
+
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 
 namespace gate {
 
-std::string random_token() {
-  std::uint8_t bytes[16];
-  std::size_t got = 0;
-  while (got < sizeof bytes) {
-    ssize_t n = ::getrandom(bytes + got, sizeof bytes - got, 0);
-    if (n < 0) throw std::runtime_error("getrandom failed");
-    got += static_cast<std::size_t>(n);
+namespace {
+
+// Kernel randomness fetched 4 KiB at a time: one system call per 256 tokens.
+// Per thread, and refilled after fork() so that parent and child never share bytes.
+struct RandomPool {
+  std::uint8_t bytes[4096];
+  std::size_t used = sizeof bytes;
+  pid_t pid = 0;
+
+  void take(std::uint8_t* out, std::size_t n) {
+    if (used + n > sizeof bytes || pid != ::getpid()) refill();
+    std::memcpy(out, bytes + used, n);
+    std::memset(bytes + used, 0, n);
+    used += n;
   }
+  void refill() {
+    std::size_t got = 0;
+    while (got < sizeof bytes) {
+      ssize_t n = ::getrandom(bytes + got, sizeof bytes - got, 0);
+      if (n < 0) throw std::runtime_error("getrandom failed");
+      got += static_cast<std::size_t>(n);
+    }
+    used = 0;
+    pid = ::getpid();
+  }
+};
+
+}  // namespace
+
+std::string random_token() {
+  thread_local RandomPool pool;
+  std::uint8_t bytes[16];
+  pool.take(bytes, sizeof bytes);
   static const char* hex = "0123456789abcdef";
   std::string out;
   out.reserve(32);
