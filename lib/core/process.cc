@@ -30,6 +30,18 @@ int decode_status(int status) {
 
 int pidfd_for(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
 
+// In a child before exec: close every descriptor from `from` up (but `keep`), so
+// that children see only stdio (some tools, e.g. mmdebstrap's dash scripts, break
+// when they get high descriptor numbers).
+void close_inherited(int from, int keep = -1) {
+  if (keep >= from) {
+    ::syscall(SYS_close_range, from, keep - 1, 0);
+    ::syscall(SYS_close_range, keep + 1, ~0U, 0);
+  } else {
+    ::syscall(SYS_close_range, from, ~0U, 0);
+  }
+}
+
 }  // namespace
 
 RunResult run_command(const std::vector<std::string>& argv, std::chrono::milliseconds timeout) {
@@ -49,6 +61,7 @@ RunResult run_command(const std::vector<std::string>& argv, std::chrono::millise
     ::dup2(devnull, 0);
     ::dup2(out[1], 1);
     ::dup2(out[1], 2);
+    close_inherited(3);
     ::execvp(cargv[0], cargv.data());
     ::_exit(127);
   }
@@ -108,6 +121,7 @@ Daemon start_daemon(const std::vector<std::string>& argv, const std::string& log
     ::dup2(log_fd, 1);
     ::dup2(log_fd, 2);
     ::fcntl(ready[1], F_SETFD, 0);  // the daemon keeps the write end
+    close_inherited(3, wants_ready ? ready[1] : -1);
     ::signal(SIGINT, SIG_DFL);
     ::execvp(cargv[0], cargv.data());
     ::_exit(127);
