@@ -78,8 +78,31 @@ void LockStore::migrate() {
         "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
         "PRAGMA user_version = 1;");
     tx.commit();
+    version = 1;
   }
-  // Later versions add steps here: if (version == 1) { ...; user_version = 2 }.
+  if (version == 1) {
+    // v2: locks and counters keyed by their primary key alone (WITHOUT ROWID), so a
+    // commit writes one b-tree instead of a table and its index.
+    SQLite::Transaction tx(*db_);
+    db_->exec(
+        "CREATE TABLE locks_v2 ("
+        " lock_id TEXT PRIMARY KEY, key TEXT NOT NULL, mode TEXT NOT NULL,"
+        " owner TEXT NOT NULL, session TEXT NOT NULL, acquired_at INTEGER NOT NULL,"
+        " lease_expires_at INTEGER NOT NULL, lease_ms INTEGER NOT NULL,"
+        " max_hold_ms INTEGER, hold_count INTEGER NOT NULL, fence INTEGER NOT NULL) WITHOUT ROWID;"
+        "INSERT INTO locks_v2 SELECT lock_id, key, mode, owner, session, acquired_at,"
+        " lease_expires_at, lease_ms, max_hold_ms, hold_count, fence FROM locks;"
+        "DROP TABLE locks;"
+        "ALTER TABLE locks_v2 RENAME TO locks;"
+        "CREATE TABLE counters_v2 (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;"
+        "INSERT INTO counters_v2 SELECT name, value FROM counters;"
+        "DROP TABLE counters;"
+        "ALTER TABLE counters_v2 RENAME TO counters;"
+        "PRAGMA user_version = 2;");
+    tx.commit();
+    version = 2;
+  }
+  // Later versions add a step here: if (version == 2) { ...; user_version = 3 }.
 }
 
 void LockStore::prepare() {

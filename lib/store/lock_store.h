@@ -30,7 +30,7 @@ namespace gate {
 class LockStore {
  public:
   enum class Sync { Normal, Full };
-  static constexpr int kSchemaVersion = 1;
+  static constexpr int kSchemaVersion = 2;
 
   // Opens (creating if needed) the database; nullptr and a message for people on
   // failure.

@@ -115,3 +115,38 @@ TEST_CASE("a database with foreign tables and no version is refused", "[store]")
   CHECK_FALSE(LockStore::open(path, LockStore::Sync::Normal, &error));
   CHECK(error.find("not a gate lock database") != std::string::npos);
 }
+
+TEST_CASE("a version 1 database is migrated forward with its locks", "[store]") {
+  test::TempDir dir;
+  const std::string path = dir.path() + "/locks.db";
+  {
+    // The schema as gate 0.1's first store wrote it.
+    SQLite::Database db(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec(
+        "CREATE TABLE locks ("
+        " lock_id TEXT PRIMARY KEY, key TEXT NOT NULL, mode TEXT NOT NULL,"
+        " owner TEXT NOT NULL, session TEXT NOT NULL, acquired_at INTEGER NOT NULL,"
+        " lease_expires_at INTEGER NOT NULL, lease_ms INTEGER NOT NULL,"
+        " max_hold_ms INTEGER, hold_count INTEGER NOT NULL, fence INTEGER NOT NULL);"
+        "CREATE TABLE requests ("
+        " req_id INTEGER PRIMARY KEY, key TEXT NOT NULL, mode TEXT NOT NULL,"
+        " owner TEXT NOT NULL, session TEXT NOT NULL, request_id TEXT NOT NULL,"
+        " requested_at INTEGER NOT NULL, lease_ms INTEGER NOT NULL, max_hold_ms INTEGER,"
+        " deadline INTEGER);"
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        "INSERT INTO locks VALUES ('old-lock', 'src/a.c', 'write', 'o', 'owner:o', 1, 2, 30000, NULL, 3, 41);"
+        "INSERT INTO counters VALUES ('next_fence', 1066);"
+        "PRAGMA user_version = 1;");
+  }
+  std::string error;
+  auto store = LockStore::open(path, LockStore::Sync::Normal, &error);
+  REQUIRE(store);
+  CHECK(store->schema_version() == 2);
+  auto snap = store->load();
+  REQUIRE(snap.locks.size() == 1);
+  CHECK(snap.locks[0].lock_id == "old-lock");
+  CHECK(snap.locks[0].hold_count == 3);
+  CHECK(snap.locks[0].fence == 41);
+  CHECK_FALSE(snap.locks[0].max_hold_ms);
+  CHECK(snap.next_fence == 1066);
+}
