@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "client/broker_client.h"
+#include "core/process.h"
 #include "core/token.h"
 #include "support/test_support.h"
 
@@ -1628,4 +1629,61 @@ TEST_CASE("kill -9 during a burst of acquires and releases loses no held lock an
   LockInfo after = must_acquire(c, acq("burst/after-restart", "write", uid("Z")));
   CHECK(after.fence > max_fence);
   for (const auto& l : s.locks) CHECK(after.fence > l.fence);
+}
+
+TEST_CASE("a full disk answers 503, keeps the held locks, and the broker recovers when space returns",
+          "[broker][disk]") {
+  if (::geteuid() != 0) return;  // mounting a small tmpfs needs root
+  gate::test::TempDir dir("gate-disk");
+  const std::string fs_dir = dir.path() + "/small";
+  ::mkdir(fs_dir.c_str(), 0700);
+  REQUIRE(gate::run_command({"mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", fs_dir}).status == 0);
+  struct Unmount {
+    std::string path;
+    ~Unmount() { gate::run_command({"umount", "-l", path}); }
+  } unmount{fs_dir};
+
+  BrokerProcess broker(BrokerProcess::Options{fs_dir, false, {}});
+  const auto ep = broker.endpoint();
+  BrokerClient c(ep);
+  const std::string A = uid("A");
+  LockInfo held = must_acquire(c, acq("held.txt", "write", A));
+
+  // Fill the file system, then keep acquiring until saving fails.
+  const std::string filler = fs_dir + "/filler";
+  {
+    int fd = ::open(filler.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    REQUIRE(fd >= 0);
+    std::string block(64 * 1024, 'x');
+    while (::write(fd, block.data(), block.size()) > 0) {
+    }
+    ::close(fd);
+  }
+  std::optional<CallResult> failed;
+  for (int i = 0; i < 5000 && !failed; ++i) {
+    CallResult r = c.acquire(acq("k" + std::to_string(i), "write", uid("F"), 0));
+    if (r.status == CallStatus::Ok) c.release(r.lock.lock_id, r.lock.owner);
+    else failed = r;
+  }
+  REQUIRE(failed);
+  REQUIRE(failed->status == CallStatus::Unavailable);
+  INFO(failed->error);
+  CHECK(failed->error.find("could not be saved") != std::string::npos);
+  // Alive, and saying what is wrong, while nothing can be saved.
+  HttpReply health = c.request("GET", "/v1/health", "");
+  CHECK(health.status == 503);
+  CHECK(health.body.find("disk is full") != std::string::npos);
+
+  ::unlink(filler.c_str());
+  CallResult again = c.acquire(acq("after.txt", "write", uid("B"), 0));
+  CHECK(again.status == CallStatus::Ok);
+  CHECK(c.heartbeat(held.lock_id, A).status == CallStatus::Ok);
+  BrokerClient m(ep);
+  CHECK(m.request("GET", "/metrics", "").body.find("gate_store_failures_total 0") == std::string::npos);
+
+  // What was saved survives a restart: the lock held before the disk filled is there.
+  broker.kill9();
+  broker.start();
+  BrokerClient c2(broker.endpoint());
+  CHECK(c2.heartbeat(held.lock_id, A).status == CallStatus::Ok);
 }
