@@ -1,14 +1,20 @@
 #include "client/broker_client.h"
 
-#include <boost/asio/connect.hpp>
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/local/stream_protocol.hpp>
-#include <boost/asio/post.hpp>
-#include <boost/beast/core.hpp>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <boost/asio/buffer.hpp>
+#include <boost/beast/core/error.hpp>
 #include <boost/beast/http.hpp>
 #include <boost/json.hpp>
 
+#include <cerrno>
+#include <cstring>
 #include <mutex>
 
 namespace gate {
@@ -17,7 +23,6 @@ namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
 namespace json = boost::json;
-using error_code = boost::system::error_code;
 
 const char* to_string(CallStatus s) {
   switch (s) {
@@ -32,85 +37,164 @@ const char* to_string(CallStatus s) {
   return "?";
 }
 
+// Blocking sockets with poll() for time limits: a call costs a send and a receive
+// or two, with no event loop or timers around them (the mount makes thousands of
+// these calls a second). abort() shuts the socket down from another thread, which
+// wakes a blocked poll() at once.
 struct BrokerClient::Impl {
-  asio::io_context ioc{1};
-  std::optional<beast::tcp_stream> tcp;
-  std::optional<beast::basic_stream<asio::local::stream_protocol>> local;
-  beast::flat_buffer buffer;
+  std::mutex mu;  // guards fd against abort() from another thread
+  int fd = -1;
+  std::string inbuf;  // bytes received but not yet parsed
   std::atomic<bool> aborted{false};
   std::chrono::milliseconds io_timeout;
 
-  bool connected() const {
-    return (tcp && tcp->socket().is_open()) || (local && local->socket().is_open());
+  bool connected() {
+    std::lock_guard lock(mu);
+    return fd >= 0;
   }
 
   void close() {
-    if (tcp) tcp->close();
-    if (local) local->close();
-    tcp.reset();
-    local.reset();
-    buffer.clear();
+    std::lock_guard lock(mu);
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+    inbuf.clear();
   }
 
-  void run() {
-    ioc.restart();
-    ioc.run();
-  }
-
-  error_code connect(const BrokerEndpoint& ep) {
-    error_code result = asio::error::operation_aborted;
-    if (!ep.unix_socket.empty()) {
-      local.emplace(ioc);
-      local->expires_after(io_timeout);
-      local->async_connect(asio::local::stream_protocol::endpoint(ep.unix_socket),
-                           [&](error_code ec) { result = ec; });
-    } else {
-      error_code ec;
-      auto address = asio::ip::make_address(ep.host, ec);
-      std::vector<asio::ip::tcp::endpoint> endpoints;
-      if (!ec) {
-        endpoints.emplace_back(address, ep.port);
-      } else {
-        asio::ip::tcp::resolver resolver(ioc);
-        for (const auto& e : resolver.resolve(ep.host, std::to_string(ep.port), ec))
-          endpoints.push_back(e.endpoint());
-        if (ec) return ec;
+  // Waits until fd is ready for `events`; false on time-out, error or abort.
+  bool wait(int sock, short events, int timeout_ms, std::string* error) {
+    pollfd p{sock, events, 0};
+    while (true) {
+      int r = ::poll(&p, 1, timeout_ms);
+      if (r < 0 && errno == EINTR) continue;
+      if (aborted) {
+        *error = "aborted";
+        return false;
       }
-      tcp.emplace(ioc);
-      tcp->expires_after(io_timeout);
-      tcp->async_connect(endpoints, [&](error_code ec, const asio::ip::tcp::endpoint&) {
-        result = ec;
-      });
+      if (r == 0) {
+        *error = "timed out after " + std::to_string(timeout_ms) + " ms";
+        return false;
+      }
+      if (r < 0) {
+        *error = std::strerror(errno);
+        return false;
+      }
+      return true;  // ready, or hung up: the next read/write says which
     }
-    run();
-    if (!result && tcp) tcp->socket().set_option(asio::ip::tcp::no_delay(true), result);
-    if (result) close();
-    return result;
   }
 
-  template <class Stream>
-  error_code exchange(Stream& stream, http::request<http::string_body>& req,
-                      http::response<http::string_body>& res, bool wait_forever,
-                      bool* got_bytes) {
-    error_code result = asio::error::operation_aborted;
+  std::string connect(const BrokerEndpoint& ep) {
+    sockaddr_storage addr{};
+    socklen_t len = 0;
+    int family;
+    if (!ep.unix_socket.empty()) {
+      auto* un = reinterpret_cast<sockaddr_un*>(&addr);
+      if (ep.unix_socket.size() >= sizeof un->sun_path) return "socket path too long";
+      un->sun_family = AF_UNIX;
+      std::memcpy(un->sun_path, ep.unix_socket.c_str(), ep.unix_socket.size() + 1);
+      len = sizeof(sockaddr_un);
+      family = AF_UNIX;
+    } else {
+      addrinfo hints{};
+      hints.ai_socktype = SOCK_STREAM;
+      hints.ai_flags = AI_NUMERICSERV;
+      addrinfo* res = nullptr;
+      if (int rc = ::getaddrinfo(ep.host.c_str(), std::to_string(ep.port).c_str(), &hints, &res); rc != 0)
+        return std::string("cannot resolve ") + ep.host + ": " + ::gai_strerror(rc);
+      std::memcpy(&addr, res->ai_addr, res->ai_addrlen);
+      len = res->ai_addrlen;
+      family = res->ai_family;
+      ::freeaddrinfo(res);
+    }
+    int sock = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (sock < 0) return std::strerror(errno);
+    {
+      std::lock_guard lock(mu);
+      fd = sock;
+    }
+    if (aborted) return "aborted";
+    if (::connect(sock, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
+      if (errno != EINPROGRESS && errno != EAGAIN) return std::strerror(errno);
+      std::string error;
+      if (!wait(sock, POLLOUT, static_cast<int>(io_timeout.count()), &error)) return error;
+      int err = 0;
+      socklen_t elen = sizeof err;
+      ::getsockopt(sock, SOL_SOCKET, SO_ERROR, &err, &elen);
+      if (err != 0) return std::strerror(err);
+    }
+    if (family != AF_UNIX) {
+      int one = 1;
+      ::setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    return "";
+  }
+
+  std::string send_all(const std::string& data) {
+    const int sock = fd;
+    std::size_t sent = 0;
+    while (sent < data.size()) {
+      ssize_t n = ::send(sock, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
+      if (n > 0) {
+        sent += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        std::string error;
+        if (!wait(sock, POLLOUT, static_cast<int>(io_timeout.count()), &error)) return error;
+        continue;
+      }
+      return aborted ? "aborted" : std::strerror(errno);
+    }
+    return "";
+  }
+
+  // Reads one response. *got_bytes tells whether anything at all arrived.
+  std::string receive(http::response<http::string_body>& res, bool wait_forever, bool* got_bytes) {
+    const int sock = fd;
     http::response_parser<http::string_body> parser;
     parser.body_limit(256 * 1024 * 1024);
-    stream.expires_after(io_timeout);
-    http::async_write(stream, req, [&](error_code ec, std::size_t) {
-      if (ec) {
-        result = ec;
-        return;
+    parser.eager(true);
+    char buf[16384];
+    while (true) {
+      if (!inbuf.empty()) {
+        beast::error_code ec;
+        std::size_t used = parser.put(asio::buffer(inbuf), ec);
+        inbuf.erase(0, used);
+        if (ec && ec != http::error::need_more) return "bad answer from the broker: " + ec.message();
+        if (parser.is_done()) {
+          res = parser.release();
+          return "";
+        }
+        if (!ec && used > 0) continue;  // the parser may take more of what we have
       }
-      if (wait_forever) stream.expires_never();
-      else stream.expires_after(io_timeout);
-      http::async_read(stream, buffer, parser, [&](error_code ec2, std::size_t n) {
-        result = ec2;
-        *got_bytes = n > 0;
-      });
-    });
-    run();
-    if (!result) res = parser.release();
-    return result;
+      ssize_t n = ::recv(sock, buf, sizeof buf, 0);
+      if (n > 0) {
+        *got_bytes = true;
+        inbuf.append(buf, static_cast<std::size_t>(n));
+        continue;
+      }
+      if (n == 0) {
+        if (aborted) return "aborted";
+        // An answer that ends with the connection (no length) is complete; anything
+        // else cut short, or nothing at all, is not.
+        if (!parser.is_header_done()) return "the broker closed the connection";
+        beast::error_code ec;
+        parser.put_eof(ec);
+        if (!ec && parser.is_done()) {
+          res = parser.release();
+          return "";
+        }
+        return "the broker closed the connection";
+      }
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        std::string error;
+        if (!wait(sock, POLLIN, wait_forever ? -1 : static_cast<int>(io_timeout.count()), &error))
+          return error;
+        continue;
+      }
+      return aborted ? "aborted" : std::strerror(errno);
+    }
   }
 };
 
@@ -119,20 +203,15 @@ BrokerClient::BrokerClient(BrokerEndpoint endpoint, std::chrono::milliseconds io
   impl_->io_timeout = io_timeout;
 }
 
-BrokerClient::~BrokerClient() = default;
+BrokerClient::~BrokerClient() { impl_->close(); }
 
 void BrokerClient::abort() {
   impl_->aborted = true;
-  // Runs inside the call in progress (or at the next reset()).
-  asio::post(impl_->ioc, [impl = impl_.get()] {
-    if (impl->tcp) impl->tcp->socket().close();
-    if (impl->local) impl->local->socket().close();
-  });
+  std::lock_guard lock(impl_->mu);
+  if (impl_->fd >= 0) ::shutdown(impl_->fd, SHUT_RDWR);
 }
 
 void BrokerClient::reset() {
-  impl_->ioc.restart();
-  impl_->ioc.poll();
   impl_->close();
   impl_->aborted = false;
 }
@@ -147,24 +226,23 @@ HttpReply BrokerClient::request(const std::string& method, const std::string& ta
     }
     const bool reused = impl_->connected();
     if (!reused) {
-      if (error_code ec = impl_->connect(endpoint_)) {
-        reply.error = "cannot reach the broker at " + endpoint_.describe() + ": " + ec.message();
-        if (impl_->aborted) reply.error = "aborted";
+      if (std::string e = impl_->connect(endpoint_); !e.empty()) {
+        impl_->close();
+        reply.error = impl_->aborted ? "aborted"
+                                     : "cannot reach the broker at " + endpoint_.describe() + ": " + e;
         return reply;
       }
     }
-    http::request<http::string_body> req{http::string_to_verb(method), target, 11};
-    req.set(http::field::host, endpoint_.unix_socket.empty() ? endpoint_.host : "localhost");
-    req.set(http::field::user_agent, "gate");
-    if (!body.empty()) req.set(http::field::content_type, "application/json");
-    req.keep_alive(true);
-    req.body() = body;
-    req.prepare_payload();
+    std::string req = method + " " + target + " HTTP/1.1\r\nHost: " +
+                      (endpoint_.unix_socket.empty() ? endpoint_.host : std::string("localhost")) +
+                      "\r\nUser-Agent: gate\r\n";
+    if (!body.empty()) req += "Content-Type: application/json\r\n";
+    req += "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
     http::response<http::string_body> res;
     bool got_bytes = false;
-    error_code ec = impl_->tcp ? impl_->exchange(*impl_->tcp, req, res, wait_forever, &got_bytes)
-                               : impl_->exchange(*impl_->local, req, res, wait_forever, &got_bytes);
-    if (!ec) {
+    std::string error = impl_->send_all(req);
+    if (error.empty()) error = impl_->receive(res, wait_forever, &got_bytes);
+    if (error.empty()) {
       reply.status = res.result_int();
       reply.body = std::move(res.body());
       if (!res.keep_alive()) impl_->close();
@@ -176,11 +254,8 @@ HttpReply BrokerClient::request(const std::string& method, const std::string& ta
       return reply;
     }
     // A kept-alive connection the broker had already closed: try once on a new one.
-    if (reused && !got_bytes && (ec == http::error::end_of_stream || ec == asio::error::eof ||
-                                 ec == asio::error::connection_reset ||
-                                 ec == asio::error::broken_pipe))
-      continue;
-    reply.error = "broker at " + endpoint_.describe() + " did not answer: " + ec.message();
+    if (reused && !got_bytes && error.find("timed out") == std::string::npos) continue;
+    reply.error = "broker at " + endpoint_.describe() + " did not answer: " + error;
     return reply;
   }
   return reply;
