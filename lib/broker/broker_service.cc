@@ -149,7 +149,7 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
     case AcquireResult::Kind::Granted:
       ++metrics_.grants;
       record_wait(0);
-      answer(std::move(reply), granted_answer(r.lock));
+      answer(std::move(reply), granted_answer(r.lock), undo_grant(r.lock));
       return;
     case AcquireResult::Kind::Timeout:
       ++metrics_.timeouts;
@@ -256,8 +256,12 @@ void BrokerService::client_gone(std::uint64_t ticket) {
   after_change();
 }
 
-void BrokerService::answer(Reply reply, HttpAnswer a) {
-  pending_.emplace_back(std::move(reply), std::move(a));
+void BrokerService::answer(Reply reply, HttpAnswer a, std::function<void()> undo) {
+  pending_.push_back({std::move(reply), std::move(a), std::move(undo)});
+}
+
+std::function<void()> BrokerService::undo_grant(const Lock& l) {
+  return [this, id = l.lock_id, owner = l.owner] { table_.release(id, owner, clock_()); };
 }
 
 void BrokerService::record_wait(Micros waited) {
@@ -281,7 +285,7 @@ void BrokerService::process_events() {
         log(LogLevel::Info, "broker", "granted ", to_string(e.lock.mode), " '", e.lock.key,
             "' to ", e.lock.owner, " after waiting ", waited / 1000, " ms (fence ",
             e.lock.fence, ")");
-        answer(std::move(it->second.reply), granted_answer(e.lock));
+        answer(std::move(it->second.reply), granted_answer(e.lock), undo_grant(e.lock));
         waiters_.erase(it);
         break;
       }
@@ -333,11 +337,19 @@ void BrokerService::flush() {
     }
   }
   auto pending = std::exchange(pending_, {});
-  for (auto& [reply, a] : pending) {
-    if (!saved && a.status < 300)
-      a = status_answer(503, "unavailable", "lock state could not be saved: " + failure);
-    reply(std::move(a));
+  bool undone = false;
+  for (auto& p : pending) {
+    if (!saved && p.answer.status < 300) {
+      if (p.undo) {
+        p.undo();
+        undone = true;
+      }
+      p.answer = status_answer(503, "unavailable", "lock state could not be saved: " + failure);
+    }
+    p.reply(std::move(p.answer));
   }
+  // Undone grants may let waiters in: handle that like any other change.
+  if (undone) after_change();
 }
 
 void BrokerService::arm_timer() {

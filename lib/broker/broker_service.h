@@ -77,11 +77,14 @@ class BrokerService {
   void release(const std::string& body, Reply& reply);
   void heartbeat(const std::string& body, Reply& reply);
   void status(const std::string& query, Reply& reply);
-  void answer(Reply reply, HttpAnswer a);
+  // `undo` runs instead of the answer when the change cannot be saved (a grant the
+  // client is told failed must not stay held).
+  void answer(Reply reply, HttpAnswer a, std::function<void()> undo = nullptr);
   void after_change();
   void process_events();
   void arm_timer();
   void record_wait(Micros waited);
+  std::function<void()> undo_grant(const Lock& l);
 
   boost::asio::io_context& ioc_;
   LockTable& table_;
@@ -90,7 +93,12 @@ class BrokerService {
   boost::asio::steady_timer timer_;
   std::optional<Micros> timer_at_;
   std::unordered_map<std::uint64_t, Waiter> waiters_;
-  std::vector<std::pair<Reply, HttpAnswer>> pending_;
+  struct Pending {
+    Reply reply;
+    HttpAnswer answer;
+    std::function<void()> undo;
+  };
+  std::vector<Pending> pending_;
   std::vector<JournalEntry> unsaved_;
   bool flush_scheduled_ = false;
   bool shutting_down_ = false;

@@ -1660,8 +1660,10 @@ TEST_CASE("a full disk answers 503, keeps the held locks, and the broker recover
     ::close(fd);
   }
   std::optional<CallResult> failed;
+  std::string failed_key;
   for (int i = 0; i < 5000 && !failed; ++i) {
-    CallResult r = c.acquire(acq("k" + std::to_string(i), "write", uid("F"), 0));
+    failed_key = "k" + std::to_string(i);
+    CallResult r = c.acquire(acq(failed_key, "write", uid("F"), 0));
     if (r.status == CallStatus::Ok) c.release(r.lock.lock_id, r.lock.owner);
     else failed = r;
   }
@@ -1677,6 +1679,8 @@ TEST_CASE("a full disk answers 503, keeps the held locks, and the broker recover
   ::unlink(filler.c_str());
   CallResult again = c.acquire(acq("after.txt", "write", uid("B"), 0));
   CHECK(again.status == CallStatus::Ok);
+  // The grant that could not be saved was taken back: its key is free.
+  CHECK(c.acquire(acq(failed_key, "write", uid("G"), 0)).status == CallStatus::Ok);
   CHECK(c.heartbeat(held.lock_id, A).status == CallStatus::Ok);
   BrokerClient m(ep);
   CHECK(m.request("GET", "/metrics", "").body.find("gate_store_failures_total 0") == std::string::npos);
