@@ -17,6 +17,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <unordered_set>
 #include <vector>
 
 #include "core/log.h"
@@ -203,7 +204,25 @@ struct GateFs::Impl {
           std::strerror(errno));
   }
 
+  // Handles the kernel has not released yet: closed by serve() at the end, since an
+  // unmount with files still open never sends their release.
+  std::mutex open_files_mu;
+  std::unordered_set<FileHandle*> open_files;
+
+  void close_remaining_handles() {
+    std::vector<FileHandle*> left;
+    {
+      std::lock_guard guard(open_files_mu);
+      left.assign(open_files.begin(), open_files.end());
+    }
+    for (FileHandle* h : left) close_handle(h);
+  }
+
   void close_handle(FileHandle* h) {
+    {
+      std::lock_guard guard(open_files_mu);
+      open_files.erase(h);
+    }
     std::shared_ptr<TrackedLock> lock;
     {
       std::lock_guard guard(h->m);
@@ -447,6 +466,10 @@ struct GateFs::Impl {
     auto* h = new FileHandle;
     h->fd = fd;
     h->key = key;
+    {
+      std::lock_guard guard(open_files_mu);
+      open_files.insert(h);
+    }
     if (agent && !held.empty()) h->lock = agent->track(held.front(), pid);
     held.clear();
     f.fh = reinterpret_cast<uint64_t>(h);
@@ -935,6 +958,7 @@ int GateFs::serve() {
   log(LogLevel::Info, "mount", "unmounting ", d.opts.mountpoint);
   // Waiters get EIO now and every held lock goes back before the mount disappears.
   if (d.agent) d.agent->stop();
+  d.close_remaining_handles();
   fuse_session_unmount(d.se);
   d.mounted = false;
   fuse_remove_signal_handlers(d.se);
