@@ -124,7 +124,7 @@ int up(int argc, char** argv) {
       ("skip-build", po::bool_switch(), "never build an image; fail if none is cached")
       ("skip-host-mount", po::bool_switch(), "start everything but the host view")
       ("ssh-wait-s", po::value<int>()->default_value(300), "how long to wait for the VM's ssh")
-      ("verbose", po::bool_switch(), "say more")
+      ("verbose", po::bool_switch(), "show every command as it runs")
       ("dry-run", po::bool_switch(), "print every step and command, run none")
       ("keep-vm-on-error", po::bool_switch(), "leave what was started running when a step fails");
   po::positional_options_description pos;

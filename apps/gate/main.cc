@@ -42,7 +42,8 @@ void usage(std::ostream& out) {
     name.resize(10, ' ');
     out << "  " << name << c.help << "\n";
   }
-  out << "\n'gate <command> --help' describes a command; 'gate --version' prints the version.\n";
+  out << "\n'gate help <command>' shows a command's manual page, 'gate <command> --help' its\n"
+         "options; 'gate --version' prints the version.\n";
 }
 
 const Command* find(const char* name) {

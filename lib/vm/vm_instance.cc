@@ -29,9 +29,13 @@ constexpr std::uint16_t kGuestBrokerPort = 8787;
 constexpr const char* kGuestRepo = "/home/gate/repo";
 constexpr const char* kGuestView = "/home/gate/view";
 
+// --verbose: every command is also shown as it runs.
+bool g_verbose = false;
+
 // Appends a command and its output to a log file; returns the result.
 RunResult run_logged(const std::vector<std::string>& argv, const std::string& log,
                      std::chrono::milliseconds timeout) {
+  if (g_verbose) std::cout << "gate: $ " << shell_join(argv) << "\n" << std::flush;
   {
     std::ofstream out(log, std::ios::app);
     out << format_iso8601(wall_clock_micros()) << " $ " << shell_join(argv) << "\n";
@@ -456,7 +460,10 @@ std::string vm_liveness(const StackState& s) {
   return qemu_running(s) ? "running" : "stale";
 }
 
-int vm_up(const VmOptions& o, std::ostream& out, std::ostream& err) { return UpRun(o, out, err).run(); }
+int vm_up(const VmOptions& o, std::ostream& out, std::ostream& err) {
+  g_verbose = o.verbose;
+  return UpRun(o, out, err).run();
+}
 
 bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::ostream& err) {
   const SshTarget ssh = ssh_target_of(s);
