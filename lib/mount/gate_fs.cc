@@ -179,6 +179,19 @@ struct GateFs::Impl {
     return 0;
   }
 
+  // The end of a call that made a name: the locks go back, then its entry (or err).
+  void reply_new_entry(fuse_req_t req, Inode& parent, const std::string& name, int err,
+                       std::vector<HeldLock>& held) {
+    fuse_entry_param e;
+    if (!err) err = entry_for(parent, name, &e);
+    give_back(held);
+    if (err) {
+      fuse_reply_err(req, err);
+      return;
+    }
+    reply_entry(req, e);
+  }
+
   void reply_entry(fuse_req_t req, fuse_entry_param& e) {
     if (fuse_reply_entry(req, &e) != 0) inodes->forget(inode(e.ino), 1);
   }
@@ -377,14 +390,7 @@ struct GateFs::Impl {
                    if (r < 0) err = errno;
                    else give_to_caller(p.fd, nm, -1, uid, gid);
                  }
-                 fuse_entry_param e;
-                 if (!err) err = entry_for(p, nm, &e);
-                 give_back(held);
-                 if (err) {
-                   fuse_reply_err(req, err);
-                   return;
-                 }
-                 reply_entry(req, e);
+                 reply_new_entry(req, p, nm, err, held);
                });
   }
 
@@ -448,14 +454,7 @@ struct GateFs::Impl {
                  if (!err && ::linkat(AT_FDCWD, proc_path(in.fd).c_str(), np.fd, nn.c_str(),
                                       AT_SYMLINK_FOLLOW) < 0)
                    err = errno;
-                 fuse_entry_param e;
-                 if (!err) err = entry_for(np, nn, &e);
-                 give_back(held);
-                 if (err) {
-                   fuse_reply_err(req, err);
-                   return;
-                 }
-                 reply_entry(req, e);
+                 reply_new_entry(req, np, nn, err, held);
                });
   }
 
