@@ -151,7 +151,7 @@ int broker(int argc, char** argv) {
   try {
     auto snap = store->load();
     const auto held = snap.locks.size(), queued = snap.queue.size();
-    table.restore(std::move(snap.locks), std::move(snap.queue), snap.next_fence, snap.next_req_id,
+    table.restore(std::move(snap.locks), std::move(snap.queue), snap.next_fence,
                   wall_clock_micros());
     store->apply(table.take_journal());
     table.take_events();

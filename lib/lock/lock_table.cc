@@ -390,9 +390,8 @@ std::optional<std::string> LockTable::find_deadlock(const QueuedRequest& root) c
 }
 
 void LockTable::restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
-                        std::uint64_t next_fence, std::uint64_t next_req_id, Micros now) {
+                        std::uint64_t next_fence, Micros now) {
   next_fence_ = std::max(next_fence_, next_fence);
-  next_req_id_ = std::max(next_req_id_, next_req_id);
   for (auto& l : locks) {
     next_fence_ = std::max(next_fence_, l.fence + 1);
     // Nobody could heartbeat while the broker was down: give each lock its lease anew.

@@ -130,8 +130,9 @@ class LockTable {
   std::optional<Micros> next_deadline() const;
 
   // Restore state saved by the store. Queued requests get the grace period.
+  // Request numbers continue after the highest restored one.
   void restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
-               std::uint64_t next_fence, std::uint64_t next_req_id, Micros now);
+               std::uint64_t next_fence, Micros now);
 
   std::vector<Event> take_events();
   std::vector<JournalEntry> take_journal();

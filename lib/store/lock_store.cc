@@ -165,7 +165,6 @@ LockStore::Snapshot LockStore::load() {
     const std::string name = counters.getColumn(0).getString();
     const auto value = static_cast<std::uint64_t>(counters.getColumn(1).getInt64());
     if (name == "next_fence") snap.next_fence = value;
-    if (name == "next_req_id") snap.next_req_id = value;
   }
   return snap;
 }

@@ -41,7 +41,6 @@ class LockStore {
     std::vector<Lock> locks;
     std::vector<QueuedRequest> queue;
     std::uint64_t next_fence = 1;
-    std::uint64_t next_req_id = 1;
   };
   Snapshot load();
 

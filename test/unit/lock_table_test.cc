@@ -36,6 +36,36 @@ struct Fixture {
   }
 };
 
+// A write lock on "k" as the store would hand it back after a restart.
+Lock saved_write_lock(const std::string& owner, std::int64_t lease_ms, std::uint64_t fence) {
+  Lock l;
+  l.lock_id = "held";
+  l.key = "k";
+  l.mode = LockMode::Write;
+  l.owner = owner;
+  l.session = "owner:" + owner;
+  l.acquired_at = kStart;
+  l.lease_ms = lease_ms;
+  l.lease_expires_at = kStart + ms(lease_ms);
+  l.hold_count = 1;
+  l.fence = fence;
+  return l;
+}
+
+// A queued write request on "k" as the store would hand it back after a restart.
+QueuedRequest saved_write_request(std::uint64_t req_id, const std::string& owner,
+                                  const std::string& request_id) {
+  QueuedRequest q;
+  q.req_id = req_id;
+  q.key = "k";
+  q.mode = LockMode::Write;
+  q.owner = owner;
+  q.session = "owner:" + owner;
+  q.request_id = request_id;
+  q.lease_ms = 30'000;
+  return q;
+}
+
 using Kind = AcquireResult::Kind;
 const auto R = LockMode::Read;
 const auto W = LockMode::Write;
@@ -366,31 +396,10 @@ TEST_CASE("restored queued requests keep their places for the grace period only"
   LockTableOptions o;
   o.restore_grace_ms = 1000;
   Fixture f(o);
-  Lock held;
-  held.lock_id = "held";
-  held.key = "k";
-  held.mode = W;
-  held.owner = "A";
-  held.session = "owner:A";
-  held.acquired_at = kStart;
-  held.lease_ms = 60'000;
-  held.lease_expires_at = kStart + ms(60'000);
-  held.hold_count = 1;
-  held.fence = 7;
-  QueuedRequest q1;
-  q1.req_id = 5;
-  q1.key = "k";
-  q1.mode = W;
-  q1.owner = "B";
-  q1.session = "owner:B";
-  q1.request_id = "rid-b";
-  q1.lease_ms = 30'000;
-  QueuedRequest q2 = q1;
-  q2.req_id = 6;
-  q2.owner = "C";
-  q2.session = "owner:C";
-  q2.request_id = "rid-c";
-  f.table.restore({held}, {q2, q1}, 8, 7, f.now);
+  const Lock held = saved_write_lock("A", 60'000, 7);
+  const QueuedRequest q1 = saved_write_request(5, "B", "rid-b");
+  const QueuedRequest q2 = saved_write_request(6, "C", "rid-c");
+  f.table.restore({held}, {q2, q1}, 8, f.now);
   CHECK(f.table.next_fence() == 8);
 
   AcquireParams p;
@@ -433,26 +442,8 @@ TEST_CASE("a restored request granted before its client returns is dropped at th
   o.restore_grace_ms = 1000;
   o.default_lease_ms = 30'000;
   Fixture f(o);
-  Lock held;
-  held.lock_id = "held";
-  held.key = "k";
-  held.mode = W;
-  held.owner = "A";
-  held.session = "owner:A";
-  held.acquired_at = kStart;
-  held.lease_ms = 30'000;
-  held.lease_expires_at = kStart + ms(30'000);
-  held.hold_count = 1;
-  held.fence = 1;
-  QueuedRequest q;
-  q.req_id = 2;
-  q.key = "k";
-  q.mode = W;
-  q.owner = "B";
-  q.session = "owner:B";
-  q.request_id = "rid-b";
-  q.lease_ms = 30'000;
-  f.table.restore({held}, {q}, 2, 3, f.now);
+  f.table.restore({saved_write_lock("A", 30'000, 1)}, {saved_write_request(2, "B", "rid-b")}, 2,
+                  f.now);
   f.table.release("held", "A", f.now);
   auto locks = f.table.locks("k");
   REQUIRE(locks.size() == 1);
@@ -467,15 +458,8 @@ TEST_CASE("the client that comes back claims its restored grant with a fresh lea
   LockTableOptions o;
   o.restore_grace_ms = 1000;
   Fixture f(o);
-  QueuedRequest q;
-  q.req_id = 2;
-  q.key = "k";
-  q.mode = W;
-  q.owner = "B";
-  q.session = "owner:B";
-  q.request_id = "rid-b";
-  q.lease_ms = 30'000;
-  f.table.restore({}, {q}, 2, 3, f.now);  // granted at once: nobody holds k
+  // Granted at once: nobody holds k.
+  f.table.restore({}, {saved_write_request(2, "B", "rid-b")}, 2, f.now);
   AcquireParams p;
   p.key = "k";
   p.mode = W;
