@@ -30,10 +30,6 @@ std::string self_exe() {
   return ec ? "gate" : p.string();
 }
 
-void unmount(const std::string& path, bool lazy) {
-  run_command({"fusermount3", lazy ? "-uz" : "-u", path}, std::chrono::seconds(10));
-}
-
 bool stop_pid(pid_t pid, const std::string& marker, const char* what) {
   if (stop_process(pid, marker, std::chrono::seconds(10))) return true;
   std::cerr << "gate down: the " << what << " (pid " << pid << ") did not stop\n";
@@ -43,10 +39,8 @@ bool stop_pid(pid_t pid, const std::string& marker, const char* what) {
 // Stops what a stack started, whatever state it is in; true when nothing is left.
 bool stop_stack(const StackState& s) {
   bool ok = stop_pid(s.mount_pid, s.broker_socket, "mount");
-  if (listed_in_mountinfo(s.mount)) unmount(s.mount, false);
-  if (listed_in_mountinfo(s.mount)) unmount(s.mount, true);
-  ok = stop_pid(s.broker_pid, s.broker_socket, "broker") && ok;
-  return ok && !listed_in_mountinfo(s.mount);
+  ok = unmount_fuse(s.mount) && ok;
+  return stop_pid(s.broker_pid, s.broker_socket, "broker") && ok;
 }
 
 void print_summary(const StackState& s, const std::string& headline) {

@@ -37,12 +37,10 @@ std::string endpoint(const StackState& s) {
   return s.broker_socket.empty() ? "-" : "unix:" + s.broker_socket;
 }
 
-// The setups named by --vm-name, or all with --all / when only one exists.
-std::vector<std::string> selected(const po::variables_map& vm, bool all_by_default) {
+// The setup named by --vm-name, else every one.
+std::vector<std::string> selected(const po::variables_map& vm) {
   if (vm.count("vm-name")) return {vm["vm-name"].as<std::string>()};
-  auto all = list_stacks();
-  if (all_by_default || (vm.count("all") && vm["all"].as<bool>()) || all.size() <= 1) return all;
-  return {};
+  return list_stacks();
 }
 
 }  // namespace
@@ -105,7 +103,7 @@ int clean(int argc, char** argv) {
                        "state. It never deletes your files.",
                        &code);
   if (!vm) return code;
-  auto names = selected(*vm, true);
+  auto names = selected(*vm);
   if (names.empty()) std::cout << "gate: nothing to clean\n";
   for (const auto& name : names) {
     if (auto s = load_stack(name)) {
@@ -131,7 +129,7 @@ int status(int argc, char** argv) {
                        "wrong and how to fix it. Exits 1 when something is wrong.",
                        &code);
   if (!vm) return code;
-  auto names = selected(*vm, true);
+  auto names = selected(*vm);
   if (names.empty()) {
     std::cout << "no VMs or local setups (start one with 'gate up')\n";
     return 0;

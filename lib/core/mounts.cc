@@ -5,6 +5,8 @@
 #include <cerrno>
 #include <fstream>
 
+#include "core/process.h"
+
 namespace gate {
 
 bool listed_in_mountinfo(const std::string& path) {
@@ -34,6 +36,13 @@ MountState mount_state(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0 && errno == ENOTCONN) return MountState::Stale;
   return listed_in_mountinfo(path) ? MountState::Mounted : MountState::NotMounted;
+}
+
+bool unmount_fuse(const std::string& path) {
+  if (mount_state(path) == MountState::NotMounted) return true;
+  run_command({"fusermount3", "-u", path}, std::chrono::seconds(10));
+  if (listed_in_mountinfo(path)) run_command({"fusermount3", "-uz", path}, std::chrono::seconds(10));
+  return !listed_in_mountinfo(path);
 }
 
 }  // namespace gate

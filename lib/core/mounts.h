@@ -9,5 +9,8 @@ enum class MountState { NotMounted, Mounted, Stale };
 MountState mount_state(const std::string& path);
 // Whether /proc/self/mountinfo lists path (an absolute, normalised path) as a mount point.
 bool listed_in_mountinfo(const std::string& path);
+// Unmounts a FUSE mount point (live or stale): fusermount3 -u, then lazily (-uz)
+// if it is still there. True when path is no longer a mount point.
+bool unmount_fuse(const std::string& path);
 
 }  // namespace gate

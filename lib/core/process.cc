@@ -10,6 +10,9 @@
 #include <cerrno>
 #include <deque>
 #include <fstream>
+#include <ostream>
+
+#include "core/iso_time.h"
 
 namespace gate {
 
@@ -88,6 +91,41 @@ RunResult run_command(const std::vector<std::string>& argv, std::chrono::millise
   ::waitpid(pid, &status, 0);
   result.status = decode_status(status);
   return result;
+}
+
+std::string shell_join(const std::vector<std::string>& argv) {
+  std::string out;
+  for (const auto& a : argv) {
+    if (!out.empty()) out.push_back(' ');
+    const bool plain = !a.empty() && a.find_first_not_of(
+                                         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                         "0123456789-_./:=,@+%") == std::string::npos;
+    if (plain) {
+      out += a;
+      continue;
+    }
+    out.push_back('\'');
+    for (char c : a) {
+      if (c == '\'') out += "'\\''";
+      else out.push_back(c);
+    }
+    out.push_back('\'');
+  }
+  return out;
+}
+
+RunResult run_logged(const std::vector<std::string>& argv, const std::string& log_path,
+                     std::chrono::milliseconds timeout, std::ostream* echo) {
+  if (echo) *echo << "gate: $ " << shell_join(argv) << "\n" << std::flush;
+  {
+    std::ofstream out(log_path, std::ios::app);
+    out << format_iso8601(wall_clock_micros()) << " $ " << shell_join(argv) << "\n";
+  }
+  RunResult r = run_command(argv, timeout);
+  std::ofstream out(log_path, std::ios::app);
+  out << r.output << (r.output.empty() || r.output.back() == '\n' ? "" : "\n") << "(exit "
+      << r.status << ")\n";
+  return r;
 }
 
 Daemon start_daemon(const std::vector<std::string>& argv, const std::string& log_path,

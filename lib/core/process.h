@@ -5,6 +5,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <iosfwd>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,14 @@ struct RunResult {
 // Runs argv[0] (searched in PATH) to completion, at most `timeout`.
 RunResult run_command(const std::vector<std::string>& argv,
                       std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+// run_command that appends a timestamped "$ command" line, the output and the exit
+// status to log_path, and also shows the command on *echo when given.
+RunResult run_logged(const std::vector<std::string>& argv, const std::string& log_path,
+                     std::chrono::milliseconds timeout, std::ostream* echo = nullptr);
+
+// One string for logs and --dry-run, quoted as a shell would need it.
+std::string shell_join(const std::vector<std::string>& argv);
 
 struct Daemon {
   pid_t pid = -1;

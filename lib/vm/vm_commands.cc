@@ -83,25 +83,4 @@ std::vector<std::string> sshfs_command(const SshTarget& t, const std::string& gu
                     "ServerAliveInterval=5,ServerAliveCountMax=3"};
 }
 
-std::string shell_join(const std::vector<std::string>& argv) {
-  std::string out;
-  for (const auto& a : argv) {
-    if (!out.empty()) out.push_back(' ');
-    const bool plain = !a.empty() && a.find_first_not_of(
-                                         "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                                         "0123456789-_./:=,@+%") == std::string::npos;
-    if (plain) {
-      out += a;
-      continue;
-    }
-    out.push_back('\'');
-    for (char c : a) {
-      if (c == '\'') out += "'\\''";
-      else out.push_back(c);
-    }
-    out.push_back('\'');
-  }
-  return out;
-}
-
 }  // namespace gate::vm

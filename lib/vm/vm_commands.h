@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "core/process.h"
+
 namespace gate::vm {
 
 enum class Accel { Kvm, Tcg };
@@ -50,7 +52,6 @@ std::vector<std::string> rsync_command(const SshTarget& t, const std::string& lo
 std::vector<std::string> sshfs_command(const SshTarget& t, const std::string& guest_dir,
                                        const std::string& local_mount);
 
-// One string for logs and --dry-run, quoted as a shell would need it.
-std::string shell_join(const std::vector<std::string>& argv);
+using gate::shell_join;
 
 }  // namespace gate::vm

@@ -19,19 +19,10 @@ namespace {
 
 constexpr const char* kImageVersion = "2";  // bump when the image recipe changes
 
-// Runs a command, appending it and its output to the log. Returns "" or a message.
+// Runs a logged command; "" or a message for people naming the step.
 std::string logged(const std::vector<std::string>& argv, const std::string& log_path,
                    std::chrono::milliseconds timeout, const std::string& step) {
-  {
-    std::ofstream log(log_path, std::ios::app);
-    log << "$ " << shell_join(argv) << "\n";
-  }
-  RunResult r = run_command(argv, timeout);
-  {
-    std::ofstream log(log_path, std::ios::app);
-    log << r.output << (r.output.empty() || r.output.back() == '\n' ? "" : "\n")
-        << "(exit " << r.status << ")\n";
-  }
+  RunResult r = run_logged(argv, log_path, timeout);
   if (r.status == 0) return "";
   if (r.status == 127) return step + ": " + argv[0] + " is not installed";
   return step + " failed (exit " + std::to_string(r.status) + "); see " + log_path;

@@ -32,19 +32,9 @@ constexpr const char* kGuestView = "/home/gate/view";
 // --verbose: every command is also shown as it runs.
 bool g_verbose = false;
 
-// Appends a command and its output to a log file; returns the result.
-RunResult run_logged(const std::vector<std::string>& argv, const std::string& log,
-                     std::chrono::milliseconds timeout) {
-  if (g_verbose) std::cout << "gate: $ " << shell_join(argv) << "\n" << std::flush;
-  {
-    std::ofstream out(log, std::ios::app);
-    out << format_iso8601(wall_clock_micros()) << " $ " << shell_join(argv) << "\n";
-  }
-  RunResult r = run_command(argv, timeout);
-  std::ofstream out(log, std::ios::app);
-  out << r.output << (r.output.empty() || r.output.back() == '\n' ? "" : "\n") << "(exit "
-      << r.status << ")\n";
-  return r;
+RunResult run_step(const std::vector<std::string>& argv, const std::string& log,
+                   std::chrono::milliseconds timeout) {
+  return run_logged(argv, log, timeout, g_verbose ? &std::cout : nullptr);
 }
 
 bool have_tool(const std::string& tool) {
@@ -84,7 +74,6 @@ class UpRun {
   QemuConfig qemu_;
   SshTarget ssh_;
   pid_t qemu_pid_ = -1, tunnel_pid_ = -1, mount_pid_ = -1;
-  bool guest_mounted_ = false, host_mounted_ = false;
   std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
 };
 
@@ -103,10 +92,8 @@ int UpRun::fail(const Failure& f) {
 }
 
 void UpRun::undo() {
-  if (host_mounted_ || listed_in_mountinfo(s_.mount)) {
-    if (mount_pid_ > 0) stop_process(mount_pid_, s_.mount, 10s);
-    if (listed_in_mountinfo(s_.mount)) run_command({"fusermount3", "-uz", s_.mount}, 10s);
-  }
+  if (mount_pid_ > 0) stop_process(mount_pid_, s_.mount, 10s);
+  unmount_fuse(s_.mount);
   if (tunnel_pid_ > 0) stop_process(tunnel_pid_, "ssh", 5s);
   if (qemu_pid_ > 0) stop_process(qemu_pid_, "gate-" + o_.name, 5s);
   remove_stack_state(o_.name);
@@ -190,7 +177,7 @@ std::optional<UpRun::Failure> UpRun::start_vm() {
   std::error_code ec;
   if (!fs::exists(disk) || o_.redownload) {
     fs::remove(disk, ec);
-    RunResult r = run_logged({"qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image_.disk,
+    RunResult r = run_step({"qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image_.disk,
                               disk, o_.disk_size},
                              vm_log, 60s);
     if (r.status != 0) return Failure{"disk", "qemu-img create failed", vm_log};
@@ -234,7 +221,7 @@ std::optional<UpRun::Failure> UpRun::start_vm() {
   fs::remove(qemu_.pid_file, ec);
   say("starting the VM (" + std::to_string(o_.memory_mib) + " MiB, " + std::to_string(o_.cpus) +
       " CPUs, ssh on 127.0.0.1:" + std::to_string(port) + "; log " + vm_log + ")");
-  RunResult r = run_logged(qemu_command(qemu_), vm_log, 60s);
+  RunResult r = run_step(qemu_command(qemu_), vm_log, 60s);
   std::ifstream pidf(qemu_.pid_file);
   pidf >> qemu_pid_;
   if (r.status != 0 || qemu_pid_ <= 0) return Failure{"vm", "qemu did not start", vm_log};
@@ -269,7 +256,7 @@ std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
           std::to_string(waited) + " s)");
       last_report = waited;
     }
-    RunResult r = run_logged(ssh_command(ssh_, "true", 3), ssh_log, 20s);
+    RunResult r = run_step(ssh_command(ssh_, "true", 3), ssh_log, 20s);
     if (r.status == 0) break;
     // qemu's port forward accepts at once and closes until sshd runs: pause briefly.
     std::this_thread::sleep_for(1s);
@@ -283,7 +270,7 @@ std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
 
 std::optional<UpRun::Failure> UpRun::wait_for_broker_in_guest() {
   const std::string log = logs_ + "/broker.log";
-  RunResult r = run_logged(
+  RunResult r = run_step(
       ssh_command(ssh_, "for i in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/8787) 2>/dev/null && exit 0; "
                         "sleep 0.5; done; journalctl -b -u gate-provision -u gate-broker --no-pager "
                         "| tail -30; exit 1"),
@@ -326,7 +313,6 @@ std::optional<UpRun::Failure> UpRun::host_direct() {
   Daemon mount = start_daemon(argv, mount_log, 30s);
   if (mount.pid < 0) return Failure{"mount", mount.error, mount_log};
   mount_pid_ = mount.pid;
-  host_mounted_ = true;
   s_.mount_pid = mount_pid_;
   say("mounted " + s_.repo + " at " + s_.mount + " (locks from the guest's broker)");
   return std::nullopt;
@@ -336,25 +322,23 @@ std::optional<UpRun::Failure> UpRun::sshfs() {
   const std::string rsync_log = logs_ + "/rsync.log";
   const std::string mount_log = logs_ + "/mount.log";
   say("copying " + s_.repo + " into the guest (rsync; log " + rsync_log + ")");
-  run_logged(ssh_command(ssh_, std::string("mkdir -p ") + kGuestRepo + " " + kGuestView), rsync_log, 30s);
-  RunResult r = run_logged(rsync_command(ssh_, s_.repo, kGuestRepo, true), rsync_log, 30min);
+  run_step(ssh_command(ssh_, std::string("mkdir -p ") + kGuestRepo + " " + kGuestView), rsync_log, 30s);
+  RunResult r = run_step(rsync_command(ssh_, s_.repo, kGuestRepo, true), rsync_log, 30min);
   if (r.status != 0) return Failure{"rsync", "copying the repository into the guest failed", rsync_log};
   std::string guest_mount = std::string("LD_LIBRARY_PATH=/opt/gate/lib /opt/gate/bin/gate mount --root ") +
                             kGuestRepo + " --mount " + kGuestView +
                             " --broker-port 8787 --log-file /home/gate/gate-mount.log";
   if (o_.lease_ms) guest_mount += " --lease-ms " + std::to_string(*o_.lease_ms);
   if (o_.max_hold_ms) guest_mount += " --max-hold-ms " + std::to_string(*o_.max_hold_ms);
-  r = run_logged(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " + guest_mount),
+  r = run_step(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " + guest_mount),
                  mount_log, 60s);
   if (r.status != 0) return Failure{"mount", "gate mount inside the guest failed", mount_log};
-  guest_mounted_ = true;
   say("gate mount runs in the guest at " + std::string(kGuestView));
   if (o_.skip_host_mount) return std::nullopt;
   std::error_code ec;
   fs::create_directories(s_.mount, ec);
-  r = run_logged(sshfs_command(ssh_, kGuestView, s_.mount), mount_log, 60s);
+  r = run_step(sshfs_command(ssh_, kGuestView, s_.mount), mount_log, 60s);
   if (r.status != 0) return Failure{"sshfs", "sshfs onto the guest's view failed", mount_log};
-  host_mounted_ = true;
   say("mounted the guest's view at " + s_.mount + " (sshfs)");
   return std::nullopt;
 }
@@ -473,17 +457,14 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
   // 1. The host view: the host gate mount releases its locks as it ends.
   if (!o.skip_unmount) {
     if (s.mount_pid > 0) stop_process(s.mount_pid, s.mount, 10s);
-    if (listed_in_mountinfo(s.mount) || mount_state(s.mount) == MountState::Stale) {
-      run_command({"fusermount3", "-u", s.mount}, 10s);
-      if (listed_in_mountinfo(s.mount)) run_command({"fusermount3", "-uz", s.mount}, 10s);
-    }
+    unmount_fuse(s.mount);
   }
   // 2. sshfs: the edits live in the guest; bring them home before stopping it.
   if (sshfs && running && !o.no_sync_back) {
-    run_logged(ssh_command(ssh, std::string("fusermount3 -u ") + kGuestView + " 2>/dev/null; true"),
+    run_step(ssh_command(ssh, std::string("fusermount3 -u ") + kGuestView + " 2>/dev/null; true"),
                logs + "/mount.log", 30s);
     out << "gate: copying the guest's edits back into " << s.repo << " (log " << logs << "/rsync.log)\n";
-    RunResult r = run_logged(rsync_command(ssh, s.repo, kGuestRepo, false), logs + "/rsync.log", 30min);
+    RunResult r = run_step(rsync_command(ssh, s.repo, kGuestRepo, false), logs + "/rsync.log", 30min);
     if (r.status != 0 && !o.force) {
       err << "gate down: copying the edits back failed; the VM keeps running so nothing is lost. "
              "See " << logs << "/rsync.log, then retry, or use --force (edits in the VM are lost)\n";
@@ -511,10 +492,8 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
 
 std::vector<std::string> clean_stack(const StackState& s) {
   std::vector<std::string> did;
-  if (mount_state(s.mount) == MountState::Stale) {
-    run_command({"fusermount3", "-uz", s.mount}, 10s);
+  if (mount_state(s.mount) == MountState::Stale && unmount_fuse(s.mount))
     did.push_back("unmounted the dead mount " + s.mount);
-  }
   const bool alive = s.mode == "vm" ? qemu_running(s) : process_runs(s.broker_pid, s.broker_socket);
   if (alive) {
     did.push_back("'" + s.name + "' is running; left alone (use 'gate down')");
