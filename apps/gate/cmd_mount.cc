@@ -173,6 +173,10 @@ int mount(int argc, char** argv) {
       ("acquire-timeout-ms", po::value<std::int64_t>(),
        "an open waits at most this long, then fails with EAGAIN; default: wait until granted "
        "(env GATE_ACQUIRE_TIMEOUT_MS)")
+      ("meta-wait-ms", po::value<std::int64_t>()->default_value(defaults::kMetaWaitMs),
+       "chmod, truncate, rename, unlink, create and the other calls the kernel makes while "
+       "holding inode or directory locks wait at most this long for their lock, then fail "
+       "with EBUSY (env GATE_META_WAIT_MS)")
       ("allow-other", po::bool_switch(),
        "let other users use the mount, with the kernel checking permissions (default_permissions)")
       ("attr-timeout-ms", po::value<std::int64_t>()->default_value(1000),
@@ -242,6 +246,9 @@ int mount(int argc, char** argv) {
   if (vm->count("max-hold-ms")) locks.max_hold_ms = (*vm)["max-hold-ms"].as<std::int64_t>();
   if (vm->count("acquire-timeout-ms"))
     locks.acquire_timeout_ms = (*vm)["acquire-timeout-ms"].as<std::int64_t>();
+  const std::int64_t meta_wait_ms = (*vm)["meta-wait-ms"].as<std::int64_t>();
+  if (meta_wait_ms < 0) return cli::fail(me, "--meta-wait-ms must be 0 or more"), 2;
+  locks.meta_wait = std::chrono::milliseconds(meta_wait_ms);
 
   if (locking) {
     BrokerClient probe(locks.broker, std::chrono::seconds(3));

@@ -69,6 +69,7 @@ int up_vm(const po::variables_map& args, const std::string& exe) {
   o.disk_size = args["disk-size"].as<std::string>();
   if (args.count("max-hold-ms")) o.max_hold_ms = args["max-hold-ms"].as<std::int64_t>();
   if (args.count("lease-ms")) o.lease_ms = args["lease-ms"].as<std::int64_t>();
+  if (args.count("meta-wait-ms")) o.meta_wait_ms = args["meta-wait-ms"].as<std::int64_t>();
   o.accel = args["accel"].as<std::string>();
   if (o.accel != "auto" && o.accel != "kvm" && o.accel != "tcg") {
     std::cerr << "gate up: --accel must be auto, kvm or tcg\n";
@@ -112,6 +113,9 @@ int up(int argc, char** argv) {
       ("max-hold-ms", po::value<std::int64_t>(), "hold cap of each lock (env GATE_MAX_HOLD_MS)")
       ("acquire-timeout-ms", po::value<std::int64_t>(),
        "with --local: opens give up (EAGAIN) after this long (env GATE_ACQUIRE_TIMEOUT_MS)")
+      ("meta-wait-ms", po::value<std::int64_t>(),
+       "chmod, rename, unlink, create... through the mount wait at most this long for their "
+       "lock, then fail with EBUSY (default 1000; env GATE_META_WAIT_MS)")
       ("accel", po::value<std::string>()->default_value("auto"),
        "auto (KVM when it really works, else TCG), kvm or tcg")
       ("redownload", po::bool_switch(), "rebuild (or download) the image and the VM disk")
@@ -180,6 +184,9 @@ int up(int argc, char** argv) {
     broker_argv.insert(broker_argv.end(), {std::string("--") + opt, v});
     mount_argv.insert(mount_argv.end(), {std::string("--") + opt, v});
   }
+  if (vm->count("meta-wait-ms"))
+    mount_argv.insert(mount_argv.end(),
+                      {"--meta-wait-ms", std::to_string((*vm)["meta-wait-ms"].as<std::int64_t>())});
   if (vm->count("acquire-timeout-ms"))
     mount_argv.insert(mount_argv.end(), {"--acquire-timeout-ms",
                                          std::to_string((*vm)["acquire-timeout-ms"].as<std::int64_t>())});

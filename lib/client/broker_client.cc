@@ -373,6 +373,22 @@ HttpReply BrokerClient::status(const std::string& path) {
   return request("GET", target, "");
 }
 
+std::optional<std::vector<LockInfo>> BrokerClient::holders(const std::string& path) {
+  HttpReply r = status(path);
+  if (r.status != 200) return std::nullopt;
+  json::error_code ec;
+  json::value v = json::parse(r.body, ec);
+  if (ec || !v.is_object()) return std::nullopt;
+  auto it = v.as_object().find("locks");
+  if (it == v.as_object().end() || !it->value().is_array()) return std::nullopt;
+  std::vector<LockInfo> out;
+  for (const auto& l : it->value().as_array()) {
+    LockInfo info = lock_from_json(l);
+    if (info.path == path) out.push_back(std::move(info));
+  }
+  return out;
+}
+
 bool BrokerClient::healthy() {
   HttpReply r = request("GET", "/v1/health", "");
   return r.status == 200;

@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "core/config.h"
 #include "core/token.h"
@@ -81,6 +82,9 @@ class BrokerClient {
                        std::optional<std::int64_t> lease_ms = std::nullopt);
   // GET /v1/locks/status[?path=]; the JSON body on success.
   HttpReply status(const std::string& path = "");
+  // The locks held on `path` (exactly that key); nullopt when the broker did not
+  // give a usable answer.
+  std::optional<std::vector<LockInfo>> holders(const std::string& path);
   bool healthy();
 
   // One raw request on the persistent connection. wait_forever: no I/O time limit

@@ -23,6 +23,7 @@ const std::map<std::string, std::string>& env_table() {
       {"lease-ms", "GATE_LEASE_MS"},
       {"max-hold-ms", "GATE_MAX_HOLD_MS"},
       {"acquire-timeout-ms", "GATE_ACQUIRE_TIMEOUT_MS"},
+      {"meta-wait-ms", "GATE_META_WAIT_MS"},
       {"log-level", "GATE_LOG_LEVEL"},
   };
   return table;

@@ -20,6 +20,9 @@ inline constexpr std::uint16_t kBrokerPort = 8787;
 inline constexpr std::int64_t kLeaseMs = 30'000;
 inline constexpr std::int64_t kMaxHoldMs = 3'600'000;
 inline constexpr std::int64_t kRestoreGraceMs = 10'000;
+// How long a mount operation that the kernel runs under inode or directory locks
+// (setattr, rename, unlink, create, ...) waits for its lock before failing with EBUSY.
+inline constexpr std::int64_t kMetaWaitMs = 1'000;
 inline constexpr std::size_t kMaxBodyBytes = 64 * 1024;
 inline constexpr std::size_t kMaxKeyBytes = 4096;
 }  // namespace defaults

@@ -114,10 +114,23 @@ struct GateFs::Impl {
 
   static void on_interrupt(fuse_req_t, void* data) { static_cast<LockJob*>(data)->interrupt(); }
 
+  // How a call may wait for its locks (locking.md: "Operations under kernel locks
+  // never wait long"). The kernel sends OPEN after the lookup, holding no inode or
+  // directory lock (as long as the writeback cache stays off, see init()); it sends
+  // SETATTR, RENAME, LINK, UNLINK, RMDIR, MKNOD, MKDIR, SYMLINK, CREATE, SETXATTR and
+  // REMOVEXATTR holding the inode locks of the files and directories involved, which
+  // a holder of the same key may need for its own write() or O_TRUNC open.
+  enum class Wait {
+    Fifo,     // open: waits its turn
+    NoWait,   // O_NONBLOCK open or create: EAGAIN instead of waiting
+    Bounded,  // under kernel locks: at most --meta-wait-ms, then EBUSY
+  };
+
   // Takes `needs` (in sorted key order, one per key), then calls `then` exactly once,
   // on this thread or on a waiter thread. `then` replies to req and gives back locks
   // it does not keep.
-  void with_locks(fuse_req_t req, std::vector<LockNeed> needs, bool nonblocking, Then then) {
+  void with_locks(fuse_req_t req, const char* op, std::vector<LockNeed> needs, Wait wait,
+                  Then then) {
     if (!agent || needs.empty()) {
       std::vector<HeldLock> none;
       then(0, none);
@@ -136,7 +149,9 @@ struct GateFs::Impl {
     auto job = std::make_shared<LockJob>();
     job->needs = std::move(unique);
     job->pid = fuse_req_ctx(req)->pid;
-    job->nonblocking = nonblocking;
+    job->nonblocking = wait == Wait::NoWait;
+    job->under_kernel_locks = wait == Wait::Bounded;
+    job->op = op;
     job->done = [req, then = std::move(then)](LockJob& j, int err) {
       // After this no interrupt callback can run for req, so the job may go.
       fuse_req_interrupt_func(req, nullptr, nullptr);
@@ -244,7 +259,7 @@ struct GateFs::Impl {
     // Data reaches the source before the next holder can get in.
     if (h->fd >= 0) ::close(h->fd);
     h->fd = -1;
-    if (lock && agent && agent->untrack(lock)) agent->release(lock->lock);
+    if (lock && agent) agent->release_tracked(lock);
     delete h;
   }
 
@@ -328,6 +343,13 @@ struct GateFs::Impl {
     return 0;
   }
 
+  static const char* setattr_name(int valid) {
+    if (valid & FUSE_SET_ATTR_SIZE) return "truncate";
+    if (valid & FUSE_SET_ATTR_MODE) return "chmod";
+    if (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) return "chown";
+    return "utimens";
+  }
+
   void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fuse_file_info* fi) {
     Inode& in = inode(ino);
     FileHandle* h = fi ? file_of(fi) : nullptr;
@@ -336,7 +358,7 @@ struct GateFs::Impl {
     std::string owner = h ? handle_owner(h, pid) : meta_owner(key, pid);
     struct stat a = *attr;
     int fd = h ? h->fd : -1;
-    with_locks(req, {{key, LockMode::Write, owner}}, false,
+    with_locks(req, setattr_name(valid), {{key, LockMode::Write, owner}}, Wait::Bounded,
                [this, req, &in, a, valid, fd](int err, std::vector<HeldLock>& held) {
                  if (!err) err = apply_setattr(in, a, valid, fd);
                  give_back(held);
@@ -379,7 +401,8 @@ struct GateFs::Impl {
       if (auto tk = target_key(inodes->key_of(p), target))
         needs.push_back({*tk, LockMode::Write, meta_owner(*tk, pid)});
     }
-    with_locks(req, std::move(needs), false,
+    const char* op = link ? "symlink" : S_ISDIR(mode) ? "mkdir" : "mknod";
+    with_locks(req, op, std::move(needs), Wait::Bounded,
                [this, req, &p, nm, mode, rdev, target, is_link = link != nullptr, uid, gid](
                    int err, std::vector<HeldLock>& held) {
                  if (!err) {
@@ -399,8 +422,8 @@ struct GateFs::Impl {
     std::string nm = name;
     std::string key = inodes->child_key(p, nm);
     std::string owner = meta_owner(key, fuse_req_ctx(req)->pid);
-    with_locks(req, {{key, LockMode::Write, owner}}, false,
-               [this, req, &p, nm, flags](int err, std::vector<HeldLock>& held) {
+    with_locks(req, flags & AT_REMOVEDIR ? "rmdir" : "unlink", {{key, LockMode::Write, owner}},
+               Wait::Bounded, [this, req, &p, nm, flags](int err, std::vector<HeldLock>& held) {
                  if (!err && ::unlinkat(p.fd, nm.c_str(), flags) < 0) err = errno;
                  give_back(held);
                  fuse_reply_err(req, err);
@@ -421,7 +444,7 @@ struct GateFs::Impl {
     pid_t pid = fuse_req_ctx(req)->pid;
     std::vector<LockNeed> needs{{from, LockMode::Write, meta_owner(from, pid)},
                                 {to, LockMode::Write, meta_owner(to, pid)}};
-    with_locks(req, std::move(needs), false,
+    with_locks(req, "rename", std::move(needs), Wait::Bounded,
                [this, req, &p, &np, nm, nn, flags](int err, std::vector<HeldLock>& held) {
                  struct stat src {}, dst {};
                  bool have_src = false, have_dst = false;
@@ -449,7 +472,7 @@ struct GateFs::Impl {
     pid_t pid = fuse_req_ctx(req)->pid;
     std::vector<LockNeed> needs{{from, LockMode::Write, meta_owner(from, pid)},
                                 {to, LockMode::Write, meta_owner(to, pid)}};
-    with_locks(req, std::move(needs), false,
+    with_locks(req, "link", std::move(needs), Wait::Bounded,
                [this, req, &in, &np, nn](int err, std::vector<HeldLock>& held) {
                  if (!err && ::linkat(AT_FDCWD, proc_path(in.fd).c_str(), np.fd, nn.c_str(),
                                       AT_SYMLINK_FOLLOW) < 0)
@@ -491,7 +514,7 @@ struct GateFs::Impl {
     pid_t pid = fuse_req_ctx(req)->pid;
     LockMode mode = opens_for_writing(f.flags) ? LockMode::Write : LockMode::Read;
     std::string owner = agent ? agent->new_owner() : "";
-    with_locks(req, {{key, mode, owner}}, (f.flags & O_NONBLOCK) != 0,
+    with_locks(req, "open", {{key, mode, owner}}, (f.flags & O_NONBLOCK) ? Wait::NoWait : Wait::Fifo,
                [this, req, &in, f, key, pid](int err, std::vector<HeldLock>& held) {
                  if (err) {
                    fuse_reply_err(req, err);
@@ -521,7 +544,8 @@ struct GateFs::Impl {
     uid_t uid = ctx->uid;
     gid_t gid = ctx->gid;
     std::string owner = agent ? agent->new_owner() : "";
-    with_locks(req, {{key, LockMode::Write, owner}}, (f.flags & O_NONBLOCK) != 0,
+    with_locks(req, "create", {{key, LockMode::Write, owner}},
+               (f.flags & O_NONBLOCK) ? Wait::NoWait : Wait::Bounded,
                [this, req, &p, nm, mode, f, key, pid, uid, gid](int err,
                                                                  std::vector<HeldLock>& held) {
                  if (err) {
@@ -583,7 +607,7 @@ struct GateFs::Impl {
         std::lock_guard guard(h->m);
         lock = std::move(h->lock);
       }
-      if (lock && agent->untrack(lock)) agent->release(lock->lock);
+      if (lock) agent->release_tracked(lock);
     }
     fuse_reply_err(req, err);
   }
@@ -760,7 +784,7 @@ struct GateFs::Impl {
     std::string owner = meta_owner(key, fuse_req_ctx(req)->pid);
     std::string nm = name;
     std::string val(value, size);
-    with_locks(req, {{key, LockMode::Write, owner}}, false,
+    with_locks(req, "setxattr", {{key, LockMode::Write, owner}}, Wait::Bounded,
                [this, req, &in, nm, val, flags](int err, std::vector<HeldLock>& held) {
                  if (!err && ::setxattr(proc_path(in.fd).c_str(), nm.c_str(), val.data(),
                                         val.size(), flags) < 0)
@@ -775,7 +799,7 @@ struct GateFs::Impl {
     std::string key = inodes->key_of(in);
     std::string owner = meta_owner(key, fuse_req_ctx(req)->pid);
     std::string nm = name;
-    with_locks(req, {{key, LockMode::Write, owner}}, false,
+    with_locks(req, "removexattr", {{key, LockMode::Write, owner}}, Wait::Bounded,
                [this, req, &in, nm](int err, std::vector<HeldLock>& held) {
                  if (!err && ::removexattr(proc_path(in.fd).c_str(), nm.c_str()) < 0) err = errno;
                  give_back(held);

@@ -8,7 +8,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
+#include <fstream>
 
+#include "core/iso_time.h"
 #include "core/log.h"
 
 namespace gate::mount {
@@ -153,6 +156,8 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
       // goes through a fresh connection.
       r = guarded([&] { return client->acquire(make_request(*job, i, 0)); });
     }
+    if (r.status == CallStatus::Deadlock && !job->nonblocking && release_in_flight(*job, i))
+      break;  // a waiter waits for that release, then asks again
     int err = classify(r, *job, i, *client, /*try_once=*/true);
     if (err == 0) {
       job->held.push_back({job->needs[i].key, job->needs[i].mode, r.lock.lock_id, job->needs[i].owner,
@@ -163,10 +168,17 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
     give_back(std::move(client));
     return finish(job, err == -1 ? EAGAIN : err);
   }
+  if (i == job->needs.size()) {
+    give_back(std::move(client));
+    return finish(job, 0);
+  }
+  if (auto deadline = deadline_of(*job); deadline && *deadline <= Clock::now()) {
+    if (job->under_kernel_locks) give_up_busy(job, i, *client);
+    else finish(job, EAGAIN);
+    give_back(std::move(client));
+    return;
+  }
   give_back(std::move(client));
-  if (i == job->needs.size()) return finish(job, 0);
-  if (options_.acquire_timeout_ms && *options_.acquire_timeout_ms <= 0)
-    return finish(job, EAGAIN);
   if (waits_for_itself(*job, i)) {
     log(LogLevel::Info, "mount", "refused ", mode_name(job->needs[i].mode), " lock on ",
         job->needs[i].key, " for pid ", job->pid,
@@ -176,12 +188,11 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
   enqueue(job);
 }
 
-// Whether process `pid` has `key` of this mount open (its own or an inherited fd).
 bool LockAgent::process_has_open(pid_t pid, const std::string& key) const {
   if (options_.mountpoint.empty() || pid <= 0) return false;
   const std::string target = key == "." ? options_.mountpoint : options_.mountpoint + "/" + key;
-  const std::string fd_dir = "/proc/" + std::to_string(pid) + "/fd";
-  DIR* dir = ::opendir(fd_dir.c_str());
+  const std::string proc = "/proc/" + std::to_string(pid);
+  DIR* dir = ::opendir((proc + "/fd").c_str());
   if (!dir) return false;
   bool found = false;
   char link[PATH_MAX];
@@ -194,7 +205,45 @@ bool LockAgent::process_has_open(pid_t pid, const std::string& key) const {
     }
   }
   ::closedir(dir);
-  return found;
+  if (found) return true;
+  // A mapping keeps the handle (and its lock) after the descriptor is closed.
+  std::ifstream maps(proc + "/maps");
+  std::string line;
+  while (std::getline(maps, line))
+    if (line.size() > target.size() &&
+        line.compare(line.size() - target.size(), target.size(), target) == 0 &&
+        line[line.size() - target.size() - 1] == ' ')
+      return true;
+  return false;
+}
+
+bool LockAgent::release_in_flight(const LockJob& job, std::size_t index) const {
+  const std::string& key = job.needs[index].key;
+  bool own_handle = false;
+  {
+    std::lock_guard guard(track_m_);
+    auto [begin, end] = by_key_.equal_range(key);
+    for (auto it = begin; it != end && !own_handle; ++it) own_handle = it->second->pid == job.pid;
+  }
+  return own_handle && !process_has_open(job.pid, key);
+}
+
+bool LockAgent::await_release(const LockJob& job, std::size_t index,
+                              std::optional<Clock::time_point> deadline) {
+  // The kernel sends the RELEASE right after close(); a few seconds is plenty.
+  auto limit = Clock::now() + std::chrono::seconds(5);
+  if (deadline && *deadline < limit) limit = *deadline;
+  const std::string& key = job.needs[index].key;
+  std::unique_lock guard(track_m_);
+  auto released = [&] {
+    auto [begin, end] = by_key_.equal_range(key);
+    return std::none_of(begin, end, [&](const auto& e) { return e.second->pid == job.pid; });
+  };
+  while (!released()) {
+    if (job.interrupted() || stopping_ || Clock::now() >= limit) return false;
+    untracked_cv_.wait_for(guard, milliseconds(20));
+  }
+  return true;
 }
 
 bool LockAgent::waits_for_itself(const LockJob& job, std::size_t index) const {
@@ -207,6 +256,56 @@ bool LockAgent::waits_for_itself(const LockJob& job, std::size_t index) const {
       conflicting = need.mode == LockMode::Write || it->second->lock.mode == LockMode::Write;
   }
   return conflicting && process_has_open(job.pid, need.key);
+}
+
+std::optional<Clock::time_point> LockAgent::deadline_of(const LockJob& job) const {
+  std::optional<Clock::time_point> deadline;
+  if (options_.acquire_timeout_ms)
+    deadline = job.started_ + milliseconds(std::max<std::int64_t>(0, *options_.acquire_timeout_ms));
+  if (job.under_kernel_locks) {
+    auto bound = job.started_ + std::max(options_.meta_wait, milliseconds(0));
+    if (!deadline || bound < *deadline) deadline = bound;
+  }
+  return deadline;
+}
+
+namespace {
+
+// "owner O (write, held 1.2 s, fence 7)" for each holder; for log lines.
+std::string describe_holders(const std::optional<std::vector<LockInfo>>& holders) {
+  if (!holders) return "unknown: the broker did not say";
+  if (holders->empty()) return "nobody any more";
+  const Micros now = wall_clock_micros();
+  std::string text;
+  for (const LockInfo& l : *holders) {
+    if (!text.empty()) text += ", ";
+    text += "owner " + l.owner + " (" + l.mode;
+    if (auto since = parse_iso8601(l.acquired_at)) {
+      char held[32];
+      std::snprintf(held, sizeof held, ", held %.1f s", static_cast<double>(now - *since) / 1e6);
+      text += held;
+    }
+    text += ", fence " + std::to_string(l.fence) + ")";
+  }
+  return text;
+}
+
+}  // namespace
+
+void LockAgent::give_up_busy(const std::shared_ptr<LockJob>& job, std::size_t index,
+                             BrokerClient& client) {
+  const LockNeed& need = job->needs[index];
+  // Asked before the reply, while the holder is most likely still holding.
+  std::string who = describe_holders(client.holders(need.key));
+  const std::string key = need.key, op = job->op;
+  const LockMode mode = need.mode;
+  const pid_t pid = job->pid;
+  auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - job->started_).count();
+  finish(job, EBUSY);
+  log(LogLevel::Warn, "mount", op, " by pid ", pid, " gave up on the ", mode_name(mode),
+      " lock on ", key, " after ", waited, " ms and returned EBUSY; held by ", who,
+      ". The kernel holds the file's or directory's locks during this call, which the "
+      "holder may need itself, so it never waits longer than --meta-wait-ms");
 }
 
 void LockAgent::finish(const std::shared_ptr<LockJob>& job, int err) {
@@ -275,9 +374,7 @@ void LockAgent::waiter_main() {
 }
 
 void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client) {
-  std::optional<Clock::time_point> deadline;
-  if (options_.acquire_timeout_ms)
-    deadline = job->started_ + milliseconds(*options_.acquire_timeout_ms);
+  const std::optional<Clock::time_point> deadline = deadline_of(*job);
   Clock::time_point unreachable_since{};
   bool unreachable = false;
   int err = 0;
@@ -318,16 +415,19 @@ void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& clie
         unreachable_since = now;
         log(LogLevel::Warn, "mount", "broker at ", client.endpoint().describe(),
             " dropped the wait for ", job->needs[i].key, " (", r.error, "); reconnecting");
-      } else if (now - unreachable_since > options_.reconnect_window) {
+      } else if (now - unreachable_since > options_.reconnect_window ||
+                 (deadline && now >= *deadline)) {
         log(LogLevel::Error, "mount", "broker at ", client.endpoint().describe(),
             " is unreachable (", r.error, "); the wait for ", job->needs[i].key,
             " fails with EIO");
         err = EIO;
         break;
       }
+      auto pause = Clock::now() + milliseconds(200);
+      if (deadline && *deadline < pause) pause = *deadline;
       std::unique_lock lock(job->m_);
-      job->cv_.wait_for(lock, milliseconds(200),
-                        [&] { return job->interrupted_.load() || stopping_.load(); });
+      job->cv_.wait_until(lock, pause,
+                          [&] { return job->interrupted_.load() || stopping_.load(); });
       continue;
     }
     unreachable = false;
@@ -335,6 +435,11 @@ void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& clie
       ++i;
       continue;
     }
+    if (r.status == CallStatus::Timeout && job->under_kernel_locks)
+      return give_up_busy(job, i, client);
+    if (r.status == CallStatus::Deadlock && release_in_flight(*job, i) &&
+        await_release(*job, i, deadline))
+      continue;  // the "deadlock" was a handle on its way out: ask again
     err = classify(r, *job, i, client, /*try_once=*/false);
     break;
   }
@@ -378,16 +483,25 @@ std::shared_ptr<TrackedLock> LockAgent::track(HeldLock lock, pid_t pid) {
   return tracked;
 }
 
-bool LockAgent::untrack(const std::shared_ptr<TrackedLock>& tracked) {
-  std::lock_guard guard(track_m_);
-  if (tracked_.erase(tracked.get()) == 0) return false;
-  auto [begin, end] = by_key_.equal_range(tracked->lock.key);
-  for (auto it = begin; it != end; ++it) {
-    if (it->second == tracked.get()) {
-      by_key_.erase(it);
-      break;
+bool LockAgent::release_tracked(const std::shared_ptr<TrackedLock>& tracked) {
+  {
+    std::lock_guard guard(track_m_);
+    // Out of tracked_: no more heartbeats, and stop() will not release it again.
+    if (tracked_.erase(tracked.get()) == 0) return false;
+    tracked->releasing = true;
+  }
+  release(tracked->lock);
+  {
+    std::lock_guard guard(track_m_);
+    auto [begin, end] = by_key_.equal_range(tracked->lock.key);
+    for (auto it = begin; it != end; ++it) {
+      if (it->second == tracked.get()) {
+        by_key_.erase(it);
+        break;
+      }
     }
   }
+  untracked_cv_.notify_all();
   return true;
 }
 
@@ -398,7 +512,7 @@ std::optional<std::string> LockAgent::owner_holding(const std::string& key, pid_
     auto [begin, end] = by_key_.equal_range(key);
     for (auto it = begin; it != end; ++it) {
       const TrackedLock* t = it->second;
-      if (t->lost) continue;
+      if (t->lost || t->releasing) continue;
       if (t->pid == pid) return t->lock.owner;
       if (!other) other = t->lock.owner;
     }

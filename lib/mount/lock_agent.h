@@ -7,6 +7,12 @@
 //   waiter thread, which waits on its own BrokerClient and finishes the job there,
 //   so a FUSE worker never blocks on a lock wait. The job's `done` is called exactly
 //   once, on whichever thread finished it.
+// - A job marked `under_kernel_locks` (setattr, rename, unlink, create, ...: the
+//   kernel holds inode or directory locks while it waits for the mount) waits at
+//   most LockAgentOptions::meta_wait, then fails with EBUSY, leaves the broker's
+//   queue and logs who held the key. A holder of that key may need those very
+//   kernel locks to finish (every write() takes the file's inode lock), and the
+//   broker cannot see them, so a longer wait could freeze both for good.
 // - LockJob::interrupt() (a FUSE interrupt, Ctrl-C) ends a wait at once: the
 //   waiter's connection is aborted, which also takes the request out of the broker's
 //   queue, and the job finishes with EINTR.
@@ -58,6 +64,8 @@ struct LockAgentOptions {
   // How long a queued wait keeps retrying while the broker is unreachable (a
   // restart keeps queued requests for a grace period; request_id re-attaches).
   std::chrono::milliseconds reconnect_window{defaults::kRestoreGraceMs};
+  // The longest wait of a job under kernel locks (see above); 0: never wait.
+  std::chrono::milliseconds meta_wait{defaults::kMetaWaitMs};
   // Where the mount shows; lets a wait be refused when the caller itself holds the
   // file open through an inherited descriptor (`sh -c 'cat f >> f'`: the shell opened
   // f, its child cat waits for it), which per-pid sessions cannot see.
@@ -70,6 +78,10 @@ class LockJob {
   std::vector<LockNeed> needs;  // taken in this order
   pid_t pid = 0;                // of the calling process (for the session)
   bool nonblocking = false;     // O_NONBLOCK: never wait, EAGAIN instead
+  // The kernel holds inode/directory locks during this call: wait at most
+  // meta_wait, then EBUSY.
+  bool under_kernel_locks = false;
+  const char* op = "open";  // the FUSE operation, for log lines
   // Called once: err 0 with every lock in `held`, or an errno with nothing held.
   std::function<void(LockJob& job, int err)> done;
 
@@ -95,6 +107,7 @@ struct TrackedLock {
   pid_t pid = 0;
   std::atomic<bool> lost{false};
   std::string lost_reason;  // set before `lost` becomes true
+  bool releasing = false;   // guarded by LockAgent::track_m_
 };
 
 class LockAgent {
@@ -118,8 +131,10 @@ class LockAgent {
   void release(const HeldLock& lock);
 
   std::shared_ptr<TrackedLock> track(HeldLock lock, pid_t pid);
-  // Stops heartbeating; returns false when it was not tracked (already released).
-  bool untrack(const std::shared_ptr<TrackedLock>& tracked);
+  // Stops heartbeating and releases the lock at the broker; false when it was no
+  // longer tracked (released already, e.g. by stop()). Until the broker has it
+  // back, the lock still counts as this process's (see release_in_flight).
+  bool release_tracked(const std::shared_ptr<TrackedLock>& tracked);
 
   // The owner token to re-enter for a metadata call by `pid` on `key`: that of a
   // handle `pid` opened, or of any handle on `key` when `pid` holds the file open
@@ -140,8 +155,24 @@ class LockAgent {
   int classify(const CallResult& r, const LockJob& job, std::size_t index,
                const BrokerClient& client, bool try_once) const;
   void finish(const std::shared_ptr<LockJob>& job, int err);
+  // When the job must give up waiting (acquire time-out, meta_wait); nullopt: never.
+  std::optional<std::chrono::steady_clock::time_point> deadline_of(const LockJob& job) const;
+  // Finishes a job under kernel locks that could not get `index` in time with EBUSY,
+  // logging who held the key (asked of the broker before the reply frees the kernel).
+  void give_up_busy(const std::shared_ptr<LockJob>& job, std::size_t index,
+                    BrokerClient& client);
   bool waits_for_itself(const LockJob& job, std::size_t index) const;
+  // Whether `pid` has `key` open (a descriptor, its own or inherited) or mapped.
   bool process_has_open(pid_t pid, const std::string& key) const;
+  // The broker's "deadlock" for a process that holds `key` only through handles it
+  // has already closed: close() returns before the kernel's RELEASE reaches the mount
+  // (it is sent in the background), so a process that writes a file and opens it
+  // again at once finds its old handle still holding. Not a deadlock: the release
+  // is on its way.
+  bool release_in_flight(const LockJob& job, std::size_t index) const;
+  // Waits (bounded, interruptible) until those handles are released; true when they are.
+  bool await_release(const LockJob& job, std::size_t index,
+                     std::optional<std::chrono::steady_clock::time_point> deadline);
   void enqueue(std::shared_ptr<LockJob> job);
   void waiter_main();
   void wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client);
@@ -164,6 +195,7 @@ class LockAgent {
   std::size_t idle_threads_ = 0;
 
   mutable std::mutex track_m_;
+  std::condition_variable untracked_cv_;  // a tracked lock went away
   std::unordered_map<TrackedLock*, std::shared_ptr<TrackedLock>> tracked_;
   std::unordered_multimap<std::string, TrackedLock*> by_key_;
 

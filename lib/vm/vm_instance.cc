@@ -310,6 +310,7 @@ std::optional<UpRun::Failure> UpRun::host_direct() {
                                    "--ready-fd", "{READY_FD}"};
   if (o_.lease_ms) argv.insert(argv.end(), {"--lease-ms", std::to_string(*o_.lease_ms)});
   if (o_.max_hold_ms) argv.insert(argv.end(), {"--max-hold-ms", std::to_string(*o_.max_hold_ms)});
+  if (o_.meta_wait_ms) argv.insert(argv.end(), {"--meta-wait-ms", std::to_string(*o_.meta_wait_ms)});
   Daemon mount = start_daemon(argv, mount_log, 30s);
   if (mount.pid < 0) return Failure{"mount", mount.error, mount_log};
   mount_pid_ = mount.pid;
@@ -330,6 +331,7 @@ std::optional<UpRun::Failure> UpRun::sshfs() {
                             " --broker-port 8787 --log-file /home/gate/gate-mount.log";
   if (o_.lease_ms) guest_mount += " --lease-ms " + std::to_string(*o_.lease_ms);
   if (o_.max_hold_ms) guest_mount += " --max-hold-ms " + std::to_string(*o_.max_hold_ms);
+  if (o_.meta_wait_ms) guest_mount += " --meta-wait-ms " + std::to_string(*o_.meta_wait_ms);
   r = run_step(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " + guest_mount),
                  mount_log, 60s);
   if (r.status != 0) return Failure{"mount", "gate mount inside the guest failed", mount_log};

@@ -32,6 +32,7 @@ struct VmOptions {
   std::string disk_size = "20G";
   std::optional<std::int64_t> max_hold_ms;
   std::optional<std::int64_t> lease_ms;
+  std::optional<std::int64_t> meta_wait_ms;  // the mount's --meta-wait-ms
   std::string accel = "auto";
   bool redownload = false;
   bool skip_build = false;

@@ -4,4 +4,8 @@ if(TARGET gate_mount)
   add_executable(mount_test integration/mount_test.cc)
   target_link_libraries(mount_test PRIVATE gate_test_support gate_client gate_core Boost::json)
   catch_discover_tests(mount_test PROPERTIES LABELS "mount")
+  # Calls the kernel makes under inode/directory locks, against holders that need them.
+  add_executable(kernel_locks_test integration/kernel_locks_test.cc)
+  target_link_libraries(kernel_locks_test PRIVATE gate_test_support gate_client gate_core Boost::json)
+  catch_discover_tests(kernel_locks_test PROPERTIES LABELS "mount" TIMEOUT 300)
 endif()

@@ -27,300 +27,12 @@
 #include <thread>
 #include <vector>
 
-#include "client/broker_client.h"
-#include "support/test_support.h"
+#include "support/mount_fixture.h"
 
 using namespace std::chrono_literals;
+using namespace gate::test;
 using gate::BrokerClient;
 using gate::BrokerEndpoint;
-using gate::test::BrokerProcess;
-using gate::test::Child;
-using gate::test::TempDir;
-
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-// Polls `done` until it holds or `limit` passes; for states that have no event to
-// wait on (the broker's queue, a file's contents).
-template <typename F>
-bool eventually(F done, std::chrono::milliseconds limit = 10s) {
-  auto end = Clock::now() + limit;
-  for (;;) {
-    if (done()) return true;
-    if (Clock::now() > end) return false;
-    std::this_thread::sleep_for(10ms);
-  }
-}
-
-bool is_mounted(const std::string& path) {
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    std::istringstream f(line);
-    std::string id, parent, dev, root, point;
-    f >> id >> parent >> dev >> root >> point;
-    if (point == path) return true;
-  }
-  return false;
-}
-
-bool have_tool(const std::string& name) {
-  return std::system(("command -v " + name + " >/dev/null 2>&1").c_str()) == 0;
-}
-
-void write_file(const std::string& path, const std::string& data) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out << data;
-}
-
-std::string slurp(const std::string& path) { return gate::test::read_file(path); }
-
-// Runs a shell script (bounded); returns the exit status, output in *out.
-int sh(const std::string& script, std::string* out = nullptr, std::chrono::seconds limit = 60s) {
-  TempDir tmp("gate-sh");
-  const std::string log = tmp.path() + "/out";
-  Child c = Child::spawn({"/bin/sh", "-c", script}, log);
-  int status = c.wait(limit);
-  if (out) *out = slurp(log);
-  return status;
-}
-
-// What the broker says about one key.
-struct KeyState {
-  std::vector<std::string> holders;  // modes of held locks
-  std::size_t queued = 0;
-};
-
-KeyState key_state(const BrokerEndpoint& ep, const std::string& key) {
-  BrokerClient client(ep);
-  gate::HttpReply r = client.status(key);
-  KeyState s;
-  if (r.status != 200) return s;
-  boost::json::value v = boost::json::parse(r.body);
-  for (auto& l : v.at("locks").as_array())
-    if (l.at("path").as_string() == key) s.holders.emplace_back(l.at("mode").as_string());
-  for (auto& q : v.at("queue").as_array())
-    if (q.at("path").as_string() == key) ++s.queued;
-  return s;
-}
-
-std::size_t total_locks(const BrokerEndpoint& ep) {
-  BrokerClient client(ep);
-  gate::HttpReply r = client.status();
-  if (r.status != 200) return 999;
-  return boost::json::parse(r.body).at("locks").as_array().size();
-}
-
-std::size_t total_queued(const BrokerEndpoint& ep) {
-  BrokerClient client(ep);
-  gate::HttpReply r = client.status();
-  if (r.status != 200) return 999;
-  return boost::json::parse(r.body).at("queue").as_array().size();
-}
-
-// `gate mount --foreground` on a fresh root and mount point; up when constructed,
-// unmounted (SIGTERM, then fusermount3 -u / -uz) when destroyed.
-class Mount {
- public:
-  explicit Mount(const BrokerEndpoint& ep, std::vector<std::string> extra = {})
-      : base_("gate-mount-test"), root_(base_.path() + "/root"), mnt_(base_.path() + "/mnt") {
-    ::mkdir(root_.c_str(), 0755);
-    ::mkdir(mnt_.c_str(), 0755);
-    log_path_ = base_.path() + "/mount.log";
-    start(ep, std::move(extra));
-  }
-  ~Mount() { take_down(); }
-
-  const std::string& root() const { return root_; }
-  const std::string& mnt() const { return mnt_; }
-  std::string at(const std::string& rel) const { return mnt_ + "/" + rel; }
-  std::string in_root(const std::string& rel) const { return root_ + "/" + rel; }
-  std::string log() const { return slurp(log_path_); }
-  const std::string& scratch() const { return base_.path(); }
-  pid_t pid() const { return child_.pid(); }
-
-  void kill9() { child_.kill_and_wait(); }
-  int terminate() {
-    child_.signal(SIGTERM);
-    return child_.wait(15s);
-  }
-
- private:
-  void start(const BrokerEndpoint& ep, std::vector<std::string> extra) {
-    int fds[2];
-    REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
-    ::fcntl(fds[1], F_SETFD, 0);
-    std::vector<std::string> argv = {gate::test::gate_binary(), "mount", "--foreground",
-                                     "--root", root_, "--mount", mnt_,
-                                     "--ready-fd", std::to_string(fds[1]),
-                                     "--log-level", "debug", "--owner", "test"};
-    if (!ep.unix_socket.empty()) {
-      argv.insert(argv.end(), {"--broker-socket", ep.unix_socket});
-    } else {
-      argv.insert(argv.end(), {"--broker-host", ep.host, "--broker-port", std::to_string(ep.port)});
-    }
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    child_ = Child::spawn(argv, log_path_, fds[1]);
-    ::close(fds[1]);
-    std::string got;
-    pollfd p{fds[0], POLLIN, 0};
-    while (got.find('\n') == std::string::npos && ::poll(&p, 1, 20'000) > 0) {
-      char buf[64];
-      ssize_t n = ::read(fds[0], buf, sizeof buf);
-      if (n <= 0) break;
-      got.append(buf, static_cast<std::size_t>(n));
-    }
-    ::close(fds[0]);
-    if (got != "ready\n") {
-      take_down();
-      FAIL("gate mount did not come up; its log:\n" << log());
-    }
-  }
-
-  void take_down() {
-    if (child_.running()) {
-      child_.signal(SIGTERM);
-      if (child_.wait(15s) < 0) child_.kill_and_wait();
-    }
-    if (is_mounted(mnt_)) sh("fusermount3 -u '" + mnt_ + "' 2>/dev/null", nullptr, 10s);
-    if (is_mounted(mnt_)) sh("fusermount3 -uz '" + mnt_ + "'", nullptr, 10s);
-  }
-
-  TempDir base_;
-  std::string root_, mnt_, log_path_;
-  Child child_;
-};
-
-// A forked copy of this process running `body`, talking to the test over pipes:
-// the child reports lines, the test sends commands. Killed and reaped on scope exit.
-class Forked {
- public:
-  explicit Forked(std::function<int(Forked&)> body) {
-    int up[2], down[2];
-    REQUIRE(::pipe2(up, O_CLOEXEC) == 0);
-    REQUIRE(::pipe2(down, O_CLOEXEC) == 0);
-    pid_ = ::fork();
-    REQUIRE(pid_ >= 0);
-    if (pid_ == 0) {
-      // Catch's signal handlers came along with fork; this child dies like any process.
-      for (int sig : {SIGINT, SIGTERM, SIGSEGV, SIGABRT, SIGILL, SIGFPE})
-        ::signal(sig, SIG_DFL);
-      // Only the pipes come along: an inherited descriptor of a locked file would make
-      // the child wait for itself (which the mount rightly refuses with EDEADLK).
-      out_ = ::fcntl(up[1], F_DUPFD, 500);
-      in_ = ::fcntl(down[0], F_DUPFD, 500);
-      ::close_range(3, 499, 0);
-      ::close_range(static_cast<unsigned>(std::max(in_, out_)) + 1, ~0U, 0);
-      ::_exit(body(*this));
-    }
-    ::close(up[1]);
-    ::close(down[0]);
-    in_ = up[0];
-    out_ = down[1];
-  }
-  ~Forked() {
-    if (pid_ > 0) {
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-    ::close(in_);
-    ::close(out_);
-  }
-  Forked(const Forked&) = delete;
-  Forked& operator=(const Forked&) = delete;
-
-  pid_t pid() const { return pid_; }
-
-  // Child side.
-  void report(const std::string& line) {
-    std::string l = line + "\n";
-    (void)!::write(out_, l.data(), l.size());
-  }
-  std::string command() {
-    std::string l;
-    char c;
-    while (::read(in_, &c, 1) == 1 && c != '\n') l += c;
-    return l;
-  }
-
-  // Test side: the next line, or nullopt when none came within `limit`.
-  std::optional<std::string> line(std::chrono::milliseconds limit = 10s) {
-    auto end = Clock::now() + limit;
-    for (;;) {
-      if (auto nl = buf_.find('\n'); nl != std::string::npos) {
-        std::string l = buf_.substr(0, nl);
-        buf_.erase(0, nl + 1);
-        return l;
-      }
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(end - Clock::now());
-      if (left.count() < 0) return std::nullopt;
-      pollfd p{in_, POLLIN, 0};
-      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) return std::nullopt;
-      char b[256];
-      ssize_t n = ::read(in_, b, sizeof b);
-      if (n <= 0) return std::nullopt;
-      buf_.append(b, static_cast<std::size_t>(n));
-    }
-  }
-  void tell(const std::string& cmd) {
-    std::string l = cmd + "\n";
-    (void)!::write(out_, l.data(), l.size());
-  }
-  int wait(std::chrono::milliseconds limit = 10s) {
-    int pfd = static_cast<int>(::syscall(SYS_pidfd_open, pid_, 0));
-    if (pfd >= 0) {
-      pollfd p{pfd, POLLIN, 0};
-      int ready = ::poll(&p, 1, static_cast<int>(limit.count()));
-      ::close(pfd);
-      if (ready <= 0) return -1;
-    }
-    int status = 0;
-    ::waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-  }
-
- private:
-  pid_t pid_ = -1;
-  int in_ = -1, out_ = -1;
-  std::string buf_;
-};
-
-// A process that opens `path` with `flags`, reports "open" (or the errno), holds it
-// until told "close", closes and reports "closed".
-std::unique_ptr<Forked> holder(const std::string& path, int flags) {
-  return std::make_unique<Forked>([path, flags](Forked& self) {
-    int fd = ::open(path.c_str(), flags, 0644);
-    if (fd < 0) {
-      self.report("errno " + std::to_string(errno));
-      return 1;
-    }
-    self.report("open");
-    if (self.command() == "write") {
-      (void)!::write(fd, "x", 1);
-      self.command();
-    }
-    ::close(fd);
-    self.report("closed");
-    return 0;
-  });
-}
-
-// A process's file descriptor on the test side, closed on scope exit.
-struct Fd {
-  explicit Fd(int f) : fd(f) {}
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-  void close() {
-    if (fd >= 0) ::close(fd);
-    fd = -1;
-  }
-  int fd;
-};
-
-}  // namespace
 
 TEST_CASE("a writer waits for the holder, and a reader queued after it waits for that writer",
           "[mount][fifo]") {
@@ -457,6 +169,31 @@ TEST_CASE("a process that holds a file for reading and opens it for writing gets
   CHECK(Clock::now() - t1 < 10s);
   CHECK(out.find("deadlock") != std::string::npos);
   CHECK(slurp(m.in_root("f")) == "data\n");
+}
+
+TEST_CASE("a process that closes a file and opens it again at once is not refused with EDEADLK",
+          "[mount][deadlock]") {
+  // close() returns before the kernel's RELEASE of the handle reaches the mount, so
+  // the next open can find the process's old handle still holding the lock.
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  write_file(m.in_root("f"), "data\n");
+  Forked p([path = m.at("f")](Forked& self) {
+    for (int i = 0; i < 300; ++i) {
+      int w = ::open(path.c_str(), O_WRONLY | O_TRUNC);
+      if (w < 0) return self.report("write open " + std::to_string(i) + ": errno " + std::to_string(errno)), 1;
+      bool ok = ::write(w, "data\n", 5) == 5;
+      ::close(w);
+      int r = ::open(path.c_str(), i % 2 ? O_RDONLY : O_RDWR);
+      if (!ok || r < 0) return self.report("reopen " + std::to_string(i) + ": errno " + std::to_string(errno)), 1;
+      ::close(r);
+    }
+    self.report("done");
+    return 0;
+  });
+  CHECK(p.line(60s) == "done");
+  CHECK(slurp(m.in_root("f")) == "data\n");
+  CHECK(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
 }
 
 TEST_CASE("Ctrl-C ends a waiting open with EINTR and empties the broker's queue", "[mount][interrupt]") {
