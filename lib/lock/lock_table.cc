@@ -5,14 +5,6 @@
 
 namespace gate {
 
-const char* to_string(LockMode m) { return m == LockMode::Read ? "read" : "write"; }
-
-std::optional<LockMode> parse_lock_mode(std::string_view s) {
-  if (s == "read") return LockMode::Read;
-  if (s == "write") return LockMode::Write;
-  return std::nullopt;
-}
-
 Micros Lock::ends_at() const {
   Micros end = lease_expires_at;
   if (max_hold_ms) end = std::min(end, acquired_at + *max_hold_ms * 1000);

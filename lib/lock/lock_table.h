@@ -24,12 +24,9 @@
 #include <vector>
 
 #include "core/iso_time.h"
+#include "core/lock_mode.h"
 
 namespace gate {
-
-enum class LockMode { Read, Write };
-const char* to_string(LockMode m);
-std::optional<LockMode> parse_lock_mode(std::string_view s);
 
 struct Lock {
   std::string lock_id;

@@ -22,6 +22,7 @@
 
 #include "core/log.h"
 #include "mount/inode_table.h"
+#include "mount/lock_policy.h"
 
 namespace gate::mount {
 
@@ -53,41 +54,6 @@ DirHandle* dir_of(const fuse_file_info* fi) { return reinterpret_cast<DirHandle*
 
 std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
 
-bool opens_for_writing(int flags) {
-  return (flags & O_ACCMODE) != O_RDONLY || (flags & (O_TRUNC | O_APPEND)) != 0;
-}
-
-// The key a relative symlink target names, resolved by text against the link's
-// directory; nullopt for absolute targets and targets that leave the root.
-std::optional<std::string> target_key(const std::string& dir_key, std::string_view target) {
-  if (target.empty() || target.front() == '/') return std::nullopt;
-  std::vector<std::string> parts;
-  auto split_into = [&parts](std::string_view text) -> bool {
-    while (!text.empty()) {
-      auto slash = text.find('/');
-      std::string_view part = text.substr(0, slash);
-      text = slash == std::string_view::npos ? std::string_view{} : text.substr(slash + 1);
-      if (part.empty() || part == ".") continue;
-      if (part == "..") {
-        if (parts.empty()) return false;
-        parts.pop_back();
-        continue;
-      }
-      parts.emplace_back(part);
-    }
-    return true;
-  };
-  if (dir_key != ".") split_into(dir_key);
-  if (!split_into(target)) return std::nullopt;
-  if (parts.empty()) return std::string(".");
-  std::string key;
-  for (auto& p : parts) {
-    if (!key.empty()) key += '/';
-    key += p;
-  }
-  return key;
-}
-
 void log_fd_exhaustion(int err) {
   if (err == EMFILE || err == ENFILE)
     log(LogLevel::Error, "mount", "out of file descriptors (", std::strerror(err),
@@ -97,8 +63,6 @@ void log_fd_exhaustion(int err) {
 }  // namespace
 
 struct GateFs::Impl {
-  using Then = std::function<void(int err, std::vector<HeldLock>& held)>;
-
   MountOptions opts;
   std::unique_ptr<InodeTable> inodes;
   std::unique_ptr<LockAgent> agent;  // null with locking off
@@ -108,77 +72,72 @@ struct GateFs::Impl {
 
   explicit Impl(MountOptions o) : opts(std::move(o)) {}
 
+  // Handlers may keep this reference until they reply (also on a waiter thread):
+  // the kernel keeps an inode's lookup count up while a request on it is in flight,
+  // so no FORGET can free it before the reply.
   Inode& inode(fuse_ino_t ino) { return inodes->get(ino); }
 
   // ---- locks ------------------------------------------------------------------
 
   static void on_interrupt(fuse_req_t, void* data) { static_cast<LockJob*>(data)->interrupt(); }
 
-  // How a call may wait for its locks (locking.md: "Operations under kernel locks
-  // never wait long"). The kernel sends OPEN after the lookup, holding no inode or
-  // directory lock (as long as the writeback cache stays off, see init()); it sends
-  // SETATTR, RENAME, LINK, UNLINK, RMDIR, MKNOD, MKDIR, SYMLINK, CREATE, SETXATTR and
-  // REMOVEXATTR holding the inode locks of the files and directories involved, which
-  // a holder of the same key may need for its own write() or O_TRUNC open.
-  enum class Wait {
-    Fifo,     // open: waits its turn
-    NoWait,   // O_NONBLOCK open or create: EAGAIN instead of waiting
-    Bounded,  // under kernel locks: at most --meta-wait-ms, then EBUSY
+  // What a call does once it holds its locks, and how it answers.
+  struct Step {
+    // The system call, under the locks; an errno or 0. Not run when taking the
+    // locks failed. May adopt `held` for an open handle (it then clears it).
+    std::function<int(std::vector<HeldLock>& held)> act;
+    // The reply, after the locks the call did not adopt are back at the broker
+    // (so the caller's next call never finds them still held).
+    std::function<void(int err)> reply;
   };
 
-  // Takes `needs` (in sorted key order, one per key), then calls `then` exactly once,
-  // on this thread or on a waiter thread. `then` replies to req and gives back locks
-  // it does not keep.
-  void with_locks(fuse_req_t req, const char* op, std::vector<LockNeed> needs, Wait wait,
-                  Then then) {
-    if (!agent || needs.empty()) {
+  // Takes the plan's locks for req, runs step.act, gives back the rest, then
+  // step.reply: exactly once, on this thread or on a waiter thread. `h`: the open
+  // handle the call came through, whose lock a call on its key re-enters.
+  void run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step) {
+    auto finish = [this, step = std::move(step)](int err, std::vector<HeldLock>& held) {
+      if (!err) err = step.act(held);
+      give_back(held);
+      held.clear();
+      step.reply(err);
+    };
+    if (!agent || plan.locks.empty()) {
       std::vector<HeldLock> none;
-      then(0, none);
+      finish(0, none);
       return;
     }
-    std::sort(needs.begin(), needs.end(),
-              [](const LockNeed& a, const LockNeed& b) { return a.key < b.key; });
-    std::vector<LockNeed> unique;
-    for (auto& n : needs) {
-      if (!unique.empty() && unique.back().key == n.key) {
-        if (n.mode == LockMode::Write) unique.back().mode = LockMode::Write;
-        continue;
-      }
-      unique.push_back(std::move(n));
-    }
+    const pid_t pid = fuse_req_ctx(req)->pid;
     auto job = std::make_shared<LockJob>();
-    job->needs = std::move(unique);
-    job->pid = fuse_req_ctx(req)->pid;
-    job->nonblocking = wait == Wait::NoWait;
-    job->under_kernel_locks = wait == Wait::Bounded;
-    job->op = op;
-    job->done = [req, then = std::move(then)](LockJob& j, int err) {
+    for (const KeyLock& l : plan.locks)
+      job->needs.push_back({l.key, l.mode, owner_for(plan, l.key, h, pid)});
+    job->pid = pid;
+    job->nonblocking = plan.wait == Wait::NoWait;
+    job->under_kernel_locks = plan.wait == Wait::Bounded;
+    job->op = plan.name;
+    job->done = [req, finish = std::move(finish)](LockJob& j, int err) {
       // After this no interrupt callback can run for req, so the job may go.
       fuse_req_interrupt_func(req, nullptr, nullptr);
-      then(err, j.held);
+      finish(err, j.held);
     };
     fuse_req_interrupt_func(req, &Impl::on_interrupt, job.get());
     agent->run(job);
   }
 
-  void give_back(const std::vector<HeldLock>& held) {
-    if (agent && !held.empty()) agent->release(held);
-  }
-
-  // Owner for a metadata call: an open handle's on the same key (preferring the
-  // caller's own), so `touch` on an open file re-enters that lock.
-  std::string meta_owner(const std::string& key, pid_t pid) {
-    if (!agent) return {};
+  // An open gets a fresh owner; a call for the call's length re-enters the lock of an
+  // open handle on the same key (the caller's own first), so `touch` on an open
+  // file does not wait for itself.
+  std::string owner_for(const LockPlan& plan, const std::string& key, FileHandle* h, pid_t pid) {
+    if (plan.span == Span::Handle) return agent->new_owner();
+    if (h && h->key == key) {
+      std::lock_guard lock(h->m);
+      if (h->lock && !h->lock->lost) return h->lock->lock.owner;
+    }
     if (auto owner = agent->owner_holding(key, pid)) return *owner;
     return agent->new_owner();
   }
 
-  std::string handle_owner(FileHandle* h, pid_t pid) {
-    {
-      std::lock_guard lock(h->m);
-      if (h->lock && !h->lock->lost) return h->lock->lock.owner;
-    }
-    return meta_owner(h->key, pid);
+  void give_back(const std::vector<HeldLock>& held) {
+    if (agent && !held.empty()) agent->release(held);
   }
 
   // ---- helpers ----------------------------------------------------------------
@@ -194,17 +153,23 @@ struct GateFs::Impl {
     return 0;
   }
 
-  // The end of a call that made a name: the locks go back, then its entry (or err).
-  void reply_new_entry(fuse_req_t req, Inode& parent, const std::string& name, int err,
-                       std::vector<HeldLock>& held) {
-    fuse_entry_param e;
-    if (!err) err = entry_for(parent, name, &e);
-    give_back(held);
-    if (err) {
-      fuse_reply_err(req, err);
-      return;
-    }
-    reply_entry(req, e);
+  // A step whose answer is a plain errno.
+  static Step just(fuse_req_t req, std::function<int()> act) {
+    return {[act = std::move(act)](std::vector<HeldLock>&) { return act(); },
+            [req](int err) { fuse_reply_err(req, err); }};
+  }
+
+  // A step that makes `name` in `parent` with `make` and answers its entry.
+  Step new_entry(fuse_req_t req, Inode& parent, std::string name, std::function<int()> make) {
+    auto e = std::make_shared<fuse_entry_param>();
+    return {[this, &parent, name, e, make = std::move(make)](std::vector<HeldLock>&) {
+              int err = make();
+              return err ? err : entry_for(parent, name, e.get());
+            },
+            [this, req, e](int err) {
+              if (err) fuse_reply_err(req, err);
+              else reply_entry(req, *e);
+            }};
   }
 
   void reply_entry(fuse_req_t req, fuse_entry_param& e) {
@@ -343,31 +308,27 @@ struct GateFs::Impl {
     return 0;
   }
 
-  static const char* setattr_name(int valid) {
-    if (valid & FUSE_SET_ATTR_SIZE) return "truncate";
-    if (valid & FUSE_SET_ATTR_MODE) return "chmod";
-    if (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) return "chown";
-    return "utimens";
+  static AttrChange attr_change(int valid) {
+    if (valid & FUSE_SET_ATTR_SIZE) return AttrChange::Size;
+    if (valid & FUSE_SET_ATTR_MODE) return AttrChange::Mode;
+    if (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) return AttrChange::Owner;
+    return AttrChange::Times;
   }
 
   void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fuse_file_info* fi) {
     Inode& in = inode(ino);
+    // A handle stays until its release, which the kernel sends only after this call.
     FileHandle* h = fi ? file_of(fi) : nullptr;
-    pid_t pid = fuse_req_ctx(req)->pid;
-    std::string key = h ? h->key : inodes->key_of(in);
-    std::string owner = h ? handle_owner(h, pid) : meta_owner(key, pid);
-    struct stat a = *attr;
-    int fd = h ? h->fd : -1;
-    with_locks(req, setattr_name(valid), {{key, LockMode::Write, owner}}, Wait::Bounded,
-               [this, req, &in, a, valid, fd](int err, std::vector<HeldLock>& held) {
-                 if (!err) err = apply_setattr(in, a, valid, fd);
-                 give_back(held);
-                 if (err) {
-                   fuse_reply_err(req, err);
-                   return;
-                 }
-                 reply_attr(req, fd >= 0 ? fd : in.fd);
-               });
+    const int fd = h ? h->fd : -1;
+    const struct stat a = *attr;
+    const LockPlan plan =
+        plan_locks({.op = FsOp::Setattr, .key = h ? h->key : inodes->key_of(in), .attr = attr_change(valid)});
+    run_locked(req, plan, h,
+               {[&in, a, valid, fd](std::vector<HeldLock>&) { return apply_setattr(in, a, valid, fd); },
+                [this, req, &in, fd](int err) {
+                  if (err) fuse_reply_err(req, err);
+                  else reply_attr(req, fd >= 0 ? fd : in.fd);
+                }});
   }
 
   void readlink(fuse_req_t req, fuse_ino_t ino) {
@@ -389,45 +350,42 @@ struct GateFs::Impl {
   void make_node(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev,
                  const char* link) {
     Inode& p = inode(parent);
-    std::string nm = name;
-    std::string key = inodes->child_key(p, nm);
+    const std::string nm = name, target = link ? link : "";
     const fuse_ctx* ctx = fuse_req_ctx(req);
-    pid_t pid = ctx->pid;
-    uid_t uid = ctx->uid;
-    gid_t gid = ctx->gid;
-    std::vector<LockNeed> needs{{key, LockMode::Write, meta_owner(key, pid)}};
-    std::string target = link ? link : "";
-    if (link) {
-      if (auto tk = target_key(inodes->key_of(p), target))
-        needs.push_back({*tk, LockMode::Write, meta_owner(*tk, pid)});
-    }
-    const char* op = link ? "symlink" : S_ISDIR(mode) ? "mkdir" : "mknod";
-    with_locks(req, op, std::move(needs), Wait::Bounded,
-               [this, req, &p, nm, mode, rdev, target, is_link = link != nullptr, uid, gid](
-                   int err, std::vector<HeldLock>& held) {
-                 if (!err) {
-                   int r;
-                   if (is_link) r = ::symlinkat(target.c_str(), p.fd, nm.c_str());
-                   else if (S_ISDIR(mode)) r = ::mkdirat(p.fd, nm.c_str(), mode & 07777);
-                   else r = ::mknodat(p.fd, nm.c_str(), mode, rdev);
-                   if (r < 0) err = errno;
-                   else give_to_caller(p.fd, nm, -1, uid, gid);
-                 }
-                 reply_new_entry(req, p, nm, err, held);
-               });
+    const uid_t uid = ctx->uid;
+    const gid_t gid = ctx->gid;
+    const FsOp op = link ? FsOp::Symlink : S_ISDIR(mode) ? FsOp::Mkdir : FsOp::Mknod;
+    const LockPlan plan =
+        plan_locks({.op = op, .key = inodes->child_key(p, nm), .symlink_target = target});
+    run_locked(req, plan, nullptr,
+               new_entry(req, p, nm, [this, &p, nm, op, mode, rdev, target, uid, gid] {
+                 int r = op == FsOp::Symlink ? ::symlinkat(target.c_str(), p.fd, nm.c_str())
+                         : op == FsOp::Mkdir ? ::mkdirat(p.fd, nm.c_str(), mode & 07777)
+                                             : ::mknodat(p.fd, nm.c_str(), mode, rdev);
+                 if (r < 0) return errno;
+                 give_to_caller(p.fd, nm, -1, uid, gid);
+                 return 0;
+               }));
   }
 
   void remove(fuse_req_t req, fuse_ino_t parent, const char* name, int flags) {
     Inode& p = inode(parent);
-    std::string nm = name;
-    std::string key = inodes->child_key(p, nm);
-    std::string owner = meta_owner(key, fuse_req_ctx(req)->pid);
-    with_locks(req, flags & AT_REMOVEDIR ? "rmdir" : "unlink", {{key, LockMode::Write, owner}},
-               Wait::Bounded, [this, req, &p, nm, flags](int err, std::vector<HeldLock>& held) {
-                 if (!err && ::unlinkat(p.fd, nm.c_str(), flags) < 0) err = errno;
-                 give_back(held);
-                 fuse_reply_err(req, err);
-               });
+    const std::string nm = name;
+    const FsOp op = (flags & AT_REMOVEDIR) ? FsOp::Rmdir : FsOp::Unlink;
+    run_locked(req, plan_locks({.op = op, .key = inodes->child_key(p, nm)}), nullptr,
+               just(req, [&p, nm, flags] { return ::unlinkat(p.fd, nm.c_str(), flags) < 0 ? errno : 0; }));
+  }
+
+  // renameat2, keeping the inode table's names in step.
+  int rename_at(Inode& p, const std::string& nm, Inode& np, const std::string& nn, unsigned flags) {
+    struct stat src {}, dst {};
+    bool have_src = ::fstatat(p.fd, nm.c_str(), &src, AT_SYMLINK_NOFOLLOW) == 0;
+    bool have_dst = (flags & RENAME_EXCHANGE) &&
+                    ::fstatat(np.fd, nn.c_str(), &dst, AT_SYMLINK_NOFOLLOW) == 0;
+    if (::renameat2(p.fd, nm.c_str(), np.fd, nn.c_str(), flags) < 0) return errno;
+    if (have_src) inodes->moved(src.st_ino, src.st_dev, np, nn);
+    if (have_dst) inodes->moved(dst.st_ino, dst.st_dev, p, nm);
+    return 0;
   }
 
   void rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
@@ -438,140 +396,110 @@ struct GateFs::Impl {
     }
     Inode& p = inode(parent);
     Inode& np = inode(newparent);
-    std::string nm = name, nn = newname;
-    std::string from = inodes->child_key(p, nm);
-    std::string to = inodes->child_key(np, nn);
-    pid_t pid = fuse_req_ctx(req)->pid;
-    std::vector<LockNeed> needs{{from, LockMode::Write, meta_owner(from, pid)},
-                                {to, LockMode::Write, meta_owner(to, pid)}};
-    with_locks(req, "rename", std::move(needs), Wait::Bounded,
-               [this, req, &p, &np, nm, nn, flags](int err, std::vector<HeldLock>& held) {
-                 struct stat src {}, dst {};
-                 bool have_src = false, have_dst = false;
-                 if (!err) {
-                   have_src = ::fstatat(p.fd, nm.c_str(), &src, AT_SYMLINK_NOFOLLOW) == 0;
-                   if (flags & RENAME_EXCHANGE)
-                     have_dst = ::fstatat(np.fd, nn.c_str(), &dst, AT_SYMLINK_NOFOLLOW) == 0;
-                   if (::renameat2(p.fd, nm.c_str(), np.fd, nn.c_str(), flags) < 0) err = errno;
-                 }
-                 if (!err) {
-                   if (have_src) inodes->moved(src.st_ino, src.st_dev, np, nn);
-                   if (have_dst) inodes->moved(dst.st_ino, dst.st_dev, p, nm);
-                 }
-                 give_back(held);
-                 fuse_reply_err(req, err);
-               });
+    const std::string nm = name, nn = newname;
+    const LockPlan plan = plan_locks(
+        {.op = FsOp::Rename, .key = inodes->child_key(p, nm), .second = inodes->child_key(np, nn)});
+    run_locked(req, plan, nullptr,
+               just(req, [this, &p, &np, nm, nn, flags] { return rename_at(p, nm, np, nn, flags); }));
   }
 
   void link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
     Inode& in = inode(ino);
     Inode& np = inode(newparent);
-    std::string nn = newname;
-    std::string from = inodes->key_of(in);
-    std::string to = inodes->child_key(np, nn);
-    pid_t pid = fuse_req_ctx(req)->pid;
-    std::vector<LockNeed> needs{{from, LockMode::Write, meta_owner(from, pid)},
-                                {to, LockMode::Write, meta_owner(to, pid)}};
-    with_locks(req, "link", std::move(needs), Wait::Bounded,
-               [this, req, &in, &np, nn](int err, std::vector<HeldLock>& held) {
-                 if (!err && ::linkat(AT_FDCWD, proc_path(in.fd).c_str(), np.fd, nn.c_str(),
-                                      AT_SYMLINK_FOLLOW) < 0)
-                   err = errno;
-                 reply_new_entry(req, np, nn, err, held);
-               });
+    const std::string nn = newname;
+    const LockPlan plan = plan_locks(
+        {.op = FsOp::Link, .key = inodes->key_of(in), .second = inodes->child_key(np, nn)});
+    run_locked(req, plan, nullptr, new_entry(req, np, nn, [&in, &np, nn] {
+                 return ::linkat(AT_FDCWD, proc_path(in.fd).c_str(), np.fd, nn.c_str(),
+                                 AT_SYMLINK_FOLLOW) < 0
+                            ? errno
+                            : 0;
+               }));
   }
 
-  // The end of open and create: the handle takes over the lock and keeps it until
-  // release. If the caller went away meanwhile (the reply fails), undo everything.
-  void finish_open(fuse_req_t req, fuse_file_info f, int fd, const std::string& key,
-                   std::vector<HeldLock>& held, pid_t pid, fuse_entry_param* entry) {
+  // An open or create on its way: what the kernel asked, and the handle once made.
+  struct Opening {
+    fuse_file_info f;  // a copy: *fi lives only as long as the handler call
+    std::string key;
+    pid_t pid = 0;
+    FileHandle* h = nullptr;
+    fuse_entry_param entry{};  // create only
+  };
+
+  // The act of open and create: the new handle takes over the lock (kept until
+  // release). `fd` < 0: the open failed with errno.
+  int adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
+    if (fd < 0) {
+      int err = errno;
+      log_fd_exhaustion(err);
+      return err;
+    }
     auto* h = new FileHandle;
     h->fd = fd;
-    h->key = key;
+    h->key = o.key;
     {
       std::lock_guard guard(open_files_mu);
       open_files.insert(h);
     }
-    if (agent && !held.empty()) h->lock = agent->track(held.front(), pid);
+    if (agent && !held.empty()) h->lock = agent->track(held.front(), o.pid);
     held.clear();
-    f.fh = reinterpret_cast<uint64_t>(h);
+    o.h = h;
+    return 0;
+  }
+
+  // The reply of open and create. If the caller went away meanwhile (the reply
+  // fails), everything is undone.
+  void reply_open(fuse_req_t req, Opening& o, int err, bool created) {
+    if (err) {
+      fuse_reply_err(req, err);
+      return;
+    }
+    o.f.fh = reinterpret_cast<uint64_t>(o.h);
     // Another holder may have changed the file since, and timestamps are too coarse
     // to tell (two writes in one clock tick look alike): always read afresh.
-    f.keep_cache = 0;
-    if (f.flags & O_DIRECT) f.direct_io = 1;
-    int r = entry ? fuse_reply_create(req, entry, &f) : fuse_reply_open(req, &f);
+    o.f.keep_cache = 0;
+    if (o.f.flags & O_DIRECT) o.f.direct_io = 1;
+    int r = created ? fuse_reply_create(req, &o.entry, &o.f) : fuse_reply_open(req, &o.f);
     if (r != 0) {
-      log(LogLevel::Debug, "mount", "open of ", key, " was abandoned by pid ", pid);
-      close_handle(h);
-      if (entry) inodes->forget(inode(entry->ino), 1);
+      log(LogLevel::Debug, "mount", "open of ", o.key, " was abandoned by pid ", o.pid);
+      close_handle(o.h);
+      if (created) inodes->forget(inode(o.entry.ino), 1);
     }
   }
 
   void open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     Inode& in = inode(ino);
-    std::string key = inodes->key_of(in);
-    fuse_file_info f = *fi;  // *fi lives only as long as this call
-    pid_t pid = fuse_req_ctx(req)->pid;
-    LockMode mode = opens_for_writing(f.flags) ? LockMode::Write : LockMode::Read;
-    std::string owner = agent ? agent->new_owner() : "";
-    with_locks(req, "open", {{key, mode, owner}}, (f.flags & O_NONBLOCK) ? Wait::NoWait : Wait::Fifo,
-               [this, req, &in, f, key, pid](int err, std::vector<HeldLock>& held) {
-                 if (err) {
-                   fuse_reply_err(req, err);
-                   return;
-                 }
-                 int flags = f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
-                 int fd = ::open(proc_path(in.fd).c_str(), flags | O_CLOEXEC);
-                 if (fd < 0) {
-                   err = errno;
-                   log_fd_exhaustion(err);
-                   give_back(held);
-                   fuse_reply_err(req, err);
-                   return;
-                 }
-                 finish_open(req, f, fd, key, held, pid, nullptr);
-               });
+    auto o = std::make_shared<Opening>(Opening{*fi, inodes->key_of(in), fuse_req_ctx(req)->pid});
+    run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
+               {[this, &in, o](std::vector<HeldLock>& held) {
+                  int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
+                  return adopt(*o, ::open(proc_path(in.fd).c_str(), flags | O_CLOEXEC), held);
+                },
+                [this, req, o](int err) { reply_open(req, *o, err, false); }});
   }
 
   void create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
               fuse_file_info* fi) {
     Inode& p = inode(parent);
-    std::string nm = name;
-    std::string key = inodes->child_key(p, nm);
-    fuse_file_info f = *fi;
+    const std::string nm = name;
     const fuse_ctx* ctx = fuse_req_ctx(req);
-    pid_t pid = ctx->pid;
-    uid_t uid = ctx->uid;
-    gid_t gid = ctx->gid;
-    std::string owner = agent ? agent->new_owner() : "";
-    with_locks(req, "create", {{key, LockMode::Write, owner}},
-               (f.flags & O_NONBLOCK) ? Wait::NoWait : Wait::Bounded,
-               [this, req, &p, nm, mode, f, key, pid, uid, gid](int err,
-                                                                 std::vector<HeldLock>& held) {
-                 if (err) {
-                   fuse_reply_err(req, err);
-                   return;
-                 }
-                 int flags = (f.flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC) & ~O_NOCTTY;
-                 int fd = ::openat(p.fd, nm.c_str(), flags, mode);
-                 if (fd < 0) {
-                   err = errno;
-                   log_fd_exhaustion(err);
-                   give_back(held);
-                   fuse_reply_err(req, err);
-                   return;
-                 }
-                 give_to_caller(p.fd, nm, fd, uid, gid);
-                 fuse_entry_param e;
-                 err = entry_for(p, nm, &e);
-                 if (err) {
-                   ::close(fd);
-                   give_back(held);
-                   fuse_reply_err(req, err);
-                   return;
-                 }
-                 finish_open(req, f, fd, key, held, pid, &e);
-               });
+    const uid_t uid = ctx->uid;
+    const gid_t gid = ctx->gid;
+    auto o = std::make_shared<Opening>(Opening{*fi, inodes->child_key(p, nm), ctx->pid});
+    run_locked(req, plan_locks({.op = FsOp::Create, .key = o->key, .open_flags = fi->flags}), nullptr,
+               {[this, &p, nm, mode, uid, gid, o](std::vector<HeldLock>& held) {
+                  int flags = (o->f.flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC) & ~O_NOCTTY;
+                  int fd = ::openat(p.fd, nm.c_str(), flags, mode);
+                  if (fd >= 0) {
+                    give_to_caller(p.fd, nm, fd, uid, gid);
+                    if (int err = entry_for(p, nm, &o->entry)) {
+                      ::close(fd);
+                      return err;
+                    }
+                  }
+                  return adopt(*o, fd, held);
+                },
+                [this, req, o](int err) { reply_open(req, *o, err, true); }});
   }
 
   void read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
@@ -780,31 +708,23 @@ struct GateFs::Impl {
   void setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
                 int flags) {
     Inode& in = inode(ino);
-    std::string key = inodes->key_of(in);
-    std::string owner = meta_owner(key, fuse_req_ctx(req)->pid);
-    std::string nm = name;
-    std::string val(value, size);
-    with_locks(req, "setxattr", {{key, LockMode::Write, owner}}, Wait::Bounded,
-               [this, req, &in, nm, val, flags](int err, std::vector<HeldLock>& held) {
-                 if (!err && ::setxattr(proc_path(in.fd).c_str(), nm.c_str(), val.data(),
-                                        val.size(), flags) < 0)
-                   err = errno;
-                 give_back(held);
-                 fuse_reply_err(req, err);
-               });
+    const std::string nm = name, val(value, size);
+    run_locked(req, plan_locks({.op = FsOp::Setxattr, .key = inodes->key_of(in)}), nullptr,
+               just(req, [&in, nm, val, flags] {
+                 return ::setxattr(proc_path(in.fd).c_str(), nm.c_str(), val.data(), val.size(),
+                                   flags) < 0
+                            ? errno
+                            : 0;
+               }));
   }
 
   void removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
     Inode& in = inode(ino);
-    std::string key = inodes->key_of(in);
-    std::string owner = meta_owner(key, fuse_req_ctx(req)->pid);
-    std::string nm = name;
-    with_locks(req, "removexattr", {{key, LockMode::Write, owner}}, Wait::Bounded,
-               [this, req, &in, nm](int err, std::vector<HeldLock>& held) {
-                 if (!err && ::removexattr(proc_path(in.fd).c_str(), nm.c_str()) < 0) err = errno;
-                 give_back(held);
-                 fuse_reply_err(req, err);
-               });
+    const std::string nm = name;
+    run_locked(req, plan_locks({.op = FsOp::Removexattr, .key = inodes->key_of(in)}), nullptr,
+               just(req, [&in, nm] {
+                 return ::removexattr(proc_path(in.fd).c_str(), nm.c_str()) < 0 ? errno : 0;
+               }));
   }
 
   static const fuse_lowlevel_ops& operations();

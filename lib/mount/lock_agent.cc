@@ -24,8 +24,6 @@ using std::chrono::milliseconds;
 constexpr std::size_t kMaxIdleClients = 32;
 constexpr auto kWaiterLinger = std::chrono::seconds(30);
 
-const char* mode_name(LockMode mode) { return mode == LockMode::Read ? "read" : "write"; }
-
 // BrokerClient reports broker trouble as values, but asio can still throw when the
 // process is out of descriptors (creating its epoll); treat that as "unreachable".
 template <typename Call>
@@ -98,7 +96,7 @@ AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
   const LockNeed& need = job.needs[index];
   AcquireRequest req;
   req.path = need.key;
-  req.mode = mode_name(need.mode);
+  req.mode = to_string(need.mode);
   req.owner = need.owner;
   req.timeout_ms = timeout_ms;
   req.lease_ms = options_.lease_ms;
@@ -117,12 +115,12 @@ int LockAgent::classify(const CallResult& r, const LockJob& job, std::size_t ind
     case CallStatus::Timeout:
       return try_once ? -1 : EAGAIN;
     case CallStatus::Deadlock:
-      log(LogLevel::Info, "mount", "refused ", mode_name(need.mode), " lock on ", need.key,
+      log(LogLevel::Info, "mount", "refused ", to_string(need.mode), " lock on ", need.key,
           " for pid ", job.pid, ": it would deadlock (", r.error, "); returning EDEADLK");
       return EDEADLK;
     case CallStatus::Unavailable:
       log(LogLevel::Error, "mount", "broker at ", client.endpoint().describe(),
-          " is unreachable (", r.error, "); ", mode_name(need.mode), " lock on ", need.key,
+          " is unreachable (", r.error, "); ", to_string(need.mode), " lock on ", need.key,
           " fails with EIO");
       return EIO;
     case CallStatus::BadRequest:
@@ -180,7 +178,7 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
   }
   give_back(std::move(client));
   if (waits_for_itself(*job, i)) {
-    log(LogLevel::Info, "mount", "refused ", mode_name(job->needs[i].mode), " lock on ",
+    log(LogLevel::Info, "mount", "refused ", to_string(job->needs[i].mode), " lock on ",
         job->needs[i].key, " for pid ", job->pid,
         ": it holds the file open itself, so it would wait forever; returning EDEADLK");
     return finish(job, EDEADLK);
@@ -302,7 +300,7 @@ void LockAgent::give_up_busy(const std::shared_ptr<LockJob>& job, std::size_t in
   const pid_t pid = job->pid;
   auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - job->started_).count();
   finish(job, EBUSY);
-  log(LogLevel::Warn, "mount", op, " by pid ", pid, " gave up on the ", mode_name(mode),
+  log(LogLevel::Warn, "mount", op, " by pid ", pid, " gave up on the ", to_string(mode),
       " lock on ", key, " after ", waited, " ms and returned EBUSY; held by ", who,
       ". The kernel holds the file's or directory's locks during this call, which the "
       "holder may need itself, so it never waits longer than --meta-wait-ms");

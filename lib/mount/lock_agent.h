@@ -36,10 +36,9 @@
 #include <vector>
 
 #include "client/broker_client.h"
+#include "core/lock_mode.h"
 
 namespace gate::mount {
-
-enum class LockMode { Read, Write };
 
 struct LockNeed {
   std::string key;
