@@ -24,20 +24,6 @@ using std::chrono::milliseconds;
 constexpr std::size_t kMaxIdleClients = 32;
 constexpr auto kWaiterLinger = std::chrono::seconds(30);
 
-// BrokerClient reports broker trouble as values, but asio can still throw when the
-// process is out of descriptors (creating its epoll); treat that as "unreachable".
-template <typename Call>
-CallResult guarded(Call call) {
-  try {
-    return call();
-  } catch (const std::exception& e) {
-    CallResult r;
-    r.status = CallStatus::Unavailable;
-    r.error = e.what();
-    return r;
-  }
-}
-
 }  // namespace
 
 std::thread start_quiet_thread(std::function<void()> body) {
@@ -76,13 +62,8 @@ std::unique_ptr<BrokerClient> LockAgent::take_client() {
       return client;
     }
   }
-  try {
-    return std::make_unique<BrokerClient>(options_.broker);
-  } catch (const std::exception& e) {
-    // Out of descriptors, typically: the call fails, the mount goes on.
-    log(LogLevel::Error, "mount", "cannot make a broker connection: ", e.what());
-    return nullptr;
-  }
+  // Connects lazily: a failure shows as Unavailable on the first call.
+  return std::make_unique<BrokerClient>(options_.broker);
 }
 
 void LockAgent::give_back(std::unique_ptr<BrokerClient> client) {
@@ -148,12 +129,8 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
   if (!client) return finish(job, EMFILE);
   std::size_t i = job->held.size();
   for (; i < job->needs.size(); ++i) {
-    CallResult r = guarded([&] { return client->acquire(make_request(*job, i, 0)); });
-    if (r.status == CallStatus::Unavailable) {
-      // A kept-alive connection may have died with a broker restart; one retry
-      // goes through a fresh connection.
-      r = guarded([&] { return client->acquire(make_request(*job, i, 0)); });
-    }
+    // (BrokerClient itself retries once when a kept-alive connection turns out closed.)
+    CallResult r = client->acquire(make_request(*job, i, 0));
     if (r.status == CallStatus::Deadlock && !job->nonblocking && release_in_flight(*job, i))
       break;  // a waiter waits for that release, then asks again
     int err = classify(r, *job, i, *client, /*try_once=*/true);
@@ -321,11 +298,20 @@ void LockAgent::enqueue(std::shared_ptr<LockJob> job) {
     return finish(job, EIO);
   }
   queue_.push_back(std::move(job));
+  // Waiters that ended (idle too long) are joined here, outside the lock.
+  std::list<Waiter> ended;
+  for (auto it = waiters_.begin(); it != waiters_.end();) {
+    auto next = std::next(it);
+    if (it->ended) ended.splice(ended.end(), waiters_, it);
+    it = next;
+  }
   if (idle_threads_ < queue_.size()) {
-    ++threads_;
-    start_quiet_thread([this] { waiter_main(); }).detach();
+    auto self = waiters_.emplace(waiters_.end());
+    self->thread = start_quiet_thread([this, w = &*self] { waiter_main(*w); });
   }
   wait_cv_.notify_one();
+  lock.unlock();
+  for (Waiter& w : ended) w.thread.join();
 }
 
 std::size_t LockAgent::waiting_jobs() const {
@@ -333,7 +319,7 @@ std::size_t LockAgent::waiting_jobs() const {
   return queue_.size() + waiting_.size();
 }
 
-void LockAgent::waiter_main() {
+void LockAgent::waiter_main(Waiter& self) {
   auto client = take_client();
   std::unique_lock lock(wait_m_);
   for (;;) {
@@ -363,12 +349,9 @@ void LockAgent::waiter_main() {
       return !p || p == job;
     });
   }
-  lock.unlock();
   client.reset();
-  // The last touch of `this`: stop() waits for threads_ to reach zero.
-  std::lock_guard done(wait_m_);
-  --threads_;
-  threads_done_cv_.notify_all();
+  // The thread's last step: from here on enqueue() or stop() may join it.
+  self.ended = true;
 }
 
 void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client) {
@@ -391,7 +374,7 @@ void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& clie
       auto left = std::chrono::duration_cast<milliseconds>(*deadline - Clock::now()).count();
       timeout = std::max<std::int64_t>(0, left);
     }
-    CallResult r = guarded([&] { return client.acquire(make_request(*job, i, timeout)); });
+    CallResult r = client.acquire(make_request(*job, i, timeout));
     {
       std::lock_guard lock(job->m_);
       job->current_ = nullptr;
@@ -455,9 +438,7 @@ void LockAgent::release(const std::vector<HeldLock>& locks) {
   if (!client) return;
   // Reverse order of taking; the order does not matter to the broker but reads well.
   for (auto it = locks.rbegin(); it != locks.rend(); ++it) {
-    CallResult r = guarded([&] { return client->release(it->lock_id, it->owner); });
-    if (r.status == CallStatus::Unavailable)
-      r = guarded([&] { return client->release(it->lock_id, it->owner); });
+    CallResult r = client->release(it->lock_id, it->owner);
     if (r.status == CallStatus::Ok) continue;
     if (r.status == CallStatus::Unavailable) {
       log(LogLevel::Warn, "mount", "could not release the lock on ", it->key, " (", it->lock_id,
@@ -543,8 +524,7 @@ void LockAgent::heartbeat_all(BrokerClient& client) {
   }
   for (auto& t : locks) {
     if (stopping_) return;
-    CallResult r =
-        guarded([&] { return client.heartbeat(t->lock.lock_id, t->lock.owner, options_.lease_ms); });
+    CallResult r = client.heartbeat(t->lock.lock_id, t->lock.owner, options_.lease_ms);
     if (r.status == CallStatus::Ok) continue;
     if (r.status == CallStatus::NotFound || r.status == CallStatus::Forbidden) {
       t->lost_reason = r.status == CallStatus::NotFound
@@ -565,6 +545,7 @@ void LockAgent::heartbeat_all(BrokerClient& client) {
 
 void LockAgent::stop() {
   if (stopping_.exchange(true)) return;
+  std::list<Waiter> waiters;
   {
     std::unique_lock lock(wait_m_);
     for (auto& w : waiting_)
@@ -574,10 +555,10 @@ void LockAgent::stop() {
         job->cv_.notify_all();
       }
     wait_cv_.notify_all();
-    if (!threads_done_cv_.wait_for(lock, std::chrono::seconds(10),
-                                   [this] { return threads_ == 0; }))
-      log(LogLevel::Warn, "mount", threads_, " lock waiter(s) did not stop in time");
+    waiters.splice(waiters.end(), waiters_);
   }
+  // Every wait was aborted above, so each waiter ends its job (EIO) and returns.
+  for (Waiter& w : waiters) w.thread.join();
   {
     std::lock_guard lock(hb_m_);
     hb_cv_.notify_all();

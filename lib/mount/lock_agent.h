@@ -21,12 +21,21 @@
 //   longer knows them.
 // - A pool of idle clients serves the short calls (try-acquire, release), so no
 //   call opens a new connection when an idle one exists.
+// - Retries: BrokerClient retries a call once on a fresh connection when a
+//   kept-alive one turns out closed; a queued wait that loses the broker tries again
+//   every 200 ms for reconnect_window (a restarted broker keeps its queue that
+//   long, and the request_id re-attaches). Nothing else retries.
+// - Threads: the heartbeat thread and the waiter threads are all started and joined
+//   by the agent (stop(), or the destructor). Lock order: wait_m_, then a LockJob's
+//   m_, then its BrokerClient's own; track_m_, pool_m_ and hb_m_ are never held
+//   together with another.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -173,7 +182,8 @@ class LockAgent {
   bool await_release(const LockJob& job, std::size_t index,
                      std::optional<std::chrono::steady_clock::time_point> deadline);
   void enqueue(std::shared_ptr<LockJob> job);
-  void waiter_main();
+  struct Waiter;
+  void waiter_main(Waiter& self);
   void wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client);
   void heartbeat_main();
   void heartbeat_all(BrokerClient& client);
@@ -184,13 +194,18 @@ class LockAgent {
   mutable std::mutex pool_m_;
   std::vector<std::unique_ptr<BrokerClient>> idle_clients_;
 
-  // Waiter threads: one per waiting job at most; idle ones linger a while.
+  // Waiter threads: one per waiting job at most; idle ones linger a while, then
+  // end. Every one is joined: the ended ones by the next enqueue(), the rest by
+  // stop(), which first aborts their waits.
+  struct Waiter {
+    std::thread thread;
+    bool ended = false;  // guarded by wait_m_; set as the thread's last step
+  };
   mutable std::mutex wait_m_;
   std::condition_variable wait_cv_;
-  std::condition_variable threads_done_cv_;
   std::deque<std::shared_ptr<LockJob>> queue_;
   std::vector<std::weak_ptr<LockJob>> waiting_;  // jobs a waiter works on
-  std::size_t threads_ = 0;
+  std::list<Waiter> waiters_;
   std::size_t idle_threads_ = 0;
 
   mutable std::mutex track_m_;
