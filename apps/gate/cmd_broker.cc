@@ -2,7 +2,6 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/file.h>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <boost/asio/io_context.hpp>
@@ -15,6 +14,7 @@
 #include "broker/http_server.h"
 #include "cli.h"
 #include "commands.h"
+#include "core/limits.h"
 #include "core/log.h"
 #include "gate/version.h"
 #include "core/token.h"
@@ -27,14 +27,6 @@ namespace {
 
 bool is_loopback(const std::string& host) {
   return host == "127.0.0.1" || host == "::1" || host == "localhost" || host.rfind("127.", 0) == 0;
-}
-
-void raise_fd_limit() {
-  rlimit rl{};
-  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-    rl.rlim_cur = rl.rlim_max;
-    ::setrlimit(RLIMIT_NOFILE, &rl);
-  }
 }
 
 // One broker per state directory: a second one would fork the lock state.
@@ -162,7 +154,7 @@ int broker(int argc, char** argv) {
     return cli::fail(me, "cannot read " + db_path + ": " + e.what());
   }
 
-  raise_fd_limit();
+  raise_fd_limit(/*beyond_hard_limit=*/false);
   ::signal(SIGPIPE, SIG_IGN);
   boost::asio::io_context ioc(1);
   BrokerService service(ioc, table, store.get());

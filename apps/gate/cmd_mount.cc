@@ -1,7 +1,6 @@
 // gate mount: shows a directory through FUSE with every open holding a broker lock.
 #include <dirent.h>
 #include <fcntl.h>
-#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -10,68 +9,23 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 
 #include "cli.h"
 #include "client/broker_client.h"
 #include "commands.h"
+#include "core/limits.h"
 #include "core/log.h"
+#include "core/mounts.h"
 #include "mount/gate_fs.h"
 
 namespace gate::cmd {
 
 namespace {
 
-// Every open file costs the daemon two descriptors (the handle and the inode's
-// O_PATH fd), so take all there is: root may go past the hard limit to nr_open.
-void raise_fd_limit() {
-  rlimit rl{};
-  if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return;
-  rlim_t most = rl.rlim_max;
-  if (::geteuid() == 0) {
-    std::ifstream nr_open("/proc/sys/fs/nr_open");
-    rlim_t n = 0;
-    if (nr_open >> n && n > most) most = n;
-  }
-  rlimit want{most, most};
-  if (::setrlimit(RLIMIT_NOFILE, &want) != 0 && rl.rlim_cur < rl.rlim_max) {
-    rl.rlim_cur = rl.rlim_max;
-    ::setrlimit(RLIMIT_NOFILE, &rl);
-  }
-}
-
 std::string real_path(const std::string& path) {
   char buf[PATH_MAX];
   return ::realpath(path.c_str(), buf) ? std::string(buf) : std::string();
-}
-
-// /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
-std::string unescape_mountinfo(const std::string& s) {
-  std::string out;
-  for (std::size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\\' && i + 3 < s.size()) {
-      out += static_cast<char>(std::stoi(s.substr(i + 1, 3), nullptr, 8));
-      i += 3;
-    } else {
-      out += s[i];
-    }
-  }
-  return out;
-}
-
-bool is_mount_point(const std::string& path) {
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    // id parent major:minor root mount-point ...
-    std::istringstream fields(line);
-    std::string id, parent, dev, root, point;
-    fields >> id >> parent >> dev >> root >> point;
-    if (unescape_mountinfo(point) == path) return true;
-  }
-  return false;
 }
 
 bool is_under(const std::string& inner, const std::string& outer) {
@@ -90,7 +44,7 @@ std::string check_mount_point(const std::string& mnt) {
   }
   if (!S_ISDIR(st.st_mode)) return "mount point " + mnt + " is not a directory";
   const std::string real = real_path(mnt);
-  if (is_mount_point(real))
+  if (listed_in_mountinfo(real))
     return "mount point " + mnt + " is in use (something is mounted there); unmount it first " +
            "(fusermount3 -u " + mnt + ") or choose another directory";
   DIR* dir = ::opendir(mnt.c_str());
@@ -226,7 +180,9 @@ int mount(int argc, char** argv) {
     return cli::fail(me, "the mount point " + mnt + " and the directory " + root +
                              " must not contain each other");
 
-  raise_fd_limit();
+  // Every open file costs the daemon two descriptors (the handle and the inode's
+  // O_PATH fd), so take all there is: root may go past the hard limit to nr_open.
+  raise_fd_limit(/*beyond_hard_limit=*/true);
 
   mount::MountOptions options;
   options.root = root;
