@@ -32,6 +32,13 @@ HttpAnswer status_answer(int status, const char* word, const std::string& error 
   return {status, json::serialize(o)};
 }
 
+// 403 or 404 for a release or heartbeat the table refused.
+HttpAnswer refusal(OpStatus status, const std::string& lock_id) {
+  if (status == OpStatus::Forbidden)
+    return error_answer(403, "lock " + lock_id + " belongs to another owner");
+  return error_answer(404, "no lock " + lock_id.substr(0, 200) + " (released, expired or capped)");
+}
+
 HttpAnswer granted_answer(const Lock& l) {
   // Built in a buffer on the stack: answers are the broker's hottest path.
   unsigned char scratch[4096];
@@ -188,17 +195,14 @@ void BrokerService::release(const std::string& body, Reply& reply) {
     answer(std::move(reply), error_answer(400, error));
     return;
   }
-  switch (table_.release(lock_id, owner, clock_())) {
+  switch (OpStatus status = table_.release(lock_id, owner, clock_())) {
     case OpStatus::Ok:
       ++metrics_.releases;
       answer(std::move(reply), status_answer(200, "released"));
       return;
     case OpStatus::Forbidden:
-      answer(std::move(reply), error_answer(403, "lock " + lock_id + " belongs to another owner"));
-      return;
     case OpStatus::NotFound:
-      answer(std::move(reply), error_answer(404, "no lock " + lock_id.substr(0, 200) +
-                                                     " (released, expired or capped)"));
+      answer(std::move(reply), refusal(status, lock_id));
       return;
   }
 }
@@ -215,7 +219,7 @@ void BrokerService::heartbeat(const std::string& body, Reply& reply) {
     return;
   }
   Lock lock;
-  switch (table_.heartbeat(lock_id, owner, lease_ms, clock_(), &lock)) {
+  switch (OpStatus status = table_.heartbeat(lock_id, owner, lease_ms, clock_(), &lock)) {
     case OpStatus::Ok: {
       ++metrics_.heartbeats;
       json::object o;
@@ -225,11 +229,8 @@ void BrokerService::heartbeat(const std::string& body, Reply& reply) {
       return;
     }
     case OpStatus::Forbidden:
-      answer(std::move(reply), error_answer(403, "lock " + lock_id + " belongs to another owner"));
-      return;
     case OpStatus::NotFound:
-      answer(std::move(reply), error_answer(404, "no lock " + lock_id.substr(0, 200) +
-                                                     " (released, expired or capped)"));
+      answer(std::move(reply), refusal(status, lock_id));
       return;
   }
 }
