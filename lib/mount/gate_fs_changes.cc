@@ -1,0 +1,237 @@
+// The calls that take broker locks: open, create, and every change of names or
+// attributes. Each asks lock_policy for its plan and runs one step under it.
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstring>
+
+#include "core/log.h"
+#include "mount/gate_fs_impl.h"
+
+namespace gate::mount {
+
+int GateFs::Impl::apply_setattr(Inode& in, const struct stat& a, int valid, int fd) {
+  const std::string proc = proc_path(in.fd);
+  if (valid & FUSE_SET_ATTR_MODE) {
+    int r = fd >= 0 ? ::fchmod(fd, a.st_mode) : ::chmod(proc.c_str(), a.st_mode);
+    if (r < 0) return errno;
+  }
+  if (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+    uid_t uid = (valid & FUSE_SET_ATTR_UID) ? a.st_uid : static_cast<uid_t>(-1);
+    gid_t gid = (valid & FUSE_SET_ATTR_GID) ? a.st_gid : static_cast<gid_t>(-1);
+    if (::fchownat(in.fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) return errno;
+  }
+  if (valid & FUSE_SET_ATTR_SIZE) {
+    int r = fd >= 0 ? ::ftruncate(fd, a.st_size) : ::truncate(proc.c_str(), a.st_size);
+    if (r < 0) return errno;
+  }
+  if (valid & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) {
+    struct timespec tv[2];
+    tv[0].tv_sec = tv[1].tv_sec = 0;
+    tv[0].tv_nsec = tv[1].tv_nsec = UTIME_OMIT;
+    if (valid & FUSE_SET_ATTR_ATIME_NOW) tv[0].tv_nsec = UTIME_NOW;
+    else if (valid & FUSE_SET_ATTR_ATIME) tv[0] = a.st_atim;
+    if (valid & FUSE_SET_ATTR_MTIME_NOW) tv[1].tv_nsec = UTIME_NOW;
+    else if (valid & FUSE_SET_ATTR_MTIME) tv[1] = a.st_mtim;
+    int r = fd >= 0 ? ::futimens(fd, tv) : ::utimensat(AT_FDCWD, proc.c_str(), tv, 0);
+    if (r < 0) return errno;
+  }
+  return 0;
+}
+
+AttrChange GateFs::Impl::attr_change(int valid) {
+  if (valid & FUSE_SET_ATTR_SIZE) return AttrChange::Size;
+  if (valid & FUSE_SET_ATTR_MODE) return AttrChange::Mode;
+  if (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) return AttrChange::Owner;
+  return AttrChange::Times;
+}
+
+void GateFs::Impl::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fuse_file_info* fi) {
+  Inode& in = inode(ino);
+  // A handle stays until its release, which the kernel sends only after this call.
+  FileHandle* h = fi ? file_of(fi) : nullptr;
+  const int fd = h ? h->fd : -1;
+  const struct stat a = *attr;
+  const LockPlan plan =
+      plan_locks({.op = FsOp::Setattr, .key = h ? h->key : inodes->key_of(in), .attr = attr_change(valid)});
+  run_locked(req, plan, h,
+             {[&in, a, valid, fd](std::vector<HeldLock>&) { return apply_setattr(in, a, valid, fd); },
+              [this, req, &in, fd](int err) {
+                if (err) fuse_reply_err(req, err);
+                else reply_attr(req, fd >= 0 ? fd : in.fd);
+              }});
+}
+
+void GateFs::Impl::make_node(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev,
+               const char* link) {
+  Inode& p = inode(parent);
+  const std::string nm = name, target = link ? link : "";
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  const uid_t uid = ctx->uid;
+  const gid_t gid = ctx->gid;
+  const FsOp op = link ? FsOp::Symlink : S_ISDIR(mode) ? FsOp::Mkdir : FsOp::Mknod;
+  const LockPlan plan =
+      plan_locks({.op = op, .key = inodes->child_key(p, nm), .symlink_target = target});
+  run_locked(req, plan, nullptr,
+             new_entry(req, p, nm, [this, &p, nm, op, mode, rdev, target, uid, gid] {
+               int r = op == FsOp::Symlink ? ::symlinkat(target.c_str(), p.fd, nm.c_str())
+                       : op == FsOp::Mkdir ? ::mkdirat(p.fd, nm.c_str(), mode & 07777)
+                                           : ::mknodat(p.fd, nm.c_str(), mode, rdev);
+               if (r < 0) return errno;
+               give_to_caller(p.fd, nm, -1, uid, gid);
+               return 0;
+             }));
+}
+
+void GateFs::Impl::remove(fuse_req_t req, fuse_ino_t parent, const char* name, int flags) {
+  Inode& p = inode(parent);
+  const std::string nm = name;
+  const FsOp op = (flags & AT_REMOVEDIR) ? FsOp::Rmdir : FsOp::Unlink;
+  run_locked(req, plan_locks({.op = op, .key = inodes->child_key(p, nm)}), nullptr,
+             just(req, [&p, nm, flags] { return ::unlinkat(p.fd, nm.c_str(), flags) < 0 ? errno : 0; }));
+}
+
+int GateFs::Impl::rename_at(Inode& p, const std::string& nm, Inode& np, const std::string& nn, unsigned flags) {
+  struct stat src {}, dst {};
+  bool have_src = ::fstatat(p.fd, nm.c_str(), &src, AT_SYMLINK_NOFOLLOW) == 0;
+  bool have_dst = (flags & RENAME_EXCHANGE) &&
+                  ::fstatat(np.fd, nn.c_str(), &dst, AT_SYMLINK_NOFOLLOW) == 0;
+  if (::renameat2(p.fd, nm.c_str(), np.fd, nn.c_str(), flags) < 0) return errno;
+  if (have_src) inodes->moved(src.st_ino, src.st_dev, np, nn);
+  if (have_dst) inodes->moved(dst.st_ino, dst.st_dev, p, nm);
+  return 0;
+}
+
+void GateFs::Impl::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+            const char* newname, unsigned int flags) {
+  if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) {
+    fuse_reply_err(req, EINVAL);
+    return;
+  }
+  Inode& p = inode(parent);
+  Inode& np = inode(newparent);
+  const std::string nm = name, nn = newname;
+  const LockPlan plan = plan_locks(
+      {.op = FsOp::Rename, .key = inodes->child_key(p, nm), .second = inodes->child_key(np, nn)});
+  run_locked(req, plan, nullptr,
+             just(req, [this, &p, &np, nm, nn, flags] { return rename_at(p, nm, np, nn, flags); }));
+}
+
+void GateFs::Impl::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
+  Inode& in = inode(ino);
+  Inode& np = inode(newparent);
+  const std::string nn = newname;
+  const LockPlan plan = plan_locks(
+      {.op = FsOp::Link, .key = inodes->key_of(in), .second = inodes->child_key(np, nn)});
+  run_locked(req, plan, nullptr, new_entry(req, np, nn, [&in, &np, nn] {
+               return ::linkat(AT_FDCWD, proc_path(in.fd).c_str(), np.fd, nn.c_str(),
+                               AT_SYMLINK_FOLLOW) < 0
+                          ? errno
+                          : 0;
+             }));
+}
+
+int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
+  if (fd < 0) {
+    int err = errno;
+    log_fd_exhaustion(err);
+    return err;
+  }
+  auto* h = new FileHandle;
+  h->fd = fd;
+  h->key = o.key;
+  {
+    std::lock_guard guard(open_files_mu);
+    open_files.insert(h);
+  }
+  if (agent && !held.empty()) h->lock = agent->track(held.front(), o.pid);
+  held.clear();
+  o.h = h;
+  return 0;
+}
+
+void GateFs::Impl::reply_open(fuse_req_t req, Opening& o, int err, bool created) {
+  if (err) {
+    fuse_reply_err(req, err);
+    return;
+  }
+  o.f.fh = reinterpret_cast<uint64_t>(o.h);
+  // Another holder may have changed the file since, and timestamps are too coarse
+  // to tell (two writes in one clock tick look alike): always read afresh.
+  o.f.keep_cache = 0;
+  if (o.f.flags & O_DIRECT) o.f.direct_io = 1;
+  int r = created ? fuse_reply_create(req, &o.entry, &o.f) : fuse_reply_open(req, &o.f);
+  if (r != 0) {
+    log(LogLevel::Debug, "mount", "open of ", o.key, " was abandoned by pid ", o.pid);
+    close_handle(o.h);
+    if (created) inodes->forget(inode(o.entry.ino), 1);
+  }
+}
+
+void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Inode& in = inode(ino);
+  auto o = std::make_shared<Opening>(Opening{*fi, inodes->key_of(in), fuse_req_ctx(req)->pid});
+  run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
+             {[this, &in, o](std::vector<HeldLock>& held) {
+                int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
+                return adopt(*o, ::open(proc_path(in.fd).c_str(), flags | O_CLOEXEC), held);
+              },
+              [this, req, o](int err) { reply_open(req, *o, err, false); }});
+}
+
+void GateFs::Impl::create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+            fuse_file_info* fi) {
+  Inode& p = inode(parent);
+  const std::string nm = name;
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  const uid_t uid = ctx->uid;
+  const gid_t gid = ctx->gid;
+  auto o = std::make_shared<Opening>(Opening{*fi, inodes->child_key(p, nm), ctx->pid});
+  run_locked(req, plan_locks({.op = FsOp::Create, .key = o->key, .open_flags = fi->flags}), nullptr,
+             {[this, &p, nm, mode, uid, gid, o](std::vector<HeldLock>& held) {
+                int flags = (o->f.flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC) & ~O_NOCTTY;
+                int fd = ::openat(p.fd, nm.c_str(), flags, mode);
+                if (fd >= 0) {
+                  give_to_caller(p.fd, nm, fd, uid, gid);
+                  if (int err = entry_for(p, nm, &o->entry)) {
+                    ::close(fd);
+                    return err;
+                  }
+                }
+                return adopt(*o, fd, held);
+              },
+              [this, req, o](int err) { reply_open(req, *o, err, true); }});
+}
+
+void GateFs::Impl::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
+              int flags) {
+  Inode& in = inode(ino);
+  const std::string nm = name, val(value, size);
+  run_locked(req, plan_locks({.op = FsOp::Setxattr, .key = inodes->key_of(in)}), nullptr,
+             just(req, [&in, nm, val, flags] {
+               return ::setxattr(proc_path(in.fd).c_str(), nm.c_str(), val.data(), val.size(),
+                                 flags) < 0
+                          ? errno
+                          : 0;
+             }));
+}
+
+void GateFs::Impl::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+  Inode& in = inode(ino);
+  const std::string nm = name;
+  run_locked(req, plan_locks({.op = FsOp::Removexattr, .key = inodes->key_of(in)}), nullptr,
+             just(req, [&in, nm] {
+               return ::removexattr(proc_path(in.fd).c_str(), nm.c_str()) < 0 ? errno : 0;
+             }));
+}
+
+}  // namespace gate::mount

@@ -1,0 +1,195 @@
+#pragma once
+// Inside GateFs (not a public header): the state a mount shares between its FUSE
+// handlers, and the handlers themselves. gate_fs.cc holds the session, the lock
+// plumbing and the operations table; gate_fs_changes.cc the calls that take locks
+// (open, create and every change of names or attributes, as lock_policy.h says);
+// gate_fs_io.cc the ones that take none (reads, writes, lookups, directories).
+//
+// Kernel guarantees the handlers rely on: an Inode stays while a request on it is in
+// flight (the kernel holds its lookup count), so a handler may keep an Inode& until it
+// replies, also on a waiter thread; a FileHandle stays until its release, which the
+// kernel sends only after every call through that file has been answered.
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "mount/gate_fs.h"
+#include "mount/inode_table.h"
+#include "mount/lock_agent.h"
+#include "mount/lock_policy.h"
+
+namespace gate::mount {
+
+// One open file. fi->fh points at it from open/create until release.
+struct FileHandle {
+  ~FileHandle() {
+    if (fd >= 0) ::close(fd);
+  }
+  int fd = -1;
+  std::string key;
+  std::mutex m;
+  std::shared_ptr<TrackedLock> lock;  // guarded by m; null when not locked (any more)
+  std::atomic<bool> lost_logged{false};
+};
+
+struct DirHandle {
+  ~DirHandle() {
+    if (dp) ::closedir(dp);
+  }
+  DIR* dp = nullptr;
+  off_t offset = 0;
+  std::mutex m;  // one readdir at a time; dropped before replying
+};
+
+inline FileHandle* file_of(const fuse_file_info* fi) { return reinterpret_cast<FileHandle*>(fi->fh); }
+inline DirHandle* dir_of(const fuse_file_info* fi) { return reinterpret_cast<DirHandle*>(fi->fh); }
+
+inline std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
+
+// Logs, once per call, that the daemon ran out of descriptors (and what to do).
+void log_fd_exhaustion(int err);
+
+struct GateFs::Impl {
+  MountOptions opts;
+  std::unique_ptr<InodeTable> inodes;
+  std::unique_ptr<LockAgent> agent;  // null with locking off
+  fuse_session* se = nullptr;
+  bool mounted = false;
+  bool running_as_root = ::geteuid() == 0;
+
+  explicit Impl(MountOptions o) : opts(std::move(o)) {}
+
+  // Handlers may keep this reference until they reply (also on a waiter thread):
+  // the kernel keeps an inode's lookup count up while a request on it is in flight,
+  // so no FORGET can free it before the reply.
+  Inode& inode(fuse_ino_t ino) { return inodes->get(ino); }
+
+  // ---- locks ------------------------------------------------------------------
+
+  static void on_interrupt(fuse_req_t, void* data) { static_cast<LockJob*>(data)->interrupt(); }
+
+  // What a call does once it holds its locks, and how it answers.
+  struct Step {
+    // The system call, under the locks; an errno or 0. Not run when taking the
+    // locks failed. May adopt `held` for an open handle (it then clears it).
+    std::function<int(std::vector<HeldLock>& held)> act;
+    // The reply, after the locks the call did not adopt are back at the broker
+    // (so the caller's next call never finds them still held).
+    std::function<void(int err)> reply;
+  };
+
+  // Takes the plan's locks for req, runs step.act, gives back the rest, then
+  // step.reply: exactly once, on this thread or on a waiter thread. `h`: the open
+  // handle the call came through, whose lock a call on its key re-enters.
+  void run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step);
+
+  // An open gets a fresh owner; a call for the call's length re-enters the lock of an
+  // open handle on the same key (the caller's own first), so `touch` on an open
+  // file does not wait for itself.
+  std::string owner_for(const LockPlan& plan, const std::string& key, FileHandle* h, pid_t pid);
+  void give_back(const std::vector<HeldLock>& held);
+
+  // ---- helpers ----------------------------------------------------------------
+
+  int entry_for(Inode& parent, const std::string& name, fuse_entry_param* e);
+
+  // A step whose answer is a plain errno.
+  static Step just(fuse_req_t req, std::function<int()> act);
+
+  // A step that makes `name` in `parent` with `make` and answers its entry.
+  Step new_entry(fuse_req_t req, Inode& parent, std::string name, std::function<int()> make);
+  void reply_entry(fuse_req_t req, fuse_entry_param& e);
+  void reply_attr(fuse_req_t req, int fd);
+
+  // New objects belong to the caller, not to the daemon (when the daemon is root).
+  void give_to_caller(int dirfd, const std::string& name, int fd, uid_t uid, gid_t gid);
+
+  // Handles the kernel has not released yet: closed by serve() at the end, since an
+  // unmount with files still open never sends their release.
+  std::mutex open_files_mu;
+  std::unordered_set<FileHandle*> open_files;
+  void close_remaining_handles();
+  void close_handle(FileHandle* h);
+  bool write_refused(FileHandle* h);
+
+  // ---- operations -------------------------------------------------------------
+
+  void init(fuse_conn_info* conn);
+  void lookup(fuse_req_t req, fuse_ino_t parent, const char* name);
+  void forget(fuse_req_t req, fuse_ino_t ino, uint64_t n);
+  void forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets);
+  void getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+  static int apply_setattr(Inode& in, const struct stat& a, int valid, int fd);
+  static AttrChange attr_change(int valid);
+  void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fuse_file_info* fi);
+  void readlink(fuse_req_t req, fuse_ino_t ino);
+
+  // mknod, mkdir and symlink: make the object under a write lock, answer its entry.
+  void make_node(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev,
+                 const char* link);
+  void remove(fuse_req_t req, fuse_ino_t parent, const char* name, int flags);
+
+  // renameat2, keeping the inode table's names in step.
+  int rename_at(Inode& p, const std::string& nm, Inode& np, const std::string& nn, unsigned flags);
+  void rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+              const char* newname, unsigned int flags);
+  void link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname);
+
+  // An open or create on its way: what the kernel asked, and the handle once made.
+  struct Opening {
+    fuse_file_info f;  // a copy: *fi lives only as long as the handler call
+    std::string key;
+    pid_t pid = 0;
+    FileHandle* h = nullptr;
+    fuse_entry_param entry{};  // create only
+  };
+
+  // The act of open and create: the new handle takes over the lock (kept until
+  // release). `fd` < 0: the open failed with errno.
+  int adopt(Opening& o, int fd, std::vector<HeldLock>& held);
+
+  // The reply of open and create. If the caller went away meanwhile (the reply
+  // fails), everything is undone.
+  void reply_open(fuse_req_t req, Opening& o, int err, bool created);
+  void open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+  void create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+              fuse_file_info* fi);
+  void read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi);
+  void write_buf(fuse_req_t req, fuse_bufvec* in, off_t off, fuse_file_info* fi);
+  void flush(fuse_req_t req, fuse_file_info* fi);
+  void release(fuse_req_t req, fuse_file_info* fi);
+  void fsync(fuse_req_t req, int datasync, fuse_file_info* fi);
+  void fallocate(fuse_req_t req, int mode, off_t off, off_t len, fuse_file_info* fi);
+  void lseek(fuse_req_t req, off_t off, int whence, fuse_file_info* fi);
+  void copy_file_range(fuse_req_t req, off_t off_in, fuse_file_info* fi_in, off_t off_out,
+                       fuse_file_info* fi_out, size_t len, int flags);
+  void opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+  static bool dot_or_dotdot(const char* name);
+  void readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t offset, fuse_file_info* fi,
+               bool plus);
+  void releasedir(fuse_req_t req, fuse_file_info* fi);
+  void fsyncdir(fuse_req_t req, int datasync, fuse_file_info* fi);
+  void statfs(fuse_req_t req, fuse_ino_t ino);
+
+  // getxattr/listxattr: size 0 asks for the length only.
+  template <typename Call>
+  void reply_xattr(fuse_req_t req, size_t size, Call call);
+  void getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size);
+  void listxattr(fuse_req_t req, fuse_ino_t ino, size_t size);
+  void setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
+                int flags);
+  void removexattr(fuse_req_t req, fuse_ino_t ino, const char* name);
+
+  static const fuse_lowlevel_ops& operations();
+};
+
+}  // namespace gate::mount
