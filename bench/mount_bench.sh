@@ -6,10 +6,15 @@
 #   (b) sequential write and read of a 1 GiB file (dd, 1 MiB blocks)
 #   (c) git status and find . -type f | xargs stat on a 10,000-file tree
 #   plus open+close per second of one file, and the mount's RSS with 10,000 open handles.
-# Usage: bench/mount_bench.sh [path/to/gate]    (as root; BENCH_MB=256 for a quicker (b))
+# Usage: bench/mount_bench.sh [path/to/gate [path/to/baseline/gate]]
+#   (as root; BENCH_MB=256 for a quicker (b)). With a baseline binary, its locked mount
+#   ("base", on the same broker) runs beside the others: before and after in one run.
+# BENCH_ROUNDS=N repeats the open+close figure N times, alternating the targets.
 set -euo pipefail
 
 GATE=$(realpath "${1:-build/default/apps/gate/gate}")
+BASE_GATE=${2:+$(realpath "$2")}
+ROUNDS=${BENCH_ROUNDS:-1}
 HERE=$(cd "$(dirname "$0")" && pwd)
 MB=${BENCH_MB:-1024}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gate-bench-XXXXXX")
@@ -39,7 +44,7 @@ c++ -O2 -std=c++17 -o "$WORK/mount_bench" "$HERE/mount_bench.cc"
 B="$WORK/mount_bench"
 
 mkdir -p "$WORK/state" "$WORK/native" "$WORK/root-locked" "$WORK/mnt-locked" \
-  "$WORK/root-plain" "$WORK/mnt-plain"
+  "$WORK/root-plain" "$WORK/mnt-plain" "$WORK/root-base" "$WORK/mnt-base"
 "$GATE" broker --state-dir "$WORK/state" --port 0 --unix-socket "$WORK/broker.sock" \
   --log-level warn --ready-fd 3 3>"$WORK/broker.port" 2>"$WORK/broker.log" &
 PIDS+=($!)
@@ -58,12 +63,23 @@ MOUNTS+=("$WORK/mnt-plain")
 wait_for "$WORK/ready-locked"
 wait_for "$WORK/ready-plain"
 
-declare -A DIR=([native]="$WORK/native" [locked]="$WORK/mnt-locked" [plain]="$WORK/mnt-plain")
-declare -A ROOT=([native]="$WORK/native" [locked]="$WORK/root-locked" [plain]="$WORK/root-plain")
+declare -A DIR=([native]="$WORK/native" [locked]="$WORK/mnt-locked" [plain]="$WORK/mnt-plain"
+                [base]="$WORK/mnt-base")
+declare -A ROOT=([native]="$WORK/native" [locked]="$WORK/root-locked" [plain]="$WORK/root-plain"
+                 [base]="$WORK/root-base")
 TARGETS=(native locked plain)
+if [ -n "$BASE_GATE" ]; then
+  "$BASE_GATE" mount --foreground --root "$WORK/root-base" --mount "$WORK/mnt-base" \
+    --broker-socket "$WORK/broker.sock" --log-level warn --ready-fd 3 \
+    3>"$WORK/ready-base" 2>"$WORK/mount-base.log" &
+  PIDS+=($!)
+  MOUNTS+=("$WORK/mnt-base")
+  wait_for "$WORK/ready-base"
+  TARGETS+=(base)
+fi
 TIMEFORMAT=%R
 
-echo "== gate mount benchmark ($(nproc) cores; locked = broker on its Unix socket; plain = --no-locking)"
+echo "== gate mount benchmark ($(nproc) cores; locked = broker on its Unix socket; plain = --no-locking${BASE_GATE:+; base = $BASE_GATE, locked})"
 
 echo "-- (a) 2,000 files of 4 KiB"
 for t in "${TARGETS[@]}"; do
@@ -102,9 +118,11 @@ for t in "${TARGETS[@]}"; do
 done
 
 echo "-- open+close of one existing file"
-for t in "${TARGETS[@]}"; do
-  printf '%-7s ' "$t"
-  "$B" openclose "${DIR[$t]}/a/f0" 20000
+for _ in $(seq 1 "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    printf '%-7s ' "$t"
+    "$B" openclose "${DIR[$t]}/a/f0" 20000
+  done
 done
 
 # The daemon needs two descriptors per open file (handle + inode), so the hard

@@ -4,30 +4,11 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <map>
 #include <system_error>
 
 namespace gate {
 
 namespace {
-
-const std::map<std::string, std::string>& env_table() {
-  static const std::map<std::string, std::string> table = {
-      {"state-dir", "GATE_STATE_DIR"},
-      {"broker-host", "GATE_BROKER_HOST"},
-      {"broker-port", "GATE_BROKER_PORT"},
-      {"broker-socket", "GATE_BROKER_SOCKET"},
-      {"host", "GATE_BROKER_HOST"},
-      {"port", "GATE_BROKER_PORT"},
-      {"unix-socket", "GATE_BROKER_SOCKET"},
-      {"lease-ms", "GATE_LEASE_MS"},
-      {"max-hold-ms", "GATE_MAX_HOLD_MS"},
-      {"acquire-timeout-ms", "GATE_ACQUIRE_TIMEOUT_MS"},
-      {"meta-wait-ms", "GATE_META_WAIT_MS"},
-      {"log-level", "GATE_LOG_LEVEL"},
-  };
-  return table;
-}
 
 bool writable_dir(const std::filesystem::path& dir) {
   std::error_code ec;
@@ -41,51 +22,6 @@ bool writable_dir(const std::filesystem::path& dir) {
 std::string BrokerEndpoint::describe() const {
   if (!unix_socket.empty()) return "unix:" + unix_socket;
   return host + ":" + std::to_string(port);
-}
-
-std::optional<std::string> env_name_for(const std::string& option) {
-  auto it = env_table().find(option);
-  if (it == env_table().end()) return std::nullopt;
-  return it->second;
-}
-
-void add_broker_endpoint_options(po::options_description& desc) {
-  desc.add_options()
-      ("broker-host", po::value<std::string>()->default_value(defaults::kBrokerHost),
-       "broker address (env GATE_BROKER_HOST)")
-      ("broker-port", po::value<std::uint16_t>()->default_value(defaults::kBrokerPort),
-       "broker TCP port (env GATE_BROKER_PORT)")
-      ("broker-socket", po::value<std::string>()->default_value(""),
-       "broker Unix socket; used instead of host and port when set (env GATE_BROKER_SOCKET)");
-}
-
-BrokerEndpoint broker_endpoint_from(const po::variables_map& vm) {
-  BrokerEndpoint ep;
-  ep.host = vm["broker-host"].as<std::string>();
-  ep.port = vm["broker-port"].as<std::uint16_t>();
-  ep.unix_socket = vm["broker-socket"].as<std::string>();
-  return ep;
-}
-
-po::variables_map parse_command(int argc, char** argv, const po::options_description& desc,
-                                const po::positional_options_description* positional) {
-  po::variables_map vm;
-  po::command_line_parser parser(argc, argv);
-  parser.options(desc);
-  if (positional) parser.positional(*positional);
-  po::store(parser.run(), vm);
-  // store() never overwrites a value already stored, so the command line wins.
-  po::store(po::parse_environment(desc,
-                                  [&desc](const std::string& var) -> std::string {
-                                    for (const auto& [option, env] : env_table()) {
-                                      if (env == var && desc.find_nothrow(option, false))
-                                        return option;
-                                    }
-                                    return "";
-                                  }),
-            vm);
-  po::notify(vm);
-  return vm;
 }
 
 std::string user_state_root() {

@@ -1,11 +1,9 @@
 #pragma once
-// The one place for gate's defaults and GATE_* environment variables.
+// The one place for gate's defaults, and where per-user state lives.
 //
 // Every setting has a default here, may be overridden by an environment variable
-// and then by a command-line flag (flag > env > default). Subcommands declare their
-// flags with add_*_options() and read them back with the matching *_from() call.
-#include <boost/program_options.hpp>
-
+// and then by a command-line flag (flag > env > default); the flags and the
+// variables are read in apps/gate/options.h, so no library depends on them.
 #include <chrono>
 #include <cstdint>
 #include <optional>
@@ -35,23 +33,6 @@ struct BrokerEndpoint {
 
   std::string describe() const;  // "127.0.0.1:8787" or "unix:/run/gate.sock"
 };
-
-namespace po = boost::program_options;
-
-// Flags shared by everything that talks to a broker:
-// --broker-host (GATE_BROKER_HOST), --broker-port (GATE_BROKER_PORT),
-// --broker-socket (GATE_BROKER_SOCKET).
-void add_broker_endpoint_options(po::options_description& desc);
-BrokerEndpoint broker_endpoint_from(const po::variables_map& vm);
-
-// Parses argv for one subcommand: command line first, then GATE_* variables for the
-// options that have one (see env_name_for), so a flag beats the environment.
-// Throws po::error on bad input; callers turn it into a usage message.
-po::variables_map parse_command(int argc, char** argv, const po::options_description& desc,
-                                const po::positional_options_description* positional = nullptr);
-
-// "state-dir" -> "GATE_STATE_DIR". Only options listed in the table have a variable.
-std::optional<std::string> env_name_for(const std::string& option);
 
 // The state directory to use: the configured one if it is (or can be made)
 // writable; otherwise, when it was not chosen explicitly, $XDG_STATE_HOME/gate/broker

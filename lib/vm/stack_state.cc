@@ -1,5 +1,6 @@
 #include "vm/stack_state.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>

@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <utility>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>

@@ -4,7 +4,7 @@
 #include <cstdlib>
 #include <filesystem>
 
-#include "core/config.h"
+#include "options.h"
 
 using namespace gate;
 
