@@ -9,13 +9,13 @@ std::optional<po::variables_map> parse(int argc, char** argv, po::options_descri
   desc.add_options()("help,h", "show this help and exit");
   const std::string name = argv[0];
   try {
-    auto vm = parse_command(argc, argv, desc, positional);
-    if (vm.count("help")) {
+    auto args = parse_command(argc, argv, desc, positional);
+    if (args.count("help")) {
       std::cout << "Usage: " << synopsis << "\n\n" << about << "\n\n" << desc << "\n";
       *exit_code = 0;
       return std::nullopt;
     }
-    return vm;
+    return args;
   } catch (const po::error& e) {
     std::cerr << name << ": " << e.what() << "\nTry '" << name << " --help'.\n";
     *exit_code = 2;

@@ -88,39 +88,39 @@ int broker(int argc, char** argv) {
       ("ready-fd", po::value<int>()->default_value(-1),
        "write the TCP port and a newline to this file descriptor once listening");
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate broker [options]",
+  auto args = cli::parse(argc, argv, desc, "gate broker [options]",
                        "Runs the lock broker: FIFO read/write locks per path over HTTP, kept in "
                        "SQLite so that a restart loses nothing.",
                        &code);
-  if (!vm) return code;
+  if (!args) return code;
   const std::string me = "gate broker";
 
   LogLevel level;
-  if (!parse_log_level((*vm)["log-level"].as<std::string>(), &level))
+  if (!parse_log_level((*args)["log-level"].as<std::string>(), &level))
     return cli::fail(me, "--log-level must be debug, info, warn or error"), 2;
   set_log_level(level);
-  if (auto f = (*vm)["log-file"].as<std::string>(); !f.empty() && !set_log_file(f))
+  if (auto f = (*args)["log-file"].as<std::string>(); !f.empty() && !set_log_file(f))
     return cli::fail(me, "cannot open log file " + f);
 
-  const std::string host = (*vm)["host"].as<std::string>();
-  if (!is_loopback(host) && !(*vm)["allow-remote"].as<bool>())
+  const std::string host = (*args)["host"].as<std::string>();
+  if (!is_loopback(host) && !(*args)["allow-remote"].as<bool>())
     return cli::fail(me, "--host " + host +
                              " is not a loopback address; anyone who can reach it could take "
                              "and release locks. Add --allow-remote if that is intended."),
            2;
-  const std::string sync = (*vm)["sync"].as<std::string>();
+  const std::string sync = (*args)["sync"].as<std::string>();
   if (sync != "normal" && sync != "full") return cli::fail(me, "--sync must be normal or full"), 2;
   unsigned socket_mode = 0;
   try {
-    socket_mode = static_cast<unsigned>(std::stoul((*vm)["socket-mode"].as<std::string>(), nullptr, 8));
+    socket_mode = static_cast<unsigned>(std::stoul((*args)["socket-mode"].as<std::string>(), nullptr, 8));
   } catch (const std::exception&) {
     return cli::fail(me, "--socket-mode must be octal, e.g. 0600"), 2;
   }
 
   std::string note;
-  const std::string configured = (*vm)["state-dir"].as<std::string>();
+  const std::string configured = (*args)["state-dir"].as<std::string>();
   const std::string state_dir =
-      resolve_state_dir(configured, !(*vm)["state-dir"].defaulted(), &note);
+      resolve_state_dir(configured, !(*args)["state-dir"].defaulted(), &note);
   if (state_dir.empty())
     return cli::fail(me, "state directory " + configured +
                              " is not writable; choose one with --state-dir or GATE_STATE_DIR");
@@ -136,9 +136,9 @@ int broker(int argc, char** argv) {
   if (!store) return cli::fail(me, error);
 
   LockTableOptions options;
-  options.default_lease_ms = std::max<std::int64_t>(1, (*vm)["lease-ms"].as<std::int64_t>());
-  options.max_hold_ms = (*vm)["max-hold-ms"].as<std::int64_t>();
-  options.restore_grace_ms = (*vm)["restore-grace-ms"].as<std::int64_t>();
+  options.default_lease_ms = std::max<std::int64_t>(1, (*args)["lease-ms"].as<std::int64_t>());
+  options.max_hold_ms = (*args)["max-hold-ms"].as<std::int64_t>();
+  options.restore_grace_ms = (*args)["restore-grace-ms"].as<std::int64_t>();
   LockTable table(options, random_token);
   try {
     auto snap = store->load();
@@ -159,17 +159,17 @@ int broker(int argc, char** argv) {
   boost::asio::io_context ioc(1);
   BrokerService service(ioc, table, store.get());
   ServerLimits limits;
-  limits.max_body_bytes = (*vm)["max-body-bytes"].as<std::size_t>();
-  limits.request_timeout = std::chrono::milliseconds((*vm)["request-timeout-ms"].as<std::int64_t>());
-  limits.idle_timeout = std::chrono::milliseconds((*vm)["idle-timeout-ms"].as<std::int64_t>());
-  limits.max_connections = (*vm)["max-connections"].as<std::size_t>();
+  limits.max_body_bytes = (*args)["max-body-bytes"].as<std::size_t>();
+  limits.request_timeout = std::chrono::milliseconds((*args)["request-timeout-ms"].as<std::int64_t>());
+  limits.idle_timeout = std::chrono::milliseconds((*args)["idle-timeout-ms"].as<std::int64_t>());
+  limits.max_connections = (*args)["max-connections"].as<std::size_t>();
   HttpServer server(ioc, service, limits);
 
-  if (!server.listen_tcp(host, (*vm)["port"].as<std::uint16_t>(), &error))
+  if (!server.listen_tcp(host, (*args)["port"].as<std::uint16_t>(), &error))
     return cli::fail(me, error);
-  const std::string socket_path = (*vm)["unix-socket"].as<std::string>();
+  const std::string socket_path = (*args)["unix-socket"].as<std::string>();
   if (!socket_path.empty() &&
-      !server.listen_unix(socket_path, socket_mode, (*vm)["socket-group"].as<std::string>(), &error))
+      !server.listen_unix(socket_path, socket_mode, (*args)["socket-group"].as<std::string>(), &error))
     return cli::fail(me, error);
   if (!is_loopback(host))
     log(LogLevel::Warn, "broker", "listening on non-loopback address ", host,
@@ -186,7 +186,7 @@ int broker(int argc, char** argv) {
     service.shutdown();
     server.drain(std::chrono::seconds(2), [&] { ioc.stop(); });
   });
-  if (int fd = (*vm)["ready-fd"].as<int>(); fd >= 0) {
+  if (int fd = (*args)["ready-fd"].as<int>(); fd >= 0) {
     std::string line = std::to_string(server.tcp_port()) + "\n";
     if (::write(fd, line.data(), line.size()) < 0) log(LogLevel::Warn, "broker", "--ready-fd write failed");
     ::close(fd);

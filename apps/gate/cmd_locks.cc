@@ -45,18 +45,18 @@ int locks(int argc, char** argv) {
   po::positional_options_description pos;
   pos.add("path", 1);
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate locks [options] [PATH]",
+  auto args = cli::parse(argc, argv, desc, "gate locks [options] [PATH]",
                        "Prints the locks held and the requests queued at a running broker: "
                        "what to run when something waits.",
                        &code, &pos);
-  if (!vm) return code;
-  BrokerClient client(broker_endpoint_from(*vm), std::chrono::seconds(5));
-  HttpReply reply = client.status((*vm)["path"].as<std::string>());
+  if (!args) return code;
+  BrokerClient client(broker_endpoint_from(*args), std::chrono::seconds(5));
+  HttpReply reply = client.status((*args)["path"].as<std::string>());
   if (reply.status != 200)
     return cli::fail(argv[0], reply.status == 0 ? reply.error + " (is 'gate broker' running?)"
                                                 : "broker answered HTTP " +
                                                       std::to_string(reply.status) + ": " + reply.body);
-  if ((*vm)["json"].as<bool>()) {
+  if ((*args)["json"].as<bool>()) {
     std::cout << reply.body << "\n";
     return 0;
   }

@@ -147,27 +147,27 @@ int mount(int argc, char** argv) {
   po::positional_options_description positional;
   positional.add("root", 1).add("mount", 1);
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate mount --root DIR --mount MNT [options]",
+  auto args = cli::parse(argc, argv, desc, "gate mount --root DIR --mount MNT [options]",
                        "Shows DIR at MNT. Every open holds a lock at the broker until its last "
                        "close: read-only opens share a read lock, all others take the write lock, "
                        "in FIFO order. Stop with Ctrl-C, SIGTERM or fusermount3 -u MNT; every "
                        "lock is released. GATE_RELEASE_ON_FLUSH=1 releases on flush instead.",
                        &code, &positional);
-  if (!vm) return code;
+  if (!args) return code;
   const std::string me = argv[0];
 
   LogLevel level;
-  if (!parse_log_level((*vm)["log-level"].as<std::string>(), &level))
+  if (!parse_log_level((*args)["log-level"].as<std::string>(), &level))
     return cli::fail(me, "--log-level must be debug, info, warn or error"), 2;
   set_log_level(level);
-  if (!vm->count("root") || !vm->count("mount"))
+  if (!args->count("root") || !args->count("mount"))
     return cli::fail(me, "both --root DIR and --mount MNT are needed; see --help"), 2;
 
-  const std::string root_arg = (*vm)["root"].as<std::string>();
-  const std::string mnt_arg = (*vm)["mount"].as<std::string>();
-  const bool debug_fuse = (*vm)["debug-fuse"].as<bool>();
-  const bool foreground = (*vm)["foreground"].as<bool>() || debug_fuse;
-  const bool locking = !(*vm)["no-locking"].as<bool>();
+  const std::string root_arg = (*args)["root"].as<std::string>();
+  const std::string mnt_arg = (*args)["mount"].as<std::string>();
+  const bool debug_fuse = (*args)["debug-fuse"].as<bool>();
+  const bool foreground = (*args)["foreground"].as<bool>() || debug_fuse;
+  const bool locking = !(*args)["no-locking"].as<bool>();
 
   const std::string root = real_path(root_arg);
   struct stat st;
@@ -188,21 +188,21 @@ int mount(int argc, char** argv) {
   options.root = root;
   options.mountpoint = mnt;
   options.locking = locking;
-  options.allow_other = (*vm)["allow-other"].as<bool>();
+  options.allow_other = (*args)["allow-other"].as<bool>();
   options.debug_fuse = debug_fuse;
-  options.cache_timeout_s = static_cast<double>((*vm)["attr-timeout-ms"].as<std::int64_t>()) / 1000.0;
+  options.cache_timeout_s = static_cast<double>((*args)["attr-timeout-ms"].as<std::int64_t>()) / 1000.0;
   if (const char* v = std::getenv("GATE_RELEASE_ON_FLUSH"); v && std::string(v) == "1")
     options.release_on_flush = true;
-  const std::string owner_name = (*vm)["owner"].as<std::string>();
+  const std::string owner_name = (*args)["owner"].as<std::string>();
   auto& locks = options.locks;
-  locks.broker = broker_endpoint_from(*vm);
+  locks.broker = broker_endpoint_from(*args);
   locks.mount_id = (owner_name.empty() ? host_name() : owner_name) + "-" + short_random();
-  locks.lease_ms = (*vm)["lease-ms"].as<std::int64_t>();
+  locks.lease_ms = (*args)["lease-ms"].as<std::int64_t>();
   if (locks.lease_ms <= 0) return cli::fail(me, "--lease-ms must be positive"), 2;
-  if (vm->count("max-hold-ms")) locks.max_hold_ms = (*vm)["max-hold-ms"].as<std::int64_t>();
-  if (vm->count("acquire-timeout-ms"))
-    locks.acquire_timeout_ms = (*vm)["acquire-timeout-ms"].as<std::int64_t>();
-  const std::int64_t meta_wait_ms = (*vm)["meta-wait-ms"].as<std::int64_t>();
+  if (args->count("max-hold-ms")) locks.max_hold_ms = (*args)["max-hold-ms"].as<std::int64_t>();
+  if (args->count("acquire-timeout-ms"))
+    locks.acquire_timeout_ms = (*args)["acquire-timeout-ms"].as<std::int64_t>();
+  const std::int64_t meta_wait_ms = (*args)["meta-wait-ms"].as<std::int64_t>();
   if (meta_wait_ms < 0) return cli::fail(me, "--meta-wait-ms must be 0 or more"), 2;
   locks.meta_wait = std::chrono::milliseconds(meta_wait_ms);
 
@@ -214,7 +214,7 @@ int mount(int argc, char** argv) {
                                "or --broker-socket at a running one");
   }
 
-  std::string log_path = (*vm)["log-file"].as<std::string>();
+  std::string log_path = (*args)["log-file"].as<std::string>();
   if (log_path.empty() && !foreground) {
     const std::string dir = user_state_root() + "/logs";
     std::error_code ec;
@@ -242,7 +242,7 @@ int mount(int argc, char** argv) {
       locking ? " with locks at broker " + broker_text + " as " + mount_id + " (lease " +
                     std::to_string(lease_ms) + " ms)"
               : std::string(" WITHOUT locking (--no-locking)"));
-  write_ready((*vm)["ready-fd"].as<int>());
+  write_ready((*args)["ready-fd"].as<int>());
   int rc = fs.serve();
   log(LogLevel::Info, "mount", "unmounted ", mnt);
   return rc;

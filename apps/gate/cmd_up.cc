@@ -128,25 +128,25 @@ int up(int argc, char** argv) {
   po::positional_options_description pos;
   pos.add("repo-path", 1);
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate up [--local] --repo-path DIR [options]",
+  auto args = cli::parse(argc, argv, desc, "gate up [--local] --repo-path DIR [options]",
                        "Brings up a broker and a locked view of DIR in the background and prints "
                        "where to work: the broker in a QEMU VM (default), or on this machine with "
                        "--local. Run again, it reuses what is up.",
                        &code, &pos);
-  if (!vm) return code;
+  if (!args) return code;
   const std::string me = argv[0];
-  if (!vm->count("repo-path")) {
+  if (!args->count("repo-path")) {
     std::cerr << me << ": which directory? e.g. gate up --local --repo-path ~/src/project\n";
     return 2;
   }
-  if (!(*vm)["local"].as<bool>()) return up_vm(*vm, self_exe());
+  if (!(*args)["local"].as<bool>()) return up_vm(*args, self_exe());
   std::error_code ec;
-  const fs::path repo = fs::canonical((*vm)["repo-path"].as<std::string>(), ec);
+  const fs::path repo = fs::canonical((*args)["repo-path"].as<std::string>(), ec);
   if (ec || !fs::is_directory(repo))
-    return cli::fail(me, "'" + (*vm)["repo-path"].as<std::string>() + "' is not a directory");
+    return cli::fail(me, "'" + (*args)["repo-path"].as<std::string>() + "' is not a directory");
 
   StackState s;
-  s.name = vm->count("vm-name") ? (*vm)["vm-name"].as<std::string>() : stack_name_for(repo.string());
+  s.name = args->count("vm-name") ? (*args)["vm-name"].as<std::string>() : stack_name_for(repo.string());
   if (auto old = load_stack(s.name)) {
     if (process_runs(old->broker_pid, old->broker_socket) && process_runs(old->mount_pid, old->broker_socket)) {
       if (old->repo != repo.string())
@@ -161,7 +161,7 @@ int up(int argc, char** argv) {
   }
 
   s.repo = repo.string();
-  s.mount = vm->count("host-mount") ? fs::absolute((*vm)["host-mount"].as<std::string>()).string()
+  s.mount = args->count("host-mount") ? fs::absolute((*args)["host-mount"].as<std::string>()).string()
                                     : user_state_root() + "/mounts/" + s.name;
   s.broker_state_dir = s.state_dir() + "/broker";
   s.broker_socket = s.state_dir() + "/broker.sock";
@@ -179,17 +179,17 @@ int up(int argc, char** argv) {
                                          "--mount", s.mount, "--broker-socket", s.broker_socket,
                                          "--ready-fd", "{READY_FD}"};
   for (const char* opt : {"lease-ms", "max-hold-ms"}) {
-    if (!vm->count(opt)) continue;
-    const std::string v = std::to_string((*vm)[opt].as<std::int64_t>());
+    if (!args->count(opt)) continue;
+    const std::string v = std::to_string((*args)[opt].as<std::int64_t>());
     broker_argv.insert(broker_argv.end(), {std::string("--") + opt, v});
     mount_argv.insert(mount_argv.end(), {std::string("--") + opt, v});
   }
-  if (vm->count("meta-wait-ms"))
+  if (args->count("meta-wait-ms"))
     mount_argv.insert(mount_argv.end(),
-                      {"--meta-wait-ms", std::to_string((*vm)["meta-wait-ms"].as<std::int64_t>())});
-  if (vm->count("acquire-timeout-ms"))
+                      {"--meta-wait-ms", std::to_string((*args)["meta-wait-ms"].as<std::int64_t>())});
+  if (args->count("acquire-timeout-ms"))
     mount_argv.insert(mount_argv.end(), {"--acquire-timeout-ms",
-                                         std::to_string((*vm)["acquire-timeout-ms"].as<std::int64_t>())});
+                                         std::to_string((*args)["acquire-timeout-ms"].as<std::int64_t>())});
 
   std::cout << "gate: starting the broker (log " << s.log_dir() << "/broker.log)\n" << std::flush;
   Daemon broker = start_daemon(broker_argv, s.log_dir() + "/broker.log", std::chrono::seconds(20));
@@ -226,16 +226,16 @@ int down(int argc, char** argv) {
   po::positional_options_description pos;
   pos.add("vm-name", 1);
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate down [--vm-name NAME] [options]",
+  auto args = cli::parse(argc, argv, desc, "gate down [--vm-name NAME] [options]",
                        "Unmounts the locked view (releasing its locks) and stops what 'gate up' "
                        "started: the broker, or the VM and its tunnel. In sshfs mode the VM's "
                        "edits are first copied back into the repository.",
                        &code, &pos);
-  if (!vm) return code;
+  if (!args) return code;
   const std::string me = argv[0];
   std::string name;
-  if (vm->count("vm-name")) {
-    name = (*vm)["vm-name"].as<std::string>();
+  if (args->count("vm-name")) {
+    name = (*args)["vm-name"].as<std::string>();
   } else {
     auto all = list_stacks();
     if (all.empty()) {
@@ -258,9 +258,9 @@ int down(int argc, char** argv) {
   bool clean;
   if (s->mode == "vm") {
     gate::vm::DownOptions o;
-    o.force = (*vm)["force"].as<bool>();
-    o.skip_unmount = (*vm)["skip-unmount"].as<bool>();
-    o.no_sync_back = (*vm)["no-sync-back"].as<bool>();
+    o.force = (*args)["force"].as<bool>();
+    o.skip_unmount = (*args)["skip-unmount"].as<bool>();
+    o.no_sync_back = (*args)["no-sync-back"].as<bool>();
     clean = gate::vm::vm_down(*s, o, std::cout, std::cerr);
     if (!clean && load_stack(name)) return 1;  // refused: the VM keeps the edits
   } else {

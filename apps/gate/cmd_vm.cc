@@ -38,8 +38,8 @@ std::string endpoint(const StackState& s) {
 }
 
 // The setup named by --vm-name, else every one.
-std::vector<std::string> selected(const po::variables_map& vm) {
-  if (vm.count("vm-name")) return {vm["vm-name"].as<std::string>()};
+std::vector<std::string> selected(const po::variables_map& args) {
+  if (args.count("vm-name")) return {args["vm-name"].as<std::string>()};
   return list_stacks();
 }
 
@@ -49,11 +49,11 @@ int vm_list(int argc, char** argv) {
   po::options_description desc("Options");
   desc.add_options()("json", po::bool_switch(), "print JSON");
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate vm-list [--json]",
+  auto args = cli::parse(argc, argv, desc, "gate vm-list [--json]",
                        "Lists every setup 'gate up' started: its state (running or stale), pids, "
                        "ssh port, broker endpoint, mount and method, and uptime.",
                        &code);
-  if (!vm) return code;
+  if (!args) return code;
   json::array rows;
   std::vector<std::vector<std::string>> table{
       {"NAME", "STATE", "PID", "SSH", "BROKER", "MOUNT", "METHOD", "UPTIME"}};
@@ -77,7 +77,7 @@ int vm_list(int argc, char** argv) {
     table.push_back({name, state, pid, s->get("ssh_port").empty() ? "-" : s->get("ssh_port"),
                      endpoint(*s), s->mount, method, uptime(*s)});
   }
-  if ((*vm)["json"].as<bool>()) {
+  if ((*args)["json"].as<bool>()) {
     std::cout << json::serialize(rows) << "\n";
     return 0;
   }
@@ -97,13 +97,13 @@ int clean(int argc, char** argv) {
       ("state", po::bool_switch(), "also delete its state directory (known_hosts, sockets)")
       ("all", po::bool_switch(), "every setup");
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate clean [--vm-name NAME] [--logs] [--state] [--all]",
+  auto args = cli::parse(argc, argv, desc, "gate clean [--vm-name NAME] [--logs] [--state] [--all]",
                        "Repairs what a crash left behind: lazily unmounts dead mounts, stops "
                        "orphaned tunnels and mount processes, removes dead pid files and runtime "
                        "state. It never deletes your files.",
                        &code);
-  if (!vm) return code;
-  auto names = selected(*vm);
+  if (!args) return code;
+  auto names = selected(*args);
   if (names.empty()) std::cout << "gate: nothing to clean\n";
   for (const auto& name : names) {
     if (auto s = load_stack(name)) {
@@ -112,9 +112,9 @@ int clean(int argc, char** argv) {
       std::cout << "gate: '" << name << "' has no runtime state\n";
     }
     std::error_code ec;
-    if ((*vm)["logs"].as<bool>() && fs::remove_all(stack_log_dir(name), ec) > 0)
+    if ((*args)["logs"].as<bool>() && fs::remove_all(stack_log_dir(name), ec) > 0)
       std::cout << "gate: deleted the logs of '" << name << "'\n";
-    if ((*vm)["state"].as<bool>() && !load_stack(name) && fs::remove_all(stack_state_dir(name), ec) > 0)
+    if ((*args)["state"].as<bool>() && !load_stack(name) && fs::remove_all(stack_state_dir(name), ec) > 0)
       std::cout << "gate: deleted the state of '" << name << "'\n";
   }
   return 0;
@@ -124,12 +124,12 @@ int status(int argc, char** argv) {
   po::options_description desc("Options");
   desc.add_options()("vm-name", po::value<std::string>(), "which setup (default: all)");
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate status [--vm-name NAME]",
+  auto args = cli::parse(argc, argv, desc, "gate status [--vm-name NAME]",
                        "Checks each part of a setup (VM, tunnel, broker, mount) and says what is "
                        "wrong and how to fix it. Exits 1 when something is wrong.",
                        &code);
-  if (!vm) return code;
-  auto names = selected(*vm);
+  if (!args) return code;
+  auto names = selected(*args);
   if (names.empty()) {
     std::cout << "no VMs or local setups (start one with 'gate up')\n";
     return 0;
@@ -181,12 +181,12 @@ int logs(int argc, char** argv) {
       ("follow,f", po::bool_switch(), "keep printing as the log grows (Ctrl-C ends)")
       ("lines,n", po::value<int>()->default_value(40), "how many last lines of each log");
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate logs [--vm-name NAME] [--component C] [--follow]",
+  auto args = cli::parse(argc, argv, desc, "gate logs [--vm-name NAME] [--component C] [--follow]",
                        "Prints the logs of a setup, kept in $XDG_STATE_HOME/gate/logs/NAME/.", &code);
-  if (!vm) return code;
+  if (!args) return code;
   std::string name;
-  if (vm->count("vm-name")) {
-    name = (*vm)["vm-name"].as<std::string>();
+  if (args->count("vm-name")) {
+    name = (*args)["vm-name"].as<std::string>();
   } else {
     std::vector<std::string> dirs;
     std::error_code ec;
@@ -199,7 +199,7 @@ int logs(int argc, char** argv) {
   }
   const std::string dir = stack_log_dir(name);
   std::vector<std::string> files;
-  const std::string component = (*vm)["component"].as<std::string>();
+  const std::string component = (*args)["component"].as<std::string>();
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec))
     if (component.empty() || e.path().stem() == component) files.push_back(e.path());
@@ -208,26 +208,26 @@ int logs(int argc, char** argv) {
   auto setup = load_stack(name);
   const bool guest = setup && setup->mode == "vm" && vm::qemu_running(*setup) &&
                      (component.empty() || component == "broker");
-  if (guest && !(*vm)["follow"].as<bool>()) {
+  if (guest && !(*args)["follow"].as<bool>()) {
     RunResult r = run_command(
         vm::ssh_command(vm::ssh_target_of(*setup),
                         "journalctl -u gate-broker -u gate-provision --no-pager -n " +
-                            std::to_string((*vm)["lines"].as<int>())),
+                            std::to_string((*args)["lines"].as<int>())),
         std::chrono::seconds(30));
     std::cout << "==> guest journal: gate-broker, gate-provision <==\n" << r.output;
   }
   if (files.empty() && !guest) return cli::fail(argv[0], "no logs in " + dir + (component.empty() ? "" : " for " + component));
-  if ((*vm)["follow"].as<bool>()) {
-    std::vector<std::string> args = {"tail", "-n", std::to_string((*vm)["lines"].as<int>()), "-F"};
-    args.insert(args.end(), files.begin(), files.end());
+  if ((*args)["follow"].as<bool>()) {
+    std::vector<std::string> tail = {"tail", "-n", std::to_string((*args)["lines"].as<int>()), "-F"};
+    tail.insert(tail.end(), files.begin(), files.end());
     std::vector<char*> cargs;
-    for (auto& a : args) cargs.push_back(a.data());
+    for (auto& a : tail) cargs.push_back(a.data());
     cargs.push_back(nullptr);
     ::execvp("tail", cargs.data());
     return cli::fail(argv[0], "cannot run tail");
   }
   for (const auto& f : files)
-    std::cout << "==> " << f << " <==\n" << tail_file(f, (*vm)["lines"].as<int>());
+    std::cout << "==> " << f << " <==\n" << tail_file(f, (*args)["lines"].as<int>());
   return 0;
 }
 
@@ -240,13 +240,13 @@ int image(int argc, char** argv) {
   po::positional_options_description pos;
   pos.add("action", 1);
   int code = 0;
-  auto vm = cli::parse(argc, argv, desc, "gate image [build|path] [--base debian-12] [--force]",
+  auto args = cli::parse(argc, argv, desc, "gate image [build|path] [--base debian-12] [--force]",
                        "Builds the guest image gate up boots (Debian 12 from Debian's packages, no "
                        "download of a cloud image), or prints where it is cached.",
                        &code, &pos);
-  if (!vm) return code;
-  const std::string base = (*vm)["base"].as<std::string>();
-  const std::string action = (*vm)["action"].as<std::string>();
+  if (!args) return code;
+  const std::string base = (*args)["base"].as<std::string>();
+  const std::string action = (*args)["action"].as<std::string>();
   if (action == "path") {
     std::cout << vm::cached_image(base).disk << "\n";
     return vm::cached_image(base).complete() ? 0 : 1;
@@ -257,7 +257,7 @@ int image(int argc, char** argv) {
   fs::create_directories(vm::image_cache_root(), ec);
   auto progress = [](const std::string& l) { std::cout << "gate: " << l << "\n" << std::flush; };
   std::string err = vm::base_is_offline(base)
-                        ? vm::build_offline_image(base, (*vm)["force"].as<bool>(), log, progress)
+                        ? vm::build_offline_image(base, (*args)["force"].as<bool>(), log, progress)
                         : vm::download_cloud_image(base, log, progress);
   if (!err.empty()) return cli::fail(argv[0], err);
   std::cout << vm::cached_image(base).disk << "\n";

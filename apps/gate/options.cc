@@ -42,21 +42,21 @@ void add_broker_endpoint_options(po::options_description& desc) {
        "broker Unix socket; used instead of host and port when set (env GATE_BROKER_SOCKET)");
 }
 
-BrokerEndpoint broker_endpoint_from(const po::variables_map& vm) {
+BrokerEndpoint broker_endpoint_from(const po::variables_map& args) {
   BrokerEndpoint ep;
-  ep.host = vm["broker-host"].as<std::string>();
-  ep.port = vm["broker-port"].as<std::uint16_t>();
-  ep.unix_socket = vm["broker-socket"].as<std::string>();
+  ep.host = args["broker-host"].as<std::string>();
+  ep.port = args["broker-port"].as<std::uint16_t>();
+  ep.unix_socket = args["broker-socket"].as<std::string>();
   return ep;
 }
 
 po::variables_map parse_command(int argc, char** argv, const po::options_description& desc,
                                 const po::positional_options_description* positional) {
-  po::variables_map vm;
+  po::variables_map args;
   po::command_line_parser parser(argc, argv);
   parser.options(desc);
   if (positional) parser.positional(*positional);
-  po::store(parser.run(), vm);
+  po::store(parser.run(), args);
   // store() never overwrites a value already stored, so the command line wins.
   po::store(po::parse_environment(desc,
                                   [&desc](const std::string& var) -> std::string {
@@ -66,9 +66,9 @@ po::variables_map parse_command(int argc, char** argv, const po::options_descrip
                                     }
                                     return "";
                                   }),
-            vm);
-  po::notify(vm);
-  return vm;
+            args);
+  po::notify(args);
+  return args;
 }
 
 }  // namespace gate

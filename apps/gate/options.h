@@ -17,7 +17,7 @@ namespace po = boost::program_options;
 // --broker-host (GATE_BROKER_HOST), --broker-port (GATE_BROKER_PORT),
 // --broker-socket (GATE_BROKER_SOCKET).
 void add_broker_endpoint_options(po::options_description& desc);
-BrokerEndpoint broker_endpoint_from(const po::variables_map& vm);
+BrokerEndpoint broker_endpoint_from(const po::variables_map& args);
 
 // Parses argv for one subcommand: command line first, then GATE_* variables for the
 // options that have one (see env_name_for), so a flag beats the environment.

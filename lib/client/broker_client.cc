@@ -280,8 +280,8 @@ LockInfo lock_from_json(const json::value& v) {
     return std::nullopt;
   };
   l.lock_id = str("lock_id");
-  l.path = str("path");
-  l.mode = str("mode");
+  l.key = str("path");
+  l.mode = parse_lock_mode(str("mode")).value_or(LockMode::Write);
   l.owner = str("owner");
   l.acquired_at = str("acquired_at");
   l.lease_expires_at = str("lease_expires_at");
@@ -325,8 +325,8 @@ CallResult to_result(const HttpReply& r) {
 
 CallResult BrokerClient::acquire(const AcquireRequest& req) {
   json::object o;
-  o["path"] = req.path;
-  o["mode"] = req.mode;
+  o["path"] = req.key;
+  o["mode"] = to_string(req.mode);
   o["owner"] = req.owner;
   if (req.timeout_ms) o["timeout_ms"] = *req.timeout_ms;
   else o["timeout_ms"] = nullptr;
@@ -373,8 +373,8 @@ HttpReply BrokerClient::status(const std::string& path) {
   return request("GET", target, "");
 }
 
-std::optional<std::vector<LockInfo>> BrokerClient::holders(const std::string& path) {
-  HttpReply r = status(path);
+std::optional<std::vector<LockInfo>> BrokerClient::holders(const std::string& key) {
+  HttpReply r = status(key);
   if (r.status != 200) return std::nullopt;
   json::error_code ec;
   json::value v = json::parse(r.body, ec);
@@ -384,7 +384,7 @@ std::optional<std::vector<LockInfo>> BrokerClient::holders(const std::string& pa
   std::vector<LockInfo> out;
   for (const auto& l : it->value().as_array()) {
     LockInfo info = lock_from_json(l);
-    if (info.path == path) out.push_back(std::move(info));
+    if (info.key == key) out.push_back(std::move(info));
   }
   return out;
 }

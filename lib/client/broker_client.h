@@ -15,14 +15,16 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/lock_mode.h"
 #include "core/token.h"
 
 namespace gate {
 
+// On the wire the locked name is "path"; in the code it is the key, as everywhere.
 struct LockInfo {
   std::string lock_id;
-  std::string path;
-  std::string mode;  // "read" or "write"
+  std::string key;
+  LockMode mode = LockMode::Write;
   std::string owner;
   std::string acquired_at;       // ISO-8601 UTC
   std::string lease_expires_at;  // ISO-8601 UTC
@@ -32,8 +34,8 @@ struct LockInfo {
 };
 
 struct AcquireRequest {
-  std::string path;
-  std::string mode = "write";
+  std::string key;
+  LockMode mode = LockMode::Write;
   std::string owner;
   std::optional<std::int64_t> timeout_ms;  // nullopt: wait until granted
   std::optional<std::int64_t> lease_ms;
@@ -82,9 +84,9 @@ class BrokerClient {
                        std::optional<std::int64_t> lease_ms = std::nullopt);
   // GET /v1/locks/status[?path=]; the JSON body on success.
   HttpReply status(const std::string& path = "");
-  // The locks held on `path` (exactly that key); nullopt when the broker did not
+  // The locks held on `key` (exactly that key); nullopt when the broker did not
   // give a usable answer.
-  std::optional<std::vector<LockInfo>> holders(const std::string& path);
+  std::optional<std::vector<LockInfo>> holders(const std::string& key);
   bool healthy();
 
   // One raw request on the persistent connection. wait_forever: no I/O time limit

@@ -76,8 +76,8 @@ AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
                                        std::optional<std::int64_t> timeout_ms) const {
   const LockNeed& need = job.needs[index];
   AcquireRequest req;
-  req.path = need.key;
-  req.mode = to_string(need.mode);
+  req.key = need.key;
+  req.mode = need.mode;
   req.owner = need.owner;
   req.timeout_ms = timeout_ms;
   req.lease_ms = options_.lease_ms;
@@ -254,7 +254,7 @@ std::string describe_holders(const std::optional<std::vector<LockInfo>>& holders
   std::string text;
   for (const LockInfo& l : *holders) {
     if (!text.empty()) text += ", ";
-    text += "owner " + l.owner + " (" + l.mode;
+    text += "owner " + l.owner + " (" + to_string(l.mode);
     if (auto since = parse_iso8601(l.acquired_at)) {
       char held[32];
       std::snprintf(held, sizeof held, ", held %.1f s", static_cast<double>(now - *since) / 1e6);

@@ -164,8 +164,8 @@ void require_queued(const BrokerEndpoint& ep, const std::string& path, const std
 AcquireRequest acq(const std::string& path, const std::string& mode, const std::string& owner,
                    std::optional<std::int64_t> timeout_ms = std::nullopt) {
   AcquireRequest r;
-  r.path = path;
-  r.mode = mode;
+  r.key = path;
+  r.mode = parse_lock_mode(mode).value();
   r.owner = owner;
   r.timeout_ms = timeout_ms;
   return r;
@@ -176,7 +176,7 @@ LockInfo must_acquire(BrokerClient& c, AcquireRequest req) {
   if (!req.timeout_ms) req.timeout_ms = 0;
   CallResult r = c.acquire(req);
   if (r.status != CallStatus::Ok)
-    FAIL("acquire of " << req.mode << " '" << req.path << "' for " << req.owner << ": "
+    FAIL("acquire of " << to_string(req.mode) << " '" << req.key << "' for " << req.owner << ": "
                        << to_string(r.status) << " " << r.error);
   return r.lock;
 }
@@ -227,7 +227,7 @@ class AsyncAcquire {
   bool done() { return done_within(0ms); }
   // The answer; fails the test if none came within t.
   CallResult result(std::chrono::milliseconds t = 5s) {
-    if (!done_within(t)) FAIL("acquire of '" << req_.path << "' for " << req_.owner << " got no answer within " << t.count() << " ms");
+    if (!done_within(t)) FAIL("acquire of '" << req_.key << "' for " << req_.owner << " got no answer within " << t.count() << " ms");
     if (!result_) result_ = future_.get();
     return *result_;
   }
@@ -545,7 +545,7 @@ TEST_CASE("a reader queued behind a queued writer is granted after that writer",
   REQUIRE(a.release(la.lock_id, A).status == CallStatus::Ok);
   CallResult rb = b.result();
   REQUIRE(rb.status == CallStatus::Ok);
-  CHECK(rb.lock.mode == "write");
+  CHECK(rb.lock.mode == LockMode::Write);
   CHECK(rb.lock.fence > la.fence);
   // C must still wait: B holds the write lock now.
   CHECK_FALSE(c.done_within(100ms));
@@ -554,7 +554,7 @@ TEST_CASE("a reader queued behind a queued writer is granted after that writer",
   REQUIRE(b.client().release(rb.lock.lock_id, B).status == CallStatus::Ok);
   CallResult rc = c.result();
   REQUIRE(rc.status == CallStatus::Ok);
-  CHECK(rc.lock.mode == "read");
+  CHECK(rc.lock.mode == LockMode::Read);
   CHECK(rc.lock.fence > rb.lock.fence);
   CHECK(order.get() == std::vector<std::string>{"B", "C"});
 }
@@ -1045,7 +1045,7 @@ TEST_CASE("two readers that both ask to upgrade: the second is refused 409 at on
   CallResult g1 = up1.result();
   REQUIRE(g1.status == CallStatus::Ok);
   CHECK(g1.lock.lock_id == l1.lock_id);
-  CHECK(g1.lock.mode == "write");
+  CHECK(g1.lock.mode == LockMode::Write);
   CHECK(g1.lock.hold_count == 2);
   CHECK(g1.lock.fence == l1.fence);
 }
@@ -1384,14 +1384,14 @@ TEST_CASE("a key of 4096 bytes is accepted and one of 4097 refused", "[broker][i
   BrokerClient c(ep);
   const std::string O = uid("O");
   LockInfo l = must_acquire(c, acq(std::string(4096, 'k'), "write", O));
-  CHECK(l.path.size() == 4096);
+  CHECK(l.key.size() == 4096);
   CHECK(c.release(l.lock_id, O).status == CallStatus::Ok);
   check_refused(raw_request(ep.port, "POST", "/v1/locks/acquire", acquire_body(std::string(4097, 'k'), "write", O)),
                 400, "4097-byte key");
   // UTF-8 keys are opaque strings: they come back as sent.
   const std::string utf8 = "d\xc3\xa9j\xc3\xa0/\xe6\x96\x87\xe4\xbb\xb6.txt";
   LockInfo u = must_acquire(c, acq(utf8, "read", O));
-  CHECK(u.path == utf8);
+  CHECK(u.key == utf8);
   CHECK(get_status(ep, utf8).lock(u.lock_id) != nullptr);
 }
 

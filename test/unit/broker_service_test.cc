@@ -8,6 +8,7 @@
 #include <string>
 
 #include "broker/broker_service.h"
+#include "core/log.h"
 
 using namespace gate;
 namespace json = boost::json;
@@ -15,6 +16,7 @@ namespace json = boost::json;
 namespace {
 
 struct Service {
+  Service() { set_log_level(LogLevel::Error); }  // the service logs every grant
   Micros now = 1'700'000'000'000'000;
   int ids = 0;
   boost::asio::io_context ioc;
