@@ -131,27 +131,27 @@ int broker(int argc, char** argv) {
   if (lock_fd < 0) return cli::fail(me, error);
 
   const std::string db_path = state_dir + "/locks.db";
-  auto store = LockStore::open(db_path, sync == "full" ? LockStore::Sync::Full : LockStore::Sync::Normal,
-                               &error);
-  if (!store) return cli::fail(me, error);
+  auto opened = LockStore::open(db_path, sync == "full" ? LockStore::Sync::Full : LockStore::Sync::Normal);
+  if (!opened.ok()) return cli::fail(me, opened.message());
+  std::unique_ptr<LockStore> store = std::move(opened).value();
 
   LockTableOptions options;
   options.default_lease_ms = std::max<std::int64_t>(1, (*args)["lease-ms"].as<std::int64_t>());
   options.max_hold_ms = (*args)["max-hold-ms"].as<std::int64_t>();
   options.restore_grace_ms = (*args)["restore-grace-ms"].as<std::int64_t>();
   LockTable table(options, random_token);
-  try {
+  {
     auto snap = store->load();
-    const auto held = snap.locks.size(), queued = snap.queue.size();
-    table.restore(std::move(snap.locks), std::move(snap.queue), snap.next_fence,
+    if (!snap.ok()) return cli::fail(me, "cannot read " + db_path + ": " + snap.message());
+    const auto held = snap->locks.size(), queued = snap->queue.size();
+    table.restore(std::move(snap->locks), std::move(snap->queue), snap->next_fence,
                   wall_clock_micros());
-    store->apply(table.take_journal());
+    if (Status s = store->apply(table.take_journal()); !s.ok())
+      return cli::fail(me, "cannot write " + db_path + ": " + s.message());
     table.take_events();
     if (held || queued)
       log(LogLevel::Info, "broker", "restored ", held, " held locks and ", queued,
           " queued requests from ", db_path);
-  } catch (const std::exception& e) {
-    return cli::fail(me, "cannot read " + db_path + ": " + e.what());
   }
 
   raise_fd_limit(/*beyond_hard_limit=*/false);
@@ -165,12 +165,13 @@ int broker(int argc, char** argv) {
   limits.max_connections = (*args)["max-connections"].as<std::size_t>();
   HttpServer server(ioc, service, limits);
 
-  if (!server.listen_tcp(host, (*args)["port"].as<std::uint16_t>(), &error))
-    return cli::fail(me, error);
+  if (Status s = server.listen_tcp(host, (*args)["port"].as<std::uint16_t>()); !s.ok())
+    return cli::fail(me, s.message());
   const std::string socket_path = (*args)["unix-socket"].as<std::string>();
-  if (!socket_path.empty() &&
-      !server.listen_unix(socket_path, socket_mode, (*args)["socket-group"].as<std::string>(), &error))
-    return cli::fail(me, error);
+  if (!socket_path.empty()) {
+    Status s = server.listen_unix(socket_path, socket_mode, (*args)["socket-group"].as<std::string>());
+    if (!s.ok()) return cli::fail(me, s.message());
+  }
   if (!is_loopback(host))
     log(LogLevel::Warn, "broker", "listening on non-loopback address ", host,
         ": anyone who can reach it can take and release locks");

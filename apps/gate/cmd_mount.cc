@@ -230,7 +230,7 @@ int mount(int argc, char** argv) {
   const std::string broker_text = locks.broker.describe(), mount_id = locks.mount_id;
   const std::int64_t lease_ms = locks.lease_ms;
   mount::GateFs fs(std::move(options));
-  if (std::string error = fs.mount(); !error.empty()) return cli::fail(me, error);
+  if (Status s = fs.mount(); !s.ok()) return cli::fail(me, s.message());
 
   if (!foreground) {
     std::cout << "gate mount: " << root << " is at " << mnt << " (log: " << log_path

@@ -256,10 +256,10 @@ int image(int argc, char** argv) {
   const std::string log = vm::image_cache_root() + "/build.log";
   fs::create_directories(vm::image_cache_root(), ec);
   auto progress = [](const std::string& l) { std::cout << "gate: " << l << "\n" << std::flush; };
-  std::string err = vm::base_is_offline(base)
-                        ? vm::build_offline_image(base, (*args)["force"].as<bool>(), log, progress)
-                        : vm::download_cloud_image(base, log, progress);
-  if (!err.empty()) return cli::fail(argv[0], err);
+  Status built = vm::base_is_offline(base)
+                     ? vm::build_offline_image(base, (*args)["force"].as<bool>(), log, progress)
+                     : vm::download_cloud_image(base, log, progress);
+  if (!built.ok()) return cli::fail(argv[0], built.message());
   std::cout << vm::cached_image(base).disk << "\n";
   return 0;
 }

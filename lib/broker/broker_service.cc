@@ -327,11 +327,9 @@ void BrokerService::flush() {
   bool saved = true;
   std::string failure;
   if (store_ && !journal.empty()) {
-    try {
-      store_->apply(journal);
-    } catch (const std::exception& e) {
+    if (Status s = store_->apply(journal); !s.ok()) {
       saved = false;
-      failure = e.what();
+      failure = s.message();
       ++metrics_.store_failures;
       unsaved_ = std::move(journal);  // retried with the next batch
       log(LogLevel::Error, "broker", failure, "; answering 503 until it works again");

@@ -277,13 +277,10 @@ HttpServer::~HttpServer() {
   }
 }
 
-bool HttpServer::listen_tcp(const std::string& host, std::uint16_t port, std::string* error) {
+Status HttpServer::listen_tcp(const std::string& host, std::uint16_t port) {
   error_code ec;
   auto address = asio::ip::make_address(host, ec);
-  if (ec) {
-    *error = "'" + host + "' is not an IP address (use e.g. 127.0.0.1 or ::1)";
-    return false;
-  }
+  if (ec) return Status::failure("'" + host + "' is not an IP address (use e.g. 127.0.0.1 or ::1)");
   asio::ip::tcp::endpoint ep(address, port);
   auto& acc = impl_->tcp.emplace(impl_->ioc);
   if (acc.open(ep.protocol(), ec), ec) goto fail;
@@ -291,32 +288,29 @@ bool HttpServer::listen_tcp(const std::string& host, std::uint16_t port, std::st
   if (acc.bind(ep, ec), ec) goto fail;
   if (acc.listen(asio::socket_base::max_listen_connections, ec), ec) goto fail;
   impl_->accept(acc, impl_);
-  return true;
+  return {};
 fail:
-  *error = "cannot listen on " + host + ":" + std::to_string(port) + ": " + ec.message() +
-           (ec == asio::error::address_in_use
-                ? " (is another broker running? choose another --port)"
-                : "");
   impl_->tcp.reset();
-  return false;
+  return Status::failure("cannot listen on " + host + ":" + std::to_string(port) + ": " +
+                         ec.message() +
+                         (ec == asio::error::address_in_use
+                              ? " (is another broker running? choose another --port)"
+                              : ""));
 }
 
-bool HttpServer::listen_unix(const std::string& path, unsigned mode, const std::string& group,
-                             std::string* error) {
+Status HttpServer::listen_unix(const std::string& path, unsigned mode, const std::string& group) {
   error_code ec;
   {
     // A socket file nobody answers on is left over from a crash: replace it.
     asio::local::stream_protocol::socket probe(impl_->ioc);
     probe.connect(asio::local::stream_protocol::endpoint(path), ec);
     if (!ec) {
-      *error = "another process already listens on " + path;
-      return false;
+      return Status::failure("another process already listens on " + path);
     }
     struct stat st {};
     if (::lstat(path.c_str(), &st) == 0) {
       if (!S_ISSOCK(st.st_mode)) {
-        *error = path + " exists and is not a socket; refusing to replace it";
-        return false;
+        return Status::failure(path + " exists and is not a socket; refusing to replace it");
       }
       ::unlink(path.c_str());
     }
@@ -329,24 +323,21 @@ bool HttpServer::listen_unix(const std::string& path, unsigned mode, const std::
   ::umask(old_umask);
   if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) {
-    *error = "cannot listen on Unix socket " + path + ": " + ec.message();
     impl_->local.reset();
-    return false;
+    return Status::failure("cannot listen on Unix socket " + path + ": " + ec.message());
   }
   impl_->local_path = path;
   if (!group.empty()) {
     struct group* g = ::getgrnam(group.c_str());
     if (!g || ::chown(path.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0) {
-      *error = "cannot give " + path + " to group '" + group + "'";
-      return false;
+      return Status::failure("cannot give " + path + " to group '" + group + "'");
     }
   }
   if (::chmod(path.c_str(), mode) != 0) {
-    *error = "cannot set the mode of " + path;
-    return false;
+    return Status::failure("cannot set the mode of " + path);
   }
   impl_->accept(acc, impl_);
-  return true;
+  return {};
 }
 
 std::uint16_t HttpServer::tcp_port() const {

@@ -17,6 +17,7 @@
 #include <string>
 
 #include "broker/broker_service.h"
+#include "core/status.h"
 
 namespace gate {
 
@@ -33,9 +34,8 @@ class HttpServer {
   ~HttpServer();
 
   // Bind and start accepting. False and a message for people on failure.
-  bool listen_tcp(const std::string& host, std::uint16_t port, std::string* error);
-  bool listen_unix(const std::string& path, unsigned mode, const std::string& group,
-                   std::string* error);
+  Status listen_tcp(const std::string& host, std::uint16_t port);
+  Status listen_unix(const std::string& path, unsigned mode, const std::string& group);
   std::uint16_t tcp_port() const;
 
   // Stop accepting, close idle connections, and call done() once every answer in

@@ -284,16 +284,16 @@ GateFs::~GateFs() {
   }
 }
 
-std::string GateFs::mount() {
+Status GateFs::mount() {
   Impl& d = *impl_;
   int root_fd = ::open(d.opts.root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
   if (root_fd < 0)
-    return "cannot open the source directory " + d.opts.root + ": " + std::strerror(errno);
+    return Status::failure("cannot open the source directory " + d.opts.root + ": " + std::strerror(errno));
   struct stat st;
   if (::fstat(root_fd, &st) < 0) {
     int err = errno;
     ::close(root_fd);
-    return "cannot stat the source directory " + d.opts.root + ": " + std::strerror(err);
+    return Status::failure("cannot stat the source directory " + d.opts.root + ": " + std::strerror(err));
   }
   d.inodes = std::make_unique<InodeTable>(root_fd, st);
   if (d.opts.locking) {
@@ -319,12 +319,12 @@ std::string GateFs::mount() {
 
   d.se = fuse_session_new(&args, &Impl::operations(), sizeof(fuse_lowlevel_ops), &d);
   fuse_opt_free_args(&args);
-  if (!d.se) return "could not start a FUSE session (is the fuse module loaded, /dev/fuse there?)";
-  if (fuse_set_signal_handlers(d.se) != 0) return "could not install signal handlers";
+  if (!d.se) return Status::failure("could not start a FUSE session (is the fuse module loaded, /dev/fuse there?)");
+  if (fuse_set_signal_handlers(d.se) != 0) return Status::failure("could not install signal handlers");
   if (fuse_session_mount(d.se, d.opts.mountpoint.c_str()) != 0)
-    return "could not mount " + d.opts.root + " at " + d.opts.mountpoint;
+    return Status::failure("could not mount " + d.opts.root + " at " + d.opts.mountpoint);
   d.mounted = true;
-  return "";
+  return {};
 }
 
 void GateFs::start() {

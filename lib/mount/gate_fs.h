@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 
+#include "core/status.h"
 #include "mount/lock_agent.h"
 
 struct fuse_session;
@@ -46,8 +47,8 @@ class GateFs {
   GateFs(const GateFs&) = delete;
   GateFs& operator=(const GateFs&) = delete;
 
-  // Opens the source and mounts it. Returns "" or a sentence saying what failed.
-  std::string mount();
+  // Opens the source and mounts it.
+  Status mount();
   // Starts background threads (heartbeats). Call after any fork.
   void start();
   // Serves requests until unmounted or signalled (SIGINT, SIGTERM, SIGHUP), then

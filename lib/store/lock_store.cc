@@ -23,21 +23,18 @@ std::optional<std::int64_t> optional_column(const SQLite::Column& c) {
 LockStore::LockStore(std::unique_ptr<SQLite::Database> db) : db_(std::move(db)) {}
 LockStore::~LockStore() = default;
 
-std::unique_ptr<LockStore> LockStore::open(const std::string& path, Sync sync,
-                                           std::string* error) {
+Result<std::unique_ptr<LockStore>> LockStore::open(const std::string& path, Sync sync) {
   try {
     auto db = std::make_unique<SQLite::Database>(
         path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE | SQLite::OPEN_FULLMUTEX);
     db->setBusyTimeout(5000);
     // Reading the schema first makes a file that is not a database fail here.
     int version = db->execAndGet("PRAGMA user_version").getInt();
-    if (version > kSchemaVersion) {
-      if (error)
-        *error = path + " was written by a newer gate (schema " + std::to_string(version) +
-                 ", this gate knows up to " + std::to_string(kSchemaVersion) +
-                 "); upgrade gate or use another --state-dir";
-      return nullptr;
-    }
+    if (version > kSchemaVersion)
+      return Status::failure(path + " was written by a newer gate (schema " +
+                             std::to_string(version) + ", this gate knows up to " +
+                             std::to_string(kSchemaVersion) +
+                             "); upgrade gate or use another --state-dir");
     db->exec("PRAGMA journal_mode=WAL");
     // Only this broker uses the file (broker.lock guarantees it): keeping SQLite's
     // lock saves the fcntl() calls of every transaction.
@@ -48,10 +45,8 @@ std::unique_ptr<LockStore> LockStore::open(const std::string& path, Sync sync,
     store->prepare();
     return store;
   } catch (const std::exception& e) {
-    if (error)
-      *error = "cannot use the lock database " + path + ": " + e.what() +
-               " (move it aside to start with no locks, or use another --state-dir)";
-    return nullptr;
+    return Status::failure("cannot use the lock database " + path + ": " + e.what() +
+                           " (move it aside to start with no locks, or use another --state-dir)");
   }
 }
 
@@ -122,7 +117,15 @@ void LockStore::prepare() {
       *db_, "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)");
 }
 
-LockStore::Snapshot LockStore::load() {
+Result<LockStore::Snapshot> LockStore::load() {
+  try {
+    return read_snapshot();
+  } catch (const std::exception& e) {
+    return Status::failure(std::string("reading the lock state failed: ") + e.what());
+  }
+}
+
+LockStore::Snapshot LockStore::read_snapshot() {
   Snapshot snap;
   SQLite::Statement locks(*db_,
                           "SELECT lock_id, key, mode, owner, session, acquired_at,"
@@ -169,7 +172,7 @@ LockStore::Snapshot LockStore::load() {
   return snap;
 }
 
-void LockStore::apply(const std::vector<JournalEntry>& journal) {
+Status LockStore::apply(const std::vector<JournalEntry>& journal) {
   try {
     SQLite::Transaction tx(*db_);
     std::uint64_t fence_floor = 0;
@@ -232,11 +235,12 @@ void LockStore::apply(const std::vector<JournalEntry>& journal) {
       put_counter_->reset();
     }
     tx.commit();
+    return {};
   } catch (const SQLite::Exception& e) {
     for (auto* st : {put_lock_.get(), delete_lock_.get(), put_request_.get(),
                      delete_request_.get(), put_counter_.get()})
       st->reset();
-    throw std::runtime_error(std::string("saving lock state failed: ") + e.what());
+    return Status::failure(std::string("saving lock state failed: ") + e.what());
   }
 }
 

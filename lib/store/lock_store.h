@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "core/status.h"
 #include "lock/lock_table.h"
 
 namespace SQLite {
@@ -32,9 +33,8 @@ class LockStore {
   enum class Sync { Normal, Full };
   static constexpr int kSchemaVersion = 2;
 
-  // Opens (creating if needed) the database; nullptr and a message for people on
-  // failure.
-  static std::unique_ptr<LockStore> open(const std::string& path, Sync sync, std::string* error);
+  // Opens (creating if needed and migrating) the database.
+  static Result<std::unique_ptr<LockStore>> open(const std::string& path, Sync sync);
   ~LockStore();
 
   struct Snapshot {
@@ -42,17 +42,19 @@ class LockStore {
     std::vector<QueuedRequest> queue;
     std::uint64_t next_fence = 1;
   };
-  Snapshot load();
+  Result<Snapshot> load();
 
-  // Writes the changes (and the fence floor) in one transaction. Throws
-  // std::runtime_error with a message for people when SQLite fails (disk full...).
-  void apply(const std::vector<JournalEntry>& journal);
+  // Writes the changes (and the fence floor) in one transaction; a failure (disk
+  // full...) leaves the database as it was.
+  Status apply(const std::vector<JournalEntry>& journal);
 
   int schema_version();
 
  private:
   explicit LockStore(std::unique_ptr<SQLite::Database> db);
+  // Both throw SQLite's exceptions; open() and load() turn them into failures.
   void migrate();
+  Snapshot read_snapshot();
   void prepare();
 
   std::unique_ptr<SQLite::Database> db_;

@@ -19,13 +19,13 @@ namespace {
 
 constexpr const char* kImageVersion = "2";  // bump when the image recipe changes
 
-// Runs a logged command; "" or a message for people naming the step.
-std::string logged(const std::vector<std::string>& argv, const std::string& log_path,
+// Runs a logged command; a failure names the step.
+Status logged(const std::vector<std::string>& argv, const std::string& log_path,
                    std::chrono::milliseconds timeout, const std::string& step) {
   RunResult r = run_logged(argv, log_path, timeout);
-  if (r.status == 0) return "";
-  if (r.status == 127) return step + ": " + argv[0] + " is not installed";
-  return step + " failed (exit " + std::to_string(r.status) + "); see " + log_path;
+  if (r.status == 0) return {};
+  if (r.status == 127) return Status::failure(step + ": " + argv[0] + " is not installed");
+  return Status::failure(step + " failed (exit " + std::to_string(r.status) + "); see " + log_path);
 }
 
 bool write_file(const fs::path& path, const std::string& text, mode_t mode = 0644) {
@@ -95,7 +95,7 @@ ProtectHome=yes
 WantedBy=multi-user.target
 )";
 
-std::string customize_tree(const fs::path& root) {
+Status customize_tree(const fs::path& root) {
   bool ok = true;
   ok &= write_file(root / "etc/hostname", "gate-vm\n");
   ok &= write_file(root / "etc/hosts", "127.0.0.1 localhost\n127.0.1.1 gate-vm\n");
@@ -122,7 +122,8 @@ std::string customize_tree(const fs::path& root) {
     fs::remove(root / "etc/systemd/system" / unit, ec);
     fs::create_symlink("/dev/null", root / "etc/systemd/system" / unit, ec);
   }
-  return ok ? "" : "writing the guest's configuration failed";
+  if (!ok) return Status::failure("writing the guest's configuration failed");
+  return {};
 }
 
 }  // namespace
@@ -150,20 +151,21 @@ bool known_base(const std::string& base) {
 
 bool base_is_offline(const std::string& base) { return base == "debian-12"; }
 
-std::string build_offline_image(const std::string& base, bool force, const std::string& log_path,
-                                const Progress& progress) {
-  if (!base_is_offline(base)) return "no offline recipe for " + base + "; use --base debian-12";
+Status build_offline_image(const std::string& base, bool force, const std::string& log_path,
+                           const Progress& progress) {
+  if (!base_is_offline(base))
+    return Status::failure("no offline recipe for " + base + "; use --base debian-12");
   ImageFiles out = cached_image(base);
-  if (out.complete() && !force) return "";
+  if (out.complete() && !force) return {};
   if (::geteuid() != 0)
-    return "building the VM image needs root (mmdebstrap and file ownership): run "
-           "'sudo gate image build' once, or pass --image";
+    return Status::failure("building the VM image needs root (mmdebstrap and file ownership): run "
+           "'sudo gate image build' once, or pass --image");
   const fs::path dir = fs::path(out.disk).parent_path();
   const fs::path work = dir.string() + ".building";
   std::error_code ec;
   fs::remove_all(work, ec);
   fs::create_directories(work, ec);
-  if (ec) return "cannot create " + work.string() + ": " + ec.message();
+  if (ec) return Status::failure("cannot create " + work.string() + ": " + ec.message());
   const fs::path root = work / "root";
 
   // The guest boots the host's Debian kernel and initrd (linux-image-amd64), with the
@@ -178,62 +180,62 @@ std::string build_offline_image(const std::string& base, bool force, const std::
       version = v;
   }
   if (version.empty())
-    return "no Debian kernel to boot the guest with: install linux-image-amd64 (it puts "
-           "vmlinuz, initrd.img and modules in /boot and /lib/modules)";
+    return Status::failure("no Debian kernel to boot the guest with: install linux-image-amd64 (it puts "
+           "vmlinuz, initrd.img and modules in /boot and /lib/modules)");
   kernel = "/boot/vmlinuz-" + version;
   initrd = "/boot/initrd.img-" + version;
 
   progress("building the Debian 12 guest image from Debian's packages (mmdebstrap)");
-  std::string err = logged(
+  Status err = logged(
       {"mmdebstrap", "--variant=apt",
        "--include=systemd-sysv,openssh-server,fuse3,rsync,udev,iproute2,ifupdown,"
        "isc-dhcp-client,kmod,dbus",
        "--customize-hook=chroot \"$1\" useradd --create-home --shell /bin/bash --groups systemd-journal gate",
        "bookworm", root.string()},
       log_path, std::chrono::minutes(15), "mmdebstrap");
-  if (err.empty()) err = customize_tree(root);
-  if (err.empty()) {
+  if (err.ok()) err = customize_tree(root);
+  if (err.ok()) {
     fs::create_directories(root / "lib/modules", ec);
     err = logged({"cp", "-a", "/lib/modules/" + version, (root / "lib/modules").string()}, log_path,
                  std::chrono::minutes(5), "copying the kernel modules");
   }
-  if (err.empty()) {
+  if (err.ok()) {
     fs::copy_file(kernel, work / "vmlinuz", fs::copy_options::overwrite_existing, ec);
     if (!ec) fs::copy_file(initrd, work / "initrd.img", fs::copy_options::overwrite_existing, ec);
-    if (ec) err = "copying the kernel failed: " + ec.message();
+    if (ec) err = Status::failure("copying the kernel failed: " + ec.message());
   }
-  if (err.empty()) {
+  if (err.ok()) {
     progress("writing the guest disk (mkfs.ext4 -d)");
     err = logged({"mkfs.ext4", "-q", "-F", "-L", "gate-root", "-d", root.string(),
                   (work / "disk.raw").string(), "3G"},
                  log_path, std::chrono::minutes(10), "mkfs.ext4");
   }
   fs::remove_all(root, ec);
-  if (!err.empty()) {
+  if (!err.ok()) {
     fs::remove_all(work, ec);
     return err;
   }
   fs::remove_all(dir, ec);
   fs::rename(work, dir, ec);
-  if (ec) return "cannot move the image into " + dir.string() + ": " + ec.message();
+  if (ec) return Status::failure("cannot move the image into " + dir.string() + ": " + ec.message());
   progress("image ready: " + out.disk);
-  return "";
+  return {};
 }
 
-std::string download_cloud_image(const std::string& base, const std::string& log_path,
-                                 const Progress& progress) {
+Status download_cloud_image(const std::string& base, const std::string& log_path,
+                            const Progress& progress) {
   std::string url;
   if (base == "ubuntu-24.04") url = "https://cloud-images.ubuntu.com/releases/24.04/release/";
   else if (base == "ubuntu-22.04") url = "https://cloud-images.ubuntu.com/releases/22.04/release/";
-  else return "unknown base '" + base + "' (known: debian-12, ubuntu-24.04, ubuntu-22.04)";
+  else return Status::failure("unknown base '" + base + "' (known: debian-12, ubuntu-24.04, ubuntu-22.04)");
   progress("checking " + url + "SHA256SUMS");
-  std::string err = logged({"curl", "-fsSL", "--max-time", "20", "-o", "/dev/null", url + "SHA256SUMS"},
+  Status err = logged({"curl", "-fsSL", "--max-time", "20", "-o", "/dev/null", url + "SHA256SUMS"},
                            log_path, std::chrono::seconds(30), "download");
-  if (!err.empty())
-    return "cannot download " + base + " (no internet?). Use the offline image instead: "
-           "--base debian-12 (built here from Debian's packages)";
+  if (!err.ok())
+    return Status::failure("cannot download " + base + " (no internet?). Use the offline image instead: "
+           "--base debian-12 (built here from Debian's packages)");
   // Images need cloud-init provisioning, which this gate does not write yet.
-  return base + " cloud images are not supported by this gate yet; use --base debian-12";
+  return Status::failure(base + " cloud images are not supported by this gate yet; use --base debian-12");
 }
 
 std::vector<std::string> carried_libraries(const std::string& binary) {
@@ -256,8 +258,8 @@ std::vector<std::string> carried_libraries(const std::string& binary) {
   return libs;
 }
 
-std::string make_seed_image(const SeedContents& c, const std::string& work_dir,
-                            const std::string& image_path, const std::string& log_path) {
+Status make_seed_image(const SeedContents& c, const std::string& work_dir,
+                       const std::string& image_path, const std::string& log_path) {
   std::error_code ec;
   const fs::path dir = fs::path(work_dir) / "seed";
   fs::remove_all(dir, ec);
@@ -265,21 +267,21 @@ std::string make_seed_image(const SeedContents& c, const std::string& work_dir,
   fs::create_directories(dir / "opt-gate/lib", ec);
   if (!write_file(dir / "authorized_keys", c.authorized_key + "\n", 0600) ||
       !write_file(dir / "gate-broker.env", "GATE_BROKER_ARGS=" + c.broker_args + "\n"))
-    return "cannot write the seed files in " + dir.string();
+    return Status::failure("cannot write the seed files in " + dir.string());
   fs::copy_file(c.gate_binary, dir / "opt-gate/bin/gate", fs::copy_options::overwrite_existing, ec);
-  if (ec) return "cannot copy " + c.gate_binary + ": " + ec.message();
+  if (ec) return Status::failure("cannot copy " + c.gate_binary + ": " + ec.message());
   // Debug information is not needed in the guest and would triple the seed.
   run_command({"strip", "--strip-debug", (dir / "opt-gate/bin/gate").string()}, std::chrono::seconds(60));
   std::uintmax_t bytes = fs::file_size(dir / "opt-gate/bin/gate", ec);
   for (const auto& lib : carried_libraries(c.gate_binary)) {
     const fs::path to = dir / "opt-gate/lib" / fs::path(lib).filename();
     fs::copy_file(fs::canonical(lib), to, fs::copy_options::overwrite_existing, ec);
-    if (ec) return "cannot copy " + lib + ": " + ec.message();
+    if (ec) return Status::failure("cannot copy " + lib + ": " + ec.message());
     bytes += fs::file_size(to, ec);
   }
   const std::uintmax_t mib = std::max<std::uintmax_t>(32, bytes * 2 / (1024 * 1024) + 16);
-  std::string err = logged({"mkfs.ext4", "-q", "-F", "-L", "GATESEED", "-d", dir.string(), image_path,
-                            std::to_string(mib) + "M"},
+  Status err = logged({"mkfs.ext4", "-q", "-F", "-L", "GATESEED", "-d", dir.string(), image_path,
+                       std::to_string(mib) + "M"},
                            log_path, std::chrono::minutes(2), "making the seed disk");
   fs::remove_all(dir, ec);
   return err;

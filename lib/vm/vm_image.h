@@ -9,6 +9,9 @@
 // Cached under $XDG_CACHE_HOME/gate/images/<name>/ as disk.raw, vmlinuz, initrd.img.
 #include <functional>
 #include <string>
+#include <vector>
+
+#include "core/status.h"
 
 namespace gate::vm {
 
@@ -28,23 +31,23 @@ using Progress = std::function<void(const std::string& line)>;
 
 // Builds (or rebuilds with force) the offline image for `base` into the cache.
 // Needs root (mmdebstrap into a directory, mkfs.ext4 -d). Logs commands and their
-// output to log_path. Returns "" or a message for people.
-std::string build_offline_image(const std::string& base, bool force, const std::string& log_path,
-                                const Progress& progress);
+// output to log_path.
+Status build_offline_image(const std::string& base, bool force, const std::string& log_path,
+                           const Progress& progress);
 
-// Downloads a vendor cloud image, checking the vendor's SHA256SUMS. Returns "" or
-// a message for people (here: no internet, and what to do instead).
-std::string download_cloud_image(const std::string& base, const std::string& log_path,
-                                 const Progress& progress);
+// Downloads a vendor cloud image, checking the vendor's SHA256SUMS (here it fails,
+// saying what to do instead).
+Status download_cloud_image(const std::string& base, const std::string& log_path,
+                            const Progress& progress);
 
-// The seed disk for one VM. Returns "" or an error.
+// The seed disk for one VM.
 struct SeedContents {
   std::string authorized_key;  // the public key line
   std::string gate_binary;     // host path of the gate executable to install
   std::string broker_args;     // extra arguments for the guest's gate broker
 };
-std::string make_seed_image(const SeedContents& c, const std::string& work_dir,
-                            const std::string& image_path, const std::string& log_path);
+Status make_seed_image(const SeedContents& c, const std::string& work_dir,
+                       const std::string& image_path, const std::string& log_path);
 
 // The shared libraries a binary needs beyond the C library itself (from ldd), to
 // carry into a guest that may not have them.

@@ -153,8 +153,8 @@ std::optional<UpRun::Failure> UpRun::prepare() {
   } else if (!known_base(o_.base)) {
     return Failure{"image", "unknown --base '" + o_.base + "' (debian-12, ubuntu-24.04, ubuntu-22.04)", ""};
   } else if (!base_is_offline(o_.base)) {
-    std::string e = download_cloud_image(o_.base, image_log, [&](const std::string& l) { say(l); });
-    return Failure{"image", e, image_log};
+    Status e = download_cloud_image(o_.base, image_log, [&](const std::string& l) { say(l); });
+    return Failure{"image", e.message(), image_log};
   } else {
     image_ = cached_image(o_.base);
     if (image_.complete() && !o_.redownload) {
@@ -162,9 +162,9 @@ std::optional<UpRun::Failure> UpRun::prepare() {
     } else if (o_.skip_build) {
       return Failure{"image", "no cached image and --skip-build given; run 'gate image build'", ""};
     } else {
-      std::string e = build_offline_image(o_.base, o_.redownload, image_log,
-                                          [&](const std::string& l) { say(l); });
-      if (!e.empty()) return Failure{"image", e, image_log};
+      Status e = build_offline_image(o_.base, o_.redownload, image_log,
+                                     [&](const std::string& l) { say(l); });
+      if (!e.ok()) return Failure{"image", e.message(), image_log};
     }
   }
   return std::nullopt;
@@ -193,8 +193,8 @@ std::optional<UpRun::Failure> UpRun::start_vm() {
   if (o_.max_hold_ms) seed.broker_args += "--max-hold-ms " + std::to_string(*o_.max_hold_ms) + " ";
   if (o_.lease_ms) seed.broker_args += "--lease-ms " + std::to_string(*o_.lease_ms);
   const std::string seed_path = vm_dir + "/seed.img";
-  if (auto e = make_seed_image(seed, vm_dir, seed_path, logs_ + "/provision.log"); !e.empty())
-    return Failure{"seed", e, logs_ + "/provision.log"};
+  if (Status e = make_seed_image(seed, vm_dir, seed_path, logs_ + "/provision.log"); !e.ok())
+    return Failure{"seed", e.message(), logs_ + "/provision.log"};
 
   AccelChoice accel = choose_accel(o_.accel, kvm_usable);
   say(accel.reason);

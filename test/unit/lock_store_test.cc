@@ -17,14 +17,20 @@ LockTable make_table() {
 constexpr Micros kNow = 1'800'000'000'000'000;
 }  // namespace
 
+// Opens a store that must open.
+std::unique_ptr<LockStore> open_ok(const std::string& path, LockStore::Sync sync = LockStore::Sync::Normal) {
+  auto r = LockStore::open(path, sync);
+  INFO(r.message());
+  REQUIRE(r.ok());
+  return std::move(r).value();
+}
+
 TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]") {
   test::TempDir dir;
   const std::string path = dir.path() + "/locks.db";
-  std::string error;
   std::vector<Lock> before;
   {
-    auto store = LockStore::open(path, LockStore::Sync::Normal, &error);
-    REQUIRE(store);
+    auto store = open_ok(path);
     LockTable t = make_table();
     AcquireParams p{"src/a.c", LockMode::Write, "A", "m:1", "", std::nullopt, 5000, std::nullopt};
     t.acquire(p, kNow);
@@ -36,12 +42,13 @@ TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]"
     p.mode = LockMode::Read;
     t.acquire(p, kNow);
     t.acquire(p, kNow);  // hold_count 2
-    store->apply(t.take_journal());
+    REQUIRE(store->apply(t.take_journal()).ok());
     before = t.locks();
   }
-  auto store = LockStore::open(path, LockStore::Sync::Normal, &error);
-  REQUIRE(store);
-  auto snap = store->load();
+  auto store = open_ok(path);
+  auto loaded = store->load();
+  REQUIRE(loaded.ok());
+  auto& snap = *loaded;
   REQUIRE(snap.locks.size() == 2);
   REQUIRE(snap.queue.size() == 1);
   CHECK(snap.queue[0].owner == "B");
@@ -64,22 +71,18 @@ TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]"
 
 TEST_CASE("released locks are gone from the store", "[store]") {
   test::TempDir dir;
-  std::string error;
-  auto store = LockStore::open(dir.path() + "/locks.db", LockStore::Sync::Full, &error);
-  REQUIRE(store);
+  auto store = open_ok(dir.path() + "/locks.db", LockStore::Sync::Full);
   LockTable t = make_table();
   auto r = t.acquire({"k", LockMode::Write, "A", "", "", std::nullopt, std::nullopt, std::nullopt}, kNow);
-  store->apply(t.take_journal());
+  REQUIRE(store->apply(t.take_journal()).ok());
   t.release(r.lock.lock_id, "A", kNow);
-  store->apply(t.take_journal());
-  CHECK(store->load().locks.empty());
+  REQUIRE(store->apply(t.take_journal()).ok());
+  CHECK(store->load()->locks.empty());
 }
 
 TEST_CASE("a new database gets the current schema version", "[store]") {
   test::TempDir dir;
-  std::string error;
-  auto store = LockStore::open(dir.path() + "/locks.db", LockStore::Sync::Normal, &error);
-  REQUIRE(store);
+  auto store = open_ok(dir.path() + "/locks.db");
   CHECK(store->schema_version() == LockStore::kSchemaVersion);
 }
 
@@ -90,9 +93,9 @@ TEST_CASE("a database from a newer gate is refused, not overwritten", "[store]")
     SQLite::Database db(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
     db.exec("CREATE TABLE future (x); PRAGMA user_version = 99;");
   }
-  std::string error;
-  CHECK_FALSE(LockStore::open(path, LockStore::Sync::Normal, &error));
-  CHECK(error.find("newer gate") != std::string::npos);
+  auto refused = LockStore::open(path, LockStore::Sync::Normal);
+  CHECK_FALSE(refused.ok());
+  CHECK(refused.message().find("newer gate") != std::string::npos);
   SQLite::Database db(path, SQLite::OPEN_READONLY);
   CHECK(db.tableExists("future"));
 }
@@ -101,9 +104,9 @@ TEST_CASE("a file that is not a database is refused with a clear message", "[sto
   test::TempDir dir;
   const std::string path = dir.path() + "/locks.db";
   { std::ofstream(path) << std::string(4096, 'x'); }
-  std::string error;
-  CHECK_FALSE(LockStore::open(path, LockStore::Sync::Normal, &error));
-  CHECK(error.find(path) != std::string::npos);
+  auto refused = LockStore::open(path, LockStore::Sync::Normal);
+  CHECK_FALSE(refused.ok());
+  CHECK(refused.message().find(path) != std::string::npos);
   CHECK(test::read_file(path) == std::string(4096, 'x'));
 }
 
@@ -111,9 +114,9 @@ TEST_CASE("a database with foreign tables and no version is refused", "[store]")
   test::TempDir dir;
   const std::string path = dir.path() + "/locks.db";
   { SQLite::Database db(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE); db.exec("CREATE TABLE t (x)"); }
-  std::string error;
-  CHECK_FALSE(LockStore::open(path, LockStore::Sync::Normal, &error));
-  CHECK(error.find("not a gate lock database") != std::string::npos);
+  auto refused = LockStore::open(path, LockStore::Sync::Normal);
+  CHECK_FALSE(refused.ok());
+  CHECK(refused.message().find("not a gate lock database") != std::string::npos);
 }
 
 TEST_CASE("a version 1 database is migrated forward with its locks", "[store]") {
@@ -138,11 +141,11 @@ TEST_CASE("a version 1 database is migrated forward with its locks", "[store]") 
         "INSERT INTO counters VALUES ('next_fence', 1066);"
         "PRAGMA user_version = 1;");
   }
-  std::string error;
-  auto store = LockStore::open(path, LockStore::Sync::Normal, &error);
-  REQUIRE(store);
+  auto store = open_ok(path);
   CHECK(store->schema_version() == 2);
-  auto snap = store->load();
+  auto loaded = store->load();
+  REQUIRE(loaded.ok());
+  auto& snap = *loaded;
   REQUIRE(snap.locks.size() == 1);
   CHECK(snap.locks[0].lock_id == "old-lock");
   CHECK(snap.locks[0].hold_count == 3);
