@@ -207,10 +207,9 @@ int up(int argc, char** argv) {
                              s.log_dir() + "/mount.log:\n" + tail_file(s.log_dir() + "/mount.log", 5));
   }
   s.mount_pid = mount.pid;
-  std::string error;
-  if (!save_stack(s, &error)) {
+  if (Status saved = save_stack(s); !saved.ok()) {
     stop_stack(s);
-    return cli::fail(me, error);
+    return cli::fail(me, saved.message());
   }
   print_summary(s, "gate: '" + s.name + "' is up");
   return 0;

@@ -38,7 +38,7 @@ std::string stack_name_for(const std::string& repo_path) {
   return base;
 }
 
-bool save_stack(const StackState& s, std::string* error) {
+Status save_stack(const StackState& s) {
   std::error_code ec;
   fs::create_directories(s.state_dir(), ec);
   const std::string path = s.state_dir() + "/up.env";
@@ -51,16 +51,14 @@ bool save_stack(const StackState& s, std::string* error) {
         << "\nstarted_at=" << s.started_at << "\n";
     for (const auto& [k, v] : s.extra) out << k << "=" << v << "\n";
     if (!out) {
-      *error = "cannot write " + tmp;
-      return false;
+      return Status::failure("cannot write " + tmp);
     }
   }
   fs::rename(tmp, path, ec);
   if (ec) {
-    *error = "cannot write " + path + ": " + ec.message();
-    return false;
+    return Status::failure("cannot write " + path + ": " + ec.message());
   }
-  return true;
+  return {};
 }
 
 std::optional<StackState> load_stack(const std::string& name) {

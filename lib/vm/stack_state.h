@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "core/status.h"
+
 namespace gate {
 
 struct StackState {
@@ -37,7 +39,7 @@ std::string stack_log_dir(const std::string& name);
 // replaced by '-'.
 std::string stack_name_for(const std::string& repo_path);
 
-bool save_stack(const StackState& s, std::string* error);
+Status save_stack(const StackState& s);
 std::optional<StackState> load_stack(const std::string& name);
 std::vector<std::string> list_stacks();
 void remove_stack_state(const std::string& name);

@@ -50,47 +50,38 @@ bool tcp_port_free(std::uint16_t port) {
 }
 
 AccelChoice choose_accel(const std::string& requested,
-                         const std::function<bool(std::string* why)>& kvm_works) {
+                         const std::function<Status()>& kvm_works) {
   AccelChoice c;
   if (requested == "tcg") {
     c.reason = "using software emulation (TCG), as asked";
     return c;
   }
-  std::string why;
-  const bool works = kvm_works(&why);
-  if (works) {
+  const Status works = kvm_works();
+  if (works.ok()) {
     c.accel = Accel::Kvm;
     c.reason = "using KVM";
     return c;
   }
   c.reason = (requested == "kvm" ? "KVM was asked for but does not work here (" : "KVM does not work here (") +
-             why + "); using software emulation (TCG), which is slower";
+             works.message() + "); using software emulation (TCG), which is slower";
   return c;
 }
 
-bool kvm_usable(std::string* why) {
-  if (::access("/dev/kvm", R_OK | W_OK) != 0) {
-    *why = "/dev/kvm is missing or not accessible";
-    return false;
-  }
+Status kvm_usable() {
+  if (::access("/dev/kvm", R_OK | W_OK) != 0)
+    return Status::failure("/dev/kvm is missing or not accessible");
   // A vCPU that cannot be set up makes qemu exit at once; one that can keeps it
   // running (paused with -S) until we stop it.
   Daemon probe = start_daemon(kvm_probe_command(), "/dev/null", std::chrono::milliseconds(0));
-  if (probe.pid < 0) {
-    *why = "qemu could not be started";
-    return false;
-  }
+  if (probe.pid < 0) return Status::failure("qemu could not be started");
   const bool exited = wait_for_exit(probe.pid, std::chrono::seconds(3));
-  if (exited) {
-    *why = "qemu -accel kvm -cpu host exits at start";
-    return false;
-  }
+  if (exited) return Status::failure("qemu -accel kvm -cpu host exits at start");
   ::kill(probe.pid, SIGKILL);
   wait_for_exit(probe.pid, std::chrono::seconds(5));
-  return true;
+  return {};
 }
 
-std::string ensure_gate_ssh_key(std::string* error) {
+Result<std::string> ensure_gate_ssh_key() {
   const std::string dir = user_state_root() + "/ssh";
   const std::string key = dir + "/id_ed25519";
   if (fs::exists(key) && fs::exists(key + ".pub")) return key;
@@ -99,27 +90,23 @@ std::string ensure_gate_ssh_key(std::string* error) {
   ::chmod(dir.c_str(), 0700);
   RunResult r = run_command({"ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gate", "-f", key},
                             std::chrono::seconds(30));
-  if (r.status != 0) {
-    *error = "ssh-keygen failed: " + r.output;
-    return "";
-  }
+  if (r.status != 0) return Status::failure("ssh-keygen failed: " + r.output);
   return key;
 }
 
-bool qmp_powerdown(const std::string& qmp_socket, std::string* error) {
+Status qmp_powerdown(const std::string& qmp_socket) {
   int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (qmp_socket.size() >= sizeof addr.sun_path) {
-    *error = "QMP socket path too long";
     ::close(fd);
-    return false;
+    return Status::failure("QMP socket path too long");
   }
   std::strcpy(addr.sun_path, qmp_socket.c_str());
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    *error = "cannot reach qemu's QMP socket " + qmp_socket + ": " + std::strerror(errno);
+    const int err = errno;
     ::close(fd);
-    return false;
+    return Status::failure("cannot reach qemu's QMP socket " + qmp_socket + ": " + std::strerror(err));
   }
   const std::string cmds =
       "{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"system_powerdown\"}\n";
@@ -135,8 +122,8 @@ bool qmp_powerdown(const std::string& qmp_socket, std::string* error) {
     got.append(buf, static_cast<std::size_t>(n));
   }
   ::close(fd);
-  if (!ok) *error = "writing to qemu's QMP socket failed";
-  return ok;
+  if (!ok) return Status::failure("writing to qemu's QMP socket failed");
+  return {};
 }
 
 }  // namespace gate::vm

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/mounts.h"
+#include "core/status.h"
 #include "vm/vm_commands.h"
 
 namespace gate::vm {
@@ -22,15 +23,15 @@ struct AccelChoice {
   std::string reason;  // one line for the user
 };
 AccelChoice choose_accel(const std::string& requested,  // auto | kvm | tcg
-                         const std::function<bool(std::string* why)>& kvm_works);
+                         const std::function<Status()>& kvm_works);
 // The real probe: starts qemu with -accel kvm -cpu host, paused, for a moment.
-bool kvm_usable(std::string* why);
+Status kvm_usable();
 
 // gate's own key pair in <state root>/ssh/id_ed25519[.pub], made once.
-// Returns the private key path, or "" and *error.
-std::string ensure_gate_ssh_key(std::string* error);
+// Returns the private key path.
+Result<std::string> ensure_gate_ssh_key();
 
 // Asks the guest to shut down (ACPI power button) through qemu's QMP socket.
-bool qmp_powerdown(const std::string& qmp_socket, std::string* error);
+Status qmp_powerdown(const std::string& qmp_socket);
 
 }  // namespace gate::vm

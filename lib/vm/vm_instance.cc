@@ -83,8 +83,7 @@ int UpRun::fail(const Failure& f) {
   if (o_.keep_vm_on_error) {
     err_ << "gate up: leaving what was started running (--keep-vm-on-error); 'gate down --vm-name "
          << o_.name << "' stops it\n";
-    std::string e;
-    save_stack(s_, &e);
+    if (Status saved = save_stack(s_); !saved.ok()) err_ << "gate up: " << saved.message() << "\n";
   } else {
     undo();
   }
@@ -134,9 +133,9 @@ std::optional<UpRun::Failure> UpRun::prepare() {
       return Failure{"ssh key", "--ssh-key wants a .pub file with its private key beside it (" +
                                     (key_.empty() ? pub_ + " without .pub" : key_) + " is missing)", ""};
   } else {
-    std::string e;
-    key_ = ensure_gate_ssh_key(&e);
-    if (key_.empty()) return Failure{"ssh key", e, ""};
+    auto key = ensure_gate_ssh_key();
+    if (!key.ok()) return Failure{"ssh key", key.message(), ""};
+    key_ = *key;
     pub_ = key_ + ".pub";
   }
   s_.extra["ssh_key"] = key_;
@@ -230,8 +229,8 @@ std::optional<UpRun::Failure> UpRun::start_vm() {
   s_.extra["accel"] = accel.accel == Accel::Kvm ? "kvm" : "tcg";
   s_.extra["qmp_socket"] = qemu_.qmp_socket;
   ssh_ = ssh_target_of(s_);
-  std::string e;
-  save_stack(s_, &e);
+  // Written now so that gate down and gate clean find the VM if a later step fails.
+  if (Status saved = save_stack(s_); !saved.ok()) return Failure{"state", saved.message(), ""};
   return std::nullopt;
 }
 
@@ -423,8 +422,7 @@ int UpRun::run() {
   if (auto f = wait_for_ssh()) return fail(*f);
   if (auto f = wait_for_broker_in_guest()) return fail(*f);
   if (auto f = o_.method == "sshfs" ? sshfs() : host_direct()) return fail(*f);
-  std::string e;
-  if (!save_stack(s_, &e)) return fail({"state", e, ""});
+  if (Status saved = save_stack(s_); !saved.ok()) return fail({"state", saved.message(), ""});
   summary();
   return 0;
 }
@@ -478,9 +476,8 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
   // 4. The guest: ACPI power button, then the hard way.
   if (running) {
     const pid_t pid = s.get_int("qemu_pid");
-    std::string e;
     out << "gate: shutting the VM down\n" << std::flush;
-    if (!qmp_powerdown(s.get("qmp_socket"), &e) ||
+    if (!qmp_powerdown(s.get("qmp_socket")).ok() ||
         !wait_for_exit(pid, std::chrono::seconds(o.shutdown_timeout_s))) {
       out << "gate: the VM did not power off in " << o.shutdown_timeout_s << " s; stopping qemu\n";
       stop_process(pid, "gate-" + s.name, 5s);

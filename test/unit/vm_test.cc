@@ -88,11 +88,8 @@ TEST_CASE("shell_join quotes what a shell would split", "[vm]") {
 }
 
 TEST_CASE("KVM is used only when it really works", "[vm]") {
-  auto works = [](std::string*) { return true; };
-  auto broken = [](std::string* why) {
-    *why = "qemu exits at start";
-    return false;
-  };
+  auto works = [] { return Status(); };
+  auto broken = [] { return Status::failure("qemu exits at start"); };
   CHECK(choose_accel("auto", works).accel == Accel::Kvm);
   auto fallback = choose_accel("auto", broken);
   CHECK(fallback.accel == Accel::Tcg);
@@ -102,9 +99,8 @@ TEST_CASE("KVM is used only when it really works", "[vm]") {
 }
 
 TEST_CASE("the KVM probe on this machine gives an answer with a reason", "[vm]") {
-  std::string why;
-  const bool ok = kvm_usable(&why);
-  if (!ok) CHECK_FALSE(why.empty());
+  const Status usable = kvm_usable();
+  if (!usable.ok()) CHECK_FALSE(usable.message().empty());
 }
 
 TEST_CASE("a free port is free, and a port in use is not", "[vm]") {
@@ -135,8 +131,7 @@ TEST_CASE("the setup state survives a save and a load", "[vm]") {
   s.started_at = "2026-11-26T16:07:45.123456+00:00";
   s.extra["ssh_port"] = "2222";
   s.extra["method"] = "sshfs";
-  std::string error;
-  REQUIRE(save_stack(s, &error));
+  REQUIRE(save_stack(s).ok());
   auto back = load_stack("vm1");
   ::unsetenv("XDG_STATE_HOME");
   REQUIRE(back);
