@@ -138,16 +138,14 @@ std::uint64_t BrokerService::handle(const std::string& method, const std::string
 }
 
 void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t* ticket) {
-  std::string error;
   unsigned char scratch[4096];
   json::monotonic_resource mr(scratch, sizeof scratch);
-  auto obj = parse_body_object(body, &error, &mr);
-  std::optional<AcquireParams> p;
-  if (obj) p = parse_acquire(*obj, &error);
-  if (!p) {
+  auto obj = parse_body_object(body, &mr);
+  Result<AcquireParams> p = obj.ok() ? parse_acquire(*obj) : Result<AcquireParams>(obj.status());
+  if (!p.ok()) {
     ++metrics_.bad_requests;
-    log(LogLevel::Info, "broker", "bad acquire request: ", error);
-    answer(std::move(reply), error_answer(400, error));
+    log(LogLevel::Info, "broker", "bad acquire request: ", p.message());
+    answer(std::move(reply), error_answer(400, p.message()));
     return;
   }
   const Micros now = clock_();
@@ -185,14 +183,16 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
 }
 
 void BrokerService::release(const std::string& body, Reply& reply) {
-  std::string error, lock_id, owner;
+  std::string lock_id, owner;
   unsigned char scratch[2048];
   json::monotonic_resource mr(scratch, sizeof scratch);
-  auto obj = parse_body_object(body, &error, &mr);
-  if (!obj || !get_string(*obj, "lock_id", true, &lock_id, &error) ||
-      !get_string(*obj, "owner", true, &owner, &error)) {
+  auto obj = parse_body_object(body, &mr);
+  Status valid = obj.status();
+  if (valid.ok()) valid = get_string(*obj, "lock_id", true, &lock_id);
+  if (valid.ok()) valid = get_string(*obj, "owner", true, &owner);
+  if (!valid.ok()) {
     ++metrics_.bad_requests;
-    answer(std::move(reply), error_answer(400, error));
+    answer(std::move(reply), error_answer(400, valid.message()));
     return;
   }
   switch (OpStatus status = table_.release(lock_id, owner, clock_())) {
@@ -208,14 +208,16 @@ void BrokerService::release(const std::string& body, Reply& reply) {
 }
 
 void BrokerService::heartbeat(const std::string& body, Reply& reply) {
-  std::string error, lock_id, owner;
+  std::string lock_id, owner;
   std::optional<std::int64_t> lease_ms;
-  auto obj = parse_body_object(body, &error);
-  if (!obj || !get_string(*obj, "lock_id", true, &lock_id, &error) ||
-      !get_string(*obj, "owner", true, &owner, &error) ||
-      !get_millis(*obj, "lease_ms", &lease_ms, &error)) {
+  auto obj = parse_body_object(body);
+  Status valid = obj.status();
+  if (valid.ok()) valid = get_string(*obj, "lock_id", true, &lock_id);
+  if (valid.ok()) valid = get_string(*obj, "owner", true, &owner);
+  if (valid.ok()) valid = get_millis(*obj, "lease_ms", &lease_ms);
+  if (!valid.ok()) {
     ++metrics_.bad_requests;
-    answer(std::move(reply), error_answer(400, error));
+    answer(std::move(reply), error_answer(400, valid.message()));
     return;
   }
   Lock lock;

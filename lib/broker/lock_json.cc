@@ -35,87 +35,71 @@ json::object queued_to_json(const QueuedRequest& r) {
   return o;
 }
 
-std::optional<json::object> parse_body_object(const std::string& body, std::string* error,
-                                              json::storage_ptr storage) {
+Result<json::object> parse_body_object(const std::string& body, json::storage_ptr storage) {
   json::error_code ec;
   json::value v = json::parse(body, ec, std::move(storage));
   if (ec) {
-    *error = "body is not valid JSON: " + ec.message();
-    return std::nullopt;
+    return Status::failure("body is not valid JSON: " + ec.message());
   }
   if (!v.is_object()) {
-    *error = "body must be a JSON object";
-    return std::nullopt;
+    return Status::failure("body must be a JSON object");
   }
   return std::move(v.as_object());
 }
 
-bool get_string(const json::object& o, const char* field, bool required, std::string* out,
-                std::string* error) {
+Status get_string(const json::object& o, const char* field, bool required, std::string* out) {
   auto it = o.find(field);
   if (it == o.end() || it->value().is_null()) {
-    if (!required) return true;
-    *error = std::string("missing field '") + field + "'";
-    return false;
+    if (!required) return {};
+    return Status::failure(std::string("missing field '") + field + "'");
   }
   if (!it->value().is_string()) {
-    *error = std::string("field '") + field + "' must be a string";
-    return false;
+    return Status::failure(std::string("field '") + field + "' must be a string");
   }
   *out = std::string(it->value().as_string());
-  return true;
+  return {};
 }
 
-bool get_millis(const json::object& o, const char* field, std::optional<std::int64_t>* out,
-                std::string* error) {
+Status get_millis(const json::object& o, const char* field, std::optional<std::int64_t>* out) {
   auto it = o.find(field);
-  if (it == o.end() || it->value().is_null()) return true;
+  if (it == o.end() || it->value().is_null()) return {};
   const json::value& v = it->value();
   double d;
   if (v.is_int64()) d = static_cast<double>(v.as_int64());
   else if (v.is_uint64()) d = static_cast<double>(v.as_uint64());
   else if (v.is_double()) d = v.as_double();
   else {
-    *error = std::string("field '") + field + "' must be a number of milliseconds or null";
-    return false;
+    return Status::failure(std::string("field '") + field + "' must be a number of milliseconds or null");
   }
   // At most about 100 years, so that microsecond arithmetic cannot overflow.
   if (!std::isfinite(d) || d < 0 || d > 3.2e12) {
-    *error = std::string("field '") + field + "' must be between 0 and 3.2e12";
-    return false;
+    return Status::failure(std::string("field '") + field + "' must be between 0 and 3.2e12");
   }
   *out = static_cast<std::int64_t>(d);
-  return true;
+  return {};
 }
 
-std::optional<AcquireParams> parse_acquire(const json::object& o, std::string* error) {
+Result<AcquireParams> parse_acquire(const json::object& o) {
   AcquireParams p;
   std::string mode;
-  if (!get_string(o, "path", true, &p.key, error) ||
-      !get_string(o, "mode", true, &mode, error) ||
-      !get_string(o, "owner", true, &p.owner, error) ||
-      !get_string(o, "session", false, &p.session, error) ||
-      !get_string(o, "request_id", false, &p.request_id, error) ||
-      !get_millis(o, "timeout_ms", &p.timeout_ms, error) ||
-      !get_millis(o, "lease_ms", &p.lease_ms, error) ||
-      !get_millis(o, "max_hold_ms", &p.max_hold_ms, error))
-    return std::nullopt;
+  for (Status s : {get_string(o, "path", true, &p.key), get_string(o, "mode", true, &mode),
+                   get_string(o, "owner", true, &p.owner), get_string(o, "session", false, &p.session),
+                   get_string(o, "request_id", false, &p.request_id),
+                   get_millis(o, "timeout_ms", &p.timeout_ms), get_millis(o, "lease_ms", &p.lease_ms),
+                   get_millis(o, "max_hold_ms", &p.max_hold_ms)})
+    if (!s.ok()) return s;
   if (p.key.empty()) {
-    *error = "field 'path' must not be empty";
-    return std::nullopt;
+    return Status::failure("field 'path' must not be empty");
   }
   if (p.key.size() > defaults::kMaxKeyBytes) {
-    *error = "field 'path' is longer than " + std::to_string(defaults::kMaxKeyBytes) + " bytes";
-    return std::nullopt;
+    return Status::failure("field 'path' is longer than " + std::to_string(defaults::kMaxKeyBytes) + " bytes");
   }
   if (p.owner.empty()) {
-    *error = "field 'owner' must not be empty";
-    return std::nullopt;
+    return Status::failure("field 'owner' must not be empty");
   }
   auto m = parse_lock_mode(mode);
   if (!m) {
-    *error = "field 'mode' must be \"read\" or \"write\", not \"" + mode.substr(0, 32) + "\"";
-    return std::nullopt;
+    return Status::failure("field 'mode' must be \"read\" or \"write\", not \"" + mode.substr(0, 32) + "\"");
   }
   p.mode = *m;
   if (p.lease_ms && *p.lease_ms == 0) p.lease_ms.reset();

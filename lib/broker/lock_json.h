@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include "core/status.h"
 #include "lock/lock_table.h"
 
 namespace gate {
@@ -13,19 +14,17 @@ namespace gate {
 boost::json::object lock_to_json(const Lock& l, boost::json::storage_ptr storage = {});
 boost::json::object queued_to_json(const QueuedRequest& r);
 
-// Reads a request body as a JSON object; on failure sets *error for a 400 answer.
+// Reads a request body as a JSON object; a failure is the text of a 400 answer.
 // `storage` lets a caller parse into a buffer on its stack (no heap allocation).
-std::optional<boost::json::object> parse_body_object(const std::string& body, std::string* error,
-                                                     boost::json::storage_ptr storage = {});
+Result<boost::json::object> parse_body_object(const std::string& body,
+                                              boost::json::storage_ptr storage = {});
 
-// Typed field access. Each returns false and sets *error when the field is present
-// with the wrong type (or missing when required).
-bool get_string(const boost::json::object& o, const char* field, bool required,
-                std::string* out, std::string* error);
-bool get_millis(const boost::json::object& o, const char* field, std::optional<std::int64_t>* out,
-                std::string* error);
+// Typed field access into *out. Each fails when the field is present with the
+// wrong type (or missing when required); an absent optional field leaves *out.
+Status get_string(const boost::json::object& o, const char* field, bool required, std::string* out);
+Status get_millis(const boost::json::object& o, const char* field, std::optional<std::int64_t>* out);
 
-// POST /v1/locks/acquire body -> params. `error` names what is wrong.
-std::optional<AcquireParams> parse_acquire(const boost::json::object& o, std::string* error);
+// POST /v1/locks/acquire body -> params; a failure names what is wrong.
+Result<AcquireParams> parse_acquire(const boost::json::object& o);
 
 }  // namespace gate

@@ -8,10 +8,9 @@ namespace json = boost::json;
 
 namespace {
 std::string acquire_error(const std::string& body) {
-  std::string error;
-  auto o = parse_body_object(body, &error);
-  if (o) parse_acquire(*o, &error);
-  return error;
+  auto o = parse_body_object(body);
+  if (!o.ok()) return o.message();
+  return parse_acquire(*o).message();
 }
 }  // namespace
 
@@ -48,13 +47,11 @@ TEST_CASE("ISO-8601 times round-trip", "[json]") {
 }
 
 TEST_CASE("a valid acquire body is read with its optional fields", "[json]") {
-  std::string error;
   auto o = parse_body_object(
-      R"({"path":"a","mode":"read","owner":"o","timeout_ms":null,"lease_ms":500,"session":"m:1","request_id":"r"})",
-      &error);
-  REQUIRE(o);
-  auto p = parse_acquire(*o, &error);
-  REQUIRE(p);
+      R"({"path":"a","mode":"read","owner":"o","timeout_ms":null,"lease_ms":500,"session":"m:1","request_id":"r"})");
+  REQUIRE(o.ok());
+  auto p = parse_acquire(*o);
+  REQUIRE(p.ok());
   CHECK(p->mode == LockMode::Read);
   CHECK_FALSE(p->timeout_ms);
   CHECK(p->lease_ms == 500);
