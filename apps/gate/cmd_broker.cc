@@ -7,7 +7,9 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <iostream>
 
 #include "broker/broker_service.h"
@@ -30,18 +32,15 @@ bool is_loopback(const std::string& host) {
 }
 
 // One broker per state directory: a second one would fork the lock state.
-int lock_state_dir(const std::string& dir, std::string* error) {
+// Returns the descriptor holding the lock (kept open for the broker's life).
+Result<int> lock_state_dir(const std::string& dir) {
   const std::string path = dir + "/broker.lock";
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    *error = "cannot open " + path;
-    return -1;
-  }
+  if (fd < 0) return Status::failure("cannot open " + path + ": " + std::strerror(errno));
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     ::close(fd);
-    *error = "another broker is using the state directory " + dir +
-             " (stop it, or choose another --state-dir)";
-    return -1;
+    return Status::failure("another broker is using the state directory " + dir +
+                           " (stop it, or choose another --state-dir)");
   }
   return fd;
 }
@@ -117,18 +116,14 @@ int broker(int argc, char** argv) {
     return cli::fail(me, "--socket-mode must be octal, e.g. 0600"), 2;
   }
 
-  std::string note;
-  const std::string configured = (*args)["state-dir"].as<std::string>();
-  const std::string state_dir =
-      resolve_state_dir(configured, !(*args)["state-dir"].defaulted(), &note);
-  if (state_dir.empty())
-    return cli::fail(me, "state directory " + configured +
-                             " is not writable; choose one with --state-dir or GATE_STATE_DIR");
-  if (!note.empty()) log(LogLevel::Warn, "broker", note);
+  auto resolved = resolve_state_dir((*args)["state-dir"].as<std::string>(),
+                                    !(*args)["state-dir"].defaulted());
+  if (!resolved.ok()) return cli::fail(me, resolved.message());
+  const std::string state_dir = resolved->path;
+  if (!resolved->note.empty()) log(LogLevel::Warn, "broker", resolved->note);
 
-  std::string error;
-  int lock_fd = lock_state_dir(state_dir, &error);
-  if (lock_fd < 0) return cli::fail(me, error);
+  auto lock_fd = lock_state_dir(state_dir);
+  if (!lock_fd.ok()) return cli::fail(me, lock_fd.message());
 
   const std::string db_path = state_dir + "/locks.db";
   auto opened = LockStore::open(db_path, sync == "full" ? LockStore::Sync::Full : LockStore::Sync::Normal);
@@ -197,7 +192,7 @@ int broker(int argc, char** argv) {
   service.flush();
   log(LogLevel::Info, "broker", "stopped with ", table.lock_count(), " locks held and ",
       table.queue_length(), " requests queued (saved in ", db_path, ")");
-  ::close(lock_fd);
+  ::close(*lock_fd);
   return 0;
 }
 

@@ -32,16 +32,16 @@ std::string user_state_root() {
   return "/tmp/gate-" + std::to_string(::getuid());
 }
 
-std::string resolve_state_dir(const std::string& configured, bool explicitly_set,
-                              std::string* note) {
-  if (writable_dir(configured)) return configured;
-  if (explicitly_set) return "";
-  std::string fallback = user_state_root() + "/broker";
-  if (!writable_dir(fallback)) return "";
-  if (note)
-    *note = configured + " is not writable by this user; using " + fallback +
-            " (set --state-dir or GATE_STATE_DIR to choose)";
-  return fallback;
+Result<StateDir> resolve_state_dir(const std::string& configured, bool explicitly_set) {
+  if (writable_dir(configured)) return StateDir{configured, ""};
+  const std::string why = "state directory " + configured + " is not writable";
+  if (explicitly_set) return Status::failure(why + "; choose one with --state-dir or GATE_STATE_DIR");
+  const std::string fallback = user_state_root() + "/broker";
+  if (!writable_dir(fallback))
+    return Status::failure(why + ", nor is " + fallback +
+                           "; choose one with --state-dir or GATE_STATE_DIR");
+  return StateDir{fallback, configured + " is not writable by this user; using " + fallback +
+                                " (set --state-dir or GATE_STATE_DIR to choose)"};
 }
 
 }  // namespace gate

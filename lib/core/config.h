@@ -9,6 +9,8 @@
 #include <optional>
 #include <string>
 
+#include "core/status.h"
+
 namespace gate {
 
 namespace defaults {
@@ -36,9 +38,12 @@ struct BrokerEndpoint {
 
 // The state directory to use: the configured one if it is (or can be made)
 // writable; otherwise, when it was not chosen explicitly, $XDG_STATE_HOME/gate/broker
-// (or ~/.local/state/gate/broker). Returns the empty string when none works.
-std::string resolve_state_dir(const std::string& configured, bool explicitly_set,
-                              std::string* note);
+// (or ~/.local/state/gate/broker), with a note saying so.
+struct StateDir {
+  std::string path;
+  std::string note;  // empty unless it fell back
+};
+Result<StateDir> resolve_state_dir(const std::string& configured, bool explicitly_set);
 
 // Directory for per-user state: $XDG_STATE_HOME/gate or ~/.local/state/gate.
 std::string user_state_root();

@@ -100,7 +100,7 @@ struct QueuedEntry {
   std::uint64_t req_id = 0;
   std::string path, mode, owner;
 };
-struct Status {
+struct BrokerState {
   std::vector<HeldLock> locks;
   std::vector<QueuedEntry> queue;
 
@@ -120,14 +120,14 @@ struct Status {
 };
 
 // GET /v1/locks/status through a fresh connection (so it works from any thread state).
-std::optional<Status> try_status(const BrokerEndpoint& ep, const std::string& path = "") {
+std::optional<BrokerState> try_status(const BrokerEndpoint& ep, const std::string& path = "") {
   BrokerClient c(ep, 5s);
   HttpReply r = c.status(path);
   if (r.status != 200) return std::nullopt;
   json::error_code ec;
   json::value v = json::parse(r.body, ec);
   if (ec || !v.is_object()) return std::nullopt;
-  Status s;
+  BrokerState s;
   const auto& o = v.as_object();
   if (auto it = o.find("locks"); it != o.end() && it->value().is_array())
     for (const auto& l : it->value().as_array()) {
@@ -145,7 +145,7 @@ std::optional<Status> try_status(const BrokerEndpoint& ep, const std::string& pa
   return s;
 }
 
-Status get_status(const BrokerEndpoint& ep, const std::string& path = "") {
+BrokerState get_status(const BrokerEndpoint& ep, const std::string& path = "") {
   auto s = try_status(ep, path);
   if (!s) FAIL("GET /v1/locks/status failed at " << ep.describe());
   return *s;
@@ -697,7 +697,7 @@ TEST_CASE("heartbeats keep a lock past several leases", "[broker][lease]") {
   }
   CHECK(b.result(1s).status == CallStatus::Timeout);
   CHECK(beats >= 10);
-  Status s = get_status(ep, "k");
+  BrokerState s = get_status(ep, "k");
   REQUIRE(s.lock(la.lock_id) != nullptr);
   CHECK(s.lock(la.lock_id)->fence == la.fence);
   CHECK(a.release(la.lock_id, A).status == CallStatus::Ok);
@@ -726,7 +726,7 @@ TEST_CASE("a restarted broker serves the same lock ids and fences keep increasin
   broker.start();
   REQUIRE(broker.endpoint().port == ep.port);
 
-  Status s = get_status(ep);
+  BrokerState s = get_status(ep);
   REQUIRE(s.locks.size() == 3);
   REQUIRE(s.lock(w.lock_id));
   CHECK(s.lock(w.lock_id)->owner == W);
@@ -773,7 +773,7 @@ TEST_CASE("a queued request re-attached by request_id after a restart keeps its 
   require_queued(ep, key, B);
   ResendingAcquire c(ep, rc, &order, "C");
   require_queued(ep, key, C);
-  const Status before = get_status(ep, key);
+  const BrokerState before = get_status(ep, key);
   REQUIRE(before.queue_owners() == std::vector<std::string>{B, C});
 
   broker.kill9();
@@ -784,7 +784,7 @@ TEST_CASE("a queued request re-attached by request_id after a restart keeps its 
   broker.start();
 
   // Both places were kept over the restart.
-  Status restored = get_status(ep, key);
+  BrokerState restored = get_status(ep, key);
   REQUIRE(restored.lock(la.lock_id));
   REQUIRE(restored.queue.size() == 2);
   CHECK(restored.queue[0].req_id == before.queue[0].req_id);
@@ -826,7 +826,7 @@ TEST_CASE("an unclaimed restored request leaves the queue after the grace period
   require_queued(ep, key, B);
   ResendingAcquire c(ep, rc, nullptr, "C");
   require_queued(ep, key, C);
-  const Status before = get_status(ep, key);
+  const BrokerState before = get_status(ep, key);
   REQUIRE(before.queue.size() == 2);
 
   broker.kill9();
@@ -866,7 +866,7 @@ TEST_CASE("a restored request granted before its client returns is handed over o
   broker.start();
   // A lets go while B's client is still away: the lock goes to B's kept place.
   REQUIRE(a.release(la.lock_id, A).status == CallStatus::Ok);
-  Status s = get_status(ep, key);
+  BrokerState s = get_status(ep, key);
   REQUIRE(s.locks.size() == 1);
   CHECK(s.locks[0].owner == B);
   CHECK(s.queue.empty());
@@ -919,7 +919,7 @@ TEST_CASE("SIGTERM answers a waiting acquire 503, exits 0 and keeps the held loc
   CHECK(!str_field(parse_object(r.body), "error").empty());
 
   broker.start();
-  Status s = get_status(ep, "k");
+  BrokerState s = get_status(ep, "k");
   REQUIRE(s.lock(la.lock_id));
   CHECK(s.lock(la.lock_id)->owner == A);
   CHECK(a.release(la.lock_id, A).status == CallStatus::Ok);
@@ -1168,7 +1168,7 @@ TEST_CASE("bad requests get their status and an error while others keep acquirin
   CHECK(bg.failures() == 0);
   CHECK(bg.rounds() > 0);
   // No input dropped another client's lock.
-  Status s = get_status(ep);
+  BrokerState s = get_status(ep);
   REQUIRE(s.lock(held.lock_id));
   CHECK(holder.release(held.lock_id, H).status == CallStatus::Ok);
   CHECK(broker.pid() > 0);
@@ -1411,7 +1411,7 @@ TEST_CASE("the broker serves on a Unix socket of mode 0600", "[broker][http]") {
   // The same lock table answers on TCP.
   BrokerClient t(broker.endpoint());
   CHECK(t.acquire(acq("via/unix", "read", uid("P"), 0)).status == CallStatus::Timeout);
-  Status s = get_status(uep);
+  BrokerState s = get_status(uep);
   CHECK(s.lock(l.lock_id) != nullptr);
   // And a raw HTTP/1.1 request over the socket works too.
   Fd fd = connect_unix(uep.unix_socket);
@@ -1598,7 +1598,7 @@ TEST_CASE("kill -9 during a burst of acquires and releases loses no held lock an
   REQUIRE(held.size() >= 30);
 
   broker.start();
-  Status s = get_status(ep);
+  BrokerState s = get_status(ep);
 
   // No key has two writers, or a writer and anyone else.
   std::map<std::string, std::vector<HeldLock>> by_key;

@@ -60,11 +60,14 @@ TEST_CASE("a bad environment value is a usage error", "[config]") {
 
 TEST_CASE("an unwritable state dir falls back to the user's state dir unless chosen", "[config]") {
   EnvVar xdg("XDG_STATE_HOME", "/tmp/gate-config-test-xdg");
-  std::string note;
   // A path below a regular file can never be created.
   const std::string bad = "/proc/version/gate";
-  CHECK(resolve_state_dir(bad, true, &note).empty());
-  CHECK(resolve_state_dir(bad, false, &note) == "/tmp/gate-config-test-xdg/gate/broker");
-  CHECK(note.find(bad) != std::string::npos);
+  auto chosen = resolve_state_dir(bad, true);
+  CHECK_FALSE(chosen.ok());
+  CHECK(chosen.message().find("--state-dir") != std::string::npos);
+  auto fallback = resolve_state_dir(bad, false);
+  REQUIRE(fallback.ok());
+  CHECK(fallback->path == "/tmp/gate-config-test-xdg/gate/broker");
+  CHECK(fallback->note.find(bad) != std::string::npos);
   std::filesystem::remove_all("/tmp/gate-config-test-xdg");
 }
