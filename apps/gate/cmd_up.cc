@@ -15,6 +15,7 @@
 #include "core/iso_time.h"
 #include "core/mounts.h"
 #include "core/process.h"
+#include "vm/local_stack.h"
 #include "vm/stack_state.h"
 #include "vm/vm_instance.h"
 
@@ -30,25 +31,18 @@ std::string self_exe() {
   return ec ? "gate" : p.string();
 }
 
-bool stop_pid(pid_t pid, const std::string& marker, const char* what) {
-  if (stop_process(pid, marker, std::chrono::seconds(10))) return true;
-  std::cerr << "gate down: the " << what << " (pid " << pid << ") did not stop\n";
-  return false;
-}
-
-// Stops what a stack started, whatever state it is in; true when nothing is left.
-bool stop_stack(const StackState& s) {
-  bool ok = stop_pid(s.mount_pid, s.broker_socket, "mount");
-  ok = unmount_fuse(s.mount) && ok;
-  return stop_pid(s.broker_pid, s.broker_socket, "broker") && ok;
-}
-
-void print_summary(const StackState& s, const std::string& headline) {
-  std::cout << headline << "\n"
-            << "  work in:  " << s.mount << "   (a locked view of " << s.repo << ")\n"
-            << "  locks:    gate locks --broker-socket " << s.broker_socket << "\n"
-            << "  logs:     " << s.log_dir() << "/\n"
-            << "  stop:     gate down --vm-name " << s.name << "\n";
+// The lock flags gate up passes on to the broker and the mount it starts.
+gate::vm::LockSettings lock_settings(const po::variables_map& args) {
+  gate::vm::LockSettings l;
+  auto get = [&args](const char* flag) -> std::optional<std::int64_t> {
+    if (!args.count(flag)) return std::nullopt;
+    return args[flag].as<std::int64_t>();
+  };
+  l.lease_ms = get("lease-ms");
+  l.max_hold_ms = get("max-hold-ms");
+  l.meta_wait_ms = get("meta-wait-ms");
+  l.acquire_timeout_ms = get("acquire-timeout-ms");
+  return l;
 }
 
 }  // namespace
@@ -67,9 +61,7 @@ int up_vm(const po::variables_map& args, const std::string& exe) {
   o.memory_mib = args["memory"].as<int>();
   o.cpus = args["cpus"].as<int>();
   o.disk_size = args["disk-size"].as<std::string>();
-  if (args.count("max-hold-ms")) o.max_hold_ms = args["max-hold-ms"].as<std::int64_t>();
-  if (args.count("lease-ms")) o.lease_ms = args["lease-ms"].as<std::int64_t>();
-  if (args.count("meta-wait-ms")) o.meta_wait_ms = args["meta-wait-ms"].as<std::int64_t>();
+  o.locks = lock_settings(args);
   o.accel = args["accel"].as<std::string>();
   if (o.accel != "auto" && o.accel != "kvm" && o.accel != "tcg") {
     std::cerr << "gate up: --accel must be auto, kvm or tcg\n";
@@ -140,79 +132,13 @@ int up(int argc, char** argv) {
     return 2;
   }
   if (!(*args)["local"].as<bool>()) return up_vm(*args, self_exe());
-  std::error_code ec;
-  const fs::path repo = fs::canonical((*args)["repo-path"].as<std::string>(), ec);
-  if (ec || !fs::is_directory(repo))
-    return cli::fail(me, "'" + (*args)["repo-path"].as<std::string>() + "' is not a directory");
-
-  StackState s;
-  s.name = args->count("vm-name") ? (*args)["vm-name"].as<std::string>() : stack_name_for(repo.string());
-  if (auto old = load_stack(s.name)) {
-    if (process_runs(old->broker_pid, old->broker_socket) && process_runs(old->mount_pid, old->broker_socket)) {
-      if (old->repo != repo.string())
-        return cli::fail(me, "'" + s.name + "' is already up for " + old->repo +
-                                 "; choose another --vm-name");
-      print_summary(*old, "gate: '" + s.name + "' is already up");
-      return 0;
-    }
-    std::cerr << me << ": '" << s.name << "' was left half up; cleaning it first\n";
-    stop_stack(*old);
-    remove_stack_state(s.name);
-  }
-
-  s.repo = repo.string();
-  s.mount = args->count("host-mount") ? fs::absolute((*args)["host-mount"].as<std::string>()).string()
-                                    : user_state_root() + "/mounts/" + s.name;
-  s.broker_state_dir = s.state_dir() + "/broker";
-  s.broker_socket = s.state_dir() + "/broker.sock";
-  s.started_at = format_iso8601(wall_clock_micros());
-  for (const auto& dir : {s.broker_state_dir, s.log_dir(), s.mount}) {
-    fs::create_directories(dir, ec);
-    if (ec) return cli::fail(me, "cannot create " + dir + ": " + ec.message());
-  }
-
-  const std::string exe = self_exe();
-  std::vector<std::string> broker_argv = {exe, "broker", "--state-dir", s.broker_state_dir,
-                                          "--port", "0", "--unix-socket", s.broker_socket,
-                                          "--ready-fd", "{READY_FD}"};
-  std::vector<std::string> mount_argv = {exe, "mount", "--foreground", "--root", s.repo,
-                                         "--mount", s.mount, "--broker-socket", s.broker_socket,
-                                         "--ready-fd", "{READY_FD}"};
-  for (const char* opt : {"lease-ms", "max-hold-ms"}) {
-    if (!args->count(opt)) continue;
-    const std::string v = std::to_string((*args)[opt].as<std::int64_t>());
-    broker_argv.insert(broker_argv.end(), {std::string("--") + opt, v});
-    mount_argv.insert(mount_argv.end(), {std::string("--") + opt, v});
-  }
-  if (args->count("meta-wait-ms"))
-    mount_argv.insert(mount_argv.end(),
-                      {"--meta-wait-ms", std::to_string((*args)["meta-wait-ms"].as<std::int64_t>())});
-  if (args->count("acquire-timeout-ms"))
-    mount_argv.insert(mount_argv.end(), {"--acquire-timeout-ms",
-                                         std::to_string((*args)["acquire-timeout-ms"].as<std::int64_t>())});
-
-  std::cout << "gate: starting the broker (log " << s.log_dir() << "/broker.log)\n" << std::flush;
-  Daemon broker = start_daemon(broker_argv, s.log_dir() + "/broker.log", std::chrono::seconds(20));
-  if (broker.pid < 0)
-    return cli::fail(me, "the broker did not start: " + broker.error + "; last lines of " +
-                             s.log_dir() + "/broker.log:\n" + tail_file(s.log_dir() + "/broker.log", 5));
-  s.broker_pid = broker.pid;
-
-  std::cout << "gate: mounting " << s.repo << " at " << s.mount << " (log " << s.log_dir()
-            << "/mount.log)\n" << std::flush;
-  Daemon mount = start_daemon(mount_argv, s.log_dir() + "/mount.log", std::chrono::seconds(20));
-  if (mount.pid < 0) {
-    stop_pid(s.broker_pid, s.broker_socket, "broker");
-    return cli::fail(me, "the mount did not start: " + mount.error + "; last lines of " +
-                             s.log_dir() + "/mount.log:\n" + tail_file(s.log_dir() + "/mount.log", 5));
-  }
-  s.mount_pid = mount.pid;
-  if (Status saved = save_stack(s); !saved.ok()) {
-    stop_stack(s);
-    return cli::fail(me, saved.message());
-  }
-  print_summary(s, "gate: '" + s.name + "' is up");
-  return 0;
+  gate::vm::LocalOptions o;
+  o.repo_path = (*args)["repo-path"].as<std::string>();
+  if (args->count("vm-name")) o.name = (*args)["vm-name"].as<std::string>();
+  if (args->count("host-mount")) o.host_mount = (*args)["host-mount"].as<std::string>();
+  o.locks = lock_settings(*args);
+  o.gate_binary = self_exe();
+  return gate::vm::local_up(o, std::cout, std::cerr);
 }
 
 int down(int argc, char** argv) {
@@ -263,7 +189,7 @@ int down(int argc, char** argv) {
     clean = gate::vm::vm_down(*s, o, std::cout, std::cerr);
     if (!clean && load_stack(name)) return 1;  // refused: the VM keeps the edits
   } else {
-    clean = stop_stack(*s);
+    clean = gate::vm::local_down(*s, std::cerr);
     remove_stack_state(name);
   }
   if (!clean)

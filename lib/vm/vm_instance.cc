@@ -25,7 +25,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
-constexpr std::uint16_t kGuestBrokerPort = 8787;
+// The guest's broker unit (vm_image.cc) listens on the default port.
+constexpr std::uint16_t kGuestBrokerPort = defaults::kBrokerPort;
 constexpr const char* kGuestRepo = "/home/gate/repo";
 constexpr const char* kGuestView = "/home/gate/view";
 
@@ -189,8 +190,7 @@ std::optional<UpRun::Failure> UpRun::start_vm() {
   SeedContents seed;
   seed.authorized_key = key_line;
   seed.gate_binary = o_.gate_binary;
-  if (o_.max_hold_ms) seed.broker_args += "--max-hold-ms " + std::to_string(*o_.max_hold_ms) + " ";
-  if (o_.lease_ms) seed.broker_args += "--lease-ms " + std::to_string(*o_.lease_ms);
+  seed.broker_args = shell_join(broker_lock_flags(o_.locks));
   const std::string seed_path = vm_dir + "/seed.img";
   if (Status e = make_seed_image(seed, vm_dir, seed_path, logs_ + "/provision.log"); !e.ok())
     return Failure{"seed", e.message(), logs_ + "/provision.log"};
@@ -270,7 +270,7 @@ std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
 std::optional<UpRun::Failure> UpRun::wait_for_broker_in_guest() {
   const std::string log = logs_ + "/broker.log";
   RunResult r = run_step(
-      ssh_command(ssh_, "for i in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/8787) 2>/dev/null && exit 0; "
+      ssh_command(ssh_, "for i in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/" + std::to_string(kGuestBrokerPort) + ") 2>/dev/null && exit 0; "
                         "sleep 0.5; done; journalctl -b -u gate-provision -u gate-broker --no-pager "
                         "| tail -30; exit 1"),
       log, 60s);
@@ -304,13 +304,12 @@ std::optional<UpRun::Failure> UpRun::host_direct() {
 
   fs::create_directories(s_.mount, ec);
   const std::string mount_log = logs_ + "/mount.log";
-  std::vector<std::string> argv = {o_.gate_binary, "mount", "--foreground", "--root", s_.repo,
-                                   "--mount", s_.mount, "--broker-socket", s_.broker_socket,
-                                   "--ready-fd", "{READY_FD}"};
-  if (o_.lease_ms) argv.insert(argv.end(), {"--lease-ms", std::to_string(*o_.lease_ms)});
-  if (o_.max_hold_ms) argv.insert(argv.end(), {"--max-hold-ms", std::to_string(*o_.max_hold_ms)});
-  if (o_.meta_wait_ms) argv.insert(argv.end(), {"--meta-wait-ms", std::to_string(*o_.meta_wait_ms)});
-  Daemon mount = start_daemon(argv, mount_log, 30s);
+  MountCommand m;
+  m.gate = o_.gate_binary;
+  m.root = s_.repo;
+  m.mountpoint = s_.mount;
+  m.broker_socket = s_.broker_socket;
+  Daemon mount = start_daemon(mount_command(m, o_.locks), mount_log, 30s);
   if (mount.pid < 0) return Failure{"mount", mount.error, mount_log};
   mount_pid_ = mount.pid;
   s_.mount_pid = mount_pid_;
@@ -325,12 +324,15 @@ std::optional<UpRun::Failure> UpRun::sshfs() {
   run_step(ssh_command(ssh_, std::string("mkdir -p ") + kGuestRepo + " " + kGuestView), rsync_log, 30s);
   RunResult r = run_step(rsync_command(ssh_, s_.repo, kGuestRepo, true), rsync_log, 30min);
   if (r.status != 0) return Failure{"rsync", "copying the repository into the guest failed", rsync_log};
-  std::string guest_mount = std::string("LD_LIBRARY_PATH=/opt/gate/lib /opt/gate/bin/gate mount --root ") +
-                            kGuestRepo + " --mount " + kGuestView +
-                            " --broker-port 8787 --log-file /home/gate/gate-mount.log";
-  if (o_.lease_ms) guest_mount += " --lease-ms " + std::to_string(*o_.lease_ms);
-  if (o_.max_hold_ms) guest_mount += " --max-hold-ms " + std::to_string(*o_.max_hold_ms);
-  if (o_.meta_wait_ms) guest_mount += " --meta-wait-ms " + std::to_string(*o_.meta_wait_ms);
+  MountCommand guest;
+  guest.gate = "/opt/gate/bin/gate";
+  guest.root = kGuestRepo;
+  guest.mountpoint = kGuestView;
+  guest.broker_port = kGuestBrokerPort;
+  guest.foreground = false;
+  guest.log_file = "/home/gate/gate-mount.log";
+  const std::string guest_mount =
+      "LD_LIBRARY_PATH=/opt/gate/lib " + shell_join(mount_command(guest, o_.locks));
   r = run_step(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " + guest_mount),
                  mount_log, 60s);
   if (r.status != 0) return Failure{"mount", "gate mount inside the guest failed", mount_log};

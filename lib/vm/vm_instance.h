@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "vm/stack_commands.h"
 #include "vm/stack_state.h"
 #include "vm/vm_commands.h"
 
@@ -30,9 +31,7 @@ struct VmOptions {
   int memory_mib = 1024;
   int cpus = 2;
   std::string disk_size = "20G";
-  std::optional<std::int64_t> max_hold_ms;
-  std::optional<std::int64_t> lease_ms;
-  std::optional<std::int64_t> meta_wait_ms;  // the mount's --meta-wait-ms
+  LockSettings locks;  // passed to the guest's broker and to the mounts
   std::string accel = "auto";
   bool redownload = false;
   bool skip_build = false;

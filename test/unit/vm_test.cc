@@ -7,6 +7,8 @@
 
 #include "core/mounts.h"
 #include "support/test_support.h"
+#include "core/process.h"
+#include "vm/stack_commands.h"
 #include "vm/stack_state.h"
 #include "vm/vm_commands.h"
 #include "vm/vm_host.h"
@@ -156,4 +158,33 @@ TEST_CASE("the gate binary carries its libraries but not the C library", "[vm]")
   }
   CHECK_FALSE(libc);
   CHECK(json);
+}
+
+TEST_CASE("setups build the broker and mount command lines from typed settings", "[vm]") {
+  LockSettings locks;
+  locks.lease_ms = 1500;
+  locks.meta_wait_ms = 250;
+  auto broker = broker_command("/usr/bin/gate", "/s/broker", "/s/broker.sock", locks);
+  CHECK(shell_join(broker) ==
+        "/usr/bin/gate broker --state-dir /s/broker --port 0 --unix-socket /s/broker.sock "
+        "--ready-fd '{READY_FD}' --lease-ms 1500");  // the broker has no meta wait
+  MountCommand host;
+  host.gate = "/usr/bin/gate";
+  host.root = "/repo";
+  host.mountpoint = "/view";
+  host.broker_socket = "/s/broker.sock";
+  CHECK(shell_join(mount_command(host, locks)) ==
+        "/usr/bin/gate mount --root /repo --mount /view --foreground --ready-fd '{READY_FD}' "
+        "--broker-socket /s/broker.sock --lease-ms 1500 --meta-wait-ms 250");
+  MountCommand guest;
+  guest.gate = "/opt/gate/bin/gate";
+  guest.root = "/home/gate/repo";
+  guest.mountpoint = "/home/gate/view";
+  guest.broker_port = 8787;
+  guest.foreground = false;
+  guest.log_file = "/home/gate/gate-mount.log";
+  CHECK(shell_join(mount_command(guest, {})) ==
+        "/opt/gate/bin/gate mount --root /home/gate/repo --mount /home/gate/view --broker-port 8787 "
+        "--log-file /home/gate/gate-mount.log");
+  CHECK(broker_lock_flags({}).empty());
 }
