@@ -1,7 +1,9 @@
 #pragma once
 // BrokerClient: a blocking client of the broker's HTTP API v1 over one persistent
 // keep-alive connection (TCP or Unix socket), reconnecting by itself when the
-// connection drops. One client serves one thread at a time; abort() may be called
+// connection drops. Its only retry: a call that finds its kept-alive connection
+// closed (before any answer) is sent once more on a fresh one. Everything else is
+// the caller's policy (the mount's is in mount/reconnect.h). One client serves one thread at a time; abort() may be called
 // from any thread and makes the call in progress return Unavailable at once (the
 // broker then drops a queued acquire, since its connection closed).
 //

@@ -13,6 +13,7 @@
 
 #include "core/iso_time.h"
 #include "core/log.h"
+#include "mount/reconnect.h"
 
 namespace gate::mount {
 
@@ -356,8 +357,7 @@ void LockAgent::waiter_main(Waiter& self) {
 
 void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client) {
   const std::optional<Clock::time_point> deadline = deadline_of(*job);
-  Clock::time_point unreachable_since{};
-  bool unreachable = false;
+  Reconnect reconnect(options_.reconnect_window, deadline);
   int err = 0;
   std::size_t i = job->held.size();
   while (i < job->needs.size()) {
@@ -388,30 +388,25 @@ void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& clie
       break;
     }
     if (r.status == CallStatus::Unavailable) {
-      // The broker went away while we queued (a restart keeps queued requests for a
-      // grace period, and the same request_id re-attaches): retry for a while.
-      auto now = Clock::now();
-      if (!unreachable) {
-        unreachable = true;
-        unreachable_since = now;
-        log(LogLevel::Warn, "mount", "broker at ", client.endpoint().describe(),
-            " dropped the wait for ", job->needs[i].key, " (", r.error, "); reconnecting");
-      } else if (now - unreachable_since > options_.reconnect_window ||
-                 (deadline && now >= *deadline)) {
+      // The broker went away while we queued: ask again for a while (reconnect.h).
+      const auto now = Clock::now();
+      const auto again = reconnect.lost(now);
+      if (!again) {
         log(LogLevel::Error, "mount", "broker at ", client.endpoint().describe(),
             " is unreachable (", r.error, "); the wait for ", job->needs[i].key,
             " fails with EIO");
         err = EIO;
         break;
       }
-      auto pause = Clock::now() + milliseconds(200);
-      if (deadline && *deadline < pause) pause = *deadline;
+      if (reconnect.outage_began(now))
+        log(LogLevel::Warn, "mount", "broker at ", client.endpoint().describe(),
+            " dropped the wait for ", job->needs[i].key, " (", r.error, "); reconnecting");
       std::unique_lock lock(job->m_);
-      job->cv_.wait_until(lock, pause,
+      job->cv_.wait_until(lock, *again,
                           [&] { return job->interrupted_.load() || stopping_.load(); });
       continue;
     }
-    unreachable = false;
+    reconnect.reached();
     if (r.status == CallStatus::Ok) {
       ++i;
       continue;
