@@ -50,19 +50,18 @@ class UpRun {
   int run();
 
  private:
-  struct Failure {
-    std::string step, message, log;
-  };
-
   void say(const std::string& line) { out_ << "gate: " << line << "\n" << std::flush; }
-  int fail(const Failure& f);
+  // A step's failure: remembers the step and its log for fail(), which reports them.
+  Status failed(std::string step, std::string message, std::string log);
+  int fail(const Status& s);
   void undo();
-  std::optional<Failure> prepare();
-  std::optional<Failure> start_vm();
-  std::optional<Failure> wait_for_ssh();
-  std::optional<Failure> wait_for_broker_in_guest();
-  std::optional<Failure> host_direct();
-  std::optional<Failure> sshfs();
+  // The steps of gate up, in order; each fails through failed().
+  Status prepare();
+  Status start_vm();
+  Status wait_for_ssh();
+  Status wait_for_broker_in_guest();
+  Status host_direct();
+  Status sshfs();
   void summary();
   void dry_run();
 
@@ -76,11 +75,20 @@ class UpRun {
   SshTarget ssh_;
   pid_t qemu_pid_ = -1, tunnel_pid_ = -1, mount_pid_ = -1;
   std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
+  std::string failed_step_, failed_log_;
 };
 
-int UpRun::fail(const Failure& f) {
-  err_ << "gate up: step '" << f.step << "' failed: " << f.message << "\n";
-  if (!f.log.empty()) err_ << "last lines of " << f.log << ":\n" << tail_file(f.log, 12);
+Status UpRun::failed(std::string step, std::string message, std::string log) {
+  // Never a failure without words, whatever a lower layer reported.
+  if (message.empty()) message = "it failed without saying why";
+  failed_step_ = std::move(step);
+  failed_log_ = std::move(log);
+  return Status::failure(std::move(message));
+}
+
+int UpRun::fail(const Status& s) {
+  err_ << "gate up: step '" << failed_step_ << "' failed: " << s.message() << "\n";
+  if (!failed_log_.empty()) err_ << "last lines of " << failed_log_ << ":\n" << tail_file(failed_log_, 12);
   if (o_.keep_vm_on_error) {
     err_ << "gate up: leaving what was started running (--keep-vm-on-error); 'gate down --vm-name "
          << o_.name << "' stops it\n";
@@ -99,17 +107,17 @@ void UpRun::undo() {
   remove_stack_state(o_.name);
 }
 
-std::optional<UpRun::Failure> UpRun::prepare() {
+Status UpRun::prepare() {
   std::error_code ec;
   const fs::path repo = fs::canonical(o_.repo_path, ec);
   if (ec || !fs::is_directory(repo))
-    return Failure{"check", "'" + o_.repo_path + "' is not a directory", ""};
+    return failed("check", "'" + o_.repo_path + "' is not a directory", "");
   std::vector<std::string> tools = {"qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen", "mkfs.ext4"};
   if (o_.method == "sshfs") tools.insert(tools.end(), {"sshfs", "rsync"});
   for (const auto& t : tools)
     if (!have_tool(t))
-      return Failure{"check", t + " is not installed (apt-get install qemu-system-x86 qemu-utils "
-                              "openssh-client e2fsprogs sshfs rsync)", ""};
+      return failed("check", t + " is not installed (apt-get install qemu-system-x86 qemu-utils "
+                              "openssh-client e2fsprogs sshfs rsync)", "");
 
   s_.name = o_.name;
   s_.mode = "vm";
@@ -124,18 +132,18 @@ std::optional<UpRun::Failure> UpRun::prepare() {
   logs_ = s_.log_dir();
   for (const auto& d : {s_.state_dir(), logs_, s_.get("vm_dir")}) {
     fs::create_directories(d, ec);
-    if (ec) return Failure{"prepare", "cannot create " + d + ": " + ec.message(), ""};
+    if (ec) return failed("prepare", "cannot create " + d + ": " + ec.message(), "");
   }
 
   if (!o_.ssh_key.empty()) {
     pub_ = o_.ssh_key;
     key_ = pub_.size() > 4 && pub_.substr(pub_.size() - 4) == ".pub" ? pub_.substr(0, pub_.size() - 4) : "";
     if (key_.empty() || !fs::exists(key_) || !fs::exists(pub_))
-      return Failure{"ssh key", "--ssh-key wants a .pub file with its private key beside it (" +
-                                    (key_.empty() ? pub_ + " without .pub" : key_) + " is missing)", ""};
+      return failed("ssh key", "--ssh-key wants a .pub file with its private key beside it (" +
+                                    (key_.empty() ? pub_ + " without .pub" : key_) + " is missing)", "");
   } else {
     auto key = ensure_gate_ssh_key();
-    if (!key.ok()) return Failure{"ssh key", key.message(), ""};
+    if (!key.ok()) return failed("ssh key", key.message(), "");
     key_ = *key;
     pub_ = key_ + ".pub";
   }
@@ -148,29 +156,29 @@ std::optional<UpRun::Failure> UpRun::prepare() {
     const fs::path dir = fs::absolute(o_.image).parent_path();
     image_ = {fs::absolute(o_.image).string(), (dir / "vmlinuz").string(), (dir / "initrd.img").string()};
     if (!image_.complete())
-      return Failure{"image", "--image needs a disk built by 'gate image build', with vmlinuz and "
-                              "initrd.img beside it", ""};
+      return failed("image", "--image needs a disk built by 'gate image build', with vmlinuz and "
+                              "initrd.img beside it", "");
   } else if (!known_base(o_.base)) {
-    return Failure{"image", "unknown --base '" + o_.base + "' (debian-12, ubuntu-24.04, ubuntu-22.04)", ""};
+    return failed("image", "unknown --base '" + o_.base + "' (debian-12, ubuntu-24.04, ubuntu-22.04)", "");
   } else if (!base_is_offline(o_.base)) {
     Status e = download_cloud_image(o_.base, image_log, [&](const std::string& l) { say(l); });
-    return Failure{"image", e.message(), image_log};
+    return failed("image", e.message(), image_log);
   } else {
     image_ = cached_image(o_.base);
     if (image_.complete() && !o_.redownload) {
       say("using the cached image " + image_.disk);
     } else if (o_.skip_build) {
-      return Failure{"image", "no cached image and --skip-build given; run 'gate image build'", ""};
+      return failed("image", "no cached image and --skip-build given; run 'gate image build'", "");
     } else {
       Status e = build_offline_image(o_.base, o_.redownload, image_log,
                                      [&](const std::string& l) { say(l); });
-      if (!e.ok()) return Failure{"image", e.message(), image_log};
+      if (!e.ok()) return failed("image", e.message(), image_log);
     }
   }
-  return std::nullopt;
+  return {};
 }
 
-std::optional<UpRun::Failure> UpRun::start_vm() {
+Status UpRun::start_vm() {
   const std::string vm_dir = s_.get("vm_dir");
   const std::string disk = vm_dir + "/disk.qcow2";
   const std::string vm_log = logs_ + "/vm.log";
@@ -180,7 +188,7 @@ std::optional<UpRun::Failure> UpRun::start_vm() {
     RunResult r = run_step({"qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image_.disk,
                               disk, o_.disk_size},
                              vm_log, 60s);
-    if (r.status != 0) return Failure{"disk", "qemu-img create failed", vm_log};
+    if (r.status != 0) return failed("disk", "qemu-img create failed", vm_log);
   } else {
     say("reusing the VM disk " + disk);
   }
@@ -193,7 +201,7 @@ std::optional<UpRun::Failure> UpRun::start_vm() {
   seed.broker_args = shell_join(broker_lock_flags(o_.locks));
   const std::string seed_path = vm_dir + "/seed.img";
   if (Status e = make_seed_image(seed, vm_dir, seed_path, logs_ + "/provision.log"); !e.ok())
-    return Failure{"seed", e.message(), logs_ + "/provision.log"};
+    return failed("seed", e.message(), logs_ + "/provision.log");
 
   AccelChoice accel = choose_accel(o_.accel, kvm_usable);
   say(accel.reason);
@@ -223,18 +231,18 @@ std::optional<UpRun::Failure> UpRun::start_vm() {
   RunResult r = run_step(qemu_command(qemu_), vm_log, 60s);
   std::ifstream pidf(qemu_.pid_file);
   pidf >> qemu_pid_;
-  if (r.status != 0 || qemu_pid_ <= 0) return Failure{"vm", "qemu did not start", vm_log};
+  if (r.status != 0 || qemu_pid_ <= 0) return failed("vm", "qemu did not start", vm_log);
   s_.extra["qemu_pid"] = std::to_string(qemu_pid_);
   s_.extra["ssh_port"] = std::to_string(port);
   s_.extra["accel"] = accel.accel == Accel::Kvm ? "kvm" : "tcg";
   s_.extra["qmp_socket"] = qemu_.qmp_socket;
   ssh_ = ssh_target_of(s_);
   // Written now so that gate down and gate clean find the VM if a later step fails.
-  if (Status saved = save_stack(s_); !saved.ok()) return Failure{"state", saved.message(), ""};
-  return std::nullopt;
+  if (Status saved = save_stack(s_); !saved.ok()) return failed("state", saved.message(), "");
+  return {};
 }
 
-std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
+Status UpRun::wait_for_ssh() {
   const std::string ssh_log = logs_ + "/ssh.log";
   const auto start = std::chrono::steady_clock::now();
   const bool tty = ::isatty(STDOUT_FILENO);
@@ -243,10 +251,10 @@ std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
     const int waited = static_cast<int>(
         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - start).count());
     if (!process_runs(qemu_pid_, "gate-" + o_.name))
-      return Failure{"ssh", "the VM stopped while booting", logs_ + "/serial.log"};
+      return failed("ssh", "the VM stopped while booting", logs_ + "/serial.log");
     if (waited > o_.ssh_wait_s)
-      return Failure{"ssh", "no ssh answer after " + std::to_string(o_.ssh_wait_s) + " s",
-                     logs_ + "/serial.log"};
+      return failed("ssh", "no ssh answer after " + std::to_string(o_.ssh_wait_s) + " s",
+                     logs_ + "/serial.log");
     if (tty) {
       out_ << "\rgate: waiting for the guest's ssh on 127.0.0.1:" << ssh_.port << " ... " << waited << " s"
            << std::flush;
@@ -264,43 +272,43 @@ std::optional<UpRun::Failure> UpRun::wait_for_ssh() {
   say("ssh answered after " +
       std::to_string(std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - t0_).count()) +
       " s");
-  return std::nullopt;
+  return {};
 }
 
-std::optional<UpRun::Failure> UpRun::wait_for_broker_in_guest() {
+Status UpRun::wait_for_broker_in_guest() {
   const std::string log = logs_ + "/broker.log";
   RunResult r = run_step(
       ssh_command(ssh_, "for i in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/" + std::to_string(kGuestBrokerPort) + ") 2>/dev/null && exit 0; "
                         "sleep 0.5; done; journalctl -b -u gate-provision -u gate-broker --no-pager "
                         "| tail -30; exit 1"),
       log, 60s);
-  if (r.status != 0) return Failure{"broker", "the broker in the guest did not start", log};
+  if (r.status != 0) return failed("broker", "the broker in the guest did not start", log);
   say("the broker runs in the guest (127.0.0.1:" + std::to_string(kGuestBrokerPort) + " there)");
-  return std::nullopt;
+  return {};
 }
 
-std::optional<UpRun::Failure> UpRun::host_direct() {
+Status UpRun::host_direct() {
   const std::string tunnel_log = logs_ + "/tunnel.log";
   std::error_code ec;
   fs::remove(s_.broker_socket, ec);
   Daemon tunnel = start_daemon(tunnel_command(ssh_, s_.broker_socket, kGuestBrokerPort), tunnel_log, 0ms);
-  if (tunnel.pid < 0) return Failure{"tunnel", tunnel.error, tunnel_log};
+  if (tunnel.pid < 0) return failed("tunnel", tunnel.error, tunnel_log);
   tunnel_pid_ = tunnel.pid;
   s_.extra["tunnel_pid"] = std::to_string(tunnel_pid_);
   BrokerEndpoint ep;
   ep.unix_socket = s_.broker_socket;
   bool healthy = false;
   for (int i = 0; i < 100 && !healthy; ++i) {
-    if (!process_alive(tunnel_pid_)) return Failure{"tunnel", "ssh tunnel exited", tunnel_log};
+    if (!process_alive(tunnel_pid_)) return failed("tunnel", "ssh tunnel exited", tunnel_log);
     if (fs::exists(s_.broker_socket)) {
       BrokerClient client(ep, 2s);
       healthy = client.healthy();
     }
     if (!healthy) std::this_thread::sleep_for(200ms);
   }
-  if (!healthy) return Failure{"tunnel", "the broker did not answer through the tunnel", tunnel_log};
+  if (!healthy) return failed("tunnel", "the broker did not answer through the tunnel", tunnel_log);
   say("tunnel up: " + s_.broker_socket + " -> guest 127.0.0.1:" + std::to_string(kGuestBrokerPort));
-  if (o_.skip_host_mount) return std::nullopt;
+  if (o_.skip_host_mount) return {};
 
   fs::create_directories(s_.mount, ec);
   const std::string mount_log = logs_ + "/mount.log";
@@ -310,20 +318,20 @@ std::optional<UpRun::Failure> UpRun::host_direct() {
   m.mountpoint = s_.mount;
   m.broker_socket = s_.broker_socket;
   Daemon mount = start_daemon(mount_command(m, o_.locks), mount_log, 30s);
-  if (mount.pid < 0) return Failure{"mount", mount.error, mount_log};
+  if (mount.pid < 0) return failed("mount", mount.error, mount_log);
   mount_pid_ = mount.pid;
   s_.mount_pid = mount_pid_;
   say("mounted " + s_.repo + " at " + s_.mount + " (locks from the guest's broker)");
-  return std::nullopt;
+  return {};
 }
 
-std::optional<UpRun::Failure> UpRun::sshfs() {
+Status UpRun::sshfs() {
   const std::string rsync_log = logs_ + "/rsync.log";
   const std::string mount_log = logs_ + "/mount.log";
   say("copying " + s_.repo + " into the guest (rsync; log " + rsync_log + ")");
   run_step(ssh_command(ssh_, std::string("mkdir -p ") + kGuestRepo + " " + kGuestView), rsync_log, 30s);
   RunResult r = run_step(rsync_command(ssh_, s_.repo, kGuestRepo, true), rsync_log, 30min);
-  if (r.status != 0) return Failure{"rsync", "copying the repository into the guest failed", rsync_log};
+  if (r.status != 0) return failed("rsync", "copying the repository into the guest failed", rsync_log);
   MountCommand guest;
   guest.gate = "/opt/gate/bin/gate";
   guest.root = kGuestRepo;
@@ -335,15 +343,15 @@ std::optional<UpRun::Failure> UpRun::sshfs() {
       "LD_LIBRARY_PATH=/opt/gate/lib " + shell_join(mount_command(guest, o_.locks));
   r = run_step(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " + guest_mount),
                  mount_log, 60s);
-  if (r.status != 0) return Failure{"mount", "gate mount inside the guest failed", mount_log};
+  if (r.status != 0) return failed("mount", "gate mount inside the guest failed", mount_log);
   say("gate mount runs in the guest at " + std::string(kGuestView));
-  if (o_.skip_host_mount) return std::nullopt;
+  if (o_.skip_host_mount) return {};
   std::error_code ec;
   fs::create_directories(s_.mount, ec);
   r = run_step(sshfs_command(ssh_, kGuestView, s_.mount), mount_log, 60s);
-  if (r.status != 0) return Failure{"sshfs", "sshfs onto the guest's view failed", mount_log};
+  if (r.status != 0) return failed("sshfs", "sshfs onto the guest's view failed", mount_log);
   say("mounted the guest's view at " + s_.mount + " (sshfs)");
-  return std::nullopt;
+  return {};
 }
 
 void UpRun::summary() {
@@ -419,12 +427,11 @@ int UpRun::run() {
     std::ostringstream sink;
     vm_down(*old, d, sink, sink);
   }
-  if (auto f = prepare()) return fail(*f);
-  if (auto f = start_vm()) return fail(*f);
-  if (auto f = wait_for_ssh()) return fail(*f);
-  if (auto f = wait_for_broker_in_guest()) return fail(*f);
-  if (auto f = o_.method == "sshfs" ? sshfs() : host_direct()) return fail(*f);
-  if (Status saved = save_stack(s_); !saved.ok()) return fail({"state", saved.message(), ""});
+  for (Status (UpRun::*step)() : {&UpRun::prepare, &UpRun::start_vm, &UpRun::wait_for_ssh,
+                                    &UpRun::wait_for_broker_in_guest,
+                                    o_.method == "sshfs" ? &UpRun::sshfs : &UpRun::host_direct})
+    if (Status s = (this->*step)(); !s.ok()) return fail(s);
+  if (Status saved = save_stack(s_); !saved.ok()) return fail(failed("state", saved.message(), ""));
   summary();
   return 0;
 }
