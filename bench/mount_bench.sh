@@ -9,7 +9,7 @@
 # Usage: bench/mount_bench.sh [path/to/gate [path/to/baseline/gate]]
 #   (as root; BENCH_MB=256 for a quicker (b)). With a baseline binary, its locked mount
 #   ("base", on the same broker) runs beside the others: before and after in one run.
-# BENCH_ROUNDS=N repeats the open+close figure N times, alternating the targets.
+# BENCH_ROUNDS=N repeats (a) and the open+close figure N times, alternating the targets.
 set -euo pipefail
 
 GATE=$(realpath "${1:-build/default/apps/gate/gate}")
@@ -82,10 +82,13 @@ TIMEFORMAT=%R
 echo "== gate mount benchmark ($(nproc) cores; locked = broker on its Unix socket; plain = --no-locking${BASE_GATE:+; base = $BASE_GATE, locked})"
 
 echo "-- (a) 2,000 files of 4 KiB"
-for t in "${TARGETS[@]}"; do
-  mkdir -p "${DIR[$t]}/a"
-  printf '%-7s ' "$t"
-  "$B" files "${DIR[$t]}/a" 2000 4096
+for round in $(seq 1 "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    rm -rf "${DIR[$t]}/a"
+    mkdir -p "${DIR[$t]}/a"
+    printf '%-7s ' "$t"
+    "$B" files "${DIR[$t]}/a" 2000 4096
+  done
 done
 
 echo "-- (b) sequential ${MB} MiB write (with fsync) and read, 1 MiB blocks"
