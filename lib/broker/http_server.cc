@@ -11,6 +11,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include <array>
+
 #include <set>
 
 #include "core/log.h"
@@ -127,6 +129,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
     if (server_->service) server_->service->count_bad_request();
     log(LogLevel::Info, "broker", "bad request: ", message);
     keep_alive_ = false;
+    linger_ = true;
     send(error_answer(status, message));
   }
 
@@ -201,6 +204,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
 
   void on_write(error_code ec) {
     writing_ = false;
+    if (!ec && linger_ && !server_->draining) return linger();
     if (ec || !res_.keep_alive() || server_->draining) return close();
     if (watching_) {
       // The disconnect watch has no time limit and may hold no data yet: end it, and
@@ -210,6 +214,28 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
       return;
     }
     read_header();
+  }
+
+  // After refusing a request whose body may still be on its way (413 and other
+  // refusals): stop sending, then read and drop what the client still sends, for a
+  // bounded time and amount. Closing with unread data would make the kernel answer
+  // with a reset, and a client that writes its whole body before reading (Python's
+  // http.client) would see EPIPE or ECONNRESET instead of the answer.
+  static constexpr std::size_t kLingerBytes = 64 * 1024 * 1024;
+  void linger() {
+    error_code ec;
+    stream_.socket().shutdown(Protocol::socket::shutdown_send, ec);
+    stream_.expires_after(std::chrono::seconds(2));
+    sink_ = std::make_unique<std::array<char, 16 * 1024>>();
+    discard();
+  }
+  void discard() {
+    stream_.async_read_some(asio::buffer(*sink_),
+                            [self = this->shared_from_this()](error_code ec, std::size_t n) {
+                              self->lingered_ += n;
+                              if (ec || self->lingered_ > kLingerBytes) return self->close();
+                              self->discard();
+                            });
   }
 
   void close() {
@@ -232,6 +258,9 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   bool watching_ = false;
   bool writing_ = false;
   bool closed_ = false;
+  bool linger_ = false;                               // refused: drain before closing
+  std::unique_ptr<std::array<char, 16 * 1024>> sink_;  // only while lingering
+  std::size_t lingered_ = 0;
 };
 
 }  // namespace

@@ -1119,6 +1119,24 @@ TEST_CASE("bad requests get their status and an error while others keep acquirin
     }
     chunked += "0\r\n\r\n";
     check_refused(exchange(fd2.get(), chunked), 413, "2 MiB chunked body");
+    // A client that writes its whole body before it reads (Python's http.client)
+    // gets the answer too, not a reset while it is still sending.
+    Fd fd3 = connect_tcp(port);
+    REQUIRE(fd3.valid());
+    std::size_t sent = 0;
+    int send_errno = 0;
+    while (sent < req.size()) {
+      ssize_t n = ::send(fd3.get(), req.data() + sent, req.size() - sent, MSG_NOSIGNAL);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        send_errno = errno;
+        break;
+      }
+      sent += static_cast<std::size_t>(n);
+    }
+    INFO("send stopped with errno " << send_errno << " after " << sent << " of " << req.size());
+    CHECK(sent == req.size());
+    check_refused(exchange(fd3.get(), ""), 413, "2 MiB body sent before reading");
     CHECK(bg.progresses());
   }
   SECTION("garbage instead of HTTP is refused 400") {
