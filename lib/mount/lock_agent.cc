@@ -127,7 +127,6 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
 
   // Fast path: every lock that is free now is taken here, with one round trip each.
   auto client = take_client();
-  if (!client) return finish(job, EMFILE);
   std::size_t i = job->held.size();
   for (; i < job->needs.size(); ++i) {
     // (BrokerClient itself retries once when a kept-alive connection turns out closed.)
@@ -193,15 +192,18 @@ bool LockAgent::process_has_open(pid_t pid, const std::string& key) const {
   return false;
 }
 
+bool LockAgent::has_handle_locked(const std::string& key, pid_t pid) const {
+  auto [begin, end] = by_key_.equal_range(key);
+  return std::any_of(begin, end, [pid](const auto& e) { return e.second->pid == pid; });
+}
+
 bool LockAgent::release_in_flight(const LockJob& job, std::size_t index) const {
   const std::string& key = job.needs[index].key;
-  bool own_handle = false;
   {
     std::lock_guard guard(track_m_);
-    auto [begin, end] = by_key_.equal_range(key);
-    for (auto it = begin; it != end && !own_handle; ++it) own_handle = it->second->pid == job.pid;
+    if (!has_handle_locked(key, job.pid)) return false;
   }
-  return own_handle && !process_has_open(job.pid, key);
+  return !process_has_open(job.pid, key);
 }
 
 bool LockAgent::await_release(const LockJob& job, std::size_t index,
@@ -211,11 +213,7 @@ bool LockAgent::await_release(const LockJob& job, std::size_t index,
   if (deadline && *deadline < limit) limit = *deadline;
   const std::string& key = job.needs[index].key;
   std::unique_lock guard(track_m_);
-  auto released = [&] {
-    auto [begin, end] = by_key_.equal_range(key);
-    return std::none_of(begin, end, [&](const auto& e) { return e.second->pid == job.pid; });
-  };
-  while (!released()) {
+  while (has_handle_locked(key, job.pid)) {
     if (job.interrupted() || stopping_ || Clock::now() >= limit) return false;
     untracked_cv_.wait_for(guard, milliseconds(20));
   }
@@ -336,14 +334,9 @@ void LockAgent::waiter_main(Waiter& self) {
     queue_.pop_front();
     waiting_.push_back(job);
     lock.unlock();
-    if (!client) client = take_client();
-    if (client) {
-      wait_for(job, *client);
-      // An interrupt aborts the client until reset (so no abort can be missed).
-      if (job->interrupted()) client->reset();
-    } else {
-      finish(job, EMFILE);
-    }
+    wait_for(job, *client);
+    // An interrupt aborts the client until reset (so no abort can be missed).
+    if (job->interrupted()) client->reset();
     lock.lock();
     std::erase_if(waiting_, [&](const std::weak_ptr<LockJob>& w) {
       auto p = w.lock();
@@ -430,7 +423,6 @@ void LockAgent::release(const HeldLock& lock) { release(std::vector<HeldLock>{lo
 void LockAgent::release(const std::vector<HeldLock>& locks) {
   if (locks.empty()) return;
   auto client = take_client();
-  if (!client) return;
   // Reverse order of taking; the order does not matter to the broker but reads well.
   for (auto it = locks.rbegin(); it != locks.rend(); ++it) {
     CallResult r = client->release(it->lock_id, it->owner);
@@ -498,13 +490,12 @@ std::optional<std::string> LockAgent::owner_holding(const std::string& key, pid_
 }
 
 void LockAgent::heartbeat_main() {
-  std::unique_ptr<BrokerClient> client;
+  auto client = take_client();
   const auto interval = milliseconds(std::max<std::int64_t>(options_.lease_ms / 3, 50));
   std::unique_lock lock(hb_m_);
   while (!hb_cv_.wait_for(lock, interval, [this] { return stopping_.load(); })) {
     lock.unlock();
-    if (!client) client = take_client();
-    if (client) heartbeat_all(*client);
+    heartbeat_all(*client);
     lock.lock();
   }
 }

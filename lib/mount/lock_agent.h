@@ -178,6 +178,8 @@ class LockAgent {
   // again at once finds its old handle still holding. Not a deadlock: the release
   // is on its way.
   bool release_in_flight(const LockJob& job, std::size_t index) const;
+  // Whether a handle `pid` opened holds `key` (being released counts). track_m_ held.
+  bool has_handle_locked(const std::string& key, pid_t pid) const;
   // Waits (bounded, interruptible) until those handles are released; true when they are.
   bool await_release(const LockJob& job, std::size_t index,
                      std::optional<std::chrono::steady_clock::time_point> deadline);

@@ -24,25 +24,29 @@ class Reconnect {
       : window_(window), pause_(pause), deadline_(deadline) {}
 
   // The broker answered: a later loss starts a new window.
-  void reached() { since_.reset(); }
+  void reached() { in_outage_ = false; }
 
   // The broker could not be reached at `now`: when to ask again, or nullopt to give up.
   std::optional<Clock::time_point> lost(Clock::time_point now) {
-    const bool first = !since_;
-    if (first) since_ = now;
-    if (!first && (now - *since_ > window_ || (deadline_ && now >= *deadline_))) return std::nullopt;
+    const bool first = !in_outage_;
+    if (first) {
+      in_outage_ = true;
+      since_ = now;
+    }
+    if (!first && (now - since_ > window_ || (deadline_ && now >= *deadline_))) return std::nullopt;
     Clock::time_point at = now + pause_;
     if (deadline_ && *deadline_ < at) at = *deadline_;
     return at;
   }
 
   // Whether the last lost() began a new window (for one log line per outage).
-  bool outage_began(Clock::time_point now) const { return since_ && *since_ == now; }
+  bool outage_began(Clock::time_point now) const { return in_outage_ && since_ == now; }
 
  private:
   std::chrono::milliseconds window_, pause_;
   std::optional<Clock::time_point> deadline_;
-  std::optional<Clock::time_point> since_;
+  bool in_outage_ = false;
+  Clock::time_point since_{};  // start of the outage, while in_outage_
 };
 
 }  // namespace gate::mount
