@@ -141,12 +141,8 @@ class Mount {
 
  private:
   void start(const BrokerEndpoint& ep, std::vector<std::string> extra) {
-    int fds[2];
-    REQUIRE(::pipe2(fds, O_CLOEXEC) == 0);
-    ::fcntl(fds[1], F_SETFD, 0);
     std::vector<std::string> argv = {gate::test::gate_binary(), "mount", "--foreground",
                                      "--root", root_, "--mount", mnt_,
-                                     "--ready-fd", std::to_string(fds[1]),
                                      "--log-level", "debug", "--owner", "test"};
     if (!ep.unix_socket.empty()) {
       argv.insert(argv.end(), {"--broker-socket", ep.unix_socket});
@@ -154,18 +150,7 @@ class Mount {
       argv.insert(argv.end(), {"--broker-host", ep.host, "--broker-port", std::to_string(ep.port)});
     }
     argv.insert(argv.end(), extra.begin(), extra.end());
-    child_ = Child::spawn(argv, log_path_, fds[1]);
-    ::close(fds[1]);
-    std::string got;
-    pollfd p{fds[0], POLLIN, 0};
-    while (got.find('\n') == std::string::npos && ::poll(&p, 1, 20'000) > 0) {
-      char buf[64];
-      ssize_t n = ::read(fds[0], buf, sizeof buf);
-      if (n <= 0) break;
-      got.append(buf, static_cast<std::size_t>(n));
-    }
-    ::close(fds[0]);
-    if (got != "ready\n") {
+    if (spawn_until_ready(child_, argv, log_path_) != "ready") {
       take_down();
       FAIL("gate mount did not come up; its log:\n" << log());
     }

@@ -147,21 +147,28 @@ BrokerEndpoint BrokerProcess::unix_endpoint() const {
 }
 
 void BrokerProcess::start() {
-  int fds[2];
-  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe failed");
-  // The write end must survive exec in the child.
-  ::fcntl(fds[1], F_SETFD, 0);
   std::vector<std::string> argv = {gate_binary(), "broker", "--state-dir", state_dir_,
-                                   "--port", std::to_string(port_), "--ready-fd",
-                                   std::to_string(fds[1]), "--log-level", "debug"};
+                                   "--port", std::to_string(port_), "--log-level", "debug"};
   if (!socket_path_.empty()) {
     argv.push_back("--unix-socket");
     argv.push_back(socket_path_);
   }
   for (const auto& a : options_.extra_args) argv.push_back(a);
-  child_ = Child::spawn(argv, log_path_, fds[1]);
+  // The broker's ready line is its TCP port.
+  const std::string line = spawn_until_ready(child_, argv, log_path_);
+  if (line.empty()) throw std::runtime_error("gate broker did not start; its log:\n" + log());
+  port_ = static_cast<std::uint16_t>(std::stoi(line));
+}
+
+std::string spawn_until_ready(Child& child, std::vector<std::string> argv,
+                              const std::string& log_path) {
+  int fds[2];
+  if (::pipe2(fds, O_CLOEXEC) != 0) throw std::runtime_error("pipe failed");
+  // The write end must survive exec in the child.
+  ::fcntl(fds[1], F_SETFD, 0);
+  argv.insert(argv.end(), {"--ready-fd", std::to_string(fds[1])});
+  child = Child::spawn(argv, log_path, fds[1]);
   ::close(fds[1]);
-  // Wait for the port line (or EOF if the broker failed), at most 20 s.
   std::string line;
   pollfd p{fds[0], POLLIN, 0};
   while (line.find('\n') == std::string::npos && ::poll(&p, 1, 20'000) > 0) {
@@ -171,9 +178,8 @@ void BrokerProcess::start() {
     line.append(buf, static_cast<std::size_t>(n));
   }
   ::close(fds[0]);
-  if (line.find('\n') == std::string::npos)
-    throw std::runtime_error("gate broker did not start; its log:\n" + log());
-  port_ = static_cast<std::uint16_t>(std::stoi(line));
+  const auto nl = line.find('\n');
+  return nl == std::string::npos ? "" : line.substr(0, nl);
 }
 
 void BrokerProcess::kill9() { child_.kill_and_wait(); }

@@ -53,6 +53,12 @@ class Child {
   pid_t pid_ = -1;
 };
 
+// Starts a gate daemon as `child` with `--ready-fd` on a pipe added to argv, and
+// returns the first line it writes there (without the newline): "" when it exits or
+// writes nothing within 20 s.
+std::string spawn_until_ready(Child& child, std::vector<std::string> argv,
+                              const std::string& log_path);
+
 // A real `gate broker` on an ephemeral loopback port (and a Unix socket when asked),
 // with its own state directory. The constructor returns once the broker listens.
 class BrokerProcess {
