@@ -64,6 +64,10 @@ class UpRun {
   Status sshfs();
   void summary();
   void dry_run();
+  // The mount commands of the two methods, for the steps and for --dry-run alike.
+  std::vector<std::string> host_mount_command(const std::string& repo, const std::string& mount,
+                                              const std::string& socket) const;
+  std::string guest_mount_command() const;
 
   const VmOptions& o_;
   std::ostream& out_;
@@ -312,12 +316,7 @@ Status UpRun::host_direct() {
 
   fs::create_directories(s_.mount, ec);
   const std::string mount_log = logs_ + "/mount.log";
-  MountCommand m;
-  m.gate = o_.gate_binary;
-  m.root = s_.repo;
-  m.mountpoint = s_.mount;
-  m.broker_socket = s_.broker_socket;
-  Daemon mount = start_daemon(mount_command(m, o_.locks), mount_log, 30s);
+  Daemon mount = start_daemon(host_mount_command(s_.repo, s_.mount, s_.broker_socket), mount_log, 30s);
   if (mount.pid < 0) return failed("mount", mount.error, mount_log);
   mount_pid_ = mount.pid;
   s_.mount_pid = mount_pid_;
@@ -332,16 +331,8 @@ Status UpRun::sshfs() {
   run_step(ssh_command(ssh_, std::string("mkdir -p ") + kGuestRepo + " " + kGuestView), rsync_log, 30s);
   RunResult r = run_step(rsync_command(ssh_, s_.repo, kGuestRepo, true), rsync_log, 30min);
   if (r.status != 0) return failed("rsync", "copying the repository into the guest failed", rsync_log);
-  MountCommand guest;
-  guest.gate = "/opt/gate/bin/gate";
-  guest.root = kGuestRepo;
-  guest.mountpoint = kGuestView;
-  guest.broker_port = kGuestBrokerPort;
-  guest.foreground = false;
-  guest.log_file = "/home/gate/gate-mount.log";
-  const std::string guest_mount =
-      "LD_LIBRARY_PATH=/opt/gate/lib " + shell_join(mount_command(guest, o_.locks));
-  r = run_step(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " + guest_mount),
+  r = run_step(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " +
+                                     guest_mount_command()),
                  mount_log, 60s);
   if (r.status != 0) return failed("mount", "gate mount inside the guest failed", mount_log);
   say("gate mount runs in the guest at " + std::string(kGuestView));
@@ -366,6 +357,28 @@ void UpRun::summary() {
   out_ << "  logs:     " << logs_ << "/\n"
        << "  ssh:      " << shell_join(ssh_command(ssh_, "")) << "\n"
        << "  stop:     gate down --vm-name " << s_.name << "\n";
+}
+
+std::vector<std::string> UpRun::host_mount_command(const std::string& repo,
+                                                  const std::string& mount,
+                                                  const std::string& socket) const {
+  MountCommand m;
+  m.gate = o_.gate_binary;
+  m.root = repo;
+  m.mountpoint = mount;
+  m.broker_socket = socket;
+  return mount_command(m, o_.locks);
+}
+
+std::string UpRun::guest_mount_command() const {
+  MountCommand guest;
+  guest.gate = "/opt/gate/bin/gate";
+  guest.root = kGuestRepo;
+  guest.mountpoint = kGuestView;
+  guest.broker_port = kGuestBrokerPort;
+  guest.foreground = false;
+  guest.log_file = "/home/gate/gate-mount.log";
+  return "LD_LIBRARY_PATH=/opt/gate/lib " + shell_join(mount_command(guest, o_.locks));
 }
 
 void UpRun::dry_run() {
@@ -393,12 +406,13 @@ void UpRun::dry_run() {
        << "5. ssh: " << shell_join(ssh_command(t, "true", 3)) << " (until it answers)\n";
   if (o_.method == "sshfs") {
     out_ << "6. rsync: " << shell_join(rsync_command(t, o_.repo_path, kGuestRepo, true)) << "\n"
-         << "7. guest mount: gate mount --root " << kGuestRepo << " --mount " << kGuestView << "\n"
+         << "7. guest mount: " << guest_mount_command() << "\n"
          << "8. sshfs: " << shell_join(sshfs_command(t, kGuestView, "<host-mount>")) << "\n";
   } else {
     out_ << "6. tunnel: " << shell_join(tunnel_command(t, "<state>/broker.sock", kGuestBrokerPort)) << "\n"
-         << "7. mount: gate mount --foreground --root " << o_.repo_path
-         << " --mount <host-mount> --broker-socket <state>/broker.sock\n";
+         << "7. mount: "
+         << shell_join(host_mount_command(o_.repo_path, "<host-mount>", "<state>/broker.sock"))
+         << "\n";
   }
 }
 
