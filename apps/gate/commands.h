@@ -6,6 +6,7 @@ namespace gate::cmd {
 int broker(int argc, char** argv);
 int locks(int argc, char** argv);
 int mount(int argc, char** argv);
+int run(int argc, char** argv);
 int up(int argc, char** argv);
 int down(int argc, char** argv);
 int vm_list(int argc, char** argv);

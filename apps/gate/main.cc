@@ -23,6 +23,8 @@ constexpr Command kCommands[] = {
     {"broker", "run the lock broker (HTTP API, state in SQLite)", gate::cmd::broker},
     {"locks", "show the locks held and the requests waiting at a broker", gate::cmd::locks},
     {"mount", "show a directory through a locked FUSE view", gate::cmd::mount},
+    {"run", "run a command as a named agent (GATE_AGENT), whose opens gate attributes to it",
+     gate::cmd::run},
     {"up", "start a broker (in a VM, or --local) and a locked view of a directory", gate::cmd::up},
     {"down", "stop what 'gate up' started", gate::cmd::down},
     {"vm-list", "list the VMs and local setups 'gate up' started", gate::cmd::vm_list},

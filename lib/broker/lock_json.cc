@@ -8,6 +8,49 @@ namespace gate {
 
 namespace json = boost::json;
 
+namespace {
+
+// Holder descriptions are for people: short, bounded.
+constexpr std::size_t kMaxAgentBytes = 128;
+constexpr std::size_t kMaxCommandBytes = 256;
+
+// "agent", "pid", "command": null when the client did not say.
+void put_holder(json::object& o, const HolderInfo& who) {
+  if (who.agent.empty()) o["agent"] = nullptr;
+  else o["agent"] = who.agent;
+  if (who.pid > 0) o["pid"] = who.pid;
+  else o["pid"] = nullptr;
+  if (who.command.empty()) o["command"] = nullptr;
+  else o["command"] = who.command;
+}
+
+// An optional string field, at most `limit` bytes.
+Status get_short_string(const json::object& o, const char* field, std::size_t limit,
+                        std::string* out) {
+  if (Status s = get_string(o, field, false, out); !s.ok()) return s;
+  if (out->size() > limit)
+    return Status::failure(std::string("field '") + field + "' is longer than " +
+                           std::to_string(limit) + " bytes");
+  return {};
+}
+
+Status get_pid(const json::object& o, std::int64_t* out) {
+  auto it = o.find("pid");
+  if (it == o.end() || it->value().is_null()) return {};
+  const json::value& v = it->value();
+  if (v.is_int64() && v.as_int64() >= 0 && v.as_int64() <= (std::int64_t{1} << 32)) {
+    *out = v.as_int64();
+    return {};
+  }
+  if (v.is_uint64() && v.as_uint64() <= (std::uint64_t{1} << 32)) {
+    *out = static_cast<std::int64_t>(v.as_uint64());
+    return {};
+  }
+  return Status::failure("field 'pid' must be a process id (a non-negative integer) or null");
+}
+
+}  // namespace
+
 json::object lock_to_json(const Lock& l, json::storage_ptr storage) {
   json::object o(std::move(storage));
   o["lock_id"] = l.lock_id;
@@ -21,6 +64,7 @@ json::object lock_to_json(const Lock& l, json::storage_ptr storage) {
   o["hold_count"] = l.hold_count;
   o["fence"] = l.fence;
   o["session"] = l.session;
+  put_holder(o, l.who);
   return o;
 }
 
@@ -32,6 +76,7 @@ json::object queued_to_json(const QueuedRequest& r) {
   o["owner"] = r.owner;
   o["session"] = r.session;
   o["requested_at"] = format_iso8601(r.requested_at);
+  put_holder(o, r.who);
   return o;
 }
 
@@ -86,7 +131,10 @@ Result<AcquireParams> parse_acquire(const json::object& o) {
                    get_string(o, "owner", true, &p.owner), get_string(o, "session", false, &p.session),
                    get_string(o, "request_id", false, &p.request_id),
                    get_millis(o, "timeout_ms", &p.timeout_ms), get_millis(o, "lease_ms", &p.lease_ms),
-                   get_millis(o, "max_hold_ms", &p.max_hold_ms)})
+                   get_millis(o, "max_hold_ms", &p.max_hold_ms),
+                   get_short_string(o, "agent", kMaxAgentBytes, &p.who.agent),
+                   get_short_string(o, "command", kMaxCommandBytes, &p.who.command),
+                   get_pid(o, &p.who.pid)})
     if (!s.ok()) return s;
   if (p.key.empty()) {
     return Status::failure("field 'path' must not be empty");

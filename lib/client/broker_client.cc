@@ -288,6 +288,9 @@ LockInfo lock_from_json(const json::value& v) {
   l.max_hold_ms = num("max_hold_ms");
   l.hold_count = num("hold_count").value_or(0);
   l.fence = static_cast<std::uint64_t>(num("fence").value_or(0));
+  l.agent = str("agent");
+  l.pid = num("pid").value_or(0);
+  l.command = str("command");
   return l;
 }
 
@@ -334,6 +337,9 @@ CallResult BrokerClient::acquire(const AcquireRequest& req) {
   if (req.max_hold_ms) o["max_hold_ms"] = *req.max_hold_ms;
   if (!req.session.empty()) o["session"] = req.session;
   if (!req.request_id.empty()) o["request_id"] = req.request_id;
+  if (!req.agent.empty()) o["agent"] = req.agent;
+  if (req.pid > 0) o["pid"] = req.pid;
+  if (!req.command.empty()) o["command"] = req.command;
   // The answer to a waiting acquire comes when the broker grants it.
   const bool long_wait = !req.timeout_ms || *req.timeout_ms * 2 >= impl_->io_timeout.count();
   return to_result(request("POST", "/v1/locks/acquire", json::serialize(o), long_wait));

@@ -33,6 +33,9 @@ struct LockInfo {
   std::optional<std::int64_t> max_hold_ms;
   std::int64_t hold_count = 0;
   std::uint64_t fence = 0;
+  std::string agent;     // who it is for, as its client said ("" unknown)
+  std::int64_t pid = 0;  // 0: unknown
+  std::string command;
 };
 
 struct AcquireRequest {
@@ -44,6 +47,10 @@ struct AcquireRequest {
   std::optional<std::int64_t> max_hold_ms;
   std::string session;
   std::string request_id;
+  // Who the lock is for, shown by `gate locks` (optional).
+  std::string agent;
+  std::int64_t pid = 0;
+  std::string command;
 };
 
 enum class CallStatus {

@@ -134,6 +134,7 @@ AcquireResult LockTable::acquire(const AcquireParams& p, Micros now) {
   r.session = session_of(p.session, p.owner);
   r.request_id = p.request_id;
   r.requested_at = now;
+  r.who = p.who;
   r.lease_ms = p.lease_ms && *p.lease_ms > 0 ? *p.lease_ms : options_.default_lease_ms;
   if (auto cap = effective_max_hold(p.max_hold_ms); cap > 0) r.max_hold_ms = cap;
   const std::uint64_t id = r.req_id;
@@ -203,6 +204,7 @@ Lock& LockTable::grant(const QueuedRequest& r, Micros now) {
   l.max_hold_ms = r.max_hold_ms;
   l.hold_count = 1;
   l.fence = next_fence_++;
+  l.who = r.who;
   reserve_fences();
   if (r.orphan) {
     // Nobody may be there to use it: keep it only until the grace period ends

@@ -28,6 +28,14 @@
 
 namespace gate {
 
+// Who a lock or request is for, as its client describes it (the mount: the agent,
+// process and command of the caller). Shown to people, never used to decide.
+struct HolderInfo {
+  std::string agent;    // empty: not given
+  std::int64_t pid = 0;  // 0: not given
+  std::string command;  // empty: not given
+};
+
 struct Lock {
   std::string lock_id;
   std::string key;
@@ -40,6 +48,7 @@ struct Lock {
   std::optional<std::int64_t> max_hold_ms;
   std::int64_t hold_count = 0;
   std::uint64_t fence = 0;
+  HolderInfo who;  // of the request that first took it
   // Set when an orphaned (restored) request was granted before its client came back:
   // an acquire repeating this request_id claims the lock. Not persisted.
   std::string unclaimed_request_id;
@@ -59,6 +68,7 @@ struct QueuedRequest {
   std::int64_t lease_ms = 0;
   std::optional<std::int64_t> max_hold_ms;
   std::optional<Micros> deadline;  // time-out, or end of the restore grace period
+  HolderInfo who;
   bool orphan = false;     // restored after a restart and not yet re-attached
   bool persisted = false;  // written to the store (not saved itself)
 };
@@ -72,6 +82,7 @@ struct AcquireParams {
   std::optional<std::int64_t> timeout_ms;  // nullopt: wait; 0: try once
   std::optional<std::int64_t> lease_ms;
   std::optional<std::int64_t> max_hold_ms;
+  HolderInfo who;
 };
 
 struct AcquireResult {

@@ -25,7 +25,8 @@ void log_fd_exhaustion(int err) {
         "); raise the limit (ulimit -n) or close files");
 }
 
-void GateFs::Impl::run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step) {
+void GateFs::Impl::run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step,
+                              const Caller* who) {
   auto finish = [this, step = std::move(step)](int err, std::vector<HeldLock>& held) {
     if (!err) err = step.act(held);
     give_back(held);
@@ -37,11 +38,14 @@ void GateFs::Impl::run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* 
     finish(0, none);
     return;
   }
-  const pid_t pid = fuse_req_ctx(req)->pid;
+  const Caller caller = who ? *who : callers.resolve(fuse_req_ctx(req)->pid);
   auto job = std::make_shared<LockJob>();
   for (const KeyLock& l : plan.locks)
-    job->needs.push_back({l.key, l.mode, owner_for(plan, l.key, h, pid)});
-  job->pid = pid;
+    job->needs.push_back({l.key, l.mode, owner_for(plan, l.key, h, caller.tid)});
+  job->pid = caller.tid;
+  job->process = caller.pid;
+  job->agent = caller.agent;
+  job->command = caller.command;
   job->nonblocking = plan.wait == Wait::NoWait;
   job->under_kernel_locks = plan.wait == Wait::Bounded;
   job->op = plan.name;

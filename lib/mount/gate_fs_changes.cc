@@ -153,7 +153,7 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
     std::lock_guard guard(open_files_mu);
     open_files.insert(h);
   }
-  if (agent && !held.empty()) h->lock = agent->track(held.front(), o.pid);
+  if (agent && !held.empty()) h->lock = agent->track(held.front(), o.who.tid);
   held.clear();
   o.h = h;
   return 0;
@@ -171,7 +171,7 @@ void GateFs::Impl::reply_open(fuse_req_t req, Opening& o, int err, bool created)
   if (o.f.flags & O_DIRECT) o.f.direct_io = 1;
   int r = created ? fuse_reply_create(req, &o.entry, &o.f) : fuse_reply_open(req, &o.f);
   if (r != 0) {
-    log(LogLevel::Debug, "mount", "open of ", o.key, " was abandoned by pid ", o.pid);
+    log(LogLevel::Debug, "mount", "open of ", o.key, " was abandoned by pid ", o.who.tid);
     close_handle(o.h);
     if (created) inodes->forget(inode(o.entry.ino), 1);
   }
@@ -179,13 +179,15 @@ void GateFs::Impl::reply_open(fuse_req_t req, Opening& o, int err, bool created)
 
 void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Inode& in = inode(ino);
-  auto o = std::make_shared<Opening>(Opening{*fi, inodes->key_of(in), fuse_req_ctx(req)->pid});
+  auto o = std::make_shared<Opening>(
+      Opening{*fi, inodes->key_of(in), callers.resolve(fuse_req_ctx(req)->pid)});
   run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &in, o](std::vector<HeldLock>& held) {
                 int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
                 return adopt(*o, ::open(proc_path(in.fd).c_str(), flags | O_CLOEXEC), held);
               },
-              [this, req, o](int err) { reply_open(req, *o, err, false); }});
+              [this, req, o](int err) { reply_open(req, *o, err, false); }},
+             &o->who);
 }
 
 void GateFs::Impl::create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
@@ -195,7 +197,7 @@ void GateFs::Impl::create(fuse_req_t req, fuse_ino_t parent, const char* name, m
   const fuse_ctx* ctx = fuse_req_ctx(req);
   const uid_t uid = ctx->uid;
   const gid_t gid = ctx->gid;
-  auto o = std::make_shared<Opening>(Opening{*fi, inodes->child_key(p, nm), ctx->pid});
+  auto o = std::make_shared<Opening>(Opening{*fi, inodes->child_key(p, nm), callers.resolve(ctx->pid)});
   run_locked(req, plan_locks({.op = FsOp::Create, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &p, nm, mode, uid, gid, o](std::vector<HeldLock>& held) {
                 int flags = (o->f.flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC) & ~O_NOCTTY;
@@ -209,7 +211,8 @@ void GateFs::Impl::create(fuse_req_t req, fuse_ino_t parent, const char* name, m
                 }
                 return adopt(*o, fd, held);
               },
-              [this, req, o](int err) { reply_open(req, *o, err, true); }});
+              [this, req, o](int err) { reply_open(req, *o, err, true); }},
+             &o->who);
 }
 
 void GateFs::Impl::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,

@@ -24,6 +24,7 @@
 
 #include "mount/gate_fs.h"
 #include "mount/inode_table.h"
+#include "mount/agent_resolver.h"
 #include "mount/lock_agent.h"
 #include "mount/lock_policy.h"
 
@@ -62,6 +63,7 @@ struct GateFs::Impl {
   MountOptions opts;
   std::unique_ptr<InodeTable> inodes;
   std::unique_ptr<LockAgent> agent;  // null with locking off
+  AgentResolver callers;             // who each request is for
   fuse_session* se = nullptr;
   bool mounted = false;
   bool running_as_root = ::geteuid() == 0;
@@ -90,7 +92,9 @@ struct GateFs::Impl {
   // Takes the plan's locks for req, runs step.act, gives back the rest, then
   // step.reply: exactly once, on this thread or on a waiter thread. `h`: the open
   // handle the call came through, whose lock a call on its key re-enters.
-  void run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step);
+  // `who`: the caller when already known (else it is looked up here).
+  void run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step,
+                  const Caller* who = nullptr);
 
   // An open gets a fresh owner; a call for the call's length re-enters the lock of an
   // open handle on the same key (the caller's own first), so `touch` on an open
@@ -148,7 +152,7 @@ struct GateFs::Impl {
   struct Opening {
     fuse_file_info f;  // a copy: *fi lives only as long as the handler call
     std::string key;
-    pid_t pid = 0;
+    Caller who;
     FileHandle* h = nullptr;
     fuse_entry_param entry{};  // create only
   };

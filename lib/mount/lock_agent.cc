@@ -85,6 +85,9 @@ AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
   req.max_hold_ms = options_.max_hold_ms;
   req.session = options_.mount_id + ":" + std::to_string(job.pid);
   req.request_id = job.request_ids_[index];
+  req.agent = job.agent;
+  req.pid = job.process > 0 ? job.process : job.pid;
+  req.command = job.command;
   return req;
 }
 
@@ -129,9 +132,11 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
   auto client = take_client();
   std::size_t i = job->held.size();
   for (; i < job->needs.size(); ++i) {
+    const std::uint64_t epoch = release_epoch();
     // (BrokerClient itself retries once when a kept-alive connection turns out closed.)
     CallResult r = client->acquire(make_request(*job, i, 0));
-    if (r.status == CallStatus::Deadlock && !job->nonblocking && release_in_flight(*job, i))
+    if (r.status == CallStatus::Deadlock && !job->nonblocking &&
+        release_in_flight(*job, i, epoch))
       break;  // a waiter waits for that release, then asks again
     int err = classify(r, *job, i, *client, /*try_once=*/true);
     if (err == 0) {
@@ -197,11 +202,17 @@ bool LockAgent::has_handle_locked(const std::string& key, pid_t pid) const {
   return std::any_of(begin, end, [pid](const auto& e) { return e.second->pid == pid; });
 }
 
-bool LockAgent::release_in_flight(const LockJob& job, std::size_t index) const {
+std::uint64_t LockAgent::release_epoch() const {
+  std::lock_guard guard(track_m_);
+  return release_epoch_;
+}
+
+bool LockAgent::release_in_flight(const LockJob& job, std::size_t index,
+                                  std::uint64_t epoch_before) const {
   const std::string& key = job.needs[index].key;
   {
     std::lock_guard guard(track_m_);
-    if (!has_handle_locked(key, job.pid)) return false;
+    if (!has_handle_locked(key, job.pid) && release_epoch_ == epoch_before) return false;
   }
   return !process_has_open(job.pid, key);
 }
@@ -253,7 +264,10 @@ std::string describe_holders(const std::optional<std::vector<LockInfo>>& holders
   std::string text;
   for (const LockInfo& l : *holders) {
     if (!text.empty()) text += ", ";
-    text += "owner " + l.owner + " (" + to_string(l.mode);
+    text += "owner " + l.owner;
+    if (!l.agent.empty()) text += " of agent " + l.agent;
+    if (l.pid > 0) text += " (pid " + std::to_string(l.pid) + " " + l.command + ")";
+    text += std::string(" (") + to_string(l.mode);
     if (auto since = parse_iso8601(l.acquired_at)) {
       char held[32];
       std::snprintf(held, sizeof held, ", held %.1f s", static_cast<double>(now - *since) / 1e6);
@@ -274,9 +288,10 @@ void LockAgent::give_up_busy(const std::shared_ptr<LockJob>& job, std::size_t in
   const std::string key = need.key, op = job->op;
   const LockMode mode = need.mode;
   const pid_t pid = job->pid;
+  const std::string agent = job->agent;
   auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - job->started_).count();
   finish(job, EBUSY);
-  log(LogLevel::Warn, "mount", op, " by pid ", pid, " gave up on the ", to_string(mode),
+  log(LogLevel::Warn, "mount", op, " by pid ", pid, " (agent ", agent, ") gave up on the ", to_string(mode),
       " lock on ", key, " after ", waited, " ms and returned EBUSY; held by ", who,
       ". The kernel holds the file's or directory's locks during this call, which the "
       "holder may need itself, so it never waits longer than --meta-wait-ms");
@@ -351,6 +366,8 @@ void LockAgent::waiter_main(Waiter& self) {
 void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client) {
   const std::optional<Clock::time_point> deadline = deadline_of(*job);
   Reconnect reconnect(options_.reconnect_window, deadline);
+  constexpr int kInFlightRetries = 50;
+  int in_flight_retries = 0;
   int err = 0;
   std::size_t i = job->held.size();
   while (i < job->needs.size()) {
@@ -367,6 +384,7 @@ void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& clie
       auto left = std::chrono::duration_cast<milliseconds>(*deadline - Clock::now()).count();
       timeout = std::max<std::int64_t>(0, left);
     }
+    const std::uint64_t epoch = release_epoch();
     CallResult r = client.acquire(make_request(*job, i, timeout));
     {
       std::lock_guard lock(job->m_);
@@ -406,9 +424,11 @@ void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& clie
     }
     if (r.status == CallStatus::Timeout && job->under_kernel_locks)
       return give_up_busy(job, i, client);
-    if (r.status == CallStatus::Deadlock && release_in_flight(*job, i) &&
-        await_release(*job, i, deadline))
-      continue;  // the "deadlock" was a handle on its way out: ask again
+    // The "deadlock" was a handle on its way out: ask again (a bounded number of
+    // times, since unrelated releases also move the epoch).
+    if (r.status == CallStatus::Deadlock && ++in_flight_retries <= kInFlightRetries &&
+        release_in_flight(*job, i, epoch) && await_release(*job, i, deadline))
+      continue;
     err = classify(r, *job, i, client, /*try_once=*/false);
     break;
   }
@@ -466,6 +486,7 @@ bool LockAgent::release_tracked(const std::shared_ptr<TrackedLock>& tracked) {
         break;
       }
     }
+    ++release_epoch_;
   }
   untracked_cv_.notify_all();
   return true;

@@ -84,7 +84,10 @@ struct LockAgentOptions {
 class LockJob {
  public:
   std::vector<LockNeed> needs;  // taken in this order
-  pid_t pid = 0;                // of the calling process (for the session)
+  pid_t pid = 0;                // the calling thread, as the kernel says (the session)
+  pid_t process = 0;            // its process, the agent and command: who it is for
+  std::string agent;            // (sent to the broker, shown by `gate locks`)
+  std::string command;
   bool nonblocking = false;     // O_NONBLOCK: never wait, EAGAIN instead
   // The kernel holds inode/directory locks during this call: wait at most
   // meta_wait, then EBUSY.
@@ -177,7 +180,13 @@ class LockAgent {
   // (it is sent in the background), so a process that writes a file and opens it
   // again at once finds its old handle still holding. Not a deadlock: the release
   // is on its way.
-  bool release_in_flight(const LockJob& job, std::size_t index) const;
+  // The release may also have completed between the broker's answer and this check:
+  // `epoch_before` is release_epoch() from before the acquire was sent, and any
+  // release since then counts as possibly this one.
+  bool release_in_flight(const LockJob& job, std::size_t index,
+                         std::uint64_t epoch_before) const;
+  // How many tracked locks have been released so far (for release_in_flight).
+  std::uint64_t release_epoch() const;
   // Whether a handle `pid` opened holds `key` (being released counts). track_m_ held.
   bool has_handle_locked(const std::string& key, pid_t pid) const;
   // Waits (bounded, interruptible) until those handles are released; true when they are.
@@ -212,6 +221,7 @@ class LockAgent {
 
   mutable std::mutex track_m_;
   std::condition_variable untracked_cv_;  // a tracked lock went away
+  std::uint64_t release_epoch_ = 0;        // tracked locks released (track_m_)
   std::unordered_map<TrackedLock*, std::shared_ptr<TrackedLock>> tracked_;
   std::unordered_multimap<std::string, TrackedLock*> by_key_;
 

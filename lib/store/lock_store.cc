@@ -18,6 +18,23 @@ std::optional<std::int64_t> optional_column(const SQLite::Column& c) {
   return c.getInt64();
 }
 
+// agent, pid, command from `first` on; NULL for what the client did not say.
+void bind_holder(SQLite::Statement& st, int first, const HolderInfo& who) {
+  if (who.agent.empty()) st.bind(first);
+  else st.bind(first, who.agent);
+  bind_optional(st, first + 1, who.pid > 0 ? std::optional<std::int64_t>(who.pid) : std::nullopt);
+  if (who.command.empty()) st.bind(first + 2);
+  else st.bind(first + 2, who.command);
+}
+
+HolderInfo holder_columns(SQLite::Statement& st, int first) {
+  HolderInfo who;
+  if (!st.getColumn(first).isNull()) who.agent = st.getColumn(first).getString();
+  who.pid = optional_column(st.getColumn(first + 1)).value_or(0);
+  if (!st.getColumn(first + 2).isNull()) who.command = st.getColumn(first + 2).getString();
+  return who;
+}
+
 }  // namespace
 
 LockStore::LockStore(std::unique_ptr<SQLite::Database> db) : db_(std::move(db)) {}
@@ -97,20 +114,35 @@ void LockStore::migrate() {
     tx.commit();
     version = 2;
   }
-  // Later versions add a step here: if (version == 2) { ...; user_version = 3 }.
+  if (version == 2) {
+    // v3: who each lock and request is for (agent, process, command), for people.
+    SQLite::Transaction tx(*db_);
+    db_->exec(
+        "ALTER TABLE locks ADD COLUMN agent TEXT;"
+        "ALTER TABLE locks ADD COLUMN pid INTEGER;"
+        "ALTER TABLE locks ADD COLUMN command TEXT;"
+        "ALTER TABLE requests ADD COLUMN agent TEXT;"
+        "ALTER TABLE requests ADD COLUMN pid INTEGER;"
+        "ALTER TABLE requests ADD COLUMN command TEXT;"
+        "PRAGMA user_version = 3;");
+    tx.commit();
+    version = 3;
+  }
+  // Later versions add a step here: if (version == 3) { ...; user_version = 4 }.
 }
 
 void LockStore::prepare() {
   put_lock_ = std::make_unique<SQLite::Statement>(
       *db_,
       "INSERT OR REPLACE INTO locks (lock_id, key, mode, owner, session, acquired_at,"
-      " lease_expires_at, lease_ms, max_hold_ms, hold_count, fence)"
-      " VALUES (?,?,?,?,?,?,?,?,?,?,?)");
+      " lease_expires_at, lease_ms, max_hold_ms, hold_count, fence, agent, pid, command)"
+      " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)");
   delete_lock_ = std::make_unique<SQLite::Statement>(*db_, "DELETE FROM locks WHERE lock_id=?");
   put_request_ = std::make_unique<SQLite::Statement>(
       *db_,
       "INSERT OR REPLACE INTO requests (req_id, key, mode, owner, session, request_id,"
-      " requested_at, lease_ms, max_hold_ms, deadline) VALUES (?,?,?,?,?,?,?,?,?,?)");
+      " requested_at, lease_ms, max_hold_ms, deadline, agent, pid, command)"
+      " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)");
   delete_request_ =
       std::make_unique<SQLite::Statement>(*db_, "DELETE FROM requests WHERE req_id=?");
   put_counter_ = std::make_unique<SQLite::Statement>(
@@ -129,8 +161,8 @@ LockStore::Snapshot LockStore::read_snapshot() {
   Snapshot snap;
   SQLite::Statement locks(*db_,
                           "SELECT lock_id, key, mode, owner, session, acquired_at,"
-                          " lease_expires_at, lease_ms, max_hold_ms, hold_count, fence"
-                          " FROM locks");
+                          " lease_expires_at, lease_ms, max_hold_ms, hold_count, fence,"
+                          " agent, pid, command FROM locks");
   while (locks.executeStep()) {
     Lock l;
     l.lock_id = locks.getColumn(0).getString();
@@ -144,11 +176,13 @@ LockStore::Snapshot LockStore::read_snapshot() {
     l.max_hold_ms = optional_column(locks.getColumn(8));
     l.hold_count = locks.getColumn(9).getInt64();
     l.fence = static_cast<std::uint64_t>(locks.getColumn(10).getInt64());
+    l.who = holder_columns(locks, 11);
     snap.locks.push_back(std::move(l));
   }
   SQLite::Statement reqs(*db_,
                          "SELECT req_id, key, mode, owner, session, request_id, requested_at,"
-                         " lease_ms, max_hold_ms, deadline FROM requests ORDER BY req_id");
+                         " lease_ms, max_hold_ms, deadline, agent, pid, command"
+                         " FROM requests ORDER BY req_id");
   while (reqs.executeStep()) {
     QueuedRequest r;
     r.req_id = static_cast<std::uint64_t>(reqs.getColumn(0).getInt64());
@@ -161,6 +195,7 @@ LockStore::Snapshot LockStore::read_snapshot() {
     r.lease_ms = reqs.getColumn(7).getInt64();
     r.max_hold_ms = optional_column(reqs.getColumn(8));
     r.deadline = optional_column(reqs.getColumn(9));
+    r.who = holder_columns(reqs, 10);
     snap.queue.push_back(std::move(r));
   }
   SQLite::Statement counters(*db_, "SELECT name, value FROM counters");
@@ -192,6 +227,7 @@ Status LockStore::apply(const std::vector<JournalEntry>& journal) {
           bind_optional(st, 9, l.max_hold_ms);
           st.bind(10, static_cast<int64_t>(l.hold_count));
           st.bind(11, static_cast<int64_t>(l.fence));
+          bind_holder(st, 12, l.who);
           st.exec();
           st.reset();
           break;
@@ -214,6 +250,7 @@ Status LockStore::apply(const std::vector<JournalEntry>& journal) {
           st.bind(8, static_cast<int64_t>(r.lease_ms));
           bind_optional(st, 9, r.max_hold_ms);
           bind_optional(st, 10, r.deadline);
+          bind_holder(st, 11, r.who);
           st.exec();
           st.reset();
           break;

@@ -31,7 +31,7 @@ namespace gate {
 class LockStore {
  public:
   enum class Sync { Normal, Full };
-  static constexpr int kSchemaVersion = 2;
+  static constexpr int kSchemaVersion = 3;
 
   // Opens (creating if needed and migrating) the database.
   static Result<std::unique_ptr<LockStore>> open(const std::string& path, Sync sync);

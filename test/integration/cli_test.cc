@@ -196,3 +196,61 @@ TEST_CASE("gate up refuses what is not a directory", "[cli][up]") {
   CHECK(r.output.find("is not a directory") != std::string::npos);
   CHECK(gate_cmd({"up", "--local"}).status == 2);
 }
+
+TEST_CASE("gate locks finds the broker of the one running setup and asks which when several run",
+          "[cli][up]") {
+  test::TempDir tmp;
+  test::ScopedEnv xdg("XDG_STATE_HOME", tmp.path() + "/state");
+  // No setup: the default address, and an error that says so.
+  auto none = gate_cmd({"locks"});
+  CHECK(none.status == 1);
+  CHECK(none.output.find("127.0.0.1:8787") != std::string::npos);
+  CHECK(none.output.find("no setup") != std::string::npos);
+
+  struct Setup {
+    std::string repo, mnt;
+    pid_t broker = -1, mount = -1;
+    ~Setup() {
+      for (pid_t p : {broker, mount})
+        if (p > 0 && process_alive(p)) ::kill(p, SIGKILL);
+      if (!mnt.empty()) run_command({"fusermount3", "-uz", mnt});
+    }
+  };
+  auto start = [&](Setup& s, const std::string& name) {
+    s.repo = tmp.path() + "/" + name;
+    fs::create_directories(s.repo);
+    std::ofstream(s.repo + "/" + name + ".txt") << name << "\n";
+    auto up = gate_cmd({"up", "--local", "--repo-path", s.repo});
+    INFO(up.output);
+    REQUIRE(up.status == 0);
+    auto kv = read_env_file(tmp.path() + "/state/gate/state/" + name + "/up.env");
+    s.mnt = kv["mount"];
+    s.broker = std::stoi(kv["broker_pid"]);
+    s.mount = std::stoi(kv["mount_pid"]);
+  };
+  Setup one, two;
+  start(one, "first");
+  // Held open through the first view: its broker is the one that must answer.
+  std::ifstream held(one.mnt + "/first.txt");
+  REQUIRE(held.good());
+  auto found = gate_cmd({"locks"});
+  INFO(found.output);
+  CHECK(found.status == 0);
+  CHECK(found.output.find("first.txt") != std::string::npos);
+
+  start(two, "second");
+  auto several = gate_cmd({"locks"});
+  CHECK(several.status == 1);
+  CHECK(several.output.find("2 setups are running (first, second)") != std::string::npos);
+  CHECK(several.output.find("--vm-name") != std::string::npos);
+  auto named = gate_cmd({"locks", "--vm-name", "first"});
+  CHECK(named.status == 0);
+  CHECK(named.output.find("first.txt") != std::string::npos);
+  CHECK(gate_cmd({"locks", "--vm-name", "second"}).output.find("first.txt") == std::string::npos);
+  auto unknown = gate_cmd({"locks", "--vm-name", "third"});
+  CHECK(unknown.status == 1);
+  CHECK(unknown.output.find("no setup named 'third'") != std::string::npos);
+  held.close();
+  CHECK(gate_cmd({"down", "--vm-name", "first"}).status == 0);
+  CHECK(gate_cmd({"down", "--vm-name", "second"}).status == 0);
+}

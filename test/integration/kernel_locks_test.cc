@@ -337,6 +337,7 @@ TEST_CASE("four agents saving one file by O_TRUNC writes and temp-file renames n
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
     auto line = a->line(std::max(left, std::chrono::milliseconds(1)));
     INFO("mount log:\n" << m.log());
+    INFO("broker log:\n" << broker.log());
     REQUIRE(line.has_value());  // no agent froze
     INFO("agent said: " << *line);
     long w = -1, h = -1, b = -1;

@@ -8,4 +8,8 @@ if(TARGET gate_mount)
   add_executable(kernel_locks_test integration/kernel_locks_test.cc)
   target_link_libraries(kernel_locks_test PRIVATE gate_test_support gate_client gate_core Boost::json)
   catch_discover_tests(kernel_locks_test PROPERTIES LABELS "mount" TIMEOUT 300)
+  # Agents: who each lock is for, through real processes and `gate run`.
+  add_executable(agents_test integration/agents_test.cc)
+  target_link_libraries(agents_test PRIVATE gate_test_support gate_client gate_core Boost::json)
+  catch_discover_tests(agents_test PROPERTIES LABELS "mount")
 endif()

@@ -48,7 +48,10 @@ expect "gate help " broker mount up
 expect "gate broker --st" --state-dir
 expect "gate broker --" --port --unix-socket --allow-remote --ready-fd --help '!--broker-port'
 expect "gate mount -" --root --mount --foreground --broker-socket --no-locking
-expect "gate locks --" --json --broker-host
+expect "gate locks --" --json --broker-host --vm-name
+expect "gate locks --vm-name a" alpha '!beta'
+expect "gate run --" --agent --help
+expect "gate " run
 expect "gate broker --log-level " debug info warn error
 expect "gate broker --sync f" full '!normal'
 expect "gate down --vm-name " alpha beta

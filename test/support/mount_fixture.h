@@ -34,18 +34,6 @@ namespace gate::test {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-// Polls `done` until it holds or `limit` passes; for states that have no event to
-// wait on (the broker's queue, a file's contents).
-template <typename F>
-inline bool eventually(F done, std::chrono::milliseconds limit = 10s) {
-  auto end = Clock::now() + limit;
-  for (;;) {
-    if (done()) return true;
-    if (Clock::now() > end) return false;
-    std::this_thread::sleep_for(10ms);
-  }
-}
-
 inline bool is_mounted(const std::string& path) {
   std::ifstream in("/proc/self/mountinfo");
   std::string line;

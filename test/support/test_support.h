@@ -8,6 +8,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/config.h"
@@ -105,6 +106,18 @@ class ScopedEnv {
   const char* name_;
   std::optional<std::string> previous_;
 };
+
+// Polls `done` until it holds or `limit` passes; for states that have no event to
+// wait on (the broker's queue, a file's contents, a process's /proc entries).
+template <typename F>
+inline bool eventually(F done, std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+  auto end = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    if (done()) return true;
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
 
 // Reads a whole file ("" when missing).
 std::string read_file(const std::string& path);

@@ -35,8 +35,16 @@ TEST_CASE("a lock object carries every field of the contract", "[json]") {
   CHECK(o.at("max_hold_ms") == 3'600'000);
   CHECK(o.at("hold_count") == 2);
   CHECK(o.at("fence") == 17);
+  CHECK(o.at("agent").is_null());  // the client did not say
+  CHECK(o.at("pid").is_null());
+  CHECK(o.at("command").is_null());
   l.max_hold_ms.reset();
   CHECK(lock_to_json(l).at("max_hold_ms").is_null());
+  l.who = {"codex", 4242, "codex"};
+  o = lock_to_json(l);
+  CHECK(o.at("agent") == "codex");
+  CHECK(o.at("pid") == 4242);
+  CHECK(o.at("command") == "codex");
 }
 
 TEST_CASE("ISO-8601 times round-trip", "[json]") {
@@ -57,6 +65,15 @@ TEST_CASE("a valid acquire body is read with its optional fields", "[json]") {
   CHECK(p->lease_ms == 500);
   CHECK(p->session == "m:1");
   CHECK(p->request_id == "r");
+  CHECK(p->who.agent.empty());
+  o = parse_body_object(
+      R"({"path":"a","mode":"read","owner":"o","agent":"claude-1","pid":77,"command":"node"})");
+  REQUIRE(o.ok());
+  p = parse_acquire(*o);
+  REQUIRE(p.ok());
+  CHECK(p->who.agent == "claude-1");
+  CHECK(p->who.pid == 77);
+  CHECK(p->who.command == "node");
 }
 
 TEST_CASE("bad acquire bodies name what is wrong", "[json]") {
@@ -69,6 +86,11 @@ TEST_CASE("bad acquire bodies name what is wrong", "[json]") {
   CHECK(acquire_error(R"({"path":"a","mode":"read"})") == "missing field 'owner'");
   CHECK(acquire_error(R"({"path":"a","mode":"read","owner":"o","timeout_ms":"5"})").find("timeout_ms") != std::string::npos);
   CHECK(acquire_error(R"({"path":"a","mode":"read","owner":"o","timeout_ms":-1})").find("timeout_ms") != std::string::npos);
+  CHECK(acquire_error(R"({"path":"a","mode":"read","owner":"o","pid":-3})").find("'pid'") != std::string::npos);
+  CHECK(acquire_error(R"({"path":"a","mode":"read","owner":"o","pid":"7"})").find("'pid'") != std::string::npos);
+  CHECK(acquire_error(R"({"path":"a","mode":"read","owner":"o","agent":7})") == "field 'agent' must be a string");
+  CHECK(acquire_error(R"({"path":"a","mode":"read","owner":"o","agent":")" + std::string(200, 'a') + R"("})")
+            .find("'agent' is longer than 128") != std::string::npos);
   std::string long_key(5000, 'k');
   CHECK(acquire_error(R"({"path":")" + long_key + R"(","mode":"read","owner":"o"})").find("longer than 4096") != std::string::npos);
 }

@@ -33,7 +33,9 @@ TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]"
     auto store = open_ok(path);
     LockTable t = make_table();
     AcquireParams p{"src/a.c", LockMode::Write, "A", "m:1", "", std::nullopt, 5000, std::nullopt};
+    p.who = {"claude-1", 4242, "node"};
     t.acquire(p, kNow);
+    p.who = {"codex", 0, ""};
     p.owner = "B";
     p.session = "m:2";
     p.request_id = "rid";
@@ -53,6 +55,9 @@ TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]"
   REQUIRE(snap.queue.size() == 1);
   CHECK(snap.queue[0].owner == "B");
   CHECK(snap.queue[0].request_id == "rid");
+  CHECK(snap.queue[0].who.agent == "codex");
+  CHECK(snap.queue[0].who.pid == 0);
+  CHECK(snap.queue[0].who.command.empty());
   CHECK(snap.next_fence > 2);  // a floor above every fence handed out
   for (const auto& l : before) {
     auto it = std::find_if(snap.locks.begin(), snap.locks.end(),
@@ -66,7 +71,13 @@ TEST_CASE("held locks, queued requests and counters survive a reopen", "[store]"
     CHECK(it->fence == l.fence);
     CHECK(it->lease_expires_at == l.lease_expires_at);
     CHECK(it->max_hold_ms == l.max_hold_ms);
+    CHECK(it->who.agent == l.who.agent);
+    CHECK(it->who.pid == l.who.pid);
+    CHECK(it->who.command == l.who.command);
   }
+  CHECK(std::any_of(snap.locks.begin(), snap.locks.end(), [](const Lock& l) {
+    return l.who.agent == "claude-1" && l.who.pid == 4242 && l.who.command == "node";
+  }));
 }
 
 TEST_CASE("released locks are gone from the store", "[store]") {
@@ -142,14 +153,70 @@ TEST_CASE("a version 1 database is migrated forward with its locks", "[store]") 
         "PRAGMA user_version = 1;");
   }
   auto store = open_ok(path);
-  CHECK(store->schema_version() == 2);
+  CHECK(store->schema_version() == LockStore::kSchemaVersion);
   auto loaded = store->load();
   REQUIRE(loaded.ok());
   auto& snap = *loaded;
   REQUIRE(snap.locks.size() == 1);
   CHECK(snap.locks[0].lock_id == "old-lock");
+  CHECK(snap.locks[0].who.agent.empty());  // v3 columns: nobody said
+  CHECK(snap.locks[0].who.pid == 0);
   CHECK(snap.locks[0].hold_count == 3);
   CHECK(snap.locks[0].fence == 41);
   CHECK_FALSE(snap.locks[0].max_hold_ms);
   CHECK(snap.next_fence == 1066);
+}
+
+TEST_CASE("a version 2 database gains the holder columns and keeps its locks and queue",
+          "[store]") {
+  test::TempDir dir;
+  const std::string path = dir.path() + "/locks.db";
+  {
+    // The schema as gate's v2 store wrote it.
+    SQLite::Database db(path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE);
+    db.exec(
+        "CREATE TABLE locks ("
+        " lock_id TEXT PRIMARY KEY, key TEXT NOT NULL, mode TEXT NOT NULL,"
+        " owner TEXT NOT NULL, session TEXT NOT NULL, acquired_at INTEGER NOT NULL,"
+        " lease_expires_at INTEGER NOT NULL, lease_ms INTEGER NOT NULL,"
+        " max_hold_ms INTEGER, hold_count INTEGER NOT NULL, fence INTEGER NOT NULL) WITHOUT ROWID;"
+        "CREATE TABLE requests ("
+        " req_id INTEGER PRIMARY KEY, key TEXT NOT NULL, mode TEXT NOT NULL,"
+        " owner TEXT NOT NULL, session TEXT NOT NULL, request_id TEXT NOT NULL,"
+        " requested_at INTEGER NOT NULL, lease_ms INTEGER NOT NULL, max_hold_ms INTEGER,"
+        " deadline INTEGER);"
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;"
+        "INSERT INTO locks VALUES ('v2-lock', 'a', 'write', 'o', 'm:1', 1, 2, 30000, 5000, 1, 7);"
+        "INSERT INTO requests VALUES (3, 'a', 'read', 'p', 'm:2', 'rid', 5, 30000, NULL, NULL);"
+        "INSERT INTO counters VALUES ('next_fence', 100);"
+        "PRAGMA user_version = 2;");
+  }
+  {
+    auto store = open_ok(path);
+    CHECK(store->schema_version() == 3);
+    auto snap = store->load();
+    REQUIRE(snap.ok());
+    REQUIRE(snap->locks.size() == 1);
+    CHECK(snap->locks[0].lock_id == "v2-lock");
+    CHECK(snap->locks[0].max_hold_ms == 5000);
+    REQUIRE(snap->queue.size() == 1);
+    CHECK(snap->queue[0].request_id == "rid");
+    CHECK(snap->queue[0].who.agent.empty());
+    CHECK(snap->next_fence == 100);
+    // The migrated tables take holder information from now on.
+    LockTable t = make_table();
+    AcquireParams p{"b", LockMode::Write, "q", "m:3", "", std::nullopt, 5000, std::nullopt};
+    p.who = {"aider", 77, "python3"};
+    t.acquire(p, kNow);
+    REQUIRE(store->apply(t.take_journal()).ok());
+  }
+  auto store = open_ok(path);
+  auto snap = store->load();
+  REQUIRE(snap.ok());
+  auto it = std::find_if(snap->locks.begin(), snap->locks.end(),
+                         [](const Lock& l) { return l.key == "b"; });
+  REQUIRE(it != snap->locks.end());
+  CHECK(it->who.agent == "aider");
+  CHECK(it->who.pid == 77);
+  CHECK(it->who.command == "python3");
 }

@@ -1,0 +1,131 @@
+#include "mount/agent_resolver.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <string_view>
+
+namespace gate::mount {
+
+namespace {
+
+constexpr int kMaxDepth = 64;  // ancestors walked at most (a loop guard)
+constexpr std::size_t kMaxAgentBytes = 64;
+constexpr std::string_view kAgentVar = "GATE_AGENT=";
+
+// The whole file, or false when it cannot be opened (gone, not ours).
+bool slurp(const std::string& path, std::string* out, std::size_t limit) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  out->clear();
+  char buf[4096];
+  for (ssize_t n; out->size() < limit && (n = ::read(fd, buf, sizeof buf)) > 0;)
+    out->append(buf, static_cast<std::size_t>(n));
+  ::close(fd);
+  return true;
+}
+
+}  // namespace
+
+std::string clean_agent_name(const std::string& raw) {
+  std::string name;
+  for (char c : raw) {
+    if (name.size() == kMaxAgentBytes) break;
+    name.push_back(c > ' ' && c < 0x7f ? c : '_');
+  }
+  return name;
+}
+
+AgentResolver::AgentResolver(std::string proc, std::size_t capacity)
+    : proc_(std::move(proc)), capacity_(capacity) {}
+
+bool AgentResolver::read_stat(pid_t pid, Process* out) const {
+  std::string s;
+  if (!slurp(proc_ + "/" + std::to_string(pid) + "/stat", &s, 4096)) return false;
+  // "pid (comm) state ppid ...": comm may hold spaces and parentheses itself.
+  const auto open = s.find('('), close = s.rfind(')');
+  if (open == std::string::npos || close == std::string::npos || close < open) return false;
+  out->command = s.substr(open + 1, close - open - 1);
+  // Fields from 3 (state) on; ppid is field 4, starttime field 22.
+  std::size_t field = 3, pos = close + 2;
+  while (pos < s.size() && field <= 22) {
+    const auto end = s.find(' ', pos);
+    const std::string_view v(s.data() + pos, (end == std::string::npos ? s.size() : end) - pos);
+    if (field == 4) out->ppid = static_cast<pid_t>(std::strtol(std::string(v).c_str(), nullptr, 10));
+    if (field == 22) out->start = std::strtoull(std::string(v).c_str(), nullptr, 10);
+    if (end == std::string::npos) break;
+    pos = end + 1;
+    ++field;
+  }
+  return field >= 22;
+}
+
+bool AgentResolver::read_status(pid_t pid, Process* out) const {
+  std::string s;
+  if (!slurp(proc_ + "/" + std::to_string(pid) + "/status", &s, 8192)) return false;
+  const auto at = s.find("\nTgid:");
+  if (at == std::string::npos) return false;
+  out->tgid = static_cast<pid_t>(std::strtol(s.c_str() + at + 6, nullptr, 10));
+  return out->tgid > 0;
+}
+
+std::string AgentResolver::own_agent(pid_t pid) const {
+  std::string env;
+  // The environment at exec time; unreadable for another user's process.
+  if (!slurp(proc_ + "/" + std::to_string(pid) + "/environ", &env, 1 << 20)) return "";
+  std::size_t pos = 0;
+  while (pos < env.size()) {
+    auto end = env.find('\0', pos);
+    if (end == std::string::npos) end = env.size();
+    const std::string_view var(env.data() + pos, end - pos);
+    if (var.substr(0, kAgentVar.size()) == kAgentVar)
+      return clean_agent_name(std::string(var.substr(kAgentVar.size())));
+    pos = end + 1;
+  }
+  return "";
+}
+
+const AgentResolver::Process* AgentResolver::process(pid_t pid, int depth) {
+  if (pid <= 0 || depth > kMaxDepth) return nullptr;
+  Process now;
+  if (!read_stat(pid, &now)) return nullptr;
+  if (auto it = cache_.find(pid); it != cache_.end() && it->second.start == now.start)
+    return &it->second;
+  now.tgid = pid;
+  read_status(pid, &now);
+  if (now.tgid != pid) {
+    // A thread: its process decides (threads may carry names of their own).
+    if (const Process* p = process(now.tgid, depth + 1)) {
+      now.agent = p->agent;
+      now.command = p->command;
+    }
+  } else {
+    now.agent = own_agent(pid);
+    if (now.agent.empty())
+      if (const Process* parent = process(now.ppid, depth + 1)) now.agent = parent->agent;
+  }
+  // Pointers handed out above are used before this point: clearing is safe.
+  if (cache_.size() >= capacity_) cache_.clear();
+  return &(cache_[pid] = std::move(now));
+}
+
+Caller AgentResolver::resolve(pid_t tid) {
+  std::lock_guard guard(m_);
+  const Process* p = process(tid, 0);
+  Caller c;
+  c.tid = tid;
+  if (!p) {
+    // Gone before we looked (or no procfs): the thread id is all we know.
+    c.pid = tid;
+    c.agent = "pid-" + std::to_string(tid);
+    c.command = "?";
+    return c;
+  }
+  c.pid = p->tgid;
+  c.command = p->command.empty() ? "?" : p->command;
+  c.agent = p->agent.empty() ? "pid-" + std::to_string(p->tgid) : p->agent;
+  return c;
+}
+
+}  // namespace gate::mount
