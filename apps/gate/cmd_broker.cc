@@ -140,7 +140,7 @@ int broker(int argc, char** argv) {
     if (!snap.ok()) return cli::fail(me, "cannot read " + db_path + ": " + snap.message());
     const auto held = snap->locks.size(), queued = snap->queue.size();
     table.restore(std::move(snap->locks), std::move(snap->queue), snap->next_fence,
-                  wall_clock_micros());
+                  wall_clock_micros(), std::move(snap->versions));
     if (Status s = store->apply(table.take_journal()); !s.ok())
       return cli::fail(me, "cannot write " + db_path + ": " + s.message());
     table.take_events();

@@ -39,13 +39,13 @@ HttpAnswer refusal(OpStatus status, const std::string& lock_id) {
   return error_answer(404, "no lock " + lock_id.substr(0, 200) + " (released, expired or capped)");
 }
 
-HttpAnswer granted_answer(const Lock& l) {
+HttpAnswer granted_answer(const Lock& l, std::uint64_t version) {
   // Built in a buffer on the stack: answers are the broker's hottest path.
   unsigned char scratch[4096];
   json::monotonic_resource mr(scratch, sizeof scratch);
   json::object o(&mr);
   o["status"] = "granted";
-  o["lock"] = lock_to_json(l, &mr);
+  o["lock"] = lock_to_json(l, version, &mr);
   return {200, json::serialize(o)};
 }
 
@@ -154,7 +154,7 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
     case AcquireResult::Kind::Granted:
       ++metrics_.grants;
       record_wait(0);
-      answer(std::move(reply), granted_answer(r.lock), undo_grant(r.lock));
+      answer(std::move(reply), granted_answer(r.lock, table_.version_of(r.lock.key)), undo_grant(r.lock));
       return;
     case AcquireResult::Kind::Timeout:
       ++metrics_.timeouts;
@@ -184,18 +184,20 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
 
 void BrokerService::release(const std::string& body, Reply& reply) {
   std::string lock_id, owner;
+  bool changed = false;
   unsigned char scratch[2048];
   json::monotonic_resource mr(scratch, sizeof scratch);
   auto obj = parse_body_object(body, &mr);
   Status valid = obj.status();
   if (valid.ok()) valid = get_string(*obj, "lock_id", true, &lock_id);
   if (valid.ok()) valid = get_string(*obj, "owner", true, &owner);
+  if (valid.ok()) valid = get_bool(*obj, "changed", &changed);
   if (!valid.ok()) {
     ++metrics_.bad_requests;
     answer(std::move(reply), error_answer(400, valid.message()));
     return;
   }
-  switch (OpStatus status = table_.release(lock_id, owner, clock_())) {
+  switch (OpStatus status = table_.release(lock_id, owner, clock_(), changed)) {
     case OpStatus::Ok:
       ++metrics_.releases;
       answer(std::move(reply), status_answer(200, "released"));
@@ -226,7 +228,7 @@ void BrokerService::heartbeat(const std::string& body, Reply& reply) {
       ++metrics_.heartbeats;
       json::object o;
       o["status"] = "ok";
-      o["lock"] = lock_to_json(lock);
+      o["lock"] = lock_to_json(lock, table_.version_of(lock.key));
       answer(std::move(reply), {200, json::serialize(o)});
       return;
     }
@@ -241,11 +243,18 @@ void BrokerService::status(const std::string& query, Reply& reply) {
   table_.expire(clock_());
   const std::string key = query_param(query, "path");
   json::array locks, queue;
-  for (const auto& l : table_.locks(key)) locks.push_back(lock_to_json(l));
+  for (const auto& l : table_.locks(key)) locks.push_back(lock_to_json(l, table_.version_of(l.key)));
   for (const auto& q : table_.queue(key)) queue.push_back(queued_to_json(q));
+  json::object versions;
+  if (!key.empty()) {
+    versions[key] = table_.version_of(key);
+  } else {
+    for (const auto& [k, v] : table_.versions()) versions[k] = v;
+  }
   json::object o;
   o["locks"] = std::move(locks);
   o["queue"] = std::move(queue);
+  o["versions"] = std::move(versions);
   answer(std::move(reply), {200, json::serialize(o)});
 }
 
@@ -288,7 +297,8 @@ void BrokerService::process_events() {
         log(LogLevel::Info, "broker", "granted ", to_string(e.lock.mode), " '", e.lock.key,
             "' to ", e.lock.owner, " after waiting ", waited / 1000, " ms (fence ",
             e.lock.fence, ")");
-        answer(std::move(it->second.reply), granted_answer(e.lock), undo_grant(e.lock));
+        answer(std::move(it->second.reply), granted_answer(e.lock, table_.version_of(e.lock.key)),
+               undo_grant(e.lock));
         waiters_.erase(it);
         break;
       }

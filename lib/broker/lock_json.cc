@@ -51,7 +51,7 @@ Status get_pid(const json::object& o, std::int64_t* out) {
 
 }  // namespace
 
-json::object lock_to_json(const Lock& l, json::storage_ptr storage) {
+json::object lock_to_json(const Lock& l, std::uint64_t version, json::storage_ptr storage) {
   json::object o(std::move(storage));
   o["lock_id"] = l.lock_id;
   o["path"] = l.key;
@@ -64,6 +64,7 @@ json::object lock_to_json(const Lock& l, json::storage_ptr storage) {
   o["hold_count"] = l.hold_count;
   o["fence"] = l.fence;
   o["session"] = l.session;
+  o["version"] = version;
   put_holder(o, l.who);
   return o;
 }
@@ -121,6 +122,15 @@ Status get_millis(const json::object& o, const char* field, std::optional<std::i
     return Status::failure(std::string("field '") + field + "' must be between 0 and 3.2e12");
   }
   *out = static_cast<std::int64_t>(d);
+  return {};
+}
+
+Status get_bool(const json::object& o, const char* field, bool* out) {
+  auto it = o.find(field);
+  if (it == o.end() || it->value().is_null()) return {};
+  if (!it->value().is_bool())
+    return Status::failure(std::string("field '") + field + "' must be true or false");
+  *out = it->value().as_bool();
   return {};
 }
 

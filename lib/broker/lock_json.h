@@ -11,7 +11,9 @@
 
 namespace gate {
 
-boost::json::object lock_to_json(const Lock& l, boost::json::storage_ptr storage = {});
+// `version`: the key's current content version (LockTable::version_of).
+boost::json::object lock_to_json(const Lock& l, std::uint64_t version,
+                                 boost::json::storage_ptr storage = {});
 boost::json::object queued_to_json(const QueuedRequest& r);
 
 // Reads a request body as a JSON object; a failure is the text of a 400 answer.
@@ -23,6 +25,7 @@ Result<boost::json::object> parse_body_object(const std::string& body,
 // wrong type (or missing when required); an absent optional field leaves *out.
 Status get_string(const boost::json::object& o, const char* field, bool required, std::string* out);
 Status get_millis(const boost::json::object& o, const char* field, std::optional<std::int64_t>* out);
+Status get_bool(const boost::json::object& o, const char* field, bool* out);
 
 // POST /v1/locks/acquire body -> params; a failure names what is wrong.
 Result<AcquireParams> parse_acquire(const boost::json::object& o);

@@ -288,6 +288,7 @@ LockInfo lock_from_json(const json::value& v) {
   l.max_hold_ms = num("max_hold_ms");
   l.hold_count = num("hold_count").value_or(0);
   l.fence = static_cast<std::uint64_t>(num("fence").value_or(0));
+  l.version = static_cast<std::uint64_t>(num("version").value_or(0));
   l.agent = str("agent");
   l.pid = num("pid").value_or(0);
   l.command = str("command");
@@ -345,10 +346,12 @@ CallResult BrokerClient::acquire(const AcquireRequest& req) {
   return to_result(request("POST", "/v1/locks/acquire", json::serialize(o), long_wait));
 }
 
-CallResult BrokerClient::release(const std::string& lock_id, const std::string& owner) {
+CallResult BrokerClient::release(const std::string& lock_id, const std::string& owner,
+                                 bool changed) {
   json::object o;
   o["lock_id"] = lock_id;
   o["owner"] = owner;
+  if (changed) o["changed"] = true;
   return to_result(request("POST", "/v1/locks/release", json::serialize(o)));
 }
 

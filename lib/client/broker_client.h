@@ -33,6 +33,7 @@ struct LockInfo {
   std::optional<std::int64_t> max_hold_ms;
   std::int64_t hold_count = 0;
   std::uint64_t fence = 0;
+  std::uint64_t version = 0;  // the key's content version when this was sent
   std::string agent;     // who it is for, as its client said ("" unknown)
   std::int64_t pid = 0;  // 0: unknown
   std::string command;
@@ -88,7 +89,9 @@ class BrokerClient {
   // Waits as the request says (timeout_ms); a wait with no timeout ends only with
   // a grant, a broker answer, a dropped connection or abort().
   CallResult acquire(const AcquireRequest& req);
-  CallResult release(const std::string& lock_id, const std::string& owner);
+  // `changed`: the holder changed the key's content (the broker then sets the key's
+  // version to this lock's fence).
+  CallResult release(const std::string& lock_id, const std::string& owner, bool changed = false);
   CallResult heartbeat(const std::string& lock_id, const std::string& owner,
                        std::optional<std::int64_t> lease_ms = std::nullopt);
   // GET /v1/locks/status[?path=]; the JSON body on success.

@@ -272,12 +272,23 @@ void LockTable::drop_lock(Lock* lock, const std::string& reason) {
   if (!reason.empty()) events_.push_back({Event::Kind::Dropped, 0, std::move(node.mapped()), reason});
 }
 
-OpStatus LockTable::release(const std::string& lock_id, const std::string& owner, Micros now) {
+OpStatus LockTable::release(const std::string& lock_id, const std::string& owner, Micros now,
+                            bool changed) {
   expire(now);
   auto it = locks_.find(lock_id);
   if (it == locks_.end()) return OpStatus::NotFound;
   Lock& l = it->second;
   if (l.owner != owner) return OpStatus::Forbidden;
+  if (changed && l.mode == LockMode::Write) {
+    std::uint64_t& v = versions_[l.key];
+    if (l.fence > v) {
+      v = l.fence;
+      JournalEntry e{JournalEntry::Kind::PutVersion};
+      e.key = l.key;
+      e.version = v;
+      journal_.push_back(std::move(e));
+    }
+  }
   if (--l.hold_count > 0) {
     put_lock_journal(l);
     return OpStatus::Ok;
@@ -383,9 +394,17 @@ std::optional<std::string> LockTable::find_deadlock(const QueuedRequest& root) c
   return std::nullopt;
 }
 
+std::uint64_t LockTable::version_of(const std::string& key) const {
+  auto it = versions_.find(key);
+  return it == versions_.end() ? 0 : it->second;
+}
+
 void LockTable::restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
-                        std::uint64_t next_fence, Micros now) {
+                        std::uint64_t next_fence, Micros now,
+                        std::unordered_map<std::string, std::uint64_t> versions) {
   next_fence_ = std::max(next_fence_, next_fence);
+  for (const auto& [key, v] : versions) next_fence_ = std::max(next_fence_, v + 1);
+  versions_ = std::move(versions);
   for (auto& l : locks) {
     next_fence_ = std::max(next_fence_, l.fence + 1);
     // Nobody could heartbeat while the broker was down: give each lock its lease anew.

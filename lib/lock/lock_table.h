@@ -106,13 +106,15 @@ struct Event {
 
 // What changed, for the store to write in one transaction.
 struct JournalEntry {
-  enum class Kind { PutLock, DeleteLock, PutRequest, DeleteRequest, Counters };
+  enum class Kind { PutLock, DeleteLock, PutRequest, DeleteRequest, Counters, PutVersion };
   Kind kind;
   Lock lock;               // PutLock
   QueuedRequest request;   // PutRequest
   std::string lock_id;     // DeleteLock
   std::uint64_t req_id = 0;  // DeleteRequest
   std::uint64_t fence_floor = 0;  // Counters: every future fence is at least this
+  std::string key;             // PutVersion: the key's content version is now
+  std::uint64_t version = 0;   //   this
 };
 
 struct LockTableOptions {
@@ -127,7 +129,10 @@ class LockTable {
   LockTable(LockTableOptions options, IdSource new_lock_id);
 
   AcquireResult acquire(const AcquireParams& p, Micros now);
-  OpStatus release(const std::string& lock_id, const std::string& owner, Micros now);
+  // `changed`: the holder changed the key's content under this lock; for a write
+  // lock the key's version becomes the lock's fence (see version_of).
+  OpStatus release(const std::string& lock_id, const std::string& owner, Micros now,
+                   bool changed = false);
   OpStatus heartbeat(const std::string& lock_id, const std::string& owner,
                      std::optional<std::int64_t> lease_ms, Micros now, Lock* out);
   // Removes a queued request (client went away). False when it is not queued.
@@ -140,7 +145,13 @@ class LockTable {
   // Restore state saved by the store. Queued requests get the grace period.
   // Request numbers continue after the highest restored one.
   void restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
-               std::uint64_t next_fence, Micros now);
+               std::uint64_t next_fence, Micros now,
+               std::unordered_map<std::string, std::uint64_t> versions = {});
+
+  // The version of a key's content: the fence of the last write hold that changed
+  // it; 0 for content never seen to change. Versions only grow.
+  std::uint64_t version_of(const std::string& key) const;
+  const std::unordered_map<std::string, std::uint64_t>& versions() const { return versions_; }
 
   std::vector<Event> take_events();
   std::vector<JournalEntry> take_journal();
@@ -197,6 +208,7 @@ class LockTable {
   std::unordered_map<std::string, KeyState> keys_;
   std::map<std::uint64_t, QueuedRequest> requests_;
   std::unordered_map<std::string, std::set<std::uint64_t>> waiting_by_session_;
+  std::unordered_map<std::string, std::uint64_t> versions_;  // keys ever changed
   std::set<std::pair<Micros, Lock*>> lock_deadlines_;
   std::set<std::pair<Micros, std::uint64_t>> request_deadlines_;
 

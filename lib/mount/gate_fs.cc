@@ -10,6 +10,7 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <climits>
 #include <cstring>
@@ -27,8 +28,12 @@ void log_fd_exhaustion(int err) {
 
 void GateFs::Impl::run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step,
                               const Caller* who) {
-  auto finish = [this, step = std::move(step)](int err, std::vector<HeldLock>& held) {
+  auto finish = [this, step = std::move(step), changes = plan.changes](
+                    int err, std::vector<HeldLock>& held) {
     if (!err) err = step.act(held);
+    if (!err)
+      for (HeldLock& l : held)
+        l.changed = std::find(changes.begin(), changes.end(), l.key) != changes.end();
     give_back(held);
     held.clear();
     step.reply(err);
@@ -146,7 +151,7 @@ void GateFs::Impl::close_handle(FileHandle* h) {
   // Data reaches the source before the next holder can get in.
   if (h->fd >= 0) ::close(h->fd);
   h->fd = -1;
-  if (lock && agent) agent->release_tracked(lock);
+  if (lock && agent) agent->release_tracked(lock, h->changed);
   delete h;
 }
 

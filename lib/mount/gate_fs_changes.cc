@@ -149,6 +149,8 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   auto* h = new FileHandle;
   h->fd = fd;
   h->key = o.key;
+  // Created, or truncated on open (O_TRUNC): changed before any write.
+  h->changed = o.created || (o.f.flags & O_TRUNC) != 0;
   {
     std::lock_guard guard(open_files_mu);
     open_files.insert(h);
@@ -198,6 +200,7 @@ void GateFs::Impl::create(fuse_req_t req, fuse_ino_t parent, const char* name, m
   const uid_t uid = ctx->uid;
   const gid_t gid = ctx->gid;
   auto o = std::make_shared<Opening>(Opening{*fi, inodes->child_key(p, nm), callers.resolve(ctx->pid)});
+  o->created = true;
   run_locked(req, plan_locks({.op = FsOp::Create, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &p, nm, mode, uid, gid, o](std::vector<HeldLock>& held) {
                 int flags = (o->f.flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC) & ~O_NOCTTY;

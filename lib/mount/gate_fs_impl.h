@@ -40,6 +40,9 @@ struct FileHandle {
   std::mutex m;
   std::shared_ptr<TrackedLock> lock;  // guarded by m; null when not locked (any more)
   std::atomic<bool> lost_logged{false};
+  // Something was written, truncated, allocated or created through it: its
+  // release gives the file a new version.
+  std::atomic<bool> changed{false};
 };
 
 struct DirHandle {
@@ -154,6 +157,7 @@ struct GateFs::Impl {
     std::string key;
     Caller who;
     FileHandle* h = nullptr;
+    bool created = false;      // create (a new name), not open
     fuse_entry_param entry{};  // create only
   };
 

@@ -78,6 +78,7 @@ void GateFs::Impl::write_buf(fuse_req_t req, fuse_bufvec* in, off_t off, fuse_fi
   out.buf[0].fd = h->fd;
   out.buf[0].pos = off;
   ssize_t n = fuse_buf_copy(&out, in, static_cast<fuse_buf_copy_flags>(0));
+  if (n > 0) h->changed = true;
   if (n < 0) fuse_reply_err(req, static_cast<int>(-n));
   else fuse_reply_write(req, static_cast<size_t>(n));
 }
@@ -92,7 +93,7 @@ void GateFs::Impl::flush(fuse_req_t req, fuse_file_info* fi) {
       std::lock_guard guard(h->m);
       lock = std::move(h->lock);
     }
-    if (lock) agent->release_tracked(lock);
+    if (lock) agent->release_tracked(lock, h->changed);
   }
   fuse_reply_err(req, err);
 }
@@ -114,7 +115,9 @@ void GateFs::Impl::fallocate(fuse_req_t req, int mode, off_t off, off_t len, fus
     fuse_reply_err(req, EIO);
     return;
   }
-  fuse_reply_err(req, ::fallocate(h->fd, mode, off, len) < 0 ? errno : 0);
+  const int r = ::fallocate(h->fd, mode, off, len);
+  if (r == 0) h->changed = true;
+  fuse_reply_err(req, r < 0 ? errno : 0);
 }
 
 void GateFs::Impl::lseek(fuse_req_t req, off_t off, int whence, fuse_file_info* fi) {
@@ -133,6 +136,7 @@ void GateFs::Impl::copy_file_range(fuse_req_t req, off_t off_in, fuse_file_info*
   loff_t in_pos = off_in, out_pos = off_out;
   ssize_t n = ::copy_file_range(file_of(fi_in)->fd, &in_pos, out->fd, &out_pos, len,
                                 static_cast<unsigned>(flags));
+  if (n > 0) out->changed = true;
   if (n < 0) fuse_reply_err(req, errno);
   else fuse_reply_write(req, static_cast<size_t>(n));
 }

@@ -73,6 +73,14 @@ void LockAgent::give_back(std::unique_ptr<BrokerClient> client) {
   if (idle_clients_.size() < kMaxIdleClients) idle_clients_.push_back(std::move(client));
 }
 
+namespace {
+
+HeldLock held_from(const LockNeed& need, const LockInfo& granted) {
+  return {need.key, need.mode, granted.lock_id, need.owner, granted.fence, granted.version};
+}
+
+}  // namespace
+
 AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
                                        std::optional<std::int64_t> timeout_ms) const {
   const LockNeed& need = job.needs[index];
@@ -140,8 +148,7 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
       break;  // a waiter waits for that release, then asks again
     int err = classify(r, *job, i, *client, /*try_once=*/true);
     if (err == 0) {
-      job->held.push_back({job->needs[i].key, job->needs[i].mode, r.lock.lock_id, job->needs[i].owner,
-                           r.lock.fence});
+      job->held.push_back(held_from(job->needs[i], r.lock));
       continue;
     }
     if (err == -1 && !job->nonblocking) break;
@@ -391,8 +398,7 @@ void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& clie
       job->current_ = nullptr;
     }
     if (r.status == CallStatus::Ok)
-      job->held.push_back({job->needs[i].key, job->needs[i].mode, r.lock.lock_id, job->needs[i].owner,
-                           r.lock.fence});
+      job->held.push_back(held_from(job->needs[i], r.lock));
     if (job->interrupted_ || stopping_) {
       // A grant that raced with Ctrl-C is given back by finish().
       err = job->interrupted_ ? EINTR : EIO;
@@ -445,7 +451,7 @@ void LockAgent::release(const std::vector<HeldLock>& locks) {
   auto client = take_client();
   // Reverse order of taking; the order does not matter to the broker but reads well.
   for (auto it = locks.rbegin(); it != locks.rend(); ++it) {
-    CallResult r = client->release(it->lock_id, it->owner);
+    CallResult r = client->release(it->lock_id, it->owner, it->changed);
     if (r.status == CallStatus::Ok) continue;
     if (r.status == CallStatus::Unavailable) {
       log(LogLevel::Warn, "mount", "could not release the lock on ", it->key, " (", it->lock_id,
@@ -469,14 +475,16 @@ std::shared_ptr<TrackedLock> LockAgent::track(HeldLock lock, pid_t pid) {
   return tracked;
 }
 
-bool LockAgent::release_tracked(const std::shared_ptr<TrackedLock>& tracked) {
+bool LockAgent::release_tracked(const std::shared_ptr<TrackedLock>& tracked, bool changed) {
   {
     std::lock_guard guard(track_m_);
     // Out of tracked_: no more heartbeats, and stop() will not release it again.
     if (tracked_.erase(tracked.get()) == 0) return false;
     tracked->releasing = true;
   }
-  release(tracked->lock);
+  HeldLock lock = tracked->lock;
+  lock.changed = changed;
+  release(lock);
   {
     std::lock_guard guard(track_m_);
     auto [begin, end] = by_key_.equal_range(tracked->lock.key);

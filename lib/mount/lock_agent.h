@@ -61,6 +61,8 @@ struct HeldLock {
   std::string lock_id;
   std::string owner;
   std::uint64_t fence = 0;
+  std::uint64_t version = 0;  // the key's content version at the grant
+  bool changed = false;       // the holder changed the content (said at release)
 };
 
 struct LockAgentOptions {
@@ -145,7 +147,8 @@ class LockAgent {
   // Stops heartbeating and releases the lock at the broker; false when it was no
   // longer tracked (released already, e.g. by stop()). Until the broker has it
   // back, the lock still counts as this process's (see release_in_flight).
-  bool release_tracked(const std::shared_ptr<TrackedLock>& tracked);
+  // `changed`: the handle changed the file's content (a new version).
+  bool release_tracked(const std::shared_ptr<TrackedLock>& tracked, bool changed = false);
 
   // The owner token to re-enter for a metadata call by `pid` on `key`: that of a
   // handle `pid` opened, or of any handle on `key` when `pid` holds the file open

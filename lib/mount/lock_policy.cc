@@ -70,21 +70,33 @@ LockPlan plan_locks(const FsCall& call) {
       plan.wait = nonblocking ? Wait::NoWait : Wait::Bounded;
       break;
     case FsOp::Rename:
+      locks.push_back({call.second, LockMode::Write});
+      plan.changes = {call.key, call.second};
+      plan.wait = Wait::Bounded;
+      break;
     case FsOp::Link:
       locks.push_back({call.second, LockMode::Write});
+      plan.changes = {call.second};
       plan.wait = Wait::Bounded;
       break;
     case FsOp::Symlink:
       if (auto target = target_key(parent_key(call.key), call.symlink_target))
         locks.push_back({*target, LockMode::Write});
+      plan.changes = {call.key};
       plan.wait = Wait::Bounded;
       break;
     case FsOp::Setattr:
+      if (call.attr == AttrChange::Size) plan.changes = {call.key};
+      plan.wait = Wait::Bounded;
+      break;
+    case FsOp::Unlink:
+    case FsOp::Mknod:
+      plan.changes = {call.key};
+      plan.wait = Wait::Bounded;
+      break;
     case FsOp::Setxattr:
     case FsOp::Removexattr:
-    case FsOp::Unlink:
     case FsOp::Rmdir:
-    case FsOp::Mknod:
     case FsOp::Mkdir:
       plan.wait = Wait::Bounded;
       break;

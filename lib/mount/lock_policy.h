@@ -11,6 +11,7 @@
 //   rename, link                    write on both names, call, bounded
 //   symlink                         write on the name (and on its target when that
 //                                   lies inside the mount), call, bounded
+// and which keys' content a call changes (LockPlan::changes).
 // "Bounded" calls are the ones the kernel makes while holding inode or directory
 // locks: they wait at most --meta-wait-ms, then fail with EBUSY. Locks come sorted
 // by key, one per key (the stronger mode wins), so two calls never take the same
@@ -65,6 +66,11 @@ struct LockPlan {
   std::vector<KeyLock> locks;  // sorted by key, one per key
   Span span = Span::Call;
   Wait wait = Wait::Fifo;
+  // Keys whose content the call changes when it succeeds (a new version at the
+  // broker): what a rename leaves and replaces, what unlink removes, a new name,
+  // a truncate. Metadata (mode, owner, times, xattrs) and directories are not
+  // content. An open handle reports its own changes (writes, O_TRUNC, create).
+  std::vector<std::string> changes;
 };
 
 LockPlan plan_locks(const FsCall& call);

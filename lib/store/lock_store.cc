@@ -115,9 +115,11 @@ void LockStore::migrate() {
     version = 2;
   }
   if (version == 2) {
-    // v3: who each lock and request is for (agent, process, command), for people.
+    // v3: who each lock and request is for (agent, process, command), for people;
+    // and each key's content version (the fence of the last hold that changed it).
     SQLite::Transaction tx(*db_);
     db_->exec(
+        "CREATE TABLE versions (key TEXT PRIMARY KEY, version INTEGER NOT NULL) WITHOUT ROWID;"
         "ALTER TABLE locks ADD COLUMN agent TEXT;"
         "ALTER TABLE locks ADD COLUMN pid INTEGER;"
         "ALTER TABLE locks ADD COLUMN command TEXT;"
@@ -147,6 +149,8 @@ void LockStore::prepare() {
       std::make_unique<SQLite::Statement>(*db_, "DELETE FROM requests WHERE req_id=?");
   put_counter_ = std::make_unique<SQLite::Statement>(
       *db_, "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)");
+  put_version_ = std::make_unique<SQLite::Statement>(
+      *db_, "INSERT OR REPLACE INTO versions (key, version) VALUES (?, ?)");
 }
 
 Result<LockStore::Snapshot> LockStore::load() {
@@ -204,6 +208,10 @@ LockStore::Snapshot LockStore::read_snapshot() {
     const auto value = static_cast<std::uint64_t>(counters.getColumn(1).getInt64());
     if (name == "next_fence") snap.next_fence = value;
   }
+  SQLite::Statement versions(*db_, "SELECT key, version FROM versions");
+  while (versions.executeStep())
+    snap.versions[versions.getColumn(0).getString()] =
+        static_cast<std::uint64_t>(versions.getColumn(1).getInt64());
   return snap;
 }
 
@@ -263,6 +271,12 @@ Status LockStore::apply(const std::vector<JournalEntry>& journal) {
         case JournalEntry::Kind::Counters:
           fence_floor = std::max(fence_floor, e.fence_floor);
           break;
+        case JournalEntry::Kind::PutVersion:
+          put_version_->bind(1, e.key);
+          put_version_->bind(2, static_cast<int64_t>(e.version));
+          put_version_->exec();
+          put_version_->reset();
+          break;
       }
     }
     if (fence_floor) {
@@ -275,7 +289,7 @@ Status LockStore::apply(const std::vector<JournalEntry>& journal) {
     return {};
   } catch (const SQLite::Exception& e) {
     for (auto* st : {put_lock_.get(), delete_lock_.get(), put_request_.get(),
-                     delete_request_.get(), put_counter_.get()})
+                     delete_request_.get(), put_counter_.get(), put_version_.get()})
       st->reset();
     return Status::failure(std::string("saving lock state failed: ") + e.what());
   }

@@ -1,8 +1,8 @@
 #pragma once
 // LockStore: the broker's lock state in SQLite (<state-dir>/locks.db, WAL).
 //
-// Holds the held locks, the queued requests and the counters (next fence, next
-// request number), so that a broker restarted on the same state directory serves
+// Holds the held locks, the queued requests, the counters (next fence, next
+// request number) and each key's content version, so that a broker restarted on the same state directory serves
 // the same locks under the same ids and never reuses a fence.
 //
 // Durability: by default synchronous=NORMAL in WAL mode. Every change is committed
@@ -16,6 +16,7 @@
 // and never overwritten.
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/status.h"
@@ -41,6 +42,7 @@ class LockStore {
     std::vector<Lock> locks;
     std::vector<QueuedRequest> queue;
     std::uint64_t next_fence = 1;
+    std::unordered_map<std::string, std::uint64_t> versions;  // key -> content version
   };
   Result<Snapshot> load();
 
@@ -59,7 +61,7 @@ class LockStore {
 
   std::unique_ptr<SQLite::Database> db_;
   std::unique_ptr<SQLite::Statement> put_lock_, delete_lock_, put_request_, delete_request_,
-      put_counter_;
+      put_counter_, put_version_;
 };
 
 }  // namespace gate

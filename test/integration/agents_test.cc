@@ -1,6 +1,7 @@
-// Agents through a real mount: every lock names the agent, process and command it
-// is for (GATE_AGENT of the caller or its nearest ancestor, else the process), and
-// `gate locks` shows them for holders and waiters.
+// Agents and content versions through a real mount: every lock names the agent,
+// process and command it is for (GATE_AGENT of the caller or its nearest ancestor,
+// else the process), and `gate locks` shows them; every change of a file's content
+// through the mount gives it a new version at the broker.
 #include "support/mount_fixture.h"
 
 using namespace gate::test;
@@ -130,4 +131,89 @@ TEST_CASE("gate run starts a command as an agent and refuses bad use", "[cli][ag
   CHECK(out.find("no command") != std::string::npos);
   CHECK(sh(gate_binary() + " run --agent x -- /no/such/program 2>&1", &out, 10s) == 127);
   CHECK(out.find("cannot run '/no/such/program'") != std::string::npos);
+}
+
+
+TEST_CASE("what changes a file's content through the mount gives it a new version; reads and "
+          "metadata do not",
+          "[mount][versions]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  const auto ep = broker.endpoint();
+  write_file(m.in_root("f"), "one\n");
+  write_file(m.in_root("g"), "gee\n");
+  auto version = [&](const char* key) { return key_version(ep, key); };
+  // A handle's release reaches the broker after close() returns: wait for it.
+  auto settled = [&] { return eventually([&] { return total_locks(ep) == 0; }); };
+  std::uint64_t last = 0;
+  auto changed = [&](const char* key) {
+    REQUIRE(settled());
+    const std::uint64_t now = version(key);
+    INFO(key << ": version " << now << " after " << last << "; mount log:\n" << m.log());
+    CHECK(now > last);
+    last = now;
+  };
+  auto unchanged = [&](const char* key) {
+    REQUIRE(settled());
+    CHECK(version(key) == last);
+  };
+
+  CHECK(version("f") == 0);
+  CHECK(slurp(m.at("f")) == "one\n");  // read-only open
+  unchanged("f");
+  {
+    int fd = ::open(m.at("f").c_str(), O_RDWR);  // opened for writing, nothing written
+    REQUIRE(fd >= 0);
+    ::close(fd);
+  }
+  unchanged("f");
+  {
+    int fd = ::open(m.at("f").c_str(), O_WRONLY);
+    REQUIRE(::pwrite(fd, "ONE", 3, 0) == 3);
+    ::close(fd);
+  }
+  changed("f");
+  REQUIRE(::truncate(m.at("f").c_str(), 2) == 0);
+  changed("f");
+  {
+    int fd = ::open(m.at("f").c_str(), O_RDWR);
+    REQUIRE(::fallocate(fd, 0, 0, 8192) == 0);
+    ::close(fd);
+  }
+  changed("f");
+  {
+    int fd = ::open(m.at("f").c_str(), O_WRONLY | O_TRUNC);  // truncated, nothing written
+    ::close(fd);
+  }
+  changed("f");
+  REQUIRE(::chmod(m.at("f").c_str(), 0600) == 0);
+  REQUIRE(::utimensat(AT_FDCWD, m.at("f").c_str(), nullptr, 0) == 0);
+  unchanged("f");
+
+  // A temp file renamed over f: f gets a new version (and so does the temp name).
+  write_file(m.at("f.tmp"), "renamed\n");
+  REQUIRE(settled());
+  const std::uint64_t tmp_version = version("f.tmp");
+  CHECK(tmp_version > last);  // created
+  REQUIRE(::rename(m.at("f.tmp").c_str(), m.at("f").c_str()) == 0);
+  changed("f");
+  CHECK(version("f.tmp") > tmp_version);
+
+  last = version("g");
+  REQUIRE(::unlink(m.at("g").c_str()) == 0);
+  changed("g");
+
+  last = 0;
+  write_file(m.at("new"), "created\n");
+  changed("new");
+
+  // Versions survive a kill -9 of the broker, and later changes go above them.
+  const std::uint64_t f_before = version("f");
+  broker.kill9();
+  broker.start();
+  CHECK(version("f") == f_before);
+  last = f_before;
+  write_file(m.at("f"), "after the restart\n");
+  changed("f");
+  CHECK(slurp(m.in_root("f")) == "after the restart\n");
 }

@@ -1709,3 +1709,54 @@ TEST_CASE("a full disk answers 503, keeps the held locks, and the broker recover
   BrokerClient c2(broker.endpoint());
   CHECK(c2.heartbeat(held.lock_id, A).status == CallStatus::Ok);
 }
+
+// =================================================================================
+// Content versions
+
+
+TEST_CASE("a write release that says changed gives the key a new version, which every grant carries "
+          "and a kill -9 keeps",
+          "[broker][version][restart]") {
+  BrokerProcess broker;
+  const auto ep = broker.endpoint();
+  BrokerClient c(ep);
+  const std::string A = uid("A"), B = uid("B");
+  LockInfo first = must_acquire(c, acq("src/v.c", "write", A));
+  CHECK(first.version == 0);
+  REQUIRE(c.release(first.lock_id, A).status == CallStatus::Ok);  // nothing changed
+  CHECK(test::key_version(ep, "src/v.c") == 0);
+
+  LockInfo w = must_acquire(c, acq("src/v.c", "write", A));
+  REQUIRE(c.release(w.lock_id, A, /*changed=*/true).status == CallStatus::Ok);
+  CHECK(test::key_version(ep, "src/v.c") == w.fence);
+  LockInfo r = must_acquire(c, acq("src/v.c", "read", B));
+  CHECK(r.version == w.fence);
+  // A reader's "changed" changes nothing.
+  REQUIRE(c.release(r.lock_id, B, true).status == CallStatus::Ok);
+  CHECK(test::key_version(ep, "src/v.c") == w.fence);
+
+  // A bad "changed" is refused with a clear error, and the lock stays.
+  LockInfo held = must_acquire(c, acq("src/v.c", "write", A));
+  RawResponse bad = raw_request(ep.port, "POST", "/v1/locks/release",
+                                R"({"lock_id":")" + held.lock_id + R"(","owner":")" + A +
+                                    R"(","changed":"yes"})");
+  CHECK(bad.status == 400);
+  CHECK(bad.body.find("'changed' must be true or false") != std::string::npos);
+  REQUIRE(c.release(held.lock_id, A, true).status == CallStatus::Ok);
+  const std::uint64_t before = held.fence;
+  CHECK(test::key_version(ep, "src/v.c") == before);
+
+  broker.kill9();
+  broker.start();
+  CHECK(test::key_version(ep, "src/v.c") == before);
+  BrokerClient d(ep);
+  LockInfo after = must_acquire(d, acq("src/v.c", "write", A));
+  CHECK(after.version == before);
+  CHECK(after.fence > before);  // no fence is reused, so no version goes backwards
+  REQUIRE(d.release(after.lock_id, A, true).status == CallStatus::Ok);
+  CHECK(test::key_version(ep, "src/v.c") == after.fence);
+  // The whole-table view lists it too.
+  HttpReply all = d.status("");
+  CHECK(json::parse(all.body).at("versions").as_object().at("src/v.c").to_number<std::uint64_t>() ==
+        after.fence);
+}

@@ -1,5 +1,7 @@
 #include "support/test_support.h"
 
+#include <boost/json.hpp>
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -13,6 +15,8 @@
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
+
+#include "client/broker_client.h"
 
 namespace gate::test {
 
@@ -192,5 +196,15 @@ int BrokerProcess::stop() {
 }
 
 std::string BrokerProcess::log() const { return read_file(log_path_); }
+
+std::uint64_t key_version(const BrokerEndpoint& ep, const std::string& key) {
+  BrokerClient c(ep, std::chrono::seconds(5));
+  HttpReply r = c.status(key);
+  if (r.status != 200) throw std::runtime_error("GET /v1/locks/status failed: " + r.error);
+  const boost::json::value v = boost::json::parse(r.body);
+  const auto& versions = v.at("versions").as_object();
+  auto it = versions.find(key);
+  return it == versions.end() ? 0 : it->value().to_number<std::uint64_t>();
+}
 
 }  // namespace gate::test

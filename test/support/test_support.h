@@ -119,6 +119,10 @@ inline bool eventually(F done, std::chrono::milliseconds limit = std::chrono::se
   }
 }
 
+// The broker's content version of `key` (GET /v1/locks/status?path=KEY's
+// "versions"): 0 when it never changed; throws when the broker does not answer.
+std::uint64_t key_version(const BrokerEndpoint& ep, const std::string& key);
+
 // Reads a whole file ("" when missing).
 std::string read_file(const std::string& path);
 

@@ -25,8 +25,9 @@ TEST_CASE("a lock object carries every field of the contract", "[json]") {
   l.max_hold_ms = 3'600'000;
   l.hold_count = 2;
   l.fence = 17;
-  auto o = lock_to_json(l);
+  auto o = lock_to_json(l, 9);
   CHECK(o.at("lock_id") == "abc");
+  CHECK(o.at("version") == 9);
   CHECK(o.at("path") == "src/main.c");
   CHECK(o.at("mode") == "write");
   CHECK(o.at("owner") == "o");
@@ -39,9 +40,9 @@ TEST_CASE("a lock object carries every field of the contract", "[json]") {
   CHECK(o.at("pid").is_null());
   CHECK(o.at("command").is_null());
   l.max_hold_ms.reset();
-  CHECK(lock_to_json(l).at("max_hold_ms").is_null());
+  CHECK(lock_to_json(l, 0).at("max_hold_ms").is_null());
   l.who = {"codex", 4242, "codex"};
-  o = lock_to_json(l);
+  o = lock_to_json(l, 0);
   CHECK(o.at("agent") == "codex");
   CHECK(o.at("pid") == 4242);
   CHECK(o.at("command") == "codex");

@@ -125,3 +125,20 @@ TEST_CASE("opens_for_writing follows the access mode and the changing flags", "[
   CHECK(opens_for_writing(O_RDONLY | O_TRUNC));
   CHECK(opens_for_writing(O_RDONLY | O_APPEND));
 }
+
+TEST_CASE("a call names the keys whose content it changes, not those whose metadata it does",
+          "[unit][policy]") {
+  using V = std::vector<std::string>;
+  CHECK(plan_locks({.op = FsOp::Rename, .key = "a.tmp", .second = "a"}).changes == V{"a.tmp", "a"});
+  CHECK(plan_locks({.op = FsOp::Link, .key = "a", .second = "b"}).changes == V{"b"});
+  CHECK(plan_locks({.op = FsOp::Unlink, .key = "a"}).changes == V{"a"});
+  CHECK(plan_locks({.op = FsOp::Mknod, .key = "fifo"}).changes == V{"fifo"});
+  CHECK(plan_locks({.op = FsOp::Symlink, .key = "l", .symlink_target = "t"}).changes == V{"l"});
+  CHECK(plan_locks({.op = FsOp::Setattr, .key = "a", .attr = AttrChange::Size}).changes == V{"a"});
+  for (AttrChange meta : {AttrChange::Mode, AttrChange::Owner, AttrChange::Times})
+    CHECK(plan_locks({.op = FsOp::Setattr, .key = "a", .attr = meta}).changes.empty());
+  for (FsOp op : {FsOp::Setxattr, FsOp::Removexattr, FsOp::Mkdir, FsOp::Rmdir})
+    CHECK(plan_locks({.op = op, .key = "d"}).changes.empty());
+  // Handles report their own changes when they are released.
+  CHECK(plan_locks({.op = FsOp::Open, .key = "a", .open_flags = O_WRONLY | O_TRUNC}).changes.empty());
+}

@@ -471,3 +471,49 @@ TEST_CASE("the client that comes back claims its restored grant with a fresh lea
   CHECK(r.lock.hold_count == 1);
   CHECK(r.lock.lease_expires_at == f.now + ms(30'000));
 }
+
+TEST_CASE("a key's version is the fence of the last write hold that changed it", "[lock][version]") {
+  Fixture f;
+  CHECK(f.table.version_of("k") == 0);  // never seen to change
+  auto w = f.acq("k", W, "A");
+  REQUIRE(w.kind == Kind::Granted);
+  f.table.release(w.lock.lock_id, "A", f.now);  // unchanged: no new version
+  CHECK(f.table.version_of("k") == 0);
+
+  auto w2 = f.acq("k", W, "A");
+  f.table.release(w2.lock.lock_id, "A", f.now, /*changed=*/true);
+  CHECK(f.table.version_of("k") == w2.lock.fence);
+  f.table.take_journal();
+
+  // A reader cannot change content: its "changed" is ignored, and nothing is journaled.
+  auto r = f.acq("k", R, "B");
+  f.table.release(r.lock.lock_id, "B", f.now, true);
+  CHECK(f.table.version_of("k") == w2.lock.fence);
+  for (const auto& e : f.table.take_journal()) CHECK(e.kind != JournalEntry::Kind::PutVersion);
+
+  // Re-entrant holds share the fence; the version is set once and never goes back.
+  auto w3 = f.acq("k", W, "C");
+  auto again = f.acq("k", W, "C");
+  REQUIRE(again.lock.lock_id == w3.lock.lock_id);
+  f.table.release(w3.lock.lock_id, "C", f.now, true);
+  CHECK(f.table.version_of("k") == w3.lock.fence);
+  auto journal = f.table.take_journal();
+  CHECK(std::count_if(journal.begin(), journal.end(), [&](const JournalEntry& e) {
+          return e.kind == JournalEntry::Kind::PutVersion && e.key == "k" &&
+                 e.version == w3.lock.fence;
+        }) == 1);
+  f.table.release(w3.lock.lock_id, "C", f.now, true);
+  CHECK(f.table.version_of("k") == w3.lock.fence);
+  CHECK(f.table.version_of("other") == 0);
+}
+
+TEST_CASE("restored versions stay and later fences are above them", "[lock][version]") {
+  Fixture f;
+  f.table.restore({}, {}, 1, f.now, {{"a", 500}, {"b", 7}});
+  CHECK(f.table.version_of("a") == 500);
+  CHECK(f.table.version_of("b") == 7);
+  auto w = f.acq("b", W, "A");
+  CHECK(w.lock.fence > 500);  // even a counter saved below a version cannot reuse it
+  f.table.release(w.lock.lock_id, "A", f.now, true);
+  CHECK(f.table.version_of("b") == w.lock.fence);
+}
