@@ -1,6 +1,8 @@
 // Helper for bench/mount_bench.sh: the file-level loops, timed in-process so that
 // process start-up does not drown what is measured.
 //   mount_bench files DIR N BYTES   create+write+close N files, then open+read+close
+//   mount_bench rewrite DIR N BYTES create N files, then rewrite each twice (O_TRUNC,
+//                                   new content) as agents save: what history costs
 //   mount_bench openclose FILE N    open+close of one existing file, N times
 //   mount_bench hold DIR N          open N files read-only, print "held", wait for stdin EOF
 #include <fcntl.h>
@@ -50,6 +52,28 @@ int files(const std::string& dir, int n, std::size_t bytes) {
   return 0;
 }
 
+int rewrite(const std::string& dir, int n, std::size_t bytes) {
+  auto save = [&](int i, char fill) {
+    std::string path = dir + "/r" + std::to_string(i);
+    std::string data(bytes, fill);
+    int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
+    bool ok = fd >= 0 && ::write(fd, data.data(), bytes) == static_cast<ssize_t>(bytes);
+    if (fd >= 0) ::close(fd);
+    if (!ok) std::perror(path.c_str());
+    return ok;
+  };
+  for (int i = 0; i < n; ++i)
+    if (!save(i, 'a')) return 1;
+  auto t0 = Clock::now();
+  for (char fill : {'b', 'c'})
+    for (int i = 0; i < n; ++i)
+      if (!save(i, fill)) return 1;
+  double t = since(t0);
+  std::printf("rewrite (O_TRUNC+write+close) %d x %zu B: %.3f s (%.0f saves/s)\n", 2 * n, bytes, t,
+              2 * n / t);
+  return 0;
+}
+
 int openclose(const std::string& file, int n) {
   auto t0 = Clock::now();
   for (int i = 0; i < n; ++i) {
@@ -90,8 +114,9 @@ int hold(const std::string& dir, int n) {
 int main(int argc, char** argv) {
   std::string cmd = argc > 1 ? argv[1] : "";
   if (cmd == "files" && argc == 5) return files(argv[2], std::atoi(argv[3]), std::strtoul(argv[4], nullptr, 10));
+  if (cmd == "rewrite" && argc == 5) return rewrite(argv[2], std::atoi(argv[3]), std::strtoul(argv[4], nullptr, 10));
   if (cmd == "openclose" && argc == 4) return openclose(argv[2], std::atoi(argv[3]));
   if (cmd == "hold" && argc == 4) return hold(argv[2], std::atoi(argv[3]));
-  std::fprintf(stderr, "usage: mount_bench files DIR N BYTES | openclose FILE N | hold DIR N\n");
+  std::fprintf(stderr, "usage: mount_bench files|rewrite DIR N BYTES | openclose FILE N | hold DIR N\n");
   return 2;
 }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The cost of `gate mount`, in one run: the native directory, the mount with locking
-# (broker on its Unix socket) and the same mount with --no-locking, which separates
-# FUSE's cost from the broker's.
+# (broker on its Unix socket; --no-history), the same with the history of replaced
+# versions on ("hist"), and the mount with --no-locking, which separates FUSE's cost
+# from the broker's.
 #   (a) create+write+close of 2,000 4 KiB files, then open+read+close of them
+#   (a2) rewrite of 1,000 4 KiB files, twice each (O_TRUNC saves: what history costs)
+#   (d) git add of a 5,000-file tree made through the mount
 #   (b) sequential write and read of a 1 GiB file (dd, 1 MiB blocks)
 #   (c) git status and find . -type f | xargs stat on a 10,000-file tree
 #   plus open+close per second of one file, and the mount's RSS with 10,000 open handles.
@@ -44,6 +47,7 @@ c++ -O2 -std=c++17 -o "$WORK/mount_bench" "$HERE/mount_bench.cc"
 B="$WORK/mount_bench"
 
 mkdir -p "$WORK/state" "$WORK/native" "$WORK/root-locked" "$WORK/mnt-locked" \
+  "$WORK/root-hist" "$WORK/mnt-hist" \
   "$WORK/root-plain" "$WORK/mnt-plain" "$WORK/root-base" "$WORK/mnt-base"
 "$GATE" broker --state-dir "$WORK/state" --port 0 --unix-socket "$WORK/broker.sock" \
   --log-level warn --ready-fd 3 3>"$WORK/broker.port" 2>"$WORK/broker.log" &
@@ -51,23 +55,29 @@ PIDS+=($!)
 wait_for "$WORK/broker.port"
 
 "$GATE" mount --foreground --root "$WORK/root-locked" --mount "$WORK/mnt-locked" \
-  --broker-socket "$WORK/broker.sock" --log-level warn --ready-fd 3 \
+  --broker-socket "$WORK/broker.sock" --log-level warn --no-history --ready-fd 3 \
   3>"$WORK/ready-locked" 2>"$WORK/mount-locked.log" &
 LOCKED_PID=$!
 PIDS+=($LOCKED_PID)
 MOUNTS+=("$WORK/mnt-locked")
+"$GATE" mount --foreground --root "$WORK/root-hist" --mount "$WORK/mnt-hist" \
+  --broker-socket "$WORK/broker.sock" --log-level warn --history-dir "$WORK/history" \
+  --ready-fd 3 3>"$WORK/ready-hist" 2>"$WORK/mount-hist.log" &
+PIDS+=($!)
+MOUNTS+=("$WORK/mnt-hist")
 "$GATE" mount --foreground --root "$WORK/root-plain" --mount "$WORK/mnt-plain" --no-locking \
   --log-level warn --ready-fd 3 3>"$WORK/ready-plain" 2>"$WORK/mount-plain.log" &
 PIDS+=($!)
 MOUNTS+=("$WORK/mnt-plain")
 wait_for "$WORK/ready-locked"
 wait_for "$WORK/ready-plain"
+wait_for "$WORK/ready-hist"
 
 declare -A DIR=([native]="$WORK/native" [locked]="$WORK/mnt-locked" [plain]="$WORK/mnt-plain"
-                [base]="$WORK/mnt-base")
+                [base]="$WORK/mnt-base" [hist]="$WORK/mnt-hist")
 declare -A ROOT=([native]="$WORK/native" [locked]="$WORK/root-locked" [plain]="$WORK/root-plain"
-                 [base]="$WORK/root-base")
-TARGETS=(native locked plain)
+                 [base]="$WORK/root-base" [hist]="$WORK/root-hist")
+TARGETS=(native locked hist plain)
 if [ -n "$BASE_GATE" ]; then
   "$BASE_GATE" mount --foreground --root "$WORK/root-base" --mount "$WORK/mnt-base" \
     --broker-socket "$WORK/broker.sock" --log-level warn --ready-fd 3 \
@@ -89,6 +99,30 @@ for round in $(seq 1 "$ROUNDS"); do
     printf '%-7s ' "$t"
     "$B" files "${DIR[$t]}/a" 2000 4096
   done
+done
+
+echo "-- (a2) rewrite: 1,000 files of 4 KiB saved twice each"
+for round in $(seq 1 "$ROUNDS"); do
+  for t in "${TARGETS[@]}"; do
+    rm -rf "${DIR[$t]}/r"
+    mkdir -p "${DIR[$t]}/r"
+    printf '%-7s ' "$t"
+    "$B" rewrite "${DIR[$t]}/r" 1000 4096
+  done
+done
+[ -d "$WORK/history" ] && echo "hist    history after (a2): $(du -sh "$WORK/history" | cut -f1)"
+
+echo "-- (d) git add of a 5,000-file tree made through the mount"
+for t in "${TARGETS[@]}"; do
+  tree="${DIR[$t]}/add"
+  mkdir -p "$tree"
+  for d in $(seq 1 50); do
+    mkdir -p "$tree/d$d"
+    for f in $(seq 1 100); do echo "$d $f" >"$tree/d$d/f$f"; done
+  done
+  git -C "$tree" init -q
+  ga=$( { time git -C "$tree" add -A; } 2>&1 )
+  printf '%-7s git add: %s s\n' "$t" "$ga"
 done
 
 echo "-- (b) sequential ${MB} MiB write (with fsync) and read, 1 MiB blocks"
@@ -138,7 +172,7 @@ echo "-- resident memory of the locked mount with $HANDLES open handles"
 fusermount3 -u "$WORK/mnt-locked"
 wait "$LOCKED_PID" 2>/dev/null || true
 "$GATE" mount --foreground --root "$WORK/root-locked" --mount "$WORK/mnt-locked" \
-  --broker-socket "$WORK/broker.sock" --log-level warn --ready-fd 3 \
+  --broker-socket "$WORK/broker.sock" --log-level warn --no-history --ready-fd 3 \
   3>"$WORK/ready-locked2" 2>"$WORK/mount-locked2.log" &
 LOCKED_PID=$!
 PIDS+=($LOCKED_PID)

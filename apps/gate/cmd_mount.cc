@@ -141,6 +141,16 @@ int mount(int argc, char** argv) {
        "debug, info, warn or error (env GATE_LOG_LEVEL)")
       ("ready-fd", po::value<int>()->default_value(-1),
        "write \"ready\" and a newline to this file descriptor once mounted")
+      ("history-dir", po::value<std::string>(),
+       "where to keep replaced versions; default: $XDG_STATE_HOME/gate/history/ROOT (ROOT with "
+       "'/' as '_')")
+      ("history-max-file", po::value<std::string>()->default_value("8M"),
+       "keep no version of files larger than this (K, M, G suffixes)")
+      ("history-max-bytes", po::value<std::string>()->default_value("1G"),
+       "the history holds at most this much; the oldest versions go first")
+      ("history-keep-ignored", po::bool_switch(),
+       "keep versions of what the repository's ignore rules ignore too (never .git/)")
+      ("no-history", po::bool_switch(), "keep no history of replaced versions")
       ("no-locking", po::bool_switch(),
        "benchmarks only: a plain passthrough that takes no locks and needs no broker")
       ("debug-fuse", po::bool_switch(), "print every FUSE request (implies --foreground)");
@@ -205,6 +215,18 @@ int mount(int argc, char** argv) {
   const std::int64_t meta_wait_ms = (*args)["meta-wait-ms"].as<std::int64_t>();
   if (meta_wait_ms < 0) return cli::fail(me, "--meta-wait-ms must be 0 or more"), 2;
   locks.meta_wait = std::chrono::milliseconds(meta_wait_ms);
+
+  if (locking && !(*args)["no-history"].as<bool>()) {
+    auto max_file = parse_size((*args)["history-max-file"].as<std::string>());
+    auto max_bytes = parse_size((*args)["history-max-bytes"].as<std::string>());
+    if (!max_file || !max_bytes)
+      return cli::fail(me, "--history-max-file and --history-max-bytes take sizes such as 8M or 1G"), 2;
+    options.history.dir = args->count("history-dir") ? (*args)["history-dir"].as<std::string>()
+                                                     : default_history_dir(root);
+    options.history.max_file_bytes = *max_file;
+    options.history.max_total_bytes = *max_bytes;
+    options.history_git_rules = !(*args)["history-keep-ignored"].as<bool>();
+  }
 
   if (locking) {
     BrokerClient probe(locks.broker, std::chrono::seconds(3));

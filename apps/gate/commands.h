@@ -4,9 +4,11 @@
 // 0 success, 1 failure, 2 usage error.
 namespace gate::cmd {
 int broker(int argc, char** argv);
+int history(int argc, char** argv);
 int locks(int argc, char** argv);
 int mount(int argc, char** argv);
 int run(int argc, char** argv);
+int show(int argc, char** argv);
 int up(int argc, char** argv);
 int down(int argc, char** argv);
 int vm_list(int argc, char** argv);

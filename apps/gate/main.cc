@@ -22,6 +22,9 @@ struct Command {
 constexpr Command kCommands[] = {
     {"broker", "run the lock broker (HTTP API, state in SQLite)", gate::cmd::broker},
     {"locks", "show the locks held and the requests waiting at a broker", gate::cmd::locks},
+    {"history", "list the versions a mount kept of a file (who made each, lines changed)",
+     gate::cmd::history},
+    {"show", "print a version of a file that a mount kept (PATH@VERSION)", gate::cmd::show},
     {"mount", "show a directory through a locked FUSE view", gate::cmd::mount},
     {"run", "run a command as a named agent (GATE_AGENT), whose opens gate attributes to it",
      gate::cmd::run},

@@ -1,6 +1,7 @@
 #include "options.h"
 
 #include <map>
+#include <stdexcept>
 
 namespace gate {
 
@@ -25,6 +26,34 @@ const std::map<std::string, std::string>& env_table() {
 }
 
 }  // namespace
+
+std::optional<std::uint64_t> parse_size(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  std::size_t used = 0;
+  unsigned long long n = 0;
+  try {
+    n = std::stoull(text, &used, 10);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+  if (text[0] == '-') return std::nullopt;
+  const std::string unit = text.substr(used);
+  int shift = 0;
+  if (unit == "K" || unit == "k" || unit == "KiB") shift = 10;
+  else if (unit == "M" || unit == "MiB") shift = 20;
+  else if (unit == "G" || unit == "GiB") shift = 30;
+  else if (unit == "T" || unit == "TiB") shift = 40;
+  else if (!unit.empty()) return std::nullopt;
+  if (shift && n > (~0ull >> shift)) return std::nullopt;
+  return static_cast<std::uint64_t>(n) << shift;
+}
+
+std::string default_history_dir(const std::string& root) {
+  std::string name;
+  for (char c : root) name.push_back(c == '/' ? '_' : c);
+  while (!name.empty() && name.front() == '_') name.erase(0, 1);
+  return user_state_root() + "/history/" + (name.empty() ? "root" : name);
+}
 
 std::optional<std::string> env_name_for(const std::string& option) {
   auto it = env_table().find(option);

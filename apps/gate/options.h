@@ -25,6 +25,15 @@ BrokerEndpoint broker_endpoint_from(const po::variables_map& args);
 po::variables_map parse_command(int argc, char** argv, const po::options_description& desc,
                                 const po::positional_options_description* positional = nullptr);
 
+// "8M" -> 8388608: a byte count with an optional K, M, G or T (powers of 1024);
+// nullopt for anything else.
+std::optional<std::uint64_t> parse_size(const std::string& text);
+
+// Where a mount of `root` keeps its history unless told otherwise:
+// $XDG_STATE_HOME/gate/history/<root with '/' as '_'>. `gate history` finds it
+// from the mount's root the same way.
+std::string default_history_dir(const std::string& root);
+
 // "state-dir" -> "GATE_STATE_DIR". Only options listed in the table have a variable.
 std::optional<std::string> env_name_for(const std::string& option);
 

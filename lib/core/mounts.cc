@@ -4,32 +4,69 @@
 
 #include <cerrno>
 #include <fstream>
+#include <sstream>
 
 #include "core/process.h"
 
 namespace gate {
 
-bool listed_in_mountinfo(const std::string& path) {
+namespace {
+
+// mountinfo writes space, tab, newline and backslash as \NNN (octal).
+std::string unescape_mountinfo(const std::string& field) {
+  std::string decoded;
+  for (std::size_t i = 0; i < field.size(); ++i) {
+    if (field[i] == '\\' && i + 3 < field.size()) {
+      decoded.push_back(static_cast<char>(std::stoi(field.substr(i + 1, 3), nullptr, 8)));
+      i += 3;
+    } else {
+      decoded.push_back(field[i]);
+    }
+  }
+  return decoded;
+}
+
+struct MountEntry {
+  std::string mountpoint, fstype, source;
+};
+
+// Each line: id parent dev root MOUNTPOINT options [optional...] - FSTYPE SOURCE superopts
+std::vector<MountEntry> read_mountinfo() {
+  std::vector<MountEntry> out;
   std::ifstream in("/proc/self/mountinfo");
   std::string line;
   while (std::getline(in, line)) {
-    std::size_t pos = 0;
-    for (int i = 0; i < 4 && pos != std::string::npos; ++i) pos = line.find(' ', pos + 1);
-    if (pos == std::string::npos) continue;
-    const auto end = line.find(' ', pos + 1);
-    const std::string mp = line.substr(pos + 1, end - pos - 1);
-    std::string decoded;
-    for (std::size_t i = 0; i < mp.size(); ++i) {
-      if (mp[i] == '\\' && i + 3 < mp.size()) {
-        decoded.push_back(static_cast<char>(std::stoi(mp.substr(i + 1, 3), nullptr, 8)));
-        i += 3;
-      } else {
-        decoded.push_back(mp[i]);
+    std::istringstream f(line);
+    std::vector<std::string> fields;
+    for (std::string w; f >> w;) fields.push_back(w);
+    if (fields.size() < 5) continue;
+    MountEntry e;
+    e.mountpoint = unescape_mountinfo(fields[4]);
+    for (std::size_t i = 5; i + 2 < fields.size(); ++i)
+      if (fields[i] == "-") {
+        e.fstype = fields[i + 1];
+        e.source = unescape_mountinfo(fields[i + 2]);
+        break;
       }
-    }
-    if (decoded == path) return true;
+    out.push_back(std::move(e));
   }
+  return out;
+}
+
+}  // namespace
+
+bool listed_in_mountinfo(const std::string& path) {
+  for (const auto& e : read_mountinfo())
+    if (e.mountpoint == path) return true;
   return false;
+}
+
+std::vector<GateView> gate_views() {
+  std::vector<GateView> out;
+  for (const auto& e : read_mountinfo())
+    if (e.fstype == "fuse.gate" && e.source.rfind("gate:", 0) == 0)
+      out.push_back({e.source.substr(5), e.mountpoint});
+  return out;
 }
 
 MountState mount_state(const std::string& path) {

@@ -28,22 +28,25 @@ void log_fd_exhaustion(int err) {
 
 void GateFs::Impl::run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step,
                               const Caller* who) {
-  auto finish = [this, step = std::move(step), changes = plan.changes](
-                    int err, std::vector<HeldLock>& held) {
+  if (!agent || plan.locks.empty()) {
+    std::vector<HeldLock> none;
+    int err = step.act(none);
+    step.reply(err);
+    return;
+  }
+  const Caller caller = who ? *who : callers.resolve(fuse_req_ctx(req)->pid);
+  auto finish = [this, step = std::move(step), changes = plan.changes, event = plan.name,
+                 caller](int err, std::vector<HeldLock>& held) {
     if (!err) err = step.act(held);
     if (!err)
-      for (HeldLock& l : held)
+      for (HeldLock& l : held) {
         l.changed = std::find(changes.begin(), changes.end(), l.key) != changes.end();
+        if (l.changed) record_made(l.key, l.fence, caller, event);
+      }
     give_back(held);
     held.clear();
     step.reply(err);
   };
-  if (!agent || plan.locks.empty()) {
-    std::vector<HeldLock> none;
-    finish(0, none);
-    return;
-  }
-  const Caller caller = who ? *who : callers.resolve(fuse_req_ctx(req)->pid);
   auto job = std::make_shared<LockJob>();
   for (const KeyLock& l : plan.locks)
     job->needs.push_back({l.key, l.mode, owner_for(plan, l.key, h, caller.tid)});
@@ -151,7 +154,10 @@ void GateFs::Impl::close_handle(FileHandle* h) {
   // Data reaches the source before the next holder can get in.
   if (h->fd >= 0) ::close(h->fd);
   h->fd = -1;
-  if (lock && agent) agent->release_tracked(lock, h->changed);
+  if (lock && agent) {
+    if (h->changed) record_made(h->key, lock->lock.fence, h->who, h->created ? "create" : "write");
+    agent->release_tracked(lock, h->changed);
+  }
   delete h;
 }
 
@@ -308,6 +314,18 @@ Status GateFs::mount() {
   if (d.opts.locking) {
     d.opts.locks.mountpoint = d.opts.mountpoint;
     d.agent = std::make_unique<LockAgent>(d.opts.locks);
+    if (!d.opts.history.dir.empty()) {
+      auto store = HistoryStore::open(d.opts.history);
+      if (store.ok()) {
+        d.history = std::move(store).value();
+        d.ignore = std::make_unique<IgnoreRules>(d.opts.root, d.opts.history_git_rules);
+        log(LogLevel::Info, "mount", "keeping the history of replaced versions in ",
+            d.opts.history.dir, d.ignore->has_repository() ? " (leaving out .git/ and what the repository ignores)" : " (leaving out .git/)");
+      } else {
+        log(LogLevel::Warn, "mount", "no history of replaced versions: ", store.message(),
+            "; files are served as usual");
+      }
+    }
   }
 
   // Modes arrive from the kernel with the caller's umask applied already.

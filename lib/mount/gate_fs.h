@@ -21,6 +21,7 @@
 #include <string>
 
 #include "core/status.h"
+#include "mount/history_store.h"
 #include "mount/lock_agent.h"
 
 struct fuse_session;
@@ -38,6 +39,10 @@ struct MountOptions {
   unsigned max_threads = 64;      // FUSE workers; none ever waits for a lock
   unsigned max_idle_threads = 16;
   bool debug_fuse = false;
+  // History of replaced versions (needs locking: versions come from the broker).
+  // Empty dir: no history.
+  HistoryOptions history;
+  bool history_git_rules = true;  // leave out what the repository's rules ignore
 };
 
 class GateFs {

@@ -64,7 +64,11 @@ void GateFs::Impl::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, in
   const LockPlan plan =
       plan_locks({.op = FsOp::Setattr, .key = h ? h->key : inodes->key_of(in), .attr = attr_change(valid)});
   run_locked(req, plan, h,
-             {[&in, a, valid, fd](std::vector<HeldLock>&) { return apply_setattr(in, a, valid, fd); },
+             {[this, &in, a, valid, fd, key = plan.locks.front().key](std::vector<HeldLock>& held) {
+                if (valid & FUSE_SET_ATTR_SIZE)
+                  keep_before_change(key, version_in(held, key), fd >= 0 ? fd : in.fd);
+                return apply_setattr(in, a, valid, fd);
+              },
               [this, req, &in, fd](int err) {
                 if (err) fuse_reply_err(req, err);
                 else reply_attr(req, fd >= 0 ? fd : in.fd);
@@ -96,8 +100,13 @@ void GateFs::Impl::remove(fuse_req_t req, fuse_ino_t parent, const char* name, i
   Inode& p = inode(parent);
   const std::string nm = name;
   const FsOp op = (flags & AT_REMOVEDIR) ? FsOp::Rmdir : FsOp::Unlink;
-  run_locked(req, plan_locks({.op = op, .key = inodes->child_key(p, nm)}), nullptr,
-             just(req, [&p, nm, flags] { return ::unlinkat(p.fd, nm.c_str(), flags) < 0 ? errno : 0; }));
+  const std::string key = inodes->child_key(p, nm);
+  run_locked(req, plan_locks({.op = op, .key = key}), nullptr,
+             {[this, &p, nm, flags, key](std::vector<HeldLock>& held) {
+                if (!(flags & AT_REMOVEDIR)) keep_named(key, version_in(held, key), p.fd, nm);
+                return ::unlinkat(p.fd, nm.c_str(), flags) < 0 ? errno : 0;
+              },
+              [req](int err) { fuse_reply_err(req, err); }});
 }
 
 int GateFs::Impl::rename_at(Inode& p, const std::string& nm, Inode& np, const std::string& nn, unsigned flags) {
@@ -119,11 +128,15 @@ void GateFs::Impl::rename(fuse_req_t req, fuse_ino_t parent, const char* name, f
   }
   Inode& p = inode(parent);
   Inode& np = inode(newparent);
-  const std::string nm = name, nn = newname;
-  const LockPlan plan = plan_locks(
-      {.op = FsOp::Rename, .key = inodes->child_key(p, nm), .second = inodes->child_key(np, nn)});
+  const std::string nm = name, nn = newname, target = inodes->child_key(np, nn);
+  const LockPlan plan =
+      plan_locks({.op = FsOp::Rename, .key = inodes->child_key(p, nm), .second = target});
   run_locked(req, plan, nullptr,
-             just(req, [this, &p, &np, nm, nn, flags] { return rename_at(p, nm, np, nn, flags); }));
+             {[this, &p, &np, nm, nn, flags, target](std::vector<HeldLock>& held) {
+                keep_named(target, version_in(held, target), np.fd, nn);
+                return rename_at(p, nm, np, nn, flags);
+              },
+              [req](int err) { fuse_reply_err(req, err); }});
 }
 
 void GateFs::Impl::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
@@ -155,6 +168,11 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
     std::lock_guard guard(open_files_mu);
     open_files.insert(h);
   }
+  h->who = o.who;
+  h->created = o.created;
+  if (!held.empty()) h->version = held.front().version;
+  // Truncated on open: what it held was kept before (see open()).
+  if (o.f.flags & O_TRUNC) std::call_once(h->kept, [] {});
   if (agent && !held.empty()) h->lock = agent->track(held.front(), o.who.tid);
   held.clear();
   o.h = h;
@@ -186,6 +204,8 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &in, o](std::vector<HeldLock>& held) {
                 int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
+                if ((flags & O_TRUNC) && !held.empty())
+                  keep_before_change(o->key, held.front().version, in.fd);
                 return adopt(*o, ::open(proc_path(in.fd).c_str(), flags | O_CLOEXEC), held);
               },
               [this, req, o](int err) { reply_open(req, *o, err, false); }},

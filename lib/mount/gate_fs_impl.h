@@ -25,6 +25,7 @@
 #include "mount/gate_fs.h"
 #include "mount/inode_table.h"
 #include "mount/agent_resolver.h"
+#include "mount/ignore_rules.h"
 #include "mount/lock_agent.h"
 #include "mount/lock_policy.h"
 
@@ -43,6 +44,10 @@ struct FileHandle {
   // Something was written, truncated, allocated or created through it: its
   // release gives the file a new version.
   std::atomic<bool> changed{false};
+  std::uint64_t version = 0;  // the file's version when the lock was granted
+  Caller who;                 // who opened it
+  bool created = false;
+  std::once_flag kept;        // the content before the first change is in the history
 };
 
 struct DirHandle {
@@ -67,6 +72,9 @@ struct GateFs::Impl {
   std::unique_ptr<InodeTable> inodes;
   std::unique_ptr<LockAgent> agent;  // null with locking off
   AgentResolver callers;             // who each request is for
+  std::unique_ptr<HistoryStore> history;  // null: no history
+  std::unique_ptr<IgnoreRules> ignore;
+  std::atomic<bool> history_warned{false};
   fuse_session* se = nullptr;
   bool mounted = false;
   bool running_as_root = ::geteuid() == 0;
@@ -104,6 +112,20 @@ struct GateFs::Impl {
   // file does not wait for itself.
   std::string owner_for(const LockPlan& plan, const std::string& key, FileHandle* h, pid_t pid);
   void give_back(const std::vector<HeldLock>& held);
+
+  // ---- history (best effort: never fails a call) ----------------------------------
+
+  // Keeps the content of `key` at `version`, read through `fd` (any descriptor of
+  // the file, O_PATH included), before a change replaces it.
+  void keep_before_change(const std::string& key, std::uint64_t version, int fd);
+  // The same for the file `name` in directory `dir_fd`, if it exists.
+  void keep_named(const std::string& key, std::uint64_t version, int dir_fd, const std::string& name);
+  // Before the first change through a handle.
+  void keep_first_change(FileHandle* h);
+  void record_made(const std::string& key, std::uint64_t version, const Caller& who,
+                   const char* event);
+  // The version `key` had when its lock in `held` was granted (0 if not there).
+  static std::uint64_t version_in(const std::vector<HeldLock>& held, const std::string& key);
 
   // ---- helpers ----------------------------------------------------------------
 

@@ -73,6 +73,7 @@ void GateFs::Impl::write_buf(fuse_req_t req, fuse_bufvec* in, off_t off, fuse_fi
     fuse_reply_err(req, EIO);
     return;
   }
+  keep_first_change(h);
   fuse_bufvec out = FUSE_BUFVEC_INIT(fuse_buf_size(in));
   out.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
   out.buf[0].fd = h->fd;
@@ -93,7 +94,10 @@ void GateFs::Impl::flush(fuse_req_t req, fuse_file_info* fi) {
       std::lock_guard guard(h->m);
       lock = std::move(h->lock);
     }
-    if (lock) agent->release_tracked(lock, h->changed);
+    if (lock) {
+      if (h->changed) record_made(h->key, lock->lock.fence, h->who, h->created ? "create" : "write");
+      agent->release_tracked(lock, h->changed);
+    }
   }
   fuse_reply_err(req, err);
 }
@@ -115,6 +119,7 @@ void GateFs::Impl::fallocate(fuse_req_t req, int mode, off_t off, off_t len, fus
     fuse_reply_err(req, EIO);
     return;
   }
+  keep_first_change(h);
   const int r = ::fallocate(h->fd, mode, off, len);
   if (r == 0) h->changed = true;
   fuse_reply_err(req, r < 0 ? errno : 0);
@@ -133,6 +138,7 @@ void GateFs::Impl::copy_file_range(fuse_req_t req, off_t off_in, fuse_file_info*
     fuse_reply_err(req, EIO);
     return;
   }
+  keep_first_change(out);
   loff_t in_pos = off_in, out_pos = off_out;
   ssize_t n = ::copy_file_range(file_of(fi_in)->fd, &in_pos, out->fd, &out_pos, len,
                                 static_cast<unsigned>(flags));

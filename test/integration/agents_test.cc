@@ -134,7 +134,7 @@ TEST_CASE("gate run starts a command as an agent and refuses bad use", "[cli][ag
 }
 
 
-TEST_CASE("what changes a file's content through the mount gives it a new version; reads and "
+TEST_CASE("what changes a file's content through the mount gives it a new version while reads and "
           "metadata do not",
           "[mount][versions]") {
   BrokerProcess broker;

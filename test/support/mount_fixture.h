@@ -15,6 +15,7 @@
 #include <boost/json.hpp>
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
@@ -137,6 +138,10 @@ class Mount {
     } else {
       argv.insert(argv.end(), {"--broker-host", ep.host, "--broker-port", std::to_string(ep.port)});
     }
+    // The history goes into the scratch directory (removed with it), unless the test
+    // chooses.
+    if (std::find(extra.begin(), extra.end(), "--history-dir") == extra.end())
+      argv.insert(argv.end(), {"--history-dir", base_.path() + "/history"});
     argv.insert(argv.end(), extra.begin(), extra.end());
     if (spawn_until_ready(child_, argv, log_path_) != "ready") {
       take_down();

@@ -113,7 +113,7 @@ TEST_CASE("a free port is free, and a port in use is not", "[vm]") {
   CHECK_FALSE(tcp_port_free(broker.endpoint().port));
 }
 
-TEST_CASE("a plain directory is not a mount; / is", "[vm]") {
+TEST_CASE("a plain directory is not a mount but / is", "[vm]") {
   test::TempDir dir;
   CHECK(mount_state(dir.path()) == MountState::NotMounted);
   CHECK(listed_in_mountinfo("/"));

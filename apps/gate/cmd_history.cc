@@ -1,0 +1,247 @@
+// gate history, gate show: the versions a mount kept of a file, and their content.
+#include <git2.h>
+#include <unistd.h>
+
+#include <boost/json.hpp>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "cli.h"
+#include "commands.h"
+#include "core/iso_time.h"
+#include "core/mounts.h"
+#include "mount/history_store.h"
+
+namespace gate::cmd {
+
+namespace fs = std::filesystem;
+namespace json = boost::json;
+
+namespace {
+
+// Which history a path belongs to, and its key there.
+struct Target {
+  std::string dir;   // the history store
+  std::string key;   // relative to the view's root
+  std::string file;  // the file as it is now (through the view), empty when unknown
+};
+
+bool under(const std::string& path, const std::string& dir, std::string* rel) {
+  if (path.size() <= dir.size() || path.compare(0, dir.size(), dir) != 0) return false;
+  if (dir != "/" && path[dir.size()] != '/') return false;
+  *rel = path.substr(dir == "/" ? 1 : dir.size() + 1);
+  return !rel->empty();
+}
+
+// A path inside a gate view (or inside the directory a view shows) names its key;
+// with --history-dir, a path outside every view is taken as the key itself.
+Result<Target> locate(const std::string& path, const po::variables_map& args) {
+  std::error_code ec;
+  fs::path abs = fs::absolute(path, ec).lexically_normal();
+  // The directory part resolved (symlinks, ..), the name as given (it may be gone).
+  if (fs::path parent = fs::weakly_canonical(abs.parent_path(), ec); !ec)
+    abs = parent / abs.filename();
+  const std::string text = abs.string();
+  for (const GateView& v : gate_views()) {
+    Target t;
+    if (under(text, v.mountpoint, &t.key)) {
+      t.file = text;
+    } else if (under(text, v.root, &t.key)) {
+      t.file = v.mountpoint + "/" + t.key;
+    } else {
+      continue;
+    }
+    t.dir = args.count("history-dir") ? args["history-dir"].as<std::string>()
+                                      : default_history_dir(v.root);
+    return t;
+  }
+  if (args.count("history-dir")) {
+    Target t;
+    t.dir = args["history-dir"].as<std::string>();
+    t.key = fs::path(path).lexically_normal().string();
+    if (t.key.rfind("./", 0) == 0) t.key.erase(0, 2);
+    return t;
+  }
+  return Status::failure(path + " is not inside a gate view (no mount of 'gate mount' or "
+                                "'gate up' shows it); for a view that is down, give "
+                                "--history-dir DIR and the path relative to the repository");
+}
+
+Result<std::unique_ptr<mount::HistoryStore>> open_history(const Target& t) {
+  if (!fs::exists(t.dir + "/history.db"))
+    return Status::failure("no history at " + t.dir +
+                           " (a mount keeps one from the first version it replaces)");
+  return mount::HistoryStore::open({.dir = t.dir});
+}
+
+std::optional<std::string> read_all(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::nullopt;
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// The content of entry i: its kept copy, or for the newest version the file now.
+std::optional<std::string> content_of(const std::vector<mount::HistoryEntry>& v, std::size_t i,
+                                      const mount::HistoryStore& store, const Target& t) {
+  if (!v[i].blob.empty()) return read_all(store.blob_path(v[i].blob));
+  if (i + 1 == v.size() && !t.file.empty() && v[i].event != "unlink") return read_all(t.file);
+  return std::nullopt;
+}
+
+bool looks_binary(const std::string& s) {
+  return std::memchr(s.data(), '\0', std::min<std::size_t>(s.size(), 8000)) != nullptr;
+}
+
+// Lines added and removed from `before` to `after` (libgit2's diff); nullopt for
+// binary content.
+std::optional<std::pair<std::size_t, std::size_t>> line_stats(const std::string& before,
+                                                              const std::string& after) {
+  if (looks_binary(before) || looks_binary(after)) return std::nullopt;
+  git_patch* patch = nullptr;
+  if (git_patch_from_buffers(&patch, before.data(), before.size(), nullptr, after.data(),
+                             after.size(), nullptr, nullptr) != 0)
+    return std::nullopt;
+  std::size_t context = 0, added = 0, removed = 0;
+  git_patch_line_stats(&context, &added, &removed, patch);
+  git_patch_free(patch);
+  return std::make_pair(added, removed);
+}
+
+std::string when(Micros t) { return t ? format_iso8601(t).substr(0, 19) + "Z" : "-"; }
+
+struct GitLibrary {
+  GitLibrary() { git_libgit2_init(); }
+  ~GitLibrary() { git_libgit2_shutdown(); }
+};
+
+void add_history_dir_option(po::options_description& desc) {
+  desc.add_options()("history-dir", po::value<std::string>(),
+                     "the history to read; default: that of the view the path is in");
+}
+
+}  // namespace
+
+int history(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()("path", po::value<std::string>(), "the file (in a gate view)")
+      ("json", po::bool_switch(), "print JSON");
+  add_history_dir_option(desc);
+  po::positional_options_description pos;
+  pos.add("path", 1);
+  int code = 0;
+  auto args = cli::parse(argc, argv, desc, "gate history [--json] PATH",
+                         "Lists the versions a gate mount kept of a file: number, time, agent, "
+                         "how it was made, size and lines added/removed. 'gate show PATH@N' "
+                         "prints one.",
+                         &code, &pos);
+  if (!args) return code;
+  if (!args->count("path")) return cli::fail(argv[0], "which file? gate history PATH"), 2;
+  GitLibrary git;
+  auto target = locate((*args)["path"].as<std::string>(), *args);
+  if (!target.ok()) return cli::fail(argv[0], target.message());
+  auto store = open_history(*target);
+  if (!store.ok()) return cli::fail(argv[0], store.message());
+  auto versions = (*store)->versions(target->key);
+  if (!versions.ok()) return cli::fail(argv[0], versions.message());
+  if (versions->empty())
+    return cli::fail(argv[0], "no versions of " + target->key + " in " + target->dir +
+                                  " (nothing replaced it through the mount yet)");
+  json::array rows;
+  std::vector<std::vector<std::string>> table{
+      {"VERSION", "TIME", "AGENT", "PID", "COMMAND", "HOW", "SIZE", "LINES", "KEPT"}};
+  std::optional<std::string> previous;
+  for (std::size_t i = 0; i < versions->size(); ++i) {
+    const auto& e = (*versions)[i];
+    auto content = content_of(*versions, i, **store, *target);
+    std::optional<std::pair<std::size_t, std::size_t>> stats;
+    if (content && previous) stats = line_stats(*previous, *content);
+    const std::int64_t size = content ? static_cast<std::int64_t>(content->size()) : e.size;
+    json::object o;
+    o["version"] = e.version;
+    o["made_at"] = e.made_at ? json::value(format_iso8601(e.made_at)) : json::value(nullptr);
+    o["agent"] = e.by.agent.empty() ? json::value(nullptr) : json::value(e.by.agent);
+    o["pid"] = e.by.pid ? json::value(e.by.pid) : json::value(nullptr);
+    o["command"] = e.by.command.empty() ? json::value(nullptr) : json::value(e.by.command);
+    o["how"] = e.event.empty() ? json::value(nullptr) : json::value(e.event);
+    o["size"] = size >= 0 ? json::value(size) : json::value(nullptr);
+    o["lines_added"] = stats ? json::value(stats->first) : json::value(nullptr);
+    o["lines_removed"] = stats ? json::value(stats->second) : json::value(nullptr);
+    o["kept"] = content.has_value();
+    rows.push_back(std::move(o));
+    std::string lines = "-";
+    if (stats) lines = "+" + std::to_string(stats->first) + " -" + std::to_string(stats->second);
+    else if (content && previous) lines = "binary";
+    table.push_back({std::to_string(e.version), when(e.made_at ? e.made_at : e.kept_at),
+                     e.by.agent.empty() ? "-" : e.by.agent,
+                     e.by.pid ? std::to_string(e.by.pid) : "-",
+                     e.by.command.empty() ? "-" : e.by.command, e.event.empty() ? "-" : e.event,
+                     size >= 0 ? std::to_string(size) : "-", lines,
+                     content ? (e.blob.empty() ? "now" : "yes") : "no"});
+    if (content) previous = std::move(content);
+  }
+  if ((*args)["json"].as<bool>()) {
+    std::cout << json::serialize(rows) << "\n";
+    return 0;
+  }
+  std::cout << target->key << " (history in " << target->dir << "):\n";
+  cli::print_table(table, std::cout);
+  return 0;
+}
+
+int show(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()("spec", po::value<std::string>(), "PATH@VERSION");
+  add_history_dir_option(desc);
+  po::positional_options_description pos;
+  pos.add("spec", 1);
+  int code = 0;
+  auto args = cli::parse(argc, argv, desc, "gate show PATH@VERSION",
+                         "Prints a version of a file that a gate mount kept (see gate history) "
+                         "to standard output.",
+                         &code, &pos);
+  if (!args) return code;
+  if (!args->count("spec")) return cli::fail(argv[0], "which version? gate show PATH@VERSION"), 2;
+  const std::string spec = (*args)["spec"].as<std::string>();
+  const auto at = spec.rfind('@');
+  std::uint64_t version = 0;
+  try {
+    std::size_t used = 0;
+    if (at == std::string::npos || at == 0) throw std::invalid_argument("no @");
+    version = std::stoull(spec.substr(at + 1), &used);
+    if (used != spec.size() - at - 1 || spec[at + 1] == '-') throw std::invalid_argument("junk");
+  } catch (const std::exception&) {
+    return cli::fail(argv[0], "'" + spec + "' is not PATH@VERSION (a version number from " +
+                                  "'gate history PATH')"), 2;
+  }
+  auto target = locate(spec.substr(0, at), *args);
+  if (!target.ok()) return cli::fail(argv[0], target.message());
+  auto store = open_history(*target);
+  if (!store.ok()) return cli::fail(argv[0], store.message());
+  auto versions = (*store)->versions(target->key);
+  if (!versions.ok()) return cli::fail(argv[0], versions.message());
+  for (std::size_t i = 0; i < versions->size(); ++i) {
+    if ((*versions)[i].version != version) continue;
+    auto content = content_of(*versions, i, **store, *target);
+    if (!content)
+      return cli::fail(argv[0], "version " + std::to_string(version) + " of " + target->key +
+                                    " is no longer kept (the history keeps at most "
+                                    "--history-max-bytes, oldest first)");
+    if (::isatty(STDOUT_FILENO) && looks_binary(*content))
+      return cli::fail(argv[0], "version " + std::to_string(version) + " of " + target->key +
+                                    " is binary; send it to a file: gate show " + spec + " > FILE");
+    std::cout.write(content->data(), static_cast<std::streamsize>(content->size()));
+    std::cout.flush();
+    return std::cout ? 0 : 1;
+  }
+  return cli::fail(argv[0], "no version " + std::to_string(version) + " of " + target->key +
+                                " was kept; 'gate history " + spec.substr(0, at) +
+                                "' lists those there are");
+}
+
+}  // namespace gate::cmd

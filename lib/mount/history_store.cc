@@ -1,0 +1,298 @@
+#include "mount/history_store.h"
+
+#include <fcntl.h>
+#include <git2.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <SQLiteCpp/SQLiteCpp.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "core/token.h"
+
+namespace gate::mount {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int kSchemaVersion = 1;
+
+// Copies all of `in` into `out`: a reflink when the file system can, else
+// copy_file_range, else read/write.
+bool copy_content(int in, int out) {
+  if (::ioctl(out, FICLONE, in) == 0) return true;
+  off_t off_in = 0;
+  for (;;) {
+    ssize_t n = ::copy_file_range(in, &off_in, out, nullptr, 1 << 30, 0);
+    if (n == 0) return true;
+    if (n > 0) continue;
+    if (errno == EINTR) continue;
+    if (errno != EXDEV && errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) return false;
+    break;
+  }
+  // Where copy_file_range cannot (some file systems, across devices): plain copies.
+  if (::ftruncate(out, 0) != 0 || ::lseek(out, 0, SEEK_SET) != 0) return false;
+  char buf[65536];
+  for (off_t off = 0;;) {
+    ssize_t n = ::pread(in, buf, sizeof buf, off);
+    if (n == 0) return true;
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    for (ssize_t done = 0; done < n;) {
+      ssize_t w = ::write(out, buf + done, static_cast<std::size_t>(n - done));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        return false;
+      }
+      done += w;
+    }
+    off += n;
+  }
+}
+
+std::string errno_text(const std::string& what) { return what + ": " + std::strerror(errno); }
+
+}  // namespace
+
+// libgit2's init is counted: each one is matched by the destructor's shutdown.
+HistoryStore::HistoryStore(HistoryOptions options) : options_(std::move(options)) {
+  git_libgit2_init();
+}
+HistoryStore::~HistoryStore() { git_libgit2_shutdown(); }
+
+Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options) {
+  std::error_code ec;
+  fs::create_directories(options.dir + "/objects", ec);
+  if (ec) return Status::failure("cannot create " + options.dir + "/objects: " + ec.message());
+  const std::string path = options.dir + "/history.db";
+  std::unique_ptr<HistoryStore> store(new HistoryStore(std::move(options)));
+  try {
+    store->db_ = std::make_unique<SQLite::Database>(
+        path, SQLite::OPEN_READWRITE | SQLite::OPEN_CREATE | SQLite::OPEN_FULLMUTEX);
+    store->db_->setBusyTimeout(2000);
+    const int version = store->db_->execAndGet("PRAGMA user_version").getInt();
+    if (version > kSchemaVersion)
+      return Status::failure(path + " was written by a newer gate (history schema " +
+                             std::to_string(version) + ")");
+    store->db_->exec("PRAGMA journal_mode=WAL");
+    store->db_->exec("PRAGMA synchronous=NORMAL");
+    store->db_->exec(
+        "CREATE TABLE IF NOT EXISTS versions ("
+        " key TEXT NOT NULL, version INTEGER NOT NULL,"
+        " made_at INTEGER NOT NULL DEFAULT 0, agent TEXT, pid INTEGER, command TEXT, event TEXT,"
+        " blob TEXT, size INTEGER, kept_at INTEGER NOT NULL DEFAULT 0,"
+        " PRIMARY KEY (key, version)) WITHOUT ROWID;"
+        "CREATE INDEX IF NOT EXISTS versions_made ON versions (made_at);"
+        "CREATE TABLE IF NOT EXISTS blobs ("
+        " blob TEXT PRIMARY KEY, size INTEGER NOT NULL, kept_at INTEGER NOT NULL) WITHOUT ROWID;"
+        "CREATE INDEX IF NOT EXISTS blobs_age ON blobs (kept_at);"
+        "PRAGMA user_version = 1;");
+  } catch (const std::exception& e) {
+    return Status::failure("cannot use the history index " + path + ": " + e.what() +
+                           " (move it aside to start a new history)");
+  }
+  return store;
+}
+
+std::string HistoryStore::blob_path(const std::string& blob) const {
+  if (blob.size() < 3) return "";
+  return options_.dir + "/objects/" + blob.substr(0, 2) + "/" + blob.substr(2);
+}
+
+Status HistoryStore::keep(const std::string& key, std::uint64_t version, int fd, Micros now) {
+  try {
+    {
+      std::lock_guard guard(m_);
+      SQLite::Statement q(*db_, "SELECT blob FROM versions WHERE key=? AND version=?");
+      q.bind(1, key);
+      q.bind(2, static_cast<int64_t>(version));
+      if (q.executeStep() && !q.getColumn(0).isNull()) return {};  // kept already
+    }
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return Status::failure(errno_text("cannot stat " + key));
+    if (!S_ISREG(st.st_mode)) return {};
+    const auto size = static_cast<std::uint64_t>(st.st_size);
+    if (size > options_.max_file_bytes)
+      return Status::failure(key + " is " + std::to_string(size) + " bytes, over --history-max-file (" +
+                             std::to_string(options_.max_file_bytes) + "): its version " +
+                             std::to_string(version) + " is not kept");
+    struct statvfs vfs {};
+    if (::statvfs(options_.dir.c_str(), &vfs) == 0) {
+      const std::uint64_t free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+      if (free_bytes < options_.min_free_bytes + size)
+        return Status::failure("only " + std::to_string(free_bytes >> 20) + " MiB free in " +
+                               options_.dir + ": version " + std::to_string(version) + " of " + key +
+                               " is not kept (history stops below " +
+                               std::to_string(options_.min_free_bytes >> 20) + " MiB free)");
+    }
+    // Copy outside the lock, to a name of our own, then file it under its id.
+    const std::string tmp = options_.dir + "/objects/tmp-" + random_token();
+    int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (out < 0) return Status::failure(errno_text("cannot create " + tmp));
+    const bool copied = copy_content(fd, out);
+    const int copy_errno = errno;
+    ::close(out);
+    if (!copied) {
+      ::unlink(tmp.c_str());
+      errno = copy_errno;
+      return Status::failure(errno_text("cannot copy version " + std::to_string(version) + " of " + key));
+    }
+    git_oid oid;
+    if (git_odb_hashfile(&oid, tmp.c_str(), GIT_OBJECT_BLOB) != 0) {
+      ::unlink(tmp.c_str());
+      return Status::failure("cannot hash version " + std::to_string(version) + " of " + key);
+    }
+    char hex[GIT_OID_HEXSZ + 1];
+    git_oid_tostr(hex, sizeof hex, &oid);
+    const std::string blob = hex;
+    const std::string path = blob_path(blob);
+    std::error_code ec;
+    fs::create_directories(fs::path(path).parent_path(), ec);
+    struct stat kept {};
+    const bool exists = ::stat(path.c_str(), &kept) == 0;
+    if (exists) ::unlink(tmp.c_str());
+    else if (::rename(tmp.c_str(), path.c_str()) != 0) {
+      ::unlink(tmp.c_str());
+      return Status::failure(errno_text("cannot store " + path));
+    }
+    std::lock_guard guard(m_);
+    SQLite::Transaction tx(*db_);
+    SQLite::Statement b(*db_, "INSERT INTO blobs (blob, size, kept_at) VALUES (?,?,?)"
+                              " ON CONFLICT(blob) DO UPDATE SET kept_at=excluded.kept_at");
+    b.bind(1, blob);
+    b.bind(2, static_cast<int64_t>(size));
+    b.bind(3, static_cast<int64_t>(now));
+    b.exec();
+    SQLite::Statement v(*db_,
+                        "INSERT INTO versions (key, version, blob, size, kept_at) VALUES (?,?,?,?,?)"
+                        " ON CONFLICT(key, version) DO UPDATE SET blob=excluded.blob,"
+                        " size=excluded.size, kept_at=excluded.kept_at");
+    v.bind(1, key);
+    v.bind(2, static_cast<int64_t>(version));
+    v.bind(3, blob);
+    v.bind(4, static_cast<int64_t>(size));
+    v.bind(5, static_cast<int64_t>(now));
+    v.exec();
+    Status evicted = evict_locked();
+    tx.commit();
+    return evicted;
+  } catch (const std::exception& e) {
+    return Status::failure("history index: " + std::string(e.what()));
+  }
+}
+
+Status HistoryStore::evict_locked() {
+  std::int64_t total = db_->execAndGet("SELECT coalesce(sum(size), 0) FROM blobs").getInt64();
+  while (total > static_cast<std::int64_t>(options_.max_total_bytes)) {
+    SQLite::Statement oldest(*db_, "SELECT blob, size FROM blobs ORDER BY kept_at LIMIT 1");
+    if (!oldest.executeStep()) break;
+    const std::string blob = oldest.getColumn(0).getString();
+    const std::int64_t size = oldest.getColumn(1).getInt64();
+    ::unlink(blob_path(blob).c_str());
+    SQLite::Statement del(*db_, "DELETE FROM blobs WHERE blob=?");
+    del.bind(1, blob);
+    del.exec();
+    SQLite::Statement forget(*db_, "UPDATE versions SET blob=NULL WHERE blob=?");
+    forget.bind(1, blob);
+    forget.exec();
+    total -= size;
+  }
+  return {};
+}
+
+Status HistoryStore::made(const std::string& key, std::uint64_t version, Micros now,
+                          const MadeBy& by, const std::string& event) {
+  try {
+    std::lock_guard guard(m_);
+    SQLite::Statement v(*db_,
+                        "INSERT INTO versions (key, version, made_at, agent, pid, command, event)"
+                        " VALUES (?,?,?,?,?,?,?) ON CONFLICT(key, version) DO UPDATE SET"
+                        " made_at=excluded.made_at, agent=excluded.agent, pid=excluded.pid,"
+                        " command=excluded.command, event=excluded.event");
+    v.bind(1, key);
+    v.bind(2, static_cast<int64_t>(version));
+    v.bind(3, static_cast<int64_t>(now));
+    v.bind(4, by.agent);
+    v.bind(5, static_cast<int64_t>(by.pid));
+    v.bind(6, by.command);
+    v.bind(7, event);
+    v.exec();
+    return {};
+  } catch (const std::exception& e) {
+    return Status::failure("history index: " + std::string(e.what()));
+  }
+}
+
+namespace {
+
+HistoryEntry entry_of(SQLite::Statement& q) {
+  HistoryEntry e;
+  e.key = q.getColumn(0).getString();
+  e.version = static_cast<std::uint64_t>(q.getColumn(1).getInt64());
+  e.made_at = q.getColumn(2).getInt64();
+  e.by.agent = q.getColumn(3).isNull() ? "" : q.getColumn(3).getString();
+  e.by.pid = q.getColumn(4).isNull() ? 0 : q.getColumn(4).getInt64();
+  e.by.command = q.getColumn(5).isNull() ? "" : q.getColumn(5).getString();
+  e.event = q.getColumn(6).isNull() ? "" : q.getColumn(6).getString();
+  e.blob = q.getColumn(7).isNull() ? "" : q.getColumn(7).getString();
+  e.size = q.getColumn(8).isNull() ? -1 : q.getColumn(8).getInt64();
+  e.kept_at = q.getColumn(9).getInt64();
+  return e;
+}
+
+constexpr const char* kColumns =
+    "SELECT key, version, made_at, agent, pid, command, event, blob, size, kept_at FROM versions";
+
+}  // namespace
+
+Result<std::vector<HistoryEntry>> HistoryStore::versions(const std::string& key) {
+  try {
+    std::lock_guard guard(m_);
+    SQLite::Statement q(*db_, std::string(kColumns) + " WHERE key=? ORDER BY version");
+    q.bind(1, key);
+    std::vector<HistoryEntry> out;
+    while (q.executeStep()) out.push_back(entry_of(q));
+    return out;
+  } catch (const std::exception& e) {
+    return Status::failure("history index: " + std::string(e.what()));
+  }
+}
+
+Result<std::vector<HistoryEntry>> HistoryStore::changes(Micros since, const std::string& agent) {
+  try {
+    std::lock_guard guard(m_);
+    SQLite::Statement q(*db_, std::string(kColumns) +
+                                  " WHERE made_at > 0 AND made_at >= ? AND (? = '' OR agent = ?)"
+                                  " ORDER BY made_at DESC, version DESC");
+    q.bind(1, static_cast<int64_t>(since));
+    q.bind(2, agent);
+    q.bind(3, agent);
+    std::vector<HistoryEntry> out;
+    while (q.executeStep()) out.push_back(entry_of(q));
+    return out;
+  } catch (const std::exception& e) {
+    return Status::failure("history index: " + std::string(e.what()));
+  }
+}
+
+std::uint64_t HistoryStore::total_bytes() {
+  std::lock_guard guard(m_);
+  try {
+    return static_cast<std::uint64_t>(
+        db_->execAndGet("SELECT coalesce(sum(size), 0) FROM blobs").getInt64());
+  } catch (const std::exception&) {
+    return 0;
+  }
+}
+
+}  // namespace gate::mount

@@ -1,0 +1,97 @@
+#pragma once
+// HistoryStore: what a mount keeps of each version of the files it serves, so that
+// nothing an agent overwrites is lost.
+//
+// - keep(): before the first change of a version (a write, a truncate, an O_TRUNC
+//   open, a rename onto the file, an unlink), the mount hands over the file's
+//   current content with the broker's version of it. The content goes into a
+//   content-addressed store, <dir>/objects/<git blob id> (FICLONE where the file
+//   system has reflinks, a copy elsewhere; equal contents are kept once), indexed
+//   in <dir>/history.db (SQLite).
+// - made(): when a change is released, the mount records the new version, when
+//   and by whom (agent, process, command) it was made, and how ("write",
+//   "rename", "unlink", ...).
+// - Bounds: files over max_file_bytes are not kept; the store holds at most
+//   max_total_bytes (the oldest contents go first); below min_free_bytes of free
+//   space it keeps nothing more. Each skipped content is said once in the log.
+// - Best effort: every call returns a Status for the log and never throws; a
+//   store that cannot be written (full disk, unreadable, corrupt) never makes a
+//   file operation fail.
+// Thread-safe: the copy happens outside the store's lock, the index updates
+// under it.
+#include <sys/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/iso_time.h"
+#include "core/status.h"
+
+namespace SQLite {
+class Database;
+}
+
+namespace gate::mount {
+
+struct HistoryOptions {
+  std::string dir;
+  std::uint64_t max_file_bytes = 8ull << 20;
+  std::uint64_t max_total_bytes = 1ull << 30;
+  std::uint64_t min_free_bytes = 256ull << 20;
+};
+
+struct MadeBy {
+  std::string agent;
+  std::int64_t pid = 0;
+  std::string command;
+};
+
+// One version of one key, as the store knows it.
+struct HistoryEntry {
+  std::string key;
+  std::uint64_t version = 0;
+  Micros made_at = 0;      // 0: made elsewhere (before this mount, or outside it)
+  MadeBy by;
+  std::string event;       // "write", "truncate", "create", "rename", "unlink", ...
+  std::string blob;        // content id; empty: not kept (or evicted)
+  std::int64_t size = -1;  // of the kept content
+  Micros kept_at = 0;
+};
+
+class HistoryStore {
+ public:
+  // Creates <dir> and its index as needed; fails when they cannot be used.
+  static Result<std::unique_ptr<HistoryStore>> open(HistoryOptions options);
+  ~HistoryStore();
+
+  // Keeps the content of `key` at `version`, read from `fd` (an open descriptor of
+  // the file, not moved), unless that version is kept already.
+  Status keep(const std::string& key, std::uint64_t version, int fd, Micros now);
+  // Records that `version` of `key` was made at `now` by `by`, through `event`.
+  Status made(const std::string& key, std::uint64_t version, Micros now, const MadeBy& by,
+              const std::string& event);
+
+  // Versions of `key`, oldest first.
+  Result<std::vector<HistoryEntry>> versions(const std::string& key);
+  // Changes across the tree made since `since` (and by `agent` when not empty),
+  // newest first.
+  Result<std::vector<HistoryEntry>> changes(Micros since, const std::string& agent);
+  // Where a kept content lives (for reading); empty when it is not there.
+  std::string blob_path(const std::string& blob) const;
+  std::uint64_t total_bytes();
+  const HistoryOptions& options() const { return options_; }
+
+ private:
+  explicit HistoryStore(HistoryOptions options);
+  Status evict_locked();  // m_ held
+
+  HistoryOptions options_;
+  std::mutex m_;
+  std::unique_ptr<SQLite::Database> db_;
+};
+
+}  // namespace gate::mount

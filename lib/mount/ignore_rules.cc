@@ -1,0 +1,30 @@
+#include "mount/ignore_rules.h"
+
+#include <git2.h>
+
+namespace gate::mount {
+
+IgnoreRules::IgnoreRules(const std::string& root, bool use_git) {
+  git_libgit2_init();  // counted, like every libgit2 user's
+  // Only the root itself: a directory inside another repository is not that
+  // repository's business here.
+  if (use_git && git_repository_open_ext(&repo_, root.c_str(), GIT_REPOSITORY_OPEN_NO_SEARCH,
+                                         nullptr) != 0)
+    repo_ = nullptr;
+}
+
+IgnoreRules::~IgnoreRules() {
+  if (repo_) git_repository_free(repo_);
+  git_libgit2_shutdown();
+}
+
+bool IgnoreRules::ignored(const std::string& key) {
+  if (key == ".git" || key.rfind(".git/", 0) == 0) return true;
+  if (!repo_) return false;
+  std::lock_guard guard(m_);
+  int ignored = 0;
+  if (git_ignore_path_is_ignored(&ignored, repo_, key.c_str()) != 0) return false;
+  return ignored != 0;
+}
+
+}  // namespace gate::mount
