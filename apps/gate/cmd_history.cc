@@ -88,8 +88,8 @@ std::optional<std::string> read_all(const std::string& path) {
 
 // The content of entry i: its kept copy, or for the newest version the file now.
 std::optional<std::string> content_of(const std::vector<mount::HistoryEntry>& v, std::size_t i,
-                                      const mount::HistoryStore& store, const Target& t) {
-  if (!v[i].blob.empty()) return read_all(store.blob_path(v[i].blob));
+                                      mount::HistoryStore& store, const Target& t) {
+  if (!v[i].blob.empty()) return store.content(v[i].blob);
   if (i + 1 == v.size() && !t.file.empty() && v[i].event != "unlink") return read_all(t.file);
   return std::nullopt;
 }

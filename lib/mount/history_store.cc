@@ -24,6 +24,9 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr int kSchemaVersion = 1;
+// Contents up to this size live in the index (a file each would cost an inode,
+// which is most of what keeping a small version costs).
+constexpr std::uint64_t kInlineBytes = 256 << 10;
 
 // Copies all of `in` into `out`: a reflink when the file system can, else
 // copy_file_range, else read/write.
@@ -74,6 +77,13 @@ Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options)
   std::error_code ec;
   fs::create_directories(options.dir + "/objects", ec);
   if (ec) return Status::failure("cannot create " + options.dir + "/objects: " + ec.message());
+  // objects/00 .. objects/ff made once, so filing a content is one rename.
+  static const char* hex = "0123456789abcdef";
+  for (int i = 0; i < 256; ++i) {
+    const std::string sub = options.dir + "/objects/" + hex[i >> 4] + hex[i & 15];
+    if (::mkdir(sub.c_str(), 0700) != 0 && errno != EEXIST)
+      return Status::failure(errno_text("cannot create " + sub));
+  }
   const std::string path = options.dir + "/history.db";
   std::unique_ptr<HistoryStore> store(new HistoryStore(std::move(options)));
   try {
@@ -85,7 +95,10 @@ Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options)
       return Status::failure(path + " was written by a newer gate (history schema " +
                              std::to_string(version) + ")");
     store->db_->exec("PRAGMA journal_mode=WAL");
-    store->db_->exec("PRAGMA synchronous=NORMAL");
+    // No fsync: a checkpoint's fsync in the middle of a save cost a quarter of
+    // its time. A kill loses nothing (the OS has it); a power loss may lose recent
+    // history or leave an index the next mount refuses (it then runs without one).
+    store->db_->exec("PRAGMA synchronous=OFF");
     store->db_->exec(
         "CREATE TABLE IF NOT EXISTS versions ("
         " key TEXT NOT NULL, version INTEGER NOT NULL,"
@@ -94,9 +107,12 @@ Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options)
         " PRIMARY KEY (key, version)) WITHOUT ROWID;"
         "CREATE INDEX IF NOT EXISTS versions_made ON versions (made_at);"
         "CREATE TABLE IF NOT EXISTS blobs ("
-        " blob TEXT PRIMARY KEY, size INTEGER NOT NULL, kept_at INTEGER NOT NULL) WITHOUT ROWID;"
+        " blob TEXT PRIMARY KEY, size INTEGER NOT NULL, kept_at INTEGER NOT NULL,"
+        " data BLOB);"  // small contents in place, larger ones in objects/
         "CREATE INDEX IF NOT EXISTS blobs_age ON blobs (kept_at);"
         "PRAGMA user_version = 1;");
+    store->prepare();
+    store->total_ = store->db_->execAndGet("SELECT coalesce(sum(size), 0) FROM blobs").getInt64();
   } catch (const std::exception& e) {
     return Status::failure("cannot use the history index " + path + ": " + e.what() +
                            " (move it aside to start a new history)");
@@ -104,96 +120,181 @@ Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options)
   return store;
 }
 
+void HistoryStore::prepare() {
+  kept_q_ = std::make_unique<SQLite::Statement>(
+      *db_, "SELECT blob FROM versions WHERE key=? AND version=?");
+  // Inserted only when new: `changes()` then says whether it added bytes.
+  put_blob_ = std::make_unique<SQLite::Statement>(
+      *db_, "INSERT OR IGNORE INTO blobs (blob, size, kept_at, data) VALUES (?,?,?,?)");
+  put_kept_ = std::make_unique<SQLite::Statement>(
+      *db_,
+      "INSERT INTO versions (key, version, blob, size, kept_at) VALUES (?,?,?,?,?)"
+      " ON CONFLICT(key, version) DO UPDATE SET blob=excluded.blob,"
+      " size=excluded.size, kept_at=excluded.kept_at");
+  put_made_ = std::make_unique<SQLite::Statement>(
+      *db_,
+      "INSERT INTO versions (key, version, made_at, agent, pid, command, event)"
+      " VALUES (?,?,?,?,?,?,?) ON CONFLICT(key, version) DO UPDATE SET"
+      " made_at=excluded.made_at, agent=excluded.agent, pid=excluded.pid,"
+      " command=excluded.command, event=excluded.event");
+}
+
 std::string HistoryStore::blob_path(const std::string& blob) const {
   if (blob.size() < 3) return "";
   return options_.dir + "/objects/" + blob.substr(0, 2) + "/" + blob.substr(2);
 }
 
-Status HistoryStore::keep(const std::string& key, std::uint64_t version, int fd, Micros now) {
-  try {
-    {
-      std::lock_guard guard(m_);
-      SQLite::Statement q(*db_, "SELECT blob FROM versions WHERE key=? AND version=?");
-      q.bind(1, key);
-      q.bind(2, static_cast<int64_t>(version));
-      if (q.executeStep() && !q.getColumn(0).isNull()) return {};  // kept already
-    }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) return Status::failure(errno_text("cannot stat " + key));
-    if (!S_ISREG(st.st_mode)) return {};
-    const auto size = static_cast<std::uint64_t>(st.st_size);
-    if (size > options_.max_file_bytes)
-      return Status::failure(key + " is " + std::to_string(size) + " bytes, over --history-max-file (" +
-                             std::to_string(options_.max_file_bytes) + "): its version " +
-                             std::to_string(version) + " is not kept");
+bool HistoryStore::room_for(std::uint64_t size, std::uint64_t* free_bytes) {
+  std::lock_guard guard(vfs_m_);
+  const Micros now = wall_clock_micros();
+  if (now - vfs_checked_ > 1'000'000) {
     struct statvfs vfs {};
-    if (::statvfs(options_.dir.c_str(), &vfs) == 0) {
-      const std::uint64_t free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
-      if (free_bytes < options_.min_free_bytes + size)
-        return Status::failure("only " + std::to_string(free_bytes >> 20) + " MiB free in " +
-                               options_.dir + ": version " + std::to_string(version) + " of " + key +
-                               " is not kept (history stops below " +
-                               std::to_string(options_.min_free_bytes >> 20) + " MiB free)");
+    vfs_free_ = ::statvfs(options_.dir.c_str(), &vfs) == 0
+                    ? static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize
+                    : ~std::uint64_t{0};
+    vfs_checked_ = now;
+  }
+  *free_bytes = vfs_free_;
+  if (vfs_free_ < options_.min_free_bytes + size) return false;
+  vfs_free_ -= std::min(vfs_free_, size);  // until the next look
+  return true;
+}
+
+Status HistoryStore::store_content(int fd, std::uint64_t size, std::string* blob,
+                                   std::optional<std::string>* inline_data) {
+  git_oid oid;
+  char hex[GIT_OID_HEXSZ + 1];
+  if (size <= kInlineBytes) {
+    // Small: read, hashed and kept in the index itself (no inode per version).
+    std::string data(size, '\0');
+    std::size_t got = 0;
+    while (got < size) {
+      ssize_t n = ::pread(fd, data.data() + got, size - got, static_cast<off_t>(got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) return Status::failure(errno_text("cannot read"));
+      if (n == 0) break;  // it shrank meanwhile: keep what is there
+      got += static_cast<std::size_t>(n);
     }
-    // Copy outside the lock, to a name of our own, then file it under its id.
-    const std::string tmp = options_.dir + "/objects/tmp-" + random_token();
-    int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (out < 0) return Status::failure(errno_text("cannot create " + tmp));
-    const bool copied = copy_content(fd, out);
-    const int copy_errno = errno;
-    ::close(out);
-    if (!copied) {
-      ::unlink(tmp.c_str());
-      errno = copy_errno;
-      return Status::failure(errno_text("cannot copy version " + std::to_string(version) + " of " + key));
-    }
-    git_oid oid;
-    if (git_odb_hashfile(&oid, tmp.c_str(), GIT_OBJECT_BLOB) != 0) {
-      ::unlink(tmp.c_str());
-      return Status::failure("cannot hash version " + std::to_string(version) + " of " + key);
-    }
-    char hex[GIT_OID_HEXSZ + 1];
+    data.resize(got);
+    if (git_odb_hash(&oid, data.data(), data.size(), GIT_OBJECT_BLOB) != 0)
+      return Status::failure("cannot hash");
     git_oid_tostr(hex, sizeof hex, &oid);
-    const std::string blob = hex;
-    const std::string path = blob_path(blob);
-    std::error_code ec;
-    fs::create_directories(fs::path(path).parent_path(), ec);
-    struct stat kept {};
-    const bool exists = ::stat(path.c_str(), &kept) == 0;
-    if (exists) ::unlink(tmp.c_str());
-    else if (::rename(tmp.c_str(), path.c_str()) != 0) {
-      ::unlink(tmp.c_str());
-      return Status::failure(errno_text("cannot store " + path));
-    }
+    *blob = hex;
+    *inline_data = std::move(data);
+    return {};
+  }
+  // Large: a reflink (or a copy) in objects/, hashed from the copy.
+  const std::string tmp = options_.dir + "/objects/tmp-" + random_token();
+  int out = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (out < 0) return Status::failure(errno_text("cannot create " + tmp));
+  const bool copied = copy_content(fd, out);
+  const int copy_errno = errno;
+  ::close(out);
+  if (!copied || git_odb_hashfile(&oid, tmp.c_str(), GIT_OBJECT_BLOB) != 0) {
+    ::unlink(tmp.c_str());
+    errno = copy_errno;
+    return Status::failure(errno_text("cannot copy"));
+  }
+  git_oid_tostr(hex, sizeof hex, &oid);
+  *blob = hex;
+  const std::string path = blob_path(*blob);
+  if (::access(path.c_str(), F_OK) == 0) {  // the same content is there already
+    ::unlink(tmp.c_str());
+    return {};
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    ::unlink(tmp.c_str());
+    return Status::failure(errno_text("cannot store " + path));
+  }
+  return {};
+}
+
+std::optional<std::string> HistoryStore::content(const std::string& blob) {
+  {
     std::lock_guard guard(m_);
+    try {
+      SQLite::Statement q(*db_, "SELECT data FROM blobs WHERE blob=?");
+      q.bind(1, blob);
+      if (!q.executeStep()) return std::nullopt;  // never kept, or evicted
+      if (!q.getColumn(0).isNull()) {
+        const SQLite::Column c = q.getColumn(0);
+        return std::string(static_cast<const char*>(c.getBlob()), static_cast<std::size_t>(c.getBytes()));
+      }
+    } catch (const std::exception&) {
+      return std::nullopt;
+    }
+  }
+  int fd = ::open(blob_path(blob).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::nullopt;
+  std::string data;
+  char buf[65536];
+  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) data.append(buf, static_cast<std::size_t>(n));
+  ::close(fd);
+  return data;
+}
+
+Status HistoryStore::keep(const std::string& key, std::uint64_t version, int fd, Micros now) {
+  const std::string what = "version " + std::to_string(version) + " of " + key;
+  {
+    std::lock_guard guard(m_);
+    try {
+      kept_q_->bind(1, key);
+      kept_q_->bind(2, static_cast<int64_t>(version));
+      const bool kept = kept_q_->executeStep() && !kept_q_->getColumn(0).isNull();
+      kept_q_->reset();
+      if (kept) return {};
+    } catch (const std::exception& e) {
+      kept_q_->reset();
+      return Status::failure("history index: " + std::string(e.what()));
+    }
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return Status::failure(errno_text("cannot stat " + key));
+  if (!S_ISREG(st.st_mode)) return {};
+  const auto size = static_cast<std::uint64_t>(st.st_size);
+  if (size > options_.max_file_bytes)
+    return Status::failure(key + " is " + std::to_string(size) + " bytes, over --history-max-file (" +
+                           std::to_string(options_.max_file_bytes) + "): its " + what +
+                           " is not kept");
+  std::uint64_t free_bytes = 0;
+  if (!room_for(size, &free_bytes))
+    return Status::failure("only " + std::to_string(free_bytes >> 20) + " MiB free in " +
+                           options_.dir + ": " + what + " is not kept (history stops below " +
+                           std::to_string(options_.min_free_bytes >> 20) + " MiB free)");
+  // The content is filed outside the lock; only the index is under it.
+  std::string blob;
+  std::optional<std::string> data;
+  if (Status filed = store_content(fd, size, &blob, &data); !filed.ok())
+    return Status::failure(filed.message() + ": " + what + " is not kept");
+  std::lock_guard guard(m_);
+  try {
     SQLite::Transaction tx(*db_);
-    SQLite::Statement b(*db_, "INSERT INTO blobs (blob, size, kept_at) VALUES (?,?,?)"
-                              " ON CONFLICT(blob) DO UPDATE SET kept_at=excluded.kept_at");
-    b.bind(1, blob);
-    b.bind(2, static_cast<int64_t>(size));
-    b.bind(3, static_cast<int64_t>(now));
-    b.exec();
-    SQLite::Statement v(*db_,
-                        "INSERT INTO versions (key, version, blob, size, kept_at) VALUES (?,?,?,?,?)"
-                        " ON CONFLICT(key, version) DO UPDATE SET blob=excluded.blob,"
-                        " size=excluded.size, kept_at=excluded.kept_at");
-    v.bind(1, key);
-    v.bind(2, static_cast<int64_t>(version));
-    v.bind(3, blob);
-    v.bind(4, static_cast<int64_t>(size));
-    v.bind(5, static_cast<int64_t>(now));
-    v.exec();
-    Status evicted = evict_locked();
+    put_blob_->bind(1, blob);
+    put_blob_->bind(2, static_cast<int64_t>(size));
+    put_blob_->bind(3, static_cast<int64_t>(now));
+    if (data) put_blob_->bind(4, data->data(), static_cast<int>(data->size()));
+    else put_blob_->bind(4);
+    const bool new_blob = put_blob_->exec() > 0;
+    put_blob_->reset();
+    put_kept_->bind(1, key);
+    put_kept_->bind(2, static_cast<int64_t>(version));
+    put_kept_->bind(3, blob);
+    put_kept_->bind(4, static_cast<int64_t>(size));
+    put_kept_->bind(5, static_cast<int64_t>(now));
+    put_kept_->exec();
+    put_kept_->reset();
     tx.commit();
-    return evicted;
+    if (new_blob) total_ += static_cast<std::int64_t>(size);
+    return evict_locked();
   } catch (const std::exception& e) {
+    put_blob_->reset();
+    put_kept_->reset();
     return Status::failure("history index: " + std::string(e.what()));
   }
 }
 
-Status HistoryStore::evict_locked() {
-  std::int64_t total = db_->execAndGet("SELECT coalesce(sum(size), 0) FROM blobs").getInt64();
-  while (total > static_cast<std::int64_t>(options_.max_total_bytes)) {
+Status HistoryStore::evict_locked() try {
+  while (total_ > static_cast<std::int64_t>(options_.max_total_bytes)) {
     SQLite::Statement oldest(*db_, "SELECT blob, size FROM blobs ORDER BY kept_at LIMIT 1");
     if (!oldest.executeStep()) break;
     const std::string blob = oldest.getColumn(0).getString();
@@ -205,20 +306,18 @@ Status HistoryStore::evict_locked() {
     SQLite::Statement forget(*db_, "UPDATE versions SET blob=NULL WHERE blob=?");
     forget.bind(1, blob);
     forget.exec();
-    total -= size;
+    total_ -= size;
   }
   return {};
+} catch (const std::exception& e) {
+  return Status::failure("history index (evicting): " + std::string(e.what()));
 }
 
 Status HistoryStore::made(const std::string& key, std::uint64_t version, Micros now,
                           const MadeBy& by, const std::string& event) {
+  std::lock_guard guard(m_);
   try {
-    std::lock_guard guard(m_);
-    SQLite::Statement v(*db_,
-                        "INSERT INTO versions (key, version, made_at, agent, pid, command, event)"
-                        " VALUES (?,?,?,?,?,?,?) ON CONFLICT(key, version) DO UPDATE SET"
-                        " made_at=excluded.made_at, agent=excluded.agent, pid=excluded.pid,"
-                        " command=excluded.command, event=excluded.event");
+    auto& v = *put_made_;
     v.bind(1, key);
     v.bind(2, static_cast<int64_t>(version));
     v.bind(3, static_cast<int64_t>(now));
@@ -227,8 +326,10 @@ Status HistoryStore::made(const std::string& key, std::uint64_t version, Micros 
     v.bind(6, by.command);
     v.bind(7, event);
     v.exec();
+    v.reset();
     return {};
   } catch (const std::exception& e) {
+    put_made_->reset();
     return Status::failure("history index: " + std::string(e.what()));
   }
 }
@@ -287,12 +388,7 @@ Result<std::vector<HistoryEntry>> HistoryStore::changes(Micros since, const std:
 
 std::uint64_t HistoryStore::total_bytes() {
   std::lock_guard guard(m_);
-  try {
-    return static_cast<std::uint64_t>(
-        db_->execAndGet("SELECT coalesce(sum(size), 0) FROM blobs").getInt64());
-  } catch (const std::exception&) {
-    return 0;
-  }
+  return static_cast<std::uint64_t>(total_);
 }
 
 }  // namespace gate::mount

@@ -33,6 +33,7 @@
 
 namespace SQLite {
 class Database;
+class Statement;
 }
 
 namespace gate::mount {
@@ -80,18 +81,32 @@ class HistoryStore {
   // Changes across the tree made since `since` (and by `agent` when not empty),
   // newest first.
   Result<std::vector<HistoryEntry>> changes(Micros since, const std::string& agent);
-  // Where a kept content lives (for reading); empty when it is not there.
-  std::string blob_path(const std::string& blob) const;
+  // A kept content; nullopt when it is not there (never kept, or evicted).
+  std::optional<std::string> content(const std::string& blob);
   std::uint64_t total_bytes();
   const HistoryOptions& options() const { return options_; }
 
  private:
   explicit HistoryStore(HistoryOptions options);
+  void prepare();
   Status evict_locked();  // m_ held
+  // Whether the disk has room for `size` more bytes above the floor (statvfs at
+  // most once a second).
+  bool room_for(std::uint64_t size, std::uint64_t* free_bytes);
+  // Files the content under its id; the id in *blob. Small files are read and
+  // hashed in memory, larger ones cloned (or copied) and hashed from the copy.
+  Status store_content(int fd, std::uint64_t size, std::string* blob,
+                       std::optional<std::string>* inline_data);
+  std::string blob_path(const std::string& blob) const;  // of a large content
 
   HistoryOptions options_;
   std::mutex m_;
   std::unique_ptr<SQLite::Database> db_;
+  std::unique_ptr<SQLite::Statement> kept_q_, put_blob_, put_kept_, put_made_;
+  std::int64_t total_ = 0;  // bytes in blobs (m_)
+  std::mutex vfs_m_;
+  Micros vfs_checked_ = 0;
+  std::uint64_t vfs_free_ = 0;
 };
 
 }  // namespace gate::mount

@@ -19,7 +19,11 @@ IgnoreRules::~IgnoreRules() {
 }
 
 bool IgnoreRules::ignored(const std::string& key) {
-  if (key == ".git" || key.rfind(".git/", 0) == 0) return true;
+  // Any repository's own directory, the root's or a nested one's (submodules,
+  // repositories made inside the tree).
+  if (key == ".git" || key.rfind(".git/", 0) == 0 || key.find("/.git/") != std::string::npos ||
+      (key.size() > 5 && key.compare(key.size() - 5, 5, "/.git") == 0))
+    return true;
   if (!repo_) return false;
   std::lock_guard guard(m_);
   int ignored = 0;

@@ -1,6 +1,6 @@
 #pragma once
-// IgnoreRules: which keys the history leaves out. Always .git/ (git keeps its own
-// history); and, when the mount's root is a git work tree, what its ignore rules
+// IgnoreRules: which keys the history leaves out. Always .git/, the root's and any
+// nested repository's (git keeps its own history); and, when the mount's root is a git work tree, what its ignore rules
 // (.gitignore files, .git/info/exclude, core.excludesFile) ignore, such as build
 // outputs, as libgit2 reads them. Thread-safe.
 #include <memory>

@@ -62,7 +62,7 @@ TEST_CASE("kept versions come back byte for byte, with who made them", "[unit][h
   CHECK(first.version == 0);
   CHECK(first.made_at == 0);  // made before this mount saw it
   CHECK(first.size == 11);
-  CHECK(test::read_file(store->blob_path(first.blob)) == "first\nline\n");
+  CHECK(store->content(first.blob) == "first\nline\n");
   const HistoryEntry& second = (*versions)[1];
   CHECK(second.version == 17);
   CHECK(second.by.agent == "claude");
@@ -70,7 +70,7 @@ TEST_CASE("kept versions come back byte for byte, with who made them", "[unit][h
   CHECK(second.by.command == "node");
   CHECK(second.event == "write");
   CHECK(second.made_at == kT + 5);
-  CHECK(test::read_file(store->blob_path(second.blob)) == binary);
+  CHECK(store->content(second.blob) == binary);
   CHECK(store->versions("other")->empty());
 }
 
@@ -98,13 +98,13 @@ TEST_CASE("the store keeps no file over the cap and evicts the oldest contents f
       c(files, "c", std::string(100, 'c'));
   REQUIRE(store->keep("f", 1, a.fd, kT + 1).ok());
   REQUIRE(store->keep("f", 2, b.fd, kT + 2).ok());
-  const std::string oldest = store->blob_path(store->versions("f")->at(0).blob);
-  CHECK(std::filesystem::exists(oldest));
+  const std::string oldest = store->versions("f")->at(0).blob;
+  CHECK(store->content(oldest) == std::string(100, 'a'));
   REQUIRE(store->keep("f", 3, c.fd, kT + 3).ok());  // 300 > 250: the oldest goes
   auto versions = store->versions("f");
   REQUIRE(versions->size() == 3);
   CHECK(versions->at(0).blob.empty());  // evicted, still listed
-  CHECK_FALSE(std::filesystem::exists(oldest));
+  CHECK_FALSE(store->content(oldest));
   CHECK_FALSE(versions->at(1).blob.empty());
   CHECK_FALSE(versions->at(2).blob.empty());
   CHECK(store->total_bytes() == 200);
@@ -169,6 +169,24 @@ TEST_CASE("the history leaves out .git/ and what the repository ignores", "[unit
     IgnoreRules rules(repo.path(), true);
     CHECK_FALSE(rules.has_repository());
     CHECK(rules.ignored(".git"));
+    CHECK(rules.ignored("sub/.git/objects/ab/cdef"));  // a repository made inside the tree
+    CHECK(rules.ignored("sub/.git"));
+    CHECK_FALSE(rules.ignored("sub/.gitignore"));
     CHECK_FALSE(rules.ignored("build/out.txt"));
   }
+}
+
+TEST_CASE("large contents are kept as files and come back whole", "[unit][history]") {
+  TempDir dir("gate-history"), files("gate-files");
+  auto store = open_store({.dir = dir.path(), .max_file_bytes = 4 << 20});
+  std::string big(3 << 20, '\0');
+  for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>(i * 7 % 251);
+  Source s(files, "big", big);
+  REQUIRE(store->keep("big", 4, s.fd, kT).ok());
+  auto v = store->versions("big");
+  REQUIRE(v->size() == 1);
+  CHECK(v->at(0).size == static_cast<std::int64_t>(big.size()));
+  CHECK(store->content(v->at(0).blob) == big);
+  CHECK(std::filesystem::exists(dir.path() + "/objects/" + v->at(0).blob.substr(0, 2) + "/" +
+                                v->at(0).blob.substr(2)));
 }
