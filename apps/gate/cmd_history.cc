@@ -1,5 +1,6 @@
 // gate history, gate show: the versions a mount kept of a file, and their content.
 #include <git2.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <boost/json.hpp>
@@ -14,6 +15,7 @@
 #include "commands.h"
 #include "core/iso_time.h"
 #include "core/mounts.h"
+#include "mount/gate_fs.h"
 #include "mount/history_store.h"
 
 namespace gate::cmd {
@@ -55,8 +57,13 @@ Result<Target> locate(const std::string& path, const po::variables_map& args) {
     } else {
       continue;
     }
-    t.dir = args.count("history-dir") ? args["history-dir"].as<std::string>()
-                                      : default_history_dir(v.root);
+    // The view itself says where its history is, after writing it out (a mount
+    // writes its index in batches).
+    char buf[4096];
+    const ssize_t n = ::getxattr(v.mountpoint.c_str(), mount::kHistoryXattr, buf, sizeof buf);
+    if (args.count("history-dir")) t.dir = args["history-dir"].as<std::string>();
+    else if (n > 0) t.dir.assign(buf, static_cast<std::size_t>(n));
+    else t.dir = default_history_dir(v.root);
     return t;
   }
   if (args.count("history-dir")) {

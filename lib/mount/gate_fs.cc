@@ -314,18 +314,6 @@ Status GateFs::mount() {
   if (d.opts.locking) {
     d.opts.locks.mountpoint = d.opts.mountpoint;
     d.agent = std::make_unique<LockAgent>(d.opts.locks);
-    if (!d.opts.history.dir.empty()) {
-      auto store = HistoryStore::open(d.opts.history);
-      if (store.ok()) {
-        d.history = std::move(store).value();
-        d.ignore = std::make_unique<IgnoreRules>(d.opts.root, d.opts.history_git_rules);
-        log(LogLevel::Info, "mount", "keeping the history of replaced versions in ",
-            d.opts.history.dir, d.ignore->has_repository() ? " (leaving out .git/ and what the repository ignores)" : " (leaving out .git/)");
-      } else {
-        log(LogLevel::Warn, "mount", "no history of replaced versions: ", store.message(),
-            "; files are served as usual");
-      }
-    }
   }
 
   // Modes arrive from the kernel with the caller's umask applied already.
@@ -355,7 +343,25 @@ Status GateFs::mount() {
 }
 
 void GateFs::start() {
-  if (impl_->agent) impl_->agent->start();
+  Impl& d = *impl_;
+  if (d.agent) d.agent->start();
+  // Opened here, after any fork: neither its connection nor its writer thread
+  // should cross one. Requests are served only from serve() on.
+  if (d.agent && !d.opts.history.dir.empty()) {
+    auto store = HistoryStore::open(d.opts.history);
+    if (store.ok()) {
+      d.history = std::move(store).value();
+      d.history->start();
+      d.ignore = std::make_unique<IgnoreRules>(d.opts.root, d.opts.history_git_rules);
+      log(LogLevel::Info, "mount", "keeping the history of replaced versions in ",
+          d.opts.history.dir,
+          d.ignore->has_repository() ? " (leaving out .git/ and what the repository ignores)"
+                                     : " (leaving out .git/)");
+    } else {
+      log(LogLevel::Warn, "mount", "no history of replaced versions: ", store.message(),
+          "; files are served as usual");
+    }
+  }
 }
 
 int GateFs::serve() {

@@ -45,6 +45,10 @@ struct MountOptions {
   bool history_git_rules = true;  // leave out what the repository's rules ignore
 };
 
+// Read on the root of a view (getxattr), this attribute writes out the view's
+// history index and answers the history's directory; `gate history` uses it.
+inline constexpr const char* kHistoryXattr = "user.gate.history";
+
 class GateFs {
  public:
   explicit GateFs(MountOptions options);

@@ -259,6 +259,18 @@ void GateFs::Impl::reply_xattr(fuse_req_t req, size_t size, Call call) {
 }
 
 void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  if (ino == FUSE_ROOT_ID && std::strcmp(name, kHistoryXattr) == 0 && history) {
+    // `gate history` asks the view for its history: written out, then where it is.
+    history->flush();
+    const std::string& dir = history->options().dir;
+    reply_xattr(req, size, [&](char* buf, size_t len) -> ssize_t {
+      if (len == 0) return static_cast<ssize_t>(dir.size());
+      if (len < dir.size()) return errno = ERANGE, -1;
+      std::memcpy(buf, dir.data(), dir.size());
+      return static_cast<ssize_t>(dir.size());
+    });
+    return;
+  }
   std::string proc = proc_path(inode(ino).fd);
   reply_xattr(req, size, [&](char* buf, size_t len) {
     return ::getxattr(proc.c_str(), name, buf, len);

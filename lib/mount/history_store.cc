@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "core/log.h"
 #include "core/token.h"
 
 namespace gate::mount {
@@ -27,6 +28,10 @@ constexpr int kSchemaVersion = 1;
 // Contents up to this size live in the index (a file each would cost an inode,
 // which is most of what keeping a small version costs).
 constexpr std::uint64_t kInlineBytes = 256 << 10;
+// How many (key, version) pairs keep() remembers as kept before it starts afresh.
+constexpr std::size_t kRecentlyKept = 100'000;
+// Queued contents past this make keep() wait for the writer.
+constexpr std::size_t kMaxPendingBytes = 32 << 20;
 
 // Copies all of `in` into `out`: a reflink when the file system can, else
 // copy_file_range, else read/write.
@@ -71,7 +76,118 @@ std::string errno_text(const std::string& what) { return what + ": " + std::stre
 HistoryStore::HistoryStore(HistoryOptions options) : options_(std::move(options)) {
   git_libgit2_init();
 }
-HistoryStore::~HistoryStore() { git_libgit2_shutdown(); }
+HistoryStore::~HistoryStore() {
+  {
+    std::lock_guard guard(q_m_);
+    stopping_ = true;
+  }
+  q_cv_.notify_all();
+  if (writer_.joinable()) writer_.join();
+  git_libgit2_shutdown();
+}
+
+void HistoryStore::start() {
+  std::lock_guard guard(q_m_);
+  if (running_) return;
+  running_ = true;
+  writer_ = std::thread([this] { writer_main(); });
+}
+
+void HistoryStore::enqueue(Pending p) {
+  std::unique_lock lock(q_m_);
+  pending_bytes_ += p.data ? p.data->size() : 0;
+  pending_.push_back(std::move(p));
+  const std::uint64_t mine = ++queued_;
+  if (!running_) {
+    write_queued(lock);  // no writer (yet): at once, on this thread
+    return;
+  }
+  if (pending_bytes_ > kMaxPendingBytes) {
+    // Bounded memory: wait for the writer, as flush() does.
+    flush_now_ = true;
+    q_cv_.notify_all();
+    q_cv_.wait(lock, [&] { return written_ >= mine || stopping_; });
+  }
+}
+
+void HistoryStore::flush() {
+  std::unique_lock lock(q_m_);
+  if (!running_) return;  // nothing is ever left queued without a writer
+  const std::uint64_t target = queued_;
+  flush_now_ = true;
+  q_cv_.notify_all();
+  q_cv_.wait(lock, [&] { return written_ >= target || stopping_; });
+}
+
+void HistoryStore::writer_main() {
+  std::unique_lock lock(q_m_);
+  for (;;) {
+    // Batches: wait a little for more, unless someone waits for the write.
+    q_cv_.wait_for(lock, std::chrono::milliseconds(20),
+                   [&] { return stopping_ || flush_now_; });
+    flush_now_ = false;
+    if (pending_.empty()) {
+      if (stopping_) break;
+      continue;
+    }
+    write_queued(lock);
+    q_cv_.notify_all();
+  }
+}
+
+void HistoryStore::write_queued(std::unique_lock<std::mutex>& lock) {
+  std::deque<Pending> batch;
+  batch.swap(pending_);
+  pending_bytes_ = 0;
+  lock.unlock();
+  write_batch(batch);
+  lock.lock();
+  written_ += batch.size();
+}
+
+void HistoryStore::write_batch(std::deque<Pending>& batch) {
+  std::lock_guard guard(m_);
+  try {
+    SQLite::Transaction tx(*db_);
+    std::int64_t added = 0;
+    for (const Pending& p : batch) {
+      if (p.kept) {
+        put_blob_->bind(1, p.blob);
+        put_blob_->bind(2, static_cast<int64_t>(p.size));
+        put_blob_->bind(3, static_cast<int64_t>(p.at));
+        if (p.data) put_blob_->bind(4, p.data->data(), static_cast<int>(p.data->size()));
+        else put_blob_->bind(4);
+        if (put_blob_->exec() > 0) added += p.size;
+        put_blob_->reset();
+        put_kept_->bind(1, p.key);
+        put_kept_->bind(2, static_cast<int64_t>(p.version));
+        put_kept_->bind(3, p.blob);
+        put_kept_->bind(4, static_cast<int64_t>(p.size));
+        put_kept_->bind(5, static_cast<int64_t>(p.at));
+        put_kept_->exec();
+        put_kept_->reset();
+      } else {
+        auto& v = *put_made_;
+        v.bind(1, p.key);
+        v.bind(2, static_cast<int64_t>(p.version));
+        v.bind(3, static_cast<int64_t>(p.at));
+        v.bind(4, p.by.agent);
+        v.bind(5, static_cast<int64_t>(p.by.pid));
+        v.bind(6, p.by.command);
+        v.bind(7, p.event);
+        v.exec();
+        v.reset();
+      }
+    }
+    tx.commit();
+    total_ += added;
+    if (Status st = evict_locked(); !st.ok()) log(LogLevel::Warn, "mount", "history: ", st.message());
+  } catch (const std::exception& e) {
+    for (auto* st : {put_blob_.get(), put_kept_.get(), put_made_.get()}) st->reset();
+    log(LogLevel::Warn, "mount", "history: could not write ", batch.size(),
+        " entries to the index: ", e.what(), " (files are served as usual)");
+  }
+}
 
 Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options) {
   std::error_code ec;
@@ -121,16 +237,15 @@ Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options)
 }
 
 void HistoryStore::prepare() {
-  kept_q_ = std::make_unique<SQLite::Statement>(
-      *db_, "SELECT blob FROM versions WHERE key=? AND version=?");
   // Inserted only when new: `changes()` then says whether it added bytes.
   put_blob_ = std::make_unique<SQLite::Statement>(
       *db_, "INSERT OR IGNORE INTO blobs (blob, size, kept_at, data) VALUES (?,?,?,?)");
   put_kept_ = std::make_unique<SQLite::Statement>(
       *db_,
       "INSERT INTO versions (key, version, blob, size, kept_at) VALUES (?,?,?,?,?)"
-      " ON CONFLICT(key, version) DO UPDATE SET blob=excluded.blob,"
-      " size=excluded.size, kept_at=excluded.kept_at");
+      " ON CONFLICT(key, version) DO UPDATE SET blob=coalesce(blob, excluded.blob),"
+      " size=coalesce(size, excluded.size),"
+      " kept_at=CASE WHEN blob IS NULL THEN excluded.kept_at ELSE kept_at END");
   put_made_ = std::make_unique<SQLite::Statement>(
       *db_,
       "INSERT INTO versions (key, version, made_at, agent, pid, command, event)"
@@ -210,6 +325,7 @@ Status HistoryStore::store_content(int fd, std::uint64_t size, std::string* blob
 }
 
 std::optional<std::string> HistoryStore::content(const std::string& blob) {
+  flush();
   {
     std::lock_guard guard(m_);
     try {
@@ -236,17 +352,12 @@ std::optional<std::string> HistoryStore::content(const std::string& blob) {
 Status HistoryStore::keep(const std::string& key, std::uint64_t version, int fd, Micros now) {
   const std::string what = "version " + std::to_string(version) + " of " + key;
   {
-    std::lock_guard guard(m_);
-    try {
-      kept_q_->bind(1, key);
-      kept_q_->bind(2, static_cast<int64_t>(version));
-      const bool kept = kept_q_->executeStep() && !kept_q_->getColumn(0).isNull();
-      kept_q_->reset();
-      if (kept) return {};
-    } catch (const std::exception& e) {
-      kept_q_->reset();
-      return Status::failure("history index: " + std::string(e.what()));
-    }
+    // Kept by this mount already (queued or written)? Without asking the index:
+    // a read transaction costs more than the rest of a small keep. A version kept
+    // before a restart may be copied again; the index keeps the first copy.
+    std::lock_guard guard(q_m_);
+    if (!recently_kept_.emplace(key, version).second) return {};
+    if (recently_kept_.size() > kRecentlyKept) recently_kept_.clear();
   }
   struct stat st {};
   if (::fstat(fd, &st) != 0) return Status::failure(errno_text("cannot stat " + key));
@@ -266,31 +377,16 @@ Status HistoryStore::keep(const std::string& key, std::uint64_t version, int fd,
   std::optional<std::string> data;
   if (Status filed = store_content(fd, size, &blob, &data); !filed.ok())
     return Status::failure(filed.message() + ": " + what + " is not kept");
-  std::lock_guard guard(m_);
-  try {
-    SQLite::Transaction tx(*db_);
-    put_blob_->bind(1, blob);
-    put_blob_->bind(2, static_cast<int64_t>(size));
-    put_blob_->bind(3, static_cast<int64_t>(now));
-    if (data) put_blob_->bind(4, data->data(), static_cast<int>(data->size()));
-    else put_blob_->bind(4);
-    const bool new_blob = put_blob_->exec() > 0;
-    put_blob_->reset();
-    put_kept_->bind(1, key);
-    put_kept_->bind(2, static_cast<int64_t>(version));
-    put_kept_->bind(3, blob);
-    put_kept_->bind(4, static_cast<int64_t>(size));
-    put_kept_->bind(5, static_cast<int64_t>(now));
-    put_kept_->exec();
-    put_kept_->reset();
-    tx.commit();
-    if (new_blob) total_ += static_cast<std::int64_t>(size);
-    return evict_locked();
-  } catch (const std::exception& e) {
-    put_blob_->reset();
-    put_kept_->reset();
-    return Status::failure("history index: " + std::string(e.what()));
-  }
+  Pending p;
+  p.kept = true;
+  p.key = key;
+  p.version = version;
+  p.at = now;
+  p.blob = std::move(blob);
+  p.size = static_cast<std::int64_t>(size);
+  p.data = std::move(data);
+  enqueue(std::move(p));
+  return {};
 }
 
 Status HistoryStore::evict_locked() try {
@@ -315,23 +411,14 @@ Status HistoryStore::evict_locked() try {
 
 Status HistoryStore::made(const std::string& key, std::uint64_t version, Micros now,
                           const MadeBy& by, const std::string& event) {
-  std::lock_guard guard(m_);
-  try {
-    auto& v = *put_made_;
-    v.bind(1, key);
-    v.bind(2, static_cast<int64_t>(version));
-    v.bind(3, static_cast<int64_t>(now));
-    v.bind(4, by.agent);
-    v.bind(5, static_cast<int64_t>(by.pid));
-    v.bind(6, by.command);
-    v.bind(7, event);
-    v.exec();
-    v.reset();
-    return {};
-  } catch (const std::exception& e) {
-    put_made_->reset();
-    return Status::failure("history index: " + std::string(e.what()));
-  }
+  Pending p;
+  p.key = key;
+  p.version = version;
+  p.at = now;
+  p.by = by;
+  p.event = event;
+  enqueue(std::move(p));
+  return {};
 }
 
 namespace {
@@ -357,6 +444,7 @@ constexpr const char* kColumns =
 }  // namespace
 
 Result<std::vector<HistoryEntry>> HistoryStore::versions(const std::string& key) {
+  flush();
   try {
     std::lock_guard guard(m_);
     SQLite::Statement q(*db_, std::string(kColumns) + " WHERE key=? ORDER BY version");
@@ -370,6 +458,7 @@ Result<std::vector<HistoryEntry>> HistoryStore::versions(const std::string& key)
 }
 
 Result<std::vector<HistoryEntry>> HistoryStore::changes(Micros since, const std::string& agent) {
+  flush();
   try {
     std::lock_guard guard(m_);
     SQLite::Statement q(*db_, std::string(kColumns) +
@@ -387,6 +476,7 @@ Result<std::vector<HistoryEntry>> HistoryStore::changes(Micros since, const std:
 }
 
 std::uint64_t HistoryStore::total_bytes() {
+  flush();
   std::lock_guard guard(m_);
   return static_cast<std::uint64_t>(total_);
 }

@@ -17,12 +17,21 @@
 // - Best effort: every call returns a Status for the log and never throws; a
 //   store that cannot be written (full disk, unreadable, corrupt) never makes a
 //   file operation fail.
-// Thread-safe: the copy happens outside the store's lock, the index updates
-// under it.
+// - Index writes are queued and written in batches, one transaction each, by a
+//   writer thread (start()), so a save waits for no SQLite commit; flush() waits
+//   until everything queued so far is written, and every read flushes first.
+//   Before start() (and in tests) each call writes at once. Memory is bounded:
+//   past 32 MiB of queued contents a keep() waits for the writer.
+// Thread-safe: the copy happens outside the store's locks.
 #include <sys/types.h>
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <set>
+#include <thread>
+#include <utility>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -67,7 +76,13 @@ class HistoryStore {
  public:
   // Creates <dir> and its index as needed; fails when they cannot be used.
   static Result<std::unique_ptr<HistoryStore>> open(HistoryOptions options);
+  // Ends the writer thread after it wrote everything queued.
   ~HistoryStore();
+
+  // Starts the writer thread (after any fork: threads do not survive one).
+  void start();
+  // Returns once everything queued before the call is in the index.
+  void flush();
 
   // Keeps the content of `key` at `version`, read from `fd` (an open descriptor of
   // the file, not moved), unless that version is kept already.
@@ -90,6 +105,24 @@ class HistoryStore {
   explicit HistoryStore(HistoryOptions options);
   void prepare();
   Status evict_locked();  // m_ held
+
+  struct Pending {
+    bool kept = false;  // a kept content (else a made version)
+    std::string key;
+    std::uint64_t version = 0;
+    Micros at = 0;
+    std::string blob;
+    std::int64_t size = 0;
+    std::optional<std::string> data;
+    MadeBy by;
+    std::string event;
+  };
+  void enqueue(Pending p);
+  void writer_main();
+  // Takes the queue and writes it (q_m_ held on entry and exit, not while writing).
+  void write_queued(std::unique_lock<std::mutex>& lock);
+  // Writes a batch in one transaction (takes m_); a failure is logged.
+  void write_batch(std::deque<Pending>& batch);
   // Whether the disk has room for `size` more bytes above the floor (statvfs at
   // most once a second).
   bool room_for(std::uint64_t size, std::uint64_t* free_bytes);
@@ -102,8 +135,18 @@ class HistoryStore {
   HistoryOptions options_;
   std::mutex m_;
   std::unique_ptr<SQLite::Database> db_;
-  std::unique_ptr<SQLite::Statement> kept_q_, put_blob_, put_kept_, put_made_;
+  std::unique_ptr<SQLite::Statement> put_blob_, put_kept_, put_made_;
   std::int64_t total_ = 0;  // bytes in blobs (m_)
+  // The queue (q_m_): what is not written yet, and how far the writer got.
+  std::mutex q_m_;
+  std::condition_variable q_cv_;
+  std::deque<Pending> pending_;
+  std::set<std::pair<std::string, std::uint64_t>> recently_kept_;
+  std::size_t pending_bytes_ = 0;
+  std::uint64_t queued_ = 0, written_ = 0;
+  bool flush_now_ = false, stopping_ = false, running_ = false;
+  std::thread writer_;
+
   std::mutex vfs_m_;
   Micros vfs_checked_ = 0;
   std::uint64_t vfs_free_ = 0;

@@ -190,3 +190,26 @@ TEST_CASE("large contents are kept as files and come back whole", "[unit][histor
   CHECK(std::filesystem::exists(dir.path() + "/objects/" + v->at(0).blob.substr(0, 2) + "/" +
                                 v->at(0).blob.substr(2)));
 }
+
+TEST_CASE("with its writer thread the store loses nothing: reads flush, closing drains",
+          "[unit][history]") {
+  TempDir dir("gate-history"), files("gate-files");
+  {
+    auto store = open_store({.dir = dir.path()});
+    store->start();
+    for (int i = 0; i < 200; ++i) {
+      Source s(files, "f" + std::to_string(i), "content " + std::to_string(i));
+      REQUIRE(store->keep("k", static_cast<std::uint64_t>(i), s.fd, kT + i).ok());
+      REQUIRE(store->made("k", static_cast<std::uint64_t>(i + 1), kT + i, {"a", 1, "c"}, "write").ok());
+    }
+    auto v = store->versions("k");  // flushes first
+    REQUIRE(v->size() == 201);
+    CHECK(store->content(v->at(150).blob) == "content 150");
+    for (int i = 200; i < 300; ++i)
+      REQUIRE(store->made("k", static_cast<std::uint64_t>(i + 1), kT + i, {"b", 2, "c"}, "write").ok());
+  }  // the destructor writes what is still queued
+  auto again = open_store({.dir = dir.path()});
+  auto v = again->versions("k");
+  REQUIRE(v->size() == 301);
+  CHECK(v->back().by.agent == "b");
+}
