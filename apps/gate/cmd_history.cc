@@ -1,4 +1,5 @@
 // gate history, gate show: the versions a mount kept of a file, and their content.
+#include <fcntl.h>
 #include <git2.h>
 #include <sys/xattr.h>
 #include <unistd.h>
@@ -6,6 +7,7 @@
 #include <boost/json.hpp>
 
 #include <cstring>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -32,11 +34,16 @@ struct Target {
   std::string file;  // the file as it is now (through the view), empty when unknown
 };
 
+// Whether `path` is `dir` or inside it; *rel is the rest ("" for dir itself).
 bool under(const std::string& path, const std::string& dir, std::string* rel) {
+  if (path == dir) {
+    rel->clear();
+    return true;
+  }
   if (path.size() <= dir.size() || path.compare(0, dir.size(), dir) != 0) return false;
   if (dir != "/" && path[dir.size()] != '/') return false;
   *rel = path.substr(dir == "/" ? 1 : dir.size() + 1);
-  return !rel->empty();
+  return true;
 }
 
 // A path inside a gate view (or inside the directory a view shows) names its key;
@@ -53,7 +60,7 @@ Result<Target> locate(const std::string& path, const po::variables_map& args) {
     if (under(text, v.mountpoint, &t.key)) {
       t.file = text;
     } else if (under(text, v.root, &t.key)) {
-      t.file = v.mountpoint + "/" + t.key;
+      t.file = t.key.empty() ? v.mountpoint : v.mountpoint + "/" + t.key;
     } else {
       continue;
     }
@@ -152,6 +159,8 @@ int history(int argc, char** argv) {
   GitLibrary git;
   auto target = locate((*args)["path"].as<std::string>(), *args);
   if (!target.ok()) return cli::fail(argv[0], target.message());
+  if (target->key.empty())
+    return cli::fail(argv[0], "that is the view's root; name a file (or see gate log)");
   auto store = open_history(*target);
   if (!store.ok()) return cli::fail(argv[0], store.message());
   auto versions = (*store)->versions(target->key);
@@ -201,54 +210,212 @@ int history(int argc, char** argv) {
   return 0;
 }
 
-int show(int argc, char** argv) {
-  po::options_description desc("Options");
-  desc.add_options()("spec", po::value<std::string>(), "PATH@VERSION");
-  add_history_dir_option(desc);
-  po::positional_options_description pos;
-  pos.add("spec", 1);
-  int code = 0;
-  auto args = cli::parse(argc, argv, desc, "gate show PATH@VERSION",
-                         "Prints a version of a file that a gate mount kept (see gate history) "
-                         "to standard output.",
-                         &code, &pos);
-  if (!args) return code;
-  if (!args->count("spec")) return cli::fail(argv[0], "which version? gate show PATH@VERSION"), 2;
-  const std::string spec = (*args)["spec"].as<std::string>();
-  const auto at = spec.rfind('@');
+namespace {
+
+// One version of one file, as PATH@VERSION names it.
+struct Picked {
+  std::string spec, path;
   std::uint64_t version = 0;
+  Target target;
+  std::string content;
+};
+
+// Parses the PATH@VERSION argument and finds the content; a failure is the
+// message, with *usage set for a malformed argument.
+Result<Picked> pick(const po::variables_map& args, bool* usage) {
+  Picked p;
+  p.spec = args["spec"].as<std::string>();
+  const auto at = p.spec.rfind('@');
   try {
     std::size_t used = 0;
-    if (at == std::string::npos || at == 0) throw std::invalid_argument("no @");
-    version = std::stoull(spec.substr(at + 1), &used);
-    if (used != spec.size() - at - 1 || spec[at + 1] == '-') throw std::invalid_argument("junk");
+    if (at == std::string::npos || at == 0 || at + 1 >= p.spec.size() || p.spec[at + 1] == '-')
+      throw std::invalid_argument("no @N");
+    p.version = std::stoull(p.spec.substr(at + 1), &used);
+    if (used != p.spec.size() - at - 1) throw std::invalid_argument("junk");
   } catch (const std::exception&) {
-    return cli::fail(argv[0], "'" + spec + "' is not PATH@VERSION (a version number from " +
-                                  "'gate history PATH')"), 2;
+    *usage = true;
+    return Status::failure("'" + p.spec + "' is not PATH@VERSION (a version number from " +
+                           "'gate history PATH')");
   }
-  auto target = locate(spec.substr(0, at), *args);
+  p.path = p.spec.substr(0, at);
+  auto target = locate(p.path, args);
+  if (!target.ok()) return target.status();
+  p.target = *target;
+  auto store = open_history(p.target);
+  if (!store.ok()) return store.status();
+  auto versions = (*store)->versions(p.target.key);
+  if (!versions.ok()) return versions.status();
+  const std::string what = "version " + std::to_string(p.version) + " of " + p.target.key;
+  for (std::size_t i = 0; i < versions->size(); ++i) {
+    if ((*versions)[i].version != p.version) continue;
+    auto content = content_of(*versions, i, **store, p.target);
+    if (!content)
+      return Status::failure(what + " is no longer kept (the history keeps at most "
+                                    "--history-max-bytes, oldest first)");
+    p.content = std::move(*content);
+    return p;
+  }
+  return Status::failure("no " + what + " was kept; 'gate history " + p.path +
+                         "' lists those there are");
+}
+
+int picked_or_fail(const char* me, const Result<Picked>& p, bool usage) {
+  return cli::fail(me, p.message()), usage ? 2 : 1;
+}
+
+// "90s", "15m", "2h", "3d" -> microseconds; nullopt otherwise.
+std::optional<Micros> parse_duration(const std::string& text) {
+  if (text.size() < 2) return std::nullopt;
+  const char unit = text.back();
+  const std::string digits = text.substr(0, text.size() - 1);
+  if (digits.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+  const Micros n = std::stoll(digits);
+  switch (unit) {
+    case 's': return n * 1'000'000;
+    case 'm': return n * 60'000'000;
+    case 'h': return n * 3'600'000'000LL;
+    case 'd': return n * 86'400'000'000LL;
+  }
+  return std::nullopt;
+}
+
+void add_spec_option(po::options_description& desc, po::positional_options_description& pos) {
+  desc.add_options()("spec", po::value<std::string>(), "PATH@VERSION");
+  add_history_dir_option(desc);
+  pos.add("spec", 1);
+}
+
+// Writes the picked content back through the view: an O_TRUNC save, so the mount
+// takes the write lock (after the holders before it), keeps what it replaces and
+// records the new version.
+int write_back(const char* me, const Picked& p) {
+  if (p.target.file.empty())
+    return cli::fail(me, "restoring writes through the view, and no view of " + p.path +
+                             " is mounted; mount it (gate up) or use: gate show " + p.spec +
+                             " > FILE");
+  const std::string& file = p.target.file;
+  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return cli::fail(me, "cannot open " + file + ": " + std::strerror(errno));
+  for (std::size_t done = 0; done < p.content.size();) {
+    ssize_t n = ::write(fd, p.content.data() + done, p.content.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = errno;
+      ::close(fd);
+      return cli::fail(me, "writing " + file + " failed: " + std::strerror(err) +
+                               " (what it replaced is in the history: gate history " + p.path + ")");
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  if (::close(fd) != 0) return cli::fail(me, "closing " + file + " failed: " + std::strerror(errno));
+  std::cout << "restored " << p.target.key << " to the content of version " << p.version << " ("
+            << p.content.size() << " bytes), as a new version\n";
+  return 0;
+}
+
+// The shared front of show and restore: parse PATH@VERSION, find its content,
+// then `act` on it.
+int with_version(int argc, char** argv, const std::string& synopsis, const std::string& about,
+                 const std::function<int(const Picked&)>& act) {
+  po::options_description desc("Options");
+  po::positional_options_description pos;
+  add_spec_option(desc, pos);
+  int code = 0;
+  auto args = cli::parse(argc, argv, desc, synopsis, about, &code, &pos);
+  if (!args) return code;
+  if (!args->count("spec")) return cli::fail(argv[0], "which version? " + synopsis), 2;
+  bool usage = false;
+  auto p = pick(*args, &usage);
+  if (!p.ok()) return picked_or_fail(argv[0], p, usage);
+  return act(*p);
+}
+
+}  // namespace
+
+int show(int argc, char** argv) {
+  const char* me = argv[0];
+  return with_version(
+      argc, argv, "gate show PATH@VERSION",
+      "Prints a version of a file that a gate mount kept (see gate history) to standard output.",
+      [me](const Picked& p) {
+        if (::isatty(STDOUT_FILENO) && looks_binary(p.content))
+          return cli::fail(me, "version " + std::to_string(p.version) + " of " + p.target.key +
+                                   " is binary; send it to a file: gate show " + p.spec + " > FILE");
+        std::cout.write(p.content.data(), static_cast<std::streamsize>(p.content.size()));
+        std::cout.flush();
+        return std::cout ? 0 : 1;
+      });
+}
+
+int restore(int argc, char** argv) {
+  const char* me = argv[0];
+  return with_version(
+      argc, argv, "gate restore PATH@VERSION",
+      "Writes a version that a gate mount kept back to the file, through the view: under its "
+      "write lock, as a new version, with the content it replaces kept in the history "
+      "(restoring loses nothing).",
+      [me](const Picked& picked) { return write_back(me, picked); });
+}
+
+int log_changes(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()("path", po::value<std::string>()->default_value("."),
+                     "a directory in the view (default: the current one)")
+      ("since", po::value<std::string>(), "only changes this recent: 90s, 15m, 2h, 3d")
+      ("agent", po::value<std::string>(), "only changes by this agent")
+      ("json", po::bool_switch(), "print JSON");
+  add_history_dir_option(desc);
+  po::positional_options_description pos;
+  pos.add("path", 1);
+  int code = 0;
+  auto args = cli::parse(argc, argv, desc, "gate log [--since DURATION] [--agent NAME] [PATH]",
+                         "Lists the changes made through a gate view, newest first: when, which "
+                         "file and version, by which agent, process and command, and how.",
+                         &code, &pos);
+  if (!args) return code;
+  Micros since = 0;
+  if (args->count("since")) {
+    auto d = parse_duration((*args)["since"].as<std::string>());
+    if (!d) return cli::fail(argv[0], "--since takes a duration such as 90s, 15m, 2h or 3d"), 2;
+    since = wall_clock_micros() - *d;
+  }
+  const std::string agent = args->count("agent") ? (*args)["agent"].as<std::string>() : "";
+  auto target = locate((*args)["path"].as<std::string>(), *args);
   if (!target.ok()) return cli::fail(argv[0], target.message());
   auto store = open_history(*target);
   if (!store.ok()) return cli::fail(argv[0], store.message());
-  auto versions = (*store)->versions(target->key);
-  if (!versions.ok()) return cli::fail(argv[0], versions.message());
-  for (std::size_t i = 0; i < versions->size(); ++i) {
-    if ((*versions)[i].version != version) continue;
-    auto content = content_of(*versions, i, **store, *target);
-    if (!content)
-      return cli::fail(argv[0], "version " + std::to_string(version) + " of " + target->key +
-                                    " is no longer kept (the history keeps at most "
-                                    "--history-max-bytes, oldest first)");
-    if (::isatty(STDOUT_FILENO) && looks_binary(*content))
-      return cli::fail(argv[0], "version " + std::to_string(version) + " of " + target->key +
-                                    " is binary; send it to a file: gate show " + spec + " > FILE");
-    std::cout.write(content->data(), static_cast<std::streamsize>(content->size()));
-    std::cout.flush();
-    return std::cout ? 0 : 1;
+  auto changes = (*store)->changes(since, agent);
+  if (!changes.ok()) return cli::fail(argv[0], changes.message());
+  // Under PATH only, when it is a directory inside the view.
+  const std::string prefix = target->key.empty() ? "" : target->key + "/";
+  json::array rows;
+  std::vector<std::vector<std::string>> table{
+      {"TIME", "PATH", "VERSION", "AGENT", "PID", "COMMAND", "HOW"}};
+  for (const auto& e : *changes) {
+    if (!prefix.empty() && e.key.rfind(prefix, 0) != 0 && e.key != target->key) continue;
+    json::object o;
+    o["time"] = format_iso8601(e.made_at);
+    o["path"] = e.key;
+    o["version"] = e.version;
+    o["agent"] = e.by.agent;
+    o["pid"] = e.by.pid;
+    o["command"] = e.by.command;
+    o["how"] = e.event;
+    rows.push_back(std::move(o));
+    table.push_back({when(e.made_at), e.key, std::to_string(e.version), e.by.agent,
+                     std::to_string(e.by.pid), e.by.command, e.event});
   }
-  return cli::fail(argv[0], "no version " + std::to_string(version) + " of " + target->key +
-                                " was kept; 'gate history " + spec.substr(0, at) +
-                                "' lists those there are");
+  if ((*args)["json"].as<bool>()) {
+    std::cout << json::serialize(rows) << "\n";
+    return 0;
+  }
+  if (rows.empty()) {
+    std::cout << "no changes" << (agent.empty() ? "" : " by " + agent)
+              << (since ? " in that time" : "") << " (history in " << target->dir << ")\n";
+    return 0;
+  }
+  cli::print_table(table, std::cout);
+  return 0;
 }
 
 }  // namespace gate::cmd

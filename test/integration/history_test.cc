@@ -160,3 +160,78 @@ TEST_CASE("gate history and gate show refuse what they cannot answer", "[cli][hi
   CHECK(sh(gate_binary() + " show f@-1", &out, 20s) == 2);
   CHECK(sh(gate_binary() + " history", &out, 20s) == 2);
 }
+
+TEST_CASE("gate restore writes a kept version back as a new version and loses nothing",
+          "[mount][history]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  const std::string hist = m.scratch() + "/history";
+  write_file(m.in_root("f"), "one\n");
+  save("alpha", m.at("f"), "two\n", false);
+  save("beta", m.at("f"), "three\n", true);
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  json::array before = history_of(hist, m.at("f"));
+  REQUIRE(before.size() == 3);
+  const auto first = before[0].as_object().at("version").to_number<std::uint64_t>();
+
+  std::string out;
+  REQUIRE(sh("env GATE_AGENT=restorer " + gate_binary() + " restore --history-dir '" + hist +
+                 "' '" + m.at("f") + "@" + std::to_string(first) + "'",
+             &out, 20s) == 0);
+  INFO(out);
+  CHECK(out.find("restored f to the content of version " + std::to_string(first)) !=
+        std::string::npos);
+  CHECK(slurp(m.in_root("f")) == "one\n");
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  json::array after = history_of(hist, m.at("f"));
+  INFO(json::serialize(after));
+  REQUIRE(after.size() == 4);
+  const auto& newest = after[3].as_object();
+  CHECK(newest.at("agent") == "restorer");
+  CHECK(newest.at("version").to_number<std::uint64_t>() >
+        after[2].as_object().at("version").to_number<std::uint64_t>());
+  // What the restore replaced ("three") is kept, and so is every older version.
+  CHECK(show(hist, m.at("f"), after[2].as_object().at("version").to_number<std::uint64_t>()) ==
+        "three\n");
+  CHECK(show(hist, m.at("f"), newest.at("version").to_number<std::uint64_t>()) == "one\n");
+
+  CHECK(sh(gate_binary() + " restore --history-dir '" + hist + "' '" + m.at("f") + "@999999'",
+           &out, 20s) == 1);
+  CHECK(out.find("no version 999999") != std::string::npos);
+  CHECK(sh(gate_binary() + " restore --history-dir '" + hist + "' f@1", &out, 20s) == 1);
+  CHECK(out.find("no view") != std::string::npos);
+}
+
+TEST_CASE("gate log lists the changes across the view newest first, by agent and time",
+          "[mount][history]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  const std::string hist = m.scratch() + "/history";
+  ::mkdir(m.in_root("src").c_str(), 0755);
+  save("alpha", m.at("src/a.c"), "a\n", false);
+  save("beta", m.at("src/b.c"), "b\n", true);
+  save("alpha", m.at("notes.md"), "n\n", false);
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  auto log_json = [&](const std::string& args) {
+    std::string out;
+    INFO(out);
+    REQUIRE(sh(gate_binary() + " log --json --history-dir '" + hist + "' " + args, &out, 20s) == 0);
+    return json::parse(out).as_array();
+  };
+  json::array all = log_json("'" + m.mnt() + "'");
+  INFO(json::serialize(all));
+  REQUIRE(all.size() >= 3);
+  CHECK(all[0].as_object().at("path") == "notes.md");  // newest first
+  CHECK(all[0].as_object().at("agent") == "alpha");
+  for (std::size_t i = 1; i < all.size(); ++i)
+    CHECK(all[i - 1].as_object().at("time").as_string() >= all[i].as_object().at("time").as_string());
+  json::array beta = log_json("--agent beta '" + m.mnt() + "'");
+  REQUIRE_FALSE(beta.empty());
+  for (const auto& e : beta) CHECK(e.as_object().at("agent") == "beta");
+  json::array src = log_json("'" + m.at("src") + "'");
+  for (const auto& e : src) CHECK(e.as_object().at("path").as_string().starts_with("src/"));
+  CHECK(log_json("--since 1h '" + m.mnt() + "'").size() == all.size());
+  std::string out;
+  CHECK(sh(gate_binary() + " log --since soon '" + m.mnt() + "'", &out, 20s) == 2);
+  CHECK(out.find("--since") != std::string::npos);
+}

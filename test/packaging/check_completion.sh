@@ -51,7 +51,8 @@ expect "gate mount -" --root --mount --foreground --broker-socket --no-locking
 expect "gate locks --" --json --broker-host --vm-name
 expect "gate locks --vm-name a" alpha '!beta'
 expect "gate run --" --agent --help
-expect "gate " run history show
+expect "gate " run history show restore log
+expect "gate log --" --since --agent --json
 expect "gate mount --hist" --history-dir --history-max-file --history-max-bytes --history-keep-ignored
 expect "gate broker --log-level " debug info warn error
 expect "gate broker --sync f" full '!normal'
