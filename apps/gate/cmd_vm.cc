@@ -1,4 +1,5 @@
 // gate vm-list, clean, status, logs, image: looking after what `gate up` started.
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <boost/json.hpp>
@@ -12,6 +13,7 @@
 #include "core/iso_time.h"
 #include "core/mounts.h"
 #include "core/process.h"
+#include "mount/gate_fs.h"
 #include "vm/stack_state.h"
 #include "vm/vm_commands.h"
 #include "vm/vm_image.h"
@@ -35,6 +37,18 @@ std::string uptime(const StackState& s) {
 
 std::string endpoint(const StackState& s) {
   return s.broker_socket.empty() ? "-" : "unix:" + s.broker_socket;
+}
+
+// What the view says of its history (best effort: never a failure of the setup).
+std::string history_line(const std::string& mount) {
+  char buf[4096];
+  ssize_t n = ::getxattr(mount.c_str(), mount::kHistoryXattr, buf, sizeof buf);
+  if (n <= 0) return "  note history of replaced versions: off (the mount log says why)\n";
+  std::string text = "  ok   history of replaced versions in " + std::string(buf, static_cast<std::size_t>(n)) + "\n";
+  n = ::getxattr(mount.c_str(), mount::kHistoryProblemXattr, buf, sizeof buf);
+  if (n > 0)
+    text += "  note history is best effort; its last miss: " + std::string(buf, static_cast<std::size_t>(n)) + "\n";
+  return text;
 }
 
 // The setup named by --vm-name, else every one.
@@ -168,6 +182,7 @@ int status(int argc, char** argv) {
     line(m == MountState::Mounted, "view mounted at " + s->mount,
          m == MountState::Stale ? "the mount died: 'gate clean --vm-name " + name + "'"
                                 : "not mounted: 'gate down' and 'gate up' again");
+    if (m == MountState::Mounted && s->get("method") != "sshfs") std::cout << history_line(s->mount);
   }
   return all_ok ? 0 : 1;
 }

@@ -48,6 +48,9 @@ struct MountOptions {
 // Read on the root of a view (getxattr), this attribute writes out the view's
 // history index and answers the history's directory; `gate history` uses it.
 inline constexpr const char* kHistoryXattr = "user.gate.history";
+// Read on the root of a view: the history's last problem (a full disk, a file over
+// the cap...), for `gate status`; no such attribute while there has been none.
+inline constexpr const char* kHistoryProblemXattr = "user.gate.history.problem";
 
 class GateFs {
  public:

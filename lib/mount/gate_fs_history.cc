@@ -23,6 +23,10 @@ void GateFs::Impl::keep_before_change(const std::string& key, std::uint64_t vers
   Status st = history->keep(key, version, in, wall_clock_micros());
   ::close(in);
   if (st.ok()) return;
+  {
+    std::lock_guard guard(history_problem_m);
+    history_problem = format_iso8601(wall_clock_micros()).substr(0, 19) + "Z " + st.message();
+  }
   // Said once at warning level (a full disk says it on every change), then quietly.
   const bool first = !history_warned.exchange(true);
   log(first ? LogLevel::Warn : LogLevel::Debug, "mount", "history: ", st.message(),

@@ -75,6 +75,8 @@ struct GateFs::Impl {
   std::unique_ptr<HistoryStore> history;  // null: no history
   std::unique_ptr<IgnoreRules> ignore;
   std::atomic<bool> history_warned{false};
+  std::mutex history_problem_m;
+  std::string history_problem;  // the last one, for `gate status`
   fuse_session* se = nullptr;
   bool mounted = false;
   bool running_as_root = ::geteuid() == 0;

@@ -259,17 +259,25 @@ void GateFs::Impl::reply_xattr(fuse_req_t req, size_t size, Call call) {
 }
 
 void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
-  if (ino == FUSE_ROOT_ID && std::strcmp(name, kHistoryXattr) == 0 && history) {
-    // `gate history` asks the view for its history: written out, then where it is.
-    history->flush();
-    const std::string& dir = history->options().dir;
-    reply_xattr(req, size, [&](char* buf, size_t len) -> ssize_t {
-      if (len == 0) return static_cast<ssize_t>(dir.size());
-      if (len < dir.size()) return errno = ERANGE, -1;
-      std::memcpy(buf, dir.data(), dir.size());
-      return static_cast<ssize_t>(dir.size());
-    });
-    return;
+  if (ino == FUSE_ROOT_ID && history) {
+    std::optional<std::string> answer;
+    if (std::strcmp(name, kHistoryXattr) == 0) {
+      // `gate history` asks the view for its history: written out, then where it is.
+      history->flush();
+      answer = history->options().dir;
+    } else if (std::strcmp(name, kHistoryProblemXattr) == 0) {
+      std::lock_guard guard(history_problem_m);
+      if (!history_problem.empty()) answer = history_problem;
+    }
+    if (answer) {
+      reply_xattr(req, size, [&](char* buf, size_t len) -> ssize_t {
+        if (len == 0) return static_cast<ssize_t>(answer->size());
+        if (len < answer->size()) return errno = ERANGE, -1;
+        std::memcpy(buf, answer->data(), answer->size());
+        return static_cast<ssize_t>(answer->size());
+      });
+      return;
+    }
   }
   std::string proc = proc_path(inode(ino).fd);
   reply_xattr(req, size, [&](char* buf, size_t len) {

@@ -174,6 +174,12 @@ TEST_CASE("gate up --local shows a locked view and gate down leaves nothing behi
   { std::ofstream(mnt + "/new.txt") << "through the mount\n"; }
   CHECK(test::read_file(repo + "/new.txt") == "through the mount\n");
 
+  auto status = gate_cmd({"status"});
+  INFO(status.output);
+  CHECK(status.status == 0);
+  CHECK(status.output.find("ok   history of replaced versions in " + tmp.path() + "/state/gate/history/") !=
+        std::string::npos);
+
   auto again = gate_cmd({"up", "--local", "--repo-path", repo});
   CHECK(again.status == 0);
   CHECK(again.output.find("already up") != std::string::npos);

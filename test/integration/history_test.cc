@@ -2,6 +2,7 @@
 // `gate history` and `gate show` give it back, the size bound evicts the oldest,
 // and a full or broken store never stops the mount.
 #include <sys/mount.h>
+#include <sys/xattr.h>
 
 #include "support/mount_fixture.h"
 
@@ -136,6 +137,11 @@ TEST_CASE("a full or unusable history never stops the mount", "[mount][history]"
     }
     CHECK(eventually([&] { return m.log().find("history: ") != std::string::npos; }));
     CHECK(m.log().find("files are served as usual") != std::string::npos);
+    // The view tells `gate status` of the last miss.
+    char buf[4096];
+    const ssize_t n = ::getxattr(m.mnt().c_str(), "user.gate.history.problem", buf, sizeof buf);
+    REQUIRE(n > 0);
+    CHECK(std::string(buf, static_cast<std::size_t>(n)).find("MiB free") != std::string::npos);
   }
   SECTION("a store that cannot be opened") {
     const std::string not_a_dir = scratch.path() + "/file";
