@@ -217,6 +217,13 @@ TEST_CASE("gate log lists the changes across the view newest first, by agent and
   save("alpha", m.at("src/a.c"), "a\n", false);
   save("beta", m.at("src/b.c"), "b\n", true);
   save("alpha", m.at("notes.md"), "n\n", false);
+  {
+    // A helper that clears its environment still works for the agent that started it.
+    Child c = Child::spawn({"env", "GATE_AGENT=gamma", "sh", "-c",
+                            "env -i sh -c 'printf h > \"$1\"' sh \"$1\"; true", "sh",
+                            m.at("helper.txt")});
+    REQUIRE(c.wait(20s) == 0);
+  }
   REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
   auto log_json = [&](const std::string& args) {
     std::string out;
@@ -226,9 +233,11 @@ TEST_CASE("gate log lists the changes across the view newest first, by agent and
   };
   json::array all = log_json("'" + m.mnt() + "'");
   INFO(json::serialize(all));
-  REQUIRE(all.size() >= 3);
-  CHECK(all[0].as_object().at("path") == "notes.md");  // newest first
-  CHECK(all[0].as_object().at("agent") == "alpha");
+  REQUIRE(all.size() >= 4);
+  CHECK(all[0].as_object().at("path") == "helper.txt");  // newest first
+  CHECK(all[0].as_object().at("agent") == "gamma");
+  CHECK(all[1].as_object().at("path") == "notes.md");
+  CHECK(all[1].as_object().at("agent") == "alpha");
   for (std::size_t i = 1; i < all.size(); ++i)
     CHECK(all[i - 1].as_object().at("time").as_string() >= all[i].as_object().at("time").as_string());
   json::array beta = log_json("--agent beta '" + m.mnt() + "'");
