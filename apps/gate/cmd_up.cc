@@ -42,6 +42,9 @@ gate::vm::LockSettings lock_settings(const po::variables_map& args) {
   l.max_hold_ms = get("max-hold-ms");
   l.meta_wait_ms = get("meta-wait-ms");
   l.acquire_timeout_ms = get("acquire-timeout-ms");
+  l.no_history = args["no-history"].as<bool>();
+  if (args.count("history-max-file")) l.history_max_file = args["history-max-file"].as<std::string>();
+  if (args.count("history-max-bytes")) l.history_max_bytes = args["history-max-bytes"].as<std::string>();
   return l;
 }
 
@@ -108,6 +111,11 @@ int up(int argc, char** argv) {
       ("meta-wait-ms", po::value<std::int64_t>(),
        "chmod, rename, unlink, create... through the mount wait at most this long for their "
        "lock, then fail with EBUSY (default 1000; env GATE_META_WAIT_MS)")
+      ("history-max-file", po::value<std::string>(),
+       "the view keeps no version of files larger than this (default 8M)")
+      ("history-max-bytes", po::value<std::string>(),
+       "the view's history holds at most this much (default 1G)")
+      ("no-history", po::bool_switch(), "the view keeps no history of replaced versions")
       ("accel", po::value<std::string>()->default_value("auto"),
        "auto (KVM when it really works, else TCG), kvm or tcg")
       ("redownload", po::bool_switch(), "rebuild (or download) the image and the VM disk")
@@ -131,6 +139,9 @@ int up(int argc, char** argv) {
     std::cerr << me << ": which directory? e.g. gate up --local --repo-path ~/src/project\n";
     return 2;
   }
+  for (const char* size : {"history-max-file", "history-max-bytes"})
+    if (args->count(size) && !parse_size((*args)[size].as<std::string>()))
+      return std::cerr << me << ": --" << size << " takes a size such as 8M or 1G\n", 2;
   if (!(*args)["local"].as<bool>()) return up_vm(*args, self_exe());
   gate::vm::LocalOptions o;
   o.repo_path = (*args)["repo-path"].as<std::string>();

@@ -38,6 +38,10 @@ std::vector<std::string> mount_command(const MountCommand& m, const LockSettings
   add(argv, "--max-hold-ms", locks.max_hold_ms);
   add(argv, "--meta-wait-ms", locks.meta_wait_ms);
   add(argv, "--acquire-timeout-ms", locks.acquire_timeout_ms);
+  if (locks.no_history) argv.push_back("--no-history");
+  if (locks.history_max_file) argv.insert(argv.end(), {"--history-max-file", *locks.history_max_file});
+  if (locks.history_max_bytes)
+    argv.insert(argv.end(), {"--history-max-bytes", *locks.history_max_bytes});
   return argv;
 }
 

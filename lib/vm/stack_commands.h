@@ -15,6 +15,9 @@ struct LockSettings {
   std::optional<std::int64_t> max_hold_ms;         // broker and mount
   std::optional<std::int64_t> meta_wait_ms;        // mount
   std::optional<std::int64_t> acquire_timeout_ms;  // mount
+  // The mount's history of replaced versions (sizes as gate mount takes them).
+  bool no_history = false;
+  std::optional<std::string> history_max_file, history_max_bytes;
 };
 
 // Where a mount finds its broker: a Unix socket, or a TCP port on loopback.

@@ -222,11 +222,13 @@ TEST_CASE("gate locks finds the broker of the one running setup and asks which w
       if (!mnt.empty()) run_command({"fusermount3", "-uz", mnt});
     }
   };
-  auto start = [&](Setup& s, const std::string& name) {
+  auto start = [&](Setup& s, const std::string& name, std::vector<std::string> extra = {}) {
     s.repo = tmp.path() + "/" + name;
     fs::create_directories(s.repo);
     std::ofstream(s.repo + "/" + name + ".txt") << name << "\n";
-    auto up = gate_cmd({"up", "--local", "--repo-path", s.repo});
+    std::vector<std::string> args{"up", "--local", "--repo-path", s.repo};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto up = gate_cmd(args);
     INFO(up.output);
     REQUIRE(up.status == 0);
     auto kv = read_env_file(tmp.path() + "/state/gate/state/" + name + "/up.env");
@@ -244,7 +246,9 @@ TEST_CASE("gate locks finds the broker of the one running setup and asks which w
   CHECK(found.status == 0);
   CHECK(found.output.find("first.txt") != std::string::npos);
 
-  start(two, "second");
+  start(two, "second", {"--no-history"});  // gate up passes the history flags on
+  auto quiet = gate_cmd({"status", "--vm-name", "second"});
+  CHECK(quiet.output.find("history of replaced versions: off") != std::string::npos);
   auto several = gate_cmd({"locks"});
   CHECK(several.status == 1);
   CHECK(several.output.find("2 setups are running (first, second)") != std::string::npos);

@@ -187,4 +187,13 @@ TEST_CASE("setups build the broker and mount command lines from typed settings",
         "/opt/gate/bin/gate mount --root /home/gate/repo --mount /home/gate/view --broker-port 8787 "
         "--log-file /home/gate/gate-mount.log");
   CHECK(broker_lock_flags({}).empty());
+  LockSettings history;
+  history.no_history = true;
+  CHECK(shell_join(mount_command(host, history)).ends_with("--no-history"));
+  history = {};
+  history.history_max_file = "2M";
+  history.history_max_bytes = "10G";
+  CHECK(shell_join(mount_command(host, history))
+            .ends_with("--history-max-file 2M --history-max-bytes 10G"));
+  CHECK(broker_lock_flags(history).empty());  // the broker has no history
 }
