@@ -2,7 +2,10 @@
 // non-root fallback for the state directory, and `gate up --local` / `gate down`.
 #include <catch2/catch.hpp>
 
+#include <poll.h>
 #include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -263,4 +266,37 @@ TEST_CASE("gate locks finds the broker of the one running setup and asks which w
   held.close();
   CHECK(gate_cmd({"down", "--vm-name", "first"}).status == 0);
   CHECK(gate_cmd({"down", "--vm-name", "second"}).status == 0);
+}
+
+TEST_CASE("what a test starts ends with it even when the test process crashes", "[cli]") {
+  int pipe_fds[2];
+  REQUIRE(::pipe(pipe_fds) == 0);
+  const pid_t test_like = ::fork();
+  REQUIRE(test_like >= 0);
+  if (test_like == 0) {
+    // A stand-in for a test binary that starts a daemon, then dies without running
+    // any destructor.
+    ::close(pipe_fds[0]);
+    test::Child daemon = test::Child::spawn({"sleep", "120"});
+    const pid_t pid = daemon.pid();
+    if (::write(pipe_fds[1], &pid, sizeof pid) != sizeof pid) ::_exit(2);
+    ::_exit(0);  // no destructors, as after SIGSEGV
+  }
+  ::close(pipe_fds[1]);
+  pid_t daemon = 0;
+  REQUIRE(::read(pipe_fds[0], &daemon, sizeof daemon) == sizeof daemon);
+  ::close(pipe_fds[0]);
+  int status = 0;
+  REQUIRE(::waitpid(test_like, &status, 0) == test_like);
+  // The orphan was re-parented and got SIGTERM: its pidfd turns readable when it ends.
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, daemon, 0));
+  if (pidfd < 0) {
+    CHECK(errno == ESRCH);  // ended (and reaped) already
+    return;
+  }
+  pollfd p{pidfd, POLLIN, 0};
+  const bool ended = ::poll(&p, 1, 5000) == 1;
+  ::close(pidfd);
+  if (!ended) ::kill(daemon, SIGKILL);
+  CHECK(ended);
 }

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -171,9 +172,12 @@ class Forked {
     int up[2], down[2];
     REQUIRE(::pipe2(up, O_CLOEXEC) == 0);
     REQUIRE(::pipe2(down, O_CLOEXEC) == 0);
+    const pid_t parent = ::getpid();
     pid_ = ::fork();
     REQUIRE(pid_ >= 0);
     if (pid_ == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);  // gone with the test, even after a crash
+      if (::getppid() != parent) ::_exit(1);
       // Catch's signal handlers came along with fork; this child dies like any process.
       for (int sig : {SIGINT, SIGTERM, SIGSEGV, SIGABRT, SIGILL, SIGFPE})
         ::signal(sig, SIG_DFL);

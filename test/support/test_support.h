@@ -31,7 +31,9 @@ class TempDir {
   std::string path_;
 };
 
-// A child process; killed (SIGKILL) and reaped on destruction if still running.
+// A child process; killed (SIGKILL) and reaped on destruction if still running,
+// and sent SIGTERM by the kernel should the test process die first (a crash skips
+// destructors). Spawn it from the test's main thread: the signal follows the thread.
 class Child {
  public:
   Child() = default;
