@@ -154,11 +154,14 @@ void GateFs::Impl::close_handle(FileHandle* h) {
   // Data reaches the source before the next holder can get in.
   if (h->fd >= 0) ::close(h->fd);
   h->fd = -1;
-  if (lock && agent) {
-    if (h->changed) record_made(h->key, lock->lock.fence, h->who, h->created ? "create" : "write");
-    agent->release_tracked(lock, h->changed);
-  }
+  if (lock) release_handle_lock(h, lock);
   delete h;
+}
+
+void GateFs::Impl::release_handle_lock(FileHandle* h, const std::shared_ptr<TrackedLock>& lock) {
+  if (!agent) return;
+  if (h->changed) record_made(h->key, lock->lock.fence, h->who, h->created ? "create" : "write");
+  agent->release_tracked(lock, h->changed);
 }
 
 bool GateFs::Impl::write_refused(FileHandle* h) {

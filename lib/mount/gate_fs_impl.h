@@ -126,6 +126,9 @@ struct GateFs::Impl {
   void keep_first_change(FileHandle* h);
   void record_made(const std::string& key, std::uint64_t version, const Caller& who,
                    const char* event);
+  // Gives a handle's lock back to the broker (close, or flush with release-on-flush),
+  // saying whether the handle changed the file and recording the version it made.
+  void release_handle_lock(FileHandle* h, const std::shared_ptr<TrackedLock>& lock);
   // The version `key` had when its lock in `held` was granted (0 if not there).
   static std::uint64_t version_in(const std::vector<HeldLock>& held, const std::string& key);
 

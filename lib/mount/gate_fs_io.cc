@@ -94,10 +94,7 @@ void GateFs::Impl::flush(fuse_req_t req, fuse_file_info* fi) {
       std::lock_guard guard(h->m);
       lock = std::move(h->lock);
     }
-    if (lock) {
-      if (h->changed) record_made(h->key, lock->lock.fence, h->who, h->created ? "create" : "write");
-      agent->release_tracked(lock, h->changed);
-    }
+    if (lock) release_handle_lock(h, lock);
   }
   fuse_reply_err(req, err);
 }
