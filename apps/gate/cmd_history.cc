@@ -9,12 +9,11 @@
 #include <cstring>
 #include <functional>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <sstream>
 
 #include "cli.h"
 #include "commands.h"
+#include "core/files.h"
 #include "core/iso_time.h"
 #include "core/mounts.h"
 #include "mount/gate_fs.h"
@@ -92,19 +91,11 @@ Result<std::unique_ptr<mount::HistoryStore>> open_history(const Target& t) {
   return mount::HistoryStore::open({.dir = t.dir});
 }
 
-std::optional<std::string> read_all(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return std::nullopt;
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // The content of entry i: its kept copy, or for the newest version the file now.
 std::optional<std::string> content_of(const std::vector<mount::HistoryEntry>& v, std::size_t i,
                                       mount::HistoryStore& store, const Target& t) {
   if (!v[i].blob.empty()) return store.content(v[i].blob);
-  if (i + 1 == v.size() && !t.file.empty() && v[i].event != "unlink") return read_all(t.file);
+  if (i + 1 == v.size() && !t.file.empty() && v[i].event != "unlink") return read_file(t.file);
   return std::nullopt;
 }
 

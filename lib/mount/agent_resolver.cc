@@ -1,10 +1,9 @@
 #include "mount/agent_resolver.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <cstdlib>
 #include <string_view>
+
+#include "core/files.h"
 
 namespace gate::mount {
 
@@ -13,18 +12,6 @@ namespace {
 constexpr int kMaxDepth = 64;  // ancestors walked at most (a loop guard)
 constexpr std::size_t kMaxAgentBytes = 64;
 constexpr std::string_view kAgentVar = "GATE_AGENT=";
-
-// The whole file, or false when it cannot be opened (gone, not ours).
-bool slurp(const std::string& path, std::string* out, std::size_t limit) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  out->clear();
-  char buf[4096];
-  for (ssize_t n; out->size() < limit && (n = ::read(fd, buf, sizeof buf)) > 0;)
-    out->append(buf, static_cast<std::size_t>(n));
-  ::close(fd);
-  return true;
-}
 
 }  // namespace
 
@@ -41,8 +28,9 @@ AgentResolver::AgentResolver(std::string proc, std::size_t capacity)
     : proc_(std::move(proc)), capacity_(capacity) {}
 
 bool AgentResolver::read_stat(pid_t pid, Process* out) const {
-  std::string s;
-  if (!slurp(proc_ + "/" + std::to_string(pid) + "/stat", &s, 4096)) return false;
+  const auto text = read_file(proc_ + "/" + std::to_string(pid) + "/stat", 4096);
+  if (!text) return false;
+  const std::string& s = *text;
   // "pid (comm) state ppid ...": comm may hold spaces and parentheses itself.
   const auto open = s.find('('), close = s.rfind(')');
   if (open == std::string::npos || close == std::string::npos || close < open) return false;
@@ -62,8 +50,9 @@ bool AgentResolver::read_stat(pid_t pid, Process* out) const {
 }
 
 bool AgentResolver::read_status(pid_t pid, Process* out) const {
-  std::string s;
-  if (!slurp(proc_ + "/" + std::to_string(pid) + "/status", &s, 8192)) return false;
+  const auto text = read_file(proc_ + "/" + std::to_string(pid) + "/status", 8192);
+  if (!text) return false;
+  const std::string& s = *text;
   const auto at = s.find("\nTgid:");
   if (at == std::string::npos) return false;
   out->tgid = static_cast<pid_t>(std::strtol(s.c_str() + at + 6, nullptr, 10));
@@ -71,9 +60,10 @@ bool AgentResolver::read_status(pid_t pid, Process* out) const {
 }
 
 std::string AgentResolver::own_agent(pid_t pid) const {
-  std::string env;
   // The environment at exec time; unreadable for another user's process.
-  if (!slurp(proc_ + "/" + std::to_string(pid) + "/environ", &env, 1 << 20)) return "";
+  const auto text = read_file(proc_ + "/" + std::to_string(pid) + "/environ", 1 << 20);
+  if (!text) return "";
+  const std::string& env = *text;
   std::size_t pos = 0;
   while (pos < env.size()) {
     auto end = env.find('\0', pos);

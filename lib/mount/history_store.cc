@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "core/files.h"
 #include "core/log.h"
 #include "core/token.h"
 
@@ -340,13 +341,7 @@ std::optional<std::string> HistoryStore::content(const std::string& blob) {
       return std::nullopt;
     }
   }
-  int fd = ::open(blob_path(blob).c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return std::nullopt;
-  std::string data;
-  char buf[65536];
-  for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) data.append(buf, static_cast<std::size_t>(n));
-  ::close(fd);
-  return data;
+  return read_file(blob_path(blob));
 }
 
 Status HistoryStore::keep(const std::string& key, std::uint64_t version, int fd, Micros now) {
