@@ -3,11 +3,14 @@
 //   mount_bench files DIR N BYTES   create+write+close N files, then open+read+close
 //   mount_bench rewrite DIR N BYTES create N files, then rewrite each twice (O_TRUNC,
 //                                   new content) as agents save: what history costs
+//   mount_bench rewrite-ab A B N BYTES  the same saves in A and B, interleaved (4 passes):
+//                                   the cost of B over A with the machine's noise shared
 //   mount_bench openclose FILE N    open+close of one existing file, N times
 //   mount_bench hold DIR N          open N files read-only, print "held", wait for stdin EOF
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -74,6 +77,43 @@ int rewrite(const std::string& dir, int n, std::size_t bytes) {
   return 0;
 }
 
+// The same saves in two directories (the two sides of a comparison, e.g. a mount
+// with history and one without), interleaved in chunks of 50 and in alternating
+// order, so that the machine's slow moments fall on both sides alike. Each save
+// writes a content of its own (nothing for a store to deduplicate).
+int rewrite_ab(const std::string& dir_a, const std::string& dir_b, int n, std::size_t bytes) {
+  auto save = [&](const std::string& dir, int i, int pass) {
+    std::string path = dir + "/r" + std::to_string(i);
+    std::string data(bytes, static_cast<char>('a' + pass % 26));
+    const std::string head = "pass " + std::to_string(pass) + " file " + std::to_string(i) + "\n";
+    data.replace(0, std::min(head.size(), bytes), head, 0, std::min(head.size(), bytes));
+    int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
+    bool ok = fd >= 0 && ::write(fd, data.data(), bytes) == static_cast<ssize_t>(bytes);
+    if (fd >= 0) ::close(fd);
+    if (!ok) std::perror(path.c_str());
+    return ok;
+  };
+  for (int i = 0; i < n; ++i)
+    if (!save(dir_a, i, 0) || !save(dir_b, i, 0)) return 1;
+  constexpr int kPasses = 4, kChunk = 50;
+  double t[2] = {0, 0};
+  const std::string* dirs[2] = {&dir_a, &dir_b};
+  int turn = 0;
+  for (int pass = 1; pass <= kPasses; ++pass)
+    for (int from = 0; from < n; from += kChunk, ++turn)
+      for (int k = 0; k < 2; ++k) {
+        const int side = (turn + k) % 2;
+        auto t0 = Clock::now();
+        for (int i = from; i < std::min(n, from + kChunk); ++i)
+          if (!save(*dirs[side], i, pass)) return 1;
+        t[side] += since(t0);
+      }
+  const double saves = static_cast<double>(kPasses) * n;
+  std::printf("rewrite A %s: %.0f saves/s; B %s: %.0f saves/s; B takes %+.1f%% of A's time\n",
+              dir_a.c_str(), saves / t[0], dir_b.c_str(), saves / t[1], 100.0 * (t[1] - t[0]) / t[0]);
+  return 0;
+}
+
 int openclose(const std::string& file, int n) {
   auto t0 = Clock::now();
   for (int i = 0; i < n; ++i) {
@@ -115,8 +155,10 @@ int main(int argc, char** argv) {
   std::string cmd = argc > 1 ? argv[1] : "";
   if (cmd == "files" && argc == 5) return files(argv[2], std::atoi(argv[3]), std::strtoul(argv[4], nullptr, 10));
   if (cmd == "rewrite" && argc == 5) return rewrite(argv[2], std::atoi(argv[3]), std::strtoul(argv[4], nullptr, 10));
+  if (cmd == "rewrite-ab" && argc == 6)
+    return rewrite_ab(argv[2], argv[3], std::atoi(argv[4]), std::strtoul(argv[5], nullptr, 10));
   if (cmd == "openclose" && argc == 4) return openclose(argv[2], std::atoi(argv[3]));
   if (cmd == "hold" && argc == 4) return hold(argv[2], std::atoi(argv[3]));
-  std::fprintf(stderr, "usage: mount_bench files|rewrite DIR N BYTES | openclose FILE N | hold DIR N\n");
+  std::fprintf(stderr, "usage: mount_bench files|rewrite DIR N BYTES | rewrite-ab DIR_A DIR_B N BYTES | openclose FILE N | hold DIR N\n");
   return 2;
 }

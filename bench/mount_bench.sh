@@ -5,6 +5,7 @@
 # from the broker's.
 #   (a) create+write+close of 2,000 4 KiB files, then open+read+close of them
 #   (a2) rewrite of 1,000 4 KiB files, twice each (O_TRUNC saves: what history costs)
+#   (a3) the same saves with and without history, interleaved: its cost in one figure
 #   (d) git add of a 5,000-file tree made through the mount
 #   (b) sequential write and read of a 1 GiB file (dd, 1 MiB blocks)
 #   (c) git status and find . -type f | xargs stat on a 10,000-file tree
@@ -111,6 +112,16 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 [ -d "$WORK/history" ] && echo "hist    history after (a2): $(du -sh "$WORK/history" | cut -f1)"
+if [ -n "${DIR[hist]:-}" ] && [ -n "${DIR[locked]:-}" ]; then
+  echo "-- (a3) what history costs: the same saves with and without it, interleaved"
+  echo "   (A: locked --no-history, B: hist; every save a content of its own)"
+  for round in $(seq 1 "$ROUNDS"); do
+    rm -rf "${DIR[locked]}/ab" "${DIR[hist]}/ab"
+    mkdir -p "${DIR[locked]}/ab" "${DIR[hist]}/ab"
+    "$B" rewrite-ab "${DIR[locked]}/ab" "${DIR[hist]}/ab" 1000 4096
+  done
+  rm -rf "${DIR[locked]}/ab" "${DIR[hist]}/ab"
+fi
 # Each file a mount has seen costs it a descriptor until the kernel forgets it, and
 # the hard limit may be as low as 20,000: what is measured goes once measured.
 for t in "${TARGETS[@]}"; do rm -rf "${DIR[$t]}/r"; done

@@ -71,6 +71,15 @@ bool copy_content(int in, int out) {
 
 std::string errno_text(const std::string& what) { return what + ": " + std::strerror(errno); }
 
+// The git blob id of a content ("" when libgit2 cannot hash it).
+std::string blob_id(const std::string& data) {
+  git_oid oid;
+  if (git_odb_hash(&oid, data.data(), data.size(), GIT_OBJECT_BLOB) != 0) return "";
+  char hex[GIT_OID_HEXSZ + 1];
+  git_oid_tostr(hex, sizeof hex, &oid);
+  return hex;
+}
+
 }  // namespace
 
 // libgit2's init is counted: each one is matched by the destructor's shutdown.
@@ -151,8 +160,10 @@ void HistoryStore::write_batch(std::deque<Pending>& batch) {
   try {
     SQLite::Transaction tx(*db_);
     std::int64_t added = 0;
-    for (const Pending& p : batch) {
+    for (Pending& p : batch) {
       if (p.kept) {
+        if (p.blob.empty()) p.blob = blob_id(*p.data);
+        if (p.blob.empty()) continue;  // libgit2 could not hash it: not kept
         put_blob_->bind(1, p.blob);
         put_blob_->bind(2, static_cast<int64_t>(p.size));
         put_blob_->bind(3, static_cast<int64_t>(p.at));
@@ -281,7 +292,7 @@ Status HistoryStore::store_content(int fd, std::uint64_t size, std::string* blob
   git_oid oid;
   char hex[GIT_OID_HEXSZ + 1];
   if (size <= kInlineBytes) {
-    // Small: read, hashed and kept in the index itself (no inode per version).
+    // Small: read, and kept in the index itself (no inode per version).
     std::string data(size, '\0');
     std::size_t got = 0;
     while (got < size) {
@@ -292,10 +303,8 @@ Status HistoryStore::store_content(int fd, std::uint64_t size, std::string* blob
       got += static_cast<std::size_t>(n);
     }
     data.resize(got);
-    if (git_odb_hash(&oid, data.data(), data.size(), GIT_OBJECT_BLOB) != 0)
-      return Status::failure("cannot hash");
-    git_oid_tostr(hex, sizeof hex, &oid);
-    *blob = hex;
+    // Hashed by the writer (blob_id()), off the path of the save.
+    blob->clear();
     *inline_data = std::move(data);
     return {};
   }

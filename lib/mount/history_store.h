@@ -126,8 +126,9 @@ class HistoryStore {
   // Whether the disk has room for `size` more bytes above the floor (statvfs at
   // most once a second).
   bool room_for(std::uint64_t size, std::uint64_t* free_bytes);
-  // Files the content under its id; the id in *blob. Small files are read and
-  // hashed in memory, larger ones cloned (or copied) and hashed from the copy.
+  // Files the content under its id; the id in *blob. Small files are read into
+  // *inline_data (*blob left empty: the writer hashes them, off the save's path),
+  // larger ones cloned (or copied) and hashed from the copy.
   Status store_content(int fd, std::uint64_t size, std::string* blob,
                        std::optional<std::string>* inline_data);
   std::string blob_path(const std::string& blob) const;  // of a large content

@@ -26,9 +26,15 @@ bool IgnoreRules::ignored(const std::string& key) {
     return true;
   if (!repo_) return false;
   std::lock_guard guard(m_);
+  const auto now = std::chrono::steady_clock::now();
+  if (now - recent_since_ > std::chrono::seconds(1) || recent_.size() > 10'000) {
+    recent_.clear();
+    recent_since_ = now;
+  }
+  if (auto it = recent_.find(key); it != recent_.end()) return it->second;
   int ignored = 0;
   if (git_ignore_path_is_ignored(&ignored, repo_, key.c_str()) != 0) return false;
-  return ignored != 0;
+  return recent_[key] = ignored != 0;
 }
 
 }  // namespace gate::mount

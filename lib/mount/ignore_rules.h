@@ -2,10 +2,14 @@
 // IgnoreRules: which keys the history leaves out. Always .git/, the root's and any
 // nested repository's (git keeps its own history); and, when the mount's root is a git work tree, what its ignore rules
 // (.gitignore files, .git/info/exclude, core.excludesFile) ignore, such as build
-// outputs, as libgit2 reads them. Thread-safe.
+// outputs, as libgit2 reads them. Answers are remembered for a second (a save asks
+// twice: before the change and when it is recorded), so a changed .gitignore counts
+// from at most a second later. Thread-safe.
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <unordered_map>
 
 struct git_repository;
 
@@ -25,6 +29,8 @@ class IgnoreRules {
  private:
   std::mutex m_;
   git_repository* repo_ = nullptr;
+  std::unordered_map<std::string, bool> recent_;  // answers since recent_since_ (m_)
+  std::chrono::steady_clock::time_point recent_since_{};
 };
 
 }  // namespace gate::mount
