@@ -151,6 +151,9 @@ int mount(int argc, char** argv) {
       ("history-keep-ignored", po::bool_switch(),
        "keep versions of what the repository's ignore rules ignore too (never .git/)")
       ("no-history", po::bool_switch(), "keep no history of replaced versions")
+      ("stale-writes", po::value<std::string>()->default_value("off"),
+       "what a stale replacement (a save over a file another agent changed after this "
+       "agent read it) gets: refuse (EBUSY, nothing changes) or off (env GATE_STALE_WRITES)")
       ("no-locking", po::bool_switch(),
        "benchmarks only: a plain passthrough that takes no locks and needs no broker")
       ("debug-fuse", po::bool_switch(), "print every FUSE request (implies --foreground)");
@@ -170,6 +173,13 @@ int mount(int argc, char** argv) {
   if (!parse_log_level((*args)["log-level"].as<std::string>(), &level))
     return cli::fail(me, "--log-level must be debug, info, warn or error"), 2;
   set_log_level(level);
+  mount::StaleWrites stale_writes = mount::StaleWrites::Off;
+  if (const std::string v = (*args)["stale-writes"].as<std::string>(); v == "refuse")
+    stale_writes = mount::StaleWrites::Refuse;
+  else if (v == "merge")
+    return cli::fail(me, "--stale-writes merge is not available yet; use refuse or off"), 2;
+  else if (v != "off")
+    return cli::fail(me, "--stale-writes must be refuse or off, not '" + v + "'"), 2;
   if (!args->count("root") || !args->count("mount"))
     return cli::fail(me, "both --root DIR and --mount MNT are needed; see --help"), 2;
 
@@ -215,6 +225,10 @@ int mount(int argc, char** argv) {
   const std::int64_t meta_wait_ms = (*args)["meta-wait-ms"].as<std::int64_t>();
   if (meta_wait_ms < 0) return cli::fail(me, "--meta-wait-ms must be 0 or more"), 2;
   locks.meta_wait = std::chrono::milliseconds(meta_wait_ms);
+
+  if (!locking && stale_writes != mount::StaleWrites::Off)
+    return cli::fail(me, "--stale-writes needs locking (versions come from the broker)"), 2;
+  options.stale_writes = stale_writes;
 
   if (locking && !(*args)["no-history"].as<bool>()) {
     auto max_file = parse_size((*args)["history-max-file"].as<std::string>());

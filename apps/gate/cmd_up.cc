@@ -45,6 +45,7 @@ gate::vm::LockSettings lock_settings(const po::variables_map& args) {
   l.no_history = args["no-history"].as<bool>();
   if (args.count("history-max-file")) l.history_max_file = args["history-max-file"].as<std::string>();
   if (args.count("history-max-bytes")) l.history_max_bytes = args["history-max-bytes"].as<std::string>();
+  if (args.count("stale-writes")) l.stale_writes = args["stale-writes"].as<std::string>();
   return l;
 }
 
@@ -116,6 +117,9 @@ int up(int argc, char** argv) {
       ("history-max-bytes", po::value<std::string>(),
        "the view's history holds at most this much (default 1G)")
       ("no-history", po::bool_switch(), "the view keeps no history of replaced versions")
+      ("stale-writes", po::value<std::string>(),
+       "what the view does with a stale replacement: refuse or off (default off; env "
+       "GATE_STALE_WRITES)")
       ("accel", po::value<std::string>()->default_value("auto"),
        "auto (KVM when it really works, else TCG), kvm or tcg")
       ("redownload", po::bool_switch(), "rebuild (or download) the image and the VM disk")
@@ -142,6 +146,12 @@ int up(int argc, char** argv) {
   for (const char* size : {"history-max-file", "history-max-bytes"})
     if (args->count(size) && !parse_size((*args)[size].as<std::string>()))
       return std::cerr << me << ": --" << size << " takes a size such as 8M or 1G\n", 2;
+  if (args->count("stale-writes")) {
+    const std::string v = (*args)["stale-writes"].as<std::string>();
+    if (v != "refuse" && v != "off")
+      return std::cerr << me << ": --stale-writes must be refuse or off"
+                       << (v == "merge" ? " (merge is not available yet)" : "") << "\n", 2;
+  }
   if (!(*args)["local"].as<bool>()) return up_vm(*args, self_exe());
   gate::vm::LocalOptions o;
   o.repo_path = (*args)["repo-path"].as<std::string>();

@@ -51,6 +51,19 @@ std::string history_line(const std::string& mount) {
   return text;
 }
 
+// What the view does with stale replacements, and how often it did (best effort).
+std::string stale_line(const std::string& mount) {
+  char buf[256];
+  const ssize_t n = ::getxattr(mount.c_str(), mount::kStaleXattr, buf, sizeof buf);
+  if (n <= 0) return "";
+  const std::string v(buf, static_cast<std::size_t>(n));  // "<policy> refused=<n>"
+  const auto space = v.find(' ');
+  const std::string policy = v.substr(0, space);
+  if (policy == "off") return "  ok   stale replacements: not checked (--stale-writes off)\n";
+  const std::string refused = space == std::string::npos ? "?" : v.substr(v.find('=', space) + 1);
+  return "  ok   stale replacements: " + policy + " (" + refused + " refused so far)\n";
+}
+
 // The setup named by --vm-name, else every one.
 std::vector<std::string> selected(const po::variables_map& args) {
   if (args.count("vm-name")) return {args["vm-name"].as<std::string>()};
@@ -182,7 +195,8 @@ int status(int argc, char** argv) {
     line(m == MountState::Mounted, "view mounted at " + s->mount,
          m == MountState::Stale ? "the mount died: 'gate clean --vm-name " + name + "'"
                                 : "not mounted: 'gate down' and 'gate up' again");
-    if (m == MountState::Mounted && s->get("method") != "sshfs") std::cout << history_line(s->mount);
+    if (m == MountState::Mounted && s->get("method") != "sshfs")
+      std::cout << history_line(s->mount) << stale_line(s->mount);
   }
   return all_ok ? 0 : 1;
 }

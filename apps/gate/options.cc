@@ -20,6 +20,7 @@ const std::map<std::string, std::string>& env_table() {
       {"max-hold-ms", "GATE_MAX_HOLD_MS"},
       {"acquire-timeout-ms", "GATE_ACQUIRE_TIMEOUT_MS"},
       {"meta-wait-ms", "GATE_META_WAIT_MS"},
+      {"stale-writes", "GATE_STALE_WRITES"},
       {"log-level", "GATE_LOG_LEVEL"},
   };
   return table;

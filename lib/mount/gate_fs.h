@@ -28,6 +28,13 @@ struct fuse_session;
 
 namespace gate::mount {
 
+// What the mount does with a stale replacement: a save over a file that another
+// agent changed after this agent read it (locking.md, "Stale replacement").
+enum class StaleWrites {
+  Off,     // nothing (the history still keeps what was replaced)
+  Refuse,  // EBUSY at the open (O_TRUNC) or the rename; nothing changes
+};
+
 struct MountOptions {
   std::string root;        // source directory
   std::string mountpoint;  // where it shows
@@ -43,6 +50,7 @@ struct MountOptions {
   // Empty dir: no history.
   HistoryOptions history;
   bool history_git_rules = true;  // leave out what the repository's rules ignore
+  StaleWrites stale_writes = StaleWrites::Off;  // needs locking (versions)
 };
 
 // Read on the root of a view (getxattr), this attribute writes out the view's
@@ -51,6 +59,9 @@ inline constexpr const char* kHistoryXattr = "user.gate.history";
 // Read on the root of a view: the history's last problem (a full disk, a file over
 // the cap...), for `gate status`; no such attribute while there has been none.
 inline constexpr const char* kHistoryProblemXattr = "user.gate.history.problem";
+// Read on the root of a view: the stale-replacement policy and what it did so far,
+// "<policy> refused=<n>", for `gate status`.
+inline constexpr const char* kStaleXattr = "user.gate.stale";
 
 class GateFs {
  public:

@@ -131,12 +131,22 @@ void GateFs::Impl::rename(fuse_req_t req, fuse_ino_t parent, const char* name, f
   const std::string nm = name, nn = newname, target = inodes->child_key(np, nn);
   const LockPlan plan =
       plan_locks({.op = FsOp::Rename, .key = inodes->child_key(p, nm), .second = target});
+  const Caller who = callers.resolve(fuse_req_ctx(req)->pid);
   run_locked(req, plan, nullptr,
-             {[this, &p, &np, nm, nn, flags, target](std::vector<HeldLock>& held) {
-                keep_named(target, version_in(held, target), np.fd, nn);
+             {[this, &p, &np, nm, nn, flags, target, who](std::vector<HeldLock>& held) {
+                const std::uint64_t version = version_in(held, target);
+                if (!(flags & RENAME_EXCHANGE) && held.size() > 1) {
+                  // A rename onto an existing file replaces it (temp file + rename saves).
+                  int fd = ::openat(np.fd, nn.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
+                  const bool refused = fd >= 0 && refuse_stale(who, target, version, fd, false);
+                  if (fd >= 0) ::close(fd);
+                  if (refused) return EBUSY;
+                }
+                keep_named(target, version, np.fd, nn);
                 return rename_at(p, nm, np, nn, flags);
               },
-              [req](int err) { fuse_reply_err(req, err); }});
+              [req](int err) { fuse_reply_err(req, err); }},
+             &who);
 }
 
 void GateFs::Impl::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
@@ -171,6 +181,9 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   h->who = o.who;
   h->created = o.created;
   if (!held.empty()) h->version = held.front().version;
+  const int access = o.f.flags & O_ACCMODE;
+  if (!held.empty() && !o.created && !(o.f.flags & O_TRUNC) && (access == O_RDONLY || access == O_RDWR))
+    note_read(o.who, o.key, h->version);
   // Truncated on open: what it held was kept before (see open()).
   if (o.f.flags & O_TRUNC) std::call_once(h->kept, [] {});
   if (agent && !held.empty()) h->lock = agent->track(held.front(), o.who.tid);
@@ -204,8 +217,10 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &in, o](std::vector<HeldLock>& held) {
                 int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
-                if ((flags & O_TRUNC) && !held.empty())
+                if ((flags & O_TRUNC) && !held.empty()) {
+                  if (refuse_stale(o->who, o->key, held.front().version, in.fd, true)) return EBUSY;
                   keep_before_change(o->key, held.front().version, in.fd);
+                }
                 return adopt(*o, ::open(proc_path(in.fd).c_str(), flags | O_CLOEXEC), held);
               },
               [this, req, o](int err) { reply_open(req, *o, err, false); }},

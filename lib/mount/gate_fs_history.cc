@@ -50,6 +50,7 @@ void GateFs::Impl::keep_first_change(FileHandle* h) {
 
 void GateFs::Impl::record_made(const std::string& key, std::uint64_t version, const Caller& who,
                                const char* event) {
+  reads.forget(who.agent, key);  // its own change: its reads of the key start afresh
   if (!history || ignore->ignored(key)) return;
   Status st = history->made(key, version, wall_clock_micros(), {who.agent, who.pid, who.command}, event);
   if (!st.ok()) log(LogLevel::Debug, "mount", "history: ", st.message());

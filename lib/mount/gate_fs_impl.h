@@ -28,6 +28,7 @@
 #include "mount/ignore_rules.h"
 #include "mount/lock_agent.h"
 #include "mount/lock_policy.h"
+#include "mount/read_log.h"
 
 namespace gate::mount {
 
@@ -77,6 +78,8 @@ struct GateFs::Impl {
   std::atomic<bool> history_warned{false};
   std::mutex history_problem_m;
   std::string history_problem;  // the last one, for `gate status`
+  ReadLog reads;                            // what each agent read, for stale replacements
+  std::atomic<std::uint64_t> stale_refused{0};
   fuse_session* se = nullptr;
   bool mounted = false;
   bool running_as_root = ::geteuid() == 0;
@@ -131,6 +134,18 @@ struct GateFs::Impl {
   void release_handle_lock(FileHandle* h, const std::shared_ptr<TrackedLock>& lock);
   // The version `key` had when its lock in `held` was granted (0 if not there).
   static std::uint64_t version_in(const std::vector<HeldLock>& held, const std::string& key);
+
+  // ---- stale replacements (locking.md) ------------------------------------------
+
+  // `who` opened `key` at `version` for reading.
+  void note_read(const Caller& who, const std::string& key, std::uint64_t version);
+  // Whether `who`'s replacement of `key`, now at `version`, is refused as stale
+  // (--stale-writes refuse): logged and counted; the agent's next read of `key` is
+  // its new base (until then its saves of `key` stay refused). `fd`: the file replaced
+  // (any descriptor, O_PATH too); an O_TRUNC open replaces only a non-empty file.
+  bool refuse_stale(const Caller& who, const std::string& key, std::uint64_t version, int fd,
+                    bool truncating);
+  std::string stale_summary() const;  // kStaleXattr's value
 
   // ---- helpers ----------------------------------------------------------------
 

@@ -256,13 +256,15 @@ void GateFs::Impl::reply_xattr(fuse_req_t req, size_t size, Call call) {
 }
 
 void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
-  if (ino == FUSE_ROOT_ID && history) {
+  if (ino == FUSE_ROOT_ID && std::strncmp(name, "user.gate.", 10) == 0) {
     std::optional<std::string> answer;
-    if (std::strcmp(name, kHistoryXattr) == 0) {
+    if (std::strcmp(name, kStaleXattr) == 0 && agent) {
+      answer = stale_summary();
+    } else if (std::strcmp(name, kHistoryXattr) == 0 && history) {
       // `gate history` asks the view for its history: written out, then where it is.
       history->flush();
       answer = history->options().dir;
-    } else if (std::strcmp(name, kHistoryProblemXattr) == 0) {
+    } else if (std::strcmp(name, kHistoryProblemXattr) == 0 && history) {
       std::lock_guard guard(history_problem_m);
       if (!history_problem.empty()) answer = history_problem;
     }

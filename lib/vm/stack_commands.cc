@@ -42,6 +42,7 @@ std::vector<std::string> mount_command(const MountCommand& m, const LockSettings
   if (locks.history_max_file) argv.insert(argv.end(), {"--history-max-file", *locks.history_max_file});
   if (locks.history_max_bytes)
     argv.insert(argv.end(), {"--history-max-bytes", *locks.history_max_bytes});
+  if (locks.stale_writes) argv.insert(argv.end(), {"--stale-writes", *locks.stale_writes});
   return argv;
 }
 

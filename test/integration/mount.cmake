@@ -16,4 +16,8 @@ if(TARGET gate_mount)
   add_executable(history_test integration/history_test.cc)
   target_link_libraries(history_test PRIVATE gate_test_support gate_client gate_core Boost::json)
   catch_discover_tests(history_test EXTRA_ARGS -w NoTests PROPERTIES LABELS "mount")
+  # Stale replacements: saves over files another agent changed since this one read them.
+  add_executable(stale_test integration/stale_test.cc)
+  target_link_libraries(stale_test PRIVATE gate_test_support gate_client gate_core Boost::json)
+  catch_discover_tests(stale_test EXTRA_ARGS -w NoTests PROPERTIES LABELS "mount")
 endif()
