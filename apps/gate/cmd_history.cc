@@ -18,6 +18,7 @@
 #include "core/mounts.h"
 #include "mount/gate_fs.h"
 #include "mount/history_store.h"
+#include "mount/merge.h"
 
 namespace gate::cmd {
 
@@ -99,15 +100,11 @@ std::optional<std::string> content_of(const std::vector<mount::HistoryEntry>& v,
   return std::nullopt;
 }
 
-bool looks_binary(const std::string& s) {
-  return std::memchr(s.data(), '\0', std::min<std::size_t>(s.size(), 8000)) != nullptr;
-}
-
 // Lines added and removed from `before` to `after` (libgit2's diff); nullopt for
 // binary content.
 std::optional<std::pair<std::size_t, std::size_t>> line_stats(const std::string& before,
                                                               const std::string& after) {
-  if (looks_binary(before) || looks_binary(after)) return std::nullopt;
+  if (mount::looks_binary(before) || mount::looks_binary(after)) return std::nullopt;
   git_patch* patch = nullptr;
   if (git_patch_from_buffers(&patch, before.data(), before.size(), nullptr, after.data(),
                              after.size(), nullptr, nullptr) != 0)
@@ -270,6 +267,23 @@ std::optional<Micros> parse_duration(const std::string& text) {
   return std::nullopt;
 }
 
+// Whether `key` is `scope` or under it ("" and "." are the whole view).
+bool in_scope(const std::string& key, const std::string& scope) {
+  if (scope.empty() || scope == ".") return true;
+  return key == scope || (key.size() > scope.size() && key.compare(0, scope.size(), scope) == 0 &&
+                          key[scope.size()] == '/');
+}
+
+// --since DURATION as a point in time (0 without it); false when malformed.
+bool since_option(const po::variables_map& args, Micros* since) {
+  *since = 0;
+  if (!args.count("since")) return true;
+  auto d = parse_duration(args["since"].as<std::string>());
+  if (!d) return false;
+  *since = wall_clock_micros() - *d;
+  return true;
+}
+
 void add_spec_option(po::options_description& desc, po::positional_options_description& pos) {
   desc.add_options()("spec", po::value<std::string>(), "PATH@VERSION");
   add_history_dir_option(desc);
@@ -329,7 +343,7 @@ int show(int argc, char** argv) {
       argc, argv, "gate show PATH@VERSION",
       "Prints a version of a file that a gate mount kept (see gate history) to standard output.",
       [me](const Picked& p) {
-        if (::isatty(STDOUT_FILENO) && looks_binary(p.content))
+        if (::isatty(STDOUT_FILENO) && mount::looks_binary(p.content))
           return cli::fail(me, "version " + std::to_string(p.version) + " of " + p.target.key +
                                    " is binary; send it to a file: gate show " + p.spec + " > FILE");
         std::cout.write(p.content.data(), static_cast<std::streamsize>(p.content.size()));
@@ -365,11 +379,8 @@ int log_changes(int argc, char** argv) {
                          &code, &pos);
   if (!args) return code;
   Micros since = 0;
-  if (args->count("since")) {
-    auto d = parse_duration((*args)["since"].as<std::string>());
-    if (!d) return cli::fail(argv[0], "--since takes a duration such as 90s, 15m, 2h or 3d"), 2;
-    since = wall_clock_micros() - *d;
-  }
+  if (!since_option(*args, &since))
+    return cli::fail(argv[0], "--since takes a duration such as 90s, 15m, 2h or 3d"), 2;
   const std::string agent = args->count("agent") ? (*args)["agent"].as<std::string>() : "";
   auto target = locate((*args)["path"].as<std::string>(), *args);
   if (!target.ok()) return cli::fail(argv[0], target.message());
@@ -377,13 +388,11 @@ int log_changes(int argc, char** argv) {
   if (!store.ok()) return cli::fail(argv[0], store.message());
   auto changes = (*store)->changes(since, agent);
   if (!changes.ok()) return cli::fail(argv[0], changes.message());
-  // Under PATH only, when it is a directory inside the view.
-  const std::string prefix = target->key.empty() ? "" : target->key + "/";
   json::array rows;
   std::vector<std::vector<std::string>> table{
       {"TIME", "PATH", "VERSION", "AGENT", "PID", "COMMAND", "HOW"}};
   for (const auto& e : *changes) {
-    if (!prefix.empty() && e.key.rfind(prefix, 0) != 0 && e.key != target->key) continue;
+    if (!in_scope(e.key, target->key)) continue;
     json::object o;
     o["time"] = format_iso8601(e.made_at);
     o["path"] = e.key;
@@ -406,6 +415,77 @@ int log_changes(int argc, char** argv) {
     return 0;
   }
   cli::print_table(table, std::cout);
+  return 0;
+}
+
+int conflicts(int argc, char** argv) {
+  po::options_description desc("Options");
+  desc.add_options()("path", po::value<std::string>()->default_value("."),
+                     "a file or directory in the view (default: the current directory)")
+      ("since", po::value<std::string>(), "only those this recent: 90s, 15m, 2h, 3d")
+      ("all", po::bool_switch(), "the merged stale replacements too, not only the conflicts")
+      ("json", po::bool_switch(), "print JSON");
+  add_history_dir_option(desc);
+  po::positional_options_description pos;
+  pos.add("path", 1);
+  int code = 0;
+  auto args = cli::parse(
+      argc, argv, desc, "gate conflicts [--since DURATION] [--all] [--json] [PATH]",
+      "Lists the stale replacements a gate view could not merge, newest first: a save over a "
+      "file that another agent had changed since the saving agent read it, where both changed "
+      "the same lines (or the content was binary, too large, or its base was no longer kept). "
+      "The saving agent's content was installed; the version it replaced is in the history. "
+      "Each line says how to see both sides with gate show.",
+      &code, &pos);
+  if (!args) return code;
+  Micros since = 0;
+  if (!since_option(*args, &since))
+    return cli::fail(argv[0], "--since takes a duration such as 90s, 15m, 2h or 3d"), 2;
+  auto target = locate((*args)["path"].as<std::string>(), *args);
+  if (!target.ok()) return cli::fail(argv[0], target.message());
+  auto store = open_history(*target);
+  if (!store.ok()) return cli::fail(argv[0], store.message());
+  const bool all = (*args)["all"].as<bool>();
+  auto saves = (*store)->stale_saves(since, "", all);
+  if (!saves.ok()) return cli::fail(argv[0], saves.message());
+  json::array rows;
+  std::vector<std::vector<std::string>> table{
+      {"TIME", "PATH", "AGENT", "PID", "VERSION", "REPLACED", "BASE", "OUTCOME"}};
+  std::vector<std::string> notes;
+  for (const auto& s : *saves) {
+    if (!in_scope(s.key, target->key)) continue;
+    json::object o;
+    o["time"] = format_iso8601(s.at);
+    o["path"] = s.key;
+    o["agent"] = s.by.agent;
+    o["pid"] = s.by.pid;
+    o["command"] = s.by.command;
+    o["version"] = s.version;
+    o["replaced_version"] = s.theirs;
+    o["base_version"] = s.base ? json::value(s.base) : json::value(nullptr);
+    o["merged"] = s.merged;
+    o["reason"] = s.merged ? json::value(nullptr) : json::value(s.reason);
+    rows.push_back(std::move(o));
+    table.push_back({when(s.at), s.key, s.by.agent, std::to_string(s.by.pid),
+                     std::to_string(s.version), std::to_string(s.theirs),
+                     s.base ? std::to_string(s.base) : "-", s.merged ? "merged" : "conflict"});
+    if (!s.merged)
+      notes.push_back(s.key + "@" + std::to_string(s.version) + ": " + s.reason +
+                      "; the other side: gate show " + s.key + "@" + std::to_string(s.theirs) +
+                      ", what " + s.by.agent + " wrote: gate show " + s.key + "@" +
+                      std::to_string(s.version));
+  }
+  if ((*args)["json"].as<bool>()) {
+    std::cout << json::serialize(rows) << "\n";
+    return 0;
+  }
+  if (rows.empty()) {
+    std::cout << "no " << (all ? "stale replacements" : "conflicts")
+              << (since ? " in that time" : "") << " (history in " << target->dir << ")\n";
+    return 0;
+  }
+  cli::print_table(table, std::cout);
+  for (const auto& n : notes) std::cout << "  " << n << "\n";
   return 0;
 }
 

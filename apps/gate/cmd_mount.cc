@@ -151,9 +151,10 @@ int mount(int argc, char** argv) {
       ("history-keep-ignored", po::bool_switch(),
        "keep versions of what the repository's ignore rules ignore too (never .git/)")
       ("no-history", po::bool_switch(), "keep no history of replaced versions")
-      ("stale-writes", po::value<std::string>()->default_value("off"),
+      ("stale-writes", po::value<std::string>(),
        "what a stale replacement (a save over a file another agent changed after this "
-       "agent read it) gets: refuse (EBUSY, nothing changes) or off (env GATE_STALE_WRITES)")
+       "agent read it) gets: merge (three-way, with what it missed), refuse (EBUSY, nothing "
+       "changes) or off; default merge, off with --no-history (env GATE_STALE_WRITES)")
       ("no-locking", po::bool_switch(),
        "benchmarks only: a plain passthrough that takes no locks and needs no broker")
       ("debug-fuse", po::bool_switch(), "print every FUSE request (implies --foreground)");
@@ -173,13 +174,18 @@ int mount(int argc, char** argv) {
   if (!parse_log_level((*args)["log-level"].as<std::string>(), &level))
     return cli::fail(me, "--log-level must be debug, info, warn or error"), 2;
   set_log_level(level);
-  mount::StaleWrites stale_writes = mount::StaleWrites::Off;
-  if (const std::string v = (*args)["stale-writes"].as<std::string>(); v == "refuse")
-    stale_writes = mount::StaleWrites::Refuse;
-  else if (v == "merge")
-    return cli::fail(me, "--stale-writes merge is not available yet; use refuse or off"), 2;
-  else if (v != "off")
-    return cli::fail(me, "--stale-writes must be refuse or off, not '" + v + "'"), 2;
+  const bool history_on = !(*args)["no-history"].as<bool>() && !(*args)["no-locking"].as<bool>();
+  mount::StaleWrites stale_writes = history_on ? mount::StaleWrites::Merge : mount::StaleWrites::Off;
+  if (args->count("stale-writes")) {
+    const std::string v = (*args)["stale-writes"].as<std::string>();
+    if (v == "merge") stale_writes = mount::StaleWrites::Merge;
+    else if (v == "refuse") stale_writes = mount::StaleWrites::Refuse;
+    else if (v == "off") stale_writes = mount::StaleWrites::Off;
+    else return cli::fail(me, "--stale-writes must be merge, refuse or off, not '" + v + "'"), 2;
+    if (v == "merge" && !history_on)
+      return cli::fail(me, "--stale-writes merge needs the history (it merges with the versions "
+                           "it kept): drop --no-history, or use refuse"), 2;
+  }
   if (!args->count("root") || !args->count("mount"))
     return cli::fail(me, "both --root DIR and --mount MNT are needed; see --help"), 2;
 

@@ -118,8 +118,8 @@ int up(int argc, char** argv) {
        "the view's history holds at most this much (default 1G)")
       ("no-history", po::bool_switch(), "the view keeps no history of replaced versions")
       ("stale-writes", po::value<std::string>(),
-       "what the view does with a stale replacement: refuse or off (default off; env "
-       "GATE_STALE_WRITES)")
+       "what the view does with a stale replacement: merge, refuse or off (default merge; "
+       "off with --no-history; env GATE_STALE_WRITES)")
       ("accel", po::value<std::string>()->default_value("auto"),
        "auto (KVM when it really works, else TCG), kvm or tcg")
       ("redownload", po::bool_switch(), "rebuild (or download) the image and the VM disk")
@@ -148,9 +148,10 @@ int up(int argc, char** argv) {
       return std::cerr << me << ": --" << size << " takes a size such as 8M or 1G\n", 2;
   if (args->count("stale-writes")) {
     const std::string v = (*args)["stale-writes"].as<std::string>();
-    if (v != "refuse" && v != "off")
-      return std::cerr << me << ": --stale-writes must be refuse or off"
-                       << (v == "merge" ? " (merge is not available yet)" : "") << "\n", 2;
+    if (v != "merge" && v != "refuse" && v != "off")
+      return std::cerr << me << ": --stale-writes must be merge, refuse or off, not '" << v << "'\n", 2;
+    if (v == "merge" && (*args)["no-history"].as<bool>())
+      return std::cerr << me << ": --stale-writes merge needs the history: drop --no-history, or use refuse\n", 2;
   }
   if (!(*args)["local"].as<bool>()) return up_vm(*args, self_exe());
   gate::vm::LocalOptions o;

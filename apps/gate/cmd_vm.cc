@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <iostream>
+#include <sstream>
 
 #include "cli.h"
 #include "client/broker_client.h"
@@ -56,12 +57,20 @@ std::string stale_line(const std::string& mount) {
   char buf[256];
   const ssize_t n = ::getxattr(mount.c_str(), mount::kStaleXattr, buf, sizeof buf);
   if (n <= 0) return "";
-  const std::string v(buf, static_cast<std::size_t>(n));  // "<policy> refused=<n>"
-  const auto space = v.find(' ');
-  const std::string policy = v.substr(0, space);
+  // "<policy> refused=<n> merged=<n> conflicts=<n>"
+  std::istringstream in(std::string(buf, static_cast<std::size_t>(n)));
+  std::string policy, field, counts;
+  in >> policy;
   if (policy == "off") return "  ok   stale replacements: not checked (--stale-writes off)\n";
-  const std::string refused = space == std::string::npos ? "?" : v.substr(v.find('=', space) + 1);
-  return "  ok   stale replacements: " + policy + " (" + refused + " refused so far)\n";
+  while (in >> field) {
+    const auto eq = field.find('=');
+    if (eq == std::string::npos) continue;
+    counts += (counts.empty() ? "" : ", ") + field.substr(eq + 1) + " " + field.substr(0, eq);
+  }
+  std::string line = "  ok   stale replacements: " + policy + " (" + counts + ")\n";
+  if (field.rfind("conflicts=", 0) == 0 && field != "conflicts=0")
+    line += "  note some stale saves could not be merged: gate conflicts\n";
+  return line;
 }
 
 // The setup named by --vm-name, else every one.

@@ -7,6 +7,7 @@ int broker(int argc, char** argv);
 int history(int argc, char** argv);
 int locks(int argc, char** argv);
 int log_changes(int argc, char** argv);
+int conflicts(int argc, char** argv);
 int mount(int argc, char** argv);
 int restore(int argc, char** argv);
 int run(int argc, char** argv);

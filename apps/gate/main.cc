@@ -28,6 +28,7 @@ constexpr Command kCommands[] = {
     {"restore", "write a kept version back through the view, as a new version", gate::cmd::restore},
     {"log", "list the changes made through a view, newest first (--since, --agent)",
      gate::cmd::log_changes},
+    {"conflicts", "list the stale saves a view could not merge, with both sides", gate::cmd::conflicts},
     {"mount", "show a directory through a locked FUSE view", gate::cmd::mount},
     {"run", "run a command as a named agent (GATE_AGENT), whose opens gate attributes to it",
      gate::cmd::run},

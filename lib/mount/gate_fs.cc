@@ -151,16 +151,19 @@ void GateFs::Impl::close_handle(FileHandle* h) {
     std::lock_guard guard(h->m);
     lock = std::move(h->lock);
   }
+  const char* event = lock ? settle_handle(h, lock) : nullptr;
   // Data reaches the source before the next holder can get in.
   if (h->fd >= 0) ::close(h->fd);
   h->fd = -1;
-  if (lock) release_handle_lock(h, lock);
+  if (lock) release_handle_lock(h, lock, event);
   delete h;
 }
 
-void GateFs::Impl::release_handle_lock(FileHandle* h, const std::shared_ptr<TrackedLock>& lock) {
+void GateFs::Impl::release_handle_lock(FileHandle* h, const std::shared_ptr<TrackedLock>& lock,
+                                       const char* event) {
   if (!agent) return;
-  if (h->changed) record_made(h->key, lock->lock.fence, h->who, h->created ? "create" : "write");
+  if (h->changed)
+    record_made(h->key, lock->lock.fence, h->who, event ? event : h->created ? "create" : "write");
   agent->release_tracked(lock, h->changed);
 }
 

@@ -33,6 +33,7 @@ namespace gate::mount {
 enum class StaleWrites {
   Off,     // nothing (the history still keeps what was replaced)
   Refuse,  // EBUSY at the open (O_TRUNC) or the rename; nothing changes
+  Merge,   // three-way merge at the release (or the rename); needs the history
 };
 
 struct MountOptions {
@@ -60,7 +61,7 @@ inline constexpr const char* kHistoryXattr = "user.gate.history";
 // the cap...), for `gate status`; no such attribute while there has been none.
 inline constexpr const char* kHistoryProblemXattr = "user.gate.history.problem";
 // Read on the root of a view: the stale-replacement policy and what it did so far,
-// "<policy> refused=<n>", for `gate status`.
+// "<policy> refused=<n> merged=<n> conflicts=<n>", for `gate status`.
 inline constexpr const char* kStaleXattr = "user.gate.stale";
 
 class GateFs {

@@ -137,12 +137,10 @@ void GateFs::Impl::rename(fuse_req_t req, fuse_ino_t parent, const char* name, f
                 const std::uint64_t version = version_in(held, target);
                 if (!(flags & RENAME_EXCHANGE) && held.size() > 1) {
                   // A rename onto an existing file replaces it (temp file + rename saves).
-                  int fd = ::openat(np.fd, nn.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
-                  const bool refused = fd >= 0 && refuse_stale(who, target, version, fd, false);
-                  if (fd >= 0) ::close(fd);
-                  if (refused) return EBUSY;
+                  if (int err = settle_stale_rename(who, p, nm, np, nn, target, held)) return err;
+                } else {
+                  keep_named(target, version, np.fd, nn);
                 }
-                keep_named(target, version, np.fd, nn);
                 return rename_at(p, nm, np, nn, flags);
               },
               [req](int err) { fuse_reply_err(req, err); }},
@@ -180,6 +178,8 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   }
   h->who = o.who;
   h->created = o.created;
+  h->ino = o.created ? o.entry.ino : o.ino;
+  h->stale_reads = std::move(o.stale_reads);
   if (!held.empty()) h->version = held.front().version;
   const int access = o.f.flags & O_ACCMODE;
   if (!held.empty() && !o.created && !(o.f.flags & O_TRUNC) && (access == O_RDONLY || access == O_RDWR))
@@ -214,12 +214,28 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Inode& in = inode(ino);
   auto o = std::make_shared<Opening>(
       Opening{*fi, inodes->key_of(in), callers.resolve(fuse_req_ctx(req)->pid)});
+  o->ino = ino;
   run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &in, o](std::vector<HeldLock>& held) {
                 int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
+                // While this open waited for its lock, a rename (a temp file saved
+                // over this one) or an unlink may have taken the name away: the file
+                // is gone, and what is read or written through it would be lost.
+                // ESTALE makes the kernel look the name up again and retry the open.
+                struct stat st {};
+                if (!held.empty() && ::fstat(in.fd, &st) == 0 && st.st_nlink == 0 &&
+                    S_ISREG(st.st_mode))
+                  return ESTALE;
                 if ((flags & O_TRUNC) && !held.empty()) {
-                  if (refuse_stale(o->who, o->key, held.front().version, in.fd, true)) return EBUSY;
-                  keep_before_change(o->key, held.front().version, in.fd);
+                  const std::uint64_t version = held.front().version;
+                  auto stale = stale_reads(o->who, o->key, version, in.fd, true);
+                  if (stale && opts.stale_writes == StaleWrites::Refuse) {
+                    refuse_stale(o->who, o->key, version, *stale);
+                    return EBUSY;
+                  }
+                  // A stale one is merged at release, with what it replaces from here.
+                  if (stale) o->stale_reads = std::move(*stale);
+                  keep_before_change(o->key, version, in.fd, stale.has_value());
                 }
                 return adopt(*o, ::open(proc_path(in.fd).c_str(), flags | O_CLOEXEC), held);
               },

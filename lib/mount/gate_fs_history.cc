@@ -15,8 +15,9 @@ std::uint64_t GateFs::Impl::version_in(const std::vector<HeldLock>& held, const 
   return 0;
 }
 
-void GateFs::Impl::keep_before_change(const std::string& key, std::uint64_t version, int fd) {
-  if (!history || ignore->ignored(key)) return;
+void GateFs::Impl::keep_before_change(const std::string& key, std::uint64_t version, int fd,
+                                      bool even_ignored) {
+  if (!history || (!even_ignored && ignore->ignored(key))) return;
   // A descriptor of our own to read from: `fd` may be O_PATH or write-only.
   int in = ::open(proc_path(fd).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (in < 0) return;  // not a readable file (a FIFO, a socket, gone): nothing to keep

@@ -49,6 +49,9 @@ struct FileHandle {
   Caller who;                 // who opened it
   bool created = false;
   std::once_flag kept;        // the content before the first change is in the history
+  fuse_ino_t ino = 0;         // for cache invalidation only (may be forgotten by then)
+  // A stale replacement (--stale-writes merge): the agent's reads, merged at release.
+  std::vector<std::uint64_t> stale_reads;
 };
 
 struct DirHandle {
@@ -79,7 +82,7 @@ struct GateFs::Impl {
   std::mutex history_problem_m;
   std::string history_problem;  // the last one, for `gate status`
   ReadLog reads;                            // what each agent read, for stale replacements
-  std::atomic<std::uint64_t> stale_refused{0};
+  std::atomic<std::uint64_t> stale_refused{0}, stale_merged{0}, stale_conflicts{0};
   fuse_session* se = nullptr;
   bool mounted = false;
   bool running_as_root = ::geteuid() == 0;
@@ -122,7 +125,10 @@ struct GateFs::Impl {
 
   // Keeps the content of `key` at `version`, read through `fd` (any descriptor of
   // the file, O_PATH included), before a change replaces it.
-  void keep_before_change(const std::string& key, std::uint64_t version, int fd);
+  // `even_ignored`: also what the ignore rules leave out (a stale replacement's
+  // merge needs it).
+  void keep_before_change(const std::string& key, std::uint64_t version, int fd,
+                          bool even_ignored = false);
   // The same for the file `name` in directory `dir_fd`, if it exists.
   void keep_named(const std::string& key, std::uint64_t version, int dir_fd, const std::string& name);
   // Before the first change through a handle.
@@ -131,7 +137,12 @@ struct GateFs::Impl {
                    const char* event);
   // Gives a handle's lock back to the broker (close, or flush with release-on-flush),
   // saying whether the handle changed the file and recording the version it made.
-  void release_handle_lock(FileHandle* h, const std::shared_ptr<TrackedLock>& lock);
+  // `event`: how the handle changed the file when not a plain write or create.
+  void release_handle_lock(FileHandle* h, const std::shared_ptr<TrackedLock>& lock,
+                           const char* event = nullptr);
+  // A handle's stale replacement merged (if it was one), while h->fd is open and
+  // before the lock goes back: the event to record (nullptr: none special).
+  const char* settle_handle(FileHandle* h, const std::shared_ptr<TrackedLock>& lock);
   // The version `key` had when its lock in `held` was granted (0 if not there).
   static std::uint64_t version_in(const std::vector<HeldLock>& held, const std::string& key);
 
@@ -139,12 +150,33 @@ struct GateFs::Impl {
 
   // `who` opened `key` at `version` for reading.
   void note_read(const Caller& who, const std::string& key, std::uint64_t version);
-  // Whether `who`'s replacement of `key`, now at `version`, is refused as stale
-  // (--stale-writes refuse): logged and counted; the agent's next read of `key` is
-  // its new base (until then its saves of `key` stay refused). `fd`: the file replaced
+  // Whether `who`'s replacement of `key`, now at `version`, is stale: the agent's
+  // reads if so, else nullopt (also with the policy off). `fd`: the file replaced
   // (any descriptor, O_PATH too); an O_TRUNC open replaces only a non-empty file.
-  bool refuse_stale(const Caller& who, const std::string& key, std::uint64_t version, int fd,
-                    bool truncating);
+  std::optional<std::vector<std::uint64_t>> stale_reads(const Caller& who, const std::string& key,
+                                                        std::uint64_t version, int fd,
+                                                        bool truncating);
+  // Refuses it (--stale-writes refuse): logged and counted; the agent's next read
+  // of `key` is its new base (until then its saves of `key` stay refused).
+  void refuse_stale(const Caller& who, const std::string& key, std::uint64_t version,
+                    const std::vector<std::uint64_t>& read);
+  // Merges it (--stale-writes merge), before its lock goes back: `mine_fd` (any
+  // descriptor of the file the agent wrote) is rewritten in place with the merge of
+  // `theirs` (the content replaced, version `theirs_version`; nullopt: from the
+  // history) and the agent's read closest to what it wrote. A conflict (or what
+  // cannot be merged) leaves the agent's content; both sides stay in the history,
+  // and `gate conflicts` lists it. Answers the event to record: "merge",
+  // "conflict", or nullptr when the agent's content already built on theirs.
+  const char* merge_stale(const Caller& who, const std::string& key,
+                          std::uint64_t theirs_version, std::optional<std::string> theirs,
+                          const std::vector<std::uint64_t>& read, std::uint64_t new_version,
+                          int mine_fd, fuse_ino_t ino);
+  // The stale check of a rename of p/nm onto the existing np/nn (key `target`),
+  // under its locks: EBUSY when refused; merged into p/nm before the rename when
+  // merging. Keeps the target's content in the history either way.
+  int settle_stale_rename(const Caller& who, Inode& p, const std::string& nm, Inode& np,
+                          const std::string& nn, const std::string& target,
+                          const std::vector<HeldLock>& held);
   std::string stale_summary() const;  // kStaleXattr's value
 
   // ---- helpers ----------------------------------------------------------------
@@ -199,6 +231,8 @@ struct GateFs::Impl {
     std::string key;
     Caller who;
     FileHandle* h = nullptr;
+    fuse_ino_t ino = 0;        // open only (create: entry.ino)
+    std::vector<std::uint64_t> stale_reads;  // a stale replacement, merged at release
     bool created = false;      // create (a new name), not open
     fuse_entry_param entry{};  // create only
   };

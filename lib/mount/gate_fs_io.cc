@@ -94,7 +94,7 @@ void GateFs::Impl::flush(fuse_req_t req, fuse_file_info* fi) {
       std::lock_guard guard(h->m);
       lock = std::move(h->lock);
     }
-    if (lock) release_handle_lock(h, lock);
+    if (lock) release_handle_lock(h, lock, settle_handle(h, lock));
   }
   fuse_reply_err(req, err);
 }

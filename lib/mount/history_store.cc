@@ -25,7 +25,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kSchemaVersion = 1;
+constexpr int kSchemaVersion = 2;
 // Contents up to this size live in the index (a file each would cost an inode,
 // which is most of what keeping a small version costs).
 constexpr std::uint64_t kInlineBytes = 256 << 10;
@@ -238,7 +238,14 @@ Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options)
         " blob TEXT PRIMARY KEY, size INTEGER NOT NULL, kept_at INTEGER NOT NULL,"
         " data BLOB);"  // small contents in place, larger ones in objects/
         "CREATE INDEX IF NOT EXISTS blobs_age ON blobs (kept_at);"
-        "PRAGMA user_version = 1;");
+        // Since schema 2: stale replacements merged, or installed as conflicts.
+        "CREATE TABLE IF NOT EXISTS stale_saves ("
+        " key TEXT NOT NULL, version INTEGER NOT NULL, theirs INTEGER NOT NULL,"
+        " base INTEGER NOT NULL, at INTEGER NOT NULL, agent TEXT, pid INTEGER, command TEXT,"
+        " merged INTEGER NOT NULL, reason TEXT, mine TEXT,"
+        " PRIMARY KEY (key, version)) WITHOUT ROWID;"
+        "CREATE INDEX IF NOT EXISTS stale_saves_at ON stale_saves (at);"
+        "PRAGMA user_version = 2;");
     store->prepare();
     store->total_ = store->db_->execAndGet("SELECT coalesce(sum(size), 0) FROM blobs").getInt64();
   } catch (const std::exception& e) {
@@ -473,6 +480,103 @@ Result<std::vector<HistoryEntry>> HistoryStore::changes(Micros since, const std:
     q.bind(3, agent);
     std::vector<HistoryEntry> out;
     while (q.executeStep()) out.push_back(entry_of(q));
+    return out;
+  } catch (const std::exception& e) {
+    return Status::failure("history index: " + std::string(e.what()));
+  }
+}
+
+std::optional<std::string> HistoryStore::content_of(const std::string& key, std::uint64_t version) {
+  flush();
+  std::string blob;
+  try {
+    std::lock_guard guard(m_);
+    SQLite::Statement q(*db_, "SELECT blob FROM versions WHERE key=? AND version=?");
+    q.bind(1, key);
+    q.bind(2, static_cast<int64_t>(version));
+    if (!q.executeStep() || q.getColumn(0).isNull()) return std::nullopt;
+    blob = q.getColumn(0).getString();
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+  return content(blob);
+}
+
+Result<std::string> HistoryStore::keep_data(const std::string& data, Micros now) {
+  const std::string blob = blob_id(data);
+  if (blob.empty()) return Status::failure("cannot hash");
+  std::uint64_t free_bytes = 0;
+  if (!room_for(data.size(), &free_bytes))
+    return Status::failure("only " + std::to_string(free_bytes >> 20) + " MiB free in " + options_.dir);
+  try {
+    std::lock_guard guard(m_);
+    put_blob_->bind(1, blob);
+    put_blob_->bind(2, static_cast<int64_t>(data.size()));
+    put_blob_->bind(3, static_cast<int64_t>(now));
+    put_blob_->bind(4, data.data(), static_cast<int>(data.size()));
+    if (put_blob_->exec() > 0) total_ += static_cast<std::int64_t>(data.size());
+    put_blob_->reset();
+  } catch (const std::exception& e) {
+    put_blob_->reset();
+    return Status::failure("history index: " + std::string(e.what()));
+  }
+  return blob;
+}
+
+Status HistoryStore::record_stale(const StaleSave& s) {
+  flush();  // after the versions it names
+  try {
+    std::lock_guard guard(m_);
+    SQLite::Statement q(*db_,
+                        "INSERT OR REPLACE INTO stale_saves (key, version, theirs, base, at, agent,"
+                        " pid, command, merged, reason, mine) VALUES (?,?,?,?,?,?,?,?,?,?,?)");
+    q.bind(1, s.key);
+    q.bind(2, static_cast<int64_t>(s.version));
+    q.bind(3, static_cast<int64_t>(s.theirs));
+    q.bind(4, static_cast<int64_t>(s.base));
+    q.bind(5, static_cast<int64_t>(s.at));
+    q.bind(6, s.by.agent);
+    q.bind(7, static_cast<int64_t>(s.by.pid));
+    q.bind(8, s.by.command);
+    q.bind(9, s.merged ? 1 : 0);
+    q.bind(10, s.reason);
+    q.bind(11, s.mine);
+    q.exec();
+    return {};
+  } catch (const std::exception& e) {
+    return Status::failure("history index: " + std::string(e.what()));
+  }
+}
+
+Result<std::vector<StaleSave>> HistoryStore::stale_saves(Micros since, const std::string& key,
+                                                         bool merged_too) {
+  flush();
+  try {
+    std::lock_guard guard(m_);
+    SQLite::Statement q(*db_,
+                        "SELECT key, version, theirs, base, at, agent, pid, command, merged, reason,"
+                        " mine FROM stale_saves WHERE at >= ? AND (? = '' OR key = ?)"
+                        " AND (? OR merged = 0) ORDER BY at DESC, version DESC");
+    q.bind(1, static_cast<int64_t>(since));
+    q.bind(2, key);
+    q.bind(3, key);
+    q.bind(4, merged_too ? 1 : 0);
+    std::vector<StaleSave> out;
+    while (q.executeStep()) {
+      StaleSave s;
+      s.key = q.getColumn(0).getString();
+      s.version = static_cast<std::uint64_t>(q.getColumn(1).getInt64());
+      s.theirs = static_cast<std::uint64_t>(q.getColumn(2).getInt64());
+      s.base = static_cast<std::uint64_t>(q.getColumn(3).getInt64());
+      s.at = q.getColumn(4).getInt64();
+      s.by.agent = q.getColumn(5).getString();
+      s.by.pid = q.getColumn(6).getInt64();
+      s.by.command = q.getColumn(7).getString();
+      s.merged = q.getColumn(8).getInt() != 0;
+      s.reason = q.getColumn(9).getString();
+      s.mine = q.getColumn(10).getString();
+      out.push_back(std::move(s));
+    }
     return out;
   } catch (const std::exception& e) {
     return Status::failure("history index: " + std::string(e.what()));

@@ -72,6 +72,19 @@ struct HistoryEntry {
   Micros kept_at = 0;
 };
 
+// A stale replacement the mount merged, or could not (locking.md): `version` is
+// what the agent's save made (the merged content, or its own on a conflict),
+// `theirs` the version it replaced, `base` the read it was merged against (0: none).
+struct StaleSave {
+  std::string key;
+  std::uint64_t version = 0, theirs = 0, base = 0;
+  Micros at = 0;
+  MadeBy by;
+  bool merged = false;   // else a conflict: the agent's content was installed as is
+  std::string reason;    // of a conflict
+  std::string mine;      // blob id of what the agent wrote (kept as it was)
+};
+
 class HistoryStore {
  public:
   // Creates <dir> and its index as needed; fails when they cannot be used.
@@ -98,6 +111,15 @@ class HistoryStore {
   Result<std::vector<HistoryEntry>> changes(Micros since, const std::string& agent);
   // A kept content; nullopt when it is not there (never kept, or evicted).
   std::optional<std::string> content(const std::string& blob);
+  // The kept content of `version` of `key`; nullopt when not kept (or evicted).
+  std::optional<std::string> content_of(const std::string& key, std::uint64_t version);
+  // Keeps `data` (as is, whatever its size) and answers its blob id.
+  Result<std::string> keep_data(const std::string& data, Micros now);
+  // Records a merged or conflicting stale replacement.
+  Status record_stale(const StaleSave& s);
+  // Those recorded since `since` (for `key` when not empty; conflicts only unless
+  // `merged_too`), newest first.
+  Result<std::vector<StaleSave>> stale_saves(Micros since, const std::string& key, bool merged_too);
   std::uint64_t total_bytes();
   const HistoryOptions& options() const { return options_; }
 

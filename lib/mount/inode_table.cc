@@ -117,6 +117,12 @@ std::string InodeTable::child_key(const Inode& parent, std::string_view name) co
   return key;
 }
 
+fuse_ino_t InodeTable::find(ino_t ino, dev_t dev) const {
+  std::lock_guard lock(m_);
+  auto it = inodes_.find({ino, dev});
+  return it == inodes_.end() ? 0 : reinterpret_cast<fuse_ino_t>(it->second.get());
+}
+
 void InodeTable::moved(ino_t ino, dev_t dev, Inode& parent, const std::string& name) {
   std::lock_guard lock(m_);
   auto it = inodes_.find({ino, dev});

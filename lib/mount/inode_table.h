@@ -66,6 +66,9 @@ class InodeTable {
   void moved(ino_t ino, dev_t dev, Inode& parent, const std::string& name);
 
   std::size_t size() const;
+  // The id the kernel knows the object (ino, dev) by; 0 when it knows none. Only
+  // for notifications: the inode may be forgotten right after.
+  fuse_ino_t find(ino_t ino, dev_t dev) const;
 
  private:
   struct IdHash {

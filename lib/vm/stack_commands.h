@@ -18,7 +18,7 @@ struct LockSettings {
   // The mount's history of replaced versions (sizes as gate mount takes them).
   bool no_history = false;
   std::optional<std::string> history_max_file, history_max_bytes;
-  std::optional<std::string> stale_writes;  // mount: refuse or off
+  std::optional<std::string> stale_writes;  // mount: merge, refuse or off
 };
 
 // Where a mount finds its broker: a Unix socket, or a TCP port on loopback.

@@ -20,4 +20,8 @@ if(TARGET gate_mount)
   add_executable(stale_test integration/stale_test.cc)
   target_link_libraries(stale_test PRIVATE gate_test_support gate_client gate_core Boost::json)
   catch_discover_tests(stale_test EXTRA_ARGS -w NoTests PROPERTIES LABELS "mount")
+  # Stale replacements merged: agents' lost updates, and real conflicts.
+  add_executable(merge_test integration/merge_test.cc)
+  target_link_libraries(merge_test PRIVATE gate_test_support gate_client gate_core Boost::json)
+  catch_discover_tests(merge_test EXTRA_ARGS -w NoTests PROPERTIES LABELS "mount")
 endif()

@@ -63,7 +63,7 @@ TEST_CASE("refuse: a save over a file another agent changed since this one read 
   INFO(stale.out << "\nmount log:\n" << m.log());
   CHECK(busy(stale));
   CHECK(slurp(m.in_root("notes.txt")) == "one\nbeta\n");
-  CHECK(stale_xattr(m) == "refuse refused=1");
+  CHECK(stale_xattr(m) == "refuse refused=1 merged=0 conflicts=0");
   CHECK(m.log().find("refused a stale replacement of notes.txt by alpha") != std::string::npos);
 
   // Until alpha reads again, it stays refused; its next read is its new base.
@@ -71,13 +71,13 @@ TEST_CASE("refuse: a save over a file another agent changed since this one read 
   REQUIRE(as("alpha", kRead, f).status == 0);
   CHECK(as("alpha", kSave, f, "one\nbeta\nalpha\n").status == 0);
   CHECK(slurp(m.in_root("notes.txt")) == "one\nbeta\nalpha\n");
-  CHECK(stale_xattr(m) == "refuse refused=2");
+  CHECK(stale_xattr(m) == "refuse refused=2 merged=0 conflicts=0");
 
   // Its own change does not make it stale: saved twice in a row, no read between.
   CHECK(as("alpha", kSave, f, "one\nbeta\nalpha\nagain\n").status == 0);
   CHECK(as("alpha", kRenameSave, f, "one\nbeta\nalpha\nagain\nand again\n").status == 0);
   CHECK(slurp(m.in_root("notes.txt")) == "one\nbeta\nalpha\nagain\nand again\n");
-  CHECK(stale_xattr(m) == "refuse refused=2");
+  CHECK(stale_xattr(m) == "refuse refused=2 merged=0 conflicts=0");
 }
 
 TEST_CASE("refuse: Claude Code's save (temp file renamed over the file, then O_TRUNC when the "
@@ -97,7 +97,7 @@ TEST_CASE("refuse: Claude Code's save (temp file renamed over the file, then O_T
   CHECK(r.out.find("fallback") != std::string::npos);  // the rename was refused
   CHECK(busy(r));                                     // and so was the fallback
   CHECK(slurp(m.in_root("app.py")) == "print(1)\nprint(2)\n");
-  CHECK(stale_xattr(m) == "refuse refused=2");
+  CHECK(stale_xattr(m) == "refuse refused=2 merged=0 conflicts=0");
   // No temp file left behind by the refused rename (the agent removed it).
   CHECK(sh("ls -a '" + m.root() + "' | grep -c tmp", nullptr, 10s) != 0);
 
@@ -136,7 +136,7 @@ TEST_CASE("refuse: appends, in-place writes, new files, saves by agents that rea
   REQUIRE(as("alpha", kRead, m.at("empty.txt")).status == 0);
   REQUIRE(as("beta", "touch \"$1\" && : > \"$1\"", m.at("empty.txt")).status == 0);
   CHECK(as("alpha", kSave, m.at("empty.txt"), "alpha\n").status == 0);
-  CHECK(stale_xattr(m) == "refuse refused=0");
+  CHECK(stale_xattr(m) == "refuse refused=0 merged=0 conflicts=0");
 }
 
 TEST_CASE("refuse: a file deleted and made again since the agent read it is stale too",
@@ -153,33 +153,63 @@ TEST_CASE("refuse: a file deleted and made again since the agent read it is stal
   CHECK(slurp(m.in_root("cfg.toml")) == "b = 2\n");
 }
 
-TEST_CASE("off (the default): a stale save goes through as before, and what it replaced is in "
-          "the history",
+TEST_CASE("off: a stale save goes through as before, and what it replaced is in the history",
           "[mount][stale]") {
   BrokerProcess broker;
-  Mount m(broker.endpoint());
+  Mount m(broker.endpoint(), {"--stale-writes", "off"});
   const std::string f = m.at("notes.txt");
   write_file(m.in_root("notes.txt"), "one\n");
   REQUIRE(as("alpha", kRead, f).status == 0);
   REQUIRE(as("beta", kSave, f, "one\nbeta\n").status == 0);
   CHECK(as("alpha", kSave, f, "one\nalpha\n").status == 0);
   CHECK(slurp(m.in_root("notes.txt")) == "one\nalpha\n");
-  CHECK(stale_xattr(m) == "off refused=0");
+  CHECK(stale_xattr(m) == "off refused=0 merged=0 conflicts=0");
   std::string out;
   REQUIRE(sh(gate_binary() + " history --history-dir '" + m.scratch() + "/history' '" + f + "'",
              &out, 20s) == 0);
   CHECK(out.find("beta") != std::string::npos);
 }
 
-TEST_CASE("gate mount and gate up take stale-writes refuse or off, and say so otherwise", "[mount][stale]") {
+TEST_CASE("gate mount and gate up take stale-writes merge, refuse or off, and say so otherwise",
+          "[mount][stale]") {
   std::string out;
   CHECK(sh(gate_binary() + " mount --root /tmp --mount /tmp/x --stale-writes sometimes 2>&1", &out,
            20s) == 2);
-  CHECK(out.find("--stale-writes must be refuse or off") != std::string::npos);
-  CHECK(sh(gate_binary() + " mount --root /tmp --mount /tmp/x --stale-writes merge 2>&1", &out,
-           20s) == 2);
-  CHECK(out.find("not available yet") != std::string::npos);
+  CHECK(out.find("--stale-writes must be merge, refuse or off, not 'sometimes'") != std::string::npos);
+  CHECK(sh(gate_binary() + " mount --root /tmp --mount /tmp/x --no-history --stale-writes merge 2>&1",
+           &out, 20s) == 2);
+  CHECK(out.find("needs the history") != std::string::npos);
   CHECK(sh("GATE_STALE_WRITES=bogus " + gate_binary() + " up --local --repo-path /tmp 2>&1", &out,
            20s) == 2);
-  CHECK(out.find("--stale-writes must be refuse or off") != std::string::npos);
+  CHECK(out.find("--stale-writes must be merge, refuse or off") != std::string::npos);
+}
+
+TEST_CASE("an open that waited for its lock while a rename replaced the file opens the new file, "
+          "so nothing is read from or written to the file that is gone",
+          "[mount][stale]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint(), {"--meta-wait-ms", "20000"});
+  const std::string f = m.at("f.txt");
+  for (const bool writer : {false, true}) {
+    INFO((writer ? "a writer" : "a reader") << " waits\nmount log:\n" << m.log());
+    write_file(m.in_root("f.txt"), "old\n");
+    write_file(m.in_root("f.txt.tmp"), "new\n");
+    // A holds f.txt; a rename of the temp file over it queues, then B's open.
+    const std::string ready = m.scratch() + "/held";
+    ::unlink(ready.c_str());
+    Child a = Child::spawn(
+        {"sh", "-c", "exec 3>>\"$1\"; echo held > \"$2\"; exec sleep 60", "sh", f, ready});
+    REQUIRE(eventually([&] { return read_file(ready) == "held\n"; }, 20s));
+    Child rename = Child::spawn({"mv", m.at("f.txt.tmp"), f});
+    REQUIRE(eventually([&] { return key_state(broker.endpoint(), "f.txt").queued == 1; }, 20s));
+    const std::string out = m.scratch() + "/b.out";
+    Child b = writer ? Child::spawn({"sh", "-c", "printf 'from b\\n' > \"$1\"", "sh", f}, out)
+                     : Child::spawn({"cat", f}, out);
+    REQUIRE(eventually([&] { return key_state(broker.endpoint(), "f.txt").queued == 2; }, 20s));
+    a.kill_and_wait();
+    CHECK(rename.wait(20s) == 0);
+    CHECK(b.wait(20s) == 0);
+    if (writer) CHECK(slurp(m.in_root("f.txt")) == "from b\n");
+    else CHECK(read_file(out) == "new\n");
+  }
 }
