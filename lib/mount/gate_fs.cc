@@ -162,6 +162,9 @@ void GateFs::Impl::close_handle(FileHandle* h) {
 void GateFs::Impl::release_handle_lock(FileHandle* h, const std::shared_ptr<TrackedLock>& lock,
                                        const char* event) {
   if (!agent) return;
+  // Changed behind the kernel's cache of the file (see FileHandle::redirected):
+  // attributes only, which takes no lock the kernel may hold.
+  if (h->changed && h->redirected && se && h->ino) fuse_lowlevel_notify_inval_inode(se, h->ino, -1, 0);
   if (h->changed)
     record_made(h->key, lock->lock.fence, h->who, event ? event : h->created ? "create" : "write");
   agent->release_tracked(lock, h->changed);

@@ -7,6 +7,8 @@
 #include <stdio.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -179,6 +181,7 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   h->who = o.who;
   h->created = o.created;
   h->ino = o.created ? o.entry.ino : o.ino;
+  h->redirected = o.redirected;
   h->stale_reads = std::move(o.stale_reads);
   if (!held.empty()) h->version = held.front().version;
   const int access = o.f.flags & O_ACCMODE;
@@ -190,6 +193,22 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   held.clear();
   o.h = h;
   return 0;
+}
+
+int GateFs::Impl::file_now_named(Inode& in, const std::string& key) {
+  struct stat st {};
+  if (::fstat(in.fd, &st) != 0 || st.st_nlink != 0 || !S_ISREG(st.st_mode)) return -1;
+  // Still under the root, through no symlink: what the daemon opens never leaves it.
+  struct open_how how {};
+  how.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  const int fd = static_cast<int>(::syscall(SYS_openat2, inodes->root().fd, key.c_str(), &how, sizeof how));
+  if (fd < 0) return -2;
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return -2;
+  }
+  return fd;
 }
 
 void GateFs::Impl::reply_open(fuse_req_t req, Opening& o, int err, bool created) {
@@ -218,26 +237,34 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &in, o](std::vector<HeldLock>& held) {
                 int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
-                // While this open waited for its lock, a rename (a temp file saved
-                // over this one) or an unlink may have taken the name away: the file
-                // is gone, and what is read or written through it would be lost.
-                // ESTALE makes the kernel look the name up again and retry the open.
-                struct stat st {};
-                if (!held.empty() && ::fstat(in.fd, &st) == 0 && st.st_nlink == 0 &&
-                    S_ISREG(st.st_mode))
-                  return ESTALE;
+                const int replacement = held.empty() ? -1 : file_now_named(in, o->key);
+                if (replacement == -2) return ESTALE;
+                const int at = replacement >= 0 ? replacement : in.fd;
+                if (replacement >= 0) {
+                  // The kernel's inode (its size, its pages) is the old file's: I/O
+                  // goes straight to this handle, and the release drops what the
+                  // kernel caches of the file now there.
+                  o->f.direct_io = 1;
+                  struct stat now {};
+                  o->ino = ::fstat(replacement, &now) == 0 ? inodes->find(now.st_ino, now.st_dev) : 0;
+                  o->redirected = true;
+                }
+                int err = 0;
                 if ((flags & O_TRUNC) && !held.empty()) {
                   const std::uint64_t version = held.front().version;
-                  auto stale = stale_reads(o->who, o->key, version, in.fd, true);
+                  auto stale = stale_reads(o->who, o->key, version, at, true);
                   if (stale && opts.stale_writes == StaleWrites::Refuse) {
                     refuse_stale(o->who, o->key, version, *stale);
-                    return EBUSY;
+                    err = EBUSY;
+                  } else {
+                    // A stale one is merged at release, with what it replaces from here.
+                    if (stale) o->stale_reads = std::move(*stale);
+                    keep_before_change(o->key, version, at, stale.has_value());
                   }
-                  // A stale one is merged at release, with what it replaces from here.
-                  if (stale) o->stale_reads = std::move(*stale);
-                  keep_before_change(o->key, version, in.fd, stale.has_value());
                 }
-                return adopt(*o, ::open(proc_path(in.fd).c_str(), flags | O_CLOEXEC), held);
+                if (!err) err = adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
+                if (replacement >= 0) ::close(replacement);
+                return err;
               },
               [this, req, o](int err) { reply_open(req, *o, err, false); }},
              &o->who);

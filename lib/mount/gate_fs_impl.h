@@ -49,7 +49,12 @@ struct FileHandle {
   Caller who;                 // who opened it
   bool created = false;
   std::once_flag kept;        // the content before the first change is in the history
-  fuse_ino_t ino = 0;         // for cache invalidation only (may be forgotten by then)
+  // The kernel's id of the file, for cache invalidation only (it may be forgotten
+  // by then): of the file now at the name when redirected.
+  fuse_ino_t ino = 0;
+  // Opened on the file that took the name of the one the kernel asked for (see
+  // file_now_named()): what the kernel caches of that file is dropped at release.
+  bool redirected = false;
   // A stale replacement (--stale-writes merge): the agent's reads, merged at release.
   std::vector<std::uint64_t> stale_reads;
 };
@@ -231,11 +236,20 @@ struct GateFs::Impl {
     std::string key;
     Caller who;
     FileHandle* h = nullptr;
-    fuse_ino_t ino = 0;        // open only (create: entry.ino)
+    fuse_ino_t ino = 0;        // open only (create: entry.ino); see FileHandle::ino
+    bool redirected = false;   // see FileHandle::redirected
     std::vector<std::uint64_t> stale_reads;  // a stale replacement, merged at release
     bool created = false;      // create (a new name), not open
     fuse_entry_param entry{};  // create only
   };
+
+  // While an open waited for its lock, a rename (a temp file saved over the file)
+  // or an unlink may have taken the file's name: what is read from or written to
+  // the file the kernel named would then be lost. Answers -1 when the file still
+  // has a name; else a descriptor (O_PATH) of what is now at `key` (the name the
+  // lock is for), or -2 when nothing usable is there (the caller answers ESTALE, and
+  // the kernel looks the name up again).
+  int file_now_named(Inode& in, const std::string& key);
 
   // The act of open and create: the new handle takes over the lock (kept until
   // release). `fd` < 0: the open failed with errno.

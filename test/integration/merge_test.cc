@@ -154,7 +154,7 @@ TEST_CASE("merge: four agents read, think and write one file back with a line ad
   write_file(m.in_root("shared.txt"), "start\n");
   // read; think 25-75 ms; write back what was read plus one line.
   const std::string loop =
-      "i=0; while [ $i -lt 10 ]; do i=$((i+1)); c=$(cat \"$1\"); "
+      "i=0; while [ $i -lt 10 ]; do i=$((i+1)); c=$(cat \"$1\") || exit 1; "
       "sleep 0.0$(( (i * 7 + $2) % 5 + 2 ))5; "
       "if [ $(( (i + $2) % 2 )) = 0 ]; then printf '%s\\n%s\\n' \"$c\" \"$3 line $i\" > \"$1\"; "
       // Claude Code's way: a temp file renamed over it; when the rename fails (a
@@ -171,8 +171,9 @@ TEST_CASE("merge: four agents read, think and write one file back with a line ad
                                   logs.path() + "/" + name));
   }
   for (int a = 0; a < 4; ++a) {
+    const int status = agents[a].wait(120s);
     INFO("agent" << a << ": " << read_file(logs.path() + "/agent" + std::to_string(a)));
-    CHECK(agents[a].wait(120s) == 0);
+    CHECK(status == 0);
   }
   REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
   const auto lines = lines_of(slurp(f));
