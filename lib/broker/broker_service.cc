@@ -183,7 +183,7 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
 }
 
 void BrokerService::release(const std::string& body, Reply& reply) {
-  std::string lock_id, owner;
+  std::string lock_id, owner, stale;
   bool changed = false;
   unsigned char scratch[2048];
   json::monotonic_resource mr(scratch, sizeof scratch);
@@ -192,6 +192,10 @@ void BrokerService::release(const std::string& body, Reply& reply) {
   if (valid.ok()) valid = get_string(*obj, "lock_id", true, &lock_id);
   if (valid.ok()) valid = get_string(*obj, "owner", true, &owner);
   if (valid.ok()) valid = get_bool(*obj, "changed", &changed);
+  // What the mount did with a stale replacement made under this lock, for /metrics.
+  if (valid.ok()) valid = get_string(*obj, "stale", false, &stale);
+  if (valid.ok() && !stale.empty() && stale != "merged" && stale != "conflict" && stale != "refused")
+    valid = Status::failure("\"stale\" must be \"merged\", \"conflict\" or \"refused\"");
   if (!valid.ok()) {
     ++metrics_.bad_requests;
     answer(std::move(reply), error_answer(400, valid.message()));
@@ -200,6 +204,9 @@ void BrokerService::release(const std::string& body, Reply& reply) {
   switch (OpStatus status = table_.release(lock_id, owner, clock_(), changed)) {
     case OpStatus::Ok:
       ++metrics_.releases;
+      if (stale == "merged") ++metrics_.stale_merged;
+      else if (stale == "conflict") ++metrics_.stale_conflicts;
+      else if (stale == "refused") ++metrics_.stale_refused;
       answer(std::move(reply), status_answer(200, "released"));
       return;
     case OpStatus::Forbidden:
@@ -418,6 +425,12 @@ std::string BrokerService::metrics_text() const {
   counter("gate_queued_disconnects_total", "Queued requests whose client went away.",
           metrics_.disconnects_while_queued);
   counter("gate_store_failures_total", "Failed writes of the lock state.", metrics_.store_failures);
+  o << "# HELP gate_stale_replacements_total Saves over a file another agent changed since the "
+       "saver read it, by what the mount did: merged, installed as a conflict, or refused.\n"
+       "# TYPE gate_stale_replacements_total counter\n"
+    << "gate_stale_replacements_total{outcome=\"merged\"} " << metrics_.stale_merged << '\n'
+    << "gate_stale_replacements_total{outcome=\"conflict\"} " << metrics_.stale_conflicts << '\n'
+    << "gate_stale_replacements_total{outcome=\"refused\"} " << metrics_.stale_refused << '\n';
   o << "# HELP gate_acquire_wait_seconds Time from acquire to grant.\n"
        "# TYPE gate_acquire_wait_seconds histogram\n";
   for (std::size_t i = 0; i < BrokerMetrics::kWaitBuckets.size(); ++i)

@@ -34,6 +34,8 @@ struct BrokerMetrics {
   std::uint64_t grants = 0, grants_after_wait = 0, timeouts = 0, deadlocks = 0,
                 lease_expiries = 0, cap_expiries = 0, bad_requests = 0, requests = 0,
                 releases = 0, heartbeats = 0, disconnects_while_queued = 0, store_failures = 0;
+  // Stale replacements as the mounts reported them at release ("stale" in the body).
+  std::uint64_t stale_merged = 0, stale_conflicts = 0, stale_refused = 0;
   static constexpr std::array<double, 12> kWaitBuckets = {0.0005, 0.001, 0.005, 0.01, 0.05, 0.1,
                                                           0.5,    1,     5,     30,   300,  3600};
   std::array<std::uint64_t, kWaitBuckets.size()> wait_counts{};

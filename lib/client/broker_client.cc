@@ -347,11 +347,12 @@ CallResult BrokerClient::acquire(const AcquireRequest& req) {
 }
 
 CallResult BrokerClient::release(const std::string& lock_id, const std::string& owner,
-                                 bool changed) {
+                                 bool changed, const std::string& stale) {
   json::object o;
   o["lock_id"] = lock_id;
   o["owner"] = owner;
   if (changed) o["changed"] = true;
+  if (!stale.empty()) o["stale"] = stale;
   return to_result(request("POST", "/v1/locks/release", json::serialize(o)));
 }
 

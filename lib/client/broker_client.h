@@ -90,8 +90,10 @@ class BrokerClient {
   // a grant, a broker answer, a dropped connection or abort().
   CallResult acquire(const AcquireRequest& req);
   // `changed`: the holder changed the key's content (the broker then sets the key's
-  // version to this lock's fence).
-  CallResult release(const std::string& lock_id, const std::string& owner, bool changed = false);
+  // version to this lock's fence). `stale`: what the mount did with a stale
+  // replacement under this lock ("merged", "conflict", "refused"; counted in /metrics).
+  CallResult release(const std::string& lock_id, const std::string& owner, bool changed = false,
+                     const std::string& stale = "");
   CallResult heartbeat(const std::string& lock_id, const std::string& owner,
                        std::optional<std::int64_t> lease_ms = std::nullopt);
   // GET /v1/locks/status[?path=]; the JSON body on success.

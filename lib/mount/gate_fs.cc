@@ -167,7 +167,7 @@ void GateFs::Impl::release_handle_lock(FileHandle* h, const std::shared_ptr<Trac
   if (h->changed && h->redirected && se && h->ino) fuse_lowlevel_notify_inval_inode(se, h->ino, -1, 0);
   if (h->changed)
     record_made(h->key, lock->lock.fence, h->who, event ? event : h->created ? "create" : "write");
-  agent->release_tracked(lock, h->changed);
+  agent->release_tracked(lock, h->changed, stale_outcome(event));
 }
 
 bool GateFs::Impl::write_refused(FileHandle* h) {

@@ -255,6 +255,7 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                   auto stale = stale_reads(o->who, o->key, version, at, true);
                   if (stale && opts.stale_writes == StaleWrites::Refuse) {
                     refuse_stale(o->who, o->key, version, *stale);
+                    held.front().stale = "refused";
                     err = EBUSY;
                   } else {
                     // A stale one is merged at release, with what it replaces from here.

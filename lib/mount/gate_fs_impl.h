@@ -181,8 +181,11 @@ struct GateFs::Impl {
   // merging. Keeps the target's content in the history either way.
   int settle_stale_rename(const Caller& who, Inode& p, const std::string& nm, Inode& np,
                           const std::string& nn, const std::string& target,
-                          const std::vector<HeldLock>& held);
+                          std::vector<HeldLock>& held);
   std::string stale_summary() const;  // kStaleXattr's value
+  // What the broker counts (HeldLock::stale) for a recorded event: "merged" for
+  // "merge", "conflict" for "conflict", else "".
+  static const char* stale_outcome(const char* event);
 
   // ---- helpers ----------------------------------------------------------------
 

@@ -146,14 +146,18 @@ const char* GateFs::Impl::settle_handle(FileHandle* h, const std::shared_ptr<Tra
 
 int GateFs::Impl::settle_stale_rename(const Caller& who, Inode& p, const std::string& nm, Inode& np,
                                       const std::string& nn, const std::string& target,
-                                      const std::vector<HeldLock>& held) {
+                                      std::vector<HeldLock>& held) {
   const std::uint64_t version = version_in(held, target);
   int dst = ::openat(np.fd, nn.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC);
   if (dst < 0) return 0;  // nothing there to replace
   auto stale = stale_reads(who, target, version, dst, false);
+  HeldLock* mine = nullptr;
+  for (HeldLock& l : held)
+    if (l.key == target) mine = &l;
   if (stale && opts.stale_writes == StaleWrites::Refuse) {
     ::close(dst);
     refuse_stale(who, target, version, *stale);
+    if (mine) mine->stale = "refused";
     return EBUSY;
   }
   std::optional<std::string> theirs;
@@ -167,14 +171,19 @@ int GateFs::Impl::settle_stale_rename(const Caller& who, Inode& p, const std::st
   if (src < 0) return 0;  // the rename will say why
   struct stat st {};
   if (::fstat(src, &st) == 0 && S_ISREG(st.st_mode)) {
-    std::uint64_t made = 0;
-    for (const HeldLock& l : held)
-      if (l.key == target) made = l.fence;
-    merge_stale(who, target, version, std::move(theirs), *stale, made, src,
-                inodes->find(st.st_ino, st.st_dev));
+    const char* event = merge_stale(who, target, version, std::move(theirs), *stale,
+                                    mine ? mine->fence : 0, src, inodes->find(st.st_ino, st.st_dev));
+    if (mine) mine->stale = stale_outcome(event);
   }
   ::close(src);
   return 0;
+}
+
+const char* GateFs::Impl::stale_outcome(const char* event) {
+  if (!event) return "";
+  if (std::strcmp(event, "merge") == 0) return "merged";
+  if (std::strcmp(event, "conflict") == 0) return "conflict";
+  return "";
 }
 
 std::string GateFs::Impl::stale_summary() const {

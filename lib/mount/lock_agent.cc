@@ -451,7 +451,7 @@ void LockAgent::release(const std::vector<HeldLock>& locks) {
   auto client = take_client();
   // Reverse order of taking; the order does not matter to the broker but reads well.
   for (auto it = locks.rbegin(); it != locks.rend(); ++it) {
-    CallResult r = client->release(it->lock_id, it->owner, it->changed);
+    CallResult r = client->release(it->lock_id, it->owner, it->changed, it->stale);
     if (r.status == CallStatus::Ok) continue;
     if (r.status == CallStatus::Unavailable) {
       log(LogLevel::Warn, "mount", "could not release the lock on ", it->key, " (", it->lock_id,
@@ -475,7 +475,8 @@ std::shared_ptr<TrackedLock> LockAgent::track(HeldLock lock, pid_t pid) {
   return tracked;
 }
 
-bool LockAgent::release_tracked(const std::shared_ptr<TrackedLock>& tracked, bool changed) {
+bool LockAgent::release_tracked(const std::shared_ptr<TrackedLock>& tracked, bool changed,
+                                const std::string& stale) {
   {
     std::lock_guard guard(track_m_);
     // Out of tracked_: no more heartbeats, and stop() will not release it again.
@@ -484,6 +485,7 @@ bool LockAgent::release_tracked(const std::shared_ptr<TrackedLock>& tracked, boo
   }
   HeldLock lock = tracked->lock;
   lock.changed = changed;
+  lock.stale = stale;
   release(lock);
   {
     std::lock_guard guard(track_m_);

@@ -63,6 +63,7 @@ struct HeldLock {
   std::uint64_t fence = 0;
   std::uint64_t version = 0;  // the key's content version at the grant
   bool changed = false;       // the holder changed the content (said at release)
+  std::string stale;          // what a stale replacement under it got (said at release)
 };
 
 struct LockAgentOptions {
@@ -148,7 +149,9 @@ class LockAgent {
   // longer tracked (released already, e.g. by stop()). Until the broker has it
   // back, the lock still counts as this process's (see release_in_flight).
   // `changed`: the handle changed the file's content (a new version).
-  bool release_tracked(const std::shared_ptr<TrackedLock>& tracked, bool changed = false);
+  // `stale`: what a stale replacement through the handle got (HeldLock::stale).
+  bool release_tracked(const std::shared_ptr<TrackedLock>& tracked, bool changed = false,
+                       const std::string& stale = "");
 
   // The owner token to re-enter for a metadata call by `pid` on `key`: that of a
   // handle `pid` opened, or of any handle on `key` when `pid` holds the file open

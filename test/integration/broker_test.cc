@@ -1469,6 +1469,28 @@ TEST_CASE("GET /metrics reports held locks, queue length and counters", "[broker
   CHECK(after.body.find("\ngate_queue_length 0\n") != std::string::npos);
 }
 
+TEST_CASE("a release may say what a mount did with a stale replacement, which /metrics counts",
+          "[broker][http]") {
+  BrokerProcess broker;
+  const auto ep = broker.endpoint();
+  BrokerClient c(ep);
+  const std::string A = uid("A");
+  LockInfo l = must_acquire(c, acq("s", "write", A));
+  // Anything but merged, conflict or refused is refused, and the lock stays.
+  RawResponse bad = raw_request(ep.port, "POST", "/v1/locks/release",
+                                "{\"lock_id\":\"" + l.lock_id + "\",\"owner\":\"" + A +
+                                    "\",\"stale\":\"maybe\"}");
+  CHECK(bad.status == 400);
+  CHECK(bad.body.find("\\\"stale\\\" must be") != std::string::npos);
+  REQUIRE(c.release(l.lock_id, A, true, "merged").status == CallStatus::Ok);
+  l = must_acquire(c, acq("s", "write", A));
+  REQUIRE(c.release(l.lock_id, A, false, "refused").status == CallStatus::Ok);
+  const std::string t = c.request("GET", "/metrics", "").body;
+  CHECK(t.find("gate_stale_replacements_total{outcome=\"merged\"} 1\n") != std::string::npos);
+  CHECK(t.find("gate_stale_replacements_total{outcome=\"conflict\"} 0\n") != std::string::npos);
+  CHECK(t.find("gate_stale_replacements_total{outcome=\"refused\"} 1\n") != std::string::npos);
+}
+
 TEST_CASE("gate locks prints the held locks and the queue of a running broker", "[broker][cli]") {
   BrokerProcess broker;
   const auto ep = broker.endpoint();

@@ -34,6 +34,16 @@ std::string stale_xattr(const Mount& m) {
   return n < 0 ? "" : std::string(buf, static_cast<std::size_t>(n));
 }
 
+// The broker's count of stale replacements with `outcome`, from /metrics.
+std::string stale_metric(const gate::BrokerEndpoint& ep, const std::string& outcome) {
+  gate::BrokerClient c(ep);
+  const std::string body = c.request("GET", "/metrics", "").body;
+  const std::string name = "gate_stale_replacements_total{outcome=\"" + outcome + "\"} ";
+  const auto at = body.find(name);
+  if (at == std::string::npos) return "missing";
+  return body.substr(at + name.size(), body.find('\n', at) - at - name.size());
+}
+
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> out;
   std::string line;
@@ -85,6 +95,8 @@ TEST_CASE("merge: two agents each add a line to what they read: both lines are k
   REQUIRE(as("delta", kSave, f, "edited from the latest\n") == 0);
   CHECK(slurp(f) == "edited from the latest\n");
   CHECK(stale_xattr(m) == "merge refused=0 merged=3 conflicts=0");
+  CHECK(stale_metric(broker.endpoint(), "merged") == "3");  // the broker counts them too
+  CHECK(stale_metric(broker.endpoint(), "conflict") == "0");
 }
 
 TEST_CASE("merge: a real conflict installs the later writer's content and keeps the other side, "
@@ -102,6 +114,7 @@ TEST_CASE("merge: a real conflict installs the later writer's content and keeps 
   INFO("mount log:\n" << m.log());
   CHECK(slurp(f) == "port = 9090\n");
   CHECK(stale_xattr(m) == "merge refused=0 merged=0 conflicts=1");
+  CHECK(stale_metric(broker.endpoint(), "conflict") == "1");
   CHECK(m.log().find("was installed as written: both sides changed the same lines") != std::string::npos);
 
   std::string out;

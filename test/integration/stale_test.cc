@@ -98,6 +98,11 @@ TEST_CASE("refuse: Claude Code's save (temp file renamed over the file, then O_T
   CHECK(busy(r));                                     // and so was the fallback
   CHECK(slurp(m.in_root("app.py")) == "print(1)\nprint(2)\n");
   CHECK(stale_xattr(m) == "refuse refused=2 merged=0 conflicts=0");
+  {
+    gate::BrokerClient c(broker.endpoint());
+    CHECK(c.request("GET", "/metrics", "").body.find(
+              "gate_stale_replacements_total{outcome=\"refused\"} 2") != std::string::npos);
+  }
   // No temp file left behind by the refused rename (the agent removed it).
   CHECK(sh("ls -a '" + m.root() + "' | grep -c tmp", nullptr, 10s) != 0);
 
