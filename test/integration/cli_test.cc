@@ -182,6 +182,8 @@ TEST_CASE("gate up --local shows a locked view and gate down leaves nothing behi
   CHECK(status.status == 0);
   CHECK(status.output.find("ok   history of replaced versions in " + tmp.path() + "/state/gate/history/") !=
         std::string::npos);
+  CHECK(status.output.find("ok   stale replacements: merge (0 refused, 0 merged, 0 conflicts)") !=
+        std::string::npos);
 
   auto again = gate_cmd({"up", "--local", "--repo-path", repo});
   CHECK(again.status == 0);
@@ -252,6 +254,7 @@ TEST_CASE("gate locks finds the broker of the one running setup and asks which w
   start(two, "second", {"--no-history"});  // gate up passes the history flags on
   auto quiet = gate_cmd({"status", "--vm-name", "second"});
   CHECK(quiet.output.find("history of replaced versions: off") != std::string::npos);
+  CHECK(quiet.output.find("stale replacements: not checked (--stale-writes off)") != std::string::npos);
   auto several = gate_cmd({"locks"});
   CHECK(several.status == 1);
   CHECK(several.output.find("2 setups are running (first, second)") != std::string::npos);
