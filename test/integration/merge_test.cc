@@ -1,6 +1,7 @@
 // Stale replacements merged through a real mount (--stale-writes merge, the
 // default): real agent processes read a file, think, and write it back the ways
 // agents do; no line any of them added is lost, and real conflicts keep both sides.
+#include <sys/mount.h>
 #include <sys/xattr.h>
 
 #include <set>
@@ -201,4 +202,61 @@ TEST_CASE("merge: four agents read, think and write one file back with a line ad
   CHECK(lost.empty());
   CHECK(lines.size() == 41);  // and none twice
   CHECK(have.count("start") == 1);
+}
+
+TEST_CASE("merge: a file over --history-max-file is not merged: the agent's content is installed "
+          "and the conflict says why",
+          "[mount][merge]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint(), {"--history-max-file", "1K"});
+  const std::string f = m.at("big.txt");
+  const std::string body(2000, 'x');
+  write_file(m.in_root("big.txt"), body + "\n");
+  REQUIRE(as("alpha", kRead, f) == 0);
+  REQUIRE(as("beta", kRead, f) == 0);
+  REQUIRE(as("beta", kSave, f, "beta\n" + body + "\n") == 0);
+  REQUIRE(as("alpha", kSave, f, body + "\nalpha\n") == 0);
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  CHECK(slurp(f) == body + "\nalpha\n");
+  std::string out;
+  REQUIRE(sh(gate_binary() + " conflicts --json '" + f + "'", &out, 20s) == 0);
+  INFO(out << "\nmount log:\n" << m.log());
+  CHECK(out.find("over --history-max-file") != std::string::npos);
+}
+
+TEST_CASE("merge: a merge that does not fit on the disk leaves what the agent wrote, never a mix, "
+          "and keeps both sides",
+          "[mount][merge]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  // The file lives on a 16 KiB tmpfs inside the root, filled up but for its page.
+  const std::string small = m.in_root("small");
+  ::mkdir(small.c_str(), 0755);
+  REQUIRE(::mount("tmpfs", small.c_str(), "tmpfs", 0, "size=16k") == 0);
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{small};
+  const std::string base(4000, 'b');
+  write_file(small + "/f.txt", base + "\n");
+  sh("dd if=/dev/zero of='" + small + "/filler' bs=4096 count=16 2>/dev/null", nullptr, 20s);
+  const std::string f = m.at("small/f.txt");
+  const std::string theirs = std::string(59, 't') + "\n" + base + "\n";
+  const std::string mine = base + "\n" + std::string(59, 'm') + "\n";  // each fits its page
+  REQUIRE(as("alpha", kRead, f) == 0);
+  REQUIRE(as("beta", kRead, f) == 0);
+  REQUIRE(as("beta", kSave, f, theirs) == 0);
+  REQUIRE(as("alpha", kSave, f, mine) == 0);
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  INFO("mount log:\n" << m.log());
+  CHECK(slurp(small + "/f.txt") == mine);  // the merge (4,120 bytes) needed a second page
+  std::string out;
+  REQUIRE(sh(gate_binary() + " conflicts --json '" + f + "'", &out, 20s) == 0);
+  INFO(out);
+  CHECK(out.find("the merge could not be written: No space left on device") != std::string::npos);
+  auto c = json::parse(out).as_array();
+  REQUIRE(c.size() == 1);
+  const auto replaced = c[0].as_object().at("replaced_version").to_number<std::uint64_t>();
+  REQUIRE(sh(gate_binary() + " show '" + f + "@" + std::to_string(replaced) + "'", &out, 20s) == 0);
+  CHECK(out == theirs);
 }
