@@ -20,36 +20,12 @@ AGENTS=${AGENTS:-"2 4 8"}
 ROUNDS=${ROUNDS:-10}
 FILES=${FILES:-4}
 AB_ROUNDS=${BENCH_ROUNDS:-3}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/gate-agents-bench-XXXXXX")
-PIDS=()
-MOUNTS=()
-
-cleanup() {
-  for m in "${MOUNTS[@]}"; do
-    fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || true
-  done
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_for() {  # FILE: until it has a line, at most 20 s
-  for _ in $(seq 1 200); do
-    [ -s "$1" ] && return 0
-    sleep 0.1
-  done
-  echo "timed out waiting for $1" >&2
-  exit 1
-}
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 
 c++ -O2 -std=c++17 -o "$WORK/mount_bench" "$HERE/mount_bench.cc"
 
-mkdir -p "$WORK/state"
-"$GATE" broker --state-dir "$WORK/state" --port 0 --unix-socket "$WORK/broker.sock" \
-  --log-level warn --ready-fd 3 3>"$WORK/broker.port" 2>"$WORK/broker.log" &
-PIDS+=($!)
-wait_for "$WORK/broker.port"
+start_broker
 
 POLICIES=(off merge refuse)
 for p in "${POLICIES[@]}"; do

@@ -55,15 +55,18 @@ int files(const std::string& dir, int n, std::size_t bytes) {
   return 0;
 }
 
+// One save as editors and agents make it: O_TRUNC, write, close.
+bool save_file(const std::string& path, const std::string& data) {
+  int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
+  bool ok = fd >= 0 && ::write(fd, data.data(), data.size()) == static_cast<ssize_t>(data.size());
+  if (fd >= 0) ::close(fd);
+  if (!ok) std::perror(path.c_str());
+  return ok;
+}
+
 int rewrite(const std::string& dir, int n, std::size_t bytes) {
   auto save = [&](int i, char fill) {
-    std::string path = dir + "/r" + std::to_string(i);
-    std::string data(bytes, fill);
-    int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
-    bool ok = fd >= 0 && ::write(fd, data.data(), bytes) == static_cast<ssize_t>(bytes);
-    if (fd >= 0) ::close(fd);
-    if (!ok) std::perror(path.c_str());
-    return ok;
+    return save_file(dir + "/r" + std::to_string(i), std::string(bytes, fill));
   };
   for (int i = 0; i < n; ++i)
     if (!save(i, 'a')) return 1;
@@ -83,15 +86,10 @@ int rewrite(const std::string& dir, int n, std::size_t bytes) {
 // writes a content of its own (nothing for a store to deduplicate).
 int rewrite_ab(const std::string& dir_a, const std::string& dir_b, int n, std::size_t bytes) {
   auto save = [&](const std::string& dir, int i, int pass) {
-    std::string path = dir + "/r" + std::to_string(i);
     std::string data(bytes, static_cast<char>('a' + pass % 26));
     const std::string head = "pass " + std::to_string(pass) + " file " + std::to_string(i) + "\n";
     data.replace(0, std::min(head.size(), bytes), head, 0, std::min(head.size(), bytes));
-    int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
-    bool ok = fd >= 0 && ::write(fd, data.data(), bytes) == static_cast<ssize_t>(bytes);
-    if (fd >= 0) ::close(fd);
-    if (!ok) std::perror(path.c_str());
-    return ok;
+    return save_file(dir + "/r" + std::to_string(i), data);
   };
   for (int i = 0; i < n; ++i)
     if (!save(dir_a, i, 0) || !save(dir_b, i, 0)) return 1;

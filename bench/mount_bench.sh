@@ -21,39 +21,16 @@ BASE_GATE=${2:+$(realpath "$2")}
 ROUNDS=${BENCH_ROUNDS:-1}
 HERE=$(cd "$(dirname "$0")" && pwd)
 MB=${BENCH_MB:-1024}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/gate-bench-XXXXXX")
-PIDS=()
-MOUNTS=()
-
-cleanup() {
-  for m in "${MOUNTS[@]}"; do
-    fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || true
-  done
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_for() {  # FILE: until it has a line, at most 20 s
-  for _ in $(seq 1 200); do
-    [ -s "$1" ] && return 0
-    sleep 0.1
-  done
-  echo "timed out waiting for $1" >&2
-  exit 1
-}
+# shellcheck source=common.sh
+source "$HERE/common.sh"
 
 c++ -O2 -std=c++17 -o "$WORK/mount_bench" "$HERE/mount_bench.cc"
 B="$WORK/mount_bench"
 
-mkdir -p "$WORK/state" "$WORK/native" "$WORK/root-locked" "$WORK/mnt-locked" \
+mkdir -p "$WORK/native" "$WORK/root-locked" "$WORK/mnt-locked" \
   "$WORK/root-hist" "$WORK/mnt-hist" \
   "$WORK/root-plain" "$WORK/mnt-plain" "$WORK/root-base" "$WORK/mnt-base"
-"$GATE" broker --state-dir "$WORK/state" --port 0 --unix-socket "$WORK/broker.sock" \
-  --log-level warn --ready-fd 3 3>"$WORK/broker.port" 2>"$WORK/broker.log" &
-PIDS+=($!)
-wait_for "$WORK/broker.port"
+start_broker
 
 "$GATE" mount --foreground --root "$WORK/root-locked" --mount "$WORK/mnt-locked" \
   --broker-socket "$WORK/broker.sock" --log-level warn --no-history --ready-fd 3 \

@@ -6,34 +6,12 @@
 
 #include <set>
 
-#include "support/mount_fixture.h"
+#include "support/agent_saves.h"
 
 using namespace gate::test;
 namespace json = boost::json;
 
 namespace {
-
-// Runs `script` with `sh -c` as agent `agent`; $1 is `file`, $2 `text`. The exit
-// status, and the output in *out.
-int as(const std::string& agent, const std::string& script, const std::string& file,
-       const std::string& text = "", std::string* out = nullptr) {
-  TempDir tmp("gate-agent");
-  Child c = Child::spawn({"env", "GATE_AGENT=" + agent, "sh", "-c", script, "sh", file, text},
-                         tmp.path() + "/out");
-  const int status = c.wait(60s);
-  if (out) *out = read_file(tmp.path() + "/out");
-  return status;
-}
-
-const char* kRead = "cat \"$1\" >/dev/null";
-const char* kSave = "printf %s \"$2\" > \"$1\"";
-const char* kRenameSave = "printf %s \"$2\" > \"$1.tmp.$$\" && mv \"$1.tmp.$$\" \"$1\"";
-
-std::string stale_xattr(const Mount& m) {
-  char buf[256];
-  const ssize_t n = ::getxattr(m.mnt().c_str(), "user.gate.stale", buf, sizeof buf);
-  return n < 0 ? "" : std::string(buf, static_cast<std::size_t>(n));
-}
 
 // The broker's count of stale replacements with `outcome`, from /metrics.
 std::string stale_metric(const gate::BrokerEndpoint& ep, const std::string& outcome) {
@@ -64,11 +42,11 @@ TEST_CASE("merge: two agents each add a line to what they read: both lines are k
   Mount m(broker.endpoint());
   const std::string f = m.at("todo.md");
   write_file(m.in_root("todo.md"), "# todo\n- one\n");
-  REQUIRE(as("alpha", kRead, f) == 0);
-  REQUIRE(as("beta", kRead, f) == 0);
-  REQUIRE(as("beta", kSave, f, "# todo\n- one\n- beta\n") == 0);
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("beta", kRead, f) == 0);
+  REQUIRE(as_status("beta", kSave, f, "# todo\n- one\n- beta\n") == 0);
   // alpha writes what it built from its read: beta's line is not in it.
-  REQUIRE(as("alpha", kSave, f, "# todo\n- one\n- alpha\n") == 0);
+  REQUIRE(as_status("alpha", kSave, f, "# todo\n- one\n- alpha\n") == 0);
   REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
   INFO("mount log:\n" << m.log());
   CHECK(slurp(m.in_root("todo.md")) == "# todo\n- one\n- beta\n- alpha\n");
@@ -76,24 +54,24 @@ TEST_CASE("merge: two agents each add a line to what they read: both lines are k
   CHECK(stale_xattr(m) == "merge refused=0 merged=1 conflicts=0");
 
   // By a temp file renamed over it, the same (Claude Code's way of saving).
-  REQUIRE(as("gamma", kRead, f) == 0);
-  REQUIRE(as("alpha", kRead, f) == 0);
-  REQUIRE(as("alpha", kSave, f, "# todo\n- one\n- beta\n- alpha\n- alpha 2\n") == 0);
-  REQUIRE(as("gamma", kRenameSave, f, "# todo\n- one\n- beta\n- alpha\n- gamma\n") == 0);
+  REQUIRE(as_status("gamma", kRead, f) == 0);
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("alpha", kSave, f, "# todo\n- one\n- beta\n- alpha\n- alpha 2\n") == 0);
+  REQUIRE(as_status("gamma", kRenameSave, f, "# todo\n- one\n- beta\n- alpha\n- gamma\n") == 0);
   CHECK(slurp(f) == "# todo\n- one\n- beta\n- alpha\n- alpha 2\n- gamma\n");
   CHECK(stale_xattr(m) == "merge refused=0 merged=2 conflicts=0");
 
   // Changes in different places of a file merge too; an edit made after a fresh
   // read is the agent's own content, untouched.
-  REQUIRE(as("beta", kRead, f) == 0);
-  REQUIRE(as("gamma", kRead, f) == 0);
-  REQUIRE(as("gamma", kSave, f, "# TODO\n- one\n- beta\n- alpha\n- alpha 2\n- gamma\n") == 0);
-  REQUIRE(as("beta", kRead, f) == 0);  // re-read, as edit tools do, and a blind write anyway
-  REQUIRE(as("beta", kSave, f, "# todo\n- one\n- beta\n- alpha\n- alpha 2\n- gamma!\n") == 0);
+  REQUIRE(as_status("beta", kRead, f) == 0);
+  REQUIRE(as_status("gamma", kRead, f) == 0);
+  REQUIRE(as_status("gamma", kSave, f, "# TODO\n- one\n- beta\n- alpha\n- alpha 2\n- gamma\n") == 0);
+  REQUIRE(as_status("beta", kRead, f) == 0);  // re-read, as edit tools do, and a blind write anyway
+  REQUIRE(as_status("beta", kSave, f, "# todo\n- one\n- beta\n- alpha\n- alpha 2\n- gamma!\n") == 0);
   CHECK(slurp(f) == "# TODO\n- one\n- beta\n- alpha\n- alpha 2\n- gamma!\n");
-  REQUIRE(as("delta", kRead, f) == 0);
-  REQUIRE(as("delta", kRead, f) == 0);
-  REQUIRE(as("delta", kSave, f, "edited from the latest\n") == 0);
+  REQUIRE(as_status("delta", kRead, f) == 0);
+  REQUIRE(as_status("delta", kRead, f) == 0);
+  REQUIRE(as_status("delta", kSave, f, "edited from the latest\n") == 0);
   CHECK(slurp(f) == "edited from the latest\n");
   CHECK(stale_xattr(m) == "merge refused=0 merged=3 conflicts=0");
   CHECK(stale_metric(broker.endpoint(), "merged") == "3");  // the broker counts them too
@@ -107,10 +85,10 @@ TEST_CASE("merge: a real conflict installs the later writer's content and keeps 
   Mount m(broker.endpoint());
   const std::string f = m.at("cfg.ini");
   write_file(m.in_root("cfg.ini"), "port = 80\n");
-  REQUIRE(as("alpha", kRead, f) == 0);
-  REQUIRE(as("beta", kRead, f) == 0);
-  REQUIRE(as("beta", kSave, f, "port = 8080\n") == 0);
-  REQUIRE(as("alpha", kSave, f, "port = 9090\n") == 0);
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("beta", kRead, f) == 0);
+  REQUIRE(as_status("beta", kSave, f, "port = 8080\n") == 0);
+  REQUIRE(as_status("alpha", kSave, f, "port = 9090\n") == 0);
   REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
   INFO("mount log:\n" << m.log());
   CHECK(slurp(f) == "port = 9090\n");
@@ -146,10 +124,10 @@ TEST_CASE("merge: binary content is not merged, and both sides stay", "[mount][m
   Mount m(broker.endpoint());
   const std::string f = m.at("blob.bin");
   write_file(m.in_root("blob.bin"), std::string("\0\1\2base\n", 8));
-  REQUIRE(as("alpha", kRead, f) == 0);
-  REQUIRE(as("beta", kRead, f) == 0);
-  REQUIRE(as("beta", "printf '\\000beta\\n' > \"$1\"", f) == 0);
-  REQUIRE(as("alpha", "printf '\\000alpha\\n' > \"$1\"", f) == 0);
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("beta", kRead, f) == 0);
+  REQUIRE(as_status("beta", "printf '\\000beta\\n' > \"$1\"", f) == 0);
+  REQUIRE(as_status("alpha", "printf '\\000alpha\\n' > \"$1\"", f) == 0);
   REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
   CHECK(slurp(f) == std::string("\0alpha\n", 7));
   CHECK(stale_xattr(m) == "merge refused=0 merged=0 conflicts=1");
@@ -212,10 +190,10 @@ TEST_CASE("merge: a file over --history-max-file is not merged: the agent's cont
   const std::string f = m.at("big.txt");
   const std::string body(2000, 'x');
   write_file(m.in_root("big.txt"), body + "\n");
-  REQUIRE(as("alpha", kRead, f) == 0);
-  REQUIRE(as("beta", kRead, f) == 0);
-  REQUIRE(as("beta", kSave, f, "beta\n" + body + "\n") == 0);
-  REQUIRE(as("alpha", kSave, f, body + "\nalpha\n") == 0);
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("beta", kRead, f) == 0);
+  REQUIRE(as_status("beta", kSave, f, "beta\n" + body + "\n") == 0);
+  REQUIRE(as_status("alpha", kSave, f, body + "\nalpha\n") == 0);
   REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
   CHECK(slurp(f) == body + "\nalpha\n");
   std::string out;
@@ -243,10 +221,10 @@ TEST_CASE("merge: a merge that does not fit on the disk leaves what the agent wr
   const std::string f = m.at("small/f.txt");
   const std::string theirs = std::string(59, 't') + "\n" + base + "\n";
   const std::string mine = base + "\n" + std::string(59, 'm') + "\n";  // each fits its page
-  REQUIRE(as("alpha", kRead, f) == 0);
-  REQUIRE(as("beta", kRead, f) == 0);
-  REQUIRE(as("beta", kSave, f, theirs) == 0);
-  REQUIRE(as("alpha", kSave, f, mine) == 0);
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("beta", kRead, f) == 0);
+  REQUIRE(as_status("beta", kSave, f, theirs) == 0);
+  REQUIRE(as_status("alpha", kSave, f, mine) == 0);
   REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
   INFO("mount log:\n" << m.log());
   CHECK(slurp(small + "/f.txt") == mine);  // the merge (4,120 bytes) needed a second page

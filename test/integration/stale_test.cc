@@ -2,47 +2,19 @@
 // processes with their own GATE_AGENT read and save one file the ways agents do,
 // and `--stale-writes refuse` refuses exactly the saves that would undo another
 // agent's change.
-#include <sys/xattr.h>
-
-#include "support/mount_fixture.h"
+#include "support/agent_saves.h"
 
 using namespace gate::test;
 
 namespace {
 
-struct Run {
-  int status = -1;
-  std::string out;
-};
-
-// Runs `script` with `sh -c` as agent `agent`; $1 is `file`, $2 `text`.
-Run as(const std::string& agent, const std::string& script, const std::string& file,
-       const std::string& text = "") {
-  TempDir tmp("gate-agent");
-  Run r;
-  Child c = Child::spawn({"env", "GATE_AGENT=" + agent, "sh", "-c", script, "sh", file, text},
-                         tmp.path() + "/out");
-  r.status = c.wait(30s);
-  r.out = read_file(tmp.path() + "/out");
-  return r;
-}
-
-const char* kRead = "cat \"$1\" >/dev/null";
-const char* kSave = "printf %s \"$2\" > \"$1\"";                                   // O_TRUNC
-const char* kRenameSave = "printf %s \"$2\" > \"$1.tmp.$$\" && mv \"$1.tmp.$$\" \"$1\"";
 // Claude Code's save: a temp file renamed over the file; when the rename fails,
 // the file written directly.
 const char* kClaudeSave =
     "printf %s \"$2\" > \"$1.tmp.$$\"; if mv \"$1.tmp.$$\" \"$1\"; then exit 0; fi; "
     "rm -f \"$1.tmp.$$\"; echo fallback; printf %s \"$2\" > \"$1\"";
 
-bool busy(const Run& r) { return r.status != 0 && r.out.find("busy") != std::string::npos; }
-
-std::string stale_xattr(const Mount& m) {
-  char buf[256];
-  const ssize_t n = ::getxattr(m.mnt().c_str(), "user.gate.stale", buf, sizeof buf);
-  return n < 0 ? "" : std::string(buf, static_cast<std::size_t>(n));
-}
+bool busy(const AgentRun& r) { return r.status != 0 && r.out.find("busy") != std::string::npos; }
 
 }  // namespace
 
@@ -59,7 +31,7 @@ TEST_CASE("refuse: a save over a file another agent changed since this one read 
   REQUIRE(as("beta", kSave, f, "one\nbeta\n").status == 0);  // beta read the latest
 
   // alpha builds on "one\n" only: beta's line would be lost.
-  Run stale = as("alpha", kSave, f, "one\nalpha\n");
+  AgentRun stale = as("alpha", kSave, f, "one\nalpha\n");
   INFO(stale.out << "\nmount log:\n" << m.log());
   CHECK(busy(stale));
   CHECK(slurp(m.in_root("notes.txt")) == "one\nbeta\n");
@@ -92,7 +64,7 @@ TEST_CASE("refuse: Claude Code's save (temp file renamed over the file, then O_T
   REQUIRE(as("codex", kRead, f).status == 0);
   REQUIRE(as("codex", kSave, f, "print(1)\nprint(2)\n").status == 0);
 
-  Run r = as("claude", kClaudeSave, f, "print(1)\nprint(3)\n");
+  AgentRun r = as("claude", kClaudeSave, f, "print(1)\nprint(3)\n");
   INFO(r.out << "\nmount log:\n" << m.log());
   CHECK(r.out.find("fallback") != std::string::npos);  // the rename was refused
   CHECK(busy(r));                                     // and so was the fallback
@@ -108,7 +80,7 @@ TEST_CASE("refuse: Claude Code's save (temp file renamed over the file, then O_T
 
   // After a re-read, the same save goes through (by the rename).
   REQUIRE(as("claude", kRead, f).status == 0);
-  Run ok = as("claude", kClaudeSave, f, "print(1)\nprint(2)\nprint(3)\n");
+  AgentRun ok = as("claude", kClaudeSave, f, "print(1)\nprint(2)\nprint(3)\n");
   CHECK(ok.status == 0);
   CHECK(ok.out.find("fallback") == std::string::npos);
   CHECK(slurp(m.in_root("app.py")) == "print(1)\nprint(2)\nprint(3)\n");
@@ -152,7 +124,7 @@ TEST_CASE("refuse: a file deleted and made again since the agent read it is stal
   write_file(m.in_root("cfg.toml"), "a = 1\n");
   REQUIRE(as("alpha", kRead, f).status == 0);
   REQUIRE(as("beta", "rm \"$1\" && printf 'b = 2\\n' > \"$1\"", f).status == 0);
-  Run r = as("alpha", kSave, f, "a = 1\nc = 3\n");
+  AgentRun r = as("alpha", kSave, f, "a = 1\nc = 3\n");
   INFO(r.out << "\nmount log:\n" << m.log());
   CHECK(busy(r));
   CHECK(slurp(m.in_root("cfg.toml")) == "b = 2\n");

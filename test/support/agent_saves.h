@@ -1,0 +1,46 @@
+#pragma once
+// Agents' reads and saves through a real mount, as real processes with their own
+// GATE_AGENT do them (see agents-io.md): for the stale replacement tests.
+#include <sys/xattr.h>
+
+#include <string>
+
+#include "support/mount_fixture.h"
+
+namespace gate::test {
+
+struct AgentRun {
+  int status = -1;
+  std::string out;  // stdout and stderr
+};
+
+// Runs `script` with `sh -c` as agent `agent`; $1 is `file`, $2 `text`.
+inline AgentRun as(const std::string& agent, const std::string& script, const std::string& file,
+                   const std::string& text = "") {
+  TempDir tmp("gate-agent");
+  AgentRun r;
+  Child c = Child::spawn({"env", "GATE_AGENT=" + agent, "sh", "-c", script, "sh", file, text},
+                         tmp.path() + "/out");
+  r.status = c.wait(60s);
+  r.out = read_file(tmp.path() + "/out");
+  return r;
+}
+
+// The same, for its exit status only.
+inline int as_status(const std::string& agent, const std::string& script, const std::string& file,
+                     const std::string& text = "") {
+  return as(agent, script, file, text).status;
+}
+
+inline const char* kRead = "cat \"$1\" >/dev/null";
+inline const char* kSave = "printf %s \"$2\" > \"$1\"";  // O_TRUNC in place
+inline const char* kRenameSave = "printf %s \"$2\" > \"$1.tmp.$$\" && mv \"$1.tmp.$$\" \"$1\"";
+
+// What the view says of its stale replacements (user.gate.stale on its root).
+inline std::string stale_xattr(const Mount& m) {
+  char buf[256];
+  const ssize_t n = ::getxattr(m.mnt().c_str(), "user.gate.stale", buf, sizeof buf);
+  return n < 0 ? "" : std::string(buf, static_cast<std::size_t>(n));
+}
+
+}  // namespace gate::test
