@@ -95,7 +95,7 @@ if [ -n "${DIR[hist]:-}" ] && [ -n "${DIR[locked]:-}" ]; then
   for round in $(seq 1 "$ROUNDS"); do
     rm -rf "${DIR[locked]}/ab" "${DIR[hist]}/ab"
     mkdir -p "${DIR[locked]}/ab" "${DIR[hist]}/ab"
-    "$B" rewrite-ab "${DIR[locked]}/ab" "${DIR[hist]}/ab" 1000 4096
+    "$B" rewrite-ab "${DIR[locked]}/ab" "${DIR[hist]}/ab" 1000 4096 | sed "s#$WORK/##g"
   done
   rm -rf "${DIR[locked]}/ab" "${DIR[hist]}/ab"
 fi
