@@ -4,6 +4,7 @@
 #include <git2.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -130,6 +131,10 @@ void HistoryStore::flush() {
 }
 
 void HistoryStore::writer_main() {
+  // Below the threads that answer the kernel: on a busy machine the index waits a
+  // little (the queue is bounded), the saves do not.
+  if (::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), 10) != 0)
+    log(LogLevel::Debug, "mount", "history: could not lower the writer's priority: ", std::strerror(errno));
   std::unique_lock lock(q_m_);
   for (;;) {
     // Batches: wait a little for more, unless someone waits for the write.
