@@ -18,7 +18,8 @@
 //   store that cannot be written (full disk, unreadable, corrupt) never makes a
 //   file operation fail.
 // - Index writes are queued and written in batches, one transaction each, by a
-//   writer thread (start()), so a save waits for no SQLite commit; flush() waits
+//   writer thread (start(); it runs at nice 10, below the threads that answer the
+//   kernel), so a save waits for no SQLite commit; flush() waits
 //   until everything queued so far is written, and every read flushes first.
 //   Before start() (and in tests) each call writes at once. Memory is bounded:
 //   past 32 MiB of queued contents a keep() waits for the writer.

@@ -238,3 +238,19 @@ TEST_CASE("merge: a merge that does not fit on the disk leaves what the agent wr
   REQUIRE(sh(gate_binary() + " show '" + f + "@" + std::to_string(replaced) + "'", &out, 20s) == 0);
   CHECK(out == theirs);
 }
+
+TEST_CASE("merge: a file deleted and made again since the agent read it is merged with the new one",
+          "[mount][merge]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  const std::string f = m.at("notes.md");
+  write_file(m.in_root("notes.md"), "a\nb\nc\n");
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  // beta removes the file and writes it anew, with a line at the top.
+  REQUIRE(as_status("beta", "rm \"$1\" && printf 'top\\na\\nb\\nc\\n' > \"$1\"", f) == 0);
+  REQUIRE(as_status("alpha", kSave, f, "a\nb\nc\nend\n") == 0);
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  INFO("mount log:\n" << m.log());
+  CHECK(slurp(f) == "top\na\nb\nc\nend\n");
+  CHECK(stale_xattr(m) == "merge refused=0 merged=1 conflicts=0");
+}
