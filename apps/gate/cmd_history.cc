@@ -1,6 +1,5 @@
 // gate history, gate show: the versions a mount kept of a file, and their content.
 #include <fcntl.h>
-#include <git2.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -100,27 +99,7 @@ std::optional<std::string> content_of(const std::vector<mount::HistoryEntry>& v,
   return std::nullopt;
 }
 
-// Lines added and removed from `before` to `after` (libgit2's diff); nullopt for
-// binary content.
-std::optional<std::pair<std::size_t, std::size_t>> line_stats(const std::string& before,
-                                                              const std::string& after) {
-  if (mount::looks_binary(before) || mount::looks_binary(after)) return std::nullopt;
-  git_patch* patch = nullptr;
-  if (git_patch_from_buffers(&patch, before.data(), before.size(), nullptr, after.data(),
-                             after.size(), nullptr, nullptr) != 0)
-    return std::nullopt;
-  std::size_t context = 0, added = 0, removed = 0;
-  git_patch_line_stats(&context, &added, &removed, patch);
-  git_patch_free(patch);
-  return std::make_pair(added, removed);
-}
-
 std::string when(Micros t) { return t ? format_iso8601(t).substr(0, 19) + "Z" : "-"; }
-
-struct GitLibrary {
-  GitLibrary() { git_libgit2_init(); }
-  ~GitLibrary() { git_libgit2_shutdown(); }
-};
 
 void add_history_dir_option(po::options_description& desc) {
   desc.add_options()("history-dir", po::value<std::string>(),
@@ -144,7 +123,6 @@ int history(int argc, char** argv) {
                          &code, &pos);
   if (!args) return code;
   if (!args->count("path")) return cli::fail(argv[0], "which file? gate history PATH"), 2;
-  GitLibrary git;
   auto target = locate((*args)["path"].as<std::string>(), *args);
   if (!target.ok()) return cli::fail(argv[0], target.message());
   if (target->key.empty())
@@ -164,7 +142,7 @@ int history(int argc, char** argv) {
     const auto& e = (*versions)[i];
     auto content = content_of(*versions, i, **store, *target);
     std::optional<std::pair<std::size_t, std::size_t>> stats;
-    if (content && previous) stats = line_stats(*previous, *content);
+    if (content && previous) stats = mount::line_stats(*previous, *content);
     const std::int64_t size = content ? static_cast<std::int64_t>(content->size()) : e.size;
     json::object o;
     o["version"] = e.version;
@@ -301,16 +279,11 @@ int write_back(const char* me, const Picked& p) {
   const std::string& file = p.target.file;
   int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return cli::fail(me, "cannot open " + file + ": " + std::strerror(errno));
-  for (std::size_t done = 0; done < p.content.size();) {
-    ssize_t n = ::write(fd, p.content.data() + done, p.content.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = errno;
-      ::close(fd);
-      return cli::fail(me, "writing " + file + " failed: " + std::strerror(err) +
-                               " (what it replaced is in the history: gate history " + p.path + ")");
-    }
-    done += static_cast<std::size_t>(n);
+  if (!write_all_at(fd, p.content)) {
+    const int err = errno;
+    ::close(fd);
+    return cli::fail(me, "writing " + file + " failed: " + std::strerror(err) +
+                             " (what it replaced is in the history: gate history " + p.path + ")");
   }
   if (::close(fd) != 0) return cli::fail(me, "closing " + file + " failed: " + std::strerror(errno));
   std::cout << "restored " << p.target.key << " to the content of version " << p.version << " ("

@@ -236,7 +236,7 @@ int mount(int argc, char** argv) {
     return cli::fail(me, "--stale-writes needs locking (versions come from the broker)"), 2;
   options.stale_writes = stale_writes;
 
-  if (locking && !(*args)["no-history"].as<bool>()) {
+  if (history_on) {
     auto max_file = parse_size((*args)["history-max-file"].as<std::string>());
     auto max_bytes = parse_size((*args)["history-max-bytes"].as<std::string>());
     if (!max_file || !max_bytes)

@@ -25,4 +25,16 @@ std::optional<std::string> read_file(const std::string& path, std::size_t limit)
   return out;
 }
 
+bool write_all_at(int fd, std::string_view data, off_t offset) {
+  for (std::size_t done = 0; done < data.size();) {
+    ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done,
+                         offset + static_cast<off_t>(done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return false;
+    if (n == 0) return errno = EIO, false;
+    done += static_cast<std::size_t>(n);
+  }
+  return true;
+}
+
 }  // namespace gate

@@ -195,8 +195,8 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   return 0;
 }
 
-int GateFs::Impl::file_now_named(Inode& in, const std::string& key) {
-  struct stat st {};
+int GateFs::Impl::file_now_named(Inode& in, const std::string& key, struct stat* now) {
+  struct stat& st = *now;
   if (::fstat(in.fd, &st) != 0 || st.st_nlink != 0 || !S_ISREG(st.st_mode)) return -1;
   // Still under the root, through no symlink: what the daemon opens never leaves it.
   struct open_how how {};
@@ -237,7 +237,8 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &in, o](std::vector<HeldLock>& held) {
                 int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
-                const int replacement = held.empty() ? -1 : file_now_named(in, o->key);
+                struct stat now {};
+                const int replacement = held.empty() ? -1 : file_now_named(in, o->key, &now);
                 if (replacement == -2) return ESTALE;
                 const int at = replacement >= 0 ? replacement : in.fd;
                 if (replacement >= 0) {
@@ -245,8 +246,7 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                   // goes straight to this handle, and the release drops what the
                   // kernel caches of the file now there.
                   o->f.direct_io = 1;
-                  struct stat now {};
-                  o->ino = ::fstat(replacement, &now) == 0 ? inodes->find(now.st_ino, now.st_dev) : 0;
+                  o->ino = inodes->find(now.st_ino, now.st_dev);
                   o->redirected = true;
                 }
                 int err = 0;

@@ -251,8 +251,8 @@ struct GateFs::Impl {
   // the file the kernel named would then be lost. Answers -1 when the file still
   // has a name; else a descriptor (O_PATH) of what is now at `key` (the name the
   // lock is for), or -2 when nothing usable is there (the caller answers ESTALE, and
-  // the kernel looks the name up again).
-  int file_now_named(Inode& in, const std::string& key);
+  // the kernel looks the name up again). *now: the stat of the file returned.
+  int file_now_named(Inode& in, const std::string& key, struct stat* now);
 
   // The act of open and create: the new handle takes over the lock (kept until
   // release). `fd` < 0: the open failed with errno.

@@ -18,15 +18,9 @@ namespace gate::mount {
 
 namespace {
 
-// Writes all of `data` at offset 0 of `fd` and cuts the file there.
-bool write_all(int fd, const std::string& data) {
-  for (std::size_t done = 0; done < data.size();) {
-    ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done, static_cast<off_t>(done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;
-    done += static_cast<std::size_t>(n);
-  }
-  return ::ftruncate(fd, static_cast<off_t>(data.size())) == 0;
+// Makes `data` the whole content of `fd`.
+bool replace_content(int fd, const std::string& data) {
+  return write_all_at(fd, data) && ::ftruncate(fd, static_cast<off_t>(data.size())) == 0;
 }
 
 }  // namespace
@@ -84,7 +78,7 @@ const char* GateFs::Impl::merge_stale(const Caller& who, const std::string& key,
       auto c = v == theirs_version ? theirs : history->content_of(key, v);
       if (!c) continue;
       const std::size_t d = changed_lines(*c, *mine);
-      if (d < best) {
+      if (!base || d < best) {  // any kept read beats none (binary: no line count)
         best = d;
         base = std::move(c);
         rec.base = v;
@@ -106,9 +100,9 @@ const char* GateFs::Impl::merge_stale(const Caller& who, const std::string& key,
   }
   if (why.empty() && m.text != *mine) {
     int out = ::open(proc_path(mine_fd).c_str(), O_WRONLY | O_CLOEXEC);
-    const bool written = out >= 0 && write_all(out, m.text);
+    const bool written = out >= 0 && replace_content(out, m.text);
     const int err = errno;
-    if (!written && out >= 0 && !write_all(out, *mine))
+    if (!written && out >= 0 && !replace_content(out, *mine))
       log(LogLevel::Error, "mount", "could not put back what ", who.agent, " wrote to ", key,
           " after a failed merge; it is in the history (gate conflicts ", key, ")");
     if (out >= 0) ::close(out);

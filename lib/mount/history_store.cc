@@ -49,7 +49,7 @@ bool copy_content(int in, int out) {
     break;
   }
   // Where copy_file_range cannot (some file systems, across devices): plain copies.
-  if (::ftruncate(out, 0) != 0 || ::lseek(out, 0, SEEK_SET) != 0) return false;
+  if (::ftruncate(out, 0) != 0) return false;
   char buf[65536];
   for (off_t off = 0;;) {
     ssize_t n = ::pread(in, buf, sizeof buf, off);
@@ -58,14 +58,7 @@ bool copy_content(int in, int out) {
       if (errno == EINTR) continue;
       return false;
     }
-    for (ssize_t done = 0; done < n;) {
-      ssize_t w = ::write(out, buf + done, static_cast<std::size_t>(n - done));
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        return false;
-      }
-      done += w;
-    }
+    if (!write_all_at(out, std::string_view(buf, static_cast<std::size_t>(n)), off)) return false;
     off += n;
   }
 }
@@ -529,7 +522,8 @@ Result<std::string> HistoryStore::keep_data(const std::string& data, Micros now)
 }
 
 Status HistoryStore::record_stale(const StaleSave& s) {
-  flush();  // after the versions it names
+  // No flush: readers of stale_saves (and of the versions it names) flush first,
+  // and this runs while the saving agent's lock is still held.
   try {
     std::lock_guard guard(m_);
     SQLite::Statement q(*db_,

@@ -2,6 +2,7 @@
 
 #include <git2.h>
 
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -13,10 +14,14 @@ namespace {
 // Conflict markers this long are as good as never in a file.
 constexpr unsigned short kMarker = 31;
 
-struct Libgit2 {
-  Libgit2() { git_libgit2_init(); }
-  ~Libgit2() { git_libgit2_shutdown(); }
-};
+// libgit2 set up once for this file's functions (its init is counted).
+void use_libgit2() {
+  struct Libgit2 {
+    Libgit2() { git_libgit2_init(); }
+    ~Libgit2() { git_libgit2_shutdown(); }
+  };
+  static Libgit2 lib;
+}
 
 git_merge_file_input input(const std::string& s) {
   git_merge_file_input in;
@@ -82,7 +87,7 @@ bool looks_binary(const std::string& content) {
 }
 
 MergeResult merge3(const std::string& base, const std::string& theirs, const std::string& mine) {
-  static Libgit2 lib;
+  use_libgit2();
   MergeResult r;
   if (looks_binary(base) || looks_binary(theirs) || looks_binary(mine)) {
     r.kind = MergeResult::Kind::Binary;
@@ -115,18 +120,26 @@ MergeResult merge3(const std::string& base, const std::string& theirs, const std
   return r;
 }
 
-std::size_t changed_lines(const std::string& a, const std::string& b) {
-  static Libgit2 lib;
+std::optional<std::pair<std::size_t, std::size_t>> line_stats(const std::string& before,
+                                                              const std::string& after) {
+  if (looks_binary(before) || looks_binary(after)) return std::nullopt;
+  use_libgit2();
   git_diff_options opts;
   git_diff_options_init(&opts, GIT_DIFF_OPTIONS_VERSION);
-  opts.context_lines = 0;
+  opts.context_lines = 0;  // counted lines are the same; less to build
   git_patch* patch = nullptr;
-  if (git_patch_from_buffers(&patch, a.data(), a.size(), nullptr, b.data(), b.size(), nullptr, &opts) != 0)
-    return static_cast<std::size_t>(-1);
-  std::size_t adds = 0, dels = 0;
-  git_patch_line_stats(nullptr, &adds, &dels, patch);
+  if (git_patch_from_buffers(&patch, before.data(), before.size(), nullptr, after.data(),
+                             after.size(), nullptr, &opts) != 0)
+    return std::nullopt;
+  std::size_t added = 0, removed = 0;
+  git_patch_line_stats(nullptr, &added, &removed, patch);
   git_patch_free(patch);
-  return adds + dels;
+  return std::make_pair(added, removed);
+}
+
+std::size_t changed_lines(const std::string& a, const std::string& b) {
+  const auto stats = line_stats(a, b);
+  return stats ? stats->first + stats->second : SIZE_MAX;
 }
 
 }  // namespace gate::mount

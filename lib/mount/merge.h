@@ -12,7 +12,9 @@
 // - Binary content (a NUL byte in the first 8,000 bytes of any side, git's test)
 //   is never merged.
 #include <cstddef>
+#include <optional>
 #include <string>
+#include <utility>
 
 namespace gate::mount {
 
@@ -25,7 +27,13 @@ struct MergeResult {
 
 MergeResult merge3(const std::string& base, const std::string& theirs, const std::string& mine);
 
-// Lines added plus lines removed from `a` to `b` (how far apart two contents are).
+// Lines added and removed from `before` to `after` (libgit2's diff); nullopt for
+// binary content, or when libgit2 cannot diff.
+std::optional<std::pair<std::size_t, std::size_t>> line_stats(const std::string& before,
+                                                              const std::string& after);
+
+// Lines added plus lines removed from `a` to `b` (how far apart two contents are);
+// SIZE_MAX when line_stats() has no answer.
 std::size_t changed_lines(const std::string& a, const std::string& b);
 
 bool looks_binary(const std::string& content);
