@@ -25,6 +25,11 @@ std::optional<std::string> read_file(const std::string& path, std::size_t limit)
   return out;
 }
 
+void UniqueFd::reset(int fd) {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
+
 bool write_all_at(int fd, std::string_view data, off_t offset) {
   for (std::size_t done = 0; done < data.size();) {
     ssize_t n = ::pwrite(fd, data.data() + done, data.size() - done,

@@ -8,12 +8,34 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 namespace gate {
 
 // The content of `path`, at most `limit` bytes; nullopt when it cannot be opened or
 // read (gone, not ours, a directory).
 std::optional<std::string> read_file(const std::string& path, std::size_t limit = SIZE_MAX);
+
+// A descriptor closed when it goes out of scope.
+class UniqueFd {
+ public:
+  explicit UniqueFd(int fd = -1) : fd_(fd) {}
+  UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
+  UniqueFd& operator=(UniqueFd&& o) noexcept {
+    if (this != &o) reset(o.release());
+    return *this;
+  }
+  UniqueFd(const UniqueFd&) = delete;
+  UniqueFd& operator=(const UniqueFd&) = delete;
+  ~UniqueFd() { reset(); }
+  int get() const { return fd_; }
+  explicit operator bool() const { return fd_ >= 0; }
+  int release() { return std::exchange(fd_, -1); }
+  void reset(int fd = -1);
+
+ private:
+  int fd_;
+};
 
 // Writes all of `data` to `fd` at `offset` (pwrite, retried after short writes and
 // EINTR); false with errno set when it could not.

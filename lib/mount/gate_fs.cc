@@ -168,6 +168,7 @@ void GateFs::Impl::release_handle_lock(FileHandle* h, const std::shared_ptr<Trac
   if (h->changed)
     record_made(h->key, lock->lock.fence, h->who, event ? event : h->created ? "create" : "write");
   agent->release_tracked(lock, h->changed, stale_outcome(event));
+  if (h->renamed.file) forget_name(std::exchange(h->renamed, {}));
 }
 
 bool GateFs::Impl::write_refused(FileHandle* h) {

@@ -16,13 +16,14 @@
 #include <climits>
 #include <cstring>
 
+#include "core/files.h"
 #include "core/log.h"
 #include "mount/gate_fs_impl.h"
 
 namespace gate::mount {
 
-int GateFs::Impl::apply_setattr(Inode& in, const struct stat& a, int valid, int fd) {
-  const std::string proc = proc_path(in.fd);
+int GateFs::Impl::apply_setattr(int at, const struct stat& a, int valid, int fd) {
+  const std::string proc = proc_path(at);
   if (valid & FUSE_SET_ATTR_MODE) {
     int r = fd >= 0 ? ::fchmod(fd, a.st_mode) : ::chmod(proc.c_str(), a.st_mode);
     if (r < 0) return errno;
@@ -30,7 +31,7 @@ int GateFs::Impl::apply_setattr(Inode& in, const struct stat& a, int valid, int 
   if (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
     uid_t uid = (valid & FUSE_SET_ATTR_UID) ? a.st_uid : static_cast<uid_t>(-1);
     gid_t gid = (valid & FUSE_SET_ATTR_GID) ? a.st_gid : static_cast<gid_t>(-1);
-    if (::fchownat(in.fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) return errno;
+    if (::fchownat(at, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) < 0) return errno;
   }
   if (valid & FUSE_SET_ATTR_SIZE) {
     int r = fd >= 0 ? ::ftruncate(fd, a.st_size) : ::truncate(proc.c_str(), a.st_size);
@@ -67,13 +68,16 @@ void GateFs::Impl::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, in
       plan_locks({.op = FsOp::Setattr, .key = h ? h->key : inodes->key_of(in), .attr = attr_change(valid)});
   run_locked(req, plan, h,
              {[this, &in, a, valid, fd, key = plan.locks.front().key](std::vector<HeldLock>& held) {
+                UniqueFd hold;
+                const int at = live_fd(in, hold);
                 if (valid & FUSE_SET_ATTR_SIZE)
-                  keep_before_change(key, version_in(held, key), fd >= 0 ? fd : in.fd);
-                return apply_setattr(in, a, valid, fd);
+                  keep_before_change(key, version_in(held, key), fd >= 0 ? fd : at);
+                return apply_setattr(at, a, valid, fd);
               },
               [this, req, &in, fd](int err) {
+                UniqueFd hold;
                 if (err) fuse_reply_err(req, err);
-                else reply_attr(req, fd >= 0 ? fd : in.fd);
+                else reply_attr(req, fd >= 0 ? fd : live_fd(in, hold));
               }});
 }
 
@@ -134,18 +138,27 @@ void GateFs::Impl::rename(fuse_req_t req, fuse_ino_t parent, const char* name, f
   const LockPlan plan =
       plan_locks({.op = FsOp::Rename, .key = inodes->child_key(p, nm), .second = target});
   const Caller who = callers.resolve(fuse_req_ctx(req)->pid);
+  // A stale replacement's merge renamed over the target in the rename's stead.
+  auto merged = std::make_shared<Installed>();
   run_locked(req, plan, nullptr,
-             {[this, &p, &np, nm, nn, flags, target, who](std::vector<HeldLock>& held) {
+             {[this, &p, &np, nm, nn, flags, target, who, merged](std::vector<HeldLock>& held) {
                 const std::uint64_t version = version_in(held, target);
                 if (!(flags & RENAME_EXCHANGE) && held.size() > 1) {
                   // A rename onto an existing file replaces it (temp file + rename saves).
-                  if (int err = settle_stale_rename(who, p, nm, np, nn, target, held)) return err;
+                  if (int err = settle_stale_rename(who, p, nm, np, nn, target, held, merged.get()))
+                    return err;
+                  if (merged->file) return 0;
                 } else {
                   keep_named(target, version, np.fd, nn);
                 }
                 return rename_at(p, nm, np, nn, flags);
               },
-              [req](int err) { fuse_reply_err(req, err); }},
+              [this, req, merged](int err) {
+                fuse_reply_err(req, err);
+                // The kernel moves its entry to the name when this rename returns (it
+                // holds the directory's lock until then; this waits for it).
+                if (merged->file) forget_name(*merged);
+              }},
              &who);
 }
 
@@ -183,6 +196,7 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   h->ino = o.created ? o.entry.ino : o.ino;
   h->redirected = o.redirected;
   h->stale_reads = std::move(o.stale_reads);
+  h->theirs = std::move(o.theirs);
   if (!held.empty()) h->version = held.front().version;
   const int access = o.f.flags & O_ACCMODE;
   if (!held.empty() && !o.created && !(o.f.flags & O_TRUNC) && (access == O_RDONLY || access == O_RDWR))
@@ -195,14 +209,27 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   return 0;
 }
 
+int GateFs::Impl::live_fd(Inode& in, UniqueFd& hold) {
+  if (!in.superseded.load(std::memory_order_relaxed)) return in.fd;
+  struct stat now {};
+  const int fd = file_now_named(in, inodes->key_of(in), &now);
+  if (fd < 0) return in.fd;
+  hold.reset(fd);
+  return fd;
+}
+
+int GateFs::Impl::open_beneath_root(const std::string& key, int flags) {
+  // Still under the root, through no symlink: what the daemon opens never leaves it.
+  struct open_how how {};
+  how.flags = static_cast<std::uint64_t>(flags);
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  return static_cast<int>(::syscall(SYS_openat2, inodes->root().fd, key.c_str(), &how, sizeof how));
+}
+
 int GateFs::Impl::file_now_named(Inode& in, const std::string& key, struct stat* now) {
   struct stat& st = *now;
   if (::fstat(in.fd, &st) != 0 || st.st_nlink != 0 || !S_ISREG(st.st_mode)) return -1;
-  // Still under the root, through no symlink: what the daemon opens never leaves it.
-  struct open_how how {};
-  how.flags = O_PATH | O_NOFOLLOW | O_CLOEXEC;
-  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
-  const int fd = static_cast<int>(::syscall(SYS_openat2, inodes->root().fd, key.c_str(), &how, sizeof how));
+  const int fd = open_beneath_root(key, O_PATH | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return -2;
   if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
     ::close(fd);
@@ -259,7 +286,11 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                     err = EBUSY;
                   } else {
                     // A stale one is merged at release, with what it replaces from here.
-                    if (stale) o->stale_reads = std::move(*stale);
+                    if (stale) {
+                      o->stale_reads = std::move(*stale);
+                      if (history && opts.stale_writes == StaleWrites::Merge)
+                        o->theirs = read_file(proc_path(at), history->options().max_file_bytes + 1);
+                    }
                     keep_before_change(o->key, version, at, stale.has_value());
                   }
                 }
@@ -302,8 +333,9 @@ void GateFs::Impl::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, co
   Inode& in = inode(ino);
   const std::string nm = name, val(value, size);
   run_locked(req, plan_locks({.op = FsOp::Setxattr, .key = inodes->key_of(in)}), nullptr,
-             just(req, [&in, nm, val, flags] {
-               return ::setxattr(proc_path(in.fd).c_str(), nm.c_str(), val.data(), val.size(),
+             just(req, [this, &in, nm, val, flags] {
+               UniqueFd hold;
+               return ::setxattr(proc_path(live_fd(in, hold)).c_str(), nm.c_str(), val.data(), val.size(),
                                  flags) < 0
                           ? errno
                           : 0;
@@ -314,8 +346,9 @@ void GateFs::Impl::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name)
   Inode& in = inode(ino);
   const std::string nm = name;
   run_locked(req, plan_locks({.op = FsOp::Removexattr, .key = inodes->key_of(in)}), nullptr,
-             just(req, [&in, nm] {
-               return ::removexattr(proc_path(in.fd).c_str(), nm.c_str()) < 0 ? errno : 0;
+             just(req, [this, &in, nm] {
+               UniqueFd hold;
+               return ::removexattr(proc_path(live_fd(in, hold)).c_str(), nm.c_str()) < 0 ? errno : 0;
              }));
 }
 

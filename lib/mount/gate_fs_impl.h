@@ -18,10 +18,12 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_set>
 #include <vector>
 
+#include "core/files.h"
 #include "mount/gate_fs.h"
 #include "mount/inode_table.h"
 #include "mount/agent_resolver.h"
@@ -31,6 +33,14 @@
 #include "mount/read_log.h"
 
 namespace gate::mount {
+
+// A merge put in place by a rename (GateFs::Impl::install_merge): the file, and the
+// name (parent id, name) the kernel must look up again.
+struct Installed {
+  UniqueFd file;
+  fuse_ino_t parent = 0;
+  std::string name;
+};
 
 // One open file. fi->fh points at it from open/create until release.
 struct FileHandle {
@@ -55,8 +65,13 @@ struct FileHandle {
   // Opened on the file that took the name of the one the kernel asked for (see
   // file_now_named()): what the kernel caches of that file is dropped at release.
   bool redirected = false;
-  // A stale replacement (--stale-writes merge): the agent's reads, merged at release.
+  // A stale replacement (--stale-writes merge): the agent's reads, merged at release,
+  // and the content it replaced, read at the open (nullopt: from the history).
   std::vector<std::uint64_t> stale_reads;
+  std::optional<std::string> theirs;
+  // A merge installed by a rename (see merge_stale): the name the kernel is told to
+  // look up again once the lock is back.
+  Installed renamed;
 };
 
 struct DirHandle {
@@ -165,23 +180,39 @@ struct GateFs::Impl {
   // of `key` is its new base (until then its saves of `key` stay refused).
   void refuse_stale(const Caller& who, const std::string& key, std::uint64_t version,
                     const std::vector<std::uint64_t>& read);
-  // Merges it (--stale-writes merge), before its lock goes back: `mine_fd` (any
-  // descriptor of the file the agent wrote) is rewritten in place with the merge of
+  // Merges it (--stale-writes merge), before its lock goes back: the merge of
   // `theirs` (the content replaced, version `theirs_version`; nullopt: from the
-  // history) and the agent's read closest to what it wrote. A conflict (or what
-  // cannot be merged) leaves the agent's content; both sides stay in the history,
-  // and `gate conflicts` lists it. Answers the event to record: "merge",
-  // "conflict", or nullptr when the agent's content already built on theirs.
+  // history), the agent's read closest to what it wrote, and what it wrote (in the
+  // file `mine_fd` is open on). With `installed`, the merge is a file of its own
+  // renamed over `key` (see install_merge), so a crash half way leaves what was
+  // there, never a mix; else, or where that cannot be, it is written over the
+  // agent's file in place. A conflict (or what cannot be merged) leaves the agent's
+  // content; both sides stay in the history, and `gate conflicts` lists it.
+  // Answers the event to record: "merge", "conflict", or nullptr when the agent's
+  // content already built on theirs.
   const char* merge_stale(const Caller& who, const std::string& key,
                           std::uint64_t theirs_version, std::optional<std::string> theirs,
                           const std::vector<std::uint64_t>& read, std::uint64_t new_version,
-                          int mine_fd, fuse_ino_t ino);
+                          int mine_fd, fuse_ino_t ino, bool same_file, Installed* installed);
+  // Writes `data` to a new file beside `key`, with the owner, mode and extended
+  // attributes of the agent's file (`mine_fd`), and renames it over `key`; `same_file`:
+  // `mine_fd` is the file at `key` (an O_TRUNC save), else the source of a rename.
+  // 0 (*out filled), or an errno when the data could not be written (nothing
+  // changed then); -1 when the file cannot be replaced by another here (several
+  // links, a name that moved, attributes that do not copy): write in place then.
+  int install_merge(int mine_fd, const std::string& key, const std::string& data, bool same_file,
+                    Installed* out);
+  // Tells the kernel to look up `at`'s name again. Only once the locks are back and
+  // the call answered: the kernel takes the directory's lock for it.
+  void forget_name(const Installed& at);
   // The stale check of a rename of p/nm onto the existing np/nn (key `target`),
-  // under its locks: EBUSY when refused; merged into p/nm before the rename when
-  // merging. Keeps the target's content in the history either way.
+  // under its locks: EBUSY when refused. When merging, the merge is renamed over
+  // np/nn and p/nm removed: the rename is done then (*installed filled; the caller
+  // has the kernel look np/nn up again after answering). Keeps the target's content
+  // in the history either way.
   int settle_stale_rename(const Caller& who, Inode& p, const std::string& nm, Inode& np,
                           const std::string& nn, const std::string& target,
-                          std::vector<HeldLock>& held);
+                          std::vector<HeldLock>& held, Installed* installed);
   std::string stale_summary() const;  // kStaleXattr's value
   // What the broker counts (HeldLock::stale) for a recorded event: "merged" for
   // "merge", "conflict" for "conflict", else "".
@@ -217,7 +248,7 @@ struct GateFs::Impl {
   void forget(fuse_req_t req, fuse_ino_t ino, uint64_t n);
   void forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets);
   void getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
-  static int apply_setattr(Inode& in, const struct stat& a, int valid, int fd);
+  static int apply_setattr(int at, const struct stat& a, int valid, int fd);
   static AttrChange attr_change(int valid);
   void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int valid, fuse_file_info* fi);
   void readlink(fuse_req_t req, fuse_ino_t ino);
@@ -242,6 +273,7 @@ struct GateFs::Impl {
     fuse_ino_t ino = 0;        // open only (create: entry.ino); see FileHandle::ino
     bool redirected = false;   // see FileHandle::redirected
     std::vector<std::uint64_t> stale_reads;  // a stale replacement, merged at release
+    std::optional<std::string> theirs;       // see FileHandle::theirs
     bool created = false;      // create (a new name), not open
     fuse_entry_param entry{};  // create only
   };
@@ -253,6 +285,12 @@ struct GateFs::Impl {
   // lock is for), or -2 when nothing usable is there (the caller answers ESTALE, and
   // the kernel looks the name up again). *now: the stat of the file returned.
   int file_now_named(Inode& in, const std::string& key, struct stat* now);
+  // The descriptor calls on `in` act on: in.fd, or the file now at its name when a
+  // merge was renamed over it (Inode::superseded); `hold` keeps that one open.
+  int live_fd(Inode& in, UniqueFd& hold);
+  // openat2 of `key` (relative to the root) with `flags`, resolved beneath the root
+  // and through no symlink; -1 with errno when it cannot.
+  int open_beneath_root(const std::string& key, int flags);
 
   // The act of open and create: the new handle takes over the lock (kept until
   // release). `fd` < 0: the open failed with errno.

@@ -41,7 +41,8 @@ void GateFs::Impl::forget_multi(fuse_req_t req, size_t count, fuse_forget_data* 
 }
 
 void GateFs::Impl::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  reply_attr(req, fi ? file_of(fi)->fd : inode(ino).fd);
+  UniqueFd hold;
+  reply_attr(req, fi ? file_of(fi)->fd : live_fd(inode(ino), hold));
 }
 
 void GateFs::Impl::readlink(fuse_req_t req, fuse_ino_t ino) {
@@ -278,14 +279,16 @@ void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, si
       return;
     }
   }
-  std::string proc = proc_path(inode(ino).fd);
+  UniqueFd hold;
+  std::string proc = proc_path(live_fd(inode(ino), hold));
   reply_xattr(req, size, [&](char* buf, size_t len) {
     return ::getxattr(proc.c_str(), name, buf, len);
   });
 }
 
 void GateFs::Impl::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
-  std::string proc = proc_path(inode(ino).fd);
+  UniqueFd hold;
+  std::string proc = proc_path(live_fd(inode(ino), hold));
   reply_xattr(req, size,
               [&](char* buf, size_t len) { return ::listxattr(proc.c_str(), buf, len); });
 }

@@ -11,6 +11,7 @@
 #include <fuse_lowlevel.h>
 #include <sys/stat.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -36,6 +37,10 @@ struct Inode {
   std::uint64_t children = 0;  // inodes whose `parent` is this one
   Inode* parent = nullptr;
   std::string name;
+
+  // A merge was renamed over this file (GateFs::Impl::install_merge): until the
+  // kernel looks the name up again, calls on it act on the file now at its name.
+  std::atomic<bool> superseded{false};
 };
 
 class InodeTable {

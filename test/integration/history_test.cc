@@ -4,31 +4,12 @@
 #include <sys/mount.h>
 #include <sys/xattr.h>
 
-#include "support/mount_fixture.h"
+#include "support/agent_saves.h"
 
 using namespace gate::test;
 namespace json = boost::json;
 
 namespace {
-
-// `gate history --json` of `path`.
-json::array history_of(const std::string& dir, const std::string& path) {
-  std::string out;
-  INFO(out);
-  REQUIRE(sh(gate_binary() + " history --json --history-dir '" + dir + "' '" + path + "'", &out,
-             20s) == 0);
-  return json::parse(out).as_array();
-}
-
-std::string show(const std::string& dir, const std::string& path, std::uint64_t version) {
-  std::string out;
-  const int rc = sh(gate_binary() + " show --history-dir '" + dir + "' '" + path + "@" +
-                        std::to_string(version) + "'",
-                    &out, 20s);
-  INFO(out);
-  CHECK(rc == 0);
-  return out;
-}
 
 // Saves `text` to `file` through the mount as agent `agent`, by a shell redirection
 // (O_TRUNC) or by a temp file renamed over it, as the agents do.

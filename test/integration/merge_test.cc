@@ -2,8 +2,10 @@
 // default): real agent processes read a file, think, and write it back the ways
 // agents do; no line any of them added is lost, and real conflicts keep both sides.
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/xattr.h>
 
+#include <csignal>
 #include <set>
 
 #include "support/agent_saves.h"
@@ -253,4 +255,146 @@ TEST_CASE("merge: a file deleted and made again since the agent read it is merge
   INFO("mount log:\n" << m.log());
   CHECK(slurp(f) == "top\na\nb\nc\nend\n");
   CHECK(stale_xattr(m) == "merge refused=0 merged=1 conflicts=0");
+}
+
+TEST_CASE("merge: a merge takes the file's place by a rename: the saved file's mode and attributes "
+          "stay, nothing is left beside it, and the view shows the merge at once",
+          "[mount][merge]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  const std::string f = m.at("doc.md"), src = m.in_root("doc.md");
+  auto inode_of = [](const std::string& path) {
+    struct stat st {};
+    REQUIRE(::stat(path.c_str(), &st) == 0);
+    return st;
+  };
+  // As a shell redirection saves (O_TRUNC): the file keeps its mode and attributes.
+  write_file(src, "a\nb\nc\n");
+  REQUIRE(::chmod(src.c_str(), 0640) == 0);
+  REQUIRE(::setxattr(src.c_str(), "user.note", "kept", 4, 0) == 0);
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("beta", kSave, f, "top\na\nb\nc\n") == 0);
+  const ino_t before = inode_of(src).st_ino;
+  REQUIRE(as_status("alpha", kSave, f, "a\nb\nc\nend\n") == 0);
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  INFO("mount log:\n" << m.log());
+  const std::string merged = "top\na\nb\nc\nend\n";
+  CHECK(slurp(src) == merged);
+  CHECK(inode_of(src).st_ino != before);  // a new file took the name
+  CHECK((inode_of(src).st_mode & 07777) == 0640);
+  char note[16] = {};
+  CHECK(::getxattr(src.c_str(), "user.note", note, sizeof note) == 4);
+  CHECK(std::string(note) == "kept");
+  CHECK(inode_of(f).st_size == static_cast<off_t>(merged.size()));  // not the agent's size
+  CHECK(slurp(f) == merged);
+  // A change of attributes through the view reaches the merged file.
+  REQUIRE(::chmod(f.c_str(), 0600) == 0);
+  CHECK((inode_of(src).st_mode & 07777) == 0600);
+
+  // As Claude Code saves (a temp file renamed over it): the merge takes the temp
+  // file's mode, as the rename would have given the file.
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("beta", kSave, f, "top\na\nb\nc\nend\nbeta\n") == 0);
+  REQUIRE(as_status("alpha", "printf %s \"$2\" > \"$1.tmp\" && chmod 644 \"$1.tmp\" && mv \"$1.tmp\" \"$1\"",
+                    f, "alpha\ntop\na\nb\nc\nend\n") == 0);
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  const std::string merged2 = "alpha\ntop\na\nb\nc\nend\nbeta\n";
+  CHECK(slurp(src) == merged2);
+  CHECK((inode_of(src).st_mode & 07777) == 0644);
+  CHECK(inode_of(f).st_size == static_cast<off_t>(merged2.size()));
+  CHECK(slurp(f) == merged2);
+  REQUIRE(::chmod(f.c_str(), 0600) == 0);
+  CHECK((inode_of(src).st_mode & 07777) == 0600);
+  CHECK(stale_xattr(m) == "merge refused=0 merged=2 conflicts=0");
+  // Nothing but the file itself in the directory: no temp file of the merge's, and
+  // the agent's temp file went with its rename.
+  std::string names;
+  REQUIRE(sh("ls -A '" + m.root() + "'", &names, 10s) == 0);
+  CHECK(names == "doc.md\n");
+}
+
+TEST_CASE("merge: a merge that comes out as what the agent wrote changes nothing: the same file, "
+          "the same mtime",
+          "[mount][merge]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  const std::string f = m.at("f.txt");
+  write_file(m.in_root("f.txt"), "a\nb\n");
+  REQUIRE(as_status("alpha", kRead, f) == 0);
+  REQUIRE(as_status("beta", kSave, f, "a\nb\nc\n") == 0);
+  // alpha made the same change: it says what its file was just before close.
+  const AgentRun r = as("alpha",
+                        "exec 3>\"$1\" && printf %s \"$2\" >&3 && stat -L -c '%i %y' /proc/$$/fd/3",
+                        f, "a\nb\nc\n");
+  REQUIRE(r.status == 0);
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+  INFO("mount log:\n" << m.log());
+  std::string now;
+  REQUIRE(sh("stat -c '%i %y' '" + m.in_root("f.txt") + "'", &now, 10s) == 0);
+  CHECK(now == r.out);
+  CHECK(slurp(f) == "a\nb\nc\n");
+}
+
+namespace {
+
+// GATE_TEST_FAULT for the mounts a test starts, while it lives.
+struct Fault {
+  explicit Fault(const char* what) { ::setenv("GATE_TEST_FAULT", what, 1); }
+  ~Fault() { ::unsetenv("GATE_TEST_FAULT"); }
+};
+
+// Whether the history in `dir` keeps `text` as a version of `key`.
+bool history_keeps(const std::string& dir, const std::string& key, const std::string& text) {
+  for (const auto& v : history_of(dir, key)) {
+    std::string out;
+    const auto n = v.as_object().at("version").to_number<std::uint64_t>();
+    if (sh(gate_binary() + " show --history-dir '" + dir + "' '" + key + "@" + std::to_string(n) + "'",
+           &out, 20s) == 0 &&
+        out == text)
+      return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("merge: the mount killed half way through writing a merge leaves no mix: the agent's "
+          "content or the file as it was, and loses nothing",
+          "[mount][merge]") {
+  Fault fault("kill-mid-merge");  // the mount kills itself (SIGKILL) half way through the write
+  BrokerProcess broker;
+  std::string base;
+  for (int i = 0; i < 4000; ++i) base += "line " + std::to_string(i) + "\n";  // 40 KB: pages to tear
+  const std::string theirs = "theirs\n" + base, mine = base + "mine\n";
+
+  SECTION("saved in place (O_TRUNC): the agent's content stays") {
+    Mount m(broker.endpoint());
+    const std::string f = m.at("f.txt");
+    write_file(m.in_root("f.txt"), base);
+    REQUIRE(as_status("alpha", kRead, f) == 0);
+    REQUIRE(as_status("beta", kSave, f, theirs) == 0);
+    as_status("alpha", kSave, f, mine);  // its close may or may not see the mount go
+    REQUIRE(m.wait_exit(30s) == 128 + SIGKILL);
+    INFO("mount log:\n" << m.log());
+    CHECK(slurp(m.in_root("f.txt")) == mine);
+    std::string names;
+    REQUIRE(sh("ls -A '" + m.root() + "'", &names, 10s) == 0);
+    CHECK(names == "f.txt\n");
+    CHECK(history_keeps(m.history_dir(), "f.txt", theirs));
+  }
+  SECTION("saved by a rename: the file stays as it was, and the agent's temp file keeps its content") {
+    Mount m(broker.endpoint());
+    const std::string f = m.at("f.txt");
+    write_file(m.in_root("f.txt"), base);
+    REQUIRE(as_status("alpha", kRead, f) == 0);
+    REQUIRE(as_status("beta", kSave, f, theirs) == 0);
+    CHECK(as_status("alpha", "printf %s \"$2\" > \"$1.tmp\" && mv \"$1.tmp\" \"$1\"", f, mine) != 0);
+    REQUIRE(m.wait_exit(30s) == 128 + SIGKILL);
+    INFO("mount log:\n" << m.log());
+    CHECK(slurp(m.in_root("f.txt")) == theirs);
+    CHECK(slurp(m.in_root("f.txt.tmp")) == mine);
+    std::string names;
+    REQUIRE(sh("ls -A '" + m.root() + "'", &names, 10s) == 0);
+    CHECK(names == "f.txt\nf.txt.tmp\n");
+  }
 }

@@ -36,6 +36,26 @@ inline const char* kRead = "cat \"$1\" >/dev/null";
 inline const char* kSave = "printf %s \"$2\" > \"$1\"";  // O_TRUNC in place
 inline const char* kRenameSave = "printf %s \"$2\" > \"$1.tmp.$$\" && mv \"$1.tmp.$$\" \"$1\"";
 
+// `gate history --json` of `path`, from the history in `dir`.
+inline boost::json::array history_of(const std::string& dir, const std::string& path) {
+  std::string out;
+  INFO(out);
+  REQUIRE(sh(gate_binary() + " history --json --history-dir '" + dir + "' '" + path + "'", &out,
+             20s) == 0);
+  return boost::json::parse(out).as_array();
+}
+
+// `gate show` of `path`@`version`, from the history in `dir`.
+inline std::string show(const std::string& dir, const std::string& path, std::uint64_t version) {
+  std::string out;
+  const int rc = sh(gate_binary() + " show --history-dir '" + dir + "' '" + path + "@" +
+                        std::to_string(version) + "'",
+                    &out, 20s);
+  INFO(out);
+  CHECK(rc == 0);
+  return out;
+}
+
 // What the view says of its stale replacements (user.gate.stale on its root).
 inline std::string stale_xattr(const Mount& m) {
   char buf[256];

@@ -124,6 +124,9 @@ class Mount {
   pid_t pid() const { return child_.pid(); }
 
   void kill9() { child_.kill_and_wait(); }
+  // Waits for the mount to end by itself: its exit status (128 + signal), -1 on timeout.
+  int wait_exit(std::chrono::milliseconds timeout) { return child_.wait(timeout); }
+  std::string history_dir() const { return base_.path() + "/history"; }
   int terminate() {
     child_.signal(SIGTERM);
     return child_.wait(15s);
