@@ -25,6 +25,13 @@ std::string stale_metric(const gate::BrokerEndpoint& ep, const std::string& outc
   return body.substr(at + name.size(), body.find('\n', at) - at - name.size());
 }
 
+// The names in `dir` (ls -A), one per line.
+std::string listing(const std::string& dir) {
+  std::string names;
+  REQUIRE(sh("ls -A '" + dir + "'", &names, 10s) == 0);
+  return names;
+}
+
 std::vector<std::string> lines_of(const std::string& text) {
   std::vector<std::string> out;
   std::string line;
@@ -308,9 +315,7 @@ TEST_CASE("merge: a merge takes the file's place by a rename: the saved file's m
   CHECK(stale_xattr(m) == "merge refused=0 merged=2 conflicts=0");
   // Nothing but the file itself in the directory: no temp file of the merge's, and
   // the agent's temp file went with its rename.
-  std::string names;
-  REQUIRE(sh("ls -A '" + m.root() + "'", &names, 10s) == 0);
-  CHECK(names == "doc.md\n");
+  CHECK(listing(m.root()) == "doc.md\n");
 }
 
 TEST_CASE("merge: a merge that comes out as what the agent wrote changes nothing: the same file, "
@@ -377,9 +382,7 @@ TEST_CASE("merge: the mount killed half way through writing a merge leaves no mi
     REQUIRE(m.wait_exit(30s) == 128 + SIGKILL);
     INFO("mount log:\n" << m.log());
     CHECK(slurp(m.in_root("f.txt")) == mine);
-    std::string names;
-    REQUIRE(sh("ls -A '" + m.root() + "'", &names, 10s) == 0);
-    CHECK(names == "f.txt\n");
+    CHECK(listing(m.root()) == "f.txt\n");
     CHECK(history_keeps(m.history_dir(), "f.txt", theirs));
   }
   SECTION("saved by a rename: the file stays as it was, and the agent's temp file keeps its content") {
@@ -393,8 +396,6 @@ TEST_CASE("merge: the mount killed half way through writing a merge leaves no mi
     INFO("mount log:\n" << m.log());
     CHECK(slurp(m.in_root("f.txt")) == theirs);
     CHECK(slurp(m.in_root("f.txt.tmp")) == mine);
-    std::string names;
-    REQUIRE(sh("ls -A '" + m.root() + "'", &names, 10s) == 0);
-    CHECK(names == "f.txt\nf.txt.tmp\n");
+    CHECK(listing(m.root()) == "f.txt\nf.txt.tmp\n");
   }
 }
