@@ -17,6 +17,8 @@
 #include <cstring>
 #include <mutex>
 
+#include "client/wire_key.h"
+
 namespace gate {
 
 namespace asio = boost::asio;
@@ -329,7 +331,7 @@ CallResult to_result(const HttpReply& r) {
 
 CallResult BrokerClient::acquire(const AcquireRequest& req) {
   json::object o;
-  o["path"] = req.key;
+  o["path"] = wire_key(req.key);
   o["mode"] = to_string(req.mode);
   o["owner"] = req.owner;
   if (req.timeout_ms) o["timeout_ms"] = *req.timeout_ms;
@@ -370,7 +372,7 @@ HttpReply BrokerClient::status(const std::string& path) {
   if (!path.empty()) {
     target += "?path=";
     static const char* hex = "0123456789ABCDEF";
-    for (unsigned char c : path) {
+    for (unsigned char c : wire_key(path)) {
       if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '/' || c == '~') {
         target.push_back(static_cast<char>(c));
       } else {
@@ -394,7 +396,7 @@ std::optional<std::vector<LockInfo>> BrokerClient::holders(const std::string& ke
   std::vector<LockInfo> out;
   for (const auto& l : it->value().as_array()) {
     LockInfo info = lock_from_json(l);
-    if (info.key == key) out.push_back(std::move(info));
+    if (info.key == wire_key(key)) out.push_back(std::move(info));
   }
   return out;
 }

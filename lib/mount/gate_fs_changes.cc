@@ -220,10 +220,25 @@ int GateFs::Impl::live_fd(Inode& in, UniqueFd& hold) {
 
 int GateFs::Impl::open_beneath_root(const std::string& key, int flags) {
   // Still under the root, through no symlink: what the daemon opens never leaves it.
-  struct open_how how {};
-  how.flags = static_cast<std::uint64_t>(flags);
-  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
-  return static_cast<int>(::syscall(SYS_openat2, inodes->root().fd, key.c_str(), &how, sizeof how));
+  auto open_beneath = [](int dir, const std::string& path, int how_flags) {
+    struct open_how how {};
+    how.flags = static_cast<std::uint64_t>(how_flags);
+    how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    return static_cast<int>(::syscall(SYS_openat2, dir, path.c_str(), &how, sizeof how));
+  };
+  // A key longer than one call takes (PATH_MAX) is walked in pieces, each beneath
+  // the directory the last one opened.
+  UniqueFd dir;
+  std::size_t at = 0;
+  while (key.size() - at >= PATH_MAX) {
+    const std::size_t cut = key.rfind('/', at + PATH_MAX - 1);
+    if (cut == std::string::npos || cut <= at) return errno = ENAMETOOLONG, -1;
+    dir.reset(open_beneath(dir ? dir.get() : inodes->root().fd, key.substr(at, cut - at),
+                           O_PATH | O_DIRECTORY | O_CLOEXEC));
+    if (!dir) return -1;
+    at = cut + 1;
+  }
+  return open_beneath(dir ? dir.get() : inodes->root().fd, key.substr(at), flags);
 }
 
 int GateFs::Impl::file_now_named(Inode& in, const std::string& key, struct stat* now) {

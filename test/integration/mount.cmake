@@ -21,4 +21,6 @@ if(TARGET gate_mount)
   gate_mount_test(stale_test)
   # Stale replacements merged: agents' lost updates, and real conflicts.
   gate_mount_test(merge_test)
+  # Paths longer than the broker takes as a key (sent as a digest, client/wire_key.h).
+  gate_mount_test(long_paths_test)
 endif()

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "client/broker_client.h"
+#include "client/wire_key.h"
 #include "support/test_support.h"
 
 namespace gate::test {
@@ -81,10 +82,11 @@ inline KeyState key_state(const BrokerEndpoint& ep, const std::string& key) {
   KeyState s;
   if (r.status != 200) return s;
   boost::json::value v = boost::json::parse(r.body);
+  const std::string wire = gate::wire_key(key);  // as the broker names it
   for (auto& l : v.at("locks").as_array())
-    if (l.at("path").as_string() == key) s.holders.emplace_back(l.at("mode").as_string());
+    if (l.at("path").as_string() == wire) s.holders.emplace_back(l.at("mode").as_string());
   for (auto& q : v.at("queue").as_array())
-    if (q.at("path").as_string() == key) ++s.queued;
+    if (q.at("path").as_string() == wire) ++s.queued;
   return s;
 }
 
