@@ -2,6 +2,7 @@
 
 #include <SQLiteCpp/SQLiteCpp.h>
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace gate {
@@ -37,7 +38,7 @@ HolderInfo holder_columns(SQLite::Statement& st, int first) {
 
 }  // namespace
 
-LockStore::LockStore(std::unique_ptr<SQLite::Database> db) : db_(std::move(db)) {}
+LockStore::LockStore(std::unique_ptr<SQLite::Database> db, Sync sync) : db_(std::move(db)), sync_(sync) {}
 LockStore::~LockStore() = default;
 
 Result<std::unique_ptr<LockStore>> LockStore::open(const std::string& path, Sync sync) {
@@ -57,7 +58,7 @@ Result<std::unique_ptr<LockStore>> LockStore::open(const std::string& path, Sync
     // lock saves the fcntl() calls of every transaction.
     db->exec("PRAGMA locking_mode=EXCLUSIVE");
     db->exec(sync == Sync::Full ? "PRAGMA synchronous=FULL" : "PRAGMA synchronous=NORMAL");
-    std::unique_ptr<LockStore> store(new LockStore(std::move(db)));
+    std::unique_ptr<LockStore> store(new LockStore(std::move(db), sync));
     store->migrate();
     store->prepare();
     return store;
@@ -216,7 +217,20 @@ LockStore::Snapshot LockStore::read_snapshot() {
 }
 
 Status LockStore::apply(const std::vector<JournalEntry>& journal) {
+  // A new fence floor is synced with its commit (the WAL is synced at the commit):
+  // the grants answered after it may use fences up to it.
+  const bool raises_floor = std::any_of(journal.begin(), journal.end(), [](const JournalEntry& e) {
+    return e.kind == JournalEntry::Kind::Counters;
+  });
+  const bool sync_this = raises_floor && sync_ == Sync::Normal;
   try {
+    if (sync_this) db_->exec("PRAGMA synchronous=FULL");
+    struct Back {
+      SQLite::Database* db;
+      ~Back() {
+        if (db) try { db->exec("PRAGMA synchronous=NORMAL"); } catch (const std::exception&) {}
+      }
+    } back{sync_this ? db_.get() : nullptr};
     SQLite::Transaction tx(*db_);
     std::uint64_t fence_floor = 0;
     for (const auto& e : journal) {

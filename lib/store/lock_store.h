@@ -8,8 +8,10 @@
 // Durability: by default synchronous=NORMAL in WAL mode. Every change is committed
 // before the broker answers, so a crash of the broker process (kill -9) loses
 // nothing; a power loss or kernel crash can lose the last transactions committed
-// since the last WAL sync (the database itself stays consistent). Sync::Full makes
-// every commit durable at the cost of an fsync per batch.
+// since the last WAL sync (the database itself stays consistent: each batch is all
+// there or all gone). Sync::Full makes every commit durable at the cost of an fsync
+// per batch. Either way the commit that raises the fence floor is made durable
+// (once per 1,024 fences), so no fence is handed out twice, even across a power loss.
 //
 // The schema carries a version (PRAGMA user_version) and is migrated forward on
 // open; a database from a newer gate, or one that is not a gate database, is refused
@@ -53,13 +55,14 @@ class LockStore {
   int schema_version();
 
  private:
-  explicit LockStore(std::unique_ptr<SQLite::Database> db);
+  LockStore(std::unique_ptr<SQLite::Database> db, Sync sync);
   // Both throw SQLite's exceptions; open() and load() turn them into failures.
   void migrate();
   Snapshot read_snapshot();
   void prepare();
 
   std::unique_ptr<SQLite::Database> db_;
+  Sync sync_;
   std::unique_ptr<SQLite::Statement> put_lock_, delete_lock_, put_request_, delete_request_,
       put_counter_, put_version_;
 };
