@@ -139,8 +139,12 @@ int broker(int argc, char** argv) {
     auto snap = store->load();
     if (!snap.ok()) return cli::fail(me, "cannot read " + db_path + ": " + snap.message());
     const auto held = snap->locks.size(), queued = snap->queue.size();
-    table.restore(std::move(snap->locks), std::move(snap->queue), snap->next_fence,
-                  wall_clock_micros(), std::move(snap->versions));
+    const std::size_t left_out = table.restore(std::move(snap->locks), std::move(snap->queue),
+                                               snap->next_fence, wall_clock_micros(),
+                                               std::move(snap->versions));
+    if (left_out)
+      log(LogLevel::Warn, "broker", "left out ", left_out, " saved locks, requests or versions of ",
+          db_path, " that break the lock rules (a damaged or edited database): they count as ended");
     if (Status s = store->apply(table.take_journal()); !s.ok())
       return cli::fail(me, "cannot write " + db_path + ": " + s.message());
     table.take_events();

@@ -97,7 +97,7 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
     if (server_->draining) return close();
     parser_.emplace();
     parser_->body_limit(server_->limits.max_body_bytes);
-    parser_->header_limit(16 * 1024);
+    parser_->header_limit(kHeaderLimit);
     stream_.expires_after(server_->limits.idle_timeout);
     http::async_read_header(stream_, buffer_, *parser_,
                             [self = this->shared_from_this()](error_code ec, std::size_t) {

@@ -21,6 +21,9 @@
 
 namespace gate {
 
+// The largest request header the broker reads (431 above).
+inline constexpr std::size_t kHeaderLimit = 16 * 1024;
+
 struct ServerLimits {
   std::size_t max_body_bytes = 64 * 1024;
   std::chrono::milliseconds request_timeout{10'000};  // from first byte to full request

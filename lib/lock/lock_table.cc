@@ -399,13 +399,45 @@ std::uint64_t LockTable::version_of(const std::string& key) const {
   return it == versions_.end() ? 0 : it->second;
 }
 
-void LockTable::restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
-                        std::uint64_t next_fence, Micros now,
-                        std::unordered_map<std::string, std::uint64_t> versions) {
+namespace {
+
+// What a saved number may be: durations as the API takes them (about 100 years),
+// times and fences far below where arithmetic on them could overflow.
+constexpr std::int64_t kMaxSavedMillis = 3'200'000'000'000;
+constexpr Micros kMaxSavedMicros = Micros{1} << 62;
+constexpr std::uint64_t kMaxSavedFence = std::uint64_t{1} << 62;
+bool saved_ms(std::int64_t ms) { return ms > 0 && ms <= kMaxSavedMillis; }
+bool saved_time(Micros t) { return t >= 0 && t <= kMaxSavedMicros; }
+bool saved_cap(const std::optional<std::int64_t>& ms) { return !ms || (*ms >= 0 && *ms <= kMaxSavedMillis); }
+
+}  // namespace
+
+std::size_t LockTable::restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
+                               std::uint64_t next_fence, Micros now,
+                               std::unordered_map<std::string, std::uint64_t> versions) {
+  std::size_t left_out = 0;
   next_fence_ = std::max(next_fence_, next_fence);
-  for (const auto& [key, v] : versions) next_fence_ = std::max(next_fence_, v + 1);
+  for (auto it = versions.begin(); it != versions.end();) {
+    if (it->second >= kMaxSavedFence) {
+      ++left_out;
+      it = versions.erase(it);
+      continue;
+    }
+    next_fence_ = std::max(next_fence_, it->second + 1);
+    ++it;
+  }
   versions_ = std::move(versions);
   for (auto& l : locks) {
+    const auto ks = keys_.find(l.key);
+    const bool fits = ks == keys_.end() ||
+                      (l.mode == LockMode::Read && !write_held_by_other(ks->second, l.owner));
+    if (l.lock_id.empty() || l.key.empty() || l.owner.empty() || l.hold_count < 1 ||
+        !saved_ms(l.lease_ms) || !saved_cap(l.max_hold_ms) ||
+        !saved_time(l.acquired_at) || !saved_time(l.lease_expires_at) || l.fence == 0 ||
+        l.fence >= kMaxSavedFence || locks_.count(l.lock_id) || holder_of(l.owner, l.key) || !fits) {
+      ++left_out;
+      continue;
+    }
     next_fence_ = std::max(next_fence_, l.fence + 1);
     // Nobody could heartbeat while the broker was down: give each lock its lease anew.
     l.lease_expires_at = std::max(l.lease_expires_at, now + l.lease_ms * 1000);
@@ -416,6 +448,13 @@ void LockTable::restore(std::vector<Lock> locks, std::vector<QueuedRequest> queu
             [](const auto& a, const auto& b) { return a.req_id < b.req_id; });
   const Micros grace_end = now + options_.restore_grace_ms * 1000;
   for (auto& r : queue) {
+    if (r.req_id == 0 || r.req_id >= kMaxSavedFence || r.key.empty() || r.owner.empty() ||
+        requests_.count(r.req_id) || !saved_ms(r.lease_ms) ||
+        !saved_cap(r.max_hold_ms) || !saved_time(r.requested_at) ||
+        (r.deadline && !saved_time(*r.deadline))) {
+      ++left_out;
+      continue;
+    }
     next_req_id_ = std::max(next_req_id_, r.req_id + 1);
     r.orphan = true;
     r.persisted = true;
@@ -430,6 +469,7 @@ void LockTable::restore(std::vector<Lock> locks, std::vector<QueuedRequest> queu
   std::vector<std::string> all;
   for (const auto& [key, ks] : keys_) all.push_back(key);
   for (const auto& key : all) pump(key, now);
+  return left_out;
 }
 
 std::vector<Event> LockTable::take_events() { return std::exchange(events_, {}); }

@@ -143,8 +143,11 @@ class LockTable {
   std::optional<Micros> next_deadline() const;
 
   // Restore state saved by the store. Queued requests get the grace period.
-  // Request numbers continue after the highest restored one.
-  void restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
+  // Request numbers continue after the highest restored one. Saved entries that
+  // break the engine's rules (a damaged or edited database: a second lock of one
+  // owner on a key, a writer beside other holders, a repeated id, numbers out of
+  // range) are left out, as if they had ended; answers how many.
+  std::size_t restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
                std::uint64_t next_fence, Micros now,
                std::unordered_map<std::string, std::uint64_t> versions = {});
 

@@ -517,3 +517,35 @@ TEST_CASE("restored versions stay and later fences are above them", "[lock][vers
   f.table.release(w.lock.lock_id, "A", f.now, true);
   CHECK(f.table.version_of("b") == w.lock.fence);
 }
+
+TEST_CASE("restore leaves out saved entries that break the lock rules, and keeps the rest",
+          "[lock][restore]") {
+  Fixture f;
+  Lock a = saved_write_lock("A", 60'000, 7);
+  Lock same_owner_key = saved_write_lock("A", 60'000, 8);  // a second lock of A on k
+  same_owner_key.lock_id = "twice";
+  Lock beside_writer = saved_write_lock("B", 60'000, 9);  // a reader beside A's write lock
+  beside_writer.lock_id = "beside";
+  beside_writer.mode = LockMode::Read;
+  Lock same_id = saved_write_lock("C", 60'000, 10);  // A's lock id again, on another key
+  same_id.key = "other";
+  Lock huge_lease = saved_write_lock("D", 60'000, 11);
+  huge_lease.lock_id = "huge";
+  huge_lease.key = "k2";
+  huge_lease.lease_ms = INT64_MAX;  // now + lease would overflow
+  Lock zero_count = saved_write_lock("E", 60'000, 12);
+  zero_count.lock_id = "zero";
+  zero_count.key = "k3";
+  zero_count.hold_count = 0;
+  QueuedRequest dup1 = saved_write_request(5, "F", "");
+  QueuedRequest dup2 = saved_write_request(5, "G", "");  // the same request number
+  const std::size_t left_out =
+      f.table.restore({a, same_owner_key, beside_writer, same_id, huge_lease, zero_count},
+                      {dup1, dup2}, 8, f.now, {{"v", UINT64_MAX}});
+  CHECK(left_out == 7);
+  REQUIRE(f.table.locks().size() == 1);
+  CHECK(f.table.locks().front().lock_id == "held");
+  CHECK(f.table.queue().size() == 1);
+  CHECK(f.table.version_of("v") == 0);
+  CHECK(f.table.next_fence() == 8);  // from what was kept
+}
