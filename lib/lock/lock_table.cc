@@ -416,7 +416,8 @@ std::size_t LockTable::restore(std::vector<Lock> locks, std::vector<QueuedReques
                                std::uint64_t next_fence, Micros now,
                                std::unordered_map<std::string, std::uint64_t> versions) {
   std::size_t left_out = 0;
-  next_fence_ = std::max(next_fence_, next_fence);
+  if (next_fence < kMaxSavedFence) next_fence_ = std::max(next_fence_, next_fence);
+  else ++left_out;
   for (auto it = versions.begin(); it != versions.end();) {
     if (it->second >= kMaxSavedFence) {
       ++left_out;

@@ -104,12 +104,14 @@ inline std::size_t total_queued(const BrokerEndpoint& ep) {
   return boost::json::parse(r.body).at("queue").as_array().size();
 }
 
-// `gate mount --foreground` on a fresh root and mount point; up when constructed,
-// unmounted (SIGTERM, then fusermount3 -u / -uz) when destroyed.
+// `gate mount --foreground` on a fresh root (or `root`, kept) and mount point; up
+// when constructed, unmounted (SIGTERM, then fusermount3 -u / -uz) when destroyed.
 class Mount {
  public:
-  explicit Mount(const BrokerEndpoint& ep, std::vector<std::string> extra = {})
-      : base_("gate-mount-test"), root_(base_.path() + "/root"), mnt_(base_.path() + "/mnt") {
+  explicit Mount(const BrokerEndpoint& ep, std::vector<std::string> extra = {}, std::string root = "")
+      : base_("gate-mount-test"),
+        root_(root.empty() ? base_.path() + "/root" : std::move(root)),
+        mnt_(base_.path() + "/mnt") {
     ::mkdir(root_.c_str(), 0755);
     ::mkdir(mnt_.c_str(), 0755);
     log_path_ = base_.path() + "/mount.log";
