@@ -429,6 +429,8 @@ std::size_t LockTable::restore(std::vector<Lock> locks, std::vector<QueuedReques
   }
   versions_ = std::move(versions);
   for (auto& l : locks) {
+    // Its fence was handed out, kept or not: never again.
+    if (l.fence < kMaxSavedFence) next_fence_ = std::max(next_fence_, l.fence + 1);
     const auto ks = keys_.find(l.key);
     const bool fits = ks == keys_.end() ||
                       (l.mode == LockMode::Read && !write_held_by_other(ks->second, l.owner));
@@ -439,7 +441,6 @@ std::size_t LockTable::restore(std::vector<Lock> locks, std::vector<QueuedReques
       ++left_out;
       continue;
     }
-    next_fence_ = std::max(next_fence_, l.fence + 1);
     // Nobody could heartbeat while the broker was down: give each lock its lease anew.
     l.lease_expires_at = std::max(l.lease_expires_at, now + l.lease_ms * 1000);
     insert_lock(std::move(l));
