@@ -521,6 +521,11 @@ std::vector<std::string> clean_stack(const StackState& s) {
     did.push_back("'" + s.name + "' is running; left alone (use 'gate down')");
     return did;
   }
+  // The view of a dead setup is dead too, whatever it answers: an sshfs view whose
+  // guest is gone keeps reconnecting and answers EIO, not ENOTCONN. Unmounted, its
+  // sshfs process ends by itself.
+  if (listed_in_mountinfo(s.mount) && !process_runs(s.mount_pid, s.mount) && unmount_fuse(s.mount))
+    did.push_back("unmounted the dead mount " + s.mount);
   if (process_runs(s.get_int("tunnel_pid"), "ssh")) {
     stop_process(s.get_int("tunnel_pid"), "ssh", 5s);
     did.push_back("stopped the orphaned tunnel (pid " + s.get("tunnel_pid") + ")");

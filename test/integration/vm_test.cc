@@ -9,6 +9,7 @@
 
 #include <boost/json.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -78,6 +79,19 @@ bool wait_until(const std::function<bool()>& f, std::chrono::milliseconds limit)
 }
 
 std::string cache_dir() { return GATE_VM_CACHE; }
+
+// The pids of processes whose command line names `path` (a mount's sshfs, say).
+std::vector<pid_t> processes_naming(const std::string& path) {
+  std::vector<pid_t> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::string cmdline = test::read_file(e.path().string() + "/cmdline");
+    std::replace(cmdline.begin(), cmdline.end(), '\0', ' ');
+    if (cmdline.find(path) != std::string::npos) out.push_back(std::stoi(name));
+  }
+  return out;
+}
 
 }  // namespace
 
@@ -197,6 +211,25 @@ TEST_CASE("in sshfs mode an edit made through the host mount is brought back by 
   CHECK(test::read_file(repo + "/src/main.c") == "int main(void) { return 0; }\n/* edited in the VM */\n");
   CHECK(test::read_file(repo + "/NEW.md") == "new file\n");
   CHECK(mount_state(mnt) == MountState::NotMounted);
+
+  // A crash: the VM dies under a live sshfs view. gate clean leaves nothing of it (the
+  // view unmounted, its sshfs process gone), and the next gate up works.
+  auto crash = gate_cmd({"up", "--repo-path", repo, "--vm-name", "e2e-sshfs", "--host-mount-method", "sshfs"});
+  INFO(crash.output);
+  REQUIRE(crash.status == 0);
+  auto kv = state_of(tmp.path() + "/state", "e2e-sshfs");
+  ::kill(pid_of(kv, "qemu_pid"), SIGKILL);
+  REQUIRE(wait_for_exit(pid_of(kv, "qemu_pid"), 10s));
+  REQUIRE(listed_in_mountinfo(mnt));
+  auto clean = gate_cmd({"clean", "--vm-name", "e2e-sshfs"});
+  INFO(clean.output);
+  CHECK(clean.status == 0);
+  CHECK_FALSE(listed_in_mountinfo(mnt));
+  CHECK(wait_until([&] { return processes_naming(mnt).empty(); }, 10s));
+  auto again = gate_cmd({"up", "--repo-path", repo, "--vm-name", "e2e-sshfs", "--host-mount-method", "sshfs"});
+  INFO(again.output);
+  CHECK(again.status == 0);
+  CHECK(test::read_file(mnt + "/NEW.md") == "new file\n");
 }
 
 TEST_CASE("a VM killed like a power cut hands out no fence twice, and a held lock comes back whole or "
