@@ -304,7 +304,7 @@ Status LockStore::apply(const std::vector<JournalEntry>& journal) {
   } catch (const SQLite::Exception& e) {
     for (auto* st : {put_lock_.get(), delete_lock_.get(), put_request_.get(),
                      delete_request_.get(), put_counter_.get(), put_version_.get()})
-      st->reset();
+      st->tryReset();  // reset() throws the step's error again (fuzz finding: the broker ended)
     return Status::failure(std::string("saving lock state failed: ") + e.what());
   }
 }
