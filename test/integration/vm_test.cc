@@ -80,6 +80,16 @@ bool wait_until(const std::function<bool()>& f, std::chrono::milliseconds limit)
 
 std::string cache_dir() { return GATE_VM_CACHE; }
 
+// One VM test's scratch: its own state directory (XDG_STATE_HOME) and repository,
+// and the image cache all VM tests share.
+struct VmScene {
+  test::TempDir tmp{"gate-vm"};
+  test::ScopedEnv xdg_state{"XDG_STATE_HOME", tmp.path() + "/state"};
+  test::ScopedEnv xdg_cache{"XDG_CACHE_HOME", cache_dir()};
+  std::string repo = tmp.path() + "/repo";
+  VmScene() { fs::create_directories(repo); }
+};
+
 // The pids of processes whose command line names `path` (a mount's sshfs, say).
 std::vector<pid_t> processes_naming(const std::string& path) {
   std::vector<pid_t> out;
@@ -97,11 +107,9 @@ std::vector<pid_t> processes_naming(const std::string& path) {
 
 TEST_CASE("a VM broker serves FIFO locks to processes on the host mount, and down/clean leave nothing",
           "[vm][slow]") {
-  test::TempDir tmp("gate-vm");
-  test::ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
-  test::ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
-  const std::string repo = tmp.path() + "/repo";
-  fs::create_directories(repo);
+  VmScene scene;
+  const test::TempDir& tmp = scene.tmp;
+  const std::string& repo = scene.repo;
   { std::ofstream(repo + "/shared.txt") << "start\n"; }
 
   auto image = gate_cmd({"image", "build"}, 20min);
@@ -186,10 +194,9 @@ TEST_CASE("a VM broker serves FIFO locks to processes on the host mount, and dow
 
 TEST_CASE("in sshfs mode an edit made through the host mount is brought back by gate down",
           "[vm][slow]") {
-  test::TempDir tmp("gate-vm");
-  test::ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
-  test::ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
-  const std::string repo = tmp.path() + "/repo";
+  VmScene scene;
+  const test::TempDir& tmp = scene.tmp;
+  const std::string& repo = scene.repo;
   fs::create_directories(repo + "/src");
   { std::ofstream(repo + "/src/main.c") << "int main(void) { return 0; }\n"; }
   REQUIRE(gate_cmd({"image", "build"}, 20min).status == 0);
@@ -235,11 +242,9 @@ TEST_CASE("in sshfs mode an edit made through the host mount is brought back by 
 TEST_CASE("a VM killed like a power cut hands out no fence twice, and a held lock comes back whole or "
           "not at all",
           "[vm][slow]") {
-  test::TempDir tmp("gate-vm");
-  test::ScopedEnv xdg_state("XDG_STATE_HOME", tmp.path() + "/state");
-  test::ScopedEnv xdg_cache("XDG_CACHE_HOME", cache_dir());
-  const std::string repo = tmp.path() + "/repo";
-  fs::create_directories(repo);
+  VmScene scene;
+  const test::TempDir& tmp = scene.tmp;
+  const std::string& repo = scene.repo;
   REQUIRE(gate_cmd({"image", "build"}, 20min).status == 0);
 
   VmGuard guard{tmp.path() + "/state", "e2e-fence"};
