@@ -3,6 +3,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/json.hpp>
 
+#include <algorithm>
 #include <sstream>
 
 #include "broker/lock_json.h"
@@ -267,7 +268,21 @@ void BrokerService::status(const std::string& query, Reply& reply) {
 
 void BrokerService::client_gone(std::uint64_t ticket) {
   auto it = waiters_.find(ticket);
-  if (it == waiters_.end()) return;
+  if (it == waiters_.end()) {
+    // Granted in this turn, its answer not sent yet: nobody will hear of the grant,
+    // so it is given back (else the lock stays held until its lease ends, and a
+    // re-entrant hold of a live owner never).
+    auto p = std::find_if(pending_.begin(), pending_.end(),
+                          [ticket](const Pending& q) { return q.ticket == ticket; });
+    if (p == pending_.end()) return;
+    if (p->undo) p->undo();
+    pending_.erase(p);
+    ++metrics_.disconnects_while_queued;
+    log(LogLevel::Debug, "broker", "client of request ", ticket,
+        " went away before its grant was sent; given back");
+    after_change();
+    return;
+  }
   waiters_.erase(it);
   ++metrics_.disconnects_while_queued;
   log(LogLevel::Debug, "broker", "client of request ", ticket, " went away; leaving the queue");
@@ -275,8 +290,9 @@ void BrokerService::client_gone(std::uint64_t ticket) {
   after_change();
 }
 
-void BrokerService::answer(Reply reply, HttpAnswer a, std::function<void()> undo) {
-  pending_.push_back({std::move(reply), std::move(a), std::move(undo)});
+void BrokerService::answer(Reply reply, HttpAnswer a, std::function<void()> undo,
+                           std::uint64_t ticket) {
+  pending_.push_back({std::move(reply), std::move(a), std::move(undo), ticket});
 }
 
 std::function<void()> BrokerService::undo_grant(const Lock& l) {
@@ -305,7 +321,7 @@ void BrokerService::process_events() {
             "' to ", e.lock.owner, " after waiting ", waited / 1000, " ms (fence ",
             e.lock.fence, ")");
         answer(std::move(it->second.reply), granted_answer(e.lock, table_.version_of(e.lock.key)),
-               undo_grant(e.lock));
+               undo_grant(e.lock), e.req_id);
         waiters_.erase(it);
         break;
       }
@@ -313,7 +329,7 @@ void BrokerService::process_events() {
         auto it = waiters_.find(e.req_id);
         if (it == waiters_.end()) break;
         ++metrics_.timeouts;
-        answer(std::move(it->second.reply), status_answer(408, "timeout"));
+        answer(std::move(it->second.reply), status_answer(408, "timeout"), nullptr, e.req_id);
         waiters_.erase(it);
         break;
       }

@@ -81,7 +81,8 @@ class BrokerService {
   void status(const std::string& query, Reply& reply);
   // `undo` runs instead of the answer when the change cannot be saved (a grant the
   // client is told failed must not stay held).
-  void answer(Reply reply, HttpAnswer a, std::function<void()> undo = nullptr);
+  void answer(Reply reply, HttpAnswer a, std::function<void()> undo = nullptr,
+              std::uint64_t ticket = 0);
   void after_change();
   void process_events();
   void arm_timer();
@@ -99,6 +100,7 @@ class BrokerService {
     Reply reply;
     HttpAnswer answer;
     std::function<void()> undo;
+    std::uint64_t ticket = 0;  // the request's, when it waited
   };
   std::vector<Pending> pending_;
   std::vector<JournalEntry> unsaved_;

@@ -118,3 +118,26 @@ TEST_CASE("service: bad input answers 400 naming what is wrong, unknown routes 4
   CHECK(s.send("GET", "/v1/nothing")->answer->status == 404);
   CHECK(s.table.locks().empty());
 }
+
+TEST_CASE("service: a waiter whose client goes away in the turn its grant is made gets no lock",
+          "[unit][service]") {
+  Service s;
+  auto a = s.acquire("f", "write", "A");
+  const std::string id = std::string(Service::body(*a).at("lock").at("lock_id").as_string());
+  auto b = s.acquire("f", "write", "B");
+  REQUIRE(b->ticket != 0);
+  // A's release grants B; B's connection drops before the answer goes out.
+  auto release = std::make_shared<Service::Call>();
+  s.service.handle("POST", "/v1/locks/release", R"({"lock_id":")" + id + R"(","owner":"A"})",
+                   [release](HttpAnswer ans) { release->answer = ans; });
+  s.service.client_gone(b->ticket);
+  s.ioc.poll();
+  s.ioc.restart();
+  REQUIRE(release->answer);
+  CHECK(release->answer->status == 200);
+  CHECK_FALSE(b->answer);            // nobody to tell
+  CHECK(s.table.locks("f").empty());  // and nobody holds it for B
+  auto c = s.acquire("f", "write", "C", R"(,"timeout_ms":0)");
+  REQUIRE(c->answer);
+  CHECK(c->answer->status == 200);
+}
