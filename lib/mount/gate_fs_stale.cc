@@ -106,7 +106,9 @@ int GateFs::Impl::install_merge(int mine_fd, const std::string& key, const std::
     return -1;
   }
   // From the rename on, what the kernel still asks of the agent's file goes to the
-  // one at the name (see live_fd()).
+  // one at the name (see live_fd()). Its table entry stays while this runs: the
+  // kernel holds the inode through the release (until its reply), the flush or the
+  // rename that got here, so no FORGET can free it.
   if (fuse_ino_t old = inodes->find(st.st_ino, st.st_dev)) inode(old).superseded = true;
   if (!write_merge(file.get(), data) ||
       (!named_temp && ::linkat(AT_FDCWD, proc_path(file.get()).c_str(), dir.get(), temp.c_str(),
