@@ -393,10 +393,11 @@ std::optional<std::vector<LockInfo>> BrokerClient::holders(const std::string& ke
   if (ec || !v.is_object()) return std::nullopt;
   auto it = v.as_object().find("locks");
   if (it == v.as_object().end() || !it->value().is_array()) return std::nullopt;
+  const std::string wire = wire_key(key);
   std::vector<LockInfo> out;
   for (const auto& l : it->value().as_array()) {
     LockInfo info = lock_from_json(l);
-    if (info.key == wire_key(key)) out.push_back(std::move(info));
+    if (info.key == wire) out.push_back(std::move(info));
   }
   return out;
 }

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "core/config.h"
+#include "core/token.h"
 
 namespace gate {
 
@@ -15,13 +16,7 @@ std::string sha256_hex(std::string_view data) {
   unsigned int len = 0;
   if (EVP_Digest(data.data(), data.size(), md, &len, EVP_sha256(), nullptr) != 1)
     throw std::runtime_error("SHA-256 is not available from OpenSSL");
-  static const char* hex = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < len; ++i) {
-    out.push_back(hex[md[i] >> 4]);
-    out.push_back(hex[md[i] & 15]);
-  }
-  return out;
+  return hex_of(md, len);
 }
 
 }  // namespace

@@ -19,7 +19,8 @@ std::optional<std::string> read_file(const std::string& path, std::size_t limit 
 // A descriptor closed when it goes out of scope.
 class UniqueFd {
  public:
-  explicit UniqueFd(int fd = -1) : fd_(fd) {}
+  UniqueFd() = default;
+  explicit UniqueFd(int fd) : fd_(fd) {}
   UniqueFd(UniqueFd&& o) noexcept : fd_(o.release()) {}
   UniqueFd& operator=(UniqueFd&& o) noexcept {
     if (this != &o) reset(o.release());
@@ -34,7 +35,7 @@ class UniqueFd {
   void reset(int fd = -1);
 
  private:
-  int fd_;
+  int fd_ = -1;
 };
 
 // Writes all of `data` to `fd` at `offset` (pwrite, retried after short writes and

@@ -43,12 +43,16 @@ std::string random_token() {
   thread_local RandomPool pool;
   std::uint8_t bytes[16];
   pool.take(bytes, sizeof bytes);
+  return hex_of(bytes, sizeof bytes);
+}
+
+std::string hex_of(const unsigned char* bytes, std::size_t n) {
   static const char* hex = "0123456789abcdef";
   std::string out;
-  out.reserve(32);
-  for (auto b : bytes) {
-    out.push_back(hex[b >> 4]);
-    out.push_back(hex[b & 15]);
+  out.reserve(2 * n);
+  for (std::size_t i = 0; i < n; ++i) {
+    out.push_back(hex[bytes[i] >> 4]);
+    out.push_back(hex[bytes[i] & 15]);
   }
   return out;
 }

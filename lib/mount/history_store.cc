@@ -193,7 +193,8 @@ void HistoryStore::write_batch(std::deque<Pending>& batch) {
     total_ += added;
     if (Status st = evict_locked(); !st.ok()) log(LogLevel::Warn, "mount", "history: ", st.message());
   } catch (const std::exception& e) {
-    for (auto* st : {put_blob_.get(), put_kept_.get(), put_made_.get()}) st->reset();
+    // tryReset: reset() throws the failed step's error again (as LockStore::apply).
+    for (auto* st : {put_blob_.get(), put_kept_.get(), put_made_.get()}) st->tryReset();
     log(LogLevel::Warn, "mount", "history: could not write ", batch.size(),
         " entries to the index: ", e.what(), " (files are served as usual)");
   }
@@ -204,9 +205,9 @@ Result<std::unique_ptr<HistoryStore>> HistoryStore::open(HistoryOptions options)
   fs::create_directories(options.dir + "/objects", ec);
   if (ec) return Status::failure("cannot create " + options.dir + "/objects: " + ec.message());
   // objects/00 .. objects/ff made once, so filing a content is one rename.
-  static const char* hex = "0123456789abcdef";
   for (int i = 0; i < 256; ++i) {
-    const std::string sub = options.dir + "/objects/" + hex[i >> 4] + hex[i & 15];
+    const unsigned char byte = static_cast<unsigned char>(i);
+    const std::string sub = options.dir + "/objects/" + hex_of(&byte, 1);
     if (::mkdir(sub.c_str(), 0700) != 0 && errno != EEXIST)
       return Status::failure(errno_text("cannot create " + sub));
   }
@@ -506,8 +507,8 @@ Result<std::string> HistoryStore::keep_data(const std::string& data, Micros now)
   std::uint64_t free_bytes = 0;
   if (!room_for(data.size(), &free_bytes))
     return Status::failure("only " + std::to_string(free_bytes >> 20) + " MiB free in " + options_.dir);
+  std::lock_guard guard(m_);
   try {
-    std::lock_guard guard(m_);
     put_blob_->bind(1, blob);
     put_blob_->bind(2, static_cast<int64_t>(data.size()));
     put_blob_->bind(3, static_cast<int64_t>(now));
@@ -515,7 +516,7 @@ Result<std::string> HistoryStore::keep_data(const std::string& data, Micros now)
     if (put_blob_->exec() > 0) total_ += static_cast<std::int64_t>(data.size());
     put_blob_->reset();
   } catch (const std::exception& e) {
-    put_blob_->reset();
+    put_blob_->tryReset();  // under the lock, and without throwing again
     return Status::failure("history index: " + std::string(e.what()));
   }
   return blob;
