@@ -181,7 +181,9 @@ TEST_CASE("a VM broker serves FIFO locks to processes on the host mount, and dow
     REQUIRE(wait_for_exit(pid_of(kv, "mount_pid"), 10s));
     auto stale = gate_cmd({"vm-list", "--json"});
     CHECK(stale.output.find("\"state\":\"stale\"") != std::string::npos);
-    CHECK(mount_state(mnt) == MountState::Stale);
+    // The kernel ends the dead mount's connection as the process's last descriptor
+    // of /dev/fuse goes; awaited, not assumed done when the pid is reaped.
+    CHECK(wait_until([&] { return mount_state(mnt) == MountState::Stale; }, 10s));
     auto clean = gate_cmd({"clean", "--vm-name", "e2e"});
     INFO(clean.output);
     CHECK(clean.status == 0);
