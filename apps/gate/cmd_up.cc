@@ -100,7 +100,8 @@ int up(int argc, char** argv) {
       ("host-mount", po::value<std::string>(),
        "where the locked view appears (default: $XDG_STATE_HOME/gate/mounts/NAME)")
       ("host-mount-method", po::value<std::string>()->default_value("host-direct"),
-       "host-direct (host FUSE mount, broker in the VM) or sshfs (mount served from the VM)")
+       "host-direct (host FUSE mount, broker in the VM) or sshfs (mount served from the VM over "
+       "the repository shared with virtio-fs; root only)")
       ("ssh-port", po::value<std::uint16_t>()->default_value(0), "host port for the VM's ssh (0: free one)")
       ("memory", po::value<int>()->default_value(1024), "VM memory in MiB")
       ("cpus", po::value<int>()->default_value(2), "VM CPUs")
@@ -167,16 +168,13 @@ int down(int argc, char** argv) {
   po::options_description desc("Options");
   desc.add_options()
       ("vm-name", po::value<std::string>(), "which setup (default: the only one up)")
-      ("force", po::bool_switch(), "stop even if copying the VM's edits back fails")
-      ("skip-unmount", po::bool_switch(), "leave the host view mounted")
-      ("no-sync-back", po::bool_switch(), "sshfs: do not copy the VM's edits back into the repository");
+      ("skip-unmount", po::bool_switch(), "leave the host view mounted");
   po::positional_options_description pos;
   pos.add("vm-name", 1);
   int code = 0;
   auto args = cli::parse(argc, argv, desc, "gate down [--vm-name NAME] [options]",
                        "Unmounts the locked view (releasing its locks) and stops what 'gate up' "
-                       "started: the broker, or the VM and its tunnel. In sshfs mode the VM's "
-                       "edits are first copied back into the repository.",
+                       "started: the broker, or the VM and its tunnel.",
                        &code, &pos);
   if (!args) return code;
   const std::string me = argv[0];
@@ -205,11 +203,8 @@ int down(int argc, char** argv) {
   bool clean;
   if (s->mode == "vm") {
     gate::vm::DownOptions o;
-    o.force = (*args)["force"].as<bool>();
     o.skip_unmount = (*args)["skip-unmount"].as<bool>();
-    o.no_sync_back = (*args)["no-sync-back"].as<bool>();
     clean = gate::vm::vm_down(*s, o, std::cout, std::cerr);
-    if (!clean && load_stack(name)) return 1;  // refused: the VM keeps the edits
   } else {
     clean = gate::vm::local_down(*s, std::cerr);
     remove_stack_state(name);

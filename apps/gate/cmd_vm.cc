@@ -187,14 +187,17 @@ int status(int argc, char** argv) {
     if (s->mode == "vm") {
       line(vm::qemu_running(*s), "VM (qemu pid " + s->get("qemu_pid") + ")",
            "the VM is gone: 'gate clean --vm-name " + name + "' then 'gate up'");
-      if (s->get("method") == "host-direct")
-        line(process_alive(s->get_int("tunnel_pid")), "ssh tunnel (pid " + s->get("tunnel_pid") + ")",
+      line(process_alive(s->get_int("tunnel_pid")), "ssh tunnel (pid " + s->get("tunnel_pid") + ")",
+           "'gate down --vm-name " + name + "' and 'gate up' again");
+      if (s->get("method") == "sshfs")
+        line(process_runs(s->get_int("virtiofsd_pid"), s->get("virtiofs_socket")),
+             "virtiofsd sharing " + s->repo + " (pid " + s->get("virtiofsd_pid") + ")",
              "'gate down --vm-name " + name + "' and 'gate up' again");
     } else {
       line(process_alive(s->broker_pid), "broker (pid " + std::to_string(s->broker_pid) + ")",
            "'gate down' and 'gate up --local' again");
     }
-    if (!s->broker_socket.empty() && s->get("method") != "sshfs") {
+    if (!s->broker_socket.empty()) {
       BrokerEndpoint ep;
       ep.unix_socket = s->broker_socket;
       BrokerClient client(ep, std::chrono::seconds(3));
@@ -215,7 +218,7 @@ int logs(int argc, char** argv) {
   desc.add_options()
       ("vm-name", po::value<std::string>(), "which setup (default: the only one)")
       ("component", po::value<std::string>()->default_value(""),
-       "vm, serial, ssh, tunnel, broker, mount, rsync, provision, image (default: all)")
+       "vm, serial, ssh, tunnel, broker, mount, virtiofsd, provision, image (default: all)")
       ("follow,f", po::bool_switch(), "keep printing as the log grows (Ctrl-C ends)")
       ("lines,n", po::value<int>()->default_value(40), "how many last lines of each log");
   int code = 0;

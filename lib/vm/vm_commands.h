@@ -1,6 +1,6 @@
 #pragma once
 // The command lines gate runs to drive a VM: qemu, ssh (commands, the broker
-// tunnel), rsync and sshfs. Pure functions of their settings, so that they can be
+// tunnel), virtiofsd and sshfs. Pure functions of their settings, so that they can be
 // tested without a VM and shown by `gate up --dry-run`.
 #include <cstdint>
 #include <string>
@@ -24,7 +24,12 @@ struct QemuConfig {
   std::string serial_log;
   std::string qmp_socket;
   std::string pid_file;
+  // virtiofsd's socket: shares a host directory with the guest under the tag
+  // kVirtiofsTag (the guest memory becomes a shared memfd, which vhost-user needs).
+  std::string virtiofs_socket;
 };
+
+inline constexpr const char* kVirtiofsTag = "gate-repo";
 
 std::vector<std::string> qemu_command(const QemuConfig& c);
 // Probe command: does KVM really start a vCPU here? (see kvm_usable in vm_host.h)
@@ -46,9 +51,9 @@ std::vector<std::string> ssh_command(const SshTarget& t, const std::string& remo
 // Forwards a local Unix socket to the guest's broker (127.0.0.1:guest_port).
 std::vector<std::string> tunnel_command(const SshTarget& t, const std::string& local_socket,
                                         std::uint16_t guest_port);
-// rsync over ssh; to_guest chooses the direction. Paths are directories.
-std::vector<std::string> rsync_command(const SshTarget& t, const std::string& local_dir,
-                                       const std::string& guest_dir, bool to_guest);
+// QEMU's virtio-fs daemon serving `source` on `socket` to one VM; it ends when the VM does.
+std::vector<std::string> virtiofsd_command(const std::string& virtiofsd, const std::string& socket,
+                                           const std::string& source);
 std::vector<std::string> sshfs_command(const SshTarget& t, const std::string& guest_dir,
                                        const std::string& local_mount);
 

@@ -17,7 +17,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kImageVersion = "2";  // bump when the image recipe changes
+constexpr const char* kImageVersion = "3";  // bump when the image recipe changes
 
 // Runs a logged command; a failure names the step.
 Status logged(const std::vector<std::string>& argv, const std::string& log_path,
@@ -53,6 +53,9 @@ rm -rf /opt/gate
 mkdir -p /opt/gate
 cp -a "$seed/opt-gate/." /opt/gate/
 install -m 644 "$seed/gate-broker.env" /etc/default/gate-broker
+if [ -f "$seed/boot.sh" ]; then
+  sh -eu "$seed/boot.sh" "$seed" || echo "gate-provision: the seed's boot.sh failed" >&2
+fi
 umount "$seed"
 echo "gate-provision: installed $(LD_LIBRARY_PATH=/opt/gate/lib /opt/gate/bin/gate --version)"
 )SH";
@@ -104,7 +107,7 @@ Status customize_tree(const fs::path& root) {
                    "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet dhcp\n");
   ok &= write_file(root / "etc/fuse.conf", "user_allow_other\n");
   ok &= write_file(root / "etc/ssh/sshd_config.d/gate.conf",
-                   "PasswordAuthentication no\nUseDNS no\nPermitRootLogin no\n");
+                   "PasswordAuthentication no\nUseDNS no\nPermitRootLogin prohibit-password\n");
   ok &= write_file(root / "usr/local/sbin/gate-provision", kProvisionScript, 0755);
   ok &= write_file(root / "etc/systemd/system/gate-provision.service", kProvisionUnit);
   ok &= write_file(root / "etc/systemd/system/gate-broker.service", kBrokerUnit);
@@ -188,7 +191,7 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
   progress("building the Debian 12 guest image from Debian's packages (mmdebstrap)");
   Status err = logged(
       {"mmdebstrap", "--variant=apt",
-       "--include=systemd-sysv,openssh-server,fuse3,rsync,udev,iproute2,ifupdown,"
+       "--include=systemd-sysv,openssh-server,fuse3,udev,iproute2,ifupdown,"
        "isc-dhcp-client,kmod,dbus",
        "--customize-hook=chroot \"$1\" useradd --create-home --shell /bin/bash --groups systemd-journal gate",
        "bookworm", root.string()},
@@ -266,7 +269,8 @@ Status make_seed_image(const SeedContents& c, const std::string& work_dir,
   fs::create_directories(dir / "opt-gate/bin", ec);
   fs::create_directories(dir / "opt-gate/lib", ec);
   if (!write_file(dir / "authorized_keys", c.authorized_key + "\n", 0600) ||
-      !write_file(dir / "gate-broker.env", "GATE_BROKER_ARGS=" + c.broker_args + "\n"))
+      !write_file(dir / "gate-broker.env", "GATE_BROKER_ARGS=" + c.broker_args + "\n") ||
+      (!c.boot_script.empty() && !write_file(dir / "boot.sh", c.boot_script)))
     return Status::failure("cannot write the seed files in " + dir.string());
   fs::copy_file(c.gate_binary, dir / "opt-gate/bin/gate", fs::copy_options::overwrite_existing, ec);
   if (ec) return Status::failure("cannot copy " + c.gate_binary + ": " + ec.message());

@@ -45,6 +45,9 @@ struct SeedContents {
   std::string authorized_key;  // the public key line
   std::string gate_binary;     // host path of the gate executable to install
   std::string broker_args;     // extra arguments for the guest's gate broker
+  // Run as root by the guest's provisioning at every boot, before ssh starts (sh -eu);
+  // empty: none. The sshfs method mounts the shared repository with it.
+  std::string boot_script;
 };
 Status make_seed_image(const SeedContents& c, const std::string& work_dir,
                        const std::string& image_path, const std::string& log_path);

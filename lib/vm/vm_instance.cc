@@ -42,6 +42,31 @@ bool have_tool(const std::string& tool) {
   return run_command({"sh", "-c", "command -v " + tool}, 5s).status == 0;
 }
 
+// QEMU's virtio-fs daemon; Debian ships it outside PATH (qemu-system-common).
+std::string find_virtiofsd() {
+  for (const char* p : {"/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virtiofsd"})
+    if (::access(p, X_OK) == 0) return p;
+  return have_tool("virtiofsd") ? "virtiofsd" : "";
+}
+
+// The sshfs method reaches the guest as its root: the shared repository keeps the host's
+// owners, and only root in the guest may act as any of them (the guest's gate mount and
+// the sftp server behind sshfs).
+SshTarget as_root(SshTarget t) {
+  t.user = "root";
+  return t;
+}
+
+// The sshfs method's boot script (SeedContents::boot_script): lets the host's key in as
+// root and mounts the repository that virtiofsd shares.
+std::string sshfs_boot_script() {
+  return std::string("seed=\"$1\"\n"
+                     "install -d -m 700 /root/.ssh\n"
+                     "install -m 600 \"$seed/authorized_keys\" /root/.ssh/authorized_keys\n"
+                     "mkdir -p ") + kGuestRepo + " " + kGuestView + "\n" +
+         "mountpoint -q " + kGuestRepo + " || mount -t virtiofs " + kVirtiofsTag + " " + kGuestRepo + "\n";
+}
+
 // The steps of one `gate up`, and what to undo when one fails.
 class UpRun {
  public:
@@ -60,7 +85,10 @@ class UpRun {
   Status start_vm();
   Status wait_for_ssh();
   Status wait_for_broker_in_guest();
+  // The host's way to the guest's broker (gate locks, gate status, the host mount).
+  Status start_tunnel();
   Status host_direct();
+  Status start_virtiofsd();
   Status sshfs();
   void summary();
   void dry_run();
@@ -77,7 +105,8 @@ class UpRun {
   std::string logs_, key_, pub_;
   QemuConfig qemu_;
   SshTarget ssh_;
-  pid_t qemu_pid_ = -1, tunnel_pid_ = -1, mount_pid_ = -1;
+  std::string virtiofsd_;  // sshfs method: its path
+  pid_t qemu_pid_ = -1, tunnel_pid_ = -1, mount_pid_ = -1, virtiofsd_pid_ = -1;
   std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
   std::string failed_step_, failed_log_;
 };
@@ -108,6 +137,7 @@ void UpRun::undo() {
   unmount_fuse(s_.mount);
   if (tunnel_pid_ > 0) stop_process(tunnel_pid_, "ssh", 5s);
   if (qemu_pid_ > 0) stop_process(qemu_pid_, "gate-" + o_.name, 5s);
+  if (virtiofsd_pid_ > 0) stop_process(virtiofsd_pid_, qemu_.virtiofs_socket, 5s);
   remove_stack_state(o_.name);
 }
 
@@ -117,11 +147,20 @@ Status UpRun::prepare() {
   if (ec || !fs::is_directory(repo))
     return failed("check", "'" + o_.repo_path + "' is not a directory", "");
   std::vector<std::string> tools = {"qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen", "mkfs.ext4"};
-  if (o_.method == "sshfs") tools.insert(tools.end(), {"sshfs", "rsync"});
+  if (o_.method == "sshfs") tools.push_back("sshfs");
   for (const auto& t : tools)
     if (!have_tool(t))
       return failed("check", t + " is not installed (apt-get install qemu-system-x86 qemu-utils "
-                              "openssh-client e2fsprogs sshfs rsync)", "");
+                              "openssh-client e2fsprogs sshfs)", "");
+  if (o_.method == "sshfs") {
+    if (::geteuid() != 0)
+      return failed("check", "--host-mount-method sshfs shares the repository into the VM with "
+                             "virtio-fs, whose daemon (virtiofsd) runs only as root: run gate up as "
+                             "root, or use the default method, host-direct, which needs neither", "");
+    virtiofsd_ = find_virtiofsd();
+    if (virtiofsd_.empty())
+      return failed("check", "virtiofsd is not installed (apt-get install qemu-system-common)", "");
+  }
 
   s_.name = o_.name;
   s_.mode = "vm";
@@ -203,6 +242,7 @@ Status UpRun::start_vm() {
   seed.authorized_key = key_line;
   seed.gate_binary = o_.gate_binary;
   seed.broker_args = shell_join(broker_lock_flags(o_.locks));
+  if (o_.method == "sshfs") seed.boot_script = sshfs_boot_script();
   const std::string seed_path = vm_dir + "/seed.img";
   if (Status e = make_seed_image(seed, vm_dir, seed_path, logs_ + "/provision.log"); !e.ok())
     return failed("seed", e.message(), logs_ + "/provision.log");
@@ -228,6 +268,8 @@ Status UpRun::start_vm() {
   qemu_.serial_log = logs_ + "/serial.log";
   qemu_.qmp_socket = s_.state_dir() + "/qmp.sock";
   qemu_.pid_file = s_.state_dir() + "/qemu.pid";
+  if (o_.method == "sshfs")
+    if (Status e = start_virtiofsd(); !e.ok()) return e;
   fs::remove(qemu_.serial_log, ec);
   fs::remove(qemu_.pid_file, ec);
   say("starting the VM (" + std::to_string(o_.memory_mib) + " MiB, " + std::to_string(o_.cpus) +
@@ -240,6 +282,10 @@ Status UpRun::start_vm() {
   s_.extra["ssh_port"] = std::to_string(port);
   s_.extra["accel"] = accel.accel == Accel::Kvm ? "kvm" : "tcg";
   s_.extra["qmp_socket"] = qemu_.qmp_socket;
+  if (virtiofsd_pid_ > 0) {
+    s_.extra["virtiofsd_pid"] = std::to_string(virtiofsd_pid_);
+    s_.extra["virtiofs_socket"] = qemu_.virtiofs_socket;
+  }
   ssh_ = ssh_target_of(s_);
   // Written now so that gate down and gate clean find the VM if a later step fails.
   if (Status saved = save_stack(s_); !saved.ok()) return failed("state", saved.message(), "");
@@ -291,7 +337,7 @@ Status UpRun::wait_for_broker_in_guest() {
   return {};
 }
 
-Status UpRun::host_direct() {
+Status UpRun::start_tunnel() {
   const std::string tunnel_log = logs_ + "/tunnel.log";
   std::error_code ec;
   fs::remove(s_.broker_socket, ec);
@@ -312,8 +358,13 @@ Status UpRun::host_direct() {
   }
   if (!healthy) return failed("tunnel", "the broker did not answer through the tunnel", tunnel_log);
   say("tunnel up: " + s_.broker_socket + " -> guest 127.0.0.1:" + std::to_string(kGuestBrokerPort));
-  if (o_.skip_host_mount) return {};
+  return {};
+}
 
+Status UpRun::host_direct() {
+  if (Status t = start_tunnel(); !t.ok()) return t;
+  if (o_.skip_host_mount) return {};
+  std::error_code ec;
   fs::create_directories(s_.mount, ec);
   const std::string mount_log = logs_ + "/mount.log";
   Daemon mount = start_daemon(host_mount_command(s_.repo, s_.mount, s_.broker_socket), mount_log, 30s);
@@ -324,22 +375,43 @@ Status UpRun::host_direct() {
   return {};
 }
 
+Status UpRun::start_virtiofsd() {
+  const std::string log = logs_ + "/virtiofsd.log";
+  qemu_.virtiofs_socket = s_.state_dir() + "/virtiofs.sock";
+  std::error_code ec;
+  fs::remove(qemu_.virtiofs_socket, ec);
+  Daemon d = start_daemon(virtiofsd_command(virtiofsd_, qemu_.virtiofs_socket, s_.repo), log, 0ms);
+  if (d.pid < 0) return failed("virtiofsd", d.error, log);
+  virtiofsd_pid_ = d.pid;
+  // qemu connects to the socket as it starts: it must be listening by then.
+  const auto end = std::chrono::steady_clock::now() + 10s;
+  while (!fs::exists(qemu_.virtiofs_socket)) {
+    if (!process_alive(virtiofsd_pid_)) return failed("virtiofsd", "virtiofsd exited at start", log);
+    if (std::chrono::steady_clock::now() > end)
+      return failed("virtiofsd", "virtiofsd did not open its socket in 10 s", log);
+    std::this_thread::sleep_for(20ms);
+  }
+  say("sharing " + s_.repo + " with the VM (virtio-fs; log " + log + ")");
+  return {};
+}
+
 Status UpRun::sshfs() {
-  const std::string rsync_log = logs_ + "/rsync.log";
+  if (Status t = start_tunnel(); !t.ok()) return t;
   const std::string mount_log = logs_ + "/mount.log";
-  say("copying " + s_.repo + " into the guest (rsync; log " + rsync_log + ")");
-  run_step(ssh_command(ssh_, std::string("mkdir -p ") + kGuestRepo + " " + kGuestView), rsync_log, 30s);
-  RunResult r = run_step(rsync_command(ssh_, s_.repo, kGuestRepo, true), rsync_log, 30min);
-  if (r.status != 0) return failed("rsync", "copying the repository into the guest failed", rsync_log);
-  r = run_step(ssh_command(ssh_, "mountpoint -q " + std::string(kGuestView) + " || " +
-                                     guest_mount_command()),
-                 mount_log, 60s);
+  const SshTarget root = as_root(ssh_);
+  RunResult r = run_step(ssh_command(root, std::string("mountpoint -q ") + kGuestRepo), mount_log, 30s);
+  if (r.status != 0)
+    return failed("virtio-fs", "the guest did not mount the shared repository at " +
+                                   std::string(kGuestRepo) + " (its provisioning is in the serial log)",
+                  logs_ + "/serial.log");
+  r = run_step(ssh_command(root, "mountpoint -q " + std::string(kGuestView) + " || " + guest_mount_command()),
+               mount_log, 60s);
   if (r.status != 0) return failed("mount", "gate mount inside the guest failed", mount_log);
-  say("gate mount runs in the guest at " + std::string(kGuestView));
+  say("gate mount runs in the guest at " + std::string(kGuestView) + ", over the shared repository");
   if (o_.skip_host_mount) return {};
   std::error_code ec;
   fs::create_directories(s_.mount, ec);
-  r = run_step(sshfs_command(ssh_, kGuestView, s_.mount), mount_log, 60s);
+  r = run_step(sshfs_command(root, kGuestView, s_.mount), mount_log, 60s);
   if (r.status != 0) return failed("sshfs", "sshfs onto the guest's view failed", mount_log);
   say("mounted the guest's view at " + s_.mount + " (sshfs)");
   return {};
@@ -350,10 +422,9 @@ void UpRun::summary() {
   out_ << "gate: '" << s_.name << "' is up (" << s_.get("method") << ", " << s_.get("accel") << ", "
        << secs << " s)\n";
   if (!o_.skip_host_mount) out_ << "  work in:  " << s_.mount << "\n";
-  if (s_.get("method") == "host-direct")
-    out_ << "  locks:    gate locks --broker-socket " << s_.broker_socket << "\n";
-  else
-    out_ << "  edits live in the guest until 'gate down' copies them back into " << s_.repo << "\n";
+  out_ << "  locks:    gate locks --vm-name " << s_.name << "\n";
+  if (s_.get("method") == "sshfs")
+    out_ << "  edits land in " << s_.repo << " as they are written (virtio-fs: no copy)\n";
   out_ << "  logs:     " << logs_ << "/\n"
        << "  ssh:      " << shell_join(ssh_command(ssh_, "")) << "\n"
        << "  stop:     gate down --vm-name " << s_.name << "\n";
@@ -405,9 +476,11 @@ void UpRun::dry_run() {
        << "4. vm: " << shell_join(qemu_command(q)) << "\n"
        << "5. ssh: " << shell_join(ssh_command(t, "true", 3)) << " (until it answers)\n";
   if (o_.method == "sshfs") {
-    out_ << "6. rsync: " << shell_join(rsync_command(t, o_.repo_path, kGuestRepo, true)) << "\n"
-         << "7. guest mount: " << guest_mount_command() << "\n"
-         << "8. sshfs: " << shell_join(sshfs_command(t, kGuestView, "<host-mount>")) << "\n";
+    out_ << "   with virtio-fs (started before 4.): "
+         << shell_join(virtiofsd_command(find_virtiofsd(), "<state>/virtiofs.sock", o_.repo_path)) << "\n"
+         << "   the guest mounts it at boot: mount -t virtiofs " << kVirtiofsTag << " " << kGuestRepo << "\n"
+         << "6. guest mount (as root): " << guest_mount_command() << "\n"
+         << "7. sshfs: " << shell_join(sshfs_command(as_root(t), kGuestView, "<host-mount>")) << "\n";
   } else {
     out_ << "6. tunnel: " << shell_join(tunnel_command(t, "<state>/broker.sock", kGuestBrokerPort)) << "\n"
          << "7. mount: "
@@ -436,8 +509,6 @@ int UpRun::run() {
     }
     say("'" + o_.name + "' was left half up; cleaning it first");
     DownOptions d;
-    d.force = true;
-    d.no_sync_back = true;
     std::ostringstream sink;
     vm_down(*old, d, sink, sink);
   }
@@ -482,18 +553,11 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
     if (s.mount_pid > 0) stop_process(s.mount_pid, s.mount, 10s);
     unmount_fuse(s.mount);
   }
-  // 2. sshfs: the edits live in the guest; bring them home before stopping it.
-  if (sshfs && running && !o.no_sync_back) {
-    run_step(ssh_command(ssh, std::string("fusermount3 -u ") + kGuestView + " 2>/dev/null; true"),
-               logs + "/mount.log", 30s);
-    out << "gate: copying the guest's edits back into " << s.repo << " (log " << logs << "/rsync.log)\n";
-    RunResult r = run_step(rsync_command(ssh, s.repo, kGuestRepo, false), logs + "/rsync.log", 30min);
-    if (r.status != 0 && !o.force) {
-      err << "gate down: copying the edits back failed; the VM keeps running so nothing is lost. "
-             "See " << logs << "/rsync.log, then retry, or use --force (edits in the VM are lost)\n";
-      return false;
-    }
-  }
+  // 2. sshfs: the guest's gate mount releases its locks as it ends. Every edit is in
+  // the repository already (virtio-fs), so nothing is copied.
+  if (sshfs && running)
+    run_step(ssh_command(as_root(ssh), std::string("fusermount3 -u ") + kGuestView + " 2>/dev/null; true"),
+             logs + "/mount.log", 30s);
   // 3. The tunnel.
   stop_process(s.get_int("tunnel_pid"), "ssh", 5s);
   // 4. The guest: ACPI power button, then the hard way.
@@ -506,8 +570,10 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
       stop_process(pid, "gate-" + s.name, 5s);
     }
   }
+  // virtiofsd ends as its VM does; stopped here if it has not.
+  stop_process(s.get_int("virtiofsd_pid"), s.get("virtiofs_socket"), 5s);
   std::error_code ec;
-  for (const char* f : {"qemu.pid", "qmp.sock", "broker.sock"}) fs::remove(s.state_dir() + "/" + f, ec);
+  for (const char* f : {"qemu.pid", "qmp.sock", "broker.sock", "virtiofs.sock"}) fs::remove(s.state_dir() + "/" + f, ec);
   remove_stack_state(s.name);
   return !qemu_running(s) && (o.skip_unmount || !listed_in_mountinfo(s.mount));
 }
@@ -534,9 +600,13 @@ std::vector<std::string> clean_stack(const StackState& s) {
     stop_process(s.mount_pid, s.mount, 5s);
     did.push_back("stopped the orphaned mount process (pid " + std::to_string(s.mount_pid) + ")");
   }
+  if (process_runs(s.get_int("virtiofsd_pid"), s.get("virtiofs_socket"))) {
+    stop_process(s.get_int("virtiofsd_pid"), s.get("virtiofs_socket"), 5s);
+    did.push_back("stopped the orphaned virtiofsd (pid " + s.get("virtiofsd_pid") + ")");
+  }
   if (process_runs(s.broker_pid, s.broker_socket)) stop_process(s.broker_pid, s.broker_socket, 5s);
   std::error_code ec;
-  for (const char* f : {"qemu.pid", "qmp.sock", "broker.sock"})
+  for (const char* f : {"qemu.pid", "qmp.sock", "broker.sock", "virtiofs.sock"})
     if (fs::remove(s.state_dir() + "/" + f, ec)) did.push_back(std::string("removed the dead ") + f);
   remove_stack_state(s.name);
   did.push_back("removed the runtime state of '" + s.name + "'");

@@ -47,9 +47,7 @@ struct VmOptions {
 int vm_up(const VmOptions& o, std::ostream& out, std::ostream& err);
 
 struct DownOptions {
-  bool force = false;         // stop even when syncing edits back fails
   bool skip_unmount = false;  // leave the host view mounted
-  bool no_sync_back = false;  // sshfs: do not copy the guest's edits back
   int shutdown_timeout_s = 30;
 };
 // Stops a VM stack; true when everything stopped.

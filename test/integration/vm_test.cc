@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <sstream>
 #include <thread>
 
 #include "client/broker_client.h"
@@ -52,8 +53,8 @@ struct VmGuard {
   std::string state_root, name;
   ~VmGuard() {
     auto kv = state_of(state_root, name);
-    gate_cmd({"down", "--vm-name", name, "--force", "--no-sync-back"}, 2min);
-    for (const char* key : {"qemu_pid", "tunnel_pid", "mount_pid"}) {
+    gate_cmd({"down", "--vm-name", name}, 2min);
+    for (const char* key : {"qemu_pid", "tunnel_pid", "mount_pid", "virtiofsd_pid"}) {
       const pid_t pid = pid_of(kv, key);
       if (pid > 0 && process_alive(pid)) ::kill(pid, SIGKILL);
     }
@@ -101,6 +102,35 @@ std::vector<pid_t> processes_naming(const std::string& path) {
     if (cmdline.find(path) != std::string::npos) out.push_back(std::stoi(name));
   }
   return out;
+}
+
+// Work going on when a VM dies: a shell appends numbered lines to `file` (each append
+// its own open and close) and, after each close returned, writes how many it finished to
+// `progress` (outside the view). It stops at the first failure.
+test::Child start_writer(const std::string& file, const std::string& progress) {
+  return test::Child::spawn(
+      {"sh", "-c", "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); echo \"line $i\" >> \"$1\" || exit 1; "
+                   "echo $i > \"$2.new\" && mv \"$2.new\" \"$2\"; done",
+       "sh", file, progress});
+}
+
+int finished_lines(const std::string& progress) {
+  const std::string text = test::read_file(progress);
+  return text.empty() ? 0 : std::stoi(text);
+}
+
+// Every line the writer finished is in the repository's file, in order: nothing that a
+// close returned is lost.
+void check_finished_lines_kept(const std::string& repo_file, int finished) {
+  std::istringstream in(test::read_file(repo_file));
+  std::string line;
+  int n = 0;
+  while (n < finished && std::getline(in, line)) {
+    ++n;
+    if (line != "line " + std::to_string(n)) break;
+  }
+  INFO("finished " << finished << ", found in order " << n);
+  CHECK(n == finished);
 }
 
 }  // namespace
@@ -174,8 +204,16 @@ TEST_CASE("a VM broker serves FIFO locks to processes on the host mount, and dow
     CHECK(again.output.find("reusing the VM disk") != std::string::npos);
     kv = state_of(tmp.path() + "/state", "e2e");
 
-    // A crash: the VM and the host mount process die.
+    // A crash during work: the VM dies under a writer, then the host mount process.
+    const std::string progress = tmp.path() + "/progress";
+    auto writer = start_writer(mnt + "/work.log", progress);
+    REQUIRE(wait_until([&] { return finished_lines(progress) >= 20; }, 60s));
     ::kill(pid_of(kv, "qemu_pid"), SIGKILL);
+    REQUIRE(wait_for_exit(pid_of(kv, "qemu_pid"), 10s));
+    // Without its broker the mount answers the next open with an error: the writer ends.
+    CHECK(writer.wait(60s) == 1);
+    const int finished = finished_lines(progress);
+    check_finished_lines_kept(repo + "/work.log", finished);
     ::kill(pid_of(kv, "mount_pid"), SIGKILL);
     REQUIRE(wait_for_exit(pid_of(kv, "qemu_pid"), 10s));
     REQUIRE(wait_for_exit(pid_of(kv, "mount_pid"), 10s));
@@ -194,51 +232,90 @@ TEST_CASE("a VM broker serves FIFO locks to processes on the host mount, and dow
   }
 }
 
-TEST_CASE("in sshfs mode an edit made through the host mount is brought back by gate down",
-          "[vm][slow]") {
+TEST_CASE("in sshfs mode every edit lands in the repository as it is written, a VM killed during "
+          "work loses none, and down overwrites nothing", "[vm][slow]") {
   VmScene scene;
   const test::TempDir& tmp = scene.tmp;
   const std::string& repo = scene.repo;
   fs::create_directories(repo + "/src");
   { std::ofstream(repo + "/src/main.c") << "int main(void) { return 0; }\n"; }
+  REQUIRE(::chmod((repo + "/src/main.c").c_str(), 0640) == 0);
   REQUIRE(gate_cmd({"image", "build"}, 20min).status == 0);
 
   VmGuard guard{tmp.path() + "/state", "e2e-sshfs"};
-  auto up = gate_cmd({"up", "--repo-path", repo, "--vm-name", "e2e-sshfs", "--host-mount-method", "sshfs"});
+  const std::vector<std::string> up_args = {"up", "--repo-path", repo, "--vm-name", "e2e-sshfs",
+                                            "--host-mount-method", "sshfs"};
+  auto up = gate_cmd(up_args);
   INFO(up.output);
   REQUIRE(up.status == 0);
-  const std::string mnt = state_of(tmp.path() + "/state", "e2e-sshfs")["mount"];
+  auto kv = state_of(tmp.path() + "/state", "e2e-sshfs");
+  const std::string mnt = kv["mount"];
   CHECK(test::read_file(mnt + "/src/main.c") == "int main(void) { return 0; }\n");
   { std::ofstream(mnt + "/src/main.c", std::ios::app) << "/* edited in the VM */\n"; }
   { std::ofstream(mnt + "/NEW.md") << "new file\n"; }
-  // Not yet in the repository: the edit lives in the guest's copy.
-  CHECK(test::read_file(repo + "/src/main.c") == "int main(void) { return 0; }\n");
+  // In the repository as soon as the writes returned: no copy to bring back.
+  CHECK(test::read_file(repo + "/src/main.c") == "int main(void) { return 0; }\n/* edited in the VM */\n");
+  CHECK(test::read_file(repo + "/NEW.md") == "new file\n");
+  struct stat st {};
+  REQUIRE(::stat((repo + "/src/main.c").c_str(), &st) == 0);
+  CHECK((st.st_mode & 0777) == 0640);  // owner and mode are the host's own
+  CHECK(st.st_uid == ::geteuid());
+  {  // a lock taken in the guest's broker: the write lock is held while the file is open
+    const std::string fifo = tmp.path() + "/release";
+    REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
+    auto holder = test::Child::spawn(
+        {"sh", "-c", "exec 3>>\"$1\"; read x < \"$2\"", "sh", mnt + "/NEW.md", fifo});
+    BrokerEndpoint ep;
+    ep.unix_socket = kv["broker_socket"];
+    CHECK(wait_until([&] {
+      BrokerClient c(ep, 5s);
+      return c.status("NEW.md").body.find("\"mode\":\"write\"") != std::string::npos;
+    }, 30s));
+    auto locks = gate_cmd({"locks", "--vm-name", "e2e-sshfs"}, 30s);
+    CHECK(locks.output.find("NEW.md") != std::string::npos);
+    { std::ofstream(fifo) << "go\n"; }
+    CHECK(holder.wait(30s) == 0);
+  }
 
+  // A change made on the host, in the repository itself, while the VM is up: gate down
+  // keeps it (there is nothing to copy back over it).
+  { std::ofstream(repo + "/src/main.c", std::ios::app) << "/* edited on the host */\n"; }
   auto down = gate_cmd({"down", "--vm-name", "e2e-sshfs"});
   INFO(down.output);
   CHECK(down.status == 0);
-  CHECK(test::read_file(repo + "/src/main.c") == "int main(void) { return 0; }\n/* edited in the VM */\n");
-  CHECK(test::read_file(repo + "/NEW.md") == "new file\n");
+  CHECK(test::read_file(repo + "/src/main.c") ==
+        "int main(void) { return 0; }\n/* edited in the VM */\n/* edited on the host */\n");
   CHECK(mount_state(mnt) == MountState::NotMounted);
+  CHECK_FALSE(process_alive(pid_of(kv, "virtiofsd_pid")));
 
-  // A crash: the VM dies under a live sshfs view. gate clean leaves nothing of it (the
-  // view unmounted, its sshfs process gone), and the next gate up works.
-  auto crash = gate_cmd({"up", "--repo-path", repo, "--vm-name", "e2e-sshfs", "--host-mount-method", "sshfs"});
+  // A crash during work: the VM dies under a writer. Every line whose close returned is in
+  // the repository; gate clean leaves nothing of the setup (the view unmounted, its sshfs
+  // process and virtiofsd gone), and the next gate up serves the same files.
+  auto crash = gate_cmd(up_args);
   INFO(crash.output);
   REQUIRE(crash.status == 0);
-  auto kv = state_of(tmp.path() + "/state", "e2e-sshfs");
+  kv = state_of(tmp.path() + "/state", "e2e-sshfs");
+  const std::string progress = tmp.path() + "/progress";
+  auto writer = start_writer(mnt + "/work.log", progress);
+  REQUIRE(wait_until([&] { return finished_lines(progress) >= 20; }, 120s));
   ::kill(pid_of(kv, "qemu_pid"), SIGKILL);
   REQUIRE(wait_for_exit(pid_of(kv, "qemu_pid"), 10s));
+  const int finished = finished_lines(progress);
+  check_finished_lines_kept(repo + "/work.log", finished);
+  // sshfs keeps reconnecting to the dead guest: the writer may wait in it until the clean.
+  writer.kill_and_wait();
   REQUIRE(listed_in_mountinfo(mnt));
   auto clean = gate_cmd({"clean", "--vm-name", "e2e-sshfs"});
   INFO(clean.output);
   CHECK(clean.status == 0);
   CHECK_FALSE(listed_in_mountinfo(mnt));
   CHECK(wait_until([&] { return processes_naming(mnt).empty(); }, 10s));
-  auto again = gate_cmd({"up", "--repo-path", repo, "--vm-name", "e2e-sshfs", "--host-mount-method", "sshfs"});
+  CHECK(wait_until([&] { return !process_alive(pid_of(kv, "virtiofsd_pid")); }, 10s));
+  auto again = gate_cmd(up_args);
   INFO(again.output);
   CHECK(again.status == 0);
   CHECK(test::read_file(mnt + "/NEW.md") == "new file\n");
+  CHECK(test::read_file(mnt + "/work.log") == test::read_file(repo + "/work.log"));
 }
 
 TEST_CASE("a VM killed like a power cut hands out no fence twice, and a held lock comes back whole or "

@@ -71,18 +71,21 @@ TEST_CASE("ssh pins the VM's host key in its own known_hosts and never asks", "[
   CHECK(has(tunnel, "ExitOnForwardFailure=yes"));
 }
 
-TEST_CASE("rsync copies directory contents in the direction asked", "[vm]") {
-  SshTarget t;
-  t.port = 22;
-  t.identity = "/k";
-  t.known_hosts = "/kh";
-  auto to = rsync_command(t, "/repo", "/home/gate/repo", true);
-  CHECK(to[to.size() - 2] == "/repo/");
-  CHECK(to.back() == "gate@127.0.0.1:/home/gate/repo/");
-  auto back = rsync_command(t, "/repo", "/home/gate/repo", false);
-  CHECK(back[back.size() - 2] == "gate@127.0.0.1:/home/gate/repo/");
-  CHECK(back.back() == "/repo/");
-  CHECK(after(to, "-e").find("UserKnownHostsFile=/kh") != std::string::npos);
+TEST_CASE("sshfs mode shares the repository into the guest with virtio-fs, no copy", "[vm]") {
+  auto d = virtiofsd_command("/usr/lib/qemu/virtiofsd", "/s/vfs.sock", "/repo");
+  CHECK(d.front() == "/usr/lib/qemu/virtiofsd");
+  CHECK(has(d, "--socket-path=/s/vfs.sock"));
+  CHECK(has(d, "source=/repo"));
+  CHECK(has(d, "xattr"));
+  QemuConfig q;
+  q.memory_mib = 768;
+  CHECK_FALSE(has(qemu_command(q), "-numa"));  // host-direct: plain memory
+  q.virtiofs_socket = "/s/vfs.sock";
+  auto a = qemu_command(q);
+  CHECK(after(a, "-object") == "memory-backend-memfd,id=mem,size=768M,share=on");
+  CHECK(after(a, "-numa") == "node,memdev=mem");
+  CHECK(after(a, "-chardev") == "socket,id=vfs,path=/s/vfs.sock");
+  CHECK(has(a, std::string("vhost-user-fs-pci,chardev=vfs,tag=") + kVirtiofsTag));
 }
 
 TEST_CASE("shell_join quotes what a shell would split", "[vm]") {
