@@ -253,6 +253,11 @@ int GateFs::Impl::file_now_named(Inode& in, const std::string& key, struct stat*
   return fd;
 }
 
+// O_DIRECT is the caller's and is kept by the kernel (direct_io, below): its data never
+// sits in the mount's page cache. The file below is opened without it, since FUSE hands
+// the data over in buffers that O_DIRECT's alignment rules would refuse (EINVAL).
+constexpr int kCallerOnlyFlags = O_DIRECT;
+
 void GateFs::Impl::reply_open(fuse_req_t req, Opening& o, int err, bool created) {
   if (err) {
     fuse_reply_err(req, err);
@@ -278,7 +283,7 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   o->ino = ino;
   run_locked(req, plan_locks({.op = FsOp::Open, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &in, o](std::vector<HeldLock>& held) {
-                int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY);
+                int flags = o->f.flags & ~(O_NOFOLLOW | O_CREAT | O_EXCL | O_NOCTTY | kCallerOnlyFlags);
                 struct stat now {};
                 const int replacement = held.empty() ? -1 : file_now_named(in, o->key, &now);
                 if (replacement == -2) return ESTALE;
@@ -328,7 +333,7 @@ void GateFs::Impl::create(fuse_req_t req, fuse_ino_t parent, const char* name, m
   o->created = true;
   run_locked(req, plan_locks({.op = FsOp::Create, .key = o->key, .open_flags = fi->flags}), nullptr,
              {[this, &p, nm, mode, uid, gid, o](std::vector<HeldLock>& held) {
-                int flags = (o->f.flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC) & ~O_NOCTTY;
+                int flags = (o->f.flags | O_CREAT | O_NOFOLLOW | O_CLOEXEC) & ~(O_NOCTTY | kCallerOnlyFlags);
                 int fd = ::openat(p.fd, nm.c_str(), flags, mode);
                 if (fd >= 0) {
                   give_to_caller(p.fd, nm, fd, uid, gid);
