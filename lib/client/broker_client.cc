@@ -8,36 +8,12 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <boost/asio/buffer.hpp>
-#include <boost/beast/core/error.hpp>
-#include <boost/beast/http.hpp>
-#include <boost/json.hpp>
-
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
 
-#include "client/wire_key.h"
-
 namespace gate {
-
-namespace asio = boost::asio;
-namespace beast = boost::beast;
-namespace http = beast::http;
-namespace json = boost::json;
-
-const char* to_string(CallStatus s) {
-  switch (s) {
-    case CallStatus::Ok: return "ok";
-    case CallStatus::Timeout: return "timeout";
-    case CallStatus::Deadlock: return "deadlock";
-    case CallStatus::Forbidden: return "forbidden";
-    case CallStatus::NotFound: return "not found";
-    case CallStatus::BadRequest: return "bad request";
-    case CallStatus::Unavailable: return "unavailable";
-  }
-  return "?";
-}
 
 // Blocking sockets with poll() for time limits: a call costs a send and a receive
 // or two, with no event loop or timers around them (the mount makes thousands of
@@ -150,43 +126,27 @@ struct BrokerClient::Impl {
     return "";
   }
 
-  // Reads one response. *got_bytes tells whether anything at all arrived.
-  std::string receive(http::response<http::string_body>& res, bool wait_forever, bool* got_bytes) {
+  // Reads one answer into `reader` (which says whether anything at all arrived).
+  std::string receive(wire::AnswerReader& reader, bool wait_forever) {
     const int sock = fd;
-    http::response_parser<http::string_body> parser;
-    parser.body_limit(256 * 1024 * 1024);
-    parser.eager(true);
+    if (!inbuf.empty()) {
+      const std::string held = std::move(inbuf);
+      inbuf.clear();
+      if (reader.feed(held.data(), held.size()) != wire::AnswerReader::State::NeedMore)
+        return finished(reader);
+    }
     char buf[16384];
     while (true) {
-      if (!inbuf.empty()) {
-        beast::error_code ec;
-        std::size_t used = parser.put(asio::buffer(inbuf), ec);
-        inbuf.erase(0, used);
-        if (ec && ec != http::error::need_more) return "bad answer from the broker: " + ec.message();
-        if (parser.is_done()) {
-          res = parser.release();
-          return "";
-        }
-        if (!ec && used > 0) continue;  // the parser may take more of what we have
-      }
       ssize_t n = ::recv(sock, buf, sizeof buf, 0);
       if (n > 0) {
-        *got_bytes = true;
-        inbuf.append(buf, static_cast<std::size_t>(n));
+        if (reader.feed(buf, static_cast<std::size_t>(n)) != wire::AnswerReader::State::NeedMore)
+          return finished(reader);
         continue;
       }
       if (n == 0) {
         if (aborted) return "aborted";
-        // An answer that ends with the connection (no length) is complete; anything
-        // else cut short, or nothing at all, is not.
-        if (!parser.is_header_done()) return "the broker closed the connection";
-        beast::error_code ec;
-        parser.put_eof(ec);
-        if (!ec && parser.is_done()) {
-          res = parser.release();
-          return "";
-        }
-        return "the broker closed the connection";
+        reader.end_of_stream();
+        return finished(reader);
       }
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -197,6 +157,12 @@ struct BrokerClient::Impl {
       }
       return aborted ? "aborted" : std::strerror(errno);
     }
+  }
+
+  // "" for an answer read whole; what was past it is kept for the next one.
+  std::string finished(wire::AnswerReader& reader) {
+    inbuf = reader.take_leftover();
+    return reader.reply().status != 0 ? "" : reader.error();
   }
 };
 
@@ -235,21 +201,15 @@ HttpReply BrokerClient::request(const std::string& method, const std::string& ta
         return reply;
       }
     }
-    std::string req = method + " " + target + " HTTP/1.1\r\nHost: " +
-                      (endpoint_.unix_socket.empty() ? endpoint_.host : std::string("localhost")) +
-                      "\r\nUser-Agent: gate\r\n";
-    if (!body.empty()) req += "Content-Type: application/json\r\n";
-    req += "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
-    http::response<http::string_body> res;
-    bool got_bytes = false;
-    std::string error = impl_->send_all(req);
-    if (error.empty()) error = impl_->receive(res, wait_forever, &got_bytes);
+    wire::AnswerReader reader;
+    std::string error = impl_->send_all(wire::http_text({method, target, body}, endpoint_));
+    if (error.empty()) error = impl_->receive(reader, wait_forever);
     if (error.empty()) {
-      reply.status = res.result_int();
-      reply.body = std::move(res.body());
-      if (!res.keep_alive()) impl_->close();
+      reply = reader.reply();
+      if (!reader.keep_alive()) impl_->close();
       return reply;
     }
+    const bool got_bytes = reader.got_bytes();
     impl_->close();
     if (impl_->aborted) {
       reply.error = "aborted";
@@ -263,148 +223,36 @@ HttpReply BrokerClient::request(const std::string& method, const std::string& ta
   return reply;
 }
 
-namespace {
-
-LockInfo lock_from_json(const json::value& v) {
-  LockInfo l;
-  if (!v.is_object()) return l;
-  const auto& o = v.as_object();
-  auto str = [&](const char* k) -> std::string {
-    auto it = o.find(k);
-    return it != o.end() && it->value().is_string() ? std::string(it->value().as_string()) : "";
-  };
-  auto num = [&](const char* k) -> std::optional<std::int64_t> {
-    auto it = o.find(k);
-    if (it == o.end()) return std::nullopt;
-    if (it->value().is_int64()) return it->value().as_int64();
-    if (it->value().is_uint64()) return static_cast<std::int64_t>(it->value().as_uint64());
-    if (it->value().is_double()) return static_cast<std::int64_t>(it->value().as_double());
-    return std::nullopt;
-  };
-  l.lock_id = str("lock_id");
-  l.key = str("path");
-  l.mode = parse_lock_mode(str("mode")).value_or(LockMode::Write);
-  l.owner = str("owner");
-  l.acquired_at = str("acquired_at");
-  l.lease_expires_at = str("lease_expires_at");
-  l.max_hold_ms = num("max_hold_ms");
-  l.hold_count = num("hold_count").value_or(0);
-  l.fence = static_cast<std::uint64_t>(num("fence").value_or(0));
-  l.version = static_cast<std::uint64_t>(num("version").value_or(0));
-  l.agent = str("agent");
-  l.pid = num("pid").value_or(0);
-  l.command = str("command");
-  return l;
+CallResult BrokerClient::call(const wire::Request& r) {
+  return wire::to_result(request(r.method, r.target, r.body, r.wait_forever));
 }
-
-CallResult to_result(const HttpReply& r) {
-  CallResult out;
-  if (r.status == 0) {
-    out.status = CallStatus::Unavailable;
-    out.error = r.error;
-    return out;
-  }
-  json::error_code ec;
-  json::value v = json::parse(r.body, ec);
-  if (!ec && v.is_object()) {
-    const auto& o = v.as_object();
-    if (auto it = o.find("lock"); it != o.end()) out.lock = lock_from_json(it->value());
-    if (auto it = o.find("error"); it != o.end() && it->value().is_string())
-      out.error = std::string(it->value().as_string());
-  }
-  switch (r.status) {
-    case 200: out.status = CallStatus::Ok; break;
-    case 408: out.status = CallStatus::Timeout; break;
-    case 409: out.status = CallStatus::Deadlock; break;
-    case 403: out.status = CallStatus::Forbidden; break;
-    case 404: out.status = CallStatus::NotFound; break;
-    case 400:
-    case 413: out.status = CallStatus::BadRequest; break;
-    default: out.status = CallStatus::Unavailable; break;
-  }
-  if (out.status != CallStatus::Ok && out.error.empty())
-    out.error = "broker answered HTTP " + std::to_string(r.status);
-  return out;
-}
-
-}  // namespace
 
 CallResult BrokerClient::acquire(const AcquireRequest& req) {
-  json::object o;
-  o["path"] = wire_key(req.key);
-  o["mode"] = to_string(req.mode);
-  o["owner"] = req.owner;
-  if (req.timeout_ms) o["timeout_ms"] = *req.timeout_ms;
-  else o["timeout_ms"] = nullptr;
-  if (req.lease_ms) o["lease_ms"] = *req.lease_ms;
-  if (req.max_hold_ms) o["max_hold_ms"] = *req.max_hold_ms;
-  if (!req.session.empty()) o["session"] = req.session;
-  if (!req.request_id.empty()) o["request_id"] = req.request_id;
-  if (!req.agent.empty()) o["agent"] = req.agent;
-  if (req.pid > 0) o["pid"] = req.pid;
-  if (!req.command.empty()) o["command"] = req.command;
-  // The answer to a waiting acquire comes when the broker grants it.
-  const bool long_wait = !req.timeout_ms || *req.timeout_ms * 2 >= impl_->io_timeout.count();
-  return to_result(request("POST", "/v1/locks/acquire", json::serialize(o), long_wait));
+  return call(wire::acquire(req, impl_->io_timeout));
 }
 
 CallResult BrokerClient::release(const std::string& lock_id, const std::string& owner,
                                  bool changed, const std::string& stale) {
-  json::object o;
-  o["lock_id"] = lock_id;
-  o["owner"] = owner;
-  if (changed) o["changed"] = true;
-  if (!stale.empty()) o["stale"] = stale;
-  return to_result(request("POST", "/v1/locks/release", json::serialize(o)));
+  return call(wire::release(lock_id, owner, changed, stale));
 }
 
 CallResult BrokerClient::heartbeat(const std::string& lock_id, const std::string& owner,
                                    std::optional<std::int64_t> lease_ms) {
-  json::object o;
-  o["lock_id"] = lock_id;
-  o["owner"] = owner;
-  if (lease_ms) o["lease_ms"] = *lease_ms;
-  return to_result(request("POST", "/v1/locks/heartbeat", json::serialize(o)));
+  return call(wire::heartbeat(lock_id, owner, lease_ms));
 }
 
 HttpReply BrokerClient::status(const std::string& path) {
-  std::string target = "/v1/locks/status";
-  if (!path.empty()) {
-    target += "?path=";
-    static const char* hex = "0123456789ABCDEF";
-    for (unsigned char c : wire_key(path)) {
-      if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '/' || c == '~') {
-        target.push_back(static_cast<char>(c));
-      } else {
-        target.push_back('%');
-        target.push_back(hex[c >> 4]);
-        target.push_back(hex[c & 15]);
-      }
-    }
-  }
-  return request("GET", target, "");
+  const wire::Request r = wire::status(path);
+  return request(r.method, r.target, r.body);
 }
 
 std::optional<std::vector<LockInfo>> BrokerClient::holders(const std::string& key) {
-  HttpReply r = status(key);
-  if (r.status != 200) return std::nullopt;
-  json::error_code ec;
-  json::value v = json::parse(r.body, ec);
-  if (ec || !v.is_object()) return std::nullopt;
-  auto it = v.as_object().find("locks");
-  if (it == v.as_object().end() || !it->value().is_array()) return std::nullopt;
-  const std::string wire = wire_key(key);
-  std::vector<LockInfo> out;
-  for (const auto& l : it->value().as_array()) {
-    LockInfo info = lock_from_json(l);
-    if (info.key == wire) out.push_back(std::move(info));
-  }
-  return out;
+  return wire::holders_from(status(key), key);
 }
 
 bool BrokerClient::healthy() {
-  HttpReply r = request("GET", "/v1/health", "");
-  return r.status == 200;
+  const wire::Request r = wire::health();
+  return request(r.method, r.target, r.body).status == 200;
 }
 
 }  // namespace gate

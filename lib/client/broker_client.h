@@ -16,67 +16,11 @@
 #include <string>
 #include <vector>
 
+#include "client/broker_wire.h"
 #include "core/config.h"
-#include "core/lock_mode.h"
 #include "core/token.h"
 
 namespace gate {
-
-// On the wire the locked name is "path"; in the code it is the key, as everywhere.
-struct LockInfo {
-  std::string lock_id;
-  std::string key;
-  LockMode mode = LockMode::Write;
-  std::string owner;
-  std::string acquired_at;       // ISO-8601 UTC
-  std::string lease_expires_at;  // ISO-8601 UTC
-  std::optional<std::int64_t> max_hold_ms;
-  std::int64_t hold_count = 0;
-  std::uint64_t fence = 0;
-  std::uint64_t version = 0;  // the key's content version when this was sent
-  std::string agent;     // who it is for, as its client said ("" unknown)
-  std::int64_t pid = 0;  // 0: unknown
-  std::string command;
-};
-
-struct AcquireRequest {
-  std::string key;
-  LockMode mode = LockMode::Write;
-  std::string owner;
-  std::optional<std::int64_t> timeout_ms;  // nullopt: wait until granted
-  std::optional<std::int64_t> lease_ms;
-  std::optional<std::int64_t> max_hold_ms;
-  std::string session;
-  std::string request_id;
-  // Who the lock is for, shown by `gate locks` (optional).
-  std::string agent;
-  std::int64_t pid = 0;
-  std::string command;
-};
-
-enum class CallStatus {
-  Ok,           // granted / released / renewed
-  Timeout,      // 408: acquire not granted in time
-  Deadlock,     // 409: acquire would deadlock
-  Forbidden,    // 403: owner mismatch
-  NotFound,     // 404: no such lock (released, expired, capped)
-  BadRequest,   // 400/413: the broker refused the input
-  Unavailable,  // no connection, broker shutting down (503), or aborted
-};
-
-const char* to_string(CallStatus s);
-
-struct CallResult {
-  CallStatus status = CallStatus::Unavailable;
-  LockInfo lock;      // for granted acquires and heartbeats
-  std::string error;  // a sentence for people when status is not Ok
-};
-
-struct HttpReply {
-  int status = 0;  // 0: no answer (connection failed)
-  std::string body;
-  std::string error;
-};
 
 class BrokerClient {
  public:
@@ -118,6 +62,8 @@ class BrokerClient {
   const BrokerEndpoint& endpoint() const { return endpoint_; }
 
  private:
+  CallResult call(const wire::Request& r);
+
   struct Impl;
   BrokerEndpoint endpoint_;
   std::unique_ptr<Impl> impl_;
