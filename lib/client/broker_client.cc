@@ -1,17 +1,15 @@
 #include "client/broker_client.h"
 
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
+
+#include "client/dial.h"
 
 namespace gate {
 
@@ -61,47 +59,17 @@ struct BrokerClient::Impl {
   }
 
   std::string connect(const BrokerEndpoint& ep) {
-    sockaddr_storage addr{};
-    socklen_t len = 0;
-    int family;
-    if (!ep.unix_socket.empty()) {
-      auto* un = reinterpret_cast<sockaddr_un*>(&addr);
-      if (ep.unix_socket.size() >= sizeof un->sun_path) return "socket path too long";
-      un->sun_family = AF_UNIX;
-      std::memcpy(un->sun_path, ep.unix_socket.c_str(), ep.unix_socket.size() + 1);
-      len = sizeof(sockaddr_un);
-      family = AF_UNIX;
-    } else {
-      addrinfo hints{};
-      hints.ai_socktype = SOCK_STREAM;
-      hints.ai_flags = AI_NUMERICSERV;
-      addrinfo* res = nullptr;
-      if (int rc = ::getaddrinfo(ep.host.c_str(), std::to_string(ep.port).c_str(), &hints, &res); rc != 0)
-        return std::string("cannot resolve ") + ep.host + ": " + ::gai_strerror(rc);
-      std::memcpy(&addr, res->ai_addr, res->ai_addrlen);
-      len = res->ai_addrlen;
-      family = res->ai_family;
-      ::freeaddrinfo(res);
-    }
-    int sock = ::socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (sock < 0) return std::strerror(errno);
+    Dialing d = dial(ep);
+    if (d.fd < 0) return d.error;
     {
       std::lock_guard lock(mu);
-      fd = sock;
+      fd = d.fd;
     }
     if (aborted) return "aborted";
-    if (::connect(sock, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
-      if (errno != EINPROGRESS && errno != EAGAIN) return std::strerror(errno);
+    if (d.in_progress) {
       std::string error;
-      if (!wait(sock, POLLOUT, static_cast<int>(io_timeout.count()), &error)) return error;
-      int err = 0;
-      socklen_t elen = sizeof err;
-      ::getsockopt(sock, SOL_SOCKET, SO_ERROR, &err, &elen);
-      if (err != 0) return std::strerror(err);
-    }
-    if (family != AF_UNIX) {
-      int one = 1;
-      ::setsockopt(sock, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+      if (!wait(d.fd, POLLOUT, static_cast<int>(io_timeout.count()), &error)) return error;
+      return dial_result(d.fd);
     }
     return "";
   }

@@ -1,0 +1,114 @@
+#pragma once
+// BrokerLoop: one thread that has many broker calls in flight at once. Each call goes
+// out on an idle keep-alive connection (or a new one, connected without blocking);
+// poll() watches them all, and a call's answer is handed to its callback on the loop
+// thread, exactly once. Functions can be posted to the loop, now or at a time, and
+// run on the same thread, so state that only the loop touches needs no lock.
+//
+// - A waiting acquire is just a call whose answer comes late: a thousand waits cost a
+//   thousand idle sockets, not a thousand threads.
+// - abort(id) closes the call's connection at once (the broker then drops a queued
+//   acquire) and answers it with status 0, error "aborted".
+// - Time limits: connecting, sending and each answer must progress within io_timeout,
+//   except the answer of a call marked wait_forever (a waiting acquire).
+// - Retries: a call that finds its kept-alive connection closed before any answer is
+//   sent once more on a fresh one, as BrokerClient does. Nothing else retries.
+// - Callbacks and posted functions must not block: they run on the loop thread,
+//   which every other call waits for.
+#include <sys/types.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "client/broker_wire.h"
+
+namespace gate {
+
+class BrokerLoop {
+ public:
+  using Clock = std::chrono::steady_clock;
+  using CallId = std::uint64_t;
+  using Answer = std::function<void(const HttpReply&)>;
+
+  explicit BrokerLoop(BrokerEndpoint endpoint,
+                      std::chrono::milliseconds io_timeout = std::chrono::seconds(10));
+  ~BrokerLoop();
+  BrokerLoop(const BrokerLoop&) = delete;
+  BrokerLoop& operator=(const BrokerLoop&) = delete;
+
+  // Starts the thread (with every signal blocked). Calls made before wait for it.
+  void start();
+  // Blocks until nothing is in flight or posted (timers not counted), at most `limit`;
+  // true when drained. Not from the loop thread.
+  bool drain(std::chrono::milliseconds limit);
+  // Answers every call in flight and every later one with status 0, error "stopped",
+  // drops timers, runs what is posted, and joins the thread. Idempotent.
+  void stop();
+
+  // Thread-safe. `answer` runs on the loop thread, exactly once (after stop(), at once
+  // on the calling thread, with error "stopped").
+  CallId call(wire::Request request, Answer answer);
+  // Thread-safe; nothing happens when the call has already been answered.
+  void abort(CallId id);
+  // Thread-safe: runs `fn` on the loop thread, soon or at `when`.
+  void post(std::function<void()> fn);
+  void post_at(Clock::time_point when, std::function<void()> fn);
+
+  bool on_loop_thread() const { return std::this_thread::get_id() == thread_id_; }
+  const BrokerEndpoint& endpoint() const { return endpoint_; }
+  // Open connections, busy or idle (for tests and `gate mount --debug`).
+  std::size_t connections() const;
+
+ private:
+  struct Call;
+  struct Connection {
+    int fd = -1;
+    std::string leftover;  // bytes past the last answer
+  };
+  void main();
+  void wake();
+  // Loop-thread steps.
+  void take_inbox();
+  void begin(std::unique_ptr<Call> call);
+  bool connect(Call& c, std::string* error);
+  void progress(Call& c, short revents);
+  void answer(CallId id, HttpReply reply);
+  void fail(Call& c, const std::string& error);
+  void park(Connection conn);
+  void close_all();
+
+  const BrokerEndpoint endpoint_;
+  const std::chrono::milliseconds io_timeout_;
+  int wake_fd_ = -1;
+  std::thread thread_;
+  std::thread::id thread_id_;
+
+  // Shared with other threads (m_).
+  mutable std::mutex m_;
+  std::condition_variable idle_cv_;  // the loop went idle (drain)
+  bool stopping_ = false;
+  bool ended_ = false;  // the loop thread has returned
+  bool busy_ = false;  // the loop has calls in flight or work in hand
+  std::vector<std::unique_ptr<Call>> new_calls_;
+  std::vector<CallId> aborts_;
+  std::vector<std::function<void()>> posted_;
+  std::multimap<Clock::time_point, std::function<void()>> timers_in_;
+  CallId next_id_ = 1;
+  std::size_t connections_ = 0;
+
+  // The loop thread's own.
+  std::unordered_map<CallId, std::unique_ptr<Call>> calls_;
+  std::vector<Connection> idle_;
+  std::multimap<Clock::time_point, std::function<void()>> timers_;
+};
+
+}  // namespace gate
