@@ -2,7 +2,6 @@
 
 #include <poll.h>
 #include <pthread.h>
-#include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -13,6 +12,7 @@
 
 #include "client/dial.h"
 #include "core/log.h"
+#include "core/worker_pool.h"
 
 namespace gate {
 
@@ -49,11 +49,7 @@ BrokerLoop::~BrokerLoop() {
 void BrokerLoop::start() {
   if (thread_.joinable()) return;
   // Signals stay with the thread that runs the FUSE loop (Ctrl-C ends the mount).
-  sigset_t all, old;
-  sigfillset(&all);
-  pthread_sigmask(SIG_BLOCK, &all, &old);
-  thread_ = std::thread([this] { main(); });
-  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  thread_ = start_quiet_thread([this] { main(); });
   pthread_setname_np(thread_.native_handle(), "gate-broker-io");
   thread_id_ = thread_.get_id();
 }
@@ -69,15 +65,17 @@ BrokerLoop::CallId BrokerLoop::call(wire::Request request, Answer answer) {
   c->wait_forever = request.wait_forever;
   c->on_answer = std::move(answer);
   CallId id;
+  bool ended;
   {
     std::lock_guard lock(m_);
     id = c->id = next_id_++;
-    if (!ended_) {
+    ended = ended_;
+    if (!ended) {
       new_calls_.push_back(std::move(c));
       busy_ = true;
     }
   }
-  if (c) c->on_answer({0, "", "stopped"});  // the loop has ended: nothing will send it
+  if (ended) c->on_answer({0, "", "stopped"});  // the loop has ended: nothing will send it
   else wake();
   return id;
 }
@@ -92,12 +90,17 @@ void BrokerLoop::abort(CallId id) {
 }
 
 void BrokerLoop::post(std::function<void()> fn) {
+  bool ended;
   {
     std::lock_guard lock(m_);
-    posted_.push_back(std::move(fn));
-    busy_ = true;
+    ended = ended_;
+    if (!ended) {
+      posted_.push_back(std::move(fn));
+      busy_ = true;
+    }
   }
-  wake();
+  if (ended) fn();  // the loop has ended: run here, so that nothing is lost
+  else wake();
 }
 
 void BrokerLoop::post_at(Clock::time_point when, std::function<void()> fn) {

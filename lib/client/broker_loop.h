@@ -59,7 +59,8 @@ class BrokerLoop {
   CallId call(wire::Request request, Answer answer);
   // Thread-safe; nothing happens when the call has already been answered.
   void abort(CallId id);
-  // Thread-safe: runs `fn` on the loop thread, soon or at `when`.
+  // Thread-safe: runs `fn` on the loop thread, soon or at `when` (after stop(): post
+  // runs it at once on the calling thread; timers are dropped).
   void post(std::function<void()> fn);
   void post_at(Clock::time_point when, std::function<void()> fn);
 

@@ -309,6 +309,7 @@ GateFs::GateFs(MountOptions options) : impl_(std::make_unique<Impl>(std::move(op
 
 GateFs::~GateFs() {
   if (impl_->agent) impl_->agent->stop();
+  impl_->notifier.stop();
   if (impl_->se) {
     if (impl_->mounted) fuse_session_unmount(impl_->se);
     fuse_remove_signal_handlers(impl_->se);
@@ -362,6 +363,7 @@ Status GateFs::mount() {
 void GateFs::start() {
   Impl& d = *impl_;
   if (d.agent) d.agent->start();
+  d.notifier.start();
   // Opened here, after any fork: neither its connection nor its writer thread
   // should cross one. Requests are served only from serve() on.
   if (d.agent && !d.opts.history.dir.empty()) {
@@ -393,6 +395,7 @@ int GateFs::serve() {
   // Waiters get EIO now and every held lock goes back before the mount disappears.
   if (d.agent) d.agent->stop();
   d.close_remaining_handles();
+  d.notifier.stop();
   fuse_session_unmount(d.se);
   d.mounted = false;
   fuse_remove_signal_handlers(d.se);

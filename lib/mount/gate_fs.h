@@ -10,7 +10,7 @@
 // Calls the kernel makes under inode or directory locks (every metadata change and
 // the create of a new name) wait at most --meta-wait-ms, then fail with EBUSY; opens
 // of existing names, sent with no inode lock held, wait their turn (README table).
-// A wait for a lock never blocks a FUSE worker (see LockAgent); Ctrl-C ends it with
+// A FUSE worker never waits for the broker (see LockAgent); Ctrl-C ends a wait with
 // EINTR. Names are resolved only with *at() calls on O_PATH fds and O_NOFOLLOW,
 // so nothing the mount is asked to do reaches outside the source directory.
 //

@@ -7,7 +7,7 @@
 //
 // Kernel guarantees the handlers rely on: an Inode stays while a request on it is in
 // flight (the kernel holds its lookup count), so a handler may keep an Inode& until it
-// replies, also on a waiter thread; a FileHandle stays until its release, which the
+// replies, also on an act thread (LockAgent); a FileHandle stays until its release, which the
 // kernel sends only after every call through that file has been answered.
 #include <dirent.h>
 #include <fcntl.h>
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/files.h"
+#include "core/worker_pool.h"
 #include "mount/gate_fs.h"
 #include "mount/inode_table.h"
 #include "mount/agent_resolver.h"
@@ -105,11 +106,15 @@ struct GateFs::Impl {
   std::atomic<std::uint64_t> stale_refused{0}, stale_merged{0}, stale_conflicts{0};
   fuse_session* se = nullptr;
   bool mounted = false;
+  // Runs the kernel notifications that take VFS locks (an entry's directory lock):
+  // never on an act thread, where a wait for a lock a waiting caller holds could
+  // leave no act thread for that caller's own call.
+  WorkerPool notifier{1, "gate-notify"};
   bool running_as_root = ::geteuid() == 0;
 
   explicit Impl(MountOptions o) : opts(std::move(o)) {}
 
-  // Handlers may keep this reference until they reply (also on a waiter thread):
+  // Handlers may keep this reference until they reply (also on an act thread):
   // the kernel keeps an inode's lookup count up while a request on it is in flight,
   // so no FORGET can free it before the reply.
   Inode& inode(fuse_ino_t ino) { return inodes->get(ino); }
@@ -123,13 +128,13 @@ struct GateFs::Impl {
     // The system call, under the locks; an errno or 0. Not run when taking the
     // locks failed. May adopt `held` for an open handle (it then clears it).
     std::function<int(std::vector<HeldLock>& held)> act;
-    // The reply, after the locks the call did not adopt are back at the broker
-    // (so the caller's next call never finds them still held).
+    // The reply, after the locks the call did not adopt are sent back to the broker
+    // (a next call of the caller that finds them still held waits for them: LockAgent).
     std::function<void(int err)> reply;
   };
 
   // Takes the plan's locks for req, runs step.act, gives back the rest, then
-  // step.reply: exactly once, on this thread or on a waiter thread. `h`: the open
+  // step.reply: exactly once, on this thread (no locks) or on an act thread. `h`: the open
   // handle the call came through, whose lock a call on its key re-enters.
   // `who`: the caller when already known (else it is looked up here).
   void run_locked(fuse_req_t req, const LockPlan& plan, FileHandle* h, Step step,

@@ -129,7 +129,12 @@ int GateFs::Impl::install_merge(int mine_fd, const std::string& key, const std::
 void GateFs::Impl::forget_name(const Installed& at) {
   // Until then the kernel's entry names the file replaced; calls through it act on
   // the new one (live_fd(), file_now_named()), and this ends even that.
-  if (se && at.parent) fuse_lowlevel_notify_inval_entry(se, at.parent, at.name.c_str(), at.name.size());
+  // It waits for the directory's lock, which the renaming process holds until this
+  // call is answered, and which others may hold while they wait for a lock here.
+  if (se && at.parent)
+    notifier.post([se = se, parent = at.parent, name = at.name] {
+      fuse_lowlevel_notify_inval_entry(se, parent, name.c_str(), name.size());
+    });
 }
 
 void GateFs::Impl::note_read(const Caller& who, const std::string& key, std::uint64_t version) {

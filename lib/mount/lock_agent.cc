@@ -1,9 +1,7 @@
 #include "mount/lock_agent.h"
 
 #include <dirent.h>
-#include <pthread.h>
 #include <unistd.h>
-#include <signal.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -13,7 +11,6 @@
 
 #include "core/iso_time.h"
 #include "core/log.h"
-#include "mount/reconnect.h"
 
 namespace gate::mount {
 
@@ -22,64 +19,57 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-constexpr std::size_t kMaxIdleClients = 32;
-constexpr auto kWaiterLinger = std::chrono::seconds(30);
-
-}  // namespace
-
-std::thread start_quiet_thread(std::function<void()> body) {
-  sigset_t all, old;
-  sigfillset(&all);
-  pthread_sigmask(SIG_BLOCK, &all, &old);
-  std::thread t(std::move(body));
-  pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  return t;
-}
-
-void LockJob::interrupt() {
-  std::lock_guard lock(m_);
-  interrupted_ = true;
-  if (current_) current_->abort();
-  cv_.notify_all();
-}
-
-LockAgent::LockAgent(LockAgentOptions options) : options_(std::move(options)) {}
-
-LockAgent::~LockAgent() { stop(); }
-
-void LockAgent::start() {
-  if (heartbeat_.joinable()) return;
-  heartbeat_ = start_quiet_thread([this] { heartbeat_main(); });
-}
-
-std::string LockAgent::new_owner() const { return options_.mount_id + ":" + random_token(); }
-
-std::unique_ptr<BrokerClient> LockAgent::take_client() {
-  {
-    std::lock_guard lock(pool_m_);
-    if (!idle_clients_.empty()) {
-      auto client = std::move(idle_clients_.back());
-      idle_clients_.pop_back();
-      return client;
-    }
-  }
-  // Connects lazily: a failure shows as Unavailable on the first call.
-  return std::make_unique<BrokerClient>(options_.broker);
-}
-
-void LockAgent::give_back(std::unique_ptr<BrokerClient> client) {
-  if (!client) return;
-  std::lock_guard lock(pool_m_);
-  if (idle_clients_.size() < kMaxIdleClients) idle_clients_.push_back(std::move(client));
-}
-
-namespace {
+// A process's close reaches the mount as a RELEASE right after close(); a few seconds
+// is plenty to wait for it.
+constexpr auto kReleaseWait = std::chrono::seconds(5);
+// How often the "deadlock" of a release on its way is asked about again (unrelated
+// releases also move the epoch).
+constexpr int kInFlightRetries = 50;
+// How long stop() waits for the broker's answers to its releases.
+constexpr auto kStopWait = std::chrono::seconds(5);
 
 HeldLock held_from(const LockNeed& need, const LockInfo& granted) {
   return {need.key, need.mode, granted.lock_id, need.owner, granted.fence, granted.version};
 }
 
 }  // namespace
+
+void LockJob::interrupt() {
+  BrokerLoop::CallId call;
+  {
+    std::lock_guard lock(m_);
+    interrupted_ = true;
+    call = call_;
+  }
+  if (agent_) agent_->interrupt(this, call);  // not run yet: run() sees the flag
+}
+
+void LockAgent::interrupt(LockJob* job, BrokerLoop::CallId call) {
+  // A wait in flight ends with its connection; a job parked between calls is woken.
+  if (call) return loop_.abort(call);
+  loop_.post([this, job] {
+    auto it = jobs_.find(job);  // (not dereferenced unless still in progress)
+    if (it == jobs_.end()) return;
+    auto self = it->second;
+    std::unique_lock lock(self->m_);
+    if (self->call_) return;
+    lock.unlock();
+    if (self->awaiting_release_ || self->waiting_) finish(self, EINTR);
+  });
+}
+
+LockAgent::LockAgent(LockAgentOptions options)
+    : options_(std::move(options)), loop_(options_.broker), acts_(kActThreads, "gate-act") {}
+
+LockAgent::~LockAgent() { stop(); }
+
+void LockAgent::start() {
+  loop_.start();
+  acts_.start();
+  loop_.post([this] { heartbeat_round(); });
+}
+
+std::string LockAgent::new_owner() const { return options_.mount_id + ":" + random_token(); }
 
 AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
                                        std::optional<std::int64_t> timeout_ms) const {
@@ -100,7 +90,7 @@ AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
 }
 
 int LockAgent::classify(const CallResult& r, const LockJob& job, std::size_t index,
-                        const BrokerClient& client, bool try_once) const {
+                        bool try_once) const {
   const LockNeed& need = job.needs[index];
   switch (r.status) {
     case CallStatus::Ok:
@@ -112,7 +102,7 @@ int LockAgent::classify(const CallResult& r, const LockJob& job, std::size_t ind
           " for pid ", job.pid, ": it would deadlock (", r.error, "); returning EDEADLK");
       return EDEADLK;
     case CallStatus::Unavailable:
-      log(LogLevel::Error, "mount", "broker at ", client.endpoint().describe(),
+      log(LogLevel::Error, "mount", "broker at ", loop_.endpoint().describe(),
           " is unreachable (", r.error, "); ", to_string(need.mode), " lock on ", need.key,
           " fails with EIO");
       return EIO;
@@ -130,49 +120,160 @@ int LockAgent::classify(const CallResult& r, const LockJob& job, std::size_t ind
 }
 
 void LockAgent::run(const std::shared_ptr<LockJob>& job) {
+  job->agent_ = this;
   job->started_ = Clock::now();
   job->request_ids_.clear();
-  for (std::size_t i = 0; i < job->needs.size(); ++i)
-    job->request_ids_.push_back(random_token());
-  if (stopping_) return finish(job, EIO);
+  for (std::size_t i = 0; i < job->needs.size(); ++i) job->request_ids_.push_back(random_token());
+  loop_.post([this, job] {
+    jobs_.emplace(job.get(), job);
+    if (stopping_) return finish(job, EIO);
+    if (job->interrupted()) return finish(job, EINTR);
+    send(job, 0);
+  });
+}
 
-  // Fast path: every lock that is free now is taken here, with one round trip each.
-  auto client = take_client();
-  std::size_t i = job->held.size();
-  for (; i < job->needs.size(); ++i) {
-    const std::uint64_t epoch = release_epoch();
-    // (BrokerClient itself retries once when a kept-alive connection turns out closed.)
-    CallResult r = client->acquire(make_request(*job, i, 0));
-    if (r.status == CallStatus::Deadlock && !job->nonblocking &&
-        release_in_flight(*job, i, epoch))
-      break;  // a waiter waits for that release, then asks again
-    int err = classify(r, *job, i, *client, /*try_once=*/true);
-    if (err == 0) {
-      job->held.push_back(held_from(job->needs[i], r.lock));
-      continue;
+void LockAgent::send(const std::shared_ptr<LockJob>& job, std::optional<std::int64_t> timeout_ms) {
+  job->epoch_ = release_epoch();
+  wire::Request request =
+      wire::acquire(make_request(*job, job->held.size(), timeout_ms), std::chrono::seconds(10));
+  std::unique_lock lock(job->m_);
+  if (job->interrupted_) {
+    lock.unlock();
+    return finish(job, EINTR);
+  }
+  // Under m_: interrupt() sees either no call yet (and the flag is seen above) or this one.
+  job->call_ = loop_.call(std::move(request), [this, job](const HttpReply& reply) {
+    {
+      std::lock_guard lock(job->m_);
+      job->call_ = 0;
     }
-    if (err == -1 && !job->nonblocking) break;
-    give_back(std::move(client));
-    return finish(job, err == -1 ? EAGAIN : err);
+    const CallResult r = wire::to_result(reply);
+    if (job->waiting_) on_wait(job, r);
+    else on_try(job, r);
+  });
+}
+
+// The answer to a try without waiting.
+void LockAgent::on_try(const std::shared_ptr<LockJob>& job, const CallResult& r) {
+  const std::size_t i = job->held.size();
+  if (r.status == CallStatus::Ok) {
+    job->held.push_back(held_from(job->needs[i], r.lock));
+    if (job->held.size() == job->needs.size()) return finish(job, 0);
+    if (job->interrupted()) return finish(job, EINTR);
+    return send(job, 0);
   }
-  if (i == job->needs.size()) {
-    give_back(std::move(client));
-    return finish(job, 0);
+  if (r.status == CallStatus::Deadlock && !job->nonblocking && release_in_flight(*job, i, job->epoch_))
+    return would_wait(job);  // waits for that release, then asks again
+  const int err = classify(r, *job, i, /*try_once=*/true);
+  if (err == -1 && !job->nonblocking) return would_wait(job);
+  finish(job, err == -1 ? EAGAIN : err);
+}
+
+void LockAgent::would_wait(const std::shared_ptr<LockJob>& job) {
+  const std::size_t i = job->held.size();
+  job->deadline_ = deadline_of(*job);
+  if (job->deadline_ && *job->deadline_ <= Clock::now()) {
+    if (job->under_kernel_locks) return give_up_busy(job);
+    return finish(job, EAGAIN);
   }
-  if (auto deadline = deadline_of(*job); deadline && *deadline <= Clock::now()) {
-    if (job->under_kernel_locks) give_up_busy(job, i, *client);
-    else finish(job, EAGAIN);
-    give_back(std::move(client));
-    return;
-  }
-  give_back(std::move(client));
   if (waits_for_itself(*job, i)) {
     log(LogLevel::Info, "mount", "refused ", to_string(job->needs[i].mode), " lock on ",
         job->needs[i].key, " for pid ", job->pid,
         ": it holds the file open itself, so it would wait forever; returning EDEADLK");
     return finish(job, EDEADLK);
   }
-  enqueue(job);
+  job->waiting_ = true;
+  job->reconnect_.emplace(options_.reconnect_window, job->deadline_);
+  ++waiting_count_;
+  send_wait(job);
+}
+
+void LockAgent::send_wait(const std::shared_ptr<LockJob>& job) {
+  if (job->interrupted() || stopping_) return finish(job, job->interrupted() ? EINTR : EIO);
+  std::optional<std::int64_t> timeout;
+  if (job->deadline_) {
+    auto left = std::chrono::duration_cast<milliseconds>(*job->deadline_ - Clock::now()).count();
+    timeout = std::max<std::int64_t>(0, left);
+  }
+  send(job, timeout);
+}
+
+// The answer to a waiting acquire.
+void LockAgent::on_wait(const std::shared_ptr<LockJob>& job, const CallResult& r) {
+  const std::size_t i = job->held.size();
+  if (r.status == CallStatus::Ok) job->held.push_back(held_from(job->needs[i], r.lock));
+  // A grant that raced with Ctrl-C is given back by finish().
+  if (job->interrupted() || stopping_) return finish(job, job->interrupted() ? EINTR : EIO);
+  if (r.status == CallStatus::Unavailable) {
+    // The broker went away while we queued: ask again for a while (reconnect.h).
+    const auto now = Clock::now();
+    const auto again = job->reconnect_->lost(now);
+    if (!again) {
+      log(LogLevel::Error, "mount", "broker at ", loop_.endpoint().describe(), " is unreachable (",
+          r.error, "); the wait for ", job->needs[i].key, " fails with EIO");
+      return finish(job, EIO);
+    }
+    if (job->reconnect_->outage_began(now))
+      log(LogLevel::Warn, "mount", "broker at ", loop_.endpoint().describe(), " dropped the wait for ",
+          job->needs[i].key, " (", r.error, "); reconnecting");
+    return loop_.post_at(*again, [this, job] {
+      if (!job->finished_) send_wait(job);
+    });
+  }
+  job->reconnect_->reached();
+  if (r.status == CallStatus::Ok) {
+    if (job->held.size() == job->needs.size()) return finish(job, 0);
+    return send_wait(job);
+  }
+  if (r.status == CallStatus::Timeout && job->under_kernel_locks) return give_up_busy(job);
+  // The "deadlock" was a lock on its way back: ask again once it is back.
+  if (r.status == CallStatus::Deadlock && ++job->in_flight_retries_ <= kInFlightRetries &&
+      release_in_flight(*job, i, job->epoch_))
+    return await_release(job);
+  finish(job, classify(r, *job, i, /*try_once=*/false));
+}
+
+void LockAgent::await_release(const std::shared_ptr<LockJob>& job) {
+  const std::string& key = job->needs[job->held.size()].key;
+  {
+    std::lock_guard guard(track_m_);
+    if (!release_pending(key, job->pid)) {
+      // Came back already (or was never this process's): ask again now.
+      return loop_.post([this, job] {
+        if (!job->finished_) send_wait(job);
+      });
+    }
+  }
+  job->awaiting_release_ = true;
+  awaiting_release_.emplace(key, job);
+  auto limit = Clock::now() + kReleaseWait;
+  if (job->deadline_ && *job->deadline_ < limit) limit = *job->deadline_;
+  loop_.post_at(limit, [this, job] {
+    if (job->finished_ || !job->awaiting_release_) return;
+    // Not back in time: it was a deadlock after all.
+    finish(job, EDEADLK);
+  });
+}
+
+// On the broker thread, after a release of `key` came back: the jobs parked for it
+// ask again once nothing of `key` is on its way back for them.
+void LockAgent::releases_came_back(const std::string& key) {
+  auto [begin, end] = awaiting_release_.equal_range(key);
+  std::vector<std::shared_ptr<LockJob>> ready;
+  {
+    std::lock_guard guard(track_m_);
+    for (auto it = begin; it != end; ++it)
+      if (!release_pending(key, it->second->pid)) ready.push_back(it->second);
+  }
+  for (auto& job : ready) {
+    for (auto it = awaiting_release_.find(key); it != awaiting_release_.end() && it->first == key; ++it)
+      if (it->second == job) {
+        awaiting_release_.erase(it);
+        break;
+      }
+    job->awaiting_release_ = false;
+    if (!job->finished_) send_wait(job);
+  }
 }
 
 bool LockAgent::process_has_open(pid_t pid, const std::string& key) const {
@@ -204,7 +305,8 @@ bool LockAgent::process_has_open(pid_t pid, const std::string& key) const {
   return false;
 }
 
-bool LockAgent::has_handle_locked(const std::string& key, pid_t pid) const {
+bool LockAgent::release_pending(const std::string& key, pid_t pid) const {
+  if (auto it = releases_out_.find(key); it != releases_out_.end() && it->second > 0) return true;
   auto [begin, end] = by_key_.equal_range(key);
   return std::any_of(begin, end, [pid](const auto& e) { return e.second->pid == pid; });
 }
@@ -219,23 +321,9 @@ bool LockAgent::release_in_flight(const LockJob& job, std::size_t index,
   const std::string& key = job.needs[index].key;
   {
     std::lock_guard guard(track_m_);
-    if (!has_handle_locked(key, job.pid) && release_epoch_ == epoch_before) return false;
+    if (!release_pending(key, job.pid) && release_epoch_ == epoch_before) return false;
   }
   return !process_has_open(job.pid, key);
-}
-
-bool LockAgent::await_release(const LockJob& job, std::size_t index,
-                              std::optional<Clock::time_point> deadline) {
-  // The kernel sends the RELEASE right after close(); a few seconds is plenty.
-  auto limit = Clock::now() + std::chrono::seconds(5);
-  if (deadline && *deadline < limit) limit = *deadline;
-  const std::string& key = job.needs[index].key;
-  std::unique_lock guard(track_m_);
-  while (has_handle_locked(key, job.pid)) {
-    if (job.interrupted() || stopping_ || Clock::now() >= limit) return false;
-    untracked_cv_.wait_for(guard, milliseconds(20));
-  }
-  return true;
 }
 
 bool LockAgent::waits_for_itself(const LockJob& job, std::size_t index) const {
@@ -287,182 +375,80 @@ std::string describe_holders(const std::optional<std::vector<LockInfo>>& holders
 
 }  // namespace
 
-void LockAgent::give_up_busy(const std::shared_ptr<LockJob>& job, std::size_t index,
-                             BrokerClient& client) {
-  const LockNeed& need = job->needs[index];
+void LockAgent::give_up_busy(const std::shared_ptr<LockJob>& job) {
+  const LockNeed need = job->needs[job->held.size()];
   // Asked before the reply, while the holder is most likely still holding.
-  std::string who = describe_holders(client.holders(need.key));
-  const std::string key = need.key, op = job->op;
-  const LockMode mode = need.mode;
-  const pid_t pid = job->pid;
-  const std::string agent = job->agent;
-  auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - job->started_).count();
-  finish(job, EBUSY);
-  log(LogLevel::Warn, "mount", op, " by pid ", pid, " (agent ", agent, ") gave up on the ", to_string(mode),
-      " lock on ", key, " after ", waited, " ms and returned EBUSY; held by ", who,
-      ". The kernel holds the file's or directory's locks during this call, which the "
-      "holder may need itself, so it never waits longer than --meta-wait-ms");
+  loop_.call(wire::status(need.key), [this, job, need](const HttpReply& reply) {
+    const std::string who = describe_holders(wire::holders_from(reply, need.key));
+    auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - job->started_).count();
+    const std::string op = job->op, agent = job->agent;
+    const pid_t pid = job->pid;
+    finish(job, EBUSY);
+    log(LogLevel::Warn, "mount", op, " by pid ", pid, " (agent ", agent, ") gave up on the ",
+        to_string(need.mode), " lock on ", need.key, " after ", waited, " ms and returned EBUSY; held by ",
+        who, ". The kernel holds the file's or directory's locks during this call, which the "
+        "holder may need itself, so it never waits longer than --meta-wait-ms");
+  });
 }
 
 void LockAgent::finish(const std::shared_ptr<LockJob>& job, int err) {
+  if (job->finished_) return;
+  job->finished_ = true;
+  jobs_.erase(job.get());
+  if (job->waiting_) --waiting_count_;
+  if (job->awaiting_release_) {
+    for (auto it = awaiting_release_.begin(); it != awaiting_release_.end(); ++it)
+      if (it->second == job) {
+        awaiting_release_.erase(it);
+        break;
+      }
+    job->awaiting_release_ = false;
+  }
+  if (err == EINTR)
+    log(LogLevel::Debug, "mount", "wait for ", job->needs[std::min(job->held.size(), job->needs.size() - 1)].key,
+        " interrupted (pid ", job->pid, ")");
   if (err != 0 && !job->held.empty()) {
     release(job->held);
     job->held.clear();
   }
-  if (job->done) job->done(*job, err);
+  acts_.post([job, err] {
+    if (job->done) job->done(*job, err);
+  });
 }
 
-void LockAgent::enqueue(std::shared_ptr<LockJob> job) {
-  std::unique_lock lock(wait_m_);
-  if (stopping_) {
-    lock.unlock();
-    return finish(job, EIO);
+std::size_t LockAgent::waiting_jobs() const { return waiting_count_.load(); }
+
+void LockAgent::send_release(const HeldLock& lock, std::function<void()> then) {
+  {
+    std::lock_guard guard(track_m_);
+    ++releases_out_[lock.key];
   }
-  queue_.push_back(std::move(job));
-  // Waiters that ended (idle too long) are joined here, outside the lock.
-  std::list<Waiter> ended;
-  for (auto it = waiters_.begin(); it != waiters_.end();) {
-    auto next = std::next(it);
-    if (it->ended) ended.splice(ended.end(), waiters_, it);
-    it = next;
-  }
-  if (idle_threads_ < queue_.size()) {
-    auto self = waiters_.emplace(waiters_.end());
-    self->thread = start_quiet_thread([this, w = &*self] { waiter_main(*w); });
-  }
-  wait_cv_.notify_one();
-  lock.unlock();
-  for (Waiter& w : ended) w.thread.join();
+  loop_.call(wire::release(lock.lock_id, lock.owner, lock.changed, lock.stale),
+             [this, lock, then = std::move(then)](const HttpReply& reply) {
+               const CallResult r = wire::to_result(reply);
+               if (r.status == CallStatus::Unavailable) {
+                 log(LogLevel::Warn, "mount", "could not release the lock on ", lock.key, " (",
+                     lock.lock_id, "): broker at ", loop_.endpoint().describe(), " is unreachable (",
+                     r.error, "); it frees the lock when the lease runs out");
+               } else if (r.status != CallStatus::Ok) {
+                 log(LogLevel::Debug, "mount", "release of ", lock.key, " (", lock.lock_id, "): ",
+                     to_string(r.status), " ", r.error);
+               }
+               if (then) then();
+               {
+                 std::lock_guard guard(track_m_);
+                 if (--releases_out_[lock.key] <= 0) releases_out_.erase(lock.key);
+                 ++release_epoch_;
+               }
+               releases_came_back(lock.key);
+             });
 }
 
-std::size_t LockAgent::waiting_jobs() const {
-  std::lock_guard lock(wait_m_);
-  return queue_.size() + waiting_.size();
-}
-
-void LockAgent::waiter_main(Waiter& self) {
-  auto client = take_client();
-  std::unique_lock lock(wait_m_);
-  for (;;) {
-    ++idle_threads_;
-    bool woke = wait_cv_.wait_for(lock, kWaiterLinger,
-                                  [this] { return stopping_ || !queue_.empty(); });
-    --idle_threads_;
-    if (queue_.empty()) {
-      if (stopping_ || !woke) break;
-      continue;
-    }
-    std::shared_ptr<LockJob> job = std::move(queue_.front());
-    queue_.pop_front();
-    waiting_.push_back(job);
-    lock.unlock();
-    wait_for(job, *client);
-    // An interrupt aborts the client until reset (so no abort can be missed).
-    if (job->interrupted()) client->reset();
-    lock.lock();
-    std::erase_if(waiting_, [&](const std::weak_ptr<LockJob>& w) {
-      auto p = w.lock();
-      return !p || p == job;
-    });
-  }
-  client.reset();
-  // The thread's last step: from here on enqueue() or stop() may join it.
-  self.ended = true;
-}
-
-void LockAgent::wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client) {
-  const std::optional<Clock::time_point> deadline = deadline_of(*job);
-  Reconnect reconnect(options_.reconnect_window, deadline);
-  constexpr int kInFlightRetries = 50;
-  int in_flight_retries = 0;
-  int err = 0;
-  std::size_t i = job->held.size();
-  while (i < job->needs.size()) {
-    {
-      std::lock_guard lock(job->m_);
-      if (job->interrupted_ || stopping_) {
-        err = job->interrupted_ ? EINTR : EIO;
-        break;
-      }
-      job->current_ = &client;
-    }
-    std::optional<std::int64_t> timeout;
-    if (deadline) {
-      auto left = std::chrono::duration_cast<milliseconds>(*deadline - Clock::now()).count();
-      timeout = std::max<std::int64_t>(0, left);
-    }
-    const std::uint64_t epoch = release_epoch();
-    CallResult r = client.acquire(make_request(*job, i, timeout));
-    {
-      std::lock_guard lock(job->m_);
-      job->current_ = nullptr;
-    }
-    if (r.status == CallStatus::Ok)
-      job->held.push_back(held_from(job->needs[i], r.lock));
-    if (job->interrupted_ || stopping_) {
-      // A grant that raced with Ctrl-C is given back by finish().
-      err = job->interrupted_ ? EINTR : EIO;
-      break;
-    }
-    if (r.status == CallStatus::Unavailable) {
-      // The broker went away while we queued: ask again for a while (reconnect.h).
-      const auto now = Clock::now();
-      const auto again = reconnect.lost(now);
-      if (!again) {
-        log(LogLevel::Error, "mount", "broker at ", client.endpoint().describe(),
-            " is unreachable (", r.error, "); the wait for ", job->needs[i].key,
-            " fails with EIO");
-        err = EIO;
-        break;
-      }
-      if (reconnect.outage_began(now))
-        log(LogLevel::Warn, "mount", "broker at ", client.endpoint().describe(),
-            " dropped the wait for ", job->needs[i].key, " (", r.error, "); reconnecting");
-      std::unique_lock lock(job->m_);
-      job->cv_.wait_until(lock, *again,
-                          [&] { return job->interrupted_.load() || stopping_.load(); });
-      continue;
-    }
-    reconnect.reached();
-    if (r.status == CallStatus::Ok) {
-      ++i;
-      continue;
-    }
-    if (r.status == CallStatus::Timeout && job->under_kernel_locks)
-      return give_up_busy(job, i, client);
-    // The "deadlock" was a handle on its way out: ask again (a bounded number of
-    // times, since unrelated releases also move the epoch).
-    if (r.status == CallStatus::Deadlock && ++in_flight_retries <= kInFlightRetries &&
-        release_in_flight(*job, i, epoch) && await_release(*job, i, deadline))
-      continue;
-    err = classify(r, *job, i, client, /*try_once=*/false);
-    break;
-  }
-  if (err == EINTR)
-    log(LogLevel::Debug, "mount", "wait for ", job->needs[std::min(i, job->needs.size() - 1)].key,
-        " interrupted (pid ", job->pid, ")");
-  finish(job, err);
-}
-
-void LockAgent::release(const HeldLock& lock) { release(std::vector<HeldLock>{lock}); }
+void LockAgent::release(const HeldLock& lock) { send_release(lock); }
 
 void LockAgent::release(const std::vector<HeldLock>& locks) {
-  if (locks.empty()) return;
-  auto client = take_client();
   // Reverse order of taking; the order does not matter to the broker but reads well.
-  for (auto it = locks.rbegin(); it != locks.rend(); ++it) {
-    CallResult r = client->release(it->lock_id, it->owner, it->changed, it->stale);
-    if (r.status == CallStatus::Ok) continue;
-    if (r.status == CallStatus::Unavailable) {
-      log(LogLevel::Warn, "mount", "could not release the lock on ", it->key, " (", it->lock_id,
-          "): broker at ", client->endpoint().describe(),
-          " is unreachable; it frees the lock when the lease runs out");
-    } else {
-      log(LogLevel::Debug, "mount", "release of ", it->key, " (", it->lock_id,
-          "): ", to_string(r.status), " ", r.error);
-    }
-  }
-  give_back(std::move(client));
+  for (auto it = locks.rbegin(); it != locks.rend(); ++it) send_release(*it);
 }
 
 std::shared_ptr<TrackedLock> LockAgent::track(HeldLock lock, pid_t pid) {
@@ -486,19 +472,16 @@ bool LockAgent::release_tracked(const std::shared_ptr<TrackedLock>& tracked, boo
   HeldLock lock = tracked->lock;
   lock.changed = changed;
   lock.stale = stale;
-  release(lock);
-  {
+  // The handle counts as holding until the broker's answer (release_in_flight).
+  send_release(lock, [this, tracked] {
     std::lock_guard guard(track_m_);
     auto [begin, end] = by_key_.equal_range(tracked->lock.key);
-    for (auto it = begin; it != end; ++it) {
+    for (auto it = begin; it != end; ++it)
       if (it->second == tracked.get()) {
         by_key_.erase(it);
         break;
       }
-    }
-    ++release_epoch_;
-  }
-  untracked_cv_.notify_all();
+  });
   return true;
 }
 
@@ -520,68 +503,66 @@ std::optional<std::string> LockAgent::owner_holding(const std::string& key, pid_
   return std::nullopt;
 }
 
-void LockAgent::heartbeat_main() {
-  auto client = take_client();
-  const auto interval = milliseconds(std::max<std::int64_t>(options_.lease_ms / 3, 50));
-  std::unique_lock lock(hb_m_);
-  while (!hb_cv_.wait_for(lock, interval, [this] { return stopping_.load(); })) {
-    lock.unlock();
-    heartbeat_all(*client);
-    lock.lock();
-  }
-}
-
-void LockAgent::heartbeat_all(BrokerClient& client) {
-  std::vector<std::shared_ptr<TrackedLock>> locks;
+void LockAgent::heartbeat_round() {
+  if (stopping_) return;
+  auto locks = std::make_shared<std::vector<std::shared_ptr<TrackedLock>>>();
   {
     std::lock_guard guard(track_m_);
-    locks.reserve(tracked_.size());
+    locks->reserve(tracked_.size());
     for (auto& [ptr, tracked] : tracked_)
-      if (!tracked->lost) locks.push_back(tracked);
+      if (!tracked->lost) locks->push_back(tracked);
   }
-  for (auto& t : locks) {
-    if (stopping_) return;
-    CallResult r = client.heartbeat(t->lock.lock_id, t->lock.owner, options_.lease_ms);
-    if (r.status == CallStatus::Ok) continue;
-    if (r.status == CallStatus::NotFound || r.status == CallStatus::Forbidden) {
-      t->lost_reason = r.status == CallStatus::NotFound
-                           ? "the broker no longer has it (its lease ran out or it reached "
-                             "the maximum hold time)"
-                           : "the broker says another owner holds it";
-      t->lost = true;
-      log(LogLevel::Warn, "mount", "lost the lock on ", t->lock.key, " (", t->lock.lock_id,
-          "): ", t->lost_reason, "; writes through this open file now fail with EIO");
-      continue;
-    }
-    log(LogLevel::Warn, "mount", "could not renew ", locks.size(), " lock(s): broker at ",
-        client.endpoint().describe(), " answered ", to_string(r.status), " (", r.error,
-        "); retrying");
-    return;
-  }
+  heartbeat_next(std::move(locks), 0);
+}
+
+// One heartbeat at a time (thousands of open files must not mean thousands of
+// connections); the next round starts a third of a lease after this one ends.
+void LockAgent::heartbeat_next(std::shared_ptr<std::vector<std::shared_ptr<TrackedLock>>> locks,
+                               std::size_t i) {
+  const auto interval = milliseconds(std::max<std::int64_t>(options_.lease_ms / 3, 50));
+  if (stopping_) return;
+  if (i >= locks->size())
+    return loop_.post_at(Clock::now() + interval, [this] { heartbeat_round(); });
+  auto t = (*locks)[i];
+  loop_.call(wire::heartbeat(t->lock.lock_id, t->lock.owner, options_.lease_ms),
+             [this, locks, i, t, interval](const HttpReply& reply) {
+               const CallResult r = wire::to_result(reply);
+               if (r.status == CallStatus::NotFound || r.status == CallStatus::Forbidden) {
+                 t->lost_reason = r.status == CallStatus::NotFound
+                                      ? "the broker no longer has it (its lease ran out or it reached "
+                                        "the maximum hold time)"
+                                      : "the broker says another owner holds it";
+                 t->lost = true;
+                 log(LogLevel::Warn, "mount", "lost the lock on ", t->lock.key, " (", t->lock.lock_id,
+                     "): ", t->lost_reason, "; writes through this open file now fail with EIO");
+               } else if (r.status != CallStatus::Ok) {
+                 log(LogLevel::Warn, "mount", "could not renew ", locks->size(), " lock(s): broker at ",
+                     loop_.endpoint().describe(), " answered ", to_string(r.status), " (", r.error,
+                     "); retrying");
+                 if (!stopping_) loop_.post_at(Clock::now() + interval, [this] { heartbeat_round(); });
+                 return;
+               }
+               heartbeat_next(locks, i + 1);
+             });
 }
 
 void LockAgent::stop() {
   if (stopping_.exchange(true)) return;
-  std::list<Waiter> waiters;
-  {
-    std::unique_lock lock(wait_m_);
-    for (auto& w : waiting_)
-      if (auto job = w.lock()) {
-        std::lock_guard jl(job->m_);
-        if (job->current_) job->current_->abort();
-        job->cv_.notify_all();
+  // Every job ends (EIO): waits in flight are aborted, parked ones finished.
+  loop_.post([this] {
+    std::vector<std::shared_ptr<LockJob>> jobs;
+    for (auto& [ptr, job] : jobs_) jobs.push_back(job);
+    for (auto& job : jobs) {
+      BrokerLoop::CallId call;
+      {
+        std::lock_guard lock(job->m_);
+        call = job->call_;
       }
-    wait_cv_.notify_all();
-    waiters.splice(waiters.end(), waiters_);
-  }
-  // Every wait was aborted above, so each waiter ends its job (EIO) and returns.
-  for (Waiter& w : waiters) w.thread.join();
-  {
-    std::lock_guard lock(hb_m_);
-    hb_cv_.notify_all();
-  }
-  if (heartbeat_.joinable()) heartbeat_.join();
-
+      if (call) loop_.abort(call);
+      else finish(job, EIO);
+    }
+  });
+  loop_.drain(kStopWait);
   std::vector<HeldLock> held;
   {
     std::lock_guard guard(track_m_);
@@ -593,6 +574,12 @@ void LockAgent::stop() {
     log(LogLevel::Info, "mount", "releasing ", held.size(), " lock(s) still held at unmount");
     release(held);
   }
+  if (!loop_.drain(kStopWait))
+    log(LogLevel::Warn, "mount", "the broker did not answer every release in ",
+        std::chrono::duration_cast<std::chrono::seconds>(kStopWait).count(),
+        " s; their leases free them");
+  loop_.stop();
+  acts_.stop();
 }
 
 }  // namespace gate::mount

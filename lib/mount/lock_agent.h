@@ -1,53 +1,64 @@
 #pragma once
 // LockAgent: everything the mount says to the broker.
 //
+// Threads (all started and joined by the agent; none per request):
+// - one broker thread (BrokerLoop) does every broker call, without blocking: the
+//   acquires of a LockJob, waiting ones included, releases, heartbeats. A thousand
+//   waiting opens are a thousand idle sockets on that thread.
+// - kActThreads "act" threads run each job's `done` (the file system call under the
+//   locks, and the reply to the kernel), so that neither a FUSE worker nor the broker
+//   thread ever waits on the other's work. `done` must not wait on the broker or on
+//   another job, and must not call into the kernel's VFS of this mount (notify calls
+//   take directory locks that a waiting process may hold): the mount hands those to
+//   its own notifier thread.
+// A FUSE worker only hands a job over (run) and returns: it never blocks on the
+// network.
+//
 // - A LockJob asks for one or more locks (already in the order they must be taken).
-//   LockAgent::run() first tries them at once on the calling thread with a pooled
-//   keep-alive client (timeout 0). Whatever cannot be granted now is handed to a
-//   waiter thread, which waits on its own BrokerClient and finishes the job there,
-//   so a FUSE worker never blocks on a lock wait. The job's `done` is called exactly
-//   once, on whichever thread finished it.
+//   Each is first asked for without waiting (timeout 0); the first that cannot be
+//   granted now is asked for again as a waiting acquire, and so are the rest.
 // - A job marked `under_kernel_locks` (setattr, rename, unlink, create, ...: the
 //   kernel holds inode or directory locks while it waits for the mount) waits at
 //   most LockAgentOptions::meta_wait, then fails with EBUSY, leaves the broker's
 //   queue and logs who held the key. A holder of that key may need those very
 //   kernel locks to finish (every write() takes the file's inode lock), and the
 //   broker cannot see them, so a longer wait could freeze both for good.
-// - LockJob::interrupt() (a FUSE interrupt, Ctrl-C) ends a wait at once: the
-//   waiter's connection is aborted, which also takes the request out of the broker's
-//   queue, and the job finishes with EINTR.
-// - Locks that outlive a call (open handles) are tracked: one background thread
-//   heartbeats them at a third of the lease and marks them lost when the broker no
-//   longer knows them.
-// - A pool of idle clients serves the short calls (try-acquire, release), so no
-//   call opens a new connection when an idle one exists.
-// - Retries: BrokerClient retries a call once on a fresh connection when a
-//   kept-alive one turns out closed; a queued wait that loses the broker tries again
-//   every 200 ms for reconnect_window (a restarted broker keeps its queue that
-//   long, and the request_id re-attaches). Nothing else retries.
-// - Threads: the heartbeat thread and the waiter threads are all started and joined
-//   by the agent (stop(), or the destructor). Lock order: wait_m_, then a LockJob's
-//   m_, then its BrokerClient's own; track_m_, pool_m_ and hb_m_ are never held
-//   together with another.
+// - LockJob::interrupt() (a FUSE interrupt, Ctrl-C) ends a wait at once: the wait's
+//   connection is closed, which also takes the request out of the broker's queue,
+//   and the job finishes with EINTR.
+// - Releases go out without waiting for the broker's answer. Until it comes, the lock
+//   still counts as its holder's: an acquire of the same key by the same process that
+//   the broker calls a deadlock waits for that release instead (release_in_flight).
+// - Locks that outlive a call (open handles) are tracked and heartbeaten at a third
+//   of the lease, one after the other; one the broker no longer knows is marked lost.
+// - Retries: BrokerLoop re-sends a call once on a fresh connection when a kept-alive
+//   one turns out closed; a queued wait that loses the broker tries again every
+//   200 ms for reconnect_window (a restarted broker keeps its queue that long, and the
+//   request_id re-attaches). Nothing else retries.
+// - State: a job's progress is touched only on the broker thread (and by `done`,
+//   after it). track_m_ guards the tracked locks and releases in flight; a job's m_
+//   guards its call in flight against interrupt(). Neither is held while the other is
+//   taken, nor while calling out.
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <functional>
-#include <list>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
 #include "client/broker_client.h"
+#include "client/broker_loop.h"
 #include "core/lock_mode.h"
+#include "core/worker_pool.h"
+#include "mount/reconnect.h"
 
 namespace gate::mount {
+
+class LockAgent;
 
 struct LockNeed {
   std::string key;
@@ -107,15 +118,23 @@ class LockJob {
 
  private:
   friend class LockAgent;
-  std::mutex m_;
-  std::condition_variable cv_;
-  BrokerClient* current_ = nullptr;  // the client waiting for this job
+  LockAgent* agent_ = nullptr;
+  std::mutex m_;                    // guards call_ against interrupt()
+  BrokerLoop::CallId call_ = 0;     // the acquire in flight, 0: none
   std::atomic<bool> interrupted_{false};
+  // The broker thread's own:
   std::vector<std::string> request_ids_;
   std::chrono::steady_clock::time_point started_;
+  std::optional<std::chrono::steady_clock::time_point> deadline_;
+  bool waiting_ = false;            // past the first, non-waiting try
+  bool awaiting_release_ = false;   // parked until a release of its key comes back
+  std::optional<Reconnect> reconnect_;
+  int in_flight_retries_ = 0;
+  std::uint64_t epoch_ = 0;         // release_epoch() when the acquire went out
+  bool finished_ = false;
 };
 
-// Shared between an open handle and the heartbeat thread.
+// Shared between an open handle and the broker thread (heartbeats).
 struct TrackedLock {
   HeldLock lock;
   pid_t pid = 0;
@@ -131,15 +150,16 @@ class LockAgent {
   LockAgent(const LockAgent&) = delete;
   LockAgent& operator=(const LockAgent&) = delete;
 
-  // Starts the heartbeat thread (after daemonizing: fork keeps no threads).
+  // Starts the threads (after daemonizing: fork keeps no threads).
   void start();
-  // Ends every wait (jobs finish with EIO), releases every tracked lock, stops the
-  // threads. Idempotent.
+  // Ends every wait (jobs finish with EIO), releases every tracked lock (waiting up
+  // to a few seconds for the answers), stops the threads. Idempotent.
   void stop();
 
+  // Hands the job over and returns at once; its `done` runs on an act thread.
   void run(const std::shared_ptr<LockJob>& job);
 
-  // Releases locks on a pooled client; failures are logged, never fatal (the lease
+  // Sends the releases and returns; failures are logged, never fatal (the lease
   // frees the lock at the broker anyway).
   void release(const std::vector<HeldLock>& locks);
   void release(const HeldLock& lock);
@@ -163,81 +183,70 @@ class LockAgent {
   std::size_t waiting_jobs() const;
 
  private:
-  std::unique_ptr<BrokerClient> take_client();
-  void give_back(std::unique_ptr<BrokerClient> client);
+  friend class LockJob;
+  static constexpr std::size_t kActThreads = 4;
+
+  // LockJob::interrupt(): ends the job's call in flight, or wakes it where it is parked.
+  void interrupt(LockJob* job, BrokerLoop::CallId call);
 
   AcquireRequest make_request(const LockJob& job, std::size_t index,
                               std::optional<std::int64_t> timeout_ms) const;
   // Outcome of one acquire as an errno (0 granted, -1 "would wait").
-  int classify(const CallResult& r, const LockJob& job, std::size_t index,
-               const BrokerClient& client, bool try_once) const;
+  int classify(const CallResult& r, const LockJob& job, std::size_t index, bool try_once) const;
+  // The broker thread's steps of a job.
+  void send(const std::shared_ptr<LockJob>& job, std::optional<std::int64_t> timeout_ms);
+  void on_try(const std::shared_ptr<LockJob>& job, const CallResult& r);
+  void would_wait(const std::shared_ptr<LockJob>& job);
+  void send_wait(const std::shared_ptr<LockJob>& job);
+  void on_wait(const std::shared_ptr<LockJob>& job, const CallResult& r);
+  void await_release(const std::shared_ptr<LockJob>& job);
+  void releases_came_back(const std::string& key);
+  // Finishes a job under kernel locks that could not get its next lock in time with
+  // EBUSY, logging who held the key (asked of the broker before the reply frees the
+  // kernel).
+  void give_up_busy(const std::shared_ptr<LockJob>& job);
+  // Hands the job to an act thread: err 0 with its locks, or an errno (its locks go
+  // back first). Once per job.
   void finish(const std::shared_ptr<LockJob>& job, int err);
   // When the job must give up waiting (acquire time-out, meta_wait); nullopt: never.
   std::optional<std::chrono::steady_clock::time_point> deadline_of(const LockJob& job) const;
-  // Finishes a job under kernel locks that could not get `index` in time with EBUSY,
-  // logging who held the key (asked of the broker before the reply frees the kernel).
-  void give_up_busy(const std::shared_ptr<LockJob>& job, std::size_t index,
-                    BrokerClient& client);
   bool waits_for_itself(const LockJob& job, std::size_t index) const;
   // Whether `pid` has `key` open (a descriptor, its own or inherited) or mapped.
   bool process_has_open(pid_t pid, const std::string& key) const;
-  // The broker's "deadlock" for a process that holds `key` only through handles it
-  // has already closed: close() returns before the kernel's RELEASE reaches the mount
-  // (it is sent in the background), so a process that writes a file and opens it
-  // again at once finds its old handle still holding. Not a deadlock: the release
-  // is on its way.
-  // The release may also have completed between the broker's answer and this check:
-  // `epoch_before` is release_epoch() from before the acquire was sent, and any
-  // release since then counts as possibly this one.
-  bool release_in_flight(const LockJob& job, std::size_t index,
-                         std::uint64_t epoch_before) const;
-  // How many tracked locks have been released so far (for release_in_flight).
+  // The broker's "deadlock" for a process whose lock on `key` is on its way back: a
+  // handle it has closed (close() returns before the kernel's RELEASE reaches the
+  // mount, which is sent in the background), or a release whose answer has not come
+  // yet. A process that writes a file and opens it again at once finds its old lock
+  // still there. Not a deadlock: the release is on its way. It may also have come
+  // back between the broker's answer and this check: `epoch_before` is
+  // release_epoch() from before the acquire was sent, and any release since counts
+  // as possibly this one.
+  bool release_in_flight(const LockJob& job, std::size_t index, std::uint64_t epoch_before) const;
+  // How many releases have come back so far (for release_in_flight).
   std::uint64_t release_epoch() const;
-  // Whether a handle `pid` opened holds `key` (being released counts). track_m_ held.
-  bool has_handle_locked(const std::string& key, pid_t pid) const;
-  // Waits (bounded, interruptible) until those handles are released; true when they are.
-  bool await_release(const LockJob& job, std::size_t index,
-                     std::optional<std::chrono::steady_clock::time_point> deadline);
-  void enqueue(std::shared_ptr<LockJob> job);
-  struct Waiter;
-  void waiter_main(Waiter& self);
-  void wait_for(const std::shared_ptr<LockJob>& job, BrokerClient& client);
-  void heartbeat_main();
-  void heartbeat_all(BrokerClient& client);
+  // Whether a handle `pid` opened holds `key`, or a release of `key` is out. track_m_ held.
+  bool release_pending(const std::string& key, pid_t pid) const;
+  // Sends a release; `then` runs on the broker thread when its answer is in.
+  void send_release(const HeldLock& lock, std::function<void()> then = {});
+  void heartbeat_round();
+  void heartbeat_next(std::shared_ptr<std::vector<std::shared_ptr<TrackedLock>>> locks, std::size_t i);
 
   LockAgentOptions options_;
   std::atomic<bool> stopping_{false};
+  BrokerLoop loop_;
+  WorkerPool acts_;
 
-  mutable std::mutex pool_m_;
-  std::vector<std::unique_ptr<BrokerClient>> idle_clients_;
-
-  // Waiter threads: one per waiting job at most; idle ones linger a while, then
-  // end. Every one is joined: the ended ones by the next enqueue(), the rest by
-  // stop(), which first aborts their waits.
-  struct Waiter {
-    std::thread thread;
-    bool ended = false;  // guarded by wait_m_; set as the thread's last step
-  };
-  mutable std::mutex wait_m_;
-  std::condition_variable wait_cv_;
-  std::deque<std::shared_ptr<LockJob>> queue_;
-  std::vector<std::weak_ptr<LockJob>> waiting_;  // jobs a waiter works on
-  std::list<Waiter> waiters_;
-  std::size_t idle_threads_ = 0;
+  // The broker thread's own: jobs in progress (for stop) and those parked until a
+  // release of their key comes back.
+  std::unordered_map<LockJob*, std::shared_ptr<LockJob>> jobs_;
+  std::unordered_multimap<std::string, std::shared_ptr<LockJob>> awaiting_release_;
+  std::atomic<std::size_t> waiting_count_{0};
 
   mutable std::mutex track_m_;
-  std::condition_variable untracked_cv_;  // a tracked lock went away
-  std::uint64_t release_epoch_ = 0;        // tracked locks released (track_m_)
+  std::uint64_t release_epoch_ = 0;  // releases come back (track_m_)
+  std::unordered_map<std::string, int> releases_out_;  // key -> releases not yet answered
   std::unordered_map<TrackedLock*, std::shared_ptr<TrackedLock>> tracked_;
   std::unordered_multimap<std::string, TrackedLock*> by_key_;
-
-  std::mutex hb_m_;
-  std::condition_variable hb_cv_;
-  std::thread heartbeat_;
 };
-
-// Starts a thread with every signal blocked, so SIGINT/SIGTERM reach the thread
-// that runs the FUSE loop.
-std::thread start_quiet_thread(std::function<void()> body);
 
 }  // namespace gate::mount

@@ -18,6 +18,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <cstdlib>
 #include <functional>
@@ -132,6 +133,42 @@ TEST_CASE("an O_NONBLOCK open of a held file fails with EAGAIN at once", "[mount
   REQUIRE(other->line() == "errno " + std::to_string(EAGAIN));
   CHECK(Clock::now() - t0 < 5s);
   CHECK(total_queued(broker.endpoint()) == 0);
+}
+
+TEST_CASE("opens waiting on a broker that stopped answering leave every FUSE worker free",
+          "[mount][threads]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  constexpr int kOpens = 80;  // more than the mount's 64 FUSE workers
+  for (int i = 0; i < kOpens; ++i) write_file(m.in_root("f" + std::to_string(i)), "data");
+  ::kill(broker.pid(), SIGSTOP);
+  struct Resume {
+    pid_t pid;
+    ~Resume() { ::kill(pid, SIGCONT); }
+  } resume{broker.pid()};
+  std::vector<gate::test::Child> cats;
+  for (int i = 0; i < kOpens; ++i)
+    cats.push_back(gate::test::Child::spawn({"cat", m.at("f" + std::to_string(i))}, "/dev/null"));
+  // Every open is out at the broker, unanswered: one socket each in the mount.
+  auto sockets = [&] {
+    int n = 0;
+    const std::string dir = "/proc/" + std::to_string(m.pid()) + "/fd";
+    for (const auto& e : std::filesystem::directory_iterator(dir)) {
+      char link[64];
+      ssize_t len = ::readlink(e.path().c_str(), link, sizeof link);
+      if (len > 7 && std::string(link, 7) == "socket:") ++n;
+    }
+    return n;
+  };
+  REQUIRE(eventually([&] { return sockets() >= kOpens; }, 20s));
+  // A lookup and a read of a file nobody opened yet are still answered (before, each
+  // open held a FUSE worker for the broker's answer: 64 of them stopped the mount).
+  write_file(m.in_root("probe"), "free");
+  auto probe = gate::test::Child::spawn({"stat", m.at("probe")}, "/dev/null");
+  CHECK(probe.wait(5s) == 0);
+  for (auto& c : cats) CHECK(c.running());
+  ::kill(broker.pid(), SIGCONT);
+  for (auto& c : cats) CHECK(c.wait(30s) == 0);
 }
 
 TEST_CASE("an acquire time-out fails the open with EAGAIN", "[mount]") {
