@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <time.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -34,6 +35,7 @@ struct BrokerLoop::Call {
   std::size_t sent = 0;
   wire::AnswerReader reader;
   Clock::time_point deadline = Clock::time_point::max();  // of the current phase
+  HttpReply result;  // Answered: the answer; Failed: status 0 and why
 };
 
 BrokerLoop::BrokerLoop(BrokerEndpoint endpoint, std::chrono::milliseconds io_timeout)
@@ -59,25 +61,66 @@ void BrokerLoop::wake() {
   [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
 }
 
-BrokerLoop::CallId BrokerLoop::call(wire::Request request, Answer answer) {
+std::unique_ptr<BrokerLoop::Call> BrokerLoop::make_call(const wire::Request& request, Answer answer) {
   auto c = std::make_unique<Call>();
   c->text = wire::http_text(request, endpoint_);
   c->wait_forever = request.wait_forever;
   c->on_answer = std::move(answer);
-  CallId id;
-  bool ended;
+  std::lock_guard lock(m_);
+  c->id = next_id_++;
+  return c;
+}
+
+bool BrokerLoop::hand_over(std::unique_ptr<Call>& c) {
   {
     std::lock_guard lock(m_);
-    id = c->id = next_id_++;
-    ended = ended_;
-    if (!ended) {
-      new_calls_.push_back(std::move(c));
-      busy_ = true;
-    }
+    if (ended_) return false;
+    new_calls_.push_back(std::move(c));
+    busy_ = true;
   }
-  if (ended) c->on_answer({0, "", "stopped"});  // the loop has ended: nothing will send it
-  else wake();
+  wake();
+  return true;
+}
+
+BrokerLoop::CallId BrokerLoop::call(wire::Request request, Answer answer) {
+  auto c = make_call(request, std::move(answer));
+  const CallId id = c->id;
+  if (!hand_over(c)) c->on_answer({0, "", "stopped"});  // the loop has ended: nothing will send it
   return id;
+}
+
+std::optional<HttpReply> BrokerLoop::call_briefly(wire::Request request,
+                                                  std::chrono::microseconds patience, Answer late,
+                                                  CallId* id) {
+  auto c = make_call(request, std::move(late));
+  if (id) *id = c->id;
+  {
+    std::lock_guard lock(m_);
+    if (stopping_ || ended_) return HttpReply{0, "", "stopped"};
+  }
+  const auto until = Clock::now() + patience;
+  if (!open_connection(*c)) return c->result;
+  short revents = c->phase == Call::Phase::Sending ? POLLOUT : 0;
+  while (true) {
+    switch (run(*c, revents)) {
+      case Outcome::Answered:
+      case Outcome::Failed: return c->result;
+      case Outcome::Pending: break;
+    }
+    const auto left = until - Clock::now();
+    if (left <= Clock::duration::zero()) break;
+    pollfd p{c->conn.fd, c->phase == Call::Phase::Receiving ? short(POLLIN) : short(POLLOUT), 0};
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    timespec ts{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
+    const int r = ::ppoll(&p, 1, &ts, nullptr);
+    if (r < 0 && errno != EINTR) break;
+    if (r <= 0) continue;  // (the time left is looked at again above)
+    revents = p.revents;
+  }
+  // Not answered in time: the loop goes on with it, and `late` gets the answer there.
+  if (hand_over(c)) return std::nullopt;
+  close_connection(c->conn);
+  return HttpReply{0, "", "stopped"};
 }
 
 void BrokerLoop::abort(CallId id) {
@@ -148,12 +191,7 @@ void BrokerLoop::take_inbox() {
     if (it == calls_.end()) continue;
     Call& c = *it->second;
     // Closed, not parked: the broker sees the connection end and drops the request.
-    if (c.conn.fd >= 0) {
-      ::close(c.conn.fd);
-      c.conn.fd = -1;
-      std::lock_guard lock(m_);
-      --connections_;
-    }
+    close_connection(c.conn);
     answer(id, {0, "", "aborted"});
   }
   for (auto& fn : posted) fn();
@@ -162,6 +200,7 @@ void BrokerLoop::take_inbox() {
 void BrokerLoop::begin(std::unique_ptr<Call> call) {
   Call& c = *call;
   const CallId id = c.id;
+  const bool started = c.conn.fd >= 0;  // handed over by call_briefly
   calls_.emplace(id, std::move(call));
   bool stopping;
   {
@@ -169,31 +208,32 @@ void BrokerLoop::begin(std::unique_ptr<Call> call) {
     stopping = stopping_;
   }
   if (stopping) return answer(id, {0, "", "stopped"});
-  while (!idle_.empty()) {
-    Connection conn = std::move(idle_.back());
-    idle_.pop_back();
-    if (!conn.leftover.empty()) {  // out of step with its answers: not reusable
-      ::close(conn.fd);
-      std::lock_guard lock(m_);
-      --connections_;
-      continue;
-    }
-    c.conn = std::move(conn);
-    c.reused = true;
-    c.phase = Call::Phase::Sending;
-    c.deadline = Clock::now() + io_timeout_;
-    return progress(c, POLLOUT);
-  }
-  std::string error;
-  if (!connect(c, &error))
-    return answer(id, {0, "", "cannot reach the broker at " + endpoint_.describe() + ": " + error});
+  if (started) return;  // poll() says when its socket is ready
+  if (!open_connection(c)) return answer(id, c.result);
   if (c.phase == Call::Phase::Sending) progress(c, POLLOUT);
 }
 
-bool BrokerLoop::connect(Call& c, std::string* error) {
+bool BrokerLoop::open_connection(Call& c) {
+  {
+    std::lock_guard lock(m_);
+    while (!idle_.empty()) {
+      Connection conn = std::move(idle_.back());
+      idle_.pop_back();
+      if (!conn.leftover.empty()) {  // out of step with its answers: not reusable
+        ::close(conn.fd);
+        --connections_;
+        continue;
+      }
+      c.conn = std::move(conn);
+      c.reused = true;
+      c.phase = Call::Phase::Sending;
+      c.deadline = Clock::now() + io_timeout_;
+      return true;
+    }
+  }
   Dialing d = dial(endpoint_);
   if (d.fd < 0) {
-    *error = d.error;
+    c.result = {0, "", "cannot reach the broker at " + endpoint_.describe() + ": " + d.error};
     return false;
   }
   {
@@ -201,19 +241,56 @@ bool BrokerLoop::connect(Call& c, std::string* error) {
     ++connections_;
   }
   c.conn = {d.fd, ""};
+  c.reused = false;
   c.phase = d.in_progress ? Call::Phase::Connecting : Call::Phase::Sending;
   c.deadline = Clock::now() + io_timeout_;
   return true;
 }
 
+void BrokerLoop::close_connection(Connection& conn) {
+  if (conn.fd < 0) return;
+  ::close(conn.fd);
+  conn.fd = -1;
+  std::lock_guard lock(m_);
+  --connections_;
+}
+
+BrokerLoop::Outcome BrokerLoop::run(Call& c, short revents) {
+  Outcome o = step(c, revents);
+  // A kept-alive connection the broker had already closed: once more on a new one.
+  while (o == Outcome::Failed && c.reused && !c.retried && !c.reader.got_bytes()) {
+    c.retried = true;
+    c.sent = 0;
+    c.reader = wire::AnswerReader();
+    if (!open_connection(c)) return Outcome::Failed;
+    o = c.phase == Call::Phase::Sending ? step(c, POLLOUT) : Outcome::Pending;
+  }
+  return o;
+}
+
 void BrokerLoop::progress(Call& c, short revents) {
-  const CallId id = c.id;
+  switch (run(c, revents)) {
+    case Outcome::Answered:
+    case Outcome::Failed: return answer(c.id, std::move(c.result));
+    case Outcome::Pending: return;
+  }
+}
+
+BrokerLoop::Outcome BrokerLoop::failed(Call& c, const std::string& error) {
+  close_connection(c.conn);
+  c.result = {0, "",
+              (c.phase == Call::Phase::Connecting ? "cannot reach the broker at " + endpoint_.describe() + ": "
+                                                  : "broker at " + endpoint_.describe() + " did not answer: ") +
+                  error};
+  return Outcome::Failed;
+}
+
+BrokerLoop::Outcome BrokerLoop::step(Call& c, short revents) {
   if (c.phase == Call::Phase::Connecting) {
-    if (!(revents & (POLLOUT | POLLERR | POLLHUP))) return;
+    if (!(revents & (POLLOUT | POLLERR | POLLHUP))) return Outcome::Pending;
     if (std::string e = dial_result(c.conn.fd); !e.empty()) {
-      // A first connection that fails is not retried: the broker is not there.
-      c.retried = true;
-      return fail(c, e);
+      c.retried = true;  // a first connection that fails: the broker is not there
+      return failed(c, e);
     }
     c.phase = Call::Phase::Sending;
     c.deadline = Clock::now() + io_timeout_;
@@ -227,80 +304,43 @@ void BrokerLoop::progress(Call& c, short revents) {
         continue;
       }
       if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
-      return fail(c, std::strerror(errno));
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return Outcome::Pending;
+      return failed(c, std::strerror(errno));
     }
     c.phase = Call::Phase::Receiving;
     c.deadline = c.wait_forever ? Clock::time_point::max() : Clock::now() + io_timeout_;
     revents = POLLIN;  // the answer may be there already
   }
-  if (!(revents & (POLLIN | POLLERR | POLLHUP))) return;
+  if (!(revents & (POLLIN | POLLERR | POLLHUP))) return Outcome::Pending;
   char buf[16384];
   while (true) {
     ssize_t n = ::recv(c.conn.fd, buf, sizeof buf, 0);
     wire::AnswerReader::State state;
+    bool ended = false;
     if (n > 0) {
       state = c.reader.feed(buf, static_cast<std::size_t>(n));
       if (!c.wait_forever) c.deadline = Clock::now() + io_timeout_;
     } else if (n == 0) {
       state = c.reader.end_of_stream();
-      if (state == wire::AnswerReader::State::Done) {
-        // The answer ended with the connection: nothing to keep.
-        ::close(c.conn.fd);
-        c.conn.fd = -1;
-        {
-          std::lock_guard lock(m_);
-          --connections_;
-        }
-        return answer(id, c.reader.reply());
-      }
+      ended = true;
     } else if (errno == EINTR) {
       continue;
     } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      return;
+      return Outcome::Pending;
     } else {
-      return fail(c, std::strerror(errno));
+      return failed(c, std::strerror(errno));
     }
-    if (state == wire::AnswerReader::State::Failed) return fail(c, c.reader.error());
+    if (state == wire::AnswerReader::State::Failed) return failed(c, c.reader.error());
     if (state == wire::AnswerReader::State::Done) {
-      Connection conn = std::move(c.conn);
+      c.result = c.reader.reply();
+      c.conn.leftover = c.reader.take_leftover();
+      // An answer that ended with its connection leaves nothing to keep.
+      if (!ended && c.reader.keep_alive()) park(std::move(c.conn));
+      else close_connection(c.conn);
       c.conn.fd = -1;
-      conn.leftover = c.reader.take_leftover();
-      if (c.reader.keep_alive()) park(std::move(conn));
-      else {
-        ::close(conn.fd);
-        std::lock_guard lock(m_);
-        --connections_;
-      }
-      return answer(id, c.reader.reply());
+      return Outcome::Answered;
     }
   }
-}
-
-void BrokerLoop::fail(Call& c, const std::string& error) {
-  if (c.conn.fd >= 0) {
-    ::close(c.conn.fd);
-    c.conn.fd = -1;
-    std::lock_guard lock(m_);
-    --connections_;
-  }
-  // A kept-alive connection the broker had already closed: once more on a new one.
-  if (c.reused && !c.retried && !c.reader.got_bytes() && error.find("timed out") == std::string::npos) {
-    c.retried = true;
-    c.reused = false;
-    c.sent = 0;
-    c.reader = wire::AnswerReader();
-    std::string e;
-    if (connect(c, &e)) {
-      if (c.phase == Call::Phase::Sending) progress(c, POLLOUT);
-      return;
-    }
-    return answer(c.id, {0, "", "cannot reach the broker at " + endpoint_.describe() + ": " + e});
-  }
-  const std::string what = c.phase == Call::Phase::Connecting ? "cannot reach the broker at "
-                                                                : "broker at ";
-  const std::string tail = c.phase == Call::Phase::Connecting ? ": " : " did not answer: ";
-  answer(c.id, {0, "", what + endpoint_.describe() + tail + error});
 }
 
 void BrokerLoop::answer(CallId id, HttpReply reply) {
@@ -308,11 +348,7 @@ void BrokerLoop::answer(CallId id, HttpReply reply) {
   if (it == calls_.end()) return;
   std::unique_ptr<Call> c = std::move(it->second);
   calls_.erase(it);
-  if (c->conn.fd >= 0) {  // answered without its connection's end: not reusable
-    ::close(c->conn.fd);
-    std::lock_guard lock(m_);
-    --connections_;
-  }
+  close_connection(c->conn);  // answered before its connection's end: not reusable
   try {
     c->on_answer(reply);
   } catch (const std::exception& e) {
@@ -321,26 +357,22 @@ void BrokerLoop::answer(CallId id, HttpReply reply) {
 }
 
 void BrokerLoop::park(Connection conn) {
-  bool stopping;
   {
     std::lock_guard lock(m_);
-    stopping = stopping_;
+    if (idle_.size() < kMaxIdleConnections && !stopping_) {
+      idle_.push_back(std::move(conn));
+      return;
+    }
   }
-  if (idle_.size() < kMaxIdleConnections && !stopping) {
-    idle_.push_back(std::move(conn));
-    return;
-  }
-  ::close(conn.fd);
-  std::lock_guard lock(m_);
-  --connections_;
+  close_connection(conn);
 }
 
 void BrokerLoop::close_all() {
   std::vector<CallId> ids;
   for (auto& [id, c] : calls_) ids.push_back(id);
   for (CallId id : ids) answer(id, {0, "", "stopped"});
-  for (Connection& conn : idle_) ::close(conn.fd);
   std::lock_guard lock(m_);
+  for (Connection& conn : idle_) ::close(conn.fd);
   connections_ -= idle_.size();
   idle_.clear();
 }
@@ -364,6 +396,8 @@ void BrokerLoop::main() {
           std::lock_guard lock(m_);
           more = !new_calls_.empty() || !aborts_.empty() || !posted_.empty();
           if (!more) {
+            // In the same breath as the check: a call or post from now on runs at once.
+            ended_ = true;
             timers_in_.clear();
             busy_ = false;
             idle_cv_.notify_all();
@@ -373,8 +407,6 @@ void BrokerLoop::main() {
         take_inbox();
       }
       timers_.clear();
-      std::lock_guard lock(m_);
-      ended_ = true;
       return;
     }
     // Due timers run now; they may have started calls or posted more.
@@ -391,8 +423,10 @@ void BrokerLoop::main() {
     for (auto& [id, c] : calls_)
       if (c->deadline <= now) ids.push_back(id);
     for (CallId id : ids)
-      if (auto it = calls_.find(id); it != calls_.end())
-        fail(*it->second, "timed out after " + std::to_string(io_timeout_.count()) + " ms");
+      if (auto it = calls_.find(id); it != calls_.end()) {
+        failed(*it->second, "timed out after " + std::to_string(io_timeout_.count()) + " ms");
+        answer(id, std::move(it->second->result));
+      }
     if (!ids.empty()) continue;
 
     Clock::time_point next = timers_.empty() ? Clock::time_point::max() : timers_.begin()->first;

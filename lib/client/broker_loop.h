@@ -24,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -57,6 +58,12 @@ class BrokerLoop {
   // Thread-safe. `answer` runs on the loop thread, exactly once (after stop(), at once
   // on the calling thread, with error "stopped").
   CallId call(wire::Request request, Answer answer);
+  // On the calling thread, for at most `patience`: sends the request (on an idle
+  // connection or a new one) and waits for its answer, which it returns. An answer that
+  // takes longer is left to the loop thread, which hands it to `late`; then nullopt.
+  // `late` is never called when an answer is returned. `id`: for abort().
+  std::optional<HttpReply> call_briefly(wire::Request request, std::chrono::microseconds patience,
+                                        Answer late, CallId* id = nullptr);
   // Thread-safe; nothing happens when the call has already been answered.
   void abort(CallId id);
   // Thread-safe: runs `fn` on the loop thread, soon or at `when` (after stop(): post
@@ -75,16 +82,24 @@ class BrokerLoop {
     int fd = -1;
     std::string leftover;  // bytes past the last answer
   };
+  enum class Outcome { Pending, Answered, Failed };
   void main();
   void wake();
+  std::unique_ptr<Call> make_call(const wire::Request& request, Answer answer);
+  // Gives a call to the loop thread; false when the loop has ended.
+  bool hand_over(std::unique_ptr<Call>& c);
+  // A call's I/O, on whichever thread has it (no lookups, no callbacks).
+  bool open_connection(Call& c);  // false: c.result says why
+  Outcome step(Call& c, short revents);
+  Outcome run(Call& c, short revents);  // step, plus the one retry on a fresh connection
+  Outcome failed(Call& c, const std::string& error);
+  void close_connection(Connection& conn);
+  void park(Connection conn);
   // Loop-thread steps.
   void take_inbox();
   void begin(std::unique_ptr<Call> call);
-  bool connect(Call& c, std::string* error);
   void progress(Call& c, short revents);
   void answer(CallId id, HttpReply reply);
-  void fail(Call& c, const std::string& error);
-  void park(Connection conn);
   void close_all();
 
   const BrokerEndpoint endpoint_;
@@ -106,9 +121,10 @@ class BrokerLoop {
   CallId next_id_ = 1;
   std::size_t connections_ = 0;
 
+  std::vector<Connection> idle_;  // kept-alive connections, free for the next call
+
   // The loop thread's own.
   std::unordered_map<CallId, std::unique_ptr<Call>> calls_;
-  std::vector<Connection> idle_;
   std::multimap<Clock::time_point, std::function<void()>> timers_;
 };
 

@@ -308,6 +308,7 @@ const fuse_lowlevel_ops& GateFs::Impl::operations() {
 GateFs::GateFs(MountOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
 
 GateFs::~GateFs() {
+  impl_->notifying = false;
   if (impl_->agent) impl_->agent->stop();
   impl_->notifier.stop();
   if (impl_->se) {
@@ -392,6 +393,7 @@ int GateFs::serve() {
   int r = fuse_session_loop_mt(d.se, cfg);
   fuse_loop_cfg_destroy(cfg);
   log(LogLevel::Info, "mount", "unmounting ", d.opts.mountpoint);
+  d.notifying = false;
   // Waiters get EIO now and every held lock goes back before the mount disappears.
   if (d.agent) d.agent->stop();
   d.close_remaining_handles();

@@ -110,6 +110,9 @@ struct GateFs::Impl {
   // never on an act thread, where a wait for a lock a waiting caller holds could
   // leave no act thread for that caller's own call.
   WorkerPool notifier{1, "gate-notify"};
+  // Off once the FUSE loop has ended: nobody reads the requests a notification may
+  // then wait behind, so queued ones are dropped (the mount is going away anyway).
+  std::atomic<bool> notifying{true};
   bool running_as_root = ::geteuid() == 0;
 
   explicit Impl(MountOptions o) : opts(std::move(o)) {}

@@ -132,8 +132,8 @@ void GateFs::Impl::forget_name(const Installed& at) {
   // It waits for the directory's lock, which the renaming process holds until this
   // call is answered, and which others may hold while they wait for a lock here.
   if (se && at.parent)
-    notifier.post([se = se, parent = at.parent, name = at.name] {
-      fuse_lowlevel_notify_inval_entry(se, parent, name.c_str(), name.size());
+    notifier.post([this, se = se, parent = at.parent, name = at.name] {
+      if (notifying) fuse_lowlevel_notify_inval_entry(se, parent, name.c_str(), name.size());
     });
 }
 

@@ -27,9 +27,18 @@ constexpr auto kReleaseWait = std::chrono::seconds(5);
 constexpr int kInFlightRetries = 50;
 // How long stop() waits for the broker's answers to its releases.
 constexpr auto kStopWait = std::chrono::seconds(5);
+// A call's time limit for each step of its I/O (answers to waiting acquires excepted).
+constexpr auto kIoTimeout = std::chrono::seconds(10);
 
-HeldLock held_from(const LockNeed& need, const LockInfo& granted) {
-  return {need.key, need.mode, granted.lock_id, need.owner, granted.fence, granted.version};
+HeldLock held_from(const LockNeed& need, const LockInfo& granted, pid_t pid) {
+  HeldLock l{need.key, need.mode, granted.lock_id, need.owner, granted.fence, granted.version};
+  l.pid = pid;
+  return l;
+}
+
+// releases_out_'s key for one process's releases of `key`.
+std::string release_of(const std::string& key, pid_t pid) {
+  return key + '\0' + std::to_string(pid);
 }
 
 }  // namespace
@@ -41,20 +50,24 @@ void LockJob::interrupt() {
     interrupted_ = true;
     call = call_;
   }
-  if (agent_) agent_->interrupt(this, call);  // not run yet: run() sees the flag
+  if (LockAgent* agent = agent_.load()) agent->interrupt(this, call);  // else run() sees the flag
 }
 
 void LockAgent::interrupt(LockJob* job, BrokerLoop::CallId call) {
   // A wait in flight ends with its connection; a job parked between calls is woken.
   if (call) return loop_.abort(call);
   loop_.post([this, job] {
-    auto it = jobs_.find(job);  // (not dereferenced unless still in progress)
-    if (it == jobs_.end()) return;
-    auto self = it->second;
+    std::shared_ptr<LockJob> self;
+    {
+      std::lock_guard guard(jobs_m_);
+      auto it = jobs_.find(job);  // (not dereferenced unless still in progress)
+      if (it == jobs_.end()) return;
+      self = it->second;
+    }
     std::unique_lock lock(self->m_);
     if (self->call_) return;
     lock.unlock();
-    if (self->awaiting_release_ || self->waiting_) finish(self, EINTR);
+    if (self->awaiting_release_ || self->waiting_) finish(self, EINTR, false);
   });
 }
 
@@ -124,49 +137,97 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
   job->started_ = Clock::now();
   job->request_ids_.clear();
   for (std::size_t i = 0; i < job->needs.size(); ++i) job->request_ids_.push_back(random_token());
-  loop_.post([this, job] {
+  {
+    std::lock_guard guard(jobs_m_);
     jobs_.emplace(job.get(), job);
-    if (stopping_) return finish(job, EIO);
-    if (job->interrupted()) return finish(job, EINTR);
-    send(job, 0);
-  });
+  }
+  if (stopping_) return finish(job, EIO, true);
+  // Locks free now are taken here, on the caller's thread, each in at most
+  // kTryPatience: the common open costs no hand-over between threads. What takes
+  // longer goes on on the broker thread, and so does every wait.
+  while (true) {
+    if (job->interrupted()) return finish(job, EINTR, true);
+    job->epoch_ = release_epoch();
+    auto reply = loop_.call_briefly(
+        wire::acquire(make_request(*job, job->held.size(), 0), kIoTimeout), kTryPatience,
+        [this, job](const HttpReply& late) { on_try(job, wire::to_result(late)); });
+    if (!reply) return;  // the broker thread has it now
+    if (!tried(job, wire::to_result(*reply), true)) return;
+  }
 }
 
 void LockAgent::send(const std::shared_ptr<LockJob>& job, std::optional<std::int64_t> timeout_ms) {
   job->epoch_ = release_epoch();
-  wire::Request request =
-      wire::acquire(make_request(*job, job->held.size(), timeout_ms), std::chrono::seconds(10));
-  std::unique_lock lock(job->m_);
-  if (job->interrupted_) {
-    lock.unlock();
-    return finish(job, EINTR);
+  {
+    std::lock_guard lock(job->m_);
+    if (job->interrupted_) return finish(job, EINTR, false);
   }
-  // Under m_: interrupt() sees either no call yet (and the flag is seen above) or this one.
-  job->call_ = loop_.call(std::move(request), [this, job](const HttpReply& reply) {
-    {
-      std::lock_guard lock(job->m_);
-      job->call_ = 0;
-    }
-    const CallResult r = wire::to_result(reply);
-    if (job->waiting_) on_wait(job, r);
-    else on_try(job, r);
-  });
+  const bool waiting = job->waiting_;
+  const BrokerLoop::CallId id = loop_.call(
+      wire::acquire(make_request(*job, job->held.size(), timeout_ms), kIoTimeout),
+      [this, job, waiting](const HttpReply& reply) {
+        {
+          std::lock_guard lock(job->m_);
+          job->call_ = 0;
+        }
+        const CallResult r = wire::to_result(reply);
+        if (waiting) on_wait(job, r);
+        else on_try(job, r);
+      });
+  // Published after the call (whose answer cannot come before this returns, on the
+  // broker thread), then the flag looked at again: an interrupt in between is not lost.
+  bool interrupted;
+  {
+    std::lock_guard lock(job->m_);
+    job->call_ = id;
+    interrupted = job->interrupted_;
+  }
+  if (interrupted && waiting) loop_.abort(id);
 }
 
-// The answer to a try without waiting.
+// A try's answer that came late, on the broker thread.
 void LockAgent::on_try(const std::shared_ptr<LockJob>& job, const CallResult& r) {
+  if (tried(job, r, false)) send(job, 0);
+}
+
+bool LockAgent::tried(const std::shared_ptr<LockJob>& job, const CallResult& r, bool here) {
   const std::size_t i = job->held.size();
   if (r.status == CallStatus::Ok) {
-    job->held.push_back(held_from(job->needs[i], r.lock));
-    if (job->held.size() == job->needs.size()) return finish(job, 0);
-    if (job->interrupted()) return finish(job, EINTR);
-    return send(job, 0);
+    job->held.push_back(held_from(job->needs[i], r.lock, job->pid));
+    if (job->held.size() < job->needs.size()) return true;
+    finish(job, 0, here);
+    return false;
   }
-  if (r.status == CallStatus::Deadlock && !job->nonblocking && release_in_flight(*job, i, job->epoch_))
-    return would_wait(job);  // waits for that release, then asks again
+  if (stopping_) {
+    finish(job, EIO, here);
+    return false;
+  }
+  if (r.status == CallStatus::Deadlock && !job->nonblocking && release_in_flight(*job, i, job->epoch_)) {
+    to_wait(job, here);  // waits for that release, then asks again
+    return false;
+  }
   const int err = classify(r, *job, i, /*try_once=*/true);
-  if (err == -1 && !job->nonblocking) return would_wait(job);
-  finish(job, err == -1 ? EAGAIN : err);
+  if (err == -1 && !job->nonblocking) {
+    to_wait(job, here);
+    return false;
+  }
+  if (err == -1 && any_release_out(job->needs[i].key)) {
+    // O_NONBLOCK right after a call that gave the key back: its release is still on
+    // its way, and the file is not really held. Try again once it is back.
+    on_loop(here, [this, job] { await_release(job, /*any_process=*/true); });
+    return false;
+  }
+  finish(job, err == -1 ? EAGAIN : err, here);
+  return false;
+}
+
+void LockAgent::on_loop(bool here, std::function<void()> fn) {
+  if (here) loop_.post(std::move(fn));
+  else fn();
+}
+
+void LockAgent::to_wait(const std::shared_ptr<LockJob>& job, bool here) {
+  on_loop(here, [this, job] { would_wait(job); });
 }
 
 void LockAgent::would_wait(const std::shared_ptr<LockJob>& job) {
@@ -174,13 +235,13 @@ void LockAgent::would_wait(const std::shared_ptr<LockJob>& job) {
   job->deadline_ = deadline_of(*job);
   if (job->deadline_ && *job->deadline_ <= Clock::now()) {
     if (job->under_kernel_locks) return give_up_busy(job);
-    return finish(job, EAGAIN);
+    return finish(job, EAGAIN, false);
   }
   if (waits_for_itself(*job, i)) {
     log(LogLevel::Info, "mount", "refused ", to_string(job->needs[i].mode), " lock on ",
         job->needs[i].key, " for pid ", job->pid,
         ": it holds the file open itself, so it would wait forever; returning EDEADLK");
-    return finish(job, EDEADLK);
+    return finish(job, EDEADLK, false);
   }
   job->waiting_ = true;
   job->reconnect_.emplace(options_.reconnect_window, job->deadline_);
@@ -189,7 +250,7 @@ void LockAgent::would_wait(const std::shared_ptr<LockJob>& job) {
 }
 
 void LockAgent::send_wait(const std::shared_ptr<LockJob>& job) {
-  if (job->interrupted() || stopping_) return finish(job, job->interrupted() ? EINTR : EIO);
+  if (job->interrupted() || stopping_) return finish(job, job->interrupted() ? EINTR : EIO, false);
   std::optional<std::int64_t> timeout;
   if (job->deadline_) {
     auto left = std::chrono::duration_cast<milliseconds>(*job->deadline_ - Clock::now()).count();
@@ -201,9 +262,9 @@ void LockAgent::send_wait(const std::shared_ptr<LockJob>& job) {
 // The answer to a waiting acquire.
 void LockAgent::on_wait(const std::shared_ptr<LockJob>& job, const CallResult& r) {
   const std::size_t i = job->held.size();
-  if (r.status == CallStatus::Ok) job->held.push_back(held_from(job->needs[i], r.lock));
+  if (r.status == CallStatus::Ok) job->held.push_back(held_from(job->needs[i], r.lock, job->pid));
   // A grant that raced with Ctrl-C is given back by finish().
-  if (job->interrupted() || stopping_) return finish(job, job->interrupted() ? EINTR : EIO);
+  if (job->interrupted() || stopping_) return finish(job, job->interrupted() ? EINTR : EIO, false);
   if (r.status == CallStatus::Unavailable) {
     // The broker went away while we queued: ask again for a while (reconnect.h).
     const auto now = Clock::now();
@@ -211,7 +272,7 @@ void LockAgent::on_wait(const std::shared_ptr<LockJob>& job, const CallResult& r
     if (!again) {
       log(LogLevel::Error, "mount", "broker at ", loop_.endpoint().describe(), " is unreachable (",
           r.error, "); the wait for ", job->needs[i].key, " fails with EIO");
-      return finish(job, EIO);
+      return finish(job, EIO, false);
     }
     if (job->reconnect_->outage_began(now))
       log(LogLevel::Warn, "mount", "broker at ", loop_.endpoint().describe(), " dropped the wait for ",
@@ -222,57 +283,60 @@ void LockAgent::on_wait(const std::shared_ptr<LockJob>& job, const CallResult& r
   }
   job->reconnect_->reached();
   if (r.status == CallStatus::Ok) {
-    if (job->held.size() == job->needs.size()) return finish(job, 0);
+    if (job->held.size() == job->needs.size()) return finish(job, 0, false);
     return send_wait(job);
   }
   if (r.status == CallStatus::Timeout && job->under_kernel_locks) return give_up_busy(job);
   // The "deadlock" was a lock on its way back: ask again once it is back.
   if (r.status == CallStatus::Deadlock && ++job->in_flight_retries_ <= kInFlightRetries &&
       release_in_flight(*job, i, job->epoch_))
-    return await_release(job);
-  finish(job, classify(r, *job, i, /*try_once=*/false));
+    return await_release(job, /*any_process=*/false);
+  finish(job, classify(r, *job, i, /*try_once=*/false), false);
 }
 
-void LockAgent::await_release(const std::shared_ptr<LockJob>& job) {
-  const std::string& key = job->needs[job->held.size()].key;
-  {
-    std::lock_guard guard(track_m_);
-    if (!release_pending(key, job->pid)) {
-      // Came back already (or was never this process's): ask again now.
-      return loop_.post([this, job] {
-        if (!job->finished_) send_wait(job);
-      });
-    }
-  }
+void LockAgent::await_release(const std::shared_ptr<LockJob>& job, bool any_process) {
+  const std::string key = job->needs[job->held.size()].key;
+  job->park_any_ = any_process;
+  if (!parked_for(*job, key)) return resume(job);  // came back already: ask again now
   job->awaiting_release_ = true;
+  ++parked_;
   awaiting_release_.emplace(key, job);
   auto limit = Clock::now() + kReleaseWait;
   if (job->deadline_ && *job->deadline_ < limit) limit = *job->deadline_;
-  loop_.post_at(limit, [this, job] {
-    if (job->finished_ || !job->awaiting_release_) return;
-    // Not back in time: it was a deadlock after all.
-    finish(job, EDEADLK);
+  loop_.post_at(limit, [this, job, park = ++job->parks_] {
+    if (job->finished_ || !job->awaiting_release_ || job->parks_ != park) return;
+    // Not back in time: a deadlock after all (or, for O_NONBLOCK, a holder).
+    finish(job, job->park_any_ ? EAGAIN : EDEADLK, false);
   });
 }
 
-// On the broker thread, after a release of `key` came back: the jobs parked for it
-// ask again once nothing of `key` is on its way back for them.
+bool LockAgent::parked_for(const LockJob& job, const std::string& key) const {
+  std::lock_guard guard(track_m_);
+  return job.park_any_ ? releases_out_.count(key) > 0 : release_pending(key, job.pid);
+}
+
+void LockAgent::resume(const std::shared_ptr<LockJob>& job) {
+  if (job->finished_) return;
+  if (job->waiting_) send_wait(job);
+  else send(job, 0);  // a try (O_NONBLOCK) asks once more
+}
+
+// On the broker thread, after a release of `key` came back: the jobs parked for it ask
+// again once nothing of `key` they wait for is on its way back.
 void LockAgent::releases_came_back(const std::string& key) {
-  auto [begin, end] = awaiting_release_.equal_range(key);
   std::vector<std::shared_ptr<LockJob>> ready;
-  {
-    std::lock_guard guard(track_m_);
-    for (auto it = begin; it != end; ++it)
-      if (!release_pending(key, it->second->pid)) ready.push_back(it->second);
+  for (auto [it, end] = awaiting_release_.equal_range(key); it != end;) {
+    if (parked_for(*it->second, key)) {
+      ++it;
+      continue;
+    }
+    ready.push_back(it->second);
+    it = awaiting_release_.erase(it);
   }
   for (auto& job : ready) {
-    for (auto it = awaiting_release_.find(key); it != awaiting_release_.end() && it->first == key; ++it)
-      if (it->second == job) {
-        awaiting_release_.erase(it);
-        break;
-      }
     job->awaiting_release_ = false;
-    if (!job->finished_) send_wait(job);
+    --parked_;
+    resume(job);
   }
 }
 
@@ -306,9 +370,14 @@ bool LockAgent::process_has_open(pid_t pid, const std::string& key) const {
 }
 
 bool LockAgent::release_pending(const std::string& key, pid_t pid) const {
-  if (auto it = releases_out_.find(key); it != releases_out_.end() && it->second > 0) return true;
+  if (releases_out_.count(release_of(key, pid))) return true;
   auto [begin, end] = by_key_.equal_range(key);
   return std::any_of(begin, end, [pid](const auto& e) { return e.second->pid == pid; });
+}
+
+bool LockAgent::any_release_out(const std::string& key) const {
+  std::lock_guard guard(track_m_);
+  return releases_out_.count(key) > 0;
 }
 
 std::uint64_t LockAgent::release_epoch() const {
@@ -379,11 +448,12 @@ void LockAgent::give_up_busy(const std::shared_ptr<LockJob>& job) {
   const LockNeed need = job->needs[job->held.size()];
   // Asked before the reply, while the holder is most likely still holding.
   loop_.call(wire::status(need.key), [this, job, need](const HttpReply& reply) {
+    if (job->finished_) return;  // interrupted or stopped meanwhile
     const std::string who = describe_holders(wire::holders_from(reply, need.key));
     auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - job->started_).count();
     const std::string op = job->op, agent = job->agent;
     const pid_t pid = job->pid;
-    finish(job, EBUSY);
+    finish(job, EBUSY, false);
     log(LogLevel::Warn, "mount", op, " by pid ", pid, " (agent ", agent, ") gave up on the ",
         to_string(need.mode), " lock on ", need.key, " after ", waited, " ms and returned EBUSY; held by ",
         who, ". The kernel holds the file's or directory's locks during this call, which the "
@@ -391,18 +461,22 @@ void LockAgent::give_up_busy(const std::shared_ptr<LockJob>& job) {
   });
 }
 
-void LockAgent::finish(const std::shared_ptr<LockJob>& job, int err) {
+void LockAgent::finish(const std::shared_ptr<LockJob>& job, int err, bool here) {
   if (job->finished_) return;
   job->finished_ = true;
-  jobs_.erase(job.get());
+  {
+    std::lock_guard guard(jobs_m_);
+    jobs_.erase(job.get());
+  }
   if (job->waiting_) --waiting_count_;
-  if (job->awaiting_release_) {
+  if (job->awaiting_release_) {  // (only ever on the broker thread)
     for (auto it = awaiting_release_.begin(); it != awaiting_release_.end(); ++it)
       if (it->second == job) {
         awaiting_release_.erase(it);
         break;
       }
     job->awaiting_release_ = false;
+    --parked_;
   }
   if (err == EINTR)
     log(LogLevel::Debug, "mount", "wait for ", job->needs[std::min(job->held.size(), job->needs.size() - 1)].key,
@@ -410,6 +484,10 @@ void LockAgent::finish(const std::shared_ptr<LockJob>& job, int err) {
   if (err != 0 && !job->held.empty()) {
     release(job->held);
     job->held.clear();
+  }
+  if (here) {
+    if (job->done) job->done(*job, err);
+    return;
   }
   acts_.post([job, err] {
     if (job->done) job->done(*job, err);
@@ -422,26 +500,37 @@ void LockAgent::send_release(const HeldLock& lock, std::function<void()> then) {
   {
     std::lock_guard guard(track_m_);
     ++releases_out_[lock.key];
+    ++releases_out_[release_of(lock.key, lock.pid)];
   }
-  loop_.call(wire::release(lock.lock_id, lock.owner, lock.changed, lock.stale),
-             [this, lock, then = std::move(then)](const HttpReply& reply) {
-               const CallResult r = wire::to_result(reply);
-               if (r.status == CallStatus::Unavailable) {
-                 log(LogLevel::Warn, "mount", "could not release the lock on ", lock.key, " (",
-                     lock.lock_id, "): broker at ", loop_.endpoint().describe(), " is unreachable (",
-                     r.error, "); it frees the lock when the lease runs out");
-               } else if (r.status != CallStatus::Ok) {
-                 log(LogLevel::Debug, "mount", "release of ", lock.key, " (", lock.lock_id, "): ",
-                     to_string(r.status), " ", r.error);
-               }
-               if (then) then();
-               {
-                 std::lock_guard guard(track_m_);
-                 if (--releases_out_[lock.key] <= 0) releases_out_.erase(lock.key);
-                 ++release_epoch_;
-               }
-               releases_came_back(lock.key);
-             });
+  auto came_back = [this, lock, then = std::move(then)](const HttpReply& reply) {
+    const CallResult r = wire::to_result(reply);
+    if (r.status == CallStatus::Unavailable) {
+      log(LogLevel::Warn, "mount", "could not release the lock on ", lock.key, " (", lock.lock_id,
+          "): broker at ", loop_.endpoint().describe(), " is unreachable (", r.error,
+          "); it frees the lock when the lease runs out");
+    } else if (r.status != CallStatus::Ok) {
+      log(LogLevel::Debug, "mount", "release of ", lock.key, " (", lock.lock_id, "): ",
+          to_string(r.status), " ", r.error);
+    }
+    if (then) then();
+    {
+      std::lock_guard guard(track_m_);
+      for (const std::string& k : {lock.key, release_of(lock.key, lock.pid)})
+        if (auto it = releases_out_.find(k); it != releases_out_.end() && --it->second <= 0)
+          releases_out_.erase(it);
+      ++release_epoch_;
+    }
+    // Jobs parked for it live on the broker thread.
+    if (loop_.on_loop_thread()) releases_came_back(lock.key);
+    else if (parked_ > 0) loop_.post([this, key = lock.key] { releases_came_back(key); });
+  };
+  wire::Request request = wire::release(lock.lock_id, lock.owner, lock.changed, lock.stale);
+  // Never waits on the broker thread; elsewhere briefly, like a try.
+  if (loop_.on_loop_thread()) {
+    loop_.call(std::move(request), std::move(came_back));
+    return;
+  }
+  if (auto reply = loop_.call_briefly(std::move(request), kTryPatience, came_back)) came_back(*reply);
 }
 
 void LockAgent::release(const HeldLock& lock) { send_release(lock); }
@@ -454,6 +543,7 @@ void LockAgent::release(const std::vector<HeldLock>& locks) {
 std::shared_ptr<TrackedLock> LockAgent::track(HeldLock lock, pid_t pid) {
   auto tracked = std::make_shared<TrackedLock>();
   tracked->lock = std::move(lock);
+  tracked->lock.pid = pid;
   tracked->pid = pid;
   std::lock_guard guard(track_m_);
   tracked_.emplace(tracked.get(), tracked);
@@ -551,7 +641,10 @@ void LockAgent::stop() {
   // Every job ends (EIO): waits in flight are aborted, parked ones finished.
   loop_.post([this] {
     std::vector<std::shared_ptr<LockJob>> jobs;
-    for (auto& [ptr, job] : jobs_) jobs.push_back(job);
+    {
+      std::lock_guard guard(jobs_m_);
+      for (auto& [ptr, job] : jobs_) jobs.push_back(job);
+    }
     for (auto& job : jobs) {
       BrokerLoop::CallId call;
       {
@@ -559,10 +652,13 @@ void LockAgent::stop() {
         call = job->call_;
       }
       if (call) loop_.abort(call);
-      else finish(job, EIO);
+      else if (job->waiting_ || job->awaiting_release_) finish(job, EIO, false);
     }
   });
   loop_.drain(kStopWait);
+  // What the jobs do with their outcome (and the locks an open adopts) happens now,
+  // while the broker thread still takes releases.
+  acts_.stop();
   std::vector<HeldLock> held;
   {
     std::lock_guard guard(track_m_);
@@ -572,14 +668,13 @@ void LockAgent::stop() {
   }
   if (!held.empty()) {
     log(LogLevel::Info, "mount", "releasing ", held.size(), " lock(s) still held at unmount");
-    release(held);
+    loop_.post([this, held] { release(held); });  // all at once, from the broker thread
   }
   if (!loop_.drain(kStopWait))
     log(LogLevel::Warn, "mount", "the broker did not answer every release in ",
         std::chrono::duration_cast<std::chrono::seconds>(kStopWait).count(),
         " s; their leases free them");
   loop_.stop();
-  acts_.stop();
 }
 
 }  // namespace gate::mount

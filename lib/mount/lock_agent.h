@@ -11,12 +11,15 @@
 //   another job, and must not call into the kernel's VFS of this mount (notify calls
 //   take directory locks that a waiting process may hold): the mount hands those to
 //   its own notifier thread.
-// A FUSE worker only hands a job over (run) and returns: it never blocks on the
-// network.
+// A FUSE worker (or act thread) spends at most kTryPatience (5 ms) on the broker for
+// one try or release: the common case, answered in well under a millisecond, needs no
+// hand-over between threads. Whatever takes longer, and every wait, goes on on the
+// broker thread, so a slow or stopped broker never holds the mount's workers.
 //
 // - A LockJob asks for one or more locks (already in the order they must be taken).
-//   Each is first asked for without waiting (timeout 0); the first that cannot be
-//   granted now is asked for again as a waiting acquire, and so are the rest.
+//   Each is first asked for without waiting (timeout 0), on the caller's thread; the
+//   first that cannot be granted now is asked for again as a waiting acquire, and so
+//   are the rest, on the broker thread.
 // - A job marked `under_kernel_locks` (setattr, rename, unlink, create, ...: the
 //   kernel holds inode or directory locks while it waits for the mount) waits at
 //   most LockAgentOptions::meta_wait, then fails with EBUSY, leaves the broker's
@@ -75,6 +78,7 @@ struct HeldLock {
   std::uint64_t version = 0;  // the key's content version at the grant
   bool changed = false;       // the holder changed the content (said at release)
   std::string stale;          // what a stale replacement under it got (said at release)
+  pid_t pid = 0;              // the thread it was taken for (its broker session)
 };
 
 struct LockAgentOptions {
@@ -118,7 +122,7 @@ class LockJob {
 
  private:
   friend class LockAgent;
-  LockAgent* agent_ = nullptr;
+  std::atomic<LockAgent*> agent_{nullptr};
   std::mutex m_;                    // guards call_ against interrupt()
   BrokerLoop::CallId call_ = 0;     // the acquire in flight, 0: none
   std::atomic<bool> interrupted_{false};
@@ -128,6 +132,8 @@ class LockJob {
   std::optional<std::chrono::steady_clock::time_point> deadline_;
   bool waiting_ = false;            // past the first, non-waiting try
   bool awaiting_release_ = false;   // parked until a release of its key comes back
+  bool park_any_ = false;           // ... of anyone's (O_NONBLOCK), else its own process's
+  std::uint64_t parks_ = 0;         // how often parked (a timer acts on its own park only)
   std::optional<Reconnect> reconnect_;
   int in_flight_retries_ = 0;
   std::uint64_t epoch_ = 0;         // release_epoch() when the acquire went out
@@ -193,21 +199,35 @@ class LockAgent {
                               std::optional<std::int64_t> timeout_ms) const;
   // Outcome of one acquire as an errno (0 granted, -1 "would wait").
   int classify(const CallResult& r, const LockJob& job, std::size_t index, bool try_once) const;
-  // The broker thread's steps of a job.
+  // How long a FUSE worker (or act thread) waits for the broker's answer to a try
+  // or a release before the broker thread takes over.
+  static constexpr std::chrono::microseconds kTryPatience{5000};
+  // The steps of a job. `here`: on the thread that called run(), before any hand-over;
+  // otherwise on the broker thread.
   void send(const std::shared_ptr<LockJob>& job, std::optional<std::int64_t> timeout_ms);
+  // Handles a try's answer; true when the next lock is to be tried now. Otherwise the
+  // job has finished or gone on to wait.
+  bool tried(const std::shared_ptr<LockJob>& job, const CallResult& r, bool here);
   void on_try(const std::shared_ptr<LockJob>& job, const CallResult& r);
+  // Runs fn on the broker thread: posted when `here`, else at once.
+  void on_loop(bool here, std::function<void()> fn);
+  void to_wait(const std::shared_ptr<LockJob>& job, bool here);
   void would_wait(const std::shared_ptr<LockJob>& job);
   void send_wait(const std::shared_ptr<LockJob>& job);
   void on_wait(const std::shared_ptr<LockJob>& job, const CallResult& r);
-  void await_release(const std::shared_ptr<LockJob>& job);
+  // Parks the job until the releases of its key it must wait for have come back
+  // (any_process: anyone's, else its own process's), then asks again.
+  void await_release(const std::shared_ptr<LockJob>& job, bool any_process);
+  bool parked_for(const LockJob& job, const std::string& key) const;
+  void resume(const std::shared_ptr<LockJob>& job);
   void releases_came_back(const std::string& key);
   // Finishes a job under kernel locks that could not get its next lock in time with
   // EBUSY, logging who held the key (asked of the broker before the reply frees the
   // kernel).
   void give_up_busy(const std::shared_ptr<LockJob>& job);
-  // Hands the job to an act thread: err 0 with its locks, or an errno (its locks go
-  // back first). Once per job.
-  void finish(const std::shared_ptr<LockJob>& job, int err);
+  // Ends the job: err 0 with its locks, or an errno (its locks go back first). Its
+  // `done` runs here when `here`, else on an act thread. Once per job.
+  void finish(const std::shared_ptr<LockJob>& job, int err, bool here);
   // When the job must give up waiting (acquire time-out, meta_wait); nullopt: never.
   std::optional<std::chrono::steady_clock::time_point> deadline_of(const LockJob& job) const;
   bool waits_for_itself(const LockJob& job, std::size_t index) const;
@@ -224,8 +244,10 @@ class LockAgent {
   bool release_in_flight(const LockJob& job, std::size_t index, std::uint64_t epoch_before) const;
   // How many releases have come back so far (for release_in_flight).
   std::uint64_t release_epoch() const;
-  // Whether a handle `pid` opened holds `key`, or a release of `key` is out. track_m_ held.
+  // Whether a handle `pid` opened holds `key`, or a release of `pid`'s lock on `key`
+  // is out. track_m_ held.
   bool release_pending(const std::string& key, pid_t pid) const;
+  bool any_release_out(const std::string& key) const;
   // Sends a release; `then` runs on the broker thread when its answer is in.
   void send_release(const HeldLock& lock, std::function<void()> then = {});
   void heartbeat_round();
@@ -236,15 +258,18 @@ class LockAgent {
   BrokerLoop loop_;
   WorkerPool acts_;
 
-  // The broker thread's own: jobs in progress (for stop) and those parked until a
-  // release of their key comes back.
+  // Jobs in progress (for stop() and interrupts).
+  mutable std::mutex jobs_m_;
   std::unordered_map<LockJob*, std::shared_ptr<LockJob>> jobs_;
+  // The broker thread's own: jobs parked until a release of their key comes back.
   std::unordered_multimap<std::string, std::shared_ptr<LockJob>> awaiting_release_;
+  std::atomic<std::size_t> parked_{0};
   std::atomic<std::size_t> waiting_count_{0};
 
   mutable std::mutex track_m_;
   std::uint64_t release_epoch_ = 0;  // releases come back (track_m_)
-  std::unordered_map<std::string, int> releases_out_;  // key -> releases not yet answered
+  // Releases not yet answered, by key and by release_of(key, pid).
+  std::unordered_map<std::string, int> releases_out_;
   std::unordered_map<TrackedLock*, std::shared_ptr<TrackedLock>> tracked_;
   std::unordered_multimap<std::string, TrackedLock*> by_key_;
 };

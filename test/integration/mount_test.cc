@@ -171,6 +171,25 @@ TEST_CASE("opens waiting on a broker that stopped answering leave every FUSE wor
   for (auto& c : cats) CHECK(c.wait(30s) == 0);
 }
 
+TEST_CASE("an O_NONBLOCK open right after a metadata change is not refused for that change's lock",
+          "[mount]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  write_file(m.in_root("f"), "data");
+  // The chmod's lock goes back to the broker as the chmod returns; the open that
+  // follows at once must not find it still held and fail with EAGAIN.
+  int refused = 0;
+  for (int i = 0; i < 300; ++i) {
+    REQUIRE(::chmod(m.at("f").c_str(), i % 2 ? 0644 : 0640) == 0);
+    Fd fd(::open(m.at("f").c_str(), O_RDONLY | O_NONBLOCK));
+    if (fd.fd < 0) {
+      REQUIRE(errno == EAGAIN);
+      ++refused;
+    }
+  }
+  CHECK(refused == 0);
+}
+
 TEST_CASE("an acquire time-out fails the open with EAGAIN", "[mount]") {
   BrokerProcess broker;
   Mount m(broker.endpoint(), {"--acquire-timeout-ms", "300"});
