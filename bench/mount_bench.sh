@@ -119,8 +119,14 @@ done
 
 echo "-- (b) sequential ${MB} MiB write (with fsync) and read, 1 MiB blocks"
 for t in "${TARGETS[@]}"; do
-  w=$(dd if=/dev/zero of="${DIR[$t]}/big" bs=1M count="$MB" conv=fsync 2>&1 | tail -1)
-  r=$(dd if="${DIR[$t]}/big" of=/dev/null bs=1M 2>&1 | tail -1)
+  # A failed dd says so (and what the mount logged) instead of ending the run silently.
+  if ! w=$(dd if=/dev/zero of="${DIR[$t]}/big" bs=1M count="$MB" conv=fsync 2>&1); then
+    printf '%-7s write FAILED: %s\n' "$t" "$w"
+    tail -5 "$WORK/mount-$t.log" 2>/dev/null || true
+    continue
+  fi
+  w=$(tail -1 <<<"$w")
+  r=$(dd if="${DIR[$t]}/big" of=/dev/null bs=1M 2>&1 | tail -1) || r="FAILED: $r"
   printf '%-7s write: %s\n        read:  %s\n' "$t" "$w" "$r"
   rm -f "${DIR[$t]}/big"
 done

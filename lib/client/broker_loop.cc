@@ -213,23 +213,27 @@ void BrokerLoop::begin(std::unique_ptr<Call> call) {
   if (c.phase == Call::Phase::Sending) progress(c, POLLOUT);
 }
 
-bool BrokerLoop::open_connection(Call& c) {
-  {
-    std::lock_guard lock(m_);
-    while (!idle_.empty()) {
-      Connection conn = std::move(idle_.back());
+bool BrokerLoop::open_connection(Call& c, bool fresh) {
+  while (!fresh) {
+    Connection conn;
+    {
+      std::lock_guard lock(m_);
+      if (idle_.empty()) break;
+      conn = std::move(idle_.back());
       idle_.pop_back();
-      if (!conn.leftover.empty()) {  // out of step with its answers: not reusable
-        ::close(conn.fd);
-        --connections_;
-        continue;
-      }
-      c.conn = std::move(conn);
-      c.reused = true;
-      c.phase = Call::Phase::Sending;
-      c.deadline = Clock::now() + io_timeout_;
-      return true;
     }
+    // Not reusable: out of step with its answers, or closed by the broker meanwhile
+    // (it ends idle connections; the end is there to read).
+    pollfd p{conn.fd, POLLIN | POLLRDHUP, 0};
+    if (!conn.leftover.empty() || ::poll(&p, 1, 0) != 0) {
+      close_connection(conn);
+      continue;
+    }
+    c.conn = std::move(conn);
+    c.reused = true;
+    c.phase = Call::Phase::Sending;
+    c.deadline = Clock::now() + io_timeout_;
+    return true;
   }
   Dialing d = dial(endpoint_);
   if (d.fd < 0) {
@@ -262,7 +266,7 @@ BrokerLoop::Outcome BrokerLoop::run(Call& c, short revents) {
     c.retried = true;
     c.sent = 0;
     c.reader = wire::AnswerReader();
-    if (!open_connection(c)) return Outcome::Failed;
+    if (!open_connection(c, /*fresh=*/true)) return Outcome::Failed;
     o = c.phase == Call::Phase::Sending ? step(c, POLLOUT) : Outcome::Pending;
   }
   return o;

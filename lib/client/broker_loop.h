@@ -89,7 +89,9 @@ class BrokerLoop {
   // Gives a call to the loop thread; false when the loop has ended.
   bool hand_over(std::unique_ptr<Call>& c);
   // A call's I/O, on whichever thread has it (no lookups, no callbacks).
-  bool open_connection(Call& c);  // false: c.result says why
+  // An idle kept-alive connection, or a new one (always when `fresh`); false: c.result
+  // says why not.
+  bool open_connection(Call& c, bool fresh = false);
   Outcome step(Call& c, short revents);
   Outcome run(Call& c, short revents);  // step, plus the one retry on a fresh connection
   Outcome failed(Call& c, const std::string& error);

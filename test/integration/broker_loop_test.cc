@@ -201,3 +201,26 @@ TEST_CASE("stop answers the calls in flight and every later one", "[broker][loop
   CHECK(answers.got[1].second.error == "stopped");
   CHECK(test::eventually([&] { return holder.status("k").body.find("\"waiter\"") == std::string::npos; }));
 }
+
+TEST_CASE("kept-alive connections the broker has ended are not used again", "[broker][loop]") {
+  test::BrokerProcess broker(test::BrokerProcess::Options{"", false, {"--idle-timeout-ms", "300"}});
+  BrokerLoop loop(broker.endpoint());
+  loop.start();
+  Answers answers;
+  // Two calls at once: two connections, both kept alive after their answers.
+  loop.call(wire::health(), answers.for_tag(loop, 1));
+  loop.call(wire::health(), answers.for_tag(loop, 2));
+  REQUIRE(answers.await(2));
+  REQUIRE(loop.connections() == 2);
+  // The broker ends both once they have been idle for 300 ms (its gauge then counts
+  // only the connection that asks).
+  BrokerClient metrics(broker.endpoint());
+  REQUIRE(test::eventually([&] {
+    return metrics.request("GET", "/metrics", "").body.find("gate_connections 1\n") != std::string::npos;
+  }));
+  // Neither dead connection is written to: the call is answered, on the caller's thread.
+  auto reply = loop.call_briefly(wire::health(), std::chrono::seconds(5), [](const HttpReply&) {});
+  REQUIRE(reply);
+  CHECK(reply->status == 200);
+  CHECK(loop.connections() == 1);
+}
