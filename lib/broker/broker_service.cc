@@ -109,8 +109,7 @@ std::uint64_t BrokerService::handle(const std::string& method, const std::string
   std::uint64_t ticket = 0;
   auto only = [&](const char* m) {
     if (method == m) return true;
-    ++metrics_.bad_requests;
-    answer(std::move(reply), error_answer(405, std::string(path) + " takes " + m));
+    bad_request(reply, 405, std::string(path) + " takes " + m);
     return false;
   };
   if (shutting_down_) {
@@ -131,8 +130,7 @@ std::uint64_t BrokerService::handle(const std::string& method, const std::string
   } else if (path == "/metrics") {
     answer(std::move(reply), {200, metrics_text(), "text/plain; version=0.0.4"});
   } else {
-    ++metrics_.bad_requests;
-    answer(std::move(reply), error_answer(404, "no such route: " + std::string(path).substr(0, 200)));
+    bad_request(reply, 404, "no such route: " + std::string(path).substr(0, 200));
   }
   after_change();
   return ticket;
@@ -144,10 +142,8 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
   auto obj = parse_body_object(body, &mr);
   Result<AcquireParams> p = obj.ok() ? parse_acquire(*obj) : Result<AcquireParams>(obj.status());
   if (!p.ok()) {
-    ++metrics_.bad_requests;
     log(LogLevel::Info, "broker", "bad acquire request: ", p.message());
-    answer(std::move(reply), error_answer(400, p.message()));
-    return;
+    return bad_request(reply, 400, p.message());
   }
   const Micros now = clock_();
   AcquireResult r = table_.acquire(*p, now);
@@ -183,6 +179,11 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
   }
 }
 
+void BrokerService::bad_request(Reply& reply, int status, const std::string& message) {
+  ++metrics_.bad_requests;
+  answer(std::move(reply), error_answer(status, message));
+}
+
 void BrokerService::release(const std::string& body, Reply& reply) {
   std::string lock_id, owner, stale;
   bool changed = false;
@@ -197,24 +198,15 @@ void BrokerService::release(const std::string& body, Reply& reply) {
   if (valid.ok()) valid = get_string(*obj, "stale", false, &stale);
   if (valid.ok() && !stale.empty() && stale != "merged" && stale != "conflict" && stale != "refused")
     valid = Status::failure("\"stale\" must be \"merged\", \"conflict\" or \"refused\"");
-  if (!valid.ok()) {
-    ++metrics_.bad_requests;
-    answer(std::move(reply), error_answer(400, valid.message()));
-    return;
-  }
-  switch (OpStatus status = table_.release(lock_id, owner, clock_(), changed)) {
-    case OpStatus::Ok:
-      ++metrics_.releases;
-      if (stale == "merged") ++metrics_.stale_merged;
-      else if (stale == "conflict") ++metrics_.stale_conflicts;
-      else if (stale == "refused") ++metrics_.stale_refused;
-      answer(std::move(reply), status_answer(200, "released"));
-      return;
-    case OpStatus::Forbidden:
-    case OpStatus::NotFound:
-      answer(std::move(reply), refusal(status, lock_id));
-      return;
-  }
+  if (!valid.ok()) return bad_request(reply, 400, valid.message());
+  // Forbidden or NotFound: the same refusal as for a heartbeat.
+  if (OpStatus status = table_.release(lock_id, owner, clock_(), changed); status != OpStatus::Ok)
+    return answer(std::move(reply), refusal(status, lock_id));
+  ++metrics_.releases;
+  if (stale == "merged") ++metrics_.stale_merged;
+  else if (stale == "conflict") ++metrics_.stale_conflicts;
+  else if (stale == "refused") ++metrics_.stale_refused;
+  answer(std::move(reply), status_answer(200, "released"));
 }
 
 void BrokerService::heartbeat(const std::string& body, Reply& reply) {
@@ -225,26 +217,15 @@ void BrokerService::heartbeat(const std::string& body, Reply& reply) {
   if (valid.ok()) valid = get_string(*obj, "lock_id", true, &lock_id);
   if (valid.ok()) valid = get_string(*obj, "owner", true, &owner);
   if (valid.ok()) valid = get_millis(*obj, "lease_ms", &lease_ms);
-  if (!valid.ok()) {
-    ++metrics_.bad_requests;
-    answer(std::move(reply), error_answer(400, valid.message()));
-    return;
-  }
+  if (!valid.ok()) return bad_request(reply, 400, valid.message());
   Lock lock;
-  switch (OpStatus status = table_.heartbeat(lock_id, owner, lease_ms, clock_(), &lock)) {
-    case OpStatus::Ok: {
-      ++metrics_.heartbeats;
-      json::object o;
-      o["status"] = "ok";
-      o["lock"] = lock_to_json(lock, table_.version_of(lock.key));
-      answer(std::move(reply), {200, json::serialize(o)});
-      return;
-    }
-    case OpStatus::Forbidden:
-    case OpStatus::NotFound:
-      answer(std::move(reply), refusal(status, lock_id));
-      return;
-  }
+  if (OpStatus status = table_.heartbeat(lock_id, owner, lease_ms, clock_(), &lock); status != OpStatus::Ok)
+    return answer(std::move(reply), refusal(status, lock_id));
+  ++metrics_.heartbeats;
+  json::object o;
+  o["status"] = "ok";
+  o["lock"] = lock_to_json(lock, table_.version_of(lock.key));
+  answer(std::move(reply), {200, json::serialize(o)});
 }
 
 void BrokerService::status(const std::string& query, Reply& reply) {

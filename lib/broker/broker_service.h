@@ -81,6 +81,8 @@ class BrokerService {
   void status(const std::string& query, Reply& reply);
   // `undo` runs instead of the answer when the change cannot be saved (a grant the
   // client is told failed must not stay held).
+  // A request refused for what it is (counted in /metrics as a bad request).
+  void bad_request(Reply& reply, int status, const std::string& message);
   void answer(Reply reply, HttpAnswer a, std::function<void()> undo = nullptr,
               std::uint64_t ticket = 0);
   void after_change();

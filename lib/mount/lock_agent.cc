@@ -226,27 +226,28 @@ void LockAgent::on_loop(bool here, std::function<void()> fn) {
   else fn();
 }
 
+// Whether the job may wait, checked where it is (reading /proc, on the caller's
+// thread when it can, not on the broker thread that all waits share); then the wait
+// itself goes to the broker thread.
 void LockAgent::to_wait(const std::shared_ptr<LockJob>& job, bool here) {
-  on_loop(here, [this, job] { would_wait(job); });
-}
-
-void LockAgent::would_wait(const std::shared_ptr<LockJob>& job) {
   const std::size_t i = job->held.size();
   job->deadline_ = deadline_of(*job);
   if (job->deadline_ && *job->deadline_ <= Clock::now()) {
     if (job->under_kernel_locks) return give_up_busy(job);
-    return finish(job, EAGAIN, false);
+    return finish(job, EAGAIN, here);
   }
   if (waits_for_itself(*job, i)) {
     log(LogLevel::Info, "mount", "refused ", to_string(job->needs[i].mode), " lock on ",
         job->needs[i].key, " for pid ", job->pid,
         ": it holds the file open itself, so it would wait forever; returning EDEADLK");
-    return finish(job, EDEADLK, false);
+    return finish(job, EDEADLK, here);
   }
-  job->waiting_ = true;
-  job->reconnect_.emplace(options_.reconnect_window, job->deadline_);
-  ++waiting_count_;
-  send_wait(job);
+  on_loop(here, [this, job] {
+    job->waiting_ = true;
+    job->reconnect_.emplace(options_.reconnect_window, job->deadline_);
+    ++waiting_count_;
+    send_wait(job);
+  });
 }
 
 void LockAgent::send_wait(const std::shared_ptr<LockJob>& job) {

@@ -211,8 +211,8 @@ class LockAgent {
   void on_try(const std::shared_ptr<LockJob>& job, const CallResult& r);
   // Runs fn on the broker thread: posted when `here`, else at once.
   void on_loop(bool here, std::function<void()> fn);
+  // A try would wait: refuses (time is up, or the caller waits for itself) or waits.
   void to_wait(const std::shared_ptr<LockJob>& job, bool here);
-  void would_wait(const std::shared_ptr<LockJob>& job);
   void send_wait(const std::shared_ptr<LockJob>& job);
   void on_wait(const std::shared_ptr<LockJob>& job, const CallResult& r);
   // Parks the job until the releases of its key it must wait for have come back

@@ -88,36 +88,18 @@ bool looks_binary(const std::string& content) {
 
 MergeResult merge3(const std::string& base, const std::string& theirs, const std::string& mine) {
   use_libgit2();
-  MergeResult r;
-  if (looks_binary(base) || looks_binary(theirs) || looks_binary(mine)) {
-    r.kind = MergeResult::Kind::Binary;
-    r.why = "binary content is not merged";
-    return r;
-  }
+  using Kind = MergeResult::Kind;
+  auto not_merged = [](Kind kind, const char* why) { return MergeResult{kind, "", why}; };
+  if (looks_binary(base) || looks_binary(theirs) || looks_binary(mine))
+    return not_merged(Kind::Binary, "binary content is not merged");
   // "ours" to libgit2 is theirs here: in a union, its lines come first.
   Merged m = run(base, theirs, mine, GIT_MERGE_FILE_FAVOR_NORMAL, GIT_MERGE_FILE_STYLE_DIFF3);
-  if (!m.ok) {
-    r.why = "libgit2 could not merge";
-    return r;
-  }
-  if (m.clean) {
-    r.kind = MergeResult::Kind::Clean;
-    r.text = std::move(m.text);
-    return r;
-  }
-  if (!only_additions_conflict(m.text)) {
-    r.kind = MergeResult::Kind::Conflict;
-    r.why = "both sides changed the same lines";
-    return r;
-  }
+  if (!m.ok) return not_merged(Kind::Failed, "libgit2 could not merge");
+  if (m.clean) return {Kind::Clean, std::move(m.text), ""};
+  if (!only_additions_conflict(m.text)) return not_merged(Kind::Conflict, "both sides changed the same lines");
   Merged u = run(base, theirs, mine, GIT_MERGE_FILE_FAVOR_UNION, GIT_MERGE_FILE_STYLE_MERGE);
-  if (!u.ok) {
-    r.why = "libgit2 could not merge";
-    return r;
-  }
-  r.kind = MergeResult::Kind::Clean;
-  r.text = std::move(u.text);
-  return r;
+  if (!u.ok) return not_merged(Kind::Failed, "libgit2 could not merge");
+  return {Kind::Clean, std::move(u.text), ""};
 }
 
 std::optional<std::pair<std::size_t, std::size_t>> line_stats(const std::string& before,
