@@ -2,19 +2,20 @@
 // LockAgent: everything the mount says to the broker.
 //
 // Threads (all started and joined by the agent; none per request):
-// - one broker thread (BrokerLoop) does every broker call, without blocking: the
-//   acquires of a LockJob, waiting ones included, releases, heartbeats. A thousand
-//   waiting opens are a thousand idle sockets on that thread.
-// - kActThreads "act" threads run each job's `done` (the file system call under the
-//   locks, and the reply to the kernel), so that neither a FUSE worker nor the broker
-//   thread ever waits on the other's work. `done` must not wait on the broker or on
-//   another job, and must not call into the kernel's VFS of this mount (notify calls
-//   take directory locks that a waiting process may hold): the mount hands those to
-//   its own notifier thread.
+// - one broker thread (BrokerLoop) carries every broker call that is not answered at
+//   once, without blocking: waiting acquires, late answers, the answers to releases,
+//   heartbeats. A thousand waiting opens are a thousand idle sockets on that thread.
+// - kActThreads "act" threads run the `done` of each job that had to go to the broker
+//   thread (the file system call under the locks, and the reply to the kernel), so
+//   that the broker thread never waits on that work. `done` must not wait on the
+//   broker or on another job, and must not call into the kernel's VFS of this mount
+//   (notify calls take directory locks that a waiting process may hold): the mount
+//   hands those to its own notifier thread.
 // A FUSE worker (or act thread) spends at most kTryPatience (5 ms) on the broker for
-// one try or release: the common case, answered in well under a millisecond, needs no
-// hand-over between threads. Whatever takes longer, and every wait, goes on on the
-// broker thread, so a slow or stopped broker never holds the mount's workers.
+// one try or release. The common case, answered in well under a millisecond, is
+// finished on the caller's thread, `done` included, with no hand-over between
+// threads. Whatever takes longer, and every wait, goes on on the broker thread, so a
+// slow or stopped broker never holds the mount's workers.
 //
 // - A LockJob asks for one or more locks (already in the order they must be taken).
 //   Each is first asked for without waiting (timeout 0), on the caller's thread; the
@@ -29,8 +30,8 @@
 // - LockJob::interrupt() (a FUSE interrupt, Ctrl-C) ends a wait at once: the wait's
 //   connection is closed, which also takes the request out of the broker's queue,
 //   and the job finishes with EINTR.
-// - Releases go out without waiting for the broker's answer. Until it comes, the lock
-//   still counts as its holder's: an acquire of the same key by the same process that
+// - A release waits at most kTryPatience for the broker's answer, then goes on
+//   without the caller. Until the answer comes, the lock still counts as its holder's: an acquire of the same key by the same process that
 //   the broker calls a deadlock waits for that release instead (release_in_flight).
 // - Locks that outlive a call (open handles) are tracked and heartbeaten at a third
 //   of the lease, one after the other; one the broker no longer knows is marked lost.
@@ -38,10 +39,11 @@
 //   one turns out closed; a queued wait that loses the broker tries again every
 //   200 ms for reconnect_window (a restarted broker keeps its queue that long, and the
 //   request_id re-attaches). Nothing else retries.
-// - State: a job's progress is touched only on the broker thread (and by `done`,
-//   after it). track_m_ guards the tracked locks and releases in flight; a job's m_
-//   guards its call in flight against interrupt(). Neither is held while the other is
-//   taken, nor while calling out.
+// - State: a job's progress is touched by the thread that called run() until it hands
+//   the job over, then only on the broker thread (and by `done`, after it). jobs_m_
+//   guards the list of jobs in progress; track_m_ the tracked locks and the releases
+//   in flight; a job's m_ its call in flight, against interrupt(). None of them is
+//   held while another is taken, nor while calling out.
 #include <atomic>
 #include <chrono>
 #include <cstdint>
