@@ -191,9 +191,11 @@ HttpReply BrokerClient::request(const std::string& method, const std::string& ta
   return reply;
 }
 
-CallResult BrokerClient::call(const wire::Request& r) {
-  return wire::to_result(request(r.method, r.target, r.body, r.wait_forever));
+HttpReply BrokerClient::exchange(const wire::Request& r) {
+  return request(r.method, r.target, r.body, r.wait_forever);
 }
+
+CallResult BrokerClient::call(const wire::Request& r) { return wire::to_result(exchange(r)); }
 
 CallResult BrokerClient::acquire(const AcquireRequest& req) {
   return call(wire::acquire(req, impl_->io_timeout));
@@ -209,18 +211,12 @@ CallResult BrokerClient::heartbeat(const std::string& lock_id, const std::string
   return call(wire::heartbeat(lock_id, owner, lease_ms));
 }
 
-HttpReply BrokerClient::status(const std::string& path) {
-  const wire::Request r = wire::status(path);
-  return request(r.method, r.target, r.body);
-}
+HttpReply BrokerClient::status(const std::string& path) { return exchange(wire::status(path)); }
 
 std::optional<std::vector<LockInfo>> BrokerClient::holders(const std::string& key) {
   return wire::holders_from(status(key), key);
 }
 
-bool BrokerClient::healthy() {
-  const wire::Request r = wire::health();
-  return request(r.method, r.target, r.body).status == 200;
-}
+bool BrokerClient::healthy() { return exchange(wire::health()).status == 200; }
 
 }  // namespace gate

@@ -62,6 +62,7 @@ class BrokerClient {
   const BrokerEndpoint& endpoint() const { return endpoint_; }
 
  private:
+  HttpReply exchange(const wire::Request& r);
   CallResult call(const wire::Request& r);
 
   struct Impl;

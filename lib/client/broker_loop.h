@@ -73,6 +73,7 @@ class BrokerLoop {
 
   bool on_loop_thread() const { return std::this_thread::get_id() == thread_id_; }
   const BrokerEndpoint& endpoint() const { return endpoint_; }
+  std::chrono::milliseconds io_timeout() const { return io_timeout_; }
   // Open connections, busy or idle (for tests and `gate mount --debug`).
   std::size_t connections() const;
 

@@ -27,8 +27,6 @@ constexpr auto kReleaseWait = std::chrono::seconds(5);
 constexpr int kInFlightRetries = 50;
 // How long stop() waits for the broker's answers to its releases.
 constexpr auto kStopWait = std::chrono::seconds(5);
-// A call's time limit for each step of its I/O (answers to waiting acquires excepted).
-constexpr auto kIoTimeout = std::chrono::seconds(10);
 
 HeldLock held_from(const LockNeed& need, const LockInfo& granted, pid_t pid) {
   HeldLock l{need.key, need.mode, granted.lock_id, need.owner, granted.fence, granted.version};
@@ -149,7 +147,7 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
     if (job->interrupted()) return finish(job, EINTR, true);
     job->epoch_ = release_epoch();
     auto reply = loop_.call_briefly(
-        wire::acquire(make_request(*job, job->held.size(), 0), kIoTimeout), kTryPatience,
+        wire::acquire(make_request(*job, job->held.size(), 0), loop_.io_timeout()), kTryPatience,
         [this, job](const HttpReply& late) { on_try(job, wire::to_result(late)); });
     if (!reply) return;  // the broker thread has it now
     if (!tried(job, wire::to_result(*reply), true)) return;
@@ -164,7 +162,7 @@ void LockAgent::send(const std::shared_ptr<LockJob>& job, std::optional<std::int
   }
   const bool waiting = job->waiting_;
   const BrokerLoop::CallId id = loop_.call(
-      wire::acquire(make_request(*job, job->held.size(), timeout_ms), kIoTimeout),
+      wire::acquire(make_request(*job, job->held.size(), timeout_ms), loop_.io_timeout()),
       [this, job, waiting](const HttpReply& reply) {
         {
           std::lock_guard lock(job->m_);
@@ -373,7 +371,7 @@ bool LockAgent::process_has_open(pid_t pid, const std::string& key) const {
 bool LockAgent::release_pending(const std::string& key, pid_t pid) const {
   if (releases_out_.count(release_of(key, pid))) return true;
   auto [begin, end] = by_key_.equal_range(key);
-  return std::any_of(begin, end, [pid](const auto& e) { return e.second->pid == pid; });
+  return std::any_of(begin, end, [pid](const auto& e) { return e.second->lock.pid == pid; });
 }
 
 bool LockAgent::any_release_out(const std::string& key) const {
@@ -470,8 +468,8 @@ void LockAgent::finish(const std::shared_ptr<LockJob>& job, int err, bool here) 
     jobs_.erase(job.get());
   }
   if (job->waiting_) --waiting_count_;
-  if (job->awaiting_release_) {  // (only ever on the broker thread)
-    for (auto it = awaiting_release_.begin(); it != awaiting_release_.end(); ++it)
+  if (job->awaiting_release_) {  // (only ever on the broker thread), under its key
+    for (auto [it, end] = awaiting_release_.equal_range(job->needs[job->held.size()].key); it != end; ++it)
       if (it->second == job) {
         awaiting_release_.erase(it);
         break;
@@ -545,7 +543,6 @@ std::shared_ptr<TrackedLock> LockAgent::track(HeldLock lock, pid_t pid) {
   auto tracked = std::make_shared<TrackedLock>();
   tracked->lock = std::move(lock);
   tracked->lock.pid = pid;
-  tracked->pid = pid;
   std::lock_guard guard(track_m_);
   tracked_.emplace(tracked.get(), tracked);
   by_key_.emplace(tracked->lock.key, tracked.get());
@@ -584,7 +581,7 @@ std::optional<std::string> LockAgent::owner_holding(const std::string& key, pid_
     for (auto it = begin; it != end; ++it) {
       const TrackedLock* t = it->second;
       if (t->lost || t->releasing) continue;
-      if (t->pid == pid) return t->lock.owner;
+      if (t->lock.pid == pid) return t->lock.owner;
       if (!other) other = t->lock.owner;
     }
   }

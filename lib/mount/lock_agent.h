@@ -144,8 +144,7 @@ class LockJob {
 
 // Shared between an open handle and the broker thread (heartbeats).
 struct TrackedLock {
-  HeldLock lock;
-  pid_t pid = 0;
+  HeldLock lock;  // lock.pid: the thread whose open took it
   std::atomic<bool> lost{false};
   std::string lost_reason;  // set before `lost` becomes true
   bool releasing = false;   // guarded by LockAgent::track_m_

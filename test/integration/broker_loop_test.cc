@@ -53,6 +53,17 @@ AcquireRequest write_lock(const std::string& key, const std::string& owner,
   return req;
 }
 
+// A broker with "k" write-held by "holder": an acquire of "k" by anyone else waits.
+struct HeldKey {
+  test::BrokerProcess broker;
+  BrokerClient holder{broker.endpoint()};
+  HeldKey() { REQUIRE(holder.acquire(write_lock("k", "holder", 0)).status == CallStatus::Ok); }
+  // Whether `owner` is queued for "k" at the broker.
+  bool queued(const std::string& owner) {
+    return holder.status("k").body.find("\"" + owner + "\"") != std::string::npos;
+  }
+};
+
 }  // namespace
 
 TEST_CASE("one loop thread carries many waiting acquires and answers them in FIFO order",
@@ -101,32 +112,30 @@ TEST_CASE("short calls reuse kept-alive connections", "[broker][loop]") {
 
 TEST_CASE("abort ends a waiting acquire at once and the broker drops it from the queue",
           "[broker][loop]") {
-  test::BrokerProcess broker;
-  BrokerClient holder(broker.endpoint());
-  REQUIRE(holder.acquire(write_lock("k", "holder", 0)).status == CallStatus::Ok);
+  HeldKey held;
+  test::BrokerProcess& broker = held.broker;
   BrokerLoop loop(broker.endpoint());
   loop.start();
   Answers answers;
   const auto id = loop.call(wire::acquire(write_lock("k", "waiter"), 10s), answers.for_tag(loop, 1));
-  REQUIRE(test::eventually([&] { return holder.status("k").body.find("\"waiter\"") != std::string::npos; }));
+  REQUIRE(test::eventually([&] { return held.queued("waiter"); }));
   loop.abort(id);
   REQUIRE(answers.await(1, 5s));
   CHECK(answers.at(0).second.status == CallStatus::Unavailable);
   CHECK(answers.at(0).second.error == "aborted");
-  CHECK(test::eventually([&] { return holder.status("k").body.find("\"waiter\"") == std::string::npos; }));
+  CHECK(test::eventually([&] { return !held.queued("waiter"); }));
   loop.abort(id);  // answered already: nothing happens
   CHECK_FALSE(answers.await(2, 100ms));
 }
 
 TEST_CASE("a dead broker is answered as unavailable, never waited for", "[broker][loop]") {
-  test::BrokerProcess broker;
-  BrokerClient holder(broker.endpoint());
-  REQUIRE(holder.acquire(write_lock("k", "holder", 0)).status == CallStatus::Ok);
+  HeldKey held;
+  test::BrokerProcess& broker = held.broker;
   BrokerLoop loop(broker.endpoint(), 2s);
   loop.start();
   Answers answers;
   loop.call(wire::acquire(write_lock("k", "waiter"), 2s), answers.for_tag(loop, 1));
-  REQUIRE(test::eventually([&] { return holder.status("k").body.find("\"waiter\"") != std::string::npos; }));
+  REQUIRE(test::eventually([&] { return held.queued("waiter"); }));
   broker.kill9();
   REQUIRE(answers.await(1, 5s));
   CHECK(answers.at(0).second.status == CallStatus::Unavailable);
@@ -137,9 +146,8 @@ TEST_CASE("a dead broker is answered as unavailable, never waited for", "[broker
 }
 
 TEST_CASE("a timed call whose answer never comes fails at its time limit", "[broker][loop]") {
-  test::BrokerProcess broker;
-  BrokerClient holder(broker.endpoint());
-  REQUIRE(holder.acquire(write_lock("k", "holder", 0)).status == CallStatus::Ok);
+  HeldKey held;
+  test::BrokerProcess& broker = held.broker;
   BrokerLoop loop(broker.endpoint(), 300ms);
   loop.start();
   Answers answers;
@@ -182,15 +190,14 @@ TEST_CASE("timers and posted functions run on the loop thread, timers in time or
 }
 
 TEST_CASE("stop answers the calls in flight and every later one", "[broker][loop]") {
-  test::BrokerProcess broker;
-  BrokerClient holder(broker.endpoint());
-  REQUIRE(holder.acquire(write_lock("k", "holder", 0)).status == CallStatus::Ok);
+  HeldKey held;
+  test::BrokerProcess& broker = held.broker;
   Answers answers;
   {
     BrokerLoop loop(broker.endpoint());
     loop.start();
     loop.call(wire::acquire(write_lock("k", "waiter"), 10s), answers.for_tag(loop, 1));
-    REQUIRE(test::eventually([&] { return holder.status("k").body.find("\"waiter\"") != std::string::npos; }));
+    REQUIRE(test::eventually([&] { return held.queued("waiter"); }));
     CHECK(loop.drain(100ms) == false);  // a wait is in flight
     loop.stop();
     REQUIRE(answers.await(1, 0ms));
@@ -199,7 +206,7 @@ TEST_CASE("stop answers the calls in flight and every later one", "[broker][loop
   }
   REQUIRE(answers.got.size() == 2);  // a call after stop is answered at once, never sent
   CHECK(answers.got[1].second.error == "stopped");
-  CHECK(test::eventually([&] { return holder.status("k").body.find("\"waiter\"") == std::string::npos; }));
+  CHECK(test::eventually([&] { return !held.queued("waiter"); }));
 }
 
 TEST_CASE("kept-alive connections the broker has ended are not used again", "[broker][loop]") {
