@@ -1,13 +1,18 @@
 // Helper for bench/mount_bench.sh: the file-level loops, timed in-process so that
 // process start-up does not drown what is measured.
 //   mount_bench files DIR N BYTES   create+write+close N files, then open+read+close
+//   mount_bench small DIR N BYTES   the same, printing "CREATE READ" in files/s only
+//   mount_bench tree DIR D F        mkdir D directories of F small files each: files/s
+//   mount_bench seq FILE MIB        write MIB MiB in 1 MiB blocks and fsync, then read
+//                                   it back through a new open: "WRITE READ" in MiB/s
 //   mount_bench rewrite DIR N BYTES create N files, then rewrite each twice (O_TRUNC,
 //                                   new content) as agents save: what history costs
 //   mount_bench rewrite-ab A B N BYTES  the same saves in A and B, interleaved (4 passes):
 //                                   the cost of B over A with the machine's noise shared
-//   mount_bench openclose FILE N    open+close of one existing file, N times
+//   mount_bench openclose FILE N    open+close of one existing file, N times: per second
 //   mount_bench hold DIR N          open N files read-only, print "held", wait for stdin EOF
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,7 +30,12 @@ double since(Clock::time_point t0) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-int files(const std::string& dir, int n, std::size_t bytes) {
+struct SmallFiles {
+  double create_per_s = 0, read_per_s = 0;
+};
+
+// Creates n files of `bytes` in dir, then reads each back: files per second of each.
+bool small_files(const std::string& dir, int n, std::size_t bytes, SmallFiles* out) {
   std::string data(bytes, 'x');
   auto t0 = Clock::now();
   for (int i = 0; i < n; ++i) {
@@ -33,7 +43,7 @@ int files(const std::string& dir, int n, std::size_t bytes) {
     int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
     if (fd < 0 || ::write(fd, data.data(), bytes) != static_cast<ssize_t>(bytes)) {
       std::perror(path.c_str());
-      return 1;
+      return false;
     }
     ::close(fd);
   }
@@ -45,13 +55,73 @@ int files(const std::string& dir, int n, std::size_t bytes) {
     int fd = ::open(path.c_str(), O_RDONLY);
     if (fd < 0 || ::read(fd, buf.data(), bytes) != static_cast<ssize_t>(bytes)) {
       std::perror(path.c_str());
-      return 1;
+      return false;
     }
     ::close(fd);
   }
-  double read = since(t0);
-  std::printf("create+write+close %d x %zu B: %.3f s (%.0f files/s); open+read+close: %.3f s (%.0f files/s)\n",
-              n, bytes, create, n / create, read, n / read);
+  out->create_per_s = n / create;
+  out->read_per_s = n / since(t0);
+  return true;
+}
+
+int files(const std::string& dir, int n, std::size_t bytes, bool numbers_only) {
+  SmallFiles f;
+  if (!small_files(dir, n, bytes, &f)) return 1;
+  if (numbers_only)
+    std::printf("%.0f %.0f\n", f.create_per_s, f.read_per_s);
+  else
+    std::printf("create+write+close %d x %zu B: %.0f files/s; open+read+close: %.0f files/s\n", n,
+                bytes, f.create_per_s, f.read_per_s);
+  return 0;
+}
+
+// A source tree as a checkout makes it: d directories of f small files each.
+int tree(const std::string& dir, int d, int f) {
+  auto t0 = Clock::now();
+  for (int i = 0; i < d; ++i) {
+    const std::string sub = dir + "/d" + std::to_string(i);
+    if (::mkdir(sub.c_str(), 0755) != 0) {
+      std::perror(sub.c_str());
+      return 1;
+    }
+    for (int j = 0; j < f; ++j) {
+      const std::string path = sub + "/f" + std::to_string(j) + ".c";
+      const std::string data = "int f" + std::to_string(i) + "_" + std::to_string(j) + ";\n";
+      int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
+      if (fd < 0 || ::write(fd, data.data(), data.size()) != static_cast<ssize_t>(data.size())) {
+        std::perror(path.c_str());
+        return 1;
+      }
+      ::close(fd);
+    }
+  }
+  std::printf("%.0f\n", d * f / since(t0));
+  return 0;
+}
+
+// Sequential write (1 MiB blocks, fsync included) and read through a new open.
+int seq(const std::string& file, int mib) {
+  std::vector<char> block(1 << 20, 'q');
+  int fd = ::open(file.c_str(), O_CREAT | O_WRONLY | O_TRUNC, 0644);
+  if (fd < 0) return std::perror(file.c_str()), 1;
+  auto t0 = Clock::now();
+  for (int i = 0; i < mib; ++i)
+    if (::write(fd, block.data(), block.size()) != static_cast<ssize_t>(block.size()))
+      return std::perror(file.c_str()), 1;
+  if (::fsync(fd) != 0) return std::perror(file.c_str()), 1;
+  ::close(fd);
+  const double write_s = since(t0);
+  fd = ::open(file.c_str(), O_RDONLY);
+  if (fd < 0) return std::perror(file.c_str()), 1;
+  t0 = Clock::now();
+  long long total = 0;
+  for (ssize_t n; (n = ::read(fd, block.data(), block.size())) > 0;) total += n;
+  ::close(fd);
+  if (total != static_cast<long long>(mib) << 20) {
+    std::fprintf(stderr, "%s: read %lld bytes back, wrote %d MiB\n", file.c_str(), total, mib);
+    return 1;
+  }
+  std::printf("%.0f %.0f\n", mib / write_s, mib / since(t0));
   return 0;
 }
 
@@ -123,7 +193,7 @@ int openclose(const std::string& file, int n) {
     ::close(fd);
   }
   double s = since(t0);
-  std::printf("open+close of one file: %d in %.3f s = %.0f per second\n", n, s, n / s);
+  std::printf("%.0f\n", n / s);
   return 0;
 }
 
@@ -151,12 +221,17 @@ int hold(const std::string& dir, int n) {
 
 int main(int argc, char** argv) {
   std::string cmd = argc > 1 ? argv[1] : "";
-  if (cmd == "files" && argc == 5) return files(argv[2], std::atoi(argv[3]), std::strtoul(argv[4], nullptr, 10));
+  if ((cmd == "files" || cmd == "small") && argc == 5)
+    return files(argv[2], std::atoi(argv[3]), std::strtoul(argv[4], nullptr, 10), cmd == "small");
+  if (cmd == "tree" && argc == 5) return tree(argv[2], std::atoi(argv[3]), std::atoi(argv[4]));
+  if (cmd == "seq" && argc == 4) return seq(argv[2], std::atoi(argv[3]));
   if (cmd == "rewrite" && argc == 5) return rewrite(argv[2], std::atoi(argv[3]), std::strtoul(argv[4], nullptr, 10));
   if (cmd == "rewrite-ab" && argc == 6)
     return rewrite_ab(argv[2], argv[3], std::atoi(argv[4]), std::strtoul(argv[5], nullptr, 10));
   if (cmd == "openclose" && argc == 4) return openclose(argv[2], std::atoi(argv[3]));
   if (cmd == "hold" && argc == 4) return hold(argv[2], std::atoi(argv[3]));
-  std::fprintf(stderr, "usage: mount_bench files|rewrite DIR N BYTES | rewrite-ab DIR_A DIR_B N BYTES | openclose FILE N | hold DIR N\n");
+  std::fprintf(stderr,
+               "usage: mount_bench files|small|rewrite DIR N BYTES | rewrite-ab DIR_A DIR_B N BYTES |\n"
+               "       tree DIR D F | seq FILE MIB | openclose FILE N | hold DIR N\n");
   return 2;
 }

@@ -1,186 +1,158 @@
 #!/usr/bin/env bash
-# The cost of `gate mount`, in one run: the native directory, the mount with locking
-# (broker on its Unix socket; --no-history), the same with the history of replaced
-# versions on ("hist"), and the mount with --no-locking, which separates FUSE's cost
-# from the broker's.
-#   (a) create+write+close of 2,000 4 KiB files, then open+read+close of them
-#   (a2) rewrite of 1,000 4 KiB files, twice each (O_TRUNC saves: what history costs)
-#   (a3) the same saves with and without history, interleaved: its cost in one figure
-#   (d) git add of a 5,000-file tree made through the mount
-#   (b) sequential write and read of a 1 GiB file (dd, 1 MiB blocks)
-#   (c) git status and find . -type f | xargs stat on a 10,000-file tree
-#   plus open+close per second of one file, and the mount's RSS with 10,000 open handles.
-# Usage: bench/mount_bench.sh [path/to/gate [path/to/baseline/gate]]
-#   (as root; BENCH_MB=256 for a quicker (b)). With a baseline binary, its locked mount
-#   ("base", on the same broker) runs beside the others: before and after in one run.
-# BENCH_ROUNDS=N repeats (a) and the open+close figure N times, alternating the targets.
+# How fast a view is, in one run, side by side:
+#   native  the directory itself
+#   pthp    libfuse's reference passthrough_hp in its cached mode, when PASSTHROUGH_HP
+#           names its binary (built from example/passthrough_hp.cc at the tag of the
+#           system libfuse)
+#   plain   gate mount --no-locking (FUSE's cost without the broker's)
+#   locked  gate mount, the only mount on its broker (Unix socket, --no-history)
+#   two     gate mount, one of two mounts of one directory on one broker
+# Rows: 2,000 files of 4 KiB created and read back (files/s); a 5,000-file tree made
+# (files/s), then find and ls -lR of it (warm, s), git add -A and git status of it (s);
+# sequential write (fsync included) and read through a new open (MiB/s); open+close of
+# one file (per s). The last columns give locked's speed as a share of pthp's and of
+# plain's (for times: their time over locked's).
+# Usage: bench/mount_bench.sh [path/to/gate]   (as root)
+#   BENCH_MB=512 sequential size; BENCH_ROUNDS=1 rounds (the median is shown; the
+#   targets' order rotates each round so that none always goes first).
 set -euo pipefail
 
 GATE=$(realpath "${1:-build/default/apps/gate/gate}")
-BASE_GATE=${2:+$(realpath "$2")}
 ROUNDS=${BENCH_ROUNDS:-1}
+MB=${BENCH_MB:-512}
 HERE=$(cd "$(dirname "$0")" && pwd)
-MB=${BENCH_MB:-1024}
 # shellcheck source=common.sh
 source "$HERE/common.sh"
 
 c++ -O2 -std=c++17 -o "$WORK/mount_bench" "$HERE/mount_bench.cc"
 B="$WORK/mount_bench"
-
-mkdir -p "$WORK/native" "$WORK/root-locked" "$WORK/mnt-locked" \
-  "$WORK/root-hist" "$WORK/mnt-hist" \
-  "$WORK/root-plain" "$WORK/mnt-plain" "$WORK/root-base" "$WORK/mnt-base"
-start_broker
-
-"$GATE" mount --foreground --root "$WORK/root-locked" --mount "$WORK/mnt-locked" \
-  --broker-socket "$WORK/broker.sock" --log-level warn --no-history --ready-fd 3 \
-  3>"$WORK/ready-locked" 2>"$WORK/mount-locked.log" &
-LOCKED_PID=$!
-PIDS+=($LOCKED_PID)
-MOUNTS+=("$WORK/mnt-locked")
-"$GATE" mount --foreground --root "$WORK/root-hist" --mount "$WORK/mnt-hist" \
-  --broker-socket "$WORK/broker.sock" --log-level warn --history-dir "$WORK/history" \
-  --ready-fd 3 3>"$WORK/ready-hist" 2>"$WORK/mount-hist.log" &
-PIDS+=($!)
-MOUNTS+=("$WORK/mnt-hist")
-"$GATE" mount --foreground --root "$WORK/root-plain" --mount "$WORK/mnt-plain" --no-locking \
-  --log-level warn --ready-fd 3 3>"$WORK/ready-plain" 2>"$WORK/mount-plain.log" &
-PIDS+=($!)
-MOUNTS+=("$WORK/mnt-plain")
-wait_for "$WORK/ready-locked"
-wait_for "$WORK/ready-plain"
-wait_for "$WORK/ready-hist"
-
-declare -A DIR=([native]="$WORK/native" [locked]="$WORK/mnt-locked" [plain]="$WORK/mnt-plain"
-                [base]="$WORK/mnt-base" [hist]="$WORK/mnt-hist")
-declare -A ROOT=([native]="$WORK/native" [locked]="$WORK/root-locked" [plain]="$WORK/root-plain"
-                 [base]="$WORK/root-base" [hist]="$WORK/root-hist")
-TARGETS=(native locked hist plain)
-if [ -n "$BASE_GATE" ]; then
-  "$BASE_GATE" mount --foreground --root "$WORK/root-base" --mount "$WORK/mnt-base" \
-    --broker-socket "$WORK/broker.sock" --log-level warn --ready-fd 3 \
-    3>"$WORK/ready-base" 2>"$WORK/mount-base.log" &
-  PIDS+=($!)
-  MOUNTS+=("$WORK/mnt-base")
-  wait_for "$WORK/ready-base"
-  TARGETS+=(base)
-fi
-TIMEFORMAT=%R
-
-echo "== gate mount benchmark ($(nproc) cores; locked = broker on its Unix socket; plain = --no-locking${BASE_GATE:+; base = $BASE_GATE, locked})"
-
-echo "-- (a) 2,000 files of 4 KiB"
-for round in $(seq 1 "$ROUNDS"); do
-  for t in "${TARGETS[@]}"; do
-    rm -rf "${DIR[$t]}/a"
-    mkdir -p "${DIR[$t]}/a"
-    printf '%-7s ' "$t"
-    "$B" files "${DIR[$t]}/a" 2000 4096
-  done
-done
-
-echo "-- (a2) rewrite: 1,000 files of 4 KiB saved twice each"
-for round in $(seq 1 "$ROUNDS"); do
-  for t in "${TARGETS[@]}"; do
-    rm -rf "${DIR[$t]}/r"
-    mkdir -p "${DIR[$t]}/r"
-    printf '%-7s ' "$t"
-    "$B" rewrite "${DIR[$t]}/r" 1000 4096
-  done
-done
-[ -d "$WORK/history" ] && echo "hist    history after (a2): $(du -sh "$WORK/history" | cut -f1)"
-if [ -n "${DIR[hist]:-}" ] && [ -n "${DIR[locked]:-}" ]; then
-  echo "-- (a3) what history costs: the same saves with and without it, interleaved"
-  echo "   (A: locked --no-history, B: hist; every save a content of its own)"
-  for round in $(seq 1 "$ROUNDS"); do
-    rm -rf "${DIR[locked]}/ab" "${DIR[hist]}/ab"
-    mkdir -p "${DIR[locked]}/ab" "${DIR[hist]}/ab"
-    "$B" rewrite-ab "${DIR[locked]}/ab" "${DIR[hist]}/ab" 1000 4096 | sed "s#$WORK/##g"
-  done
-  rm -rf "${DIR[locked]}/ab" "${DIR[hist]}/ab"
-fi
-# Each file a mount has seen costs it a descriptor until the kernel forgets it, and
-# the hard limit may be as low as 20,000: what is measured goes once measured.
-for t in "${TARGETS[@]}"; do rm -rf "${DIR[$t]}/r"; done
-
-echo "-- (d) git add of a 5,000-file tree made through the mount"
-for t in "${TARGETS[@]}"; do
-  tree="${DIR[$t]}/add"
-  mkdir -p "$tree"
-  for d in $(seq 1 50); do
-    mkdir -p "$tree/d$d"
-    for f in $(seq 1 100); do echo "$d $f" >"$tree/d$d/f$f"; done
-  done
-  git -C "$tree" init -q
-  ga=$( { time git -C "$tree" add -A; } 2>&1 )
-  printf '%-7s git add: %s s\n' "$t" "$ga"
-  rm -rf "$tree"
-done
-
-echo "-- (b) sequential ${MB} MiB write (with fsync) and read, 1 MiB blocks"
-for t in "${TARGETS[@]}"; do
-  # A failed dd says so (and what the mount logged) instead of ending the run silently.
-  if ! w=$(dd if=/dev/zero of="${DIR[$t]}/big" bs=1M count="$MB" conv=fsync 2>&1); then
-    printf '%-7s write FAILED: %s\n' "$t" "$w"
-    tail -5 "$WORK/mount-$t.log" 2>/dev/null || true
-    continue
-  fi
-  w=$(tail -1 <<<"$w")
-  r=$(dd if="${DIR[$t]}/big" of=/dev/null bs=1M 2>&1 | tail -1) || r="FAILED: $r"
-  printf '%-7s write: %s\n        read:  %s\n' "$t" "$w" "$r"
-  rm -f "${DIR[$t]}/big"
-done
-
-echo "-- (c) a 10,000-file tree in git (made in the source directory, not through the mount)"
-for t in "${TARGETS[@]}"; do
-  tree="${ROOT[$t]}/tree"
-  mkdir -p "$tree"
-  for d in $(seq 1 100); do
-    mkdir -p "$tree/d$d"
-    for f in $(seq 1 100); do echo "$d $f" >"$tree/d$d/f$f"; done
-  done
-  git -C "$tree" init -q
-  git -C "$tree" add -A
-  git -C "$tree" -c user.name=b -c user.email=b@example.com commit -qm tree
-done
-for t in "${TARGETS[@]}"; do
-  cd "${DIR[$t]}/tree"
-  git status >/dev/null  # first run fills caches
-  gs=$( { time git status >/dev/null; } 2>&1 )
-  st=$( { time (find . -type f -print0 | xargs -0 stat >/dev/null); } 2>&1 )
-  cd "$WORK"
-  printf '%-7s git status: %s s   find|xargs stat: %s s\n' "$t" "$gs" "$st"
-done
-
-echo "-- open+close of one existing file"
-for _ in $(seq 1 "$ROUNDS"); do
-  for t in "${TARGETS[@]}"; do
-    printf '%-7s ' "$t"
-    "$B" openclose "${DIR[$t]}/a/f0" 20000
-  done
-done
-
-# The daemon needs two descriptors per open file (handle + inode), so the hard
-# limit caps how many handles fit; ask for 10,000 or as many as fit.
-HANDLES=$(( ($(ulimit -Hn) - 300) / 2 ))
-[ "$HANDLES" -gt 10000 ] && HANDLES=10000
-echo "-- resident memory of the locked mount with $HANDLES open handles"
-# A fresh mount: every file a mount has seen costs it a descriptor until the kernel
-# forgets the inode, and the runs above saw 12,000 files.
-fusermount3 -u "$WORK/mnt-locked"
-wait "$LOCKED_PID" 2>/dev/null || true
-"$GATE" mount --foreground --root "$WORK/root-locked" --mount "$WORK/mnt-locked" \
-  --broker-socket "$WORK/broker.sock" --log-level warn --no-history --ready-fd 3 \
-  3>"$WORK/ready-locked2" 2>"$WORK/mount-locked2.log" &
-LOCKED_PID=$!
-PIDS+=($LOCKED_PID)
-wait_for "$WORK/ready-locked2"
 ulimit -n "$(ulimit -Hn)"
-mkdir -p "$WORK/mnt-locked/h"
-coproc HOLD { "$B" hold "$WORK/mnt-locked/h" "$HANDLES"; }
-read -r line <&"${HOLD[0]}"
-rss=$(awk '/VmRSS/ {print $2, $3}' "/proc/$LOCKED_PID/status")
-locks=$(curl -s --unix-socket "$WORK/broker.sock" http://localhost/v1/locks/status | grep -o '"lock_id"' | wc -l || true)
-echo "locked  $line: mount RSS $rss, broker holds $locks locks"
-exec {HOLD[1]}>&-
-wait "$HOLD_PID" 2>/dev/null || true
+
+mount_gate() {  # NAME ROOT MOUNTPOINT [ARGS...]: a gate mount, ready when this returns
+  local name=$1 root=$2 mnt=$3
+  shift 3
+  mkdir -p "$root" "$mnt"
+  "$GATE" mount --foreground --root "$root" --mount "$mnt" --log-level warn --no-history \
+    --ready-fd 3 "$@" 3>"$WORK/ready-$name" 2>"$WORK/mount-$name.log" &
+  PIDS+=($!)
+  MOUNTS+=("$mnt")
+  wait_for "$WORK/ready-$name"
+}
+
+declare -A DIR=([native]="$WORK/native")
+mkdir -p "$WORK/native"
+TARGETS=(native)
+if [ -n "${PASSTHROUGH_HP:-}" ]; then
+  mkdir -p "$WORK/root-pthp" "$WORK/mnt-pthp"
+  "$PASSTHROUGH_HP" --foreground "$WORK/root-pthp" "$WORK/mnt-pthp" 2>"$WORK/mount-pthp.log" &
+  PIDS+=($!)
+  MOUNTS+=("$WORK/mnt-pthp")
+  for _ in $(seq 1 200); do
+    mountpoint -q "$WORK/mnt-pthp" && break
+    sleep 0.1
+  done
+  mountpoint -q "$WORK/mnt-pthp" || { echo "passthrough_hp did not mount" >&2; exit 1; }
+  DIR[pthp]="$WORK/mnt-pthp"
+  TARGETS+=(pthp)
+fi
+mount_gate plain "$WORK/root-plain" "$WORK/mnt-plain" --no-locking
+DIR[plain]="$WORK/mnt-plain"
+start_broker
+mount_gate locked "$WORK/root-locked" "$WORK/mnt-locked" --broker-socket "$WORK/broker.sock"
+DIR[locked]="$WORK/mnt-locked"
+# The two-mount case has a broker of its own, so the locked one stays the only client
+# of its broker.
+mkdir -p "$WORK/state2"
+"$GATE" broker --state-dir "$WORK/state2" --port 0 --unix-socket "$WORK/broker2.sock" \
+  --log-level warn --ready-fd 3 3>"$WORK/broker2.port" 2>"$WORK/broker2.log" &
+PIDS+=($!)
+wait_for "$WORK/broker2.port"
+mount_gate two "$WORK/root-two" "$WORK/mnt-two" --broker-socket "$WORK/broker2.sock"
+mount_gate two-b "$WORK/root-two" "$WORK/mnt-two-b" --broker-socket "$WORK/broker2.sock"
+DIR[two]="$WORK/mnt-two"
+TARGETS+=(plain locked two)
+
+ROWS=(create read tree find ls gitadd gitstatus seqwrite seqread openclose)
+declare -A LABEL=(
+  [create]="small-file create, files/s" [read]="small-file read, files/s"
+  [tree]="tree create, files/s" [find]="find warm, s" [ls]="ls -lR warm, s"
+  [gitadd]="git add -A (5,000 files), s" [gitstatus]="git status, s"
+  [seqwrite]="sequential write, MiB/s" [seqread]="sequential read, MiB/s"
+  [openclose]="open+close of one file, /s")
+declare -A IS_TIME=([find]=1 [ls]=1 [gitadd]=1 [gitstatus]=1)
+declare -A GOT  # "row target" -> the figures of every round
+
+seconds() {  # CMD...: its wall time in seconds, output dropped
+  local t0=$EPOCHREALTIME
+  "$@" >/dev/null 2>&1
+  awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }'
+}
+note() { GOT["$1 $2"]+="$3 "; }
+
+measure() {  # TARGET: every row once
+  local t=$1 d=${DIR[$1]} v
+  rm -rf "$d/s" "$d/t" "$d/big"
+  mkdir "$d/s" "$d/t"
+  read -r c r < <("$B" small "$d/s" 2000 4096)
+  note create "$t" "$c"
+  note read "$t" "$r"
+  note tree "$t" "$("$B" tree "$d/t" 50 100)"
+  find "$d/t" >/dev/null
+  note find "$t" "$(seconds find "$d/t")"
+  ls -lR "$d/t" >/dev/null
+  note ls "$t" "$(seconds ls -lR "$d/t")"
+  git -C "$d/t" init -q
+  note gitadd "$t" "$(seconds git -C "$d/t" add -A)"
+  git -C "$d/t" status >/dev/null
+  note gitstatus "$t" "$(seconds git -C "$d/t" status)"
+  read -r w r < <("$B" seq "$d/big" "$MB")
+  note seqwrite "$t" "$w"
+  note seqread "$t" "$r"
+  note openclose "$t" "$("$B" openclose "$d/s/f0" 20000)"
+  # Every file a view has seen costs it a descriptor until the kernel forgets it.
+  rm -rf "$d/s" "$d/t" "$d/big"
+}
+
+echo "== gate mount benchmark ($(nproc) cores, $ROUNDS round(s), median shown; $(date -u +%F))"
+for round in $(seq 1 "$ROUNDS"); do
+  n=${#TARGETS[@]}
+  for k in $(seq 0 $((n - 1))); do
+    t=${TARGETS[$(((k + round - 1) % n))]}
+    printf 'round %d: %s\n' "$round" "$t" >&2
+    measure "$t"
+  done
+done
+
+median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+declare -A MED
+for row in "${ROWS[@]}"; do
+  for t in "${TARGETS[@]}"; do MED["$row $t"]=$(median <<<"${GOT["$row $t"]}"); done
+done
+share() {  # ROW OTHER: locked's speed as a share of OTHER's, in %
+  local a=${MED["$1 locked"]} b=${MED["$1 $2"]:-}
+  [ -n "$b" ] || { echo "-"; return; }
+  if [ -n "${IS_TIME[$1]:-}" ]; then
+    awk -v a="$a" -v b="$b" 'BEGIN { if (a > 0) printf "%.0f%%", 100 * b / a; else printf "-" }'
+  else
+    awk -v a="$a" -v b="$b" 'BEGIN { if (b > 0) printf "%.0f%%", 100 * a / b; else printf "-" }'
+  fi
+}
+header="| metric |"
+rule="|---|"
+for t in "${TARGETS[@]}"; do header+=" $t |"; rule+="---|"; done
+header+=" locked/pthp | locked/plain |"
+rule+="---|---|"
+echo "$header"
+echo "$rule"
+for row in "${ROWS[@]}"; do
+  line="| ${LABEL[$row]} |"
+  for t in "${TARGETS[@]}"; do line+=" ${MED["$row $t"]} |"; done
+  line+=" $(share "$row" pthp) | $(share "$row" plain) |"
+  echo "$line"
+done
+if [ "$ROUNDS" -gt 1 ]; then
+  echo "-- every round"
+  for row in "${ROWS[@]}"; do
+    for t in "${TARGETS[@]}"; do printf '%-10s %-7s %s\n' "$row" "$t" "${GOT["$row $t"]}"; done
+  done
+fi

@@ -134,7 +134,11 @@ int mount(int argc, char** argv) {
       ("allow-other", po::bool_switch(),
        "let other users use the mount, with the kernel checking permissions (default_permissions)")
       ("attr-timeout-ms", po::value<std::int64_t>()->default_value(1000),
-       "how long the kernel may cache attributes and names")
+       "how long the kernel may cache attributes and names when DIR is not watched (--no-watch, "
+       "or a network or FUSE file system); a watched DIR is cached until a change is seen")
+      ("no-watch", po::bool_switch(),
+       "do not watch DIR with inotify for changes made beside the mount; cache attributes and "
+       "names for --attr-timeout-ms instead")
       ("log-file", po::value<std::string>()->default_value(""),
        "append the log here; default in the background: $XDG_STATE_HOME/gate/logs/mount-NAME.log")
       ("log-level", po::value<std::string>()->default_value("info"),
@@ -217,6 +221,7 @@ int mount(int argc, char** argv) {
   options.allow_other = (*args)["allow-other"].as<bool>();
   options.debug_fuse = debug_fuse;
   options.cache_timeout_s = static_cast<double>((*args)["attr-timeout-ms"].as<std::int64_t>()) / 1000.0;
+  options.watch_source = !(*args)["no-watch"].as<bool>();
   if (const char* v = std::getenv("GATE_RELEASE_ON_FLUSH"); v && std::string(v) == "1")
     options.release_on_flush = true;
   const std::string owner_name = (*args)["owner"].as<std::string>();

@@ -86,8 +86,8 @@ int GateFs::Impl::entry_for(Inode& parent, const std::string& name, fuse_entry_p
   int err = inodes->lookup(parent, name.c_str(), &e->attr, &found);
   if (err) return err;
   e->ino = inodes->id(*found);
-  e->attr_timeout = opts.cache_timeout_s;
-  e->entry_timeout = opts.cache_timeout_s;
+  e->attr_timeout = cache_timeout();
+  e->entry_timeout = cache_timeout();
   return 0;
 }
 
@@ -118,7 +118,7 @@ void GateFs::Impl::reply_attr(fuse_req_t req, int fd) {
     fuse_reply_err(req, errno);
     return;
   }
-  fuse_reply_attr(req, &st, opts.cache_timeout_s);
+  fuse_reply_attr(req, &st, cache_timeout());
 }
 
 void GateFs::Impl::give_to_caller(int dirfd, const std::string& name, int fd, uid_t uid, gid_t gid) {
@@ -152,6 +152,10 @@ void GateFs::Impl::close_handle(FileHandle* h) {
     lock = std::move(h->lock);
   }
   const char* event = lock ? settle_handle(h, lock) : nullptr;
+  // What it wrote through the kernel is what the kernel caches (unless a merge
+  // changed the file since): the next open may keep that.
+  if (h->changed && !h->redirected && h->ino && h->fd >= 0)
+    note_cached_content(inode(h->ino), h->fd, lock ? lock->lock.fence : 0, event != nullptr);
   // Data reaches the source before the next holder can get in.
   if (h->fd >= 0) ::close(h->fd);
   h->fd = -1;
@@ -196,6 +200,9 @@ void GateFs::Impl::init(fuse_conn_info* conn) {
 #endif
   want(FUSE_CAP_PARALLEL_DIROPS);
   want(FUSE_CAP_ATOMIC_O_TRUNC);
+  // A file's cached content goes when its mtime or size is seen to change, also while
+  // it is open (the watch drops the attributes of what changed beside the mount).
+  want(FUSE_CAP_AUTO_INVAL_DATA);
   // Locks stay exact only if the kernel does not answer from a write-back cache.
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   conn->max_write = 1u << 20;  // libfuse lowers it to what its buffer holds
@@ -309,6 +316,7 @@ GateFs::GateFs(MountOptions options) : impl_(std::make_unique<Impl>(std::move(op
 
 GateFs::~GateFs() {
   impl_->notifying = false;
+  if (impl_->watch) impl_->watch->stop();
   if (impl_->agent) impl_->agent->stop();
   impl_->notifier.stop();
   if (impl_->se) {
@@ -330,6 +338,15 @@ Status GateFs::mount() {
     return Status::failure("cannot stat the source directory " + d.opts.root + ": " + std::strerror(err));
   }
   d.inodes = std::make_unique<InodeTable>(root_fd, st);
+  if (d.opts.watch_source) {
+    std::string why;
+    d.watch = SourceWatch::open(root_fd, &why);
+    if (d.watch)
+      d.inodes->set_watcher(d.watch.get());
+    else
+      log(LogLevel::Info, "mount", "not watching ", d.opts.root, ": ", why,
+          "; names and attributes are cached for --attr-timeout-ms (", d.opts.cache_timeout_s, " s)");
+  }
   if (d.opts.locking) {
     d.opts.locks.mountpoint = d.opts.mountpoint;
     d.agent = std::make_unique<LockAgent>(d.opts.locks);
@@ -365,6 +382,10 @@ void GateFs::start() {
   Impl& d = *impl_;
   if (d.agent) d.agent->start();
   d.notifier.start();
+  if (d.watch)
+    d.watch->start([&d](const std::vector<SourceWatch::Change>& changes, bool lost) {
+      d.on_source_changes(changes, lost);
+    });
   // Opened here, after any fork: neither its connection nor its writer thread
   // should cross one. Requests are served only from serve() on.
   if (d.agent && !d.opts.history.dir.empty()) {
@@ -394,6 +415,7 @@ int GateFs::serve() {
   fuse_loop_cfg_destroy(cfg);
   log(LogLevel::Info, "mount", "unmounting ", d.opts.mountpoint);
   d.notifying = false;
+  if (d.watch) d.watch->stop();
   // Waiters get EIO now and every held lock goes back before the mount disappears.
   if (d.agent) d.agent->stop();
   d.close_remaining_handles();

@@ -43,7 +43,11 @@ struct MountOptions {
   LockAgentOptions locks;
   bool release_on_flush = false;  // GATE_RELEASE_ON_FLUSH=1
   bool allow_other = false;       // adds default_permissions
-  double cache_timeout_s = 1.0;   // kernel attribute/entry cache
+  // How long the kernel may cache attributes and names when the source is not
+  // watched; a watched source (watch_source, a local file system) is cached until a
+  // change is seen (kWatchedCacheTimeoutS).
+  double cache_timeout_s = 1.0;
+  bool watch_source = true;
   unsigned max_threads = 64;      // FUSE workers; none ever waits for a lock
   unsigned max_idle_threads = 16;
   bool debug_fuse = false;

@@ -264,10 +264,11 @@ void GateFs::Impl::reply_open(fuse_req_t req, Opening& o, int err, bool created)
     return;
   }
   o.f.fh = reinterpret_cast<uint64_t>(o.h);
-  // Another holder may have changed the file since, and timestamps are too coarse
-  // to tell (two writes in one clock tick look alike): always read afresh.
-  o.f.keep_cache = 0;
+  o.f.keep_cache = o.keep_cache;
   if (o.f.flags & O_DIRECT) o.f.direct_io = 1;
+  // A flush has nothing to do (the data is in the source already), unless it gives
+  // the lock back.
+  o.f.noflush = !opts.release_on_flush;
   int r = created ? fuse_reply_create(req, &o.entry, &o.f) : fuse_reply_open(req, &o.f);
   if (r != 0) {
     log(LogLevel::Debug, "mount", "open of ", o.key, " was abandoned by pid ", o.who.tid);
@@ -315,6 +316,8 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                   }
                 }
                 if (!err) err = adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
+                if (!err && replacement < 0)
+                  o->keep_cache = keep_cache_at_open(in, o->h->fd, o->h->version);
                 if (replacement >= 0) ::close(replacement);
                 return err;
               },
@@ -342,7 +345,9 @@ void GateFs::Impl::create(fuse_req_t req, fuse_ino_t parent, const char* name, m
                     return err;
                   }
                 }
-                return adopt(*o, fd, held);
+                const int err = adopt(*o, fd, held);
+                if (!err) keep_cache_at_open(inode(o->entry.ino), fd, o->h->version);
+                return err;
               },
               [this, req, o](int err) { reply_open(req, *o, err, true); }},
              &o->who);

@@ -32,6 +32,7 @@
 #include "mount/lock_agent.h"
 #include "mount/lock_policy.h"
 #include "mount/read_log.h"
+#include "mount/source_watch.h"
 
 namespace gate::mount {
 
@@ -92,6 +93,9 @@ inline std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(
 // Logs, once per call, that the daemon ran out of descriptors (and what to do).
 void log_fd_exhaustion(int err);
 
+// "Until told otherwise": a day, as libfuse's passthrough_hp caches.
+inline constexpr double kWatchedCacheTimeoutS = 86400.0;
+
 struct GateFs::Impl {
   MountOptions opts;
   std::unique_ptr<InodeTable> inodes;
@@ -114,8 +118,33 @@ struct GateFs::Impl {
   // then wait behind, so queued ones are dropped (the mount is going away anyway).
   std::atomic<bool> notifying{true};
   bool running_as_root = ::geteuid() == 0;
+  // inotify on the source: what changes beside the mount is told to the kernel, so
+  // it may cache names and attributes for long. Null: not watched.
+  std::unique_ptr<SourceWatch> watch;
 
   explicit Impl(MountOptions o) : opts(std::move(o)) {}
+
+  // ---- the kernel's caches ------------------------------------------------------
+
+  // How long the kernel may keep a name or attributes: until told otherwise while
+  // every directory is watched, else --attr-timeout-ms.
+  double cache_timeout() const {
+    return watch && watch->complete() ? kWatchedCacheTimeoutS : opts.cache_timeout_s;
+  }
+  // Whether an open may keep what the kernel caches of the file's content: yes when
+  // the file (its size, mtime and ctime, and its version at the broker) is as it was
+  // when that content was read or written through the mount. Records what it is now;
+  // when it changed, the kernel's attributes of it go too.
+  bool keep_cache_at_open(Inode& in, int fd, std::uint64_t version);
+  // After a handle wrote through the kernel: the kernel's cache is the file's content
+  // now (`version`: the one its release makes). `changed_behind`: the daemon changed
+  // it too (a merge), so the cache must not be kept.
+  void note_cached_content(Inode& in, int fd, std::uint64_t version, bool changed_behind);
+  // Tells the kernel what changed beside the mount (SourceWatch's thread).
+  void on_source_changes(const std::vector<SourceWatch::Change>& changes, bool lost);
+  // fuse_lowlevel_notify_inval_entry, on the notifier thread (it takes the directory's
+  // lock, which a caller waiting for this daemon may hold).
+  void forget_entry(fuse_ino_t parent, const std::string& name);
 
   // Handlers may keep this reference until they reply (also on an act thread):
   // the kernel keeps an inode's lookup count up while a request on it is in flight,
@@ -283,6 +312,7 @@ struct GateFs::Impl {
     std::vector<std::uint64_t> stale_reads;  // a stale replacement, merged at release
     std::optional<std::string> theirs;       // see FileHandle::theirs
     bool created = false;      // create (a new name), not open
+    bool keep_cache = false;   // the kernel's cache of the file is its content
     fuse_entry_param entry{};  // create only
   };
 

@@ -163,6 +163,12 @@ void GateFs::Impl::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     return;
   }
   fi->fh = reinterpret_cast<uint64_t>(d);
+  // The kernel may keep a directory's list while the source is watched: a change
+  // beside the mount drops the directory's attributes, and a new mtime the list.
+  if (watch && watch->complete()) {
+    fi->cache_readdir = 1;
+    fi->keep_cache = 1;
+  }
   if (fuse_reply_open(req, fi) != 0) delete d;
 }
 

@@ -131,10 +131,7 @@ void GateFs::Impl::forget_name(const Installed& at) {
   // the new one (live_fd(), file_now_named()), and this ends even that.
   // It waits for the directory's lock, which the renaming process holds until this
   // call is answered, and which others may hold while they wait for a lock here.
-  if (se && at.parent)
-    notifier.post([this, se = se, parent = at.parent, name = at.name] {
-      if (notifying) fuse_lowlevel_notify_inval_entry(se, parent, name.c_str(), name.size());
-    });
+  forget_entry(at.parent, at.name);
 }
 
 void GateFs::Impl::note_read(const Caller& who, const std::string& key, std::uint64_t version) {

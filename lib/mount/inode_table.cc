@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <tuple>
 #include <vector>
 
 namespace gate::mount {
@@ -47,6 +48,7 @@ int InodeTable::lookup(Inode& parent, const char* name, struct stat* st, Inode**
     slot->fd = fd;
     slot->src_ino = st->st_ino;
     slot->src_dev = st->st_dev;
+    if (watcher_ && S_ISDIR(st->st_mode)) slot->watch = watcher_->add(fd, st->st_ino, st->st_dev);
     fd = -1;
   }
   Inode& inode = *slot;
@@ -71,11 +73,16 @@ void InodeTable::set_name(Inode& inode, Inode* parent, const std::string& name) 
   for (Inode* p = parent; p; p = p->parent)
     if (p == &inode) return;
   Inode* old = inode.parent;
+  if (old) {
+    auto it = names_.find({old, inode.name});
+    if (it != names_.end() && it->second == &inode) names_.erase(it);
+  }
   if (old != parent) {
     if (parent) ++parent->children;
     inode.parent = parent;
   }
   inode.name = name;
+  if (parent) names_[{parent, name}] = &inode;
   if (old && old != parent) {
     --old->children;
     erase_unused(old);
@@ -85,6 +92,11 @@ void InodeTable::set_name(Inode& inode, Inode* parent, const std::string& name) 
 void InodeTable::erase_unused(Inode* inode) {
   while (inode && inode != &root_ && inode->nlookup == 0 && inode->children == 0) {
     Inode* parent = inode->parent;
+    if (parent) {
+      auto it = names_.find({parent, inode->name});
+      if (it != names_.end() && it->second == inode) names_.erase(it);
+    }
+    if (watcher_ && inode->watch >= 0) watcher_->remove(inode->watch);
     inodes_.erase({inode->src_ino, inode->src_dev});
     if (parent) --parent->children;
     inode = parent;
@@ -121,6 +133,45 @@ fuse_ino_t InodeTable::find(ino_t ino, dev_t dev) const {
   std::lock_guard lock(m_);
   auto it = inodes_.find({ino, dev});
   return it == inodes_.end() ? 0 : reinterpret_cast<fuse_ino_t>(it->second.get());
+}
+
+NameSeen InodeTable::seen(ino_t dir_ino, dev_t dir_dev, const std::string& name) const {
+  std::lock_guard lock(m_);
+  const Inode* dir = nullptr;
+  if (dir_ino == root_.src_ino && dir_dev == root_.src_dev) {
+    dir = &root_;
+  } else {
+    auto it = inodes_.find({dir_ino, dir_dev});
+    if (it == inodes_.end()) return {};
+    dir = it->second.get();
+  }
+  NameSeen seen{.parent = id_locked(dir)};
+  auto named = names_.find({dir, name});
+  if (named != names_.end()) {
+    seen.named = id_locked(named->second);
+    struct stat now {};
+    seen.still_there = ::fstatat(dir->fd, name.c_str(), &now, AT_SYMLINK_NOFOLLOW) == 0 &&
+                       now.st_ino == named->second->src_ino && now.st_dev == named->second->src_dev;
+  }
+  return seen;
+}
+
+void InodeTable::for_each(
+    const std::function<void(fuse_ino_t parent, const std::string& name, fuse_ino_t id)>& fn) const {
+  std::vector<std::tuple<fuse_ino_t, std::string, fuse_ino_t>> all;
+  {
+    std::lock_guard lock(m_);
+    all.emplace_back(0, std::string(), FUSE_ROOT_ID);
+    for (const auto& [id, inode] : inodes_)
+      all.emplace_back(inode->parent ? id_locked(inode->parent) : 0, inode->name, id_locked(inode.get()));
+  }
+  for (const auto& [parent, name, id] : all) fn(parent, name, id);
+}
+
+void InodeTable::set_watcher(DirWatcher* watcher) {
+  std::lock_guard lock(m_);
+  watcher_ = watcher;
+  if (watcher_) root_.watch = watcher_->add(root_.fd, root_.src_ino, root_.src_dev);
 }
 
 void InodeTable::moved(ino_t ino, dev_t dev, Inode& parent, const std::string& name) {

@@ -23,4 +23,6 @@ if(TARGET gate_mount)
   gate_mount_test(merge_test)
   # Paths longer than the broker takes as a key (sent as a digest, client/wire_key.h).
   gate_mount_test(long_paths_test)
+  # The kernel's caches of a view, and changes made beside it.
+  gate_mount_test(cache_test)
 endif()

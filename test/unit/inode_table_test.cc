@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "mount/inode_table.h"
 #include "support/test_support.h"
@@ -106,4 +107,61 @@ TEST_CASE("inode table: forgotten inodes go, parents stay while children need th
   // Forgetting the root never drops it.
   t.table->forget(t.table->root(), 5);
   CHECK(t.table->key_of(t.table->root()) == ".");
+}
+
+TEST_CASE("inode table: what a name leads to, as last seen and as the source has it now",
+          "[unit][inodes]") {
+  Table t;
+  REQUIRE(::mkdir(t.path("d").c_str(), 0755) == 0);
+  touch(t.path("d/f"));
+  struct stat root_st {}, d_st {};
+  REQUIRE(::stat(t.dir.path().c_str(), &root_st) == 0);
+  REQUIRE(::stat(t.path("d").c_str(), &d_st) == 0);
+  Inode& d = t.look(t.table->root(), "d");
+  Inode& f = t.look(d, "f");
+
+  NameSeen seen = t.table->seen(d_st.st_ino, d_st.st_dev, "f");
+  CHECK(seen.parent == t.table->id(d));
+  CHECK(seen.named == t.table->id(f));
+  CHECK(seen.still_there);
+  CHECK(t.table->seen(root_st.st_ino, root_st.st_dev, "d").parent == FUSE_ROOT_ID);
+  CHECK(t.table->seen(d_st.st_ino, d_st.st_dev, "never-seen").named == 0);
+
+  // Replaced beside the table: the name now leads to another object.
+  touch(t.path("d/g"));
+  REQUIRE(::rename(t.path("d/g").c_str(), t.path("d/f").c_str()) == 0);
+  seen = t.table->seen(d_st.st_ino, d_st.st_dev, "f");
+  CHECK(seen.named == t.table->id(f));
+  CHECK_FALSE(seen.still_there);
+
+  // Looked up again: the name is the new object's, the old one keeps no name there.
+  Inode& g = t.look(d, "f");
+  CHECK(&g != &f);
+  seen = t.table->seen(d_st.st_ino, d_st.st_dev, "f");
+  CHECK(seen.named == t.table->id(g));
+  CHECK(seen.still_there);
+}
+
+TEST_CASE("inode table: directories are watched while the table holds them", "[unit][inodes]") {
+  struct Recorder : DirWatcher {
+    int next = 1;
+    std::vector<int> added, removed;
+    int add(int, ino_t, dev_t) override {
+      added.push_back(next);
+      return next++;
+    }
+    void remove(int id) override { removed.push_back(id); }
+  } watcher;
+  Table t;
+  REQUIRE(::mkdir(t.path("d").c_str(), 0755) == 0);
+  touch(t.path("file"));
+  t.table->set_watcher(&watcher);
+  CHECK(watcher.added == std::vector<int>{1});  // the root
+  Inode& d = t.look(t.table->root(), "d");
+  t.look(t.table->root(), "file");  // a file is not watched
+  CHECK(watcher.added == std::vector<int>{1, 2});
+  CHECK(d.watch == 2);
+  t.table->forget(d, 1);
+  CHECK(watcher.removed == std::vector<int>{2});
+  t.table->set_watcher(nullptr);
 }

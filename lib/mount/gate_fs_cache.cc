@@ -1,0 +1,96 @@
+// The kernel's caches of a view: names and attributes kept until the mount learns of
+// a change (SourceWatch), and file contents kept across opens while the file is as
+// it was when the kernel read or wrote it.
+#include <sys/inotify.h>
+#include <sys/stat.h>
+
+#include <unordered_set>
+
+#include "core/log.h"
+#include "mount/gate_fs_impl.h"
+
+namespace gate::mount {
+
+namespace {
+
+Inode::Stamp stamp_of(const struct stat& st, std::uint64_t version) {
+  return {.valid = true, .size = st.st_size, .mtime = st.st_mtim, .ctime = st.st_ctim, .version = version};
+}
+
+bool same(const timespec& a, const timespec& b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; }
+
+bool same(const Inode::Stamp& a, const Inode::Stamp& b) {
+  return a.valid && b.valid && a.size == b.size && same(a.mtime, b.mtime) && same(a.ctime, b.ctime) &&
+         a.version == b.version;
+}
+
+constexpr std::uint32_t kNameEvents = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO;
+constexpr std::uint32_t kAttrEvents = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE;
+
+}  // namespace
+
+bool GateFs::Impl::keep_cache_at_open(Inode& in, int fd, std::uint64_t version) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return false;
+  const Inode::Stamp now = stamp_of(st, version);
+  bool keep = false, changed = false;
+  {
+    std::lock_guard lock(in.cache_m);
+    keep = same(in.stamp, now);
+    changed = in.stamp.valid && !keep;
+    in.stamp = now;
+  }
+  // Changed since the kernel last saw it: its attributes (the size a read stops at)
+  // may be older than the watch's news of the change, so they go too.
+  if (changed && se) fuse_lowlevel_notify_inval_inode(se, inodes->id(in), -1, 0);
+  return keep;
+}
+
+void GateFs::Impl::note_cached_content(Inode& in, int fd, std::uint64_t version, bool changed_behind) {
+  struct stat st {};
+  const bool known = !changed_behind && ::fstat(fd, &st) == 0;
+  std::lock_guard lock(in.cache_m);
+  in.stamp = known ? stamp_of(st, version) : Inode::Stamp{};
+}
+
+void GateFs::Impl::forget_entry(fuse_ino_t parent, const std::string& name) {
+  if (!se || !parent) return;
+  notifier.post([this, se = se, parent, name] {
+    if (notifying) fuse_lowlevel_notify_inval_entry(se, parent, name.c_str(), name.size());
+  });
+}
+
+void GateFs::Impl::on_source_changes(const std::vector<SourceWatch::Change>& changes, bool lost) {
+  if (!se || !notifying) return;
+  // Attributes are dropped at once: that takes no lock of the kernel's. A name goes
+  // through the notifier (forget_entry).
+  std::unordered_set<fuse_ino_t> attrs;
+  if (lost) {
+    log(LogLevel::Warn, "mount", "changes to the source came faster than they could be read; "
+        "the kernel forgets every name and attribute of the view");
+    inodes->for_each([&](fuse_ino_t parent, const std::string& name, fuse_ino_t id) {
+      attrs.insert(id);
+      if (parent) forget_entry(parent, name);
+    });
+  }
+  for (const SourceWatch::Change& c : changes) {
+    const NameSeen seen = inodes->seen(c.dir_ino, c.dir_dev, c.name);
+    if (!seen.parent) continue;
+    if (c.name.empty()) {
+      attrs.insert(seen.parent);
+      continue;
+    }
+    if (c.mask & kNameEvents) {
+      // The directory's new mtime makes the kernel read its list again; a name the
+      // kernel may hold for an object no longer there is forgotten. (A name it does
+      // not hold needs nothing: this daemon never answers a lookup with a cached
+      // "no such file".)
+      attrs.insert(seen.parent);
+      if (seen.named && !seen.still_there) forget_entry(seen.parent, c.name);
+    }
+    if (seen.named && (c.mask & (kAttrEvents | kNameEvents))) attrs.insert(seen.named);
+  }
+  for (fuse_ino_t id : attrs) fuse_lowlevel_notify_inval_inode(se, id, -1, 0);
+}
+
+}  // namespace gate::mount

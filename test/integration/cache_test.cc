@@ -1,0 +1,135 @@
+// The kernel's caches of a view (names, attributes, directory lists, file contents)
+// kept across calls and opens, and what makes the view drop them: a change made
+// beside the mount (in the source directly, or through another mount of it) shows
+// through the view within a second (README: "What the kernel caches").
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <set>
+#include <string>
+
+#include "support/mount_fixture.h"
+
+using namespace std::chrono_literals;
+using namespace gate::test;
+
+namespace {
+
+// The documented bound for a change beside the mount to show through the view.
+constexpr auto kSeenWithin = 1000ms;
+
+std::set<std::string> names_in(const std::string& dir) {
+  std::set<std::string> names;
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return names;
+  while (dirent* e = ::readdir(d))
+    if (std::string(e->d_name) != "." && std::string(e->d_name) != "..") names.insert(e->d_name);
+  ::closedir(d);
+  return names;
+}
+
+struct StatOf {
+  bool exists = false;
+  struct stat st {};
+};
+
+StatOf stat_of(const std::string& path) {
+  StatOf s;
+  s.exists = ::lstat(path.c_str(), &s.st) == 0;
+  return s;
+}
+
+}  // namespace
+
+TEST_CASE("names and attributes changed beside the mount show through it within a second",
+          "[mount][cache]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  write_file(m.at("f"), "12345");
+  ::mkdir(m.at("d").c_str(), 0755);
+  // The kernel now holds f's name and attributes, and d's list, for a day.
+  REQUIRE(stat_of(m.at("f")).st.st_size == 5);
+  REQUIRE(names_in(m.at("d")).empty());
+  REQUIRE(stat_of(m.at("f")).st.st_size == 5);
+
+  SECTION("a file's size and mode") {
+    write_file(m.in_root("f"), "1234567890");
+    REQUIRE(::chmod(m.in_root("f").c_str(), 0600) == 0);
+    CHECK(eventually([&] { return stat_of(m.at("f")).st.st_size == 10; }, kSeenWithin));
+    CHECK(eventually([&] { return (stat_of(m.at("f")).st.st_mode & 07777) == 0600; }, kSeenWithin));
+  }
+  SECTION("a new file in a listed directory") {
+    write_file(m.in_root("d/new"), "x");
+    CHECK(eventually([&] { return names_in(m.at("d")) == std::set<std::string>{"new"}; }, kSeenWithin));
+    CHECK(slurp(m.at("d/new")) == "x");
+  }
+  SECTION("a removed file") {
+    REQUIRE(::unlink(m.in_root("f").c_str()) == 0);
+    CHECK(eventually([&] { return !stat_of(m.at("f")).exists; }, kSeenWithin));
+    CHECK(names_in(m.mnt()).count("f") == 0);
+  }
+  SECTION("a file renamed over another one") {
+    write_file(m.in_root("d/g"), "the other file");
+    REQUIRE(eventually([&] { return stat_of(m.at("d/g")).exists; }, kSeenWithin));
+    const ino_t before = stat_of(m.at("f")).st.st_ino;
+    REQUIRE(::rename(m.in_root("d/g").c_str(), m.in_root("f").c_str()) == 0);
+    CHECK(eventually([&] { return !stat_of(m.at("d/g")).exists; }, kSeenWithin));
+    CHECK(eventually([&] { return stat_of(m.at("f")).st.st_ino != before; }, kSeenWithin));
+    CHECK(slurp(m.at("f")) == "the other file");
+  }
+  SECTION("a new directory with files in it") {
+    ::mkdir(m.in_root("d/sub").c_str(), 0755);
+    write_file(m.in_root("d/sub/a"), "a");
+    CHECK(eventually([&] { return names_in(m.at("d/sub")) == std::set<std::string>{"a"}; }, kSeenWithin));
+    // A directory the view has seen is watched too.
+    write_file(m.in_root("d/sub/b"), "b");
+    CHECK(eventually([&] { return names_in(m.at("d/sub")) == std::set<std::string>{"a", "b"}; },
+                     kSeenWithin));
+  }
+}
+
+TEST_CASE("with --no-watch, a change beside the mount shows after --attr-timeout-ms",
+          "[mount][cache]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint(), {"--no-watch", "--attr-timeout-ms", "200"});
+  write_file(m.at("f"), "12345");
+  REQUIRE(stat_of(m.at("f")).st.st_size == 5);
+  write_file(m.in_root("f"), "1234567890");
+  CHECK(eventually([&] { return stat_of(m.at("f")).st.st_size == 10; }, kSeenWithin));
+  CHECK(m.log().find("--attr-timeout-ms") == std::string::npos);  // not watched: by choice
+}
+
+TEST_CASE("contents cached across opens are dropped when the file changed since",
+          "[mount][cache]") {
+  BrokerProcess broker;
+  Mount a(broker.endpoint());
+  Mount b(broker.endpoint(), {}, a.root());  // a second view of the same directory
+  const std::string mnt_b = b.mnt();
+
+  // Same-size contents, one after the other as fast as they come: neither the size
+  // nor a coarse timestamp tells them apart, the version (and ctime) must.
+  for (int i = 0; i < 50; ++i) {
+    char content[16];
+    std::snprintf(content, sizeof content, "version %04d", i);
+    const std::string written = content;
+    if (i % 3 == 2) {
+      write_file(a.in_root("f"), written);  // beside both mounts
+    } else {
+      write_file(a.at("f"), written);  // through mount a
+    }
+    INFO("round " << i);
+    REQUIRE(slurp(mnt_b + "/f") == written);  // b read it before: its cache must go
+    REQUIRE(slurp(a.at("f")) == written);
+    // And through b, seen by a.
+    std::snprintf(content, sizeof content, "b-vers %04d", i);
+    write_file(mnt_b + "/f", content);
+    REQUIRE(slurp(a.at("f")) == content);
+  }
+}
