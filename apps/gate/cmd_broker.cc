@@ -135,6 +135,7 @@ int broker(int argc, char** argv) {
   options.max_hold_ms = (*args)["max-hold-ms"].as<std::int64_t>();
   options.restore_grace_ms = (*args)["restore-grace-ms"].as<std::int64_t>();
   LockTable table(options, random_token);
+  std::unordered_map<std::string, std::int64_t> counters;
   {
     auto snap = store->load();
     if (!snap.ok()) return cli::fail(me, "cannot read " + db_path + ": " + snap.message());
@@ -148,6 +149,7 @@ int broker(int argc, char** argv) {
     if (Status s = store->apply(table.take_journal()); !s.ok())
       return cli::fail(me, "cannot write " + db_path + ": " + s.message());
     table.take_events();
+    counters = std::move(snap->counters);
     if (held || queued)
       log(LogLevel::Info, "broker", "restored ", held, " held locks and ", queued,
           " queued requests from ", db_path);
@@ -157,6 +159,7 @@ int broker(int argc, char** argv) {
   ::signal(SIGPIPE, SIG_IGN);
   boost::asio::io_context ioc(1);
   BrokerService service(ioc, table, store.get());
+  service.restore_delegation(counters);
   ServerLimits limits;
   limits.max_body_bytes = (*args)["max-body-bytes"].as<std::size_t>();
   limits.request_timeout = std::chrono::milliseconds((*args)["request-timeout-ms"].as<std::int64_t>());

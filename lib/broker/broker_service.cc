@@ -115,13 +115,24 @@ std::uint64_t BrokerService::handle(const std::string& method, const std::string
   if (shutting_down_) {
     answer(std::move(reply), status_answer(503, "unavailable", "broker is shutting down"));
   } else if (path == "/v1/locks/acquire") {
-    if (only("POST")) acquire(body, reply, &ticket);
+    if (only("POST")) {
+      if (delegation_) park(body, reply, &ticket);
+      else acquire(body, reply, &ticket);
+    }
   } else if (path == "/v1/locks/release") {
     if (only("POST")) release(body, reply);
   } else if (path == "/v1/locks/heartbeat") {
     if (only("POST")) heartbeat(body, reply);
   } else if (path == "/v1/locks/status") {
     if (only("GET")) status(std::string(query), reply);
+  } else if (path == "/v1/delegation") {
+    if (only("POST")) delegate(body, reply);
+  } else if (path == "/v1/delegation/recall") {
+    if (only("GET")) recall_wait(std::string(query), reply, &ticket);
+  } else if (path == "/v1/delegation/report") {
+    if (only("POST")) delegation_report(body, reply);
+  } else if (path == "/v1/delegation/return") {
+    if (only("POST")) delegation_return(body, reply);
   } else if (path == "/v1/health") {
     json::object o;
     o["status"] = "ok";
@@ -146,6 +157,7 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
     return bad_request(reply, 400, p.message());
   }
   const Micros now = clock_();
+  note_client(*p, now);
   AcquireResult r = table_.acquire(*p, now);
   switch (r.kind) {
     case AcquireResult::Kind::Granted:
@@ -241,6 +253,7 @@ void BrokerService::status(const std::string& query, Reply& reply) {
     for (const auto& [k, v] : table_.versions()) versions[k] = v;
   }
   json::object o;
+  add_delegated_status(key, locks, queue, o);
   o["locks"] = std::move(locks);
   o["queue"] = std::move(queue);
   o["versions"] = std::move(versions);
@@ -248,6 +261,16 @@ void BrokerService::status(const std::string& query, Reply& reply) {
 }
 
 void BrokerService::client_gone(std::uint64_t ticket) {
+  if (ticket & (kParkedTicket | kRecallTicket)) {
+    // A parked acquire that has run since waits under its request number now.
+    auto alias = parked_alias_.find(ticket);
+    if (alias == parked_alias_.end()) {
+      client_gone_delegation(ticket);
+      return;
+    }
+    ticket = alias->second;
+    parked_alias_.erase(alias);
+  }
   auto it = waiters_.find(ticket);
   if (it == waiters_.end()) {
     // Granted in this turn, its answer not sent yet: nobody will hear of the grant,
@@ -369,6 +392,7 @@ void BrokerService::flush() {
 
 void BrokerService::arm_timer() {
   auto next = table_.next_deadline();
+  if (delegation_ && (!next || delegation_->expires_at < *next)) next = delegation_->expires_at;
   if (next == timer_at_) return;
   timer_at_ = next;
   if (!next) {
@@ -380,7 +404,13 @@ void BrokerService::arm_timer() {
   timer_.async_wait([this](boost::system::error_code ec) {
     if (ec) return;
     timer_at_.reset();
-    table_.expire(clock_());
+    const Micros now = clock_();
+    table_.expire(now);
+    if (delegation_ && now >= delegation_->expires_at) {
+      ++metrics_.delegations_expired;
+      end_delegation("its delegate stopped reporting (lease of " +
+                     std::to_string(delegation_->lease_ms) + " ms over); its locks are gone");
+    }
     after_change();
   });
 }
@@ -390,6 +420,13 @@ void BrokerService::shutdown() {
   for (auto& [id, w] : waiters_)
     answer(std::move(w.reply), status_answer(503, "unavailable", "broker is shutting down"));
   waiters_.clear();
+  for (auto& p : parked_)
+    answer(std::move(p.reply), status_answer(503, "unavailable", "broker is shutting down"));
+  parked_.clear();
+  if (delegation_ && delegation_->recall_waiter) {
+    answer(std::move(*delegation_->recall_waiter), status_answer(503, "unavailable", "broker is shutting down"));
+    delegation_->recall_waiter.reset();
+  }
   timer_.cancel();
   flush();
 }
@@ -422,6 +459,11 @@ std::string BrokerService::metrics_text() const {
   counter("gate_queued_disconnects_total", "Queued requests whose client went away.",
           metrics_.disconnects_while_queued);
   counter("gate_store_failures_total", "Failed writes of the lock state.", metrics_.store_failures);
+  gauge("gate_delegated", "1 while the lock space is delegated to a client.", delegation_ ? 1 : 0);
+  counter("gate_delegations_total", "Delegations of the lock space to a client.", metrics_.delegations);
+  counter("gate_recalls_total", "Delegations recalled because another client asked.", metrics_.recalls);
+  counter("gate_delegations_expired_total", "Delegations whose delegate stopped reporting.",
+          metrics_.delegations_expired);
   o << "# HELP gate_stale_replacements_total Saves over a file another agent changed since the "
        "saver read it, by what the mount did: merged, installed as a conflict, or refused.\n"
        "# TYPE gate_stale_replacements_total counter\n"

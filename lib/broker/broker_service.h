@@ -15,6 +15,8 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
+#include <boost/json/fwd.hpp>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -42,6 +44,7 @@ struct BrokerMetrics {
   std::uint64_t wait_count = 0;
   double wait_sum = 0;
   std::uint64_t connections = 0;
+  std::uint64_t delegations = 0, recalls = 0, delegations_expired = 0;
 };
 
 class BrokerService {
@@ -65,6 +68,17 @@ class BrokerService {
   // Saves pending changes and sends the answers that waited for them.
   void flush();
 
+  // A delegation the store kept (its counters, LockStore::Snapshot::counters): still
+  // out after a restart, with a fresh lease. Call before serving.
+  void restore_delegation(const std::unordered_map<std::string, std::int64_t>& counters);
+  bool delegated() const { return delegation_.has_value(); }
+
+  // The quiet time before a client may have the lock space delegated: no acquire
+  // from any other client for this long.
+  static constexpr Micros kDelegationQuietUs = 2'000'000;
+  // Fences set aside for one delegation.
+  static constexpr std::uint64_t kDelegationFences = std::uint64_t{1} << 32;
+
   void count_bad_request() { ++metrics_.bad_requests; }
   BrokerMetrics& metrics() { return metrics_; }
   std::string metrics_text() const;
@@ -76,6 +90,46 @@ class BrokerService {
   };
 
   void acquire(const std::string& body, Reply& reply, std::uint64_t* ticket);
+  // ---- delegation of the whole lock space to one client (broker_delegation.cc) ----
+  struct Delegation {
+    std::uint64_t id = 0;         // its first fence: never used twice
+    std::uint64_t fence_end = 0;  // one past its last fence
+    std::string client;           // "" when restored after a restart
+    std::int64_t lease_ms = 0;
+    Micros expires_at = 0;
+    Micros since = 0;
+    bool recalling = false;
+    std::optional<Reply> recall_waiter;  // the delegate's pending GET .../recall
+    std::uint64_t recall_ticket = 0;
+    TableState reported;  // its last report: what `status` shows
+  };
+  struct Parked {
+    std::uint64_t ticket = 0;
+    std::string body;
+    Reply reply;
+  };
+  static constexpr std::uint64_t kParkedTicket = std::uint64_t{1} << 63;
+  static constexpr std::uint64_t kRecallTicket = std::uint64_t{1} << 62;
+  // An acquire while the space is out: held until the delegate hands it back.
+  void park(const std::string& body, Reply& reply, std::uint64_t* ticket);
+  void delegate(const std::string& body, Reply& reply);
+  void recall_wait(const std::string& query, Reply& reply, std::uint64_t* ticket);
+  void delegation_report(const std::string& body, Reply& reply);
+  void delegation_return(const std::string& body, Reply& reply);
+  // The delegation a report or hand-back names, and the state it carries; null
+  // after a refusal (answered).
+  Delegation* delegation_state(const std::string& body, Reply& reply, TableState* state);
+  // The delegation named in a request body ({"delegation": id}); null after a refusal.
+  Delegation* delegation_in(const boost::json::object& body, Reply& reply);
+  void recall(const std::string& why);
+  // Ends the delegation (its state taken back, or its lease over) and runs the
+  // acquires parked meanwhile, in their order.
+  void end_delegation(const std::string& why);
+  void journal_delegation();
+  bool client_gone_delegation(std::uint64_t ticket);
+  void note_client(const AcquireParams& p, Micros now);
+  void add_delegated_status(const std::string& key, boost::json::array& locks,
+                            boost::json::array& queue, boost::json::object& o) const;
   void release(const std::string& body, Reply& reply);
   void heartbeat(const std::string& body, Reply& reply);
   void status(const std::string& query, Reply& reply);
@@ -106,6 +160,11 @@ class BrokerService {
   };
   std::vector<Pending> pending_;
   std::vector<JournalEntry> unsaved_;
+  std::optional<Delegation> delegation_;
+  std::vector<Parked> parked_;
+  std::uint64_t next_ticket_ = 0;
+  std::unordered_map<std::uint64_t, std::uint64_t> parked_alias_;  // parked ticket -> req id
+  std::unordered_map<std::string, Micros> last_acquire_;           // client -> when
   bool flush_scheduled_ = false;
   bool shutting_down_ = false;
   BrokerMetrics metrics_;

@@ -107,6 +107,9 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
 
   void on_header(error_code ec) {
     if (ec) return on_read_error(ec);
+    // A delegate's report or hand-back carries a whole lock table.
+    if (parser_->get().target().starts_with("/v1/delegation/"))
+      parser_->body_limit(server_->limits.max_state_bytes);
     stream_.expires_after(server_->limits.request_timeout);
     http::async_read(stream_, buffer_, *parser_,
                      [self = this->shared_from_this()](error_code ec, std::size_t) {

@@ -26,6 +26,8 @@ inline constexpr std::size_t kHeaderLimit = 16 * 1024;
 
 struct ServerLimits {
   std::size_t max_body_bytes = 64 * 1024;
+  // The body of a delegate's report or hand-back (a whole lock table).
+  std::size_t max_state_bytes = 256 * 1024 * 1024;
   std::chrono::milliseconds request_timeout{10'000};  // from first byte to full request
   std::chrono::milliseconds idle_timeout{120'000};    // keep-alive with no request
   std::size_t max_connections = 10'000;

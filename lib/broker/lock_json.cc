@@ -1,6 +1,7 @@
 #include "broker/lock_json.h"
 
 #include <cmath>
+#include <limits>
 
 #include "core/config.h"
 
@@ -162,6 +163,154 @@ Result<AcquireParams> parse_acquire(const json::object& o) {
   p.mode = *m;
   if (p.lease_ms && *p.lease_ms == 0) p.lease_ms.reset();
   return p;
+}
+
+namespace {
+
+Status get_count(const json::object& o, const char* field, bool required, std::uint64_t* out) {
+  auto it = o.find(field);
+  if (it == o.end() || it->value().is_null()) {
+    if (!required) return {};
+    return Status::failure(std::string("missing field '") + field + "'");
+  }
+  const json::value& v = it->value();
+  if (v.is_uint64()) *out = v.as_uint64();
+  else if (v.is_int64() && v.as_int64() >= 0) *out = static_cast<std::uint64_t>(v.as_int64());
+  else return Status::failure(std::string("field '") + field + "' must be a non-negative integer");
+  return {};
+}
+
+Status get_micros(const json::object& o, const char* field, bool required, Micros* out) {
+  std::uint64_t v = 0;
+  if (Status s = get_count(o, field, required, &v); !s.ok()) return s;
+  if (v > static_cast<std::uint64_t>(std::numeric_limits<Micros>::max()))
+    return Status::failure(std::string("field '") + field + "' is out of range");
+  if (o.contains(field) && !o.at(field).is_null()) *out = static_cast<Micros>(v);
+  return {};
+}
+
+Status get_mode(const json::object& o, LockMode* out) {
+  std::string mode;
+  if (Status s = get_string(o, "mode", true, &mode); !s.ok()) return s;
+  auto m = parse_lock_mode(mode);
+  if (!m) return Status::failure("field 'mode' must be \"read\" or \"write\"");
+  *out = *m;
+  return {};
+}
+
+const json::array* get_array(const json::object& o, const char* field, Status* status) {
+  auto it = o.find(field);
+  if (it == o.end() || !it->value().is_array()) {
+    *status = Status::failure(std::string("field '") + field + "' must be an array");
+    return nullptr;
+  }
+  return &it->value().as_array();
+}
+
+}  // namespace
+
+json::object state_to_json(const TableState& s) {
+  json::array locks, queue;
+  for (const Lock& l : s.locks) {
+    json::object o;
+    o["lock_id"] = l.lock_id;
+    o["path"] = l.key;
+    o["mode"] = to_string(l.mode);
+    o["owner"] = l.owner;
+    o["session"] = l.session;
+    o["acquired_at_us"] = l.acquired_at;
+    o["lease_expires_at_us"] = l.lease_expires_at;
+    o["lease_ms"] = l.lease_ms;
+    if (l.max_hold_ms) o["max_hold_ms"] = *l.max_hold_ms;
+    o["hold_count"] = l.hold_count;
+    o["fence"] = l.fence;
+    put_holder(o, l.who);
+    locks.push_back(std::move(o));
+  }
+  for (const QueuedRequest& r : s.queue) {
+    json::object o;
+    o["path"] = r.key;
+    o["mode"] = to_string(r.mode);
+    o["owner"] = r.owner;
+    o["session"] = r.session;
+    o["request_id"] = r.request_id;
+    o["requested_at_us"] = r.requested_at;
+    o["lease_ms"] = r.lease_ms;
+    if (r.max_hold_ms) o["max_hold_ms"] = *r.max_hold_ms;
+    if (r.deadline) o["deadline_us"] = *r.deadline;
+    put_holder(o, r.who);
+    queue.push_back(std::move(o));
+  }
+  json::object versions;
+  for (const auto& [key, v] : s.versions) versions[key] = v;
+  json::object o;
+  o["locks"] = std::move(locks);
+  o["queue"] = std::move(queue);
+  o["versions"] = std::move(versions);
+  o["next_fence"] = s.next_fence;
+  return o;
+}
+
+Result<TableState> state_from_json(const json::object& o) {
+  TableState s;
+  Status status;
+  const json::array* locks = get_array(o, "locks", &status);
+  const json::array* queue = locks ? get_array(o, "queue", &status) : nullptr;
+  if (!queue) return status;
+  for (const json::value& v : *locks) {
+    if (!v.is_object()) return Status::failure("each of 'locks' must be an object");
+    const json::object& j = v.as_object();
+    Lock l;
+    std::uint64_t hold = 0;
+    std::optional<std::int64_t> lease;
+    for (Status st : {get_string(j, "lock_id", true, &l.lock_id), get_string(j, "path", true, &l.key),
+                      get_mode(j, &l.mode), get_string(j, "owner", true, &l.owner),
+                      get_string(j, "session", false, &l.session),
+                      get_micros(j, "acquired_at_us", true, &l.acquired_at),
+                      get_micros(j, "lease_expires_at_us", true, &l.lease_expires_at),
+                      get_millis(j, "lease_ms", &lease), get_millis(j, "max_hold_ms", &l.max_hold_ms),
+                      get_count(j, "hold_count", true, &hold), get_count(j, "fence", true, &l.fence),
+                      get_short_string(j, "agent", kMaxAgentBytes, &l.who.agent),
+                      get_short_string(j, "command", kMaxCommandBytes, &l.who.command),
+                      get_pid(j, &l.who.pid)})
+      if (!st.ok()) return Status::failure("a lock: " + st.message());
+    l.lease_ms = lease.value_or(0);
+    l.hold_count = static_cast<std::int64_t>(std::min<std::uint64_t>(hold, 1u << 30));
+    s.locks.push_back(std::move(l));
+  }
+  for (const json::value& v : *queue) {
+    if (!v.is_object()) return Status::failure("each of 'queue' must be an object");
+    const json::object& j = v.as_object();
+    QueuedRequest r;
+    std::optional<std::int64_t> lease;
+    Micros deadline = -1;
+    for (Status st : {get_string(j, "path", true, &r.key), get_mode(j, &r.mode),
+                      get_string(j, "owner", true, &r.owner), get_string(j, "session", false, &r.session),
+                      get_string(j, "request_id", false, &r.request_id),
+                      get_micros(j, "requested_at_us", true, &r.requested_at),
+                      get_millis(j, "lease_ms", &lease), get_millis(j, "max_hold_ms", &r.max_hold_ms),
+                      get_micros(j, "deadline_us", false, &deadline),
+                      get_short_string(j, "agent", kMaxAgentBytes, &r.who.agent),
+                      get_short_string(j, "command", kMaxCommandBytes, &r.who.command),
+                      get_pid(j, &r.who.pid)})
+      if (!st.ok()) return Status::failure("a queued request: " + st.message());
+    r.lease_ms = lease.value_or(0);
+    if (deadline >= 0) r.deadline = deadline;
+    r.req_id = s.queue.size() + 1;  // its place; the adopting table numbers it anew
+    s.queue.push_back(std::move(r));
+  }
+  if (auto it = o.find("versions"); it != o.end() && !it->value().is_null()) {
+    if (!it->value().is_object()) return Status::failure("field 'versions' must be an object");
+    for (const auto& kv : it->value().as_object()) {
+      std::uint64_t v = 0;
+      if (kv.value().is_uint64()) v = kv.value().as_uint64();
+      else if (kv.value().is_int64() && kv.value().as_int64() >= 0) v = static_cast<std::uint64_t>(kv.value().as_int64());
+      else return Status::failure("each of 'versions' must be a non-negative integer");
+      s.versions[std::string(kv.key())] = v;
+    }
+  }
+  if (Status st = get_count(o, "next_fence", false, &s.next_fence); !st.ok()) return st;
+  return s;
 }
 
 }  // namespace gate

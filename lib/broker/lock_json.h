@@ -30,4 +30,10 @@ Status get_bool(const boost::json::object& o, const char* field, bool* out);
 // POST /v1/locks/acquire body -> params; a failure names what is wrong.
 Result<AcquireParams> parse_acquire(const boost::json::object& o);
 
+// A table's whole state, as a delegate reports it and hands it back (times in
+// microseconds, every field of the engine's): {"locks": [...], "queue": [...],
+// "versions": {key: n}, "next_fence": n}. The engine checks what it means.
+boost::json::object state_to_json(const TableState& s);
+Result<TableState> state_from_json(const boost::json::object& o);
+
 }  // namespace gate

@@ -474,6 +474,78 @@ std::size_t LockTable::restore(std::vector<Lock> locks, std::vector<QueuedReques
   return left_out;
 }
 
+std::size_t LockTable::adopt(TableState state, Micros now) {
+  // Its request numbers are the delegate's: new ones here, in the same order.
+  for (QueuedRequest& r : state.queue) {
+    r.req_id = next_req_id_++;
+    r.persisted = false;
+  }
+  std::unordered_map<std::string, std::uint64_t> versions = versions_;
+  for (const auto& [key, v] : state.versions) {
+    std::uint64_t& mine = versions[key];
+    if (v > mine) mine = v;
+  }
+  std::vector<std::string> lock_ids;
+  for (const Lock& l : state.locks) lock_ids.push_back(l.lock_id);
+  std::vector<std::uint64_t> req_ids;
+  for (const QueuedRequest& r : state.queue) req_ids.push_back(r.req_id);
+  const auto old_versions = versions_;
+  const std::size_t left_out =
+      restore(std::move(state.locks), std::move(state.queue), state.next_fence, now, std::move(versions));
+  // restore() journals nothing of what it took in: the store learns it here.
+  for (const std::string& id : lock_ids)
+    if (const Lock* l = find_lock(id)) put_lock_journal(*l);
+  for (std::uint64_t id : req_ids) {
+    auto it = requests_.find(id);
+    if (it == requests_.end()) continue;
+    JournalEntry e{JournalEntry::Kind::PutRequest};
+    e.request = it->second;
+    journal_.push_back(std::move(e));
+  }
+  for (const auto& [key, v] : versions_) {
+    auto old = old_versions.find(key);
+    if (old != old_versions.end() && old->second == v) continue;
+    JournalEntry e{JournalEntry::Kind::PutVersion};
+    e.key = key;
+    e.version = v;
+    journal_.push_back(std::move(e));
+  }
+  reserve_fences();
+  return left_out;
+}
+
+TableState LockTable::export_state() const {
+  TableState s;
+  s.locks = locks();
+  for (const auto& [id, r] : requests_) s.queue.push_back(r);
+  s.versions = versions_;
+  s.next_fence = next_fence_;
+  return s;
+}
+
+void LockTable::merge_versions(const std::unordered_map<std::string, std::uint64_t>& versions) {
+  for (const auto& [key, v] : versions) {
+    if (v == 0 || v >= kMaxSavedFence) continue;
+    std::uint64_t& mine = versions_[key];
+    if (v <= mine) continue;
+    mine = v;
+    next_fence_ = std::max(next_fence_, v + 1);
+    JournalEntry e{JournalEntry::Kind::PutVersion};
+    e.key = key;
+    e.version = v;
+    journal_.push_back(std::move(e));
+  }
+}
+
+std::uint64_t LockTable::reserve_fence_block(std::uint64_t n) {
+  const std::uint64_t first = next_fence_;
+  next_fence_ += n;
+  // The floor goes past the block at once (a durable commit: see reserve_fences).
+  fence_reserved_ = next_fence_;
+  reserve_fences();
+  return first;
+}
+
 std::vector<Event> LockTable::take_events() { return std::exchange(events_, {}); }
 std::vector<JournalEntry> LockTable::take_journal() { return std::exchange(journal_, {}); }
 

@@ -106,7 +106,7 @@ struct Event {
 
 // What changed, for the store to write in one transaction.
 struct JournalEntry {
-  enum class Kind { PutLock, DeleteLock, PutRequest, DeleteRequest, Counters, PutVersion };
+  enum class Kind { PutLock, DeleteLock, PutRequest, DeleteRequest, Counters, PutVersion, SetCounter };
   Kind kind;
   Lock lock;               // PutLock
   QueuedRequest request;   // PutRequest
@@ -115,6 +115,17 @@ struct JournalEntry {
   std::uint64_t fence_floor = 0;  // Counters: every future fence is at least this
   std::string key;             // PutVersion: the key's content version is now
   std::uint64_t version = 0;   //   this
+  std::string counter;         // SetCounter: a named number of the broker's own (the
+  std::int64_t value = 0;      //   delegation out, BrokerService), now this
+};
+
+// Everything a table holds, as handed between a broker and the client it delegated
+// its lock space to (BrokerService, "Delegation").
+struct TableState {
+  std::vector<Lock> locks;
+  std::vector<QueuedRequest> queue;  // in arrival order
+  std::unordered_map<std::string, std::uint64_t> versions;
+  std::uint64_t next_fence = 1;
 };
 
 struct LockTableOptions {
@@ -150,6 +161,21 @@ class LockTable {
   std::size_t restore(std::vector<Lock> locks, std::vector<QueuedRequest> queue,
                std::uint64_t next_fence, Micros now,
                std::unordered_map<std::string, std::uint64_t> versions = {});
+
+  // Takes in the state a delegate hands back (a table holding nothing of anyone
+  // else's, as while its lock space was delegated): its locks and queued requests
+  // (queued in their order, after nothing; they wait for their clients to re-attach
+  // by request_id for the restore grace period), versions and fences, all journaled.
+  // Entries that break the engine's rules are left out, as in restore(); answers how
+  // many.
+  std::size_t adopt(TableState state, Micros now);
+  // Everything held and queued, the versions and the next fence.
+  TableState export_state() const;
+  // Versions learnt from elsewhere (a delegate's report): kept where newer, journaled.
+  void merge_versions(const std::unordered_map<std::string, std::uint64_t>& versions);
+  // Sets aside `n` fences for another engine to hand out (a delegation): answers the
+  // first; none of them is handed out here, before or after a restart.
+  std::uint64_t reserve_fence_block(std::uint64_t n);
 
   // The version of a key's content: the fence of the last write hold that changed
   // it; 0 for content never seen to change. Versions only grow.

@@ -208,6 +208,7 @@ LockStore::Snapshot LockStore::read_snapshot() {
     const std::string name = counters.getColumn(0).getString();
     const auto value = static_cast<std::uint64_t>(counters.getColumn(1).getInt64());
     if (name == "next_fence") snap.next_fence = value;
+    else snap.counters[name] = counters.getColumn(1).getInt64();
   }
   SQLite::Statement versions(*db_, "SELECT key, version FROM versions");
   while (versions.executeStep())
@@ -218,9 +219,10 @@ LockStore::Snapshot LockStore::read_snapshot() {
 
 Status LockStore::apply(const std::vector<JournalEntry>& journal) {
   // A new fence floor is synced with its commit (the WAL is synced at the commit):
-  // the grants answered after it may use fences up to it.
+  // the grants answered after it may use fences up to it. So is a delegation given or
+  // taken back (SetCounter): after a power loss the broker must still know of it.
   const bool raises_floor = std::any_of(journal.begin(), journal.end(), [](const JournalEntry& e) {
-    return e.kind == JournalEntry::Kind::Counters;
+    return e.kind == JournalEntry::Kind::Counters || e.kind == JournalEntry::Kind::SetCounter;
   });
   const bool sync_this = raises_floor && sync_ == Sync::Normal;
   try {
@@ -290,6 +292,12 @@ Status LockStore::apply(const std::vector<JournalEntry>& journal) {
           put_version_->bind(2, static_cast<int64_t>(e.version));
           put_version_->exec();
           put_version_->reset();
+          break;
+        case JournalEntry::Kind::SetCounter:
+          put_counter_->bind(1, e.counter);
+          put_counter_->bind(2, static_cast<int64_t>(e.value));
+          put_counter_->exec();
+          put_counter_->reset();
           break;
       }
     }

@@ -45,6 +45,7 @@ class LockStore {
     std::vector<QueuedRequest> queue;
     std::uint64_t next_fence = 1;
     std::unordered_map<std::string, std::uint64_t> versions;  // key -> content version
+    std::unordered_map<std::string, std::int64_t> counters;   // JournalEntry::SetCounter's
   };
   Result<Snapshot> load();
 

@@ -45,6 +45,7 @@ struct Saved {
         case JournalEntry::Kind::DeleteRequest: queue.erase(e.req_id); break;
         case JournalEntry::Kind::Counters: floor = std::max(floor, e.fence_floor); break;
         case JournalEntry::Kind::PutVersion: versions[e.key] = e.version; break;
+        case JournalEntry::Kind::SetCounter: break;  // the broker's, not the engine's
       }
   }
 };

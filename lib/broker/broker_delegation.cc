@@ -1,0 +1,274 @@
+// BrokerService's delegation of the whole lock space to one client (a mount that is
+// the broker's only client), and its recall as soon as another client asks: see
+// docs/delegation.md. While the space is out, this broker's table holds nothing, every
+// acquire waits here (parked) until the delegate has handed its state back, and the
+// delegate's reports are what `status` shows.
+#include <boost/json.hpp>
+
+#include "broker/broker_service.h"
+#include "broker/lock_json.h"
+#include "core/log.h"
+
+namespace gate {
+
+namespace json = boost::json;
+
+namespace {
+
+// The client an acquire comes from: the mount id before the session's ':' (locking.md:
+// "<mount-id>:<pid>"), else its session or owner.
+std::string client_of(const AcquireParams& p) {
+  const std::string& s = p.session.empty() ? p.owner : p.session;
+  return s.substr(0, s.find(':'));
+}
+
+HttpAnswer ended_answer(const std::string& why) {
+  json::object o;
+  o["status"] = "ended";
+  o["error"] = why;
+  return {404, json::serialize(o)};
+}
+
+}  // namespace
+
+void BrokerService::note_client(const AcquireParams& p, Micros now) {
+  last_acquire_[client_of(p)] = now;
+  // Only the last few seconds matter.
+  if (last_acquire_.size() > 1024)
+    std::erase_if(last_acquire_, [now](const auto& kv) { return now - kv.second > kDelegationQuietUs; });
+}
+
+void BrokerService::park(const std::string& body, Reply& reply, std::uint64_t* ticket) {
+  auto obj = parse_body_object(body);
+  Result<AcquireParams> p = obj.ok() ? parse_acquire(*obj) : Result<AcquireParams>(obj.status());
+  if (!p.ok()) return bad_request(reply, 400, p.message());
+  note_client(*p, clock_());
+  *ticket = kParkedTicket | ++next_ticket_;
+  parked_.push_back({*ticket, body, std::move(reply)});
+  recall("'" + client_of(*p) + "' asked for " + to_string(p->mode) + " '" + p->key.substr(0, 200) + "'");
+}
+
+void BrokerService::delegate(const std::string& body, Reply& reply) {
+  auto obj = parse_body_object(body);
+  std::string client;
+  std::optional<std::int64_t> lease_ms;
+  Status valid = obj.status();
+  if (valid.ok()) valid = get_string(*obj, "client", true, &client);
+  if (valid.ok()) valid = get_millis(*obj, "lease_ms", &lease_ms);
+  if (valid.ok() && client.empty()) valid = Status::failure("field 'client' must not be empty");
+  if (!valid.ok()) return bad_request(reply, 400, valid.message());
+  const Micros now = clock_();
+  table_.expire(now);
+  auto refuse = [&](const std::string& why) {
+    json::object o;
+    o["status"] = "refused";
+    o["error"] = why;
+    answer(std::move(reply), {409, json::serialize(o)});
+  };
+  if (delegation_) return refuse("the lock space is delegated to '" + delegation_->client + "'");
+  if (table_.lock_count() || table_.queue_length() || !parked_.empty())
+    return refuse("locks are held or asked for here");
+  for (const auto& [other, when] : last_acquire_)
+    if (other != client && now - when < kDelegationQuietUs)
+      return refuse("'" + other + "' asked for a lock in the last " +
+                    std::to_string(kDelegationQuietUs / 1000) + " ms");
+  Delegation d;
+  d.id = table_.reserve_fence_block(kDelegationFences);
+  d.fence_end = d.id + kDelegationFences;
+  d.client = client;
+  d.lease_ms = lease_ms.value_or(30'000);
+  if (d.lease_ms <= 0) d.lease_ms = 30'000;
+  d.since = now;
+  d.expires_at = now + d.lease_ms * 1000;
+  json::object versions;
+  for (const auto& [key, v] : table_.versions()) versions[key] = v;
+  json::object o;
+  o["status"] = "delegated";
+  o["delegation"] = d.id;
+  o["fence_from"] = d.id;
+  o["fence_end"] = d.fence_end;
+  o["lease_ms"] = d.lease_ms;
+  o["versions"] = std::move(versions);
+  delegation_ = std::move(d);
+  ++metrics_.delegations;
+  journal_delegation();
+  log(LogLevel::Info, "broker", "lock space delegated to '", client, "' (delegation ", delegation_->id, ")");
+  // Answered once the delegation (and the fences it took) are saved.
+  answer(std::move(reply), {200, json::serialize(o)});
+}
+
+BrokerService::Delegation* BrokerService::delegation_in(const json::object& body, Reply& reply) {
+  auto it = body.find("delegation");
+  const bool given = it != body.end() && (it->value().is_uint64() || it->value().is_int64());
+  if (!given) {
+    bad_request(reply, 400, "field 'delegation' must be the id the delegation was given");
+    return nullptr;
+  }
+  const std::uint64_t id = it->value().is_uint64() ? it->value().as_uint64()
+                                                   : static_cast<std::uint64_t>(it->value().as_int64());
+  if (!delegation_ || delegation_->id != id) {
+    answer(std::move(reply), ended_answer("delegation " + std::to_string(id) + " has ended"));
+    return nullptr;
+  }
+  return &*delegation_;
+}
+
+void BrokerService::recall_wait(const std::string& query, Reply& reply, std::uint64_t* ticket) {
+  json::object q;
+  try {
+    q["delegation"] = std::stoull(query.substr(query.find('=') + 1));
+  } catch (const std::exception&) {
+    return bad_request(reply, 400, "ask with ?delegation=ID");
+  }
+  Delegation* d = delegation_in(q, reply);
+  if (!d) return;
+  if (d->recalling) return answer(std::move(reply), {200, R"({"recall":true})"});
+  if (d->recall_waiter) answer(std::move(*d->recall_waiter), {200, R"({"recall":false})"});
+  d->recall_waiter = std::move(reply);
+  d->recall_ticket = kRecallTicket | ++next_ticket_;
+  *ticket = d->recall_ticket;
+}
+
+void BrokerService::recall(const std::string& why) {
+  if (!delegation_ || delegation_->recalling) return;
+  delegation_->recalling = true;
+  ++metrics_.recalls;
+  log(LogLevel::Info, "broker", "recalling the lock space from '", delegation_->client, "': ", why);
+  if (delegation_->recall_waiter) {
+    answer(std::move(*delegation_->recall_waiter), {200, R"({"recall":true})"});
+    delegation_->recall_waiter.reset();
+  }
+}
+
+BrokerService::Delegation* BrokerService::delegation_state(const std::string& body, Reply& reply,
+                                                           TableState* state) {
+  auto obj = parse_body_object(body);
+  if (!obj.ok()) {
+    bad_request(reply, 400, obj.message());
+    return nullptr;
+  }
+  Delegation* d = delegation_in(*obj, reply);
+  if (!d) return nullptr;
+  Result<TableState> parsed = state_from_json(*obj);
+  if (!parsed.ok()) {
+    bad_request(reply, 400, parsed.message());
+    return nullptr;
+  }
+  *state = std::move(parsed).value();
+  return d;
+}
+
+void BrokerService::delegation_report(const std::string& body, Reply& reply) {
+  TableState state;
+  Delegation* d = delegation_state(body, reply, &state);
+  if (!d) return;
+  d->expires_at = clock_() + d->lease_ms * 1000;
+  // Its versions count from now on, also if it dies before handing the space back.
+  table_.merge_versions(state.versions);
+  d->reported = std::move(state);
+  answer(std::move(reply), {200, d->recalling ? R"({"recall":true})" : R"({"recall":false})"});
+}
+
+void BrokerService::delegation_return(const std::string& body, Reply& reply) {
+  TableState state;
+  if (!delegation_state(body, reply, &state)) return;
+  const std::size_t locks = state.locks.size(), queued = state.queue.size();
+  const std::size_t left_out = table_.adopt(std::move(state), clock_());
+  if (left_out)
+    log(LogLevel::Warn, "broker", "the delegate's state had ", left_out,
+        " entries that break the lock rules; left out");
+  json::object o;
+  o["status"] = "returned";
+  o["left_out"] = left_out;
+  answer(std::move(reply), {200, json::serialize(o)});
+  end_delegation("handed back with " + std::to_string(locks) + " locks and " + std::to_string(queued) +
+                 " queued requests");
+}
+
+void BrokerService::end_delegation(const std::string& why) {
+  if (!delegation_) return;
+  log(LogLevel::Info, "broker", "delegation ", delegation_->id, " to '", delegation_->client,
+      "' ended: ", why);
+  if (delegation_->recall_waiter) answer(std::move(*delegation_->recall_waiter), ended_answer(why));
+  delegation_.reset();
+  journal_delegation();
+  // Every acquire that waited for the space, in its order, behind what came back.
+  for (Parked& p : std::exchange(parked_, {})) {
+    std::uint64_t ticket = 0;
+    acquire(p.body, p.reply, &ticket);
+    if (ticket) parked_alias_[p.ticket] = ticket;
+  }
+}
+
+void BrokerService::journal_delegation() {
+  auto set = [this](const char* name, std::int64_t v) {
+    JournalEntry e{JournalEntry::Kind::SetCounter};
+    e.counter = name;
+    e.value = v;
+    unsaved_.push_back(std::move(e));
+  };
+  set("delegation", delegation_ ? static_cast<std::int64_t>(delegation_->id) : 0);
+  set("delegation_fence_end", delegation_ ? static_cast<std::int64_t>(delegation_->fence_end) : 0);
+  set("delegation_lease_ms", delegation_ ? delegation_->lease_ms : 0);
+}
+
+void BrokerService::restore_delegation(const std::unordered_map<std::string, std::int64_t>& counters) {
+  auto get = [&](const char* name) {
+    auto it = counters.find(name);
+    return it == counters.end() ? 0 : it->second;
+  };
+  if (get("delegation") <= 0) return;
+  Delegation d;
+  d.id = static_cast<std::uint64_t>(get("delegation"));
+  d.fence_end = static_cast<std::uint64_t>(get("delegation_fence_end"));
+  d.lease_ms = get("delegation_lease_ms") > 0 ? get("delegation_lease_ms") : 30'000;
+  d.since = clock_();
+  // Nobody could report while the broker was down: a fresh lease, as for locks.
+  d.expires_at = d.since + d.lease_ms * 1000;
+  log(LogLevel::Info, "broker", "delegation ", d.id,
+      " is still out; it ends unless its delegate reports within ", d.lease_ms, " ms");
+  delegation_ = std::move(d);
+  arm_timer();
+}
+
+bool BrokerService::client_gone_delegation(std::uint64_t ticket) {
+  if (ticket & kParkedTicket) {
+    auto p = std::find_if(parked_.begin(), parked_.end(), [ticket](const Parked& x) { return x.ticket == ticket; });
+    if (p != parked_.end()) {
+      parked_.erase(p);
+      ++metrics_.disconnects_while_queued;
+      return true;
+    }
+    return false;  // already run: its alias is its ticket now
+  }
+  if (ticket & kRecallTicket) {
+    if (delegation_ && delegation_->recall_ticket == ticket) delegation_->recall_waiter.reset();
+    return true;
+  }
+  return false;
+}
+
+void BrokerService::add_delegated_status(const std::string& key, json::array& locks, json::array& queue,
+                                         json::object& o) const {
+  if (!delegation_) return;
+  for (const Lock& l : delegation_->reported.locks) {
+    if (!key.empty() && l.key != key) continue;
+    json::object j = lock_to_json(l, table_.version_of(l.key));
+    j["delegated"] = true;
+    locks.push_back(std::move(j));
+  }
+  for (const QueuedRequest& r : delegation_->reported.queue) {
+    if (!key.empty() && r.key != key) continue;
+    json::object j = queued_to_json(r);
+    j["delegated"] = true;
+    queue.push_back(std::move(j));
+  }
+  json::object d;
+  d["id"] = delegation_->id;
+  d["client"] = delegation_->client;
+  d["since"] = format_iso8601(delegation_->since);
+  d["recalling"] = delegation_->recalling;
+  o["delegation"] = std::move(d);
+}
+
+}  // namespace gate
