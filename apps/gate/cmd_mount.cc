@@ -136,6 +136,9 @@ int mount(int argc, char** argv) {
       ("attr-timeout-ms", po::value<std::int64_t>()->default_value(1000),
        "how long the kernel may cache attributes and names when DIR is not watched (--no-watch, "
        "or a network or FUSE file system); a watched DIR is cached until a change is seen")
+      ("no-delegation", po::bool_switch(),
+       "never ask the broker to lend this mount its lock space (while the mount is the "
+       "broker's only client, locks are otherwise taken in-process; see gate-mount(1))")
       ("no-watch", po::bool_switch(),
        "do not watch DIR with inotify for changes made beside the mount; cache attributes and "
        "names for --attr-timeout-ms instead")
@@ -222,6 +225,7 @@ int mount(int argc, char** argv) {
   options.debug_fuse = debug_fuse;
   options.cache_timeout_s = static_cast<double>((*args)["attr-timeout-ms"].as<std::int64_t>()) / 1000.0;
   options.watch_source = !(*args)["no-watch"].as<bool>();
+  options.locks.delegation = !(*args)["no-delegation"].as<bool>();
   if (const char* v = std::getenv("GATE_RELEASE_ON_FLUSH"); v && std::string(v) == "1")
     options.release_on_flush = true;
   const std::string owner_name = (*args)["owner"].as<std::string>();

@@ -88,6 +88,10 @@ void BrokerService::delegate(const std::string& body, Reply& reply) {
   o["fence_from"] = d.id;
   o["fence_end"] = d.fence_end;
   o["lease_ms"] = d.lease_ms;
+  // The delegate's engine runs with this broker's rules.
+  o["default_lease_ms"] = table_.options().default_lease_ms;
+  o["max_hold_ms"] = table_.options().max_hold_ms;
+  o["restore_grace_ms"] = table_.options().restore_grace_ms;
   o["versions"] = std::move(versions);
   delegation_ = std::move(d);
   ++metrics_.delegations;
@@ -123,10 +127,53 @@ void BrokerService::recall_wait(const std::string& query, Reply& reply, std::uin
   Delegation* d = delegation_in(q, reply);
   if (!d) return;
   if (d->recalling) return answer(std::move(reply), {200, R"({"recall":true})"});
+  if (report_wanted_) {
+    report_wanted_ = false;
+    json::object o{{"recall", false}, {"report", report_asked_}};
+    return answer(std::move(reply), {200, json::serialize(o)});
+  }
   if (d->recall_waiter) answer(std::move(*d->recall_waiter), {200, R"({"recall":false})"});
   d->recall_waiter = std::move(reply);
   d->recall_ticket = kRecallTicket | ++next_ticket_;
   *ticket = d->recall_ticket;
+}
+
+bool BrokerService::ask_for_report() {
+  return delegation_ && !delegation_->recalling;
+}
+
+void BrokerService::send_report_ask() {
+  ++report_asked_;
+  report_pending_ = true;
+  if (delegation_->recall_waiter) {
+    json::object o{{"recall", false}, {"report", report_asked_}};
+    answer(std::move(*delegation_->recall_waiter), {200, json::serialize(o)});
+    delegation_->recall_waiter.reset();
+  } else {
+    report_wanted_ = true;  // at its next recall poll
+  }
+  status_timer_.expires_after(kReportWait);
+  status_timer_.async_wait([this](boost::system::error_code ec) {
+    if (ec) return;
+    // The delegate did not answer in time: what it reported last.
+    answer_status_waiters();
+    after_change();
+  });
+}
+
+void BrokerService::answer_status_waiters(std::uint64_t got) {
+  if (got >= report_asked_) {
+    report_pending_ = false;
+    report_wanted_ = false;
+    status_timer_.cancel();
+  }
+  std::vector<StatusWaiter> later;
+  for (StatusWaiter& w : std::exchange(status_waiters_, {})) {
+    if (w.needs <= got) answer(std::move(w.reply), w.make());
+    else later.push_back(std::move(w));
+  }
+  status_waiters_ = std::move(later);
+  if (!status_waiters_.empty() && !report_pending_ && delegation_) send_report_ask();
 }
 
 void BrokerService::recall(const std::string& why) {
@@ -141,7 +188,8 @@ void BrokerService::recall(const std::string& why) {
 }
 
 BrokerService::Delegation* BrokerService::delegation_state(const std::string& body, Reply& reply,
-                                                           TableState* state) {
+                                                           TableState* state, bool* given,
+                                                           std::uint64_t* report) {
   auto obj = parse_body_object(body);
   if (!obj.ok()) {
     bad_request(reply, 400, obj.message());
@@ -149,6 +197,14 @@ BrokerService::Delegation* BrokerService::delegation_state(const std::string& bo
   }
   Delegation* d = delegation_in(*obj, reply);
   if (!d) return nullptr;
+  if (const json::value* m = obj->if_contains("metrics"); m && m->is_object()) {
+    d->activity = BrokerMetrics{};
+    activity_from_json(m->as_object(), &d->activity);
+  }
+  if (const json::value* n = obj->if_contains("report"); report && n && (n->is_uint64() || n->is_int64()))
+    *report = n->to_number<std::uint64_t>();
+  // A report without a state only keeps the delegation alive.
+  if (given && !(*given = obj->contains("locks"))) return d;
   Result<TableState> parsed = state_from_json(*obj);
   if (!parsed.ok()) {
     bad_request(reply, 400, parsed.message());
@@ -160,12 +216,18 @@ BrokerService::Delegation* BrokerService::delegation_state(const std::string& bo
 
 void BrokerService::delegation_report(const std::string& body, Reply& reply) {
   TableState state;
-  Delegation* d = delegation_state(body, reply, &state);
+  bool given = false;
+  std::uint64_t number = 0;
+  Delegation* d = delegation_state(body, reply, &state, &given, &number);
   if (!d) return;
   d->expires_at = clock_() + d->lease_ms * 1000;
-  // Its versions count from now on, also if it dies before handing the space back.
-  table_.merge_versions(state.versions);
-  d->reported = std::move(state);
+  if (given) {
+    // Its versions count from now on, also if it dies before handing the space back.
+    table_.merge_versions(state.versions);
+    d->reported = std::move(state);
+    // The status requests that waited for a report made after they came in.
+    if (number) answer_status_waiters(number);
+  }
   answer(std::move(reply), {200, d->recalling ? R"({"recall":true})" : R"({"recall":false})"});
 }
 
@@ -190,8 +252,10 @@ void BrokerService::end_delegation(const std::string& why) {
   log(LogLevel::Info, "broker", "delegation ", delegation_->id, " to '", delegation_->client,
       "' ended: ", why);
   if (delegation_->recall_waiter) answer(std::move(*delegation_->recall_waiter), ended_answer(why));
+  delegated_activity_.add_activity(delegation_->activity);
   delegation_.reset();
   journal_delegation();
+  answer_status_waiters();
   // Every acquire that waited for the space, in its order, behind what came back.
   for (Parked& p : std::exchange(parked_, {})) {
     std::uint64_t ticket = 0;
@@ -269,6 +333,44 @@ void BrokerService::add_delegated_status(const std::string& key, json::array& lo
   d["since"] = format_iso8601(delegation_->since);
   d["recalling"] = delegation_->recalling;
   o["delegation"] = std::move(d);
+}
+
+namespace {
+// The counters a delegate reports (BrokerMetrics::add_activity).
+constexpr std::pair<const char*, std::uint64_t BrokerMetrics::*> kActivity[] = {
+    {"grants", &BrokerMetrics::grants},
+    {"grants_after_wait", &BrokerMetrics::grants_after_wait},
+    {"timeouts", &BrokerMetrics::timeouts},
+    {"deadlocks", &BrokerMetrics::deadlocks},
+    {"lease_expiries", &BrokerMetrics::lease_expiries},
+    {"cap_expiries", &BrokerMetrics::cap_expiries},
+    {"releases", &BrokerMetrics::releases},
+    {"heartbeats", &BrokerMetrics::heartbeats},
+    {"stale_merged", &BrokerMetrics::stale_merged},
+    {"stale_conflicts", &BrokerMetrics::stale_conflicts},
+    {"stale_refused", &BrokerMetrics::stale_refused},
+    {"wait_count", &BrokerMetrics::wait_count},
+};
+}  // namespace
+
+json::object BrokerService::activity_to_json(const BrokerMetrics& m) {
+  json::object o;
+  for (const auto& [name, field] : kActivity) o[name] = m.*field;
+  json::array buckets;
+  for (std::uint64_t n : m.wait_counts) buckets.push_back(n);
+  o["wait_buckets"] = std::move(buckets);
+  o["wait_sum"] = m.wait_sum;
+  return o;
+}
+
+void BrokerService::activity_from_json(const json::object& o, BrokerMetrics* m) {
+  for (const auto& [name, field] : kActivity)
+    if (const json::value* v = o.if_contains(name); v && (v->is_uint64() || v->is_int64()))
+      m->*field = v->to_number<std::uint64_t>();
+  if (const json::value* b = o.if_contains("wait_buckets"); b && b->is_array())
+    for (std::size_t i = 0; i < m->wait_counts.size() && i < b->as_array().size(); ++i)
+      if (b->as_array()[i].is_number()) m->wait_counts[i] = b->as_array()[i].to_number<std::uint64_t>();
+  if (const json::value* v = o.if_contains("wait_sum"); v && v->is_number()) m->wait_sum = v->to_number<double>();
 }
 
 }  // namespace gate

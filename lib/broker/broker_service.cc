@@ -92,8 +92,9 @@ std::string query_param(std::string_view query, std::string_view name) {
 }  // namespace
 
 BrokerService::BrokerService(boost::asio::io_context& ioc, LockTable& table, LockStore* store,
-                             Clock clock)
-    : ioc_(ioc), table_(table), store_(store), clock_(std::move(clock)), timer_(ioc) {
+                             Clock clock, bool own_timer)
+    : ioc_(ioc), table_(table), store_(store), clock_(std::move(clock)), timer_(ioc),
+      own_timer_(own_timer), status_timer_(ioc) {
   arm_timer();
 }
 
@@ -139,7 +140,7 @@ std::uint64_t BrokerService::handle(const std::string& method, const std::string
     o["version"] = kVersion;
     answer(std::move(reply), {200, json::serialize(o)});
   } else if (path == "/metrics") {
-    answer(std::move(reply), {200, metrics_text(), "text/plain; version=0.0.4"});
+    answer_fresh(reply, [this] { return HttpAnswer{200, metrics_text(), "text/plain; version=0.0.4"}; });
   } else {
     bad_request(reply, 404, "no such route: " + std::string(path).substr(0, 200));
   }
@@ -241,8 +242,20 @@ void BrokerService::heartbeat(const std::string& body, Reply& reply) {
 }
 
 void BrokerService::status(const std::string& query, Reply& reply) {
-  table_.expire(clock_());
   const std::string key = query_param(query, "path");
+  answer_fresh(reply, [this, key] { return status_now(key); });
+}
+
+void BrokerService::answer_fresh(Reply& reply, std::function<HttpAnswer()> make) {
+  // While the space is lent out, the delegate is asked for its state first (briefly),
+  // and a report asked for after this request came in answers it.
+  if (!ask_for_report()) return answer(std::move(reply), make());
+  status_waiters_.push_back({report_pending_ ? report_asked_ + 1 : report_asked_, std::move(make), std::move(reply)});
+  if (!report_pending_) send_report_ask();
+}
+
+HttpAnswer BrokerService::status_now(const std::string& key) {
+  table_.expire(clock_());
   json::array locks, queue;
   for (const auto& l : table_.locks(key)) locks.push_back(lock_to_json(l, table_.version_of(l.key)));
   for (const auto& q : table_.queue(key)) queue.push_back(queued_to_json(q));
@@ -257,7 +270,7 @@ void BrokerService::status(const std::string& query, Reply& reply) {
   o["locks"] = std::move(locks);
   o["queue"] = std::move(queue);
   o["versions"] = std::move(versions);
-  answer(std::move(reply), {200, json::serialize(o)});
+  return {200, json::serialize(o)};
 }
 
 void BrokerService::client_gone(std::uint64_t ticket) {
@@ -390,7 +403,13 @@ void BrokerService::flush() {
   if (undone) after_change();
 }
 
+void BrokerService::expire_now() {
+  table_.expire(clock_());
+  after_change();
+}
+
 void BrokerService::arm_timer() {
+  if (!own_timer_) return;
   auto next = table_.next_deadline();
   if (delegation_ && (!next || delegation_->expires_at < *next)) next = delegation_->expires_at;
   if (next == timer_at_) return;
@@ -423,6 +442,8 @@ void BrokerService::shutdown() {
   for (auto& p : parked_)
     answer(std::move(p.reply), status_answer(503, "unavailable", "broker is shutting down"));
   parked_.clear();
+  answer_status_waiters();
+  status_timer_.cancel();
   if (delegation_ && delegation_->recall_waiter) {
     answer(std::move(*delegation_->recall_waiter), status_answer(503, "unavailable", "broker is shutting down"));
     delegation_->recall_waiter.reset();
@@ -431,7 +452,29 @@ void BrokerService::shutdown() {
   flush();
 }
 
+void BrokerMetrics::add_activity(const BrokerMetrics& o) {
+  grants += o.grants;
+  grants_after_wait += o.grants_after_wait;
+  timeouts += o.timeouts;
+  deadlocks += o.deadlocks;
+  lease_expiries += o.lease_expiries;
+  cap_expiries += o.cap_expiries;
+  releases += o.releases;
+  heartbeats += o.heartbeats;
+  stale_merged += o.stale_merged;
+  stale_conflicts += o.stale_conflicts;
+  stale_refused += o.stale_refused;
+  for (std::size_t i = 0; i < wait_counts.size(); ++i) wait_counts[i] += o.wait_counts[i];
+  wait_count += o.wait_count;
+  wait_sum += o.wait_sum;
+}
+
 std::string BrokerService::metrics_text() const {
+  // What delegates did counts as if done here.
+  BrokerMetrics all = metrics_;
+  all.add_activity(delegated_activity_);
+  if (delegation_) all.add_activity(delegation_->activity);
+  const BrokerMetrics& metrics_ = all;
   std::ostringstream o;
   auto counter = [&](const char* name, const char* help, std::uint64_t v) {
     o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " counter\n"
@@ -441,8 +484,10 @@ std::string BrokerService::metrics_text() const {
     o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " gauge\n"
       << name << ' ' << v << '\n';
   };
-  gauge("gate_locks_held", "Locks held now.", table_.lock_count());
-  gauge("gate_queue_length", "Acquire requests waiting now.", table_.queue_length());
+  const std::size_t lent_locks = delegation_ ? delegation_->reported.locks.size() : 0;
+  const std::size_t lent_queue = delegation_ ? delegation_->reported.queue.size() : 0;
+  gauge("gate_locks_held", "Locks held now.", table_.lock_count() + lent_locks);
+  gauge("gate_queue_length", "Acquire requests waiting now.", table_.queue_length() + lent_queue);
   gauge("gate_connections", "Open client connections.", metrics_.connections);
   counter("gate_requests_total", "HTTP requests handled.", metrics_.requests);
   counter("gate_grants_total", "Locks granted (including re-entrant grants).", metrics_.grants);

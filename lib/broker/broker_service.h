@@ -45,6 +45,10 @@ struct BrokerMetrics {
   double wait_sum = 0;
   std::uint64_t connections = 0;
   std::uint64_t delegations = 0, recalls = 0, delegations_expired = 0;
+
+  // The counters of lock activity (grants to stale replacements), as a delegate
+  // reports its own: added to the broker's in /metrics.
+  void add_activity(const BrokerMetrics& o);
 };
 
 class BrokerService {
@@ -52,8 +56,13 @@ class BrokerService {
   using Reply = std::function<void(HttpAnswer)>;
   using Clock = std::function<Micros()>;
 
+  // `own_timer`: fire leases, caps and time-outs on a timer of its own; else the
+  // owner calls expire_now() often enough (a delegate's engine: no timer syscall per
+  // grant).
   BrokerService(boost::asio::io_context& ioc, LockTable& table, LockStore* store,
-                Clock clock = wall_clock_micros);
+                Clock clock = wall_clock_micros, bool own_timer = true);
+  // Ends what is due now (leases, the hold cap, waits' time-outs).
+  void expire_now();
 
   // Handles one request; calls reply exactly once (always from a later turn of the
   // event loop, after the change is saved). Returns a non-zero ticket when the
@@ -82,6 +91,9 @@ class BrokerService {
   void count_bad_request() { ++metrics_.bad_requests; }
   BrokerMetrics& metrics() { return metrics_; }
   std::string metrics_text() const;
+  // The lock activity counters as JSON (a delegate's report) and back.
+  static boost::json::object activity_to_json(const BrokerMetrics& m);
+  static void activity_from_json(const boost::json::object& o, BrokerMetrics* m);
 
  private:
   struct Waiter {
@@ -102,6 +114,7 @@ class BrokerService {
     std::optional<Reply> recall_waiter;  // the delegate's pending GET .../recall
     std::uint64_t recall_ticket = 0;
     TableState reported;  // its last report: what `status` shows
+    BrokerMetrics activity;  // its engine's counters, as last reported
   };
   struct Parked {
     std::uint64_t ticket = 0;
@@ -117,8 +130,10 @@ class BrokerService {
   void delegation_report(const std::string& body, Reply& reply);
   void delegation_return(const std::string& body, Reply& reply);
   // The delegation a report or hand-back names, and the state it carries; null
-  // after a refusal (answered).
-  Delegation* delegation_state(const std::string& body, Reply& reply, TableState* state);
+  // after a refusal (answered). `given` (reports): whether it carries one. Takes in
+  // the delegate's counters and the number of the report asked for (*report).
+  Delegation* delegation_state(const std::string& body, Reply& reply, TableState* state,
+                               bool* given = nullptr, std::uint64_t* report = nullptr);
   // The delegation named in a request body ({"delegation": id}); null after a refusal.
   Delegation* delegation_in(const boost::json::object& body, Reply& reply);
   void recall(const std::string& why);
@@ -133,6 +148,14 @@ class BrokerService {
   void release(const std::string& body, Reply& reply);
   void heartbeat(const std::string& body, Reply& reply);
   void status(const std::string& query, Reply& reply);
+  HttpAnswer status_now(const std::string& key);
+  // While the space is lent out and its delegate listens: asks it for a report (by
+  // its recall poll) and answers true; status requests then wait for that report,
+  // at most kReportWait.
+  bool ask_for_report();
+  // Answers the waiters a report numbered `got` satisfies (all of them: ~0).
+  void answer_status_waiters(std::uint64_t got = ~std::uint64_t{0});
+  static constexpr std::chrono::milliseconds kReportWait{250};
   // `undo` runs instead of the answer when the change cannot be saved (a grant the
   // client is told failed must not stay held).
   // A request refused for what it is (counted in /metrics as a bad request).
@@ -150,6 +173,7 @@ class BrokerService {
   LockStore* store_;
   Clock clock_;
   boost::asio::steady_timer timer_;
+  bool own_timer_ = true;
   std::optional<Micros> timer_at_;
   std::unordered_map<std::uint64_t, Waiter> waiters_;
   struct Pending {
@@ -161,10 +185,26 @@ class BrokerService {
   std::vector<Pending> pending_;
   std::vector<JournalEntry> unsaved_;
   std::optional<Delegation> delegation_;
+  // Status requests waiting for a report the delegate makes after they came in:
+  // (the report number that answers them, key, reply).
+  struct StatusWaiter {
+    std::uint64_t needs = 0;
+    std::function<HttpAnswer()> make;  // the answer, once the report is in
+    Reply reply;
+  };
+  // Answers `make()` now, or, while the space is lent out, once the delegate reported.
+  void answer_fresh(Reply& reply, std::function<HttpAnswer()> make);
+  std::vector<StatusWaiter> status_waiters_;
+  boost::asio::steady_timer status_timer_;
+  std::uint64_t report_asked_ = 0;  // the number of the last report asked for
+  bool report_pending_ = false;     // asked, its report not in yet
+  bool report_wanted_ = false;      // to ask at the delegate's next recall poll
+  void send_report_ask();
   std::vector<Parked> parked_;
   std::uint64_t next_ticket_ = 0;
   std::unordered_map<std::uint64_t, std::uint64_t> parked_alias_;  // parked ticket -> req id
   std::unordered_map<std::string, Micros> last_acquire_;           // client -> when
+  BrokerMetrics delegated_activity_;  // of the delegations that ended
   bool flush_scheduled_ = false;
   bool shutting_down_ = false;
   BrokerMetrics metrics_;

@@ -61,14 +61,62 @@ void BrokerLoop::wake() {
   [[maybe_unused]] ssize_t n = ::write(wake_fd_, &one, sizeof one);
 }
 
-std::unique_ptr<BrokerLoop::Call> BrokerLoop::make_call(const wire::Request& request, Answer answer) {
+std::unique_ptr<BrokerLoop::Call> BrokerLoop::make_call(const wire::Request& request, Answer answer,
+                                                        CallId id) {
   auto c = std::make_unique<Call>();
   c->text = wire::http_text(request, endpoint_);
   c->wait_forever = request.wait_forever;
   c->on_answer = std::move(answer);
   std::lock_guard lock(m_);
-  c->id = next_id_++;
+  c->id = id ? id : next_id_++;
   return c;
+}
+
+void BrokerLoop::set_route(std::shared_ptr<LocalRoute> route) {
+  std::lock_guard lock(m_);
+  route_ = std::move(route);
+}
+
+bool BrokerLoop::route_call(CallId id, const wire::Request& request, LocalRoute::Deliver deliver) {
+  std::shared_ptr<LocalRoute> route;
+  {
+    std::lock_guard lock(m_);
+    if (!route_ || request.to_broker || stopping_ || ended_) return false;
+    route = route_;
+    local_.emplace(id, LocalCall{request, std::move(deliver)});
+  }
+  if (route->handle(id, request, [this, id](HttpReply r) { finish_local(id, std::move(r)); }))
+    return true;
+  std::lock_guard lock(m_);
+  local_.erase(id);
+  return false;
+}
+
+void BrokerLoop::finish_local(CallId id, HttpReply reply) {
+  LocalRoute::Deliver deliver;
+  {
+    std::lock_guard lock(m_);
+    auto it = local_.find(id);
+    if (it == local_.end()) return;  // aborted, or answered already
+    deliver = std::move(it->second.deliver);
+    local_.erase(it);
+  }
+  deliver(std::move(reply));
+}
+
+void BrokerLoop::resend_to_broker(const std::vector<CallId>& ids) {
+  for (CallId id : ids) {
+    LocalCall lc;
+    {
+      std::lock_guard lock(m_);
+      auto it = local_.find(id);
+      if (it == local_.end()) continue;
+      lc = std::move(it->second);
+      local_.erase(it);
+    }
+    auto c = make_call(lc.request, [deliver = std::move(lc.deliver)](const HttpReply& r) { deliver(r); }, id);
+    if (!hand_over(c)) c->on_answer({0, "", "stopped"});
+  }
 }
 
 bool BrokerLoop::hand_over(std::unique_ptr<Call>& c) {
@@ -83,7 +131,24 @@ bool BrokerLoop::hand_over(std::unique_ptr<Call>& c) {
 }
 
 BrokerLoop::CallId BrokerLoop::call(wire::Request request, Answer answer) {
-  auto c = make_call(request, std::move(answer));
+  if (!request.to_broker) {
+    CallId id;
+    {
+      std::lock_guard lock(m_);
+      id = next_id_++;
+    }
+    // A route's answer reaches `answer` on the loop thread, as the broker's would.
+    if (route_call(id, request, [this, answer](HttpReply r) {
+          post([answer, r = std::move(r)] { answer(r); });
+        }))
+      return id;
+    return call_to_broker(std::move(request), std::move(answer), id);
+  }
+  return call_to_broker(std::move(request), std::move(answer), 0);
+}
+
+BrokerLoop::CallId BrokerLoop::call_to_broker(wire::Request request, Answer answer, CallId given) {
+  auto c = make_call(request, std::move(answer), given);
   const CallId id = c->id;
   if (!hand_over(c)) c->on_answer({0, "", "stopped"});  // the loop has ended: nothing will send it
   return id;
@@ -92,7 +157,47 @@ BrokerLoop::CallId BrokerLoop::call(wire::Request request, Answer answer) {
 std::optional<HttpReply> BrokerLoop::call_briefly(wire::Request request,
                                                   std::chrono::microseconds patience, Answer late,
                                                   CallId* id) {
-  auto c = make_call(request, std::move(late));
+  if (!request.to_broker) {
+    // The route answers at once, or later: then on the loop thread, to `late`.
+    struct Brief {
+      std::mutex m;
+      std::condition_variable cv;
+      std::optional<HttpReply> reply;
+      bool handed = false;
+    };
+    auto b = std::make_shared<Brief>();
+    CallId local_id;
+    {
+      std::lock_guard lock(m_);
+      local_id = next_id_++;
+    }
+    if (id) *id = local_id;
+    const bool taken = route_call(local_id, request, [this, b, late](HttpReply r) {
+      std::unique_lock lock(b->m);
+      if (!b->handed) {
+        b->reply = std::move(r);
+        b->cv.notify_all();
+        return;
+      }
+      lock.unlock();
+      post([late, r = std::move(r)] { late(r); });
+    });
+    if (taken) {
+      std::unique_lock lock(b->m);
+      b->cv.wait_for(lock, patience, [&] { return b->reply.has_value(); });
+      if (b->reply) return std::move(b->reply);
+      b->handed = true;
+      return std::nullopt;
+    }
+    return brief_to_broker(std::move(request), patience, std::move(late), local_id);
+  }
+  return brief_to_broker(std::move(request), patience, std::move(late), 0, id);
+}
+
+std::optional<HttpReply> BrokerLoop::brief_to_broker(wire::Request request,
+                                                     std::chrono::microseconds patience, Answer late,
+                                                     CallId given, CallId* id) {
+  auto c = make_call(request, std::move(late), given);
   if (id) *id = c->id;
   {
     std::lock_guard lock(m_);
@@ -124,6 +229,21 @@ std::optional<HttpReply> BrokerLoop::call_briefly(wire::Request request,
 }
 
 void BrokerLoop::abort(CallId id) {
+  std::shared_ptr<LocalRoute> route;
+  bool local = false;
+  {
+    std::lock_guard lock(m_);
+    local = local_.count(id) != 0;
+    route = route_;
+  }
+  if (local) {
+    // The route's call: the route drops it, and the answer is "aborted", as for the
+    // broker's.
+    if (route) route->cancel(id);
+    std::lock_guard lock(m_);
+    local = local_.count(id) != 0;  // (still the route's: not sent on meanwhile)
+  }
+  if (local) return finish_local(id, {0, "", "aborted"});
   {
     std::lock_guard lock(m_);
     aborts_.push_back(id);
@@ -375,6 +495,12 @@ void BrokerLoop::close_all() {
   std::vector<CallId> ids;
   for (auto& [id, c] : calls_) ids.push_back(id);
   for (CallId id : ids) answer(id, {0, "", "stopped"});
+  std::vector<CallId> local;
+  {
+    std::lock_guard lock(m_);
+    for (auto& [id, c] : local_) local.push_back(id);
+  }
+  for (CallId id : local) finish_local(id, {0, "", "stopped"});
   std::lock_guard lock(m_);
   for (Connection& conn : idle_) ::close(conn.fd);
   connections_ -= idle_.size();

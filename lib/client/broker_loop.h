@@ -34,6 +34,20 @@
 
 namespace gate {
 
+// Somewhere other than the broker that may answer a BrokerLoop's calls in-process: a
+// delegation of the broker's lock space (mount/delegation.h).
+class LocalRoute {
+ public:
+  using Deliver = std::function<void(HttpReply)>;
+  virtual ~LocalRoute() = default;
+  // Takes the call (true) and then calls `answer` exactly once: before handle()
+  // returns, or later from any thread that calls into the route; or false: not here
+  // (the call goes to the broker, `answer` is never called).
+  virtual bool handle(std::uint64_t id, const wire::Request& request, Deliver answer) = 0;
+  // The call `id` is no longer wanted (its answer is given by the loop).
+  virtual void cancel(std::uint64_t id) = 0;
+};
+
 class BrokerLoop {
  public:
   using Clock = std::chrono::steady_clock;
@@ -71,6 +85,13 @@ class BrokerLoop {
   void post(std::function<void()> fn);
   void post_at(Clock::time_point when, std::function<void()> fn);
 
+  // Thread-safe. From now on calls go to `route` first (those not marked to_broker);
+  // null: to the broker only.
+  void set_route(std::shared_ptr<LocalRoute> route);
+  // Calls the route took and has not answered, that the route no longer serves: they
+  // go to the broker now, under the same ids and with the same answers.
+  void resend_to_broker(const std::vector<CallId>& ids);
+
   bool on_loop_thread() const { return std::this_thread::get_id() == thread_id_; }
   const BrokerEndpoint& endpoint() const { return endpoint_; }
   std::chrono::milliseconds io_timeout() const { return io_timeout_; }
@@ -86,7 +107,13 @@ class BrokerLoop {
   enum class Outcome { Pending, Answered, Failed };
   void main();
   void wake();
-  std::unique_ptr<Call> make_call(const wire::Request& request, Answer answer);
+  std::unique_ptr<Call> make_call(const wire::Request& request, Answer answer, CallId id = 0);
+  // The call to the route, if it takes it; `deliver` gets the answer once.
+  bool route_call(CallId id, const wire::Request& request, LocalRoute::Deliver deliver);
+  void finish_local(CallId id, HttpReply reply);
+  CallId call_to_broker(wire::Request request, Answer answer, CallId id);
+  std::optional<HttpReply> brief_to_broker(wire::Request request, std::chrono::microseconds patience,
+                                           Answer late, CallId given, CallId* id = nullptr);
   // Gives a call to the loop thread; false when the loop has ended.
   bool hand_over(std::unique_ptr<Call>& c);
   // A call's I/O, on whichever thread has it (no lookups, no callbacks).
@@ -125,6 +152,12 @@ class BrokerLoop {
   std::size_t connections_ = 0;
 
   std::vector<Connection> idle_;  // kept-alive connections, free for the next call
+  std::shared_ptr<LocalRoute> route_;
+  struct LocalCall {
+    wire::Request request;
+    LocalRoute::Deliver deliver;
+  };
+  std::unordered_map<CallId, LocalCall> local_;  // taken by the route, not answered yet
 
   // The loop thread's own.
   std::unordered_map<CallId, std::unique_ptr<Call>> calls_;

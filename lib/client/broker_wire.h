@@ -76,6 +76,9 @@ struct Request {
   std::string method, target, body;
   // No I/O time limit for the answer: a waiting acquire is answered when granted.
   bool wait_forever = false;
+  // To the broker itself, never to a BrokerLoop's local route (a delegation's own
+  // calls: asking, reporting, handing back).
+  bool to_broker = false;
 };
 
 // An acquire whose timeout is long next to the client's I/O time limit waits forever.

@@ -193,6 +193,7 @@ class LockTable {
   std::size_t lock_count() const { return locks_.size(); }
   std::size_t queue_length() const { return requests_.size(); }
   std::uint64_t next_fence() const { return next_fence_; }
+  const LockTableOptions& options() const { return options_; }
   std::uint64_t next_req_id() const { return next_req_id_; }
 
  private:

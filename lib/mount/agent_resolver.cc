@@ -24,8 +24,8 @@ std::string clean_agent_name(const std::string& raw) {
   return name;
 }
 
-AgentResolver::AgentResolver(std::string proc, std::size_t capacity)
-    : proc_(std::move(proc)), capacity_(capacity) {}
+AgentResolver::AgentResolver(std::string proc, std::size_t capacity, std::chrono::milliseconds recheck)
+    : proc_(std::move(proc)), capacity_(capacity), recheck_(recheck) {}
 
 bool AgentResolver::read_stat(pid_t pid, Process* out) const {
   const auto text = read_file(proc_ + "/" + std::to_string(pid) + "/stat", 4096);
@@ -78,10 +78,16 @@ std::string AgentResolver::own_agent(pid_t pid) const {
 
 const AgentResolver::Process* AgentResolver::process(pid_t pid, int depth) {
   if (pid <= 0 || depth > kMaxDepth) return nullptr;
+  const auto t = std::chrono::steady_clock::now();
+  auto cached = cache_.find(pid);
+  if (cached != cache_.end() && t - cached->second.checked < recheck_) return &cached->second;
   Process now;
   if (!read_stat(pid, &now)) return nullptr;
-  if (auto it = cache_.find(pid); it != cache_.end() && it->second.start == now.start)
-    return &it->second;
+  if (cached != cache_.end() && cached->second.start == now.start) {
+    cached->second.checked = t;
+    return &cached->second;
+  }
+  now.checked = t;
   now.tgid = pid;
   read_status(pid, &now);
   if (now.tgid != pid) {

@@ -13,11 +13,13 @@
 // to "pid-<tgid>"; a request is never refused because of who made it.
 //
 // Results are cached per process and checked against the process's start time, so
-// a reused pid is never taken for the old process; a request costs one small read
-// of /proc/<tid>/stat once its process is known.
+// a reused pid is never taken for the old process: at most every `recheck` (100 ms;
+// the kernel hands pids out in a cycle, so one cannot come back that fast), so that
+// a burst of requests from one process costs no read of /proc/<tid>/stat each.
 #include <sys/types.h>
 
 #include <cstdint>
+#include <chrono>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -38,7 +40,8 @@ std::string clean_agent_name(const std::string& raw);
 class AgentResolver {
  public:
   // `proc` is where procfs is mounted; `capacity` bounds the cache.
-  explicit AgentResolver(std::string proc = "/proc", std::size_t capacity = 4096);
+  explicit AgentResolver(std::string proc = "/proc", std::size_t capacity = 4096,
+                         std::chrono::milliseconds recheck = std::chrono::milliseconds(100));
 
   Caller resolve(pid_t tid);
 
@@ -49,6 +52,7 @@ class AgentResolver {
     pid_t ppid = 0;
     std::string command;
     std::string agent;  // resolved (own GATE_AGENT or an ancestor's); empty: none
+    std::chrono::steady_clock::time_point checked;  // last found as it is cached
   };
   // Reads what /proc says about `pid` (thread or process); false when it is gone.
   bool read_stat(pid_t pid, Process* out) const;
@@ -59,6 +63,7 @@ class AgentResolver {
 
   std::string proc_;
   std::size_t capacity_;
+  std::chrono::milliseconds recheck_;
   std::mutex m_;
   std::unordered_map<pid_t, Process> cache_;  // by pid (threads by their tid too)
 };

@@ -1,5 +1,7 @@
 #include "mount/lock_agent.h"
 
+#include "mount/delegation.h"
+
 #include <dirent.h>
 #include <unistd.h>
 
@@ -78,7 +80,21 @@ void LockAgent::start() {
   loop_.start();
   acts_.start();
   loop_.post([this] { heartbeat_round(); });
+  if (options_.delegation) {
+    // Worth asking only with nothing held or asked for at the broker.
+    delegation_ = std::make_shared<Delegation>(loop_, options_.mount_id, options_.lease_ms, [this] {
+      {
+        std::lock_guard guard(jobs_m_);
+        if (!jobs_.empty()) return false;
+      }
+      std::lock_guard guard(track_m_);
+      return tracked_.empty() && releases_out_.empty();
+    });
+    delegation_->start();
+  }
 }
+
+bool LockAgent::delegated() const { return delegation_ && delegation_->delegated(); }
 
 std::string LockAgent::new_owner() const { return options_.mount_id + ":" + random_token(); }
 
@@ -215,6 +231,13 @@ bool LockAgent::tried(const std::shared_ptr<LockJob>& job, const CallResult& r, 
     on_loop(here, [this, job] { await_release(job, /*any_process=*/true); });
     return false;
   }
+  if (err == -1 && release_in_flight(*job, i, job->epoch_)) {
+    // O_NONBLOCK, and the holder is a handle this process has closed: the kernel's
+    // RELEASE of it is on its way (a chmod may have re-entered that handle's lock
+    // just before). Try again once that handle's lock is back.
+    on_loop(here, [this, job] { await_release(job, /*any_process=*/false); });
+    return false;
+  }
   finish(job, err == -1 ? EAGAIN : err, here);
   return false;
 }
@@ -305,7 +328,7 @@ void LockAgent::await_release(const std::shared_ptr<LockJob>& job, bool any_proc
   loop_.post_at(limit, [this, job, park = ++job->parks_] {
     if (job->finished_ || !job->awaiting_release_ || job->parks_ != park) return;
     // Not back in time: a deadlock after all (or, for O_NONBLOCK, a holder).
-    finish(job, job->park_any_ ? EAGAIN : EDEADLK, false);
+    finish(job, job->park_any_ || job->nonblocking ? EAGAIN : EDEADLK, false);
   });
 }
 
@@ -653,6 +676,9 @@ void LockAgent::stop() {
       else if (job->waiting_ || job->awaiting_release_) finish(job, EIO, false);
     }
   });
+  // The lock space goes back to the broker (with what is still held, released below
+  // there): its recall poll would keep the loop busy.
+  if (delegation_) delegation_->stop(kStopWait);
   loop_.drain(kStopWait);
   // What the jobs do with their outcome (and the locks an open adopts) happens now,
   // while the broker thread still takes releases.

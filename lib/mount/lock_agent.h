@@ -62,6 +62,10 @@
 #include "mount/reconnect.h"
 
 namespace gate::mount {
+class Delegation;
+}
+
+namespace gate::mount {
 
 class LockAgent;
 
@@ -94,6 +98,9 @@ struct LockAgentOptions {
   std::chrono::milliseconds reconnect_window{defaults::kRestoreGraceMs};
   // The longest wait of a job under kernel locks (see above); 0: never wait.
   std::chrono::milliseconds meta_wait{defaults::kMetaWaitMs};
+  // Ask the broker to lend this mount its lock space while it is the only client
+  // (Delegation): locks are then taken in-process until another client asks.
+  bool delegation = true;
   // Where the mount shows; lets a wait be refused when the caller itself holds the
   // file open through an inherited descriptor (`sh -c 'cat f >> f'`: the shell opened
   // f, its child cat waits for it), which per-pid sessions cannot see.
@@ -188,6 +195,8 @@ class LockAgent {
   std::string new_owner() const;
   const LockAgentOptions& options() const { return options_; }
   std::size_t waiting_jobs() const;
+  // Whether the broker's lock space is lent to this mount now (Delegation).
+  bool delegated() const;
 
  private:
   friend class LockJob;
@@ -258,6 +267,7 @@ class LockAgent {
   std::atomic<bool> stopping_{false};
   BrokerLoop loop_;
   WorkerPool acts_;
+  std::shared_ptr<Delegation> delegation_;  // null: every call goes to the broker
 
   // Jobs in progress (for stop() and interrupts).
   mutable std::mutex jobs_m_;

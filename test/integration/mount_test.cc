@@ -68,6 +68,46 @@ TEST_CASE("a writer waits for the holder, and a reader queued after it waits for
   REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
 }
 
+TEST_CASE("two mounts on one broker: FIFO holds across the lock space handed back by the first",
+          "[mount][fifo][delegation]") {
+  BrokerProcess broker;
+  Mount a(broker.endpoint());
+  write_file(a.in_root("f"), "data");
+  // Mount a alone: the broker lends it the lock space, and a's opens are taken there.
+  auto w1 = holder(a.at("f"), O_WRONLY);
+  REQUIRE(w1->line() == "open");
+  REQUIRE(eventually([&] { return a.log().find("lent this mount its lock space") != std::string::npos; }));
+  auto r1 = holder(a.at("f"), O_RDONLY);  // queued in a, behind the writer
+  REQUIRE(eventually([&] { return key_state(broker.endpoint(), "f").queued == 1; }));
+  const std::uint64_t fence_in_a = key_state_fence(broker.endpoint(), "f");
+
+  // A second mount of the same directory asks: a hands everything back, its waiter too.
+  Mount b(broker.endpoint(), {}, a.root());
+  auto w2 = holder(b.at("f"), O_WRONLY | O_APPEND);
+  REQUIRE(eventually([&] { return key_state(broker.endpoint(), "f").queued == 2; }));
+  CHECK(eventually([&] { return a.log().find("handing the lock space back") != std::string::npos; }));
+  auto r2 = holder(a.at("f"), O_RDONLY);  // after b's writer: waits behind it
+  REQUIRE(eventually([&] { return key_state(broker.endpoint(), "f").queued == 3; }));
+  CHECK_FALSE(r1->line(100ms));
+  CHECK_FALSE(w2->line(0ms));
+
+  w1->tell("close");
+  REQUIRE(w1->line() == "closed");
+  REQUIRE(r1->line() == "open");  // a's reader was first in line
+  CHECK_FALSE(w2->line(200ms));
+  r1->tell("close");
+  REQUIRE(r1->line() == "closed");
+  REQUIRE(w2->line() == "open");  // then b's writer, not a's later reader
+  CHECK_FALSE(r2->line(200ms));
+  CHECK(key_state_fence(broker.endpoint(), "f") > fence_in_a);  // fences grow across the hand-back
+  w2->tell("close");
+  REQUIRE(w2->line() == "closed");
+  REQUIRE(r2->line() == "open");
+  r2->tell("close");
+  REQUIRE(r2->line() == "closed");
+  REQUIRE(eventually([&] { return total_locks(broker.endpoint()) == 0; }));
+}
+
 TEST_CASE("readers share the lock and a writer waits for all of them", "[mount][fifo]") {
   BrokerProcess broker;
   Mount m(broker.endpoint());
@@ -138,7 +178,8 @@ TEST_CASE("an O_NONBLOCK open of a held file fails with EAGAIN at once", "[mount
 TEST_CASE("opens waiting on a broker that stopped answering leave every FUSE worker free",
           "[mount][threads]") {
   BrokerProcess broker;
-  Mount m(broker.endpoint());
+  // Locks through the broker, not in-process (where a stopped broker is never asked).
+  Mount m(broker.endpoint(), {"--no-delegation"});
   constexpr int kOpens = 80;  // more than the mount's 64 FUSE workers
   for (int i = 0; i < kOpens; ++i) write_file(m.in_root("f" + std::to_string(i)), "data");
   ::kill(broker.pid(), SIGSTOP);

@@ -90,6 +90,17 @@ inline KeyState key_state(const BrokerEndpoint& ep, const std::string& key) {
   return s;
 }
 
+// The fence of the first lock held on `key` (0: none).
+inline std::uint64_t key_state_fence(const BrokerEndpoint& ep, const std::string& key) {
+  BrokerClient client(ep);
+  gate::HttpReply r = client.status(key);
+  if (r.status != 200) return 0;
+  const boost::json::value v = boost::json::parse(r.body);
+  for (auto& l : v.at("locks").as_array())
+    if (l.at("path").as_string() == gate::wire_key(key)) return l.at("fence").to_number<std::uint64_t>();
+  return 0;
+}
+
 inline std::size_t total_locks(const BrokerEndpoint& ep) {
   BrokerClient client(ep);
   gate::HttpReply r = client.status();

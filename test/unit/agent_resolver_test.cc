@@ -57,7 +57,8 @@ TEST_CASE("a request is attributed to GATE_AGENT of the caller or its nearest an
   proc.add(300, 1, "node", 70, env({"GATE_AGENT=gemini"}));
   proc.add(301, 1, "libuv-worker", 71, "", /*tgid=*/300);
   proc.add(400, 1, "vim", 80, env({"TERM=xterm"}));
-  AgentResolver r(root.path());
+  // Every lookup looks again (the fake /proc changes between them).
+  AgentResolver r(root.path(), 4096, std::chrono::milliseconds(0));
 
   SECTION("its own variable") {
     auto c = r.resolve(100);

@@ -1,6 +1,8 @@
 // The lock engine, rule by rule, as ../shared/docs/locking.md states them.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include "lock/lock_table.h"
 
 using namespace gate;
@@ -548,4 +550,44 @@ TEST_CASE("restore leaves out saved entries that break the lock rules, and keeps
   CHECK(f.table.queue().size() == 1);
   CHECK(f.table.version_of("v") == 0);
   CHECK(f.table.next_fence() == 13);  // above every saved fence, kept or not
+}
+
+TEST_CASE("a delegate's state is taken in: its locks as they were, its waiters re-attach in order",
+          "[lock][delegation]") {
+  // The delegate: a table of its own, with fences from a block the broker set aside.
+  Fixture broker;
+  const std::uint64_t block = broker.table.reserve_fence_block(1000);
+  CHECK(broker.table.next_fence() == block + 1000);
+  Fixture delegate;
+  delegate.table.restore({}, {}, block, delegate.now);
+  REQUIRE(delegate.acq("k", W, "a").kind == Kind::Granted);
+  REQUIRE(delegate.acq("k", R, "b", std::nullopt, "s:b").kind == Kind::Queued);
+  TableState state = delegate.table.export_state();
+  REQUIRE(state.locks.size() == 1);
+  CHECK(state.locks[0].fence == block);
+  state.queue[0].request_id = "rb";
+
+  broker.table.take_journal();
+  CHECK(broker.table.adopt(state, broker.now) == 0);
+  // Journaled like any change: the lock, the queued request.
+  const auto journal = broker.table.take_journal();
+  CHECK(std::count_if(journal.begin(), journal.end(),
+                      [](const JournalEntry& e) { return e.kind == JournalEntry::Kind::PutLock; }) == 1);
+  CHECK(std::count_if(journal.begin(), journal.end(),
+                      [](const JournalEntry& e) { return e.kind == JournalEntry::Kind::PutRequest; }) == 1);
+  // A new client queues behind the delegate's waiter, which re-attaches to its place.
+  REQUIRE(broker.acq("k", W, "c").kind == Kind::Queued);
+  AcquireParams again;
+  again.key = "k";
+  again.mode = R;
+  again.owner = "b";
+  again.session = "s:b";
+  again.request_id = "rb";
+  AcquireResult reattached = broker.table.acquire(again, broker.now);
+  REQUIRE(reattached.kind == Kind::Queued);
+  const Lock* held = broker.table.find_lock(state.locks[0].lock_id);
+  REQUIRE(held);
+  CHECK(broker.table.release(held->lock_id, "a", broker.now, true) == OpStatus::Ok);
+  CHECK(broker.granted() == std::vector<std::uint64_t>{reattached.req_id});  // b before c
+  CHECK(broker.table.version_of("k") == block);
 }

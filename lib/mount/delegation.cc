@@ -1,0 +1,377 @@
+#include "mount/delegation.h"
+
+#include <boost/json.hpp>
+
+#include "broker/lock_json.h"
+#include "core/log.h"
+#include "core/token.h"
+
+namespace gate::mount {
+
+namespace json = boost::json;
+
+namespace {
+
+wire::Request to_broker(std::string method, std::string target, std::string body, bool wait = false) {
+  wire::Request r{std::move(method), std::move(target), std::move(body)};
+  r.wait_forever = wait;
+  r.to_broker = true;
+  return r;
+}
+
+json::value parse_or_null(const std::string& body) {
+  json::error_code ec;
+  json::value v = json::parse(body, ec);
+  return ec ? json::value() : v;
+}
+
+std::uint64_t number(const json::value& v, const char* field) {
+  if (!v.is_object()) return 0;
+  const json::value* f = v.as_object().if_contains(field);
+  if (!f) return 0;
+  if (f->is_uint64()) return f->as_uint64();
+  if (f->is_int64() && f->as_int64() >= 0) return static_cast<std::uint64_t>(f->as_int64());
+  return 0;
+}
+
+// A true "recall" (hand the space back) in the broker's answer. (A "report" number:
+// someone asked the broker who holds what.)
+bool asked(const HttpReply& r, const char* what) {
+  const json::value v = parse_or_null(r.body);
+  const json::value* f = v.is_object() ? v.as_object().if_contains(what) : nullptr;
+  return f && f->is_bool() && f->as_bool();
+}
+
+// A release or heartbeat: calls about a lock the space's holder has, which must reach
+// whoever holds the space (while it is handed back: the broker, once it has it).
+bool about_a_held_lock(const wire::Request& r) {
+  return r.target == "/v1/locks/release" || r.target == "/v1/locks/heartbeat";
+}
+
+// Fences kept in reserve at the end of a delegation's block: the space goes back first.
+constexpr std::uint64_t kFenceMargin = 1 << 20;
+
+}  // namespace
+
+Delegation::Delegation(BrokerLoop& loop, std::string client, std::int64_t lease_ms, std::function<bool()> idle)
+    : loop_(loop), client_(std::move(client)), lease_ms_(lease_ms), idle_(std::move(idle)) {}
+
+Delegation::~Delegation() = default;
+
+bool Delegation::delegated() const {
+  std::lock_guard lock(m_);
+  return state_ == State::On;
+}
+
+void Delegation::set_state(State s) {
+  state_ = s;
+  changed_.notify_all();
+}
+
+void Delegation::start() {
+  loop_.post([self = shared_from_this()] { self->ask(); });
+}
+
+void Delegation::ask() {
+  {
+    std::lock_guard lock(m_);
+    if (state_ != State::Off || unsupported_) return;
+    if (!idle_()) {
+      loop_.post_at(BrokerLoop::Clock::now() + kAskEvery, [self = shared_from_this()] { self->ask(); });
+      return;
+    }
+    set_state(State::Asking);
+  }
+  loop_.set_route(shared_from_this());  // what comes meanwhile waits for the answer
+  json::object o{{"client", client_}, {"lease_ms", lease_ms_}};
+  loop_.call(to_broker("POST", "/v1/delegation", json::serialize(o)),
+             [self = shared_from_this()](const HttpReply& r) {
+               if (r.status == 200) return self->on_granted(r.body);
+               self->release_held();
+               std::lock_guard lock(self->m_);
+               if (self->state_ != State::Asking) return;
+               self->set_state(State::Off);
+               if (r.status == 404 || r.status == 405 || r.status == 400) {
+                 // A broker without delegations (or refusing how this one asks): the
+                 // mount works through it as always.
+                 self->unsupported_ = true;
+                 log(LogLevel::Info, "mount", "the broker does not delegate its lock space (",
+                     r.status, "); every lock goes through it");
+                 return;
+               }
+               self->loop_.post_at(BrokerLoop::Clock::now() + kAskEvery, [self] { self->ask(); });
+             });
+}
+
+void Delegation::on_granted(const std::string& body) {
+  const json::value v = parse_or_null(body);
+  LockTableOptions options;
+  options.default_lease_ms = static_cast<std::int64_t>(number(v, "default_lease_ms"));
+  options.max_hold_ms = static_cast<std::int64_t>(number(v, "max_hold_ms"));
+  options.restore_grace_ms = static_cast<std::int64_t>(number(v, "restore_grace_ms"));
+  if (options.default_lease_ms <= 0) options.default_lease_ms = LockTableOptions{}.default_lease_ms;
+  std::unordered_map<std::string, std::uint64_t> versions;
+  if (v.is_object())
+    if (const json::value* vs = v.as_object().if_contains("versions"); vs && vs->is_object())
+      for (const auto& kv : vs->as_object())
+        if (kv.value().is_int64() || kv.value().is_uint64())
+          versions[std::string(kv.key())] = kv.value().to_number<std::uint64_t>();
+  std::string stopped_body;
+  {
+    std::lock_guard lock(m_);
+    id_ = number(v, "delegation");
+    fence_end_ = number(v, "fence_end");
+    const std::uint64_t fence_from = number(v, "fence_from");
+    if (state_ != State::Asking || !id_ || !fence_from || fence_end_ <= fence_from + kFenceMargin) {
+      // Stopped meanwhile (or an answer that makes no sense): straight back.
+      if (id_) {
+        json::object o = state_to_json(TableState{});
+        o["delegation"] = id_;
+        stopped_body = json::serialize(o);
+      }
+      if (state_ == State::Asking) set_state(State::Off);
+    } else {
+      ioc_ = std::make_unique<boost::asio::io_context>(1);
+      table_ = std::make_unique<LockTable>(options, random_token);
+      table_->restore({}, {}, fence_from, wall_clock_micros(), std::move(versions));
+      table_->take_journal();
+      service_ = std::make_unique<BrokerService>(*ioc_, *table_, nullptr, wall_clock_micros,
+                                                 /*own_timer=*/false);
+      dirty_ = false;
+      last_report_ = std::chrono::steady_clock::now();
+      set_state(State::On);
+      log(LogLevel::Info, "mount", "the broker lent this mount its lock space (delegation ", id_,
+          "): locks are taken here until another client asks");
+    }
+  }
+  if (!stopped_body.empty() || !delegated()) {
+    release_held();
+    if (!stopped_body.empty())
+      loop_.call(to_broker("POST", "/v1/delegation/return", stopped_body), [](const HttpReply&) {});
+    return;
+  }
+  {
+    // What waited for the answer is answered here, in its order.
+    std::lock_guard lock(m_);
+    for (Held& h : std::exchange(held_, {})) serve(h.id, h.request, std::move(h.answer));
+  }
+  poll_recall();
+  loop_.post_at(BrokerLoop::Clock::now() + kTick, [self = shared_from_this()] { self->tick(); });
+}
+
+void Delegation::poll_recall() {
+  std::uint64_t id;
+  {
+    std::lock_guard lock(m_);
+    if (state_ != State::On) return;
+    id = id_;
+  }
+  loop_.call(to_broker("GET", "/v1/delegation/recall?delegation=" + std::to_string(id), "", true),
+             [self = shared_from_this(), id](const HttpReply& r) {
+               {
+                 std::lock_guard lock(self->m_);
+                 if (self->state_ != State::On || self->id_ != id) return;
+               }
+               if (r.status == 200 && asked(r, "recall")) return self->give_back("another client asked for a lock");
+               if (r.status == 404) return self->lost("the broker ended it: " + r.body);
+               if (r.status == 200) {
+                 if (const std::uint64_t n = number(parse_or_null(r.body), "report")) self->report(false, n);
+                 return self->poll_recall();
+               }
+               // No answer (a broker restarting): ask again shortly; reports keep it alive.
+               self->loop_.post_at(BrokerLoop::Clock::now() + std::chrono::milliseconds(200),
+                                   [self] { self->poll_recall(); });
+             });
+}
+
+void Delegation::drive() {
+  ioc_->restart();
+  ioc_->poll();
+}
+
+void Delegation::release_held() {
+  std::vector<std::uint64_t> ids;
+  {
+    std::lock_guard lock(m_);
+    for (const Held& h : held_) ids.push_back(h.id);
+    held_.clear();
+  }
+  loop_.set_route(nullptr);
+  loop_.resend_to_broker(ids);
+}
+
+bool Delegation::handle(std::uint64_t id, const wire::Request& request, Deliver answer) {
+  std::unique_lock lock(m_);
+  if (state_ == State::Returning && about_a_held_lock(request)) {
+    // Its lock is on its way back to the broker: the call goes there once it has it.
+    deferred_.push_back(id);
+    return true;
+  }
+  if (state_ == State::Asking) {
+    held_.push_back({id, request, std::move(answer)});
+    return true;
+  }
+  if (state_ != State::On) return false;
+  serve(id, request, std::move(answer));
+  if (table_->next_fence() + kFenceMargin >= fence_end_) {
+    lock.unlock();
+    loop_.post([self = shared_from_this()] { self->give_back("its fences are used up"); });
+  }
+  return true;
+}
+
+void Delegation::serve(std::uint64_t id, const wire::Request& request, Deliver answer) {
+  const std::uint64_t ticket =
+      service_->handle(request.method, request.target, request.body,
+                       [this, id, answer = std::move(answer)](HttpAnswer a) {
+                         waiting_.erase(id);  // (m_ is held: answers come out of drive())
+                         answer(HttpReply{a.status, std::move(a.body), ""});
+                       });
+  if (ticket) waiting_[id] = ticket;
+  if (request.method == "POST") dirty_ = true;
+  drive();
+}
+
+void Delegation::cancel(std::uint64_t id) {
+  std::lock_guard lock(m_);
+  std::erase_if(held_, [id](const Held& h) { return h.id == id; });
+  std::erase(deferred_, id);
+  std::erase(resend_, id);
+  auto it = waiting_.find(id);
+  if (it == waiting_.end() || state_ != State::On) return;
+  const std::uint64_t ticket = it->second;
+  waiting_.erase(it);
+  service_->client_gone(ticket);
+  dirty_ = true;
+  drive();
+}
+
+void Delegation::tick() {
+  bool report_now = false, keepalive = false;
+  {
+    std::lock_guard lock(m_);
+    if (state_ != State::On) return;
+    service_->expire_now();  // leases, the hold cap and time-outs of waits
+    drive();
+    const auto since = std::chrono::steady_clock::now() - last_report_;
+    if (dirty_ && since >= kReportChanges) report_now = true;
+    else if (since >= std::chrono::milliseconds(std::max<std::int64_t>(lease_ms_ / 3, 100)))
+      report_now = keepalive = true;
+  }
+  if (report_now) report(keepalive);
+  loop_.post_at(BrokerLoop::Clock::now() + kTick, [self = shared_from_this()] { self->tick(); });
+}
+
+void Delegation::report(bool keepalive, std::uint64_t asked_for) {
+  std::string body;
+  std::uint64_t id;
+  {
+    std::lock_guard lock(m_);
+    if (state_ != State::On) return;
+    json::object o = keepalive ? json::object{} : state_to_json(table_->export_state());
+    o["delegation"] = id_;
+    o["metrics"] = BrokerService::activity_to_json(service_->metrics());
+    if (asked_for) o["report"] = asked_for;  // made after the broker asked for it
+    id = id_;
+    body = json::serialize(o);
+    dirty_ = false;
+    last_report_ = std::chrono::steady_clock::now();
+  }
+  loop_.call(to_broker("POST", "/v1/delegation/report", std::move(body)),
+             [self = shared_from_this(), id](const HttpReply& r) {
+               {
+                 std::lock_guard lock(self->m_);
+                 if (self->state_ != State::On || self->id_ != id) return;
+               }
+               if (r.status == 200 && asked(r, "recall")) self->give_back("another client asked for a lock");
+               else if (r.status == 404) self->lost("the broker ended it: " + r.body);
+               // No answer: the next report tries again.
+             });
+}
+
+void Delegation::give_back(const std::string& why) {
+  std::string body;
+  {
+    std::lock_guard lock(m_);
+    if (state_ != State::On) return;
+    drive();
+    json::object o = state_to_json(table_->export_state());
+    o["delegation"] = id_;
+    o["metrics"] = BrokerService::activity_to_json(service_->metrics());
+    body = json::serialize(o);
+    for (const auto& [call, ticket] : waiting_) resend_.push_back(call);
+    waiting_.clear();
+    service_.reset();
+    table_.reset();
+    drive();  // what the engine left posted finds nothing to act on now
+    ioc_.reset();
+    set_state(State::Returning);
+    log(LogLevel::Info, "mount", "handing the lock space back to the broker (", why, "), ",
+        resend_.size(), " waits with it");
+  }
+  send_back(std::move(body));
+}
+
+void Delegation::send_back(std::string body) {
+  loop_.call(to_broker("POST", "/v1/delegation/return", body),
+             [self = shared_from_this(), body](const HttpReply& r) {
+               if (r.status == 200) return self->returned();
+               if (r.status == 404) return self->lost("the broker ended it before it was handed back: " + r.body);
+               // The broker is away (restarting: the delegation outlives that): again.
+               self->loop_.post_at(BrokerLoop::Clock::now() + std::chrono::milliseconds(200),
+                                   [self, body] { self->send_back(body); });
+             });
+}
+
+void Delegation::returned() {
+  std::vector<std::uint64_t> calls;
+  bool again;
+  {
+    std::lock_guard lock(m_);
+    calls = std::exchange(resend_, {});
+    calls.insert(calls.end(), deferred_.begin(), deferred_.end());
+    deferred_.clear();
+    again = state_ == State::Returning;
+    if (again) set_state(State::Off);
+  }
+  loop_.set_route(nullptr);
+  // The waits re-attach to their places by request_id; the releases find their locks.
+  loop_.resend_to_broker(calls);
+  if (again)
+    loop_.post_at(BrokerLoop::Clock::now() + kAskEvery, [self = shared_from_this()] { self->ask(); });
+}
+
+void Delegation::lost(const std::string& why) {
+  {
+    std::lock_guard lock(m_);
+    if (state_ != State::On && state_ != State::Returning) return;
+    log(LogLevel::Error, "mount", "the lock space lent to this mount was taken back without its locks (",
+        why, "); they are lost, and writes through their files fail with EIO");
+    if (state_ == State::On) {
+      // Every wait here ends (503); the agent asks the broker again.
+      service_->shutdown();
+      drive();
+      waiting_.clear();
+      service_.reset();
+      table_.reset();
+      drive();
+      ioc_.reset();
+    }
+    set_state(State::Returning);  // returned() finishes the switch
+  }
+  returned();
+}
+
+void Delegation::stop(std::chrono::milliseconds limit) {
+  bool out;
+  {
+    std::lock_guard lock(m_);
+    out = state_ == State::On;
+  }
+  if (out) loop_.post([self = shared_from_this()] { self->give_back("the mount is going away"); });
+  std::unique_lock lock(m_);
+  changed_.wait_for(lock, limit, [this] { return state_ == State::Off || state_ == State::Asking; });
+  set_state(State::Stopped);
+}
+
+}  // namespace gate::mount
