@@ -156,6 +156,7 @@ void GateFs::Impl::close_handle(FileHandle* h) {
   // changed the file since): the next open may keep that.
   if (h->changed && !h->redirected && h->ino && h->fd >= 0)
     note_cached_content(inode(h->ino), h->fd, lock ? lock->lock.fence : 0, event != nullptr);
+  if (h->writer) --inode(h->ino).writers;
   // Data reaches the source before the next holder can get in.
   if (h->fd >= 0) ::close(h->fd);
   h->fd = -1;
@@ -200,9 +201,12 @@ void GateFs::Impl::init(fuse_conn_info* conn) {
 #endif
   want(FUSE_CAP_PARALLEL_DIROPS);
   want(FUSE_CAP_ATOMIC_O_TRUNC);
-  // A file's cached content goes when its mtime or size is seen to change, also while
-  // it is open (the watch drops the attributes of what changed beside the mount).
-  want(FUSE_CAP_AUTO_INVAL_DATA);
+  // Watched, the mount itself tells the kernel when a file's content changed beside
+  // it (and the kernel's mtime, which the mount's own writes change, decides
+  // nothing: else the first read after a write would find its cache dropped). Not
+  // watched, the kernel drops a file's cached content when it sees a new mtime.
+  if (watch && watch->complete()) conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA;
+  else want(FUSE_CAP_AUTO_INVAL_DATA);
   // Locks stay exact only if the kernel does not answer from a write-back cache.
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   conn->max_write = 1u << 20;  // libfuse lowers it to what its buffer holds

@@ -60,16 +60,25 @@ void GateFs::Impl::forget_entry(fuse_ino_t parent, const std::string& name) {
   });
 }
 
+void GateFs::Impl::forget_content(fuse_ino_t id) {
+  if (!se || !id) return;
+  // Dropping pages takes their locks, which a read waiting for this daemon may hold:
+  // never on a FUSE worker or act thread.
+  notifier.post([this, se = se, id] {
+    if (notifying) fuse_lowlevel_notify_inval_inode(se, id, 0, 0);
+  });
+}
+
 void GateFs::Impl::on_source_changes(const std::vector<SourceWatch::Change>& changes, bool lost) {
   if (!se || !notifying) return;
-  // Attributes are dropped at once: that takes no lock of the kernel's. A name goes
-  // through the notifier (forget_entry).
-  std::unordered_set<fuse_ino_t> attrs;
+  // Attributes are dropped at once: that takes no lock of the kernel's. A name, a
+  // directory's list and a file's content go through the notifier.
+  std::unordered_set<fuse_ino_t> attrs, contents;
   if (lost) {
     log(LogLevel::Warn, "mount", "changes to the source came faster than they could be read; "
         "the kernel forgets every name and attribute of the view");
     inodes->for_each([&](fuse_ino_t parent, const std::string& name, fuse_ino_t id) {
-      attrs.insert(id);
+      contents.insert(id);
       if (parent) forget_entry(parent, name);
     });
   }
@@ -81,14 +90,25 @@ void GateFs::Impl::on_source_changes(const std::vector<SourceWatch::Change>& cha
       continue;
     }
     if (c.mask & kNameEvents) {
-      // The directory's new mtime makes the kernel read its list again; a name the
-      // kernel may hold for an object no longer there is forgotten. (A name it does
-      // not hold needs nothing: this daemon never answers a lookup with a cached
-      // "no such file".)
-      attrs.insert(seen.parent);
+      // The directory's list (and attributes) go; a name the kernel may hold for an
+      // object no longer there is forgotten. (A name it does not hold needs nothing:
+      // this daemon never answers a lookup with a cached "no such file".)
+      contents.insert(seen.parent);
       if (seen.named && !seen.still_there) forget_entry(seen.parent, c.name);
     }
-    if (seen.named && (c.mask & (kAttrEvents | kNameEvents))) attrs.insert(seen.named);
+    if (!seen.named || !(c.mask & (kAttrEvents | kNameEvents))) continue;
+    // A file's content goes unless it is what the kernel cached: the mount's own
+    // writes, in the cache already (a handle writing now, or one that wrote last).
+    const bool ours = seen.still_there &&
+                      (seen.writers > 0 ||
+                       (seen.stamp.valid && seen.stamp.size == seen.now.st_size &&
+                        same(seen.stamp.mtime, seen.now.st_mtim) && same(seen.stamp.ctime, seen.now.st_ctim)));
+    if ((c.mask & (IN_MODIFY | IN_CLOSE_WRITE)) && !ours) contents.insert(seen.named);
+    else attrs.insert(seen.named);
+  }
+  for (fuse_ino_t id : contents) {
+    attrs.erase(id);
+    forget_content(id);
   }
   for (fuse_ino_t id : attrs) fuse_lowlevel_notify_inval_inode(se, id, -1, 0);
 }

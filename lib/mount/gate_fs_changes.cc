@@ -195,6 +195,10 @@ int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
   h->created = o.created;
   h->ino = o.created ? o.entry.ino : o.ino;
   h->redirected = o.redirected;
+  if ((o.f.flags & O_ACCMODE) != O_RDONLY && !o.redirected && h->ino) {
+    h->writer = true;
+    ++inode(h->ino).writers;
+  }
   h->stale_reads = std::move(o.stale_reads);
   h->theirs = std::move(o.theirs);
   if (!held.empty()) h->version = held.front().version;

@@ -67,6 +67,7 @@ struct FileHandle {
   // Opened on the file that took the name of the one the kernel asked for (see
   // file_now_named()): what the kernel caches of that file is dropped at release.
   bool redirected = false;
+  bool writer = false;  // counted in its Inode's writers
   // A stale replacement (--stale-writes merge): the agent's reads, merged at release,
   // and the content it replaced, read at the open (nullopt: from the history).
   std::vector<std::uint64_t> stale_reads;
@@ -142,6 +143,9 @@ struct GateFs::Impl {
   void note_cached_content(Inode& in, int fd, std::uint64_t version, bool changed_behind);
   // Tells the kernel what changed beside the mount (SourceWatch's thread).
   void on_source_changes(const std::vector<SourceWatch::Change>& changes, bool lost);
+  // What the kernel caches of a file's content (or a directory's list) and its
+  // attributes go, on the notifier thread.
+  void forget_content(fuse_ino_t id);
   // fuse_lowlevel_notify_inval_entry, on the notifier thread (it takes the directory's
   // lock, which a caller waiting for this daemon may hold).
   void forget_entry(fuse_ino_t parent, const std::string& name);

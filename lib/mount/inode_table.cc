@@ -148,10 +148,16 @@ NameSeen InodeTable::seen(ino_t dir_ino, dev_t dir_dev, const std::string& name)
   NameSeen seen{.parent = id_locked(dir)};
   auto named = names_.find({dir, name});
   if (named != names_.end()) {
-    seen.named = id_locked(named->second);
-    struct stat now {};
+    Inode& inode = *named->second;
+    seen.named = id_locked(&inode);
+    struct stat& now = seen.now;
     seen.still_there = ::fstatat(dir->fd, name.c_str(), &now, AT_SYMLINK_NOFOLLOW) == 0 &&
-                       now.st_ino == named->second->src_ino && now.st_dev == named->second->src_dev;
+                       now.st_ino == inode.src_ino && now.st_dev == inode.src_dev;
+    if (seen.still_there) {
+      seen.writers = inode.writers.load();
+      std::lock_guard stamp_lock(inode.cache_m);
+      seen.stamp = inode.stamp;
+    }
   }
   return seen;
 }

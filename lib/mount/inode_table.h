@@ -42,6 +42,9 @@ struct Inode {
   std::string name;
 
   int watch = -1;  // the DirWatcher's id for a directory, guarded by the table's mutex
+  // Handles of the mount open for writing on this file: what changes it meanwhile is
+  // (under the write lock) written through the kernel, whose cache is then right.
+  std::atomic<int> writers{0};
 
   // A merge was renamed over this file (GateFs::Impl::install_merge): until the
   // kernel looks the name up again, calls on it act on the file now at its name.
@@ -76,6 +79,9 @@ struct NameSeen {
   fuse_ino_t parent = 0;
   fuse_ino_t named = 0;
   bool still_there = false;
+  struct stat now {};    // still_there: the object now
+  Inode::Stamp stamp;    // still_there: what the kernel's cache of it was filled from
+  int writers = 0;       // still_there: Inode::writers
 };
 
 class InodeTable {

@@ -133,3 +133,24 @@ TEST_CASE("contents cached across opens are dropped when the file changed since"
     REQUIRE(slurp(a.at("f")) == content);
   }
 }
+
+TEST_CASE("a file open for reading shows a change made beside the mount within a second",
+          "[mount][cache]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  write_file(m.at("f"), "aaaa");
+  const int fd = ::open(m.at("f").c_str(), O_RDONLY);
+  REQUIRE(fd >= 0);
+  auto content = [fd] {
+    char buf[16] = {};
+    const ssize_t n = ::pread(fd, buf, sizeof buf, 0);
+    return n < 0 ? std::string("(error)") : std::string(buf, static_cast<std::size_t>(n));
+  };
+  CHECK(content() == "aaaa");  // cached now
+  write_file(m.in_root("f"), "bbbb");
+  CHECK(eventually([&] { return content() == "bbbb"; }, kSeenWithin));
+  ::close(fd);
+  // And the content the mount wrote itself is read back from the cache, right.
+  write_file(m.at("f"), "cccc");
+  CHECK(slurp(m.at("f")) == "cccc");
+}
