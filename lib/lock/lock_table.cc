@@ -283,6 +283,7 @@ OpStatus LockTable::release(const std::string& lock_id, const std::string& owner
     std::uint64_t& v = versions_[l.key];
     if (l.fence > v) {
       v = l.fence;
+      if (keep_version_changes_) version_changes_[l.key] = v;
       JournalEntry e{JournalEntry::Kind::PutVersion};
       e.key = l.key;
       e.version = v;
@@ -514,13 +515,17 @@ std::size_t LockTable::adopt(TableState state, Micros now) {
   return left_out;
 }
 
-TableState LockTable::export_state() const {
+TableState LockTable::export_state(bool with_versions) const {
   TableState s;
   s.locks = locks();
   for (const auto& [id, r] : requests_) s.queue.push_back(r);
-  s.versions = versions_;
+  if (with_versions) s.versions = versions_;
   s.next_fence = next_fence_;
   return s;
+}
+
+std::unordered_map<std::string, std::uint64_t> LockTable::take_version_changes() {
+  return std::exchange(version_changes_, {});
 }
 
 void LockTable::merge_versions(const std::unordered_map<std::string, std::uint64_t>& versions) {

@@ -169,8 +169,12 @@ class LockTable {
   // Entries that break the engine's rules are left out, as in restore(); answers how
   // many.
   std::size_t adopt(TableState state, Micros now);
-  // Everything held and queued, the versions and the next fence.
-  TableState export_state() const;
+  // Everything held and queued, the versions (unless !with_versions) and the next fence.
+  TableState export_state(bool with_versions = true) const;
+  // Remembers the keys whose version a release changes, for take_version_changes()
+  // (a delegate reports those, not every version).
+  void keep_version_changes(bool on) { keep_version_changes_ = on; }
+  std::unordered_map<std::string, std::uint64_t> take_version_changes();
   // Versions learnt from elsewhere (a delegate's report): kept where newer, journaled.
   void merge_versions(const std::unordered_map<std::string, std::uint64_t>& versions);
   // Sets aside `n` fences for another engine to hand out (a delegation): answers the
@@ -239,6 +243,8 @@ class LockTable {
   std::map<std::uint64_t, QueuedRequest> requests_;
   std::unordered_map<std::string, std::set<std::uint64_t>> waiting_by_session_;
   std::unordered_map<std::string, std::uint64_t> versions_;  // keys ever changed
+  bool keep_version_changes_ = false;
+  std::unordered_map<std::string, std::uint64_t> version_changes_;
   std::set<std::pair<Micros, Lock*>> lock_deadlines_;
   std::set<std::pair<Micros, std::uint64_t>> request_deadlines_;
 

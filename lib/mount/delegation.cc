@@ -135,6 +135,8 @@ void Delegation::on_granted(const std::string& body) {
       table_ = std::make_unique<LockTable>(options, random_token);
       table_->restore({}, {}, fence_from, wall_clock_micros(), std::move(versions));
       table_->take_journal();
+      table_->keep_version_changes(true);
+      unreported_.clear();
       service_ = std::make_unique<BrokerService>(*ioc_, *table_, nullptr, wall_clock_micros,
                                                  /*own_timer=*/false);
       dirty_ = false;
@@ -262,26 +264,40 @@ void Delegation::tick() {
   loop_.post_at(BrokerLoop::Clock::now() + kTick, [self = shared_from_this()] { self->tick(); });
 }
 
+json::object Delegation::state_json() {
+  for (auto& [key, v] : table_->take_version_changes()) unreported_[key] = v;
+  TableState state = table_->export_state(/*with_versions=*/false);
+  state.versions = unreported_;
+  return state_to_json(state);
+}
+
 void Delegation::report(bool keepalive, std::uint64_t asked_for) {
   std::string body;
   std::uint64_t id;
+  std::unordered_map<std::string, std::uint64_t> sent;
   {
     std::lock_guard lock(m_);
     if (state_ != State::On) return;
-    json::object o = keepalive ? json::object{} : state_to_json(table_->export_state());
+    json::object o = keepalive ? json::object{} : state_json();
     o["delegation"] = id_;
     o["metrics"] = BrokerService::activity_to_json(service_->metrics());
     if (asked_for) o["report"] = asked_for;  // made after the broker asked for it
     id = id_;
     body = json::serialize(o);
+    if (!keepalive) sent = unreported_;
     dirty_ = false;
     last_report_ = std::chrono::steady_clock::now();
   }
   loop_.call(to_broker("POST", "/v1/delegation/report", std::move(body)),
-             [self = shared_from_this(), id](const HttpReply& r) {
+             [self = shared_from_this(), id, sent = std::move(sent)](const HttpReply& r) {
                {
                  std::lock_guard lock(self->m_);
                  if (self->state_ != State::On || self->id_ != id) return;
+                 // The broker has these now (unless they changed again since).
+                 if (r.status == 200)
+                   for (const auto& [key, v] : sent)
+                     if (auto it = self->unreported_.find(key); it != self->unreported_.end() && it->second == v)
+                       self->unreported_.erase(it);
                }
                if (r.status == 200 && asked(r, "recall")) self->give_back("another client asked for a lock");
                else if (r.status == 404) self->lost("the broker ended it: " + r.body);
@@ -295,10 +311,11 @@ void Delegation::give_back(const std::string& why) {
     std::lock_guard lock(m_);
     if (state_ != State::On) return;
     drive();
-    json::object o = state_to_json(table_->export_state());
+    json::object o = state_json();
     o["delegation"] = id_;
     o["metrics"] = BrokerService::activity_to_json(service_->metrics());
     body = json::serialize(o);
+    unreported_.clear();
     for (const auto& [call, ticket] : waiting_) resend_.push_back(call);
     waiting_.clear();
     service_.reset();

@@ -14,6 +14,7 @@
 // run), so answers are delivered on the calling thread, under m_. The delegation's own
 // calls to the broker (ask, report, recall poll, hand back) run on the BrokerLoop.
 #include <boost/asio/io_context.hpp>
+#include <boost/json/object.hpp>
 
 #include <chrono>
 #include <condition_variable>
@@ -103,6 +104,11 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   };
   std::vector<Held> held_;
   bool dirty_ = false;                   // changed since the last report
+  // Versions changed here that the broker has not confirmed yet: every report and the
+  // hand-back carry them (not every version, which the broker has).
+  std::unordered_map<std::string, std::uint64_t> unreported_;
+  // m_ held: the state to send, with the versions the broker may not have.
+  boost::json::object state_json();
   std::chrono::steady_clock::time_point last_report_;
   bool unsupported_ = false;             // an older broker: never ask again
 };
