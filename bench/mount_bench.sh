@@ -35,11 +35,13 @@ mount_gate() {  # NAME ROOT MOUNTPOINT [ARGS...]: a gate mount, ready when this 
   "$GATE" mount --foreground --root "$root" --mount "$mnt" --log-level warn --no-history \
     --ready-fd 3 "$@" 3>"$WORK/ready-$name" 2>"$WORK/mount-$name.log" &
   PIDS+=($!)
+  MOUNT_PID[$name]=$!
   MOUNTS+=("$mnt")
   wait_for "$WORK/ready-$name"
 }
 
 declare -A DIR=([native]="$WORK/native")
+declare -A MOUNT_PID
 mkdir -p "$WORK/native"
 TARGETS=(native)
 if [ -n "${PASSTHROUGH_HP:-}" ]; then
@@ -156,3 +158,21 @@ if [ "$ROUNDS" -gt 1 ]; then
     for t in "${TARGETS[@]}"; do printf '%-10s %-7s %s\n' "$row" "$t" "${GOT["$row $t"]}"; done
   done
 fi
+
+# The daemon needs two descriptors per open file (handle + inode), so the hard limit
+# caps how many handles fit: 10,000, or as many as fit.
+HANDLES=$(( ($(ulimit -Hn) - 300) / 2 ))
+[ "$HANDLES" -gt 10000 ] && HANDLES=10000
+# A fresh mount: every file a view has seen costs it a descriptor until the kernel
+# forgets it.
+fusermount3 -u "$WORK/mnt-locked"
+wait "${MOUNT_PID[locked]}" 2>/dev/null || true
+mount_gate locked2 "$WORK/root-locked" "$WORK/mnt-locked" --broker-socket "$WORK/broker.sock"
+mkdir -p "$WORK/mnt-locked/h"
+coproc HOLD { "$B" hold "$WORK/mnt-locked/h" "$HANDLES"; }
+read -r _ <&"${HOLD[0]}"
+rss=$(awk '/VmRSS/ {print $2, $3}' "/proc/${MOUNT_PID[locked2]}/status")
+locks=$(curl -s --unix-socket "$WORK/broker.sock" http://localhost/v1/locks/status | grep -o '"lock_id"' | wc -l || true)
+echo "-- the locked mount with $HANDLES files open: RSS $rss; gate locks shows $locks locks"
+exec {HOLD[1]}>&-
+wait "$HOLD_PID" 2>/dev/null || true

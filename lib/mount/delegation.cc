@@ -140,7 +140,8 @@ void Delegation::on_granted(const std::string& body) {
       service_ = std::make_unique<BrokerService>(*ioc_, *table_, nullptr, wall_clock_micros,
                                                  /*own_timer=*/false);
       dirty_ = false;
-      last_report_ = std::chrono::steady_clock::now();
+      last_report_ = confirmed_ = std::chrono::steady_clock::now();
+      report_failed_ = false;
       set_state(State::On);
       log(LogLevel::Info, "mount", "the broker lent this mount its lock space (delegation ", id_,
           "): locks are taken here until another client asks");
@@ -249,17 +250,21 @@ void Delegation::cancel(std::uint64_t id) {
 }
 
 void Delegation::tick() {
-  bool report_now = false, keepalive = false;
+  bool report_now = false, keepalive = false, expired = false;
   {
     std::lock_guard lock(m_);
     if (state_ != State::On) return;
     service_->expire_now();  // leases, the hold cap and time-outs of waits
     drive();
-    const auto since = std::chrono::steady_clock::now() - last_report_;
+    const auto now = std::chrono::steady_clock::now();
+    const auto since = now - last_report_;
+    expired = now - confirmed_ >= std::chrono::milliseconds(lease_ms_);
     if (dirty_ && since >= kReportChanges) report_now = true;
-    else if (since >= std::chrono::milliseconds(std::max<std::int64_t>(lease_ms_ / 3, 100)))
+    else if (since >= std::chrono::milliseconds(std::max<std::int64_t>(lease_ms_ / 3, 100)) ||
+             (report_failed_ && since >= std::chrono::seconds(1)))
       report_now = keepalive = true;
   }
+  if (expired) return lost("the broker has not confirmed it for a lease (" + std::to_string(lease_ms_) + " ms)");
   if (report_now) report(keepalive);
   loop_.post_at(BrokerLoop::Clock::now() + kTick, [self = shared_from_this()] { self->tick(); });
 }
@@ -293,6 +298,8 @@ void Delegation::report(bool keepalive, std::uint64_t asked_for) {
                {
                  std::lock_guard lock(self->m_);
                  if (self->state_ != State::On || self->id_ != id) return;
+                 self->report_failed_ = r.status != 200;
+                 if (r.status == 200) self->confirmed_ = std::chrono::steady_clock::now();
                  // The broker has these now (unless they changed again since).
                  if (r.status == 200)
                    for (const auto& [key, v] : sent)

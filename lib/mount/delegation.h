@@ -110,6 +110,11 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   // m_ held: the state to send, with the versions the broker may not have.
   boost::json::object state_json();
   std::chrono::steady_clock::time_point last_report_;
+  // When the broker last confirmed the delegation (the grant, or a report answered):
+  // a lease later without another, the space counts as lost (a broker started afresh
+  // would not know it is lent).
+  std::chrono::steady_clock::time_point confirmed_;
+  bool report_failed_ = false;
   bool unsupported_ = false;             // an older broker: never ask again
 };
 

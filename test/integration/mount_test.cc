@@ -832,3 +832,22 @@ TEST_CASE("a change made outside the mount is seen at the next open", "[mount][c
   write_file(m.in_root("f"), "other version");  // same size, written beside the mount
   CHECK(slurp(m.at("f")) == "other version");
 }
+
+TEST_CASE("a mount lent the lock space stops granting one lease after its broker went away",
+          "[mount][delegation][faults]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint(), {"--lease-ms", "1000"});
+  write_file(m.in_root("f"), "data");
+  REQUIRE(eventually([&] { return m.log().find("lent this mount its lock space") != std::string::npos; }));
+  REQUIRE(slurp(m.at("f")) == "data");
+  broker.kill9();
+  // A broker started afresh would not know the space is lent: within about a lease
+  // the mount stops answering opens itself, and they fail as for any dead broker.
+  const auto t0 = Clock::now();
+  REQUIRE(eventually([&] {
+    Fd fd(::open(m.at("f").c_str(), O_RDONLY));
+    return fd.fd < 0 && errno == EIO;
+  }, 10s));
+  CHECK(Clock::now() - t0 >= 500ms);
+  CHECK(m.log().find("has not confirmed it for a lease") != std::string::npos);
+}
