@@ -43,6 +43,13 @@ void BrokerService::park(const std::string& body, Reply& reply, std::uint64_t* t
   Result<AcquireParams> p = obj.ok() ? parse_acquire(*obj) : Result<AcquireParams>(obj.status());
   if (!p.ok()) return bad_request(reply, 400, p.message());
   note_client(*p, clock_());
+  if (!delegation_->heard && p->timeout_ms && *p->timeout_ms == 0) {
+    // A try, while the space is lent to a delegate not heard from since this broker
+    // started (maybe gone with it): "not now" at once, rather than a wait for its
+    // grace to end; a waiting acquire waits.
+    answer(std::move(reply), {408, R"({"status":"timeout","error":"the lock space is lent to a client not heard from since the broker started"})"});
+    return;
+  }
   *ticket = kParkedTicket | ++next_ticket_;
   parked_.push_back({*ticket, body, std::move(reply)});
   recall("'" + client_of(*p) + "' asked for " + to_string(p->mode) + " '" + p->key.substr(0, 200) + "'");
@@ -220,6 +227,7 @@ void BrokerService::delegation_report(const std::string& body, Reply& reply) {
   std::uint64_t number = 0;
   Delegation* d = delegation_state(body, reply, &state, &given, &number);
   if (!d) return;
+  d->heard = true;
   d->expires_at = clock_() + d->lease_ms * 1000;
   if (given) {
     // Its versions count from now on, also if it dies before handing the space back.
@@ -287,10 +295,15 @@ void BrokerService::restore_delegation(const std::unordered_map<std::string, std
   d.fence_end = static_cast<std::uint64_t>(get("delegation_fence_end"));
   d.lease_ms = get("delegation_lease_ms") > 0 ? get("delegation_lease_ms") : 30'000;
   d.since = clock_();
-  // Nobody could report while the broker was down: a fresh lease, as for locks.
-  d.expires_at = d.since + d.lease_ms * 1000;
+  // Nobody could report while the broker was down. A live delegate reports within a
+  // second or so (it retries every second); one that died with the broker (a VM
+  // killed) would block every key for a lease: it gets the restore grace, as queued
+  // requests do.
+  const std::int64_t grace_ms = std::min(d.lease_ms, table_.options().restore_grace_ms);
+  d.expires_at = d.since + grace_ms * 1000;
+  d.heard = false;
   log(LogLevel::Info, "broker", "delegation ", d.id,
-      " is still out; it ends unless its delegate reports within ", d.lease_ms, " ms");
+      " is still out; it ends unless its delegate reports within ", grace_ms, " ms");
   delegation_ = std::move(d);
   arm_timer();
 }

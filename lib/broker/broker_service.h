@@ -111,6 +111,7 @@ class BrokerService {
     Micros expires_at = 0;
     Micros since = 0;
     bool recalling = false;
+    bool heard = true;  // false: restored after a restart, no word from its delegate yet
     std::optional<Reply> recall_waiter;  // the delegate's pending GET .../recall
     std::uint64_t recall_ticket = 0;
     TableState reported;  // its last report: what `status` shows
