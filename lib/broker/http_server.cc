@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -96,7 +98,9 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
   void read_header() {
     if (server_->draining) return close();
     parser_.emplace();
-    parser_->body_limit(server_->limits.max_body_bytes);
+    // The limit is checked against Content-Length while the header is read, before
+    // the target is known: the largest here, the request's own in on_header.
+    parser_->body_limit(std::max(server_->limits.max_body_bytes, server_->limits.max_state_bytes));
     parser_->header_limit(kHeaderLimit);
     stream_.expires_after(server_->limits.idle_timeout);
     http::async_read_header(stream_, buffer_, *parser_,
@@ -107,9 +111,13 @@ class Session : public SessionBase, public std::enable_shared_from_this<Session<
 
   void on_header(error_code ec) {
     if (ec) return on_read_error(ec);
-    // A delegate's report or hand-back carries a whole lock table.
-    if (parser_->get().target().starts_with("/v1/delegation/"))
-      parser_->body_limit(server_->limits.max_state_bytes);
+    // A delegate's report or hand-back may carry a whole lock table; any other body is
+    // small.
+    if (!parser_->get().target().starts_with("/v1/delegation/")) {
+      if (auto n = parser_->content_length(); n && *n > server_->limits.max_body_bytes)
+        return refuse(413, "body larger than " + std::to_string(server_->limits.max_body_bytes) + " bytes");
+      parser_->body_limit(server_->limits.max_body_bytes);
+    }
     stream_.expires_after(server_->limits.request_timeout);
     http::async_read(stream_, buffer_, *parser_,
                      [self = this->shared_from_this()](error_code ec, std::size_t) {

@@ -341,6 +341,8 @@ void Delegation::send_back(std::string body) {
              [self = shared_from_this(), body](const HttpReply& r) {
                if (r.status == 200) return self->returned();
                if (r.status == 404) return self->lost("the broker ended it before it was handed back: " + r.body);
+               if (r.status >= 400 && r.status < 500)
+                 return self->lost("the broker refused the hand-back (" + std::to_string(r.status) + "): " + r.body);
                // The broker is away (restarting: the delegation outlives that): again.
                self->loop_.post_at(BrokerLoop::Clock::now() + std::chrono::milliseconds(200),
                                    [self, body] { self->send_back(body); });

@@ -217,3 +217,22 @@ TEST_CASE("delegation: bad reports and hand-backs are refused clearly", "[broker
   // Still delegated after all that.
   CHECK(d.report(d.state("f", false)).status == 200);
 }
+
+TEST_CASE("delegation: a report and a hand-back far over the usual body limit are taken",
+          "[broker][delegation]") {
+  BrokerProcess broker;
+  Delegate d(broker.endpoint());
+  REQUIRE(d.ask("mount-a").status == 200);
+  // 5,000 changed versions: about 200 KB, where an acquire's body may have 64 KiB.
+  json::value state = parse(d.state("f", false));
+  json::object& versions = state.as_object()["versions"].as_object();
+  for (int i = 0; i < 5000; ++i) versions["dir/some/file-" + std::to_string(i)] = d.fence_from;
+  const std::string big = json::serialize(state);
+  REQUIRE(big.size() > 100 * 1024);
+  CHECK(d.report(big).status == 200);
+  CHECK(d.give_back(big).status == 200);
+  CHECK(test::key_version(broker.endpoint(), "dir/some/file-4999") == d.fence_from);
+  // Any other body over the limit is still refused.
+  BrokerClient c(broker.endpoint());
+  CHECK(c.request("POST", "/v1/locks/acquire", std::string(100 * 1024, ' ')).status == 413);
+}
