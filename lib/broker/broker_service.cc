@@ -471,10 +471,9 @@ void BrokerMetrics::add_activity(const BrokerMetrics& o) {
 
 std::string BrokerService::metrics_text() const {
   // What delegates did counts as if done here.
-  BrokerMetrics all = metrics_;
-  all.add_activity(delegated_activity_);
-  if (delegation_) all.add_activity(delegation_->activity);
-  const BrokerMetrics& metrics_ = all;
+  BrokerMetrics m = metrics_;
+  m.add_activity(delegated_activity_);
+  if (delegation_) m.add_activity(delegation_->activity);
   std::ostringstream o;
   auto counter = [&](const char* name, const char* help, std::uint64_t v) {
     o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " counter\n"
@@ -488,41 +487,41 @@ std::string BrokerService::metrics_text() const {
   const std::size_t lent_queue = delegation_ ? delegation_->reported.queue.size() : 0;
   gauge("gate_locks_held", "Locks held now.", table_.lock_count() + lent_locks);
   gauge("gate_queue_length", "Acquire requests waiting now.", table_.queue_length() + lent_queue);
-  gauge("gate_connections", "Open client connections.", metrics_.connections);
-  counter("gate_requests_total", "HTTP requests handled.", metrics_.requests);
-  counter("gate_grants_total", "Locks granted (including re-entrant grants).", metrics_.grants);
+  gauge("gate_connections", "Open client connections.", m.connections);
+  counter("gate_requests_total", "HTTP requests handled.", m.requests);
+  counter("gate_grants_total", "Locks granted (including re-entrant grants).", m.grants);
   counter("gate_grants_after_wait_total", "Grants that had to wait in the queue.",
-          metrics_.grants_after_wait);
-  counter("gate_releases_total", "Successful releases.", metrics_.releases);
-  counter("gate_heartbeats_total", "Successful heartbeats.", metrics_.heartbeats);
-  counter("gate_acquire_timeouts_total", "Acquires answered timeout.", metrics_.timeouts);
-  counter("gate_deadlocks_total", "Acquires refused as deadlocks.", metrics_.deadlocks);
+          m.grants_after_wait);
+  counter("gate_releases_total", "Successful releases.", m.releases);
+  counter("gate_heartbeats_total", "Successful heartbeats.", m.heartbeats);
+  counter("gate_acquire_timeouts_total", "Acquires answered timeout.", m.timeouts);
+  counter("gate_deadlocks_total", "Acquires refused as deadlocks.", m.deadlocks);
   counter("gate_lease_expiries_total", "Locks dropped because their lease ran out.",
-          metrics_.lease_expiries);
-  counter("gate_hold_cap_expiries_total", "Locks dropped at the hold cap.", metrics_.cap_expiries);
-  counter("gate_bad_requests_total", "Requests refused as malformed.", metrics_.bad_requests);
+          m.lease_expiries);
+  counter("gate_hold_cap_expiries_total", "Locks dropped at the hold cap.", m.cap_expiries);
+  counter("gate_bad_requests_total", "Requests refused as malformed.", m.bad_requests);
   counter("gate_queued_disconnects_total", "Queued requests whose client went away.",
-          metrics_.disconnects_while_queued);
-  counter("gate_store_failures_total", "Failed writes of the lock state.", metrics_.store_failures);
+          m.disconnects_while_queued);
+  counter("gate_store_failures_total", "Failed writes of the lock state.", m.store_failures);
   gauge("gate_delegated", "1 while the lock space is delegated to a client.", delegation_ ? 1 : 0);
-  counter("gate_delegations_total", "Delegations of the lock space to a client.", metrics_.delegations);
-  counter("gate_recalls_total", "Delegations recalled because another client asked.", metrics_.recalls);
+  counter("gate_delegations_total", "Delegations of the lock space to a client.", m.delegations);
+  counter("gate_recalls_total", "Delegations recalled because another client asked.", m.recalls);
   counter("gate_delegations_expired_total", "Delegations whose delegate stopped reporting.",
-          metrics_.delegations_expired);
+          m.delegations_expired);
   o << "# HELP gate_stale_replacements_total Saves over a file another agent changed since the "
        "saver read it, by what the mount did: merged, installed as a conflict, or refused.\n"
        "# TYPE gate_stale_replacements_total counter\n"
-    << "gate_stale_replacements_total{outcome=\"merged\"} " << metrics_.stale_merged << '\n'
-    << "gate_stale_replacements_total{outcome=\"conflict\"} " << metrics_.stale_conflicts << '\n'
-    << "gate_stale_replacements_total{outcome=\"refused\"} " << metrics_.stale_refused << '\n';
+    << "gate_stale_replacements_total{outcome=\"merged\"} " << m.stale_merged << '\n'
+    << "gate_stale_replacements_total{outcome=\"conflict\"} " << m.stale_conflicts << '\n'
+    << "gate_stale_replacements_total{outcome=\"refused\"} " << m.stale_refused << '\n';
   o << "# HELP gate_acquire_wait_seconds Time from acquire to grant.\n"
        "# TYPE gate_acquire_wait_seconds histogram\n";
   for (std::size_t i = 0; i < BrokerMetrics::kWaitBuckets.size(); ++i)
     o << "gate_acquire_wait_seconds_bucket{le=\"" << BrokerMetrics::kWaitBuckets[i] << "\"} "
-      << metrics_.wait_counts[i] << '\n';
-  o << "gate_acquire_wait_seconds_bucket{le=\"+Inf\"} " << metrics_.wait_count << '\n'
-    << "gate_acquire_wait_seconds_sum " << metrics_.wait_sum << '\n'
-    << "gate_acquire_wait_seconds_count " << metrics_.wait_count << '\n';
+      << m.wait_counts[i] << '\n';
+  o << "gate_acquire_wait_seconds_bucket{le=\"+Inf\"} " << m.wait_count << '\n'
+    << "gate_acquire_wait_seconds_sum " << m.wait_sum << '\n'
+    << "gate_acquire_wait_seconds_count " << m.wait_count << '\n';
   return o.str();
 }
 

@@ -50,6 +50,14 @@ Status get_pid(const json::object& o, std::int64_t* out) {
   return Status::failure("field 'pid' must be a process id (a non-negative integer) or null");
 }
 
+// "agent", "command", "pid" (put_holder's), each optional.
+Status get_holder(const json::object& o, HolderInfo* who) {
+  for (Status s : {get_short_string(o, "agent", kMaxAgentBytes, &who->agent),
+                   get_short_string(o, "command", kMaxCommandBytes, &who->command), get_pid(o, &who->pid)})
+    if (!s.ok()) return s;
+  return {};
+}
+
 }  // namespace
 
 json::object lock_to_json(const Lock& l, std::uint64_t version, json::storage_ptr storage) {
@@ -142,10 +150,7 @@ Result<AcquireParams> parse_acquire(const json::object& o) {
                    get_string(o, "owner", true, &p.owner), get_string(o, "session", false, &p.session),
                    get_string(o, "request_id", false, &p.request_id),
                    get_millis(o, "timeout_ms", &p.timeout_ms), get_millis(o, "lease_ms", &p.lease_ms),
-                   get_millis(o, "max_hold_ms", &p.max_hold_ms),
-                   get_short_string(o, "agent", kMaxAgentBytes, &p.who.agent),
-                   get_short_string(o, "command", kMaxCommandBytes, &p.who.command),
-                   get_pid(o, &p.who.pid)})
+                   get_millis(o, "max_hold_ms", &p.max_hold_ms), get_holder(o, &p.who)})
     if (!s.ok()) return s;
   if (p.key.empty()) {
     return Status::failure("field 'path' must not be empty");
@@ -270,9 +275,7 @@ Result<TableState> state_from_json(const json::object& o) {
                       get_micros(j, "lease_expires_at_us", true, &l.lease_expires_at),
                       get_millis(j, "lease_ms", &lease), get_millis(j, "max_hold_ms", &l.max_hold_ms),
                       get_count(j, "hold_count", true, &hold), get_count(j, "fence", true, &l.fence),
-                      get_short_string(j, "agent", kMaxAgentBytes, &l.who.agent),
-                      get_short_string(j, "command", kMaxCommandBytes, &l.who.command),
-                      get_pid(j, &l.who.pid)})
+                      get_holder(j, &l.who)})
       if (!st.ok()) return Status::failure("a lock: " + st.message());
     l.lease_ms = lease.value_or(0);
     l.hold_count = static_cast<std::int64_t>(std::min<std::uint64_t>(hold, 1u << 30));
@@ -289,10 +292,7 @@ Result<TableState> state_from_json(const json::object& o) {
                       get_string(j, "request_id", false, &r.request_id),
                       get_micros(j, "requested_at_us", true, &r.requested_at),
                       get_millis(j, "lease_ms", &lease), get_millis(j, "max_hold_ms", &r.max_hold_ms),
-                      get_micros(j, "deadline_us", false, &deadline),
-                      get_short_string(j, "agent", kMaxAgentBytes, &r.who.agent),
-                      get_short_string(j, "command", kMaxCommandBytes, &r.who.command),
-                      get_pid(j, &r.who.pid)})
+                      get_micros(j, "deadline_us", false, &deadline), get_holder(j, &r.who)})
       if (!st.ok()) return Status::failure("a queued request: " + st.message());
     r.lease_ms = lease.value_or(0);
     if (deadline >= 0) r.deadline = deadline;

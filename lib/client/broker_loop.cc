@@ -67,9 +67,13 @@ std::unique_ptr<BrokerLoop::Call> BrokerLoop::make_call(const wire::Request& req
   c->text = wire::http_text(request, endpoint_);
   c->wait_forever = request.wait_forever;
   c->on_answer = std::move(answer);
-  std::lock_guard lock(m_);
-  c->id = id ? id : next_id_++;
+  c->id = id ? id : new_id();
   return c;
+}
+
+BrokerLoop::CallId BrokerLoop::new_id() {
+  std::lock_guard lock(m_);
+  return next_id_++;
 }
 
 void BrokerLoop::set_route(std::shared_ptr<LocalRoute> route) {
@@ -132,11 +136,7 @@ bool BrokerLoop::hand_over(std::unique_ptr<Call>& c) {
 
 BrokerLoop::CallId BrokerLoop::call(wire::Request request, Answer answer) {
   if (!request.to_broker) {
-    CallId id;
-    {
-      std::lock_guard lock(m_);
-      id = next_id_++;
-    }
+    const CallId id = new_id();
     // A route's answer reaches `answer` on the loop thread, as the broker's would.
     if (route_call(id, request, [this, answer](HttpReply r) {
           post([answer, r = std::move(r)] { answer(r); });
@@ -166,11 +166,7 @@ std::optional<HttpReply> BrokerLoop::call_briefly(wire::Request request,
       bool handed = false;
     };
     auto b = std::make_shared<Brief>();
-    CallId local_id;
-    {
-      std::lock_guard lock(m_);
-      local_id = next_id_++;
-    }
+    const CallId local_id = new_id();
     if (id) *id = local_id;
     const bool taken = route_call(local_id, request, [this, b, late](HttpReply r) {
       std::unique_lock lock(b->m);

@@ -107,7 +107,9 @@ class BrokerLoop {
   enum class Outcome { Pending, Answered, Failed };
   void main();
   void wake();
+  // `id` 0: a new one.
   std::unique_ptr<Call> make_call(const wire::Request& request, Answer answer, CallId id = 0);
+  CallId new_id();
   // The call to the route, if it takes it; `deliver` gets the answer once.
   bool route_call(CallId id, const wire::Request& request, LocalRoute::Deliver deliver);
   void finish_local(CallId id, HttpReply reply);

@@ -481,18 +481,17 @@ std::size_t LockTable::adopt(TableState state, Micros now) {
     r.req_id = next_req_id_++;
     r.persisted = false;
   }
-  std::unordered_map<std::string, std::uint64_t> versions = versions_;
-  for (const auto& [key, v] : state.versions) {
-    std::uint64_t& mine = versions[key];
-    if (v > mine) mine = v;
-  }
+  // Its versions where newer (journaled there); restore() takes the whole map. Those
+  // out of range count as left out, as restore() counts them.
+  std::size_t bad_versions = 0;
+  for (const auto& [key, v] : state.versions) bad_versions += v >= kMaxSavedFence;
+  merge_versions(state.versions);
   std::vector<std::string> lock_ids;
   for (const Lock& l : state.locks) lock_ids.push_back(l.lock_id);
   std::vector<std::uint64_t> req_ids;
   for (const QueuedRequest& r : state.queue) req_ids.push_back(r.req_id);
-  const auto old_versions = versions_;
   const std::size_t left_out =
-      restore(std::move(state.locks), std::move(state.queue), state.next_fence, now, std::move(versions));
+      bad_versions + restore(std::move(state.locks), std::move(state.queue), state.next_fence, now, versions_);
   // restore() journals nothing of what it took in: the store learns it here.
   for (const std::string& id : lock_ids)
     if (const Lock* l = find_lock(id)) put_lock_journal(*l);
@@ -501,14 +500,6 @@ std::size_t LockTable::adopt(TableState state, Micros now) {
     if (it == requests_.end()) continue;
     JournalEntry e{JournalEntry::Kind::PutRequest};
     e.request = it->second;
-    journal_.push_back(std::move(e));
-  }
-  for (const auto& [key, v] : versions_) {
-    auto old = old_versions.find(key);
-    if (old != old_versions.end() && old->second == v) continue;
-    JournalEntry e{JournalEntry::Kind::PutVersion};
-    e.key = key;
-    e.version = v;
     journal_.push_back(std::move(e));
   }
   reserve_fences();

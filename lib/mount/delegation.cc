@@ -34,11 +34,9 @@ std::uint64_t number(const json::value& v, const char* field) {
   return 0;
 }
 
-// A true "recall" (hand the space back) in the broker's answer. (A "report" number:
-// someone asked the broker who holds what.)
-bool asked(const HttpReply& r, const char* what) {
-  const json::value v = parse_or_null(r.body);
-  const json::value* f = v.is_object() ? v.as_object().if_contains(what) : nullptr;
+// A true `field` in a broker's answer ("recall": hand the space back).
+bool flag(const json::value& v, const char* field) {
+  const json::value* f = v.is_object() ? v.as_object().if_contains(field) : nullptr;
   return f && f->is_bool() && f->as_bool();
 }
 
@@ -175,10 +173,12 @@ void Delegation::poll_recall() {
                  std::lock_guard lock(self->m_);
                  if (self->state_ != State::On || self->id_ != id) return;
                }
-               if (r.status == 200 && asked(r, "recall")) return self->give_back("another client asked for a lock");
+               const json::value v = parse_or_null(r.body);
+               if (r.status == 200 && flag(v, "recall")) return self->give_back("another client asked for a lock");
                if (r.status == 404) return self->lost("the broker ended it: " + r.body);
                if (r.status == 200) {
-                 if (const std::uint64_t n = number(parse_or_null(r.body), "report")) self->report(false, n);
+                 // A number: someone asked the broker who holds what.
+                 if (const std::uint64_t n = number(v, "report")) self->report(false, n);
                  return self->poll_recall();
                }
                // No answer (a broker restarting): ask again shortly; reports keep it alive.
@@ -269,11 +269,24 @@ void Delegation::tick() {
   loop_.post_at(BrokerLoop::Clock::now() + kTick, [self = shared_from_this()] { self->tick(); });
 }
 
-json::object Delegation::state_json() {
-  for (auto& [key, v] : table_->take_version_changes()) unreported_[key] = v;
-  TableState state = table_->export_state(/*with_versions=*/false);
-  state.versions = unreported_;
-  return state_to_json(state);
+json::object Delegation::message(bool with_state) {
+  json::object o;
+  if (with_state) {
+    for (auto& [key, v] : table_->take_version_changes()) unreported_[key] = v;
+    TableState state = table_->export_state(/*with_versions=*/false);
+    state.versions = unreported_;
+    o = state_to_json(state);
+  }
+  o["delegation"] = id_;
+  o["metrics"] = BrokerService::activity_to_json(service_->metrics());
+  return o;
+}
+
+void Delegation::close_engine() {
+  drive();  // what the engine has to answer or deliver goes out first
+  service_.reset();
+  table_.reset();
+  ioc_.reset();
 }
 
 void Delegation::report(bool keepalive, std::uint64_t asked_for) {
@@ -283,9 +296,7 @@ void Delegation::report(bool keepalive, std::uint64_t asked_for) {
   {
     std::lock_guard lock(m_);
     if (state_ != State::On) return;
-    json::object o = keepalive ? json::object{} : state_json();
-    o["delegation"] = id_;
-    o["metrics"] = BrokerService::activity_to_json(service_->metrics());
+    json::object o = message(!keepalive);
     if (asked_for) o["report"] = asked_for;  // made after the broker asked for it
     id = id_;
     body = json::serialize(o);
@@ -306,7 +317,8 @@ void Delegation::report(bool keepalive, std::uint64_t asked_for) {
                      if (auto it = self->unreported_.find(key); it != self->unreported_.end() && it->second == v)
                        self->unreported_.erase(it);
                }
-               if (r.status == 200 && asked(r, "recall")) self->give_back("another client asked for a lock");
+               if (r.status == 200 && flag(parse_or_null(r.body), "recall"))
+                 self->give_back("another client asked for a lock");
                else if (r.status == 404) self->lost("the broker ended it: " + r.body);
                // No answer: the next report tries again.
              });
@@ -318,17 +330,11 @@ void Delegation::give_back(const std::string& why) {
     std::lock_guard lock(m_);
     if (state_ != State::On) return;
     drive();
-    json::object o = state_json();
-    o["delegation"] = id_;
-    o["metrics"] = BrokerService::activity_to_json(service_->metrics());
-    body = json::serialize(o);
+    body = json::serialize(message(true));
     unreported_.clear();
     for (const auto& [call, ticket] : waiting_) resend_.push_back(call);
-    waiting_.clear();
-    service_.reset();
-    table_.reset();
-    drive();  // what the engine left posted finds nothing to act on now
-    ioc_.reset();
+    waiting_.clear();  // (their answers come from the broker now)
+    close_engine();
     set_state(State::Returning);
     log(LogLevel::Info, "mount", "handing the lock space back to the broker (", why, "), ",
         resend_.size(), " waits with it");
@@ -376,12 +382,8 @@ void Delegation::lost(const std::string& why) {
     if (state_ == State::On) {
       // Every wait here ends (503); the agent asks the broker again.
       service_->shutdown();
-      drive();
+      close_engine();
       waiting_.clear();
-      service_.reset();
-      table_.reset();
-      drive();
-      ioc_.reset();
     }
     set_state(State::Returning);  // returned() finishes the switch
   }

@@ -107,8 +107,11 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   // Versions changed here that the broker has not confirmed yet: every report and the
   // hand-back carry them (not every version, which the broker has).
   std::unordered_map<std::string, std::uint64_t> unreported_;
-  // m_ held: the state to send, with the versions the broker may not have.
-  boost::json::object state_json();
+  // m_ held: a report or hand-back: the delegation, the engine's counters and (with
+  // `with_state`) the state, with only the versions the broker may not have.
+  boost::json::object message(bool with_state);
+  // m_ held: delivers what the engine still has to answer, then drops it.
+  void close_engine();
   std::chrono::steady_clock::time_point last_report_;
   // When the broker last confirmed the delegation (the grant, or a report answered):
   // a lease later without another, the space counts as lost (a broker started afresh

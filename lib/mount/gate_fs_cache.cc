@@ -99,10 +99,9 @@ void GateFs::Impl::on_source_changes(const std::vector<SourceWatch::Change>& cha
     if (!seen.named || !(c.mask & (kAttrEvents | kNameEvents))) continue;
     // A file's content goes unless it is what the kernel cached: the mount's own
     // writes, in the cache already (a handle writing now, or one that wrote last).
+    // (The stamp's own version: the watch knows none, only what the file looks like.)
     const bool ours = seen.still_there &&
-                      (seen.writers > 0 ||
-                       (seen.stamp.valid && seen.stamp.size == seen.now.st_size &&
-                        same(seen.stamp.mtime, seen.now.st_mtim) && same(seen.stamp.ctime, seen.now.st_ctim)));
+                      (seen.writers > 0 || same(seen.stamp, stamp_of(seen.now, seen.stamp.version)));
     if ((c.mask & (IN_MODIFY | IN_CLOSE_WRITE)) && !ours) contents.insert(seen.named);
     else attrs.insert(seen.named);
   }
