@@ -252,6 +252,8 @@ class LockAgent {
   // release_epoch() from before the acquire was sent, and any release since counts
   // as possibly this one.
   bool release_in_flight(const LockJob& job, std::size_t index, std::uint64_t epoch_before) const;
+  // releases_out_'s key for one process's releases of `key`.
+  static std::string release_of(const std::string& key, pid_t pid);
   // How many releases have come back so far (for release_in_flight).
   std::uint64_t release_epoch() const;
   // Whether a handle `pid` opened holds `key`, or a release of `pid`'s lock on `key`
