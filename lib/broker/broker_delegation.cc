@@ -345,6 +345,7 @@ void BrokerService::add_delegated_status(const std::string& key, json::array& lo
   d["client"] = delegation_->client;
   d["since"] = format_iso8601(delegation_->since);
   d["recalling"] = delegation_->recalling;
+  d["heard"] = delegation_->heard;  // false: restored at a restart, no report since
   o["delegation"] = std::move(d);
 }
 

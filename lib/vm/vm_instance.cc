@@ -29,6 +29,10 @@ namespace {
 constexpr std::uint16_t kGuestBrokerPort = defaults::kBrokerPort;
 constexpr const char* kGuestRepo = "/home/gate/repo";
 constexpr const char* kGuestView = "/home/gate/view";
+// The sshfs method's guest mount runs as this transient unit, ordered after the broker:
+// stopping it (gate down, or the guest's shutdown) ends the mount, which hands its locks
+// (and a delegation) back, before the broker stops.
+constexpr const char* kGuestViewUnit = "gate-view.service";
 
 // --verbose: every command is also shown as it runs.
 bool g_verbose = false;
@@ -449,7 +453,14 @@ std::string UpRun::guest_mount_command() const {
   guest.broker_port = kGuestBrokerPort;
   guest.foreground = false;
   guest.log_file = "/home/gate/gate-mount.log";
-  return "LD_LIBRARY_PATH=/opt/gate/lib " + shell_join(mount_command(guest, o_.locks));
+  const std::vector<std::string> unit = {
+      "systemd-run", std::string("--unit=") + kGuestViewUnit, "--service-type=forking",
+      "--setenv=LD_LIBRARY_PATH=/opt/gate/lib", "--property=After=gate-broker.service",
+      "--property=Wants=gate-broker.service", "--property=TimeoutStopSec=20",
+      "--property=CollectMode=inactive-or-failed", "--quiet"};
+  // A mount that fails to start says why in the unit's journal: shown in mount.log.
+  return shell_join(unit) + " " + shell_join(mount_command(guest, o_.locks)) +
+         " || { journalctl --no-pager -o cat -n 20 -u " + kGuestViewUnit + " >&2; exit 1; }";
 }
 
 void UpRun::dry_run() {
@@ -555,8 +566,12 @@ bool vm_down(const StackState& s, const DownOptions& o, std::ostream& out, std::
   }
   // 2. sshfs: the guest's gate mount releases its locks as it ends. Every edit is in
   // the repository already (virtio-fs), so nothing is copied.
+  // Stopping its unit waits for the mount process to end: its hand-back reaches the
+  // broker before the guest powers off (else the broker restores a delegation out to a
+  // dead mount at the next boot, and holds every key for its restore grace).
   if (sshfs && running)
-    run_step(ssh_command(as_root(ssh), std::string("fusermount3 -u ") + kGuestView + " 2>/dev/null; true"),
+    run_step(ssh_command(as_root(ssh), std::string("systemctl stop ") + kGuestViewUnit +
+                                           " 2>/dev/null; fusermount3 -u " + kGuestView + " 2>/dev/null; true"),
              logs + "/mount.log", 30s);
   // 3. The tunnel.
   stop_process(s.get_int("tunnel_pid"), "ssh", 5s);

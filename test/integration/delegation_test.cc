@@ -192,11 +192,15 @@ TEST_CASE("delegation: a broker restarted while the space is out keeps it out",
   broker.kill9();
   broker.start();
   json::value st = parse(BrokerClient(broker.endpoint()).status().body);
-  CHECK(st.as_object().contains("delegation"));
+  REQUIRE(st.as_object().contains("delegation"));
+  // Restored, not yet heard from: gate locks can tell a delegate that may be gone.
+  CHECK(st.at("delegation").at("heard") == false);
   auto b = acquire_async(broker.endpoint(), ask_for("f", LockMode::Write, "b-owner", "mount-b:7"));
   // Not granted beside the delegate's lock: it waits for the hand-back.
   CHECK_FALSE(ready(b, 300ms));
   REQUIRE(d.report(d.state("f", false)).status == 200);
+  st = parse(BrokerClient(broker.endpoint()).status().body);
+  CHECK(st.at("delegation").at("heard") == true);
   REQUIRE(d.give_back(d.state("f", false)).status == 200);
   CHECK_FALSE(ready(b, 100ms));
   REQUIRE(BrokerClient(broker.endpoint()).release("d-lock-1", "d-owner-1").status == CallStatus::Ok);
