@@ -35,9 +35,7 @@ HttpAnswer status_answer(int status, const char* word, const std::string& error 
 
 // 403 or 404 for a release or heartbeat the table refused.
 HttpAnswer refusal(OpStatus status, const std::string& lock_id) {
-  if (status == OpStatus::Forbidden)
-    return error_answer(403, "lock " + lock_id + " belongs to another owner");
-  return error_answer(404, "no lock " + lock_id.substr(0, 200) + " (released, expired or capped)");
+  return error_answer(status == OpStatus::Forbidden ? 403 : 404, BrokerService::refusal_text(status, lock_id));
 }
 
 HttpAnswer granted_answer(const Lock& l, std::uint64_t version) {
@@ -158,21 +156,15 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
     return bad_request(reply, 400, p.message());
   }
   const Micros now = clock_();
-  note_client(*p, now);
-  AcquireResult r = table_.acquire(*p, now);
+  AcquireResult r = acquire_checked(*p, now);
   switch (r.kind) {
     case AcquireResult::Kind::Granted:
-      ++metrics_.grants;
-      record_wait(0);
       answer(std::move(reply), granted_answer(r.lock, table_.version_of(r.lock.key)), undo_grant(r.lock));
       return;
     case AcquireResult::Kind::Timeout:
-      ++metrics_.timeouts;
       answer(std::move(reply), status_answer(408, "timeout"));
       return;
     case AcquireResult::Kind::Deadlock:
-      ++metrics_.deadlocks;
-      log(LogLevel::Info, "broker", "deadlock refused: ", r.error);
       answer(std::move(reply), status_answer(409, "deadlock", r.error));
       return;
     case AcquireResult::Kind::Queued:
@@ -190,6 +182,49 @@ void BrokerService::acquire(const std::string& body, Reply& reply, std::uint64_t
           p->owner, " as request ", r.req_id);
       return;
   }
+}
+
+std::string BrokerService::refusal_text(OpStatus status, const std::string& lock_id) {
+  if (status == OpStatus::Forbidden) return "lock " + lock_id + " belongs to another owner";
+  return "no lock " + lock_id.substr(0, 200) + " (released, expired or capped)";
+}
+
+AcquireResult BrokerService::acquire_checked(const AcquireParams& p, Micros now) {
+  note_client(p, now);
+  AcquireResult r = table_.acquire(p, now);
+  switch (r.kind) {
+    case AcquireResult::Kind::Granted:
+      ++metrics_.grants;
+      record_wait(0);
+      break;
+    case AcquireResult::Kind::Timeout:
+      ++metrics_.timeouts;
+      break;
+    case AcquireResult::Kind::Deadlock:
+      ++metrics_.deadlocks;
+      log(LogLevel::Info, "broker", "deadlock refused: ", r.error);
+      break;
+    case AcquireResult::Kind::Queued:
+      break;
+  }
+  return r;
+}
+
+std::optional<AcquireResult> BrokerService::try_acquire(const AcquireParams& p) {
+  if (!typed_calls_here() || p.timeout_ms != 0) return std::nullopt;
+  ++metrics_.requests;
+  AcquireResult r = acquire_checked(p, clock_());
+  after_change();
+  return r;
+}
+
+std::optional<OpStatus> BrokerService::release_now(const std::string& lock_id, const std::string& owner,
+                                                   bool changed, std::string_view stale) {
+  if (!typed_calls_here()) return std::nullopt;
+  ++metrics_.requests;
+  const OpStatus status = release_checked(lock_id, owner, changed, stale);
+  after_change();
+  return status;
 }
 
 void BrokerService::bad_request(Reply& reply, int status, const std::string& message) {
@@ -213,13 +248,20 @@ void BrokerService::release(const std::string& body, Reply& reply) {
     valid = Status::failure("\"stale\" must be \"merged\", \"conflict\" or \"refused\"");
   if (!valid.ok()) return bad_request(reply, 400, valid.message());
   // Forbidden or NotFound: the same refusal as for a heartbeat.
-  if (OpStatus status = table_.release(lock_id, owner, clock_(), changed); status != OpStatus::Ok)
+  if (OpStatus status = release_checked(lock_id, owner, changed, stale); status != OpStatus::Ok)
     return answer(std::move(reply), refusal(status, lock_id));
+  answer(std::move(reply), status_answer(200, "released"));
+}
+
+OpStatus BrokerService::release_checked(const std::string& lock_id, const std::string& owner,
+                                        bool changed, std::string_view stale) {
+  const OpStatus status = table_.release(lock_id, owner, clock_(), changed);
+  if (status != OpStatus::Ok) return status;
   ++metrics_.releases;
   if (stale == "merged") ++metrics_.stale_merged;
   else if (stale == "conflict") ++metrics_.stale_conflicts;
   else if (stale == "refused") ++metrics_.stale_refused;
-  answer(std::move(reply), status_answer(200, "released"));
+  return status;
 }
 
 void BrokerService::heartbeat(const std::string& body, Reply& reply) {

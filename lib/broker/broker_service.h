@@ -18,6 +18,7 @@
 #include <optional>
 #include <boost/json/fwd.hpp>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -71,6 +72,17 @@ class BrokerService {
                        const std::string& body, Reply reply);
   void client_gone(std::uint64_t ticket);
 
+  // A try (timeout 0) and a release by typed values, by the rules of handle()'s, for
+  // an in-process caller (a mount's delegated engine, docs/delegation.md): no JSON,
+  // answered at once. Only for a service without a store (nothing to save before an
+  // answer) that has its lock space; nullopt otherwise, and handle() it is. Then the
+  // caller runs the io_context, as after handle(): a release may grant to waiters.
+  std::optional<AcquireResult> try_acquire(const AcquireParams& p);
+  // The sentence of a refused release or heartbeat (not found, another owner's).
+  static std::string refusal_text(OpStatus status, const std::string& lock_id);
+  std::optional<OpStatus> release_now(const std::string& lock_id, const std::string& owner,
+                                      bool changed, std::string_view stale);
+
   // Answers every waiting request 503 (their queue places stay saved for a restart)
   // and saves what is pending.
   void shutdown();
@@ -102,6 +114,12 @@ class BrokerService {
   };
 
   void acquire(const std::string& body, Reply& reply, std::uint64_t* ticket);
+  // What acquire() and try_acquire() share: the table's answer, counted.
+  AcquireResult acquire_checked(const AcquireParams& p, Micros now);
+  // What release() and release_now() share: the table's answer, counted.
+  OpStatus release_checked(const std::string& lock_id, const std::string& owner, bool changed,
+                           std::string_view stale);
+  bool typed_calls_here() const { return !store_ && !shutting_down_ && !delegation_; }
   // ---- delegation of the whole lock space to one client (broker_delegation.cc) ----
   struct Delegation {
     std::uint64_t id = 0;         // its first fence: never used twice

@@ -152,6 +152,16 @@ Result<AcquireParams> parse_acquire(const json::object& o) {
                    get_millis(o, "timeout_ms", &p.timeout_ms), get_millis(o, "lease_ms", &p.lease_ms),
                    get_millis(o, "max_hold_ms", &p.max_hold_ms), get_holder(o, &p.who)})
     if (!s.ok()) return s;
+  auto m = parse_lock_mode(mode);
+  if (!m) {
+    return Status::failure("field 'mode' must be \"read\" or \"write\", not \"" + mode.substr(0, 32) + "\"");
+  }
+  p.mode = *m;
+  if (Status s = check_acquire(p); !s.ok()) return s;
+  return p;
+}
+
+Status check_acquire(AcquireParams& p) {
   if (p.key.empty()) {
     return Status::failure("field 'path' must not be empty");
   }
@@ -161,13 +171,8 @@ Result<AcquireParams> parse_acquire(const json::object& o) {
   if (p.owner.empty()) {
     return Status::failure("field 'owner' must not be empty");
   }
-  auto m = parse_lock_mode(mode);
-  if (!m) {
-    return Status::failure("field 'mode' must be \"read\" or \"write\", not \"" + mode.substr(0, 32) + "\"");
-  }
-  p.mode = *m;
   if (p.lease_ms && *p.lease_ms == 0) p.lease_ms.reset();
-  return p;
+  return {};
 }
 
 namespace {

@@ -29,6 +29,9 @@ Status get_bool(const boost::json::object& o, const char* field, bool* out);
 
 // POST /v1/locks/acquire body -> params; a failure names what is wrong.
 Result<AcquireParams> parse_acquire(const boost::json::object& o);
+// The checks parse_acquire makes of the fields it read (and a lease of 0: the default),
+// for params that come typed (an in-process delegate's tries).
+Status check_acquire(AcquireParams& p);
 
 // A table's whole state, as a delegate reports it and hands it back (times in
 // microseconds, every field of the engine's): {"locks": [...], "queue": [...],

@@ -81,6 +81,23 @@ void BrokerLoop::set_route(std::shared_ptr<LocalRoute> route) {
   route_ = std::move(route);
 }
 
+std::shared_ptr<LocalRoute> BrokerLoop::typed_route() const {
+  std::lock_guard lock(m_);
+  if (stopping_ || ended_) return nullptr;
+  return route_;
+}
+
+std::optional<CallResult> BrokerLoop::try_acquire_locally(const AcquireRequest& request) {
+  auto route = typed_route();
+  return route ? route->try_acquire(request) : std::nullopt;
+}
+
+std::optional<CallResult> BrokerLoop::release_locally(const std::string& lock_id, const std::string& owner,
+                                                      bool changed, const std::string& stale) {
+  auto route = typed_route();
+  return route ? route->release_now(lock_id, owner, changed, stale) : std::nullopt;
+}
+
 bool BrokerLoop::route_call(CallId id, const wire::Request& request, LocalRoute::Deliver deliver) {
   std::shared_ptr<LocalRoute> route;
   {

@@ -46,6 +46,13 @@ class LocalRoute {
   virtual bool handle(std::uint64_t id, const wire::Request& request, Deliver answer) = 0;
   // The call `id` is no longer wanted (its answer is given by the loop).
   virtual void cancel(std::uint64_t id) = 0;
+  // A try (timeout 0) or a release answered here and now, without JSON and without a
+  // call id: nullopt when the route does not answer it so (then it is a call as above).
+  virtual std::optional<CallResult> try_acquire(const AcquireRequest&) { return std::nullopt; }
+  virtual std::optional<CallResult> release_now(const std::string& /*lock_id*/, const std::string& /*owner*/,
+                                                bool /*changed*/, const std::string& /*stale*/) {
+    return std::nullopt;
+  }
 };
 
 class BrokerLoop {
@@ -88,6 +95,11 @@ class BrokerLoop {
   // Thread-safe. From now on calls go to `route` first (those not marked to_broker);
   // null: to the broker only.
   void set_route(std::shared_ptr<LocalRoute> route);
+  // The local route's typed answer to a try or a release (LocalRoute::try_acquire,
+  // release_now), on the caller's thread; nullopt: make it a call.
+  std::optional<CallResult> try_acquire_locally(const AcquireRequest& request);
+  std::optional<CallResult> release_locally(const std::string& lock_id, const std::string& owner,
+                                            bool changed, const std::string& stale);
   // Calls the route took and has not answered, that the route no longer serves: they
   // go to the broker now, under the same ids and with the same answers.
   void resend_to_broker(const std::vector<CallId>& ids);
@@ -112,6 +124,7 @@ class BrokerLoop {
   CallId new_id();
   // The call to the route, if it takes it; `deliver` gets the answer once.
   bool route_call(CallId id, const wire::Request& request, LocalRoute::Deliver deliver);
+  std::shared_ptr<LocalRoute> typed_route() const;
   void finish_local(CallId id, HttpReply reply);
   CallId call_to_broker(wire::Request request, Answer answer, CallId id);
   std::optional<HttpReply> brief_to_broker(wire::Request request, std::chrono::microseconds patience,

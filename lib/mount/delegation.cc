@@ -3,6 +3,7 @@
 #include <boost/json.hpp>
 
 #include "broker/lock_json.h"
+#include "client/wire_key.h"
 #include "core/log.h"
 #include "core/token.h"
 
@@ -216,10 +217,7 @@ bool Delegation::handle(std::uint64_t id, const wire::Request& request, Deliver 
   }
   if (state_ != State::On) return false;
   serve(id, request, std::move(answer));
-  if (table_->next_fence() + kFenceMargin >= fence_end_) {
-    lock.unlock();
-    loop_.post([self = shared_from_this()] { self->give_back("its fences are used up"); });
-  }
+  if (request.method == "POST") served(lock);
   return true;
 }
 
@@ -233,6 +231,77 @@ void Delegation::serve(std::uint64_t id, const wire::Request& request, Deliver a
   if (ticket) waiting_[id] = ticket;
   if (request.method == "POST") dirty_ = true;
   drive();
+}
+
+void Delegation::served(std::unique_lock<std::mutex>& lock) {
+  dirty_ = true;
+  drive();
+  const bool fences_low = table_->next_fence() + kFenceMargin >= fence_end_;
+  lock.unlock();
+  if (fences_low) loop_.post([self = shared_from_this()] { self->give_back("its fences are used up"); });
+}
+
+std::optional<CallResult> Delegation::try_acquire(const AcquireRequest& request) {
+  AcquireParams p;
+  p.key = wire_key(request.key);
+  p.mode = request.mode;
+  p.owner = request.owner;
+  p.session = request.session;
+  p.request_id = request.request_id;
+  p.timeout_ms = request.timeout_ms;
+  p.lease_ms = request.lease_ms;
+  p.max_hold_ms = request.max_hold_ms;
+  p.who = {request.agent, request.pid, request.command};
+  if (!check_acquire(p).ok()) return std::nullopt;  // handle() says what is wrong
+  std::unique_lock lock(m_);
+  if (state_ != State::On) return std::nullopt;
+  std::optional<AcquireResult> r = service_->try_acquire(p);
+  if (!r) return std::nullopt;
+  CallResult out;
+  switch (r->kind) {
+    case AcquireResult::Kind::Granted: {
+      const Lock& l = r->lock;
+      out.status = CallStatus::Ok;
+      out.lock.lock_id = l.lock_id;
+      out.lock.key = l.key;
+      out.lock.mode = l.mode;
+      out.lock.owner = l.owner;
+      out.lock.max_hold_ms = l.max_hold_ms;
+      out.lock.hold_count = l.hold_count;
+      out.lock.fence = l.fence;
+      out.lock.version = table_->version_of(l.key);
+      out.lock.agent = l.who.agent;
+      out.lock.pid = l.who.pid;
+      out.lock.command = l.who.command;
+      break;
+    }
+    case AcquireResult::Kind::Deadlock:
+      out.status = CallStatus::Deadlock;
+      out.error = r->error;
+      break;
+    case AcquireResult::Kind::Timeout:
+    case AcquireResult::Kind::Queued:  // (a try never queues)
+      out.status = CallStatus::Timeout;
+      out.error = "timeout";
+      break;
+  }
+  served(lock);
+  return out;
+}
+
+std::optional<CallResult> Delegation::release_now(const std::string& lock_id, const std::string& owner,
+                                                  bool changed, const std::string& stale) {
+  std::unique_lock lock(m_);
+  if (state_ != State::On) return std::nullopt;
+  std::optional<OpStatus> status = service_->release_now(lock_id, owner, changed, stale);
+  if (!status) return std::nullopt;
+  CallResult out;
+  out.status = *status == OpStatus::Ok          ? CallStatus::Ok
+               : *status == OpStatus::Forbidden ? CallStatus::Forbidden
+                                                : CallStatus::NotFound;
+  if (*status != OpStatus::Ok) out.error = BrokerService::refusal_text(*status, lock_id);
+  served(lock);
+  return out;
 }
 
 void Delegation::cancel(std::uint64_t id) {

@@ -50,6 +50,12 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   // LocalRoute.
   bool handle(std::uint64_t id, const wire::Request& request, Deliver answer) override;
   void cancel(std::uint64_t id) override;
+  // While the space is here (state On): a try and a release answered by the engine at
+  // once, with no JSON either way. The lock of a grant carries what the agent keeps
+  // (id, key, mode, owner, hold count, fence, version, holder), not the times.
+  std::optional<CallResult> try_acquire(const AcquireRequest& request) override;
+  std::optional<CallResult> release_now(const std::string& lock_id, const std::string& owner,
+                                        bool changed, const std::string& stale) override;
 
   static constexpr std::chrono::milliseconds kAskEvery{1000};
   static constexpr std::chrono::milliseconds kTick{20};          // the local engine's deadlines
@@ -76,6 +82,10 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   void serve(std::uint64_t id, const wire::Request& request, Deliver answer);
   // The calls held while asking go on to the broker (the space was not lent).
   void release_held();
+  // m_ held, after a call the engine answered here: marks the state for the next
+  // report, runs what the engine has to do, and gives the space back before its
+  // fences run out. `lock` is unlocked on return.
+  void served(std::unique_lock<std::mutex>& lock);
   void set_state(State s);  // m_ held
 
   BrokerLoop& loop_;

@@ -157,8 +157,14 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
   while (true) {
     if (job->interrupted()) return finish(job, EINTR, true);
     job->epoch_ = release_epoch();
+    const AcquireRequest request = make_request(*job, job->held.size(), 0);
+    // With the lock space here (a delegation), the engine answers in-process, typed.
+    if (auto here = loop_.try_acquire_locally(request)) {
+      if (!tried(job, *here, true)) return;
+      continue;
+    }
     auto reply = loop_.call_briefly(
-        wire::acquire(make_request(*job, job->held.size(), 0), loop_.io_timeout()), kTryPatience,
+        wire::acquire(request, loop_.io_timeout()), kTryPatience,
         [this, job](const HttpReply& late) { on_try(job, wire::to_result(late)); });
     if (!reply) return;  // the broker thread has it now
     if (!tried(job, wire::to_result(*reply), true)) return;

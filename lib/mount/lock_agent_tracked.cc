@@ -41,8 +41,7 @@ void LockAgent::send_release(const HeldLock& lock, std::function<void()> then) {
     ++releases_out_[lock.key];
     ++releases_out_[release_of(lock.key, lock.pid)];
   }
-  auto came_back = [this, lock, then = std::move(then)](const HttpReply& reply) {
-    const CallResult r = wire::to_result(reply);
+  auto came_back = [this, lock, then = std::move(then)](const CallResult& r) {
     if (r.status == CallStatus::Unavailable) {
       log(LogLevel::Warn, "mount", "could not release the lock on ", lock.key, " (", lock.lock_id,
           "): broker at ", loop_.endpoint().describe(), " is unreachable (", r.error,
@@ -63,13 +62,19 @@ void LockAgent::send_release(const HeldLock& lock, std::function<void()> then) {
     if (loop_.on_loop_thread()) releases_came_back(lock.key);
     else if (parked_ > 0) loop_.post([this, key = lock.key] { releases_came_back(key); });
   };
+  // With the lock space here (a delegation), the engine answers in-process, typed.
+  if (auto here = loop_.release_locally(lock.lock_id, lock.owner, lock.changed, lock.stale))
+    return came_back(*here);
   wire::Request request = wire::release(lock.lock_id, lock.owner, lock.changed, lock.stale);
+  auto from_reply = [came_back = std::move(came_back)](const HttpReply& reply) {
+    came_back(wire::to_result(reply));
+  };
   // Never waits on the broker thread; elsewhere briefly, like a try.
   if (loop_.on_loop_thread()) {
-    loop_.call(std::move(request), std::move(came_back));
+    loop_.call(std::move(request), std::move(from_reply));
     return;
   }
-  if (auto reply = loop_.call_briefly(std::move(request), kTryPatience, came_back)) came_back(*reply);
+  if (auto reply = loop_.call_briefly(std::move(request), kTryPatience, from_reply)) from_reply(*reply);
 }
 
 void LockAgent::release(const HeldLock& lock) { send_release(lock); }

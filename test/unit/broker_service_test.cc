@@ -141,3 +141,35 @@ TEST_CASE("service: a waiter whose client goes away in the turn its grant is mad
   REQUIRE(c->answer);
   CHECK(c->answer->status == 200);
 }
+
+TEST_CASE("service: typed tries and releases follow the HTTP routes' rules", "[unit][service]") {
+  Service s;
+  AcquireParams p;
+  p.key = "f";
+  p.mode = LockMode::Write;
+  p.owner = "A";
+  p.timeout_ms = 0;
+  std::optional<AcquireResult> a = s.service.try_acquire(p);
+  REQUIRE(a);
+  REQUIRE(a->kind == AcquireResult::Kind::Granted);
+  // A waiting acquire queues over HTTP; a second writer's try is refused at once.
+  auto waiting = s.acquire("f", "read", "B");
+  CHECK_FALSE(waiting->answer);
+  p.owner = "C";
+  std::optional<AcquireResult> c = s.service.try_acquire(p);
+  REQUIRE(c);
+  CHECK(c->kind == AcquireResult::Kind::Timeout);
+  // Only tries go typed: a wait needs an answer later.
+  p.timeout_ms.reset();
+  CHECK_FALSE(s.service.try_acquire(p));
+  CHECK(s.service.release_now(a->lock.lock_id, "C", false, "") == OpStatus::Forbidden);
+  CHECK(s.service.release_now(a->lock.lock_id, "A", true, "merged") == OpStatus::Ok);
+  // The release granted the waiter, whose answer comes as the io_context runs.
+  s.ioc.poll();
+  REQUIRE(waiting->answer);
+  CHECK(waiting->answer->status == 200);
+  CHECK(s.service.release_now(a->lock.lock_id, "A", false, "") == OpStatus::NotFound);
+  CHECK(s.table.version_of("f") == a->lock.fence);  // `changed` set the version
+  CHECK(s.service.metrics().stale_merged == 1);
+  CHECK(s.service.metrics().timeouts == 1);
+}
