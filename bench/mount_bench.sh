@@ -4,14 +4,18 @@
 #   pthp    libfuse's reference passthrough_hp in its cached mode, when PASSTHROUGH_HP
 #           names its binary (built from example/passthrough_hp.cc at the tag of the
 #           system libfuse)
+#   pthpx   the same passthrough_hp built with -DHAVE_SETXATTR, when PASSTHROUGH_HP_XATTR
+#           names it: it passes extended attributes through, as gate does (the anchor
+#           answers ENOSYS once and the kernel stops asking, so ls -l's two xattr
+#           questions per entry cost it nothing)
 #   plain   gate mount --no-locking (FUSE's cost without the broker's)
 #   locked  gate mount, the only mount on its broker (Unix socket, --no-history)
 #   two     gate mount, one of two mounts of one directory on one broker
 # Rows: 2,000 files of 4 KiB created and read back (files/s); a 5,000-file tree made
 # (files/s), then find and ls -lR of it (warm, s), git add -A and git status of it (s);
 # sequential write (fsync included) and read through a new open (MiB/s); open+close of
-# one file (per s). The last columns give locked's speed as a share of pthp's and of
-# plain's (for times: their time over locked's).
+# one file (per s). The last columns give locked's speed as a share of pthp's (pthpx's)
+# and of plain's (for times: their time over locked's).
 # Usage: bench/mount_bench.sh [path/to/gate]   (as root)
 #   BENCH_MB=512 sequential size; BENCH_ROUNDS=1 rounds (the median is shown; the
 #   targets' order rotates each round so that none always goes first).
@@ -44,19 +48,25 @@ declare -A DIR=([native]="$WORK/native")
 declare -A MOUNT_PID
 mkdir -p "$WORK/native"
 TARGETS=(native)
-if [ -n "${PASSTHROUGH_HP:-}" ]; then
-  mkdir -p "$WORK/root-pthp" "$WORK/mnt-pthp"
-  "$PASSTHROUGH_HP" --foreground "$WORK/root-pthp" "$WORK/mnt-pthp" 2>"$WORK/mount-pthp.log" &
+mount_pthp() {  # NAME BINARY: passthrough_hp in its cached mode, a target
+  local name=$1 bin=$2
+  mkdir -p "$WORK/root-$name" "$WORK/mnt-$name"
+  "$bin" --foreground "$WORK/root-$name" "$WORK/mnt-$name" 2>"$WORK/mount-$name.log" &
   PIDS+=($!)
-  MOUNTS+=("$WORK/mnt-pthp")
+  MOUNTS+=("$WORK/mnt-$name")
   for _ in $(seq 1 200); do
-    mountpoint -q "$WORK/mnt-pthp" && break
+    mountpoint -q "$WORK/mnt-$name" && break
     sleep 0.1
   done
-  mountpoint -q "$WORK/mnt-pthp" || { echo "passthrough_hp did not mount" >&2; exit 1; }
-  DIR[pthp]="$WORK/mnt-pthp"
-  TARGETS+=(pthp)
-fi
+  mountpoint -q "$WORK/mnt-$name" || { echo "$bin did not mount" >&2; exit 1; }
+  DIR[$name]="$WORK/mnt-$name"
+  TARGETS+=("$name")
+  SHARES+=("$name")
+}
+SHARES=()  # the targets locked is compared with, in the last columns
+if [ -n "${PASSTHROUGH_HP:-}" ]; then mount_pthp pthp "$PASSTHROUGH_HP"; fi
+if [ -n "${PASSTHROUGH_HP_XATTR:-}" ]; then mount_pthp pthpx "$PASSTHROUGH_HP_XATTR"; fi
+SHARES+=(plain)
 mount_gate plain "$WORK/root-plain" "$WORK/mnt-plain" --no-locking
 DIR[plain]="$WORK/mnt-plain"
 start_broker
@@ -142,14 +152,13 @@ share() {  # ROW OTHER: locked's speed as a share of OTHER's, in %
 header="| metric |"
 rule="|---|"
 for t in "${TARGETS[@]}"; do header+=" $t |"; rule+="---|"; done
-header+=" locked/pthp | locked/plain |"
-rule+="---|---|"
+for o in "${SHARES[@]}"; do header+=" locked/$o |"; rule+="---|"; done
 echo "$header"
 echo "$rule"
 for row in "${ROWS[@]}"; do
   line="| ${LABEL[$row]} |"
   for t in "${TARGETS[@]}"; do line+=" ${MED["$row $t"]} |"; done
-  line+=" $(share "$row" pthp) | $(share "$row" plain) |"
+  for o in "${SHARES[@]}"; do line+=" $(share "$row" "$o") |"; done
   echo "$line"
 done
 if [ "$ROUNDS" -gt 1 ]; then
