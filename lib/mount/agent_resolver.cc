@@ -35,6 +35,7 @@ bool AgentResolver::read_stat(pid_t pid, Process* out) const {
   const auto open = s.find('('), close = s.rfind(')');
   if (open == std::string::npos || close == std::string::npos || close < open) return false;
   out->command = s.substr(open + 1, close - open - 1);
+  out->stat_comm = out->command;
   // Fields from 3 (state) on; ppid is field 4, starttime field 22.
   std::size_t field = 3, pos = close + 2;
   while (pos < s.size() && field <= 22) {
@@ -83,7 +84,10 @@ const AgentResolver::Process* AgentResolver::process(pid_t pid, int depth) {
   if (cached != cache_.end() && t - cached->second.checked < recheck_) return &cached->second;
   Process now;
   if (!read_stat(pid, &now)) return nullptr;
-  if (cached != cache_.end() && cached->second.start == now.start) {
+  // The same process (its start time) that has not exec'd (its comm): as cached. An
+  // exec keeps pid and start but may bring another command and environment
+  // (`env GATE_AGENT=x cmd`).
+  if (cached != cache_.end() && cached->second.start == now.start && cached->second.stat_comm == now.stat_comm) {
     cached->second.checked = t;
     return &cached->second;
   }

@@ -51,6 +51,7 @@ class AgentResolver {
     pid_t tgid = 0;
     pid_t ppid = 0;
     std::string command;
+    std::string stat_comm;  // comm as its own stat said (an exec changes it, not `start`)
     std::string agent;  // resolved (own GATE_AGENT or an ancestor's); empty: none
     std::chrono::steady_clock::time_point checked;  // last found as it is cached
   };

@@ -103,6 +103,15 @@ TEST_CASE("a request is attributed to GATE_AGENT of the caller or its nearest an
     CHECK(c.agent == "gemini");
     CHECK(c.command == "python3");
   }
+  SECTION("a process that execs with its own GATE_AGENT is looked up afresh") {
+    // `env GATE_AGENT=codex codex`: pid and start time stay, comm and environment change.
+    CHECK(r.resolve(200).agent == "claude-1");
+    CHECK(r.resolve(200).command == "bash");
+    proc.add(200, 100, "codex", 60, env({"GATE_AGENT=codex"}));
+    auto c = r.resolve(200);
+    CHECK(c.agent == "codex");
+    CHECK(c.command == "codex");
+  }
   SECTION("a known process is served from the cache") {
     CHECK(r.resolve(210).agent == "claude-1");
     // Its ancestors' files may go (they exit); the answer for the same process stays.
