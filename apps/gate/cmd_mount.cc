@@ -232,6 +232,7 @@ int mount(int argc, char** argv) {
   auto& locks = options.locks;
   locks.broker = broker_endpoint_from(*args);
   locks.mount_id = (owner_name.empty() ? host_name() : owner_name) + "-" + short_random();
+  locks.view = host_name() + ":" + mnt;
   locks.lease_ms = (*args)["lease-ms"].as<std::int64_t>();
   if (locks.lease_ms <= 0) return cli::fail(me, "--lease-ms must be positive"), 2;
   if (args->count("max-hold-ms")) locks.max_hold_ms = (*args)["max-hold-ms"].as<std::int64_t>();

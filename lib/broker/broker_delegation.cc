@@ -22,6 +22,16 @@ std::string client_of(const AcquireParams& p) {
   return s.substr(0, s.find(':'));
 }
 
+// A stable id of a delegate's view ("<host>:<mountpoint>"), kept with the delegation
+// in the store's counters: FNV-1a, 63 bits (never 0 for a view).
+std::int64_t view_id(const std::string& view) {
+  if (view.empty()) return 0;
+  std::uint64_t h = 14695981039346656037ull;
+  for (unsigned char c : view) h = (h ^ c) * 1099511628211ull;
+  h &= (std::uint64_t{1} << 63) - 1;
+  return h ? static_cast<std::int64_t>(h) : 1;
+}
+
 HttpAnswer ended_answer(const std::string& why) {
   json::object o;
   o["status"] = "ended";
@@ -57,10 +67,11 @@ void BrokerService::park(const std::string& body, Reply& reply, std::uint64_t* t
 
 void BrokerService::delegate(const std::string& body, Reply& reply) {
   auto obj = parse_body_object(body);
-  std::string client;
+  std::string client, view;
   std::optional<std::int64_t> lease_ms;
   Status valid = obj.status();
   if (valid.ok()) valid = get_string(*obj, "client", true, &client);
+  if (valid.ok()) valid = get_string(*obj, "view", false, &view);
   if (valid.ok()) valid = get_millis(*obj, "lease_ms", &lease_ms);
   if (valid.ok() && client.empty()) valid = Status::failure("field 'client' must not be empty");
   if (!valid.ok()) return bad_request(reply, 400, valid.message());
@@ -72,6 +83,12 @@ void BrokerService::delegate(const std::string& body, Reply& reply) {
     o["error"] = why;
     answer(std::move(reply), {409, json::serialize(o)});
   };
+  // Restored at a restart and not heard from since, lent to this same view: its
+  // process is gone (a live delegate reports, and never asks while it has the space),
+  // and this is the view's new one. Its locks went with it.
+  if (delegation_ && !delegation_->heard && delegation_->view != 0 && delegation_->view == view_id(view))
+    end_delegation("'" + view.substr(0, 200) + "' asked again as '" + client.substr(0, 200) +
+                   "': the mount it was lent to is gone");
   if (delegation_) return refuse("the lock space is delegated to '" + delegation_->client + "'");
   if (table_.lock_count() || table_.queue_length() || !parked_.empty())
     return refuse("locks are held or asked for here");
@@ -83,6 +100,7 @@ void BrokerService::delegate(const std::string& body, Reply& reply) {
   d.id = table_.reserve_fence_block(kDelegationFences);
   d.fence_end = d.id + kDelegationFences;
   d.client = client;
+  d.view = view_id(view);
   d.lease_ms = lease_ms.value_or(30'000);
   if (d.lease_ms <= 0) d.lease_ms = 30'000;
   d.since = now;
@@ -282,6 +300,7 @@ void BrokerService::journal_delegation() {
   set("delegation", delegation_ ? static_cast<std::int64_t>(delegation_->id) : 0);
   set("delegation_fence_end", delegation_ ? static_cast<std::int64_t>(delegation_->fence_end) : 0);
   set("delegation_lease_ms", delegation_ ? delegation_->lease_ms : 0);
+  set("delegation_view", delegation_ ? delegation_->view : 0);
 }
 
 void BrokerService::restore_delegation(const std::unordered_map<std::string, std::int64_t>& counters) {
@@ -294,6 +313,7 @@ void BrokerService::restore_delegation(const std::unordered_map<std::string, std
   d.id = static_cast<std::uint64_t>(get("delegation"));
   d.fence_end = static_cast<std::uint64_t>(get("delegation_fence_end"));
   d.lease_ms = get("delegation_lease_ms") > 0 ? get("delegation_lease_ms") : 30'000;
+  d.view = get("delegation_view");
   d.since = clock_();
   // Nobody could report while the broker was down. A live delegate reports within a
   // second or so (it retries every second); one that died with the broker (a VM

@@ -130,6 +130,7 @@ class BrokerService {
     Micros since = 0;
     bool recalling = false;
     bool heard = true;  // false: restored after a restart, no word from its delegate yet
+    std::int64_t view = 0;  // view_id() of the delegate's view; 0: not given
     std::optional<Reply> recall_waiter;  // the delegate's pending GET .../recall
     std::uint64_t recall_ticket = 0;
     TableState reported;  // its last report: what `status` shows

@@ -52,8 +52,9 @@ constexpr std::uint64_t kFenceMargin = 1 << 20;
 
 }  // namespace
 
-Delegation::Delegation(BrokerLoop& loop, std::string client, std::int64_t lease_ms, std::function<bool()> idle)
-    : loop_(loop), client_(std::move(client)), lease_ms_(lease_ms), idle_(std::move(idle)) {}
+Delegation::Delegation(BrokerLoop& loop, std::string client, std::string view, std::int64_t lease_ms,
+                       std::function<bool()> idle)
+    : loop_(loop), client_(std::move(client)), view_(std::move(view)), lease_ms_(lease_ms), idle_(std::move(idle)) {}
 
 Delegation::~Delegation() = default;
 
@@ -83,6 +84,7 @@ void Delegation::ask() {
   }
   loop_.set_route(shared_from_this());  // what comes meanwhile waits for the answer
   json::object o{{"client", client_}, {"lease_ms", lease_ms_}};
+  if (!view_.empty()) o["view"] = view_;
   loop_.call(to_broker("POST", "/v1/delegation", json::serialize(o)),
              [self = shared_from_this()](const HttpReply& r) {
                if (r.status == 200) return self->on_granted(r.body);

@@ -37,7 +37,9 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   // `idle`: whether the mount holds nothing and asks for nothing at the broker now
   // (only then is asking worth it). `lease_ms`: the delegation's lease, renewed by
   // reports at a third of it.
-  Delegation(BrokerLoop& loop, std::string client, std::int64_t lease_ms, std::function<bool()> idle);
+  // `view`: "<host>:<mountpoint>", sent when asking (LockAgentOptions::view).
+  Delegation(BrokerLoop& loop, std::string client, std::string view, std::int64_t lease_ms,
+             std::function<bool()> idle);
   ~Delegation() override;
 
   // Asks for the space now, and again whenever idle while it is not delegated.
@@ -90,6 +92,7 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
 
   BrokerLoop& loop_;
   const std::string client_;
+  const std::string view_;
   const std::int64_t lease_ms_;
   std::function<bool()> idle_;
 

@@ -77,7 +77,7 @@ void LockAgent::start() {
   loop_.post([this] { heartbeat_round(); });
   if (options_.delegation) {
     // Worth asking only with nothing held or asked for at the broker.
-    delegation_ = std::make_shared<Delegation>(loop_, options_.mount_id, options_.lease_ms, [this] {
+    delegation_ = std::make_shared<Delegation>(loop_, options_.mount_id, options_.view, options_.lease_ms, [this] {
       {
         std::lock_guard guard(jobs_m_);
         if (!jobs_.empty()) return false;

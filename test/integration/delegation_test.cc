@@ -33,9 +33,10 @@ struct Delegate {
   std::uint64_t fence_from = 0;
   explicit Delegate(const BrokerEndpoint& ep) : client(ep) {}
 
-  HttpReply ask(const std::string& name, std::int64_t lease_ms = 5000) {
-    HttpReply r = client.request("POST", "/v1/delegation",
-                                 R"({"client":")" + name + R"(","lease_ms":)" + std::to_string(lease_ms) + "}");
+  HttpReply ask(const std::string& name, std::int64_t lease_ms = 5000, const std::string& view = "") {
+    json::object body{{"client", name}, {"lease_ms", lease_ms}};
+    if (!view.empty()) body["view"] = view;
+    HttpReply r = client.request("POST", "/v1/delegation", json::serialize(body));
     if (r.status == 200) {
       json::value v = parse(r.body);
       id = v.at("delegation").to_number<std::uint64_t>();
@@ -206,6 +207,39 @@ TEST_CASE("delegation: a broker restarted while the space is out keeps it out",
   REQUIRE(BrokerClient(broker.endpoint()).release("d-lock-1", "d-owner-1").status == CallStatus::Ok);
   REQUIRE(ready(b, 10s));
   CHECK(b.get().status == CallStatus::Ok);
+}
+
+TEST_CASE("delegation: restored after a restart, it ends at once when its view asks again",
+          "[broker][delegation]") {
+  BrokerProcess broker;
+  Delegate a(broker.endpoint());
+  REQUIRE(a.ask("mount-a", 20000, "host:/srv/view").status == 200);
+  REQUIRE(a.report(a.state("f", false)).status == 200);
+  broker.kill9();  // the mount dies with it (a VM killed)
+  broker.start();
+  // Another view waits its turn, as before.
+  Delegate other(broker.endpoint());
+  CHECK(other.ask("mount-c", 20000, "host:/srv/other").status == 409);
+  // The same view's new process gets the space at once, not after the restore grace.
+  Delegate b(broker.endpoint());
+  REQUIRE(b.ask("mount-b", 20000, "host:/srv/view").status == 200);
+  CHECK(b.fence_from > a.fence_from);
+  json::value st = parse(BrokerClient(broker.endpoint()).status().body);
+  CHECK(st.at("delegation").at("client") == "mount-b");
+  CHECK(st.at("delegation").at("heard") == true);
+  // The old delegation is over: its hand-back is refused.
+  CHECK(a.give_back(a.state("f", false)).status == 404);
+  CHECK(broker.log().find("the mount it was lent to is gone") != std::string::npos);
+}
+
+TEST_CASE("delegation: a view asking while its live delegation is out is refused",
+          "[broker][delegation]") {
+  BrokerProcess broker;
+  Delegate a(broker.endpoint());
+  REQUIRE(a.ask("mount-a", 20000, "host:/srv/view").status == 200);
+  Delegate b(broker.endpoint());
+  // Heard from since the broker started: only a lease without reports ends it.
+  CHECK(b.ask("mount-b", 20000, "host:/srv/view").status == 409);
 }
 
 TEST_CASE("delegation: bad reports and hand-backs are refused clearly", "[broker][delegation]") {

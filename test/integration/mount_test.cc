@@ -448,6 +448,28 @@ TEST_CASE("a broker killed and restarted keeps the holder's lock and serves wait
   CHECK(slurp(m.in_root("g")) == "g");
 }
 
+TEST_CASE("a mount killed with its broker: the next mount of the view creates at once",
+          "[mount][faults]") {
+  // A restored delegation would hold every key for min(its lease, the restore grace):
+  // 30 s here, against well under a second when the view's new mount ends it.
+  BrokerProcess broker(BrokerProcess::Options{"", false, {"--restore-grace-ms", "60000"}});
+  Mount m(broker.endpoint());
+  // The lock space is lent to the mount.
+  REQUIRE(eventually([&] {
+    return BrokerClient(broker.endpoint()).status().body.find("\"delegation\"") != std::string::npos;
+  }));
+  write_file(m.at("before"), "x");
+  m.kill9();
+  broker.kill9();  // both gone at once, as in a VM killed
+  broker.start();
+  m.restart(broker.endpoint());
+  const auto t0 = Clock::now();
+  write_file(m.at("after"), "y");
+  CHECK(Clock::now() - t0 < 15s);
+  CHECK(slurp(m.in_root("after")) == "y");
+  CHECK(broker.log().find("the mount it was lent to is gone") != std::string::npos);
+}
+
 TEST_CASE("a mount killed with -9 loses its locks one lease later", "[mount][faults]") {
   BrokerProcess broker;
   auto m = std::make_unique<Mount>(broker.endpoint(), std::vector<std::string>{"--lease-ms", "1500"});

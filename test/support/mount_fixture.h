@@ -139,6 +139,12 @@ class Mount {
   pid_t pid() const { return child_.pid(); }
 
   void kill9() { child_.kill_and_wait(); }
+  // The view's next process: the dead mount (after kill9()) unmounted, and a new one
+  // on the same root and mount point, as after a crash and a restart.
+  void restart(const BrokerEndpoint& ep, std::vector<std::string> extra = {}) {
+    take_down();
+    start(ep, std::move(extra));
+  }
   // Waits for the mount to end by itself: its exit status (128 + signal), -1 on timeout.
   int wait_exit(std::chrono::milliseconds timeout) { return child_.wait(timeout); }
   std::string history_dir() const { return base_.path() + "/history"; }
