@@ -5,6 +5,8 @@
 // delegate's reports are what `status` shows.
 #include <boost/json.hpp>
 
+#include <algorithm>
+
 #include "broker/broker_service.h"
 #include "broker/lock_json.h"
 #include "core/log.h"
@@ -83,12 +85,17 @@ void BrokerService::delegate(const std::string& body, Reply& reply) {
     o["error"] = why;
     answer(std::move(reply), {409, json::serialize(o)});
   };
-  // Restored at a restart and not heard from since, lent to this same view: its
-  // process is gone (a live delegate reports, and never asks while it has the space),
-  // and this is the view's new one. Its locks went with it.
-  if (delegation_ && !delegation_->heard && delegation_->view != 0 && delegation_->view == view_id(view))
-    end_delegation("'" + view.substr(0, 200) + "' asked again as '" + client.substr(0, 200) +
-                   "': the mount it was lent to is gone");
+  // Restored at a restart, lent to this same view, and not heard from since: a live
+  // delegate polls again within 200 ms of the restart (and never asks while it has
+  // the space), so once kRestoredSilenceUs has passed without a word its process is
+  // gone and this is the view's new one; its locks went with it. Asked sooner, it
+  // ends then, unless its delegate speaks up (a poll or report renews its lease).
+  if (delegation_ && !delegation_->heard && delegation_->view != 0 && delegation_->view == view_id(view)) {
+    const Micros at = delegation_->since + kRestoredSilenceUs;
+    delegation_->view_asked = true;
+    if (now >= at) end_delegation(view_gone_why());
+    else delegation_->expires_at = std::min(delegation_->expires_at, at);
+  }
   if (delegation_) return refuse("the lock space is delegated to '" + delegation_->client + "'");
   if (table_.lock_count() || table_.queue_length() || !parked_.empty())
     return refuse("locks are held or asked for here");
@@ -151,6 +158,11 @@ void BrokerService::recall_wait(const std::string& query, Reply& reply, std::uin
   }
   Delegation* d = delegation_in(q, reply);
   if (!d) return;
+  // Only the live delegate polls for its delegation: as good as a report for its
+  // lease (an idle delegate's next report may be a third of a lease away, and a
+  // delegation restored at a restart would otherwise end at its restore grace).
+  d->heard = true;
+  d->expires_at = std::max(d->expires_at, clock_() + d->lease_ms * 1000);
   if (d->recalling) return answer(std::move(reply), {200, R"({"recall":true})"});
   if (report_wanted_) {
     report_wanted_ = false;
@@ -271,6 +283,11 @@ void BrokerService::delegation_return(const std::string& body, Reply& reply) {
   answer(std::move(reply), {200, json::serialize(o)});
   end_delegation("handed back with " + std::to_string(locks) + " locks and " + std::to_string(queued) +
                  " queued requests");
+}
+
+std::string BrokerService::view_gone_why() const {
+  return "its mount's view asked for the space again, and it was not heard from since the restart: "
+         "the mount it was lent to is gone";
 }
 
 void BrokerService::end_delegation(const std::string& why) {

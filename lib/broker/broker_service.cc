@@ -469,8 +469,10 @@ void BrokerService::arm_timer() {
     table_.expire(now);
     if (delegation_ && now >= delegation_->expires_at) {
       ++metrics_.delegations_expired;
-      end_delegation("its delegate stopped reporting (lease of " +
-                     std::to_string(delegation_->lease_ms) + " ms over); its locks are gone");
+      end_delegation(delegation_->view_asked && !delegation_->heard
+                         ? view_gone_why()
+                         : "its delegate stopped reporting (lease of " + std::to_string(delegation_->lease_ms) +
+                               " ms over); its locks are gone");
     }
     after_change();
   });

@@ -97,6 +97,9 @@ class BrokerService {
   // The quiet time before a client may have the lock space delegated: no acquire
   // from any other client for this long.
   static constexpr Micros kDelegationQuietUs = 2'000'000;
+  // How long a delegation restored at a restart stays out, unheard from, before its
+  // own view's new mount may end it (docs/delegation.md, Failures).
+  static constexpr Micros kRestoredSilenceUs = 500'000;
   // Fences set aside for one delegation.
   static constexpr std::uint64_t kDelegationFences = std::uint64_t{1} << 32;
 
@@ -131,6 +134,7 @@ class BrokerService {
     bool recalling = false;
     bool heard = true;  // false: restored after a restart, no word from its delegate yet
     std::int64_t view = 0;  // view_id() of the delegate's view; 0: not given
+    bool view_asked = false;  // restored, unheard, and its view asked again
     std::optional<Reply> recall_waiter;  // the delegate's pending GET .../recall
     std::uint64_t recall_ticket = 0;
     TableState reported;  // its last report: what `status` shows
@@ -161,6 +165,7 @@ class BrokerService {
   // acquires parked meanwhile, in their order.
   void end_delegation(const std::string& why);
   void journal_delegation();
+  std::string view_gone_why() const;
   bool client_gone_delegation(std::uint64_t ticket);
   void note_client(const AcquireParams& p, Micros now);
   void add_delegated_status(const std::string& key, boost::json::array& locks,

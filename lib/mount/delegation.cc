@@ -249,7 +249,8 @@ std::optional<CallResult> Delegation::try_acquire(const AcquireRequest& request)
   p.mode = request.mode;
   p.owner = request.owner;
   p.session = request.session;
-  p.request_id = request.request_id;
+  // No request_id: it re-attaches a queued request, whose answer would come later;
+  // a try answered here takes over nothing (waits go as HTTP).
   p.timeout_ms = request.timeout_ms;
   p.lease_ms = request.lease_ms;
   p.max_hold_ms = request.max_hold_ms;

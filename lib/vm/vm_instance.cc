@@ -455,7 +455,8 @@ std::string UpRun::guest_mount_command() const {
   guest.log_file = "/home/gate/gate-mount.log";
   const std::vector<std::string> unit = {
       "systemd-run", std::string("--unit=") + kGuestViewUnit, "--service-type=forking",
-      "--setenv=LD_LIBRARY_PATH=/opt/gate/lib", "--property=After=gate-broker.service",
+      "--setenv=LD_LIBRARY_PATH=/opt/gate/lib", "--setenv=HOME=/root",  // (its history's home)
+      "--property=After=gate-broker.service",
       "--property=Wants=gate-broker.service", "--property=TimeoutStopSec=20",
       "--property=CollectMode=inactive-or-failed", "--quiet"};
   // A mount that fails to start says why in the unit's journal: shown in mount.log.
