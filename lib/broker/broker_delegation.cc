@@ -93,7 +93,7 @@ void BrokerService::delegate(const std::string& body, Reply& reply) {
   if (delegation_ && !delegation_->heard && delegation_->view != 0 && delegation_->view == view_id(view)) {
     const Micros at = delegation_->since + kRestoredSilenceUs;
     delegation_->view_asked = true;
-    if (now >= at) end_delegation(view_gone_why());
+    if (now >= at) end_delegation(kViewGoneWhy);
     else delegation_->expires_at = std::min(delegation_->expires_at, at);
   }
   if (delegation_) return refuse("the lock space is delegated to '" + delegation_->client + "'");
@@ -283,11 +283,6 @@ void BrokerService::delegation_return(const std::string& body, Reply& reply) {
   answer(std::move(reply), {200, json::serialize(o)});
   end_delegation("handed back with " + std::to_string(locks) + " locks and " + std::to_string(queued) +
                  " queued requests");
-}
-
-std::string BrokerService::view_gone_why() const {
-  return "its mount's view asked for the space again, and it was not heard from since the restart: "
-         "the mount it was lent to is gone";
 }
 
 void BrokerService::end_delegation(const std::string& why) {

@@ -470,7 +470,7 @@ void BrokerService::arm_timer() {
     if (delegation_ && now >= delegation_->expires_at) {
       ++metrics_.delegations_expired;
       end_delegation(delegation_->view_asked && !delegation_->heard
-                         ? view_gone_why()
+                         ? kViewGoneWhy
                          : "its delegate stopped reporting (lease of " + std::to_string(delegation_->lease_ms) +
                                " ms over); its locks are gone");
     }

@@ -100,6 +100,9 @@ class BrokerService {
   // How long a delegation restored at a restart stays out, unheard from, before its
   // own view's new mount may end it (docs/delegation.md, Failures).
   static constexpr Micros kRestoredSilenceUs = 500'000;
+  static constexpr const char* kViewGoneWhy =
+      "its mount's view asked for the space again, and it was not heard from since the restart: "
+      "the mount it was lent to is gone";
   // Fences set aside for one delegation.
   static constexpr std::uint64_t kDelegationFences = std::uint64_t{1} << 32;
 
@@ -165,7 +168,6 @@ class BrokerService {
   // acquires parked meanwhile, in their order.
   void end_delegation(const std::string& why);
   void journal_delegation();
-  std::string view_gone_why() const;
   bool client_gone_delegation(std::uint64_t ticket);
   void note_client(const AcquireParams& p, Micros now);
   void add_delegated_status(const std::string& key, boost::json::array& locks,

@@ -50,6 +50,40 @@ bool about_a_held_lock(const wire::Request& r) {
 // Fences kept in reserve at the end of a delegation's block: the space goes back first.
 constexpr std::uint64_t kFenceMargin = 1 << 20;
 
+// A typed try as the engine takes it: what parse_acquire makes of the same request's
+// JSON, but no request_id: that re-attaches a queued request, whose answer would come
+// later, and a try answered here takes over nothing (waits go as HTTP).
+AcquireParams params_of(const AcquireRequest& r) {
+  AcquireParams p;
+  p.key = wire_key(r.key);
+  p.mode = r.mode;
+  p.owner = r.owner;
+  p.session = r.session;
+  p.timeout_ms = r.timeout_ms;
+  p.lease_ms = r.lease_ms;
+  p.max_hold_ms = r.max_hold_ms;
+  p.who = {r.agent, r.pid, r.command};
+  return p;
+}
+
+// A grant as the agent keeps it (what lock_from_json reads of the JSON answer), but
+// without the times, which it does not use.
+LockInfo info_of(const Lock& l, std::uint64_t version) {
+  LockInfo i;
+  i.lock_id = l.lock_id;
+  i.key = l.key;
+  i.mode = l.mode;
+  i.owner = l.owner;
+  i.max_hold_ms = l.max_hold_ms;
+  i.hold_count = l.hold_count;
+  i.fence = l.fence;
+  i.version = version;
+  i.agent = l.who.agent;
+  i.pid = l.who.pid;
+  i.command = l.who.command;
+  return i;
+}
+
 }  // namespace
 
 Delegation::Delegation(BrokerLoop& loop, std::string client, std::string view, std::int64_t lease_ms,
@@ -219,7 +253,7 @@ bool Delegation::handle(std::uint64_t id, const wire::Request& request, Deliver 
   }
   if (state_ != State::On) return false;
   serve(id, request, std::move(answer));
-  if (request.method == "POST") served(lock);
+  give_back_if_fences_low(lock);
   return true;
 }
 
@@ -235,26 +269,20 @@ void Delegation::serve(std::uint64_t id, const wire::Request& request, Deliver a
   drive();
 }
 
-void Delegation::served(std::unique_lock<std::mutex>& lock) {
-  dirty_ = true;
-  drive();
+void Delegation::give_back_if_fences_low(std::unique_lock<std::mutex>& lock) {
   const bool fences_low = table_->next_fence() + kFenceMargin >= fence_end_;
   lock.unlock();
   if (fences_low) loop_.post([self = shared_from_this()] { self->give_back("its fences are used up"); });
 }
 
+void Delegation::served(std::unique_lock<std::mutex>& lock) {
+  dirty_ = true;
+  drive();
+  give_back_if_fences_low(lock);
+}
+
 std::optional<CallResult> Delegation::try_acquire(const AcquireRequest& request) {
-  AcquireParams p;
-  p.key = wire_key(request.key);
-  p.mode = request.mode;
-  p.owner = request.owner;
-  p.session = request.session;
-  // No request_id: it re-attaches a queued request, whose answer would come later;
-  // a try answered here takes over nothing (waits go as HTTP).
-  p.timeout_ms = request.timeout_ms;
-  p.lease_ms = request.lease_ms;
-  p.max_hold_ms = request.max_hold_ms;
-  p.who = {request.agent, request.pid, request.command};
+  AcquireParams p = params_of(request);
   if (!check_acquire(p).ok()) return std::nullopt;  // handle() says what is wrong
   std::unique_lock lock(m_);
   if (state_ != State::On) return std::nullopt;
@@ -262,22 +290,10 @@ std::optional<CallResult> Delegation::try_acquire(const AcquireRequest& request)
   if (!r) return std::nullopt;
   CallResult out;
   switch (r->kind) {
-    case AcquireResult::Kind::Granted: {
-      const Lock& l = r->lock;
+    case AcquireResult::Kind::Granted:
       out.status = CallStatus::Ok;
-      out.lock.lock_id = l.lock_id;
-      out.lock.key = l.key;
-      out.lock.mode = l.mode;
-      out.lock.owner = l.owner;
-      out.lock.max_hold_ms = l.max_hold_ms;
-      out.lock.hold_count = l.hold_count;
-      out.lock.fence = l.fence;
-      out.lock.version = table_->version_of(l.key);
-      out.lock.agent = l.who.agent;
-      out.lock.pid = l.who.pid;
-      out.lock.command = l.who.command;
+      out.lock = info_of(r->lock, table_->version_of(r->lock.key));
       break;
-    }
     case AcquireResult::Kind::Deadlock:
       out.status = CallStatus::Deadlock;
       out.error = r->error;

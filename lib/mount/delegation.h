@@ -84,9 +84,11 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   void serve(std::uint64_t id, const wire::Request& request, Deliver answer);
   // The calls held while asking go on to the broker (the space was not lent).
   void release_held();
-  // m_ held, after a call the engine answered here: marks the state for the next
-  // report, runs what the engine has to do, and gives the space back before its
-  // fences run out. `lock` is unlocked on return.
+  // m_ held: gives the space back (from the loop) before its fences run out. `lock` is
+  // unlocked on return.
+  void give_back_if_fences_low(std::unique_lock<std::mutex>& lock);
+  // m_ held, after a typed call the engine answered here: marks the state for the next
+  // report, runs what the engine has to do (as serve() does), then the fence check.
   void served(std::unique_lock<std::mutex>& lock);
   void set_state(State s);  // m_ held
 

@@ -91,8 +91,9 @@ struct LockAgentOptions {
   BrokerEndpoint broker;
   std::string mount_id;  // session = "<mount_id>:<pid>"
   // What this mount shows, the same across its processes ("<host>:<mountpoint>"): a
-  // broker restarted with its space lent to this view's last process, which is gone
-  // if this one asks, ends that delegation at once (docs/delegation.md).
+  // broker restarted with its space lent to this view's last process, unheard from
+  // when this one asks, ends that delegation 0.5 s after its restart
+  // (docs/delegation.md).
   std::string view;
   std::int64_t lease_ms = defaults::kLeaseMs;
   std::optional<std::int64_t> max_hold_ms;
