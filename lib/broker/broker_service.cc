@@ -214,7 +214,7 @@ std::optional<AcquireResult> BrokerService::try_acquire(const AcquireParams& p) 
   if (!typed_calls_here() || p.timeout_ms != 0) return std::nullopt;
   ++metrics_.requests;
   AcquireResult r = acquire_checked(p, clock_());
-  after_change();
+  settled_change();
   return r;
 }
 
@@ -223,7 +223,7 @@ std::optional<OpStatus> BrokerService::release_now(const std::string& lock_id, c
   if (!typed_calls_here()) return std::nullopt;
   ++metrics_.requests;
   const OpStatus status = release_checked(lock_id, owner, changed, stale);
-  after_change();
+  settled_change();
   return status;
 }
 
@@ -407,7 +407,17 @@ void BrokerService::after_change() {
   arm_timer();
   if (flush_scheduled_) return;
   flush_scheduled_ = true;
-  boost::asio::post(ioc_, [this] { flush(); });
+  boost::asio::post(ioc_, [this] {
+    if (flush_scheduled_) flush();  // (a typed call's may have run it already)
+  });
+}
+
+void BrokerService::settled_change() {
+  // No store to wait for: what after_change() leaves for a later turn of the event
+  // loop (a post per call) is done now.
+  process_events();
+  arm_timer();
+  flush();
 }
 
 void BrokerService::flush() {

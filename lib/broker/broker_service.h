@@ -75,8 +75,8 @@ class BrokerService {
   // A try (timeout 0) and a release by typed values, by the rules of handle()'s, for
   // an in-process caller (a mount's delegated engine, docs/delegation.md): no JSON,
   // answered at once. Only for a service without a store (nothing to save before an
-  // answer) that has its lock space; nullopt otherwise, and handle() it is. Then the
-  // caller runs the io_context, as after handle(): a release may grant to waiters.
+  // answer) that has its lock space; nullopt otherwise, and handle() it is. What the
+  // call lets in (a release may grant to waiters) is answered before it returns.
   std::optional<AcquireResult> try_acquire(const AcquireParams& p);
   // The sentence of a refused release or heartbeat (not found, another owner's).
   static std::string refusal_text(OpStatus status, const std::string& lock_id);
@@ -88,6 +88,7 @@ class BrokerService {
   void shutdown();
   // Saves pending changes and sends the answers that waited for them.
   void flush();
+
 
   // A delegation the store kept (its counters, LockStore::Snapshot::counters): still
   // out after a restart, with a fresh lease. Call before serving.
@@ -191,6 +192,7 @@ class BrokerService {
               std::uint64_t ticket = 0);
   void after_change();
   void process_events();
+  void settled_change();  // after_change(), flushed at once (typed calls)
   void arm_timer();
   void record_wait(Micros waited);
   std::function<void()> undo_grant(const Lock& l);

@@ -56,17 +56,13 @@ void LockTable::unindex_lock(const Lock& l) {
 }
 
 void LockTable::put_lock_journal(const Lock& l) {
-  JournalEntry e{JournalEntry::Kind::PutLock};
-  e.lock = l;
-  journal_.push_back(std::move(e));
+  record(JournalEntry::Kind::PutLock, [&](JournalEntry& e) { e.lock = l; });
 }
 
 void LockTable::reserve_fences() {
   if (next_fence_ < fence_reserved_) return;
   fence_reserved_ = next_fence_ + kFenceBlock;
-  JournalEntry e{JournalEntry::Kind::Counters};
-  e.fence_floor = fence_reserved_;
-  journal_.push_back(std::move(e));
+  record(JournalEntry::Kind::Counters, [&](JournalEntry& e) { e.fence_floor = fence_reserved_; });
 }
 
 Lock& LockTable::insert_lock(Lock l) {
@@ -116,9 +112,7 @@ AcquireResult LockTable::acquire(const AcquireParams& p, Micros now) {
         request_deadlines_.emplace(*q.deadline, q.req_id);
       }
       q.persisted = true;
-      JournalEntry e{JournalEntry::Kind::PutRequest};
-      e.request = q;
-      journal_.push_back(std::move(e));
+      record(JournalEntry::Kind::PutRequest, [&](JournalEntry& e) { e.request = q; });
       result.kind = AcquireResult::Kind::Queued;
       result.req_id = q.req_id;
       result.replaced_req_id = q.req_id;
@@ -137,10 +131,17 @@ AcquireResult LockTable::acquire(const AcquireParams& p, Micros now) {
   r.who = p.who;
   r.lease_ms = p.lease_ms && *p.lease_ms > 0 ? *p.lease_ms : options_.default_lease_ms;
   if (auto cap = effective_max_hold(p.max_hold_ms); cap > 0) r.max_hold_ms = cap;
+  if (ks.queue.empty() && grantable(ks, r)) {
+    // Nobody queued and nothing in the way: what pump() would do with it at the head
+    // of the queue, without queueing it first.
+    result.kind = AcquireResult::Kind::Granted;
+    result.lock = grant(std::move(r), now);
+    return result;
+  }
   const std::uint64_t id = r.req_id;
   ks.queue.push_back(id);
   waiting_by_session_[r.session].insert(id);
-  requests_.emplace(id, r);
+  requests_.emplace(id, std::move(r));
   pump(p.key, now);
 
   if (!requests_.count(id)) {
@@ -170,9 +171,7 @@ AcquireResult LockTable::acquire(const AcquireParams& p, Micros now) {
     request_deadlines_.emplace(*q.deadline, id);
   }
   q.persisted = true;
-  JournalEntry e{JournalEntry::Kind::PutRequest};
-  e.request = q;
-  journal_.push_back(std::move(e));
+  record(JournalEntry::Kind::PutRequest, [&](JournalEntry& e) { e.request = q; });
   result.kind = AcquireResult::Kind::Queued;
   result.req_id = id;
   return result;
@@ -187,29 +186,29 @@ void LockTable::reenter(Lock& lock, LockMode mode, Micros now) {
   put_lock_journal(lock);
 }
 
-Lock& LockTable::grant(const QueuedRequest& r, Micros now) {
+Lock& LockTable::grant(QueuedRequest&& r, Micros now) {
   if (Lock* own = holder_of(r.owner, r.key)) {
     reenter(*own, r.mode, now);
     return *own;
   }
   Lock l;
   l.lock_id = new_lock_id_();
-  l.key = r.key;
+  l.key = std::move(r.key);
   l.mode = r.mode;
-  l.owner = r.owner;
-  l.session = r.session;
+  l.owner = std::move(r.owner);
+  l.session = std::move(r.session);
   l.acquired_at = now;
   l.lease_ms = r.lease_ms;
   l.lease_expires_at = now + r.lease_ms * 1000;
   l.max_hold_ms = r.max_hold_ms;
   l.hold_count = 1;
   l.fence = next_fence_++;
-  l.who = r.who;
+  l.who = std::move(r.who);
   reserve_fences();
   if (r.orphan) {
     // Nobody may be there to use it: keep it only until the grace period ends
     // unless its client comes back and claims it.
-    l.unclaimed_request_id = r.request_id;
+    l.unclaimed_request_id = std::move(r.request_id);
     if (r.deadline) l.lease_expires_at = std::min(l.lease_expires_at, *r.deadline);
   }
   Lock& stored = insert_lock(std::move(l));
@@ -222,16 +221,16 @@ void LockTable::pump(const std::string& key, Micros now) {
   if (kit == keys_.end()) return;
   KeyState& ks = kit->second;
   while (!ks.queue.empty()) {
-    const QueuedRequest& r = requests_.at(ks.queue.front());
-    const bool grantable = r.mode == LockMode::Write ? held_only_by(ks, r.owner)
-                                                     : !write_held_by_other(ks, r.owner);
-    if (!grantable) break;
-    QueuedRequest req = r;
-    remove_request(req.req_id);
-    Lock& l = grant(req, now);
-    events_.push_back({Event::Kind::Granted, req.req_id, l, ""});
+    const std::uint64_t id = ks.queue.front();
+    if (!grantable(ks, requests_.at(id))) break;
+    Lock& l = grant(take_request(id), now);
+    events_.push_back({Event::Kind::Granted, id, l, ""});
   }
   forget_key_if_idle(key);
+}
+
+bool LockTable::grantable(const KeyState& ks, const QueuedRequest& r) const {
+  return r.mode == LockMode::Write ? held_only_by(ks, r.owner) : !write_held_by_other(ks, r.owner);
 }
 
 void LockTable::forget_key_if_idle(const std::string& key) {
@@ -241,9 +240,12 @@ void LockTable::forget_key_if_idle(const std::string& key) {
 }
 
 void LockTable::remove_request(std::uint64_t req_id) {
-  auto it = requests_.find(req_id);
-  if (it == requests_.end()) return;
-  const QueuedRequest& r = it->second;
+  if (requests_.count(req_id)) take_request(req_id);
+}
+
+QueuedRequest LockTable::take_request(std::uint64_t req_id) {
+  auto node = requests_.extract(req_id);
+  QueuedRequest& r = node.mapped();
   auto& q = keys_[r.key].queue;
   q.erase(std::find(q.begin(), q.end(), req_id));
   auto sit = waiting_by_session_.find(r.session);
@@ -253,11 +255,9 @@ void LockTable::remove_request(std::uint64_t req_id) {
   }
   if (r.deadline) request_deadlines_.erase({*r.deadline, req_id});
   if (r.persisted) {
-    JournalEntry e{JournalEntry::Kind::DeleteRequest};
-    e.req_id = req_id;
-    journal_.push_back(std::move(e));
+    record(JournalEntry::Kind::DeleteRequest, [&](JournalEntry& e) { e.req_id = req_id; });
   }
-  requests_.erase(it);
+  return std::move(r);
 }
 
 void LockTable::drop_lock(Lock* lock, const std::string& reason) {
@@ -265,9 +265,7 @@ void LockTable::drop_lock(Lock* lock, const std::string& reason) {
   by_owner_key_.erase(owner_key(lock->owner, lock->key));
   auto& holders = keys_[lock->key].holders;
   holders.erase(std::find(holders.begin(), holders.end(), lock));
-  JournalEntry e{JournalEntry::Kind::DeleteLock};
-  e.lock_id = lock->lock_id;
-  journal_.push_back(std::move(e));
+  record(JournalEntry::Kind::DeleteLock, [&](JournalEntry& e) { e.lock_id = lock->lock_id; });
   auto node = locks_.extract(lock->lock_id);
   if (!reason.empty()) events_.push_back({Event::Kind::Dropped, 0, std::move(node.mapped()), reason});
 }
@@ -284,10 +282,7 @@ OpStatus LockTable::release(const std::string& lock_id, const std::string& owner
     if (l.fence > v) {
       v = l.fence;
       if (keep_version_changes_) version_changes_[l.key] = v;
-      JournalEntry e{JournalEntry::Kind::PutVersion};
-      e.key = l.key;
-      e.version = v;
-      journal_.push_back(std::move(e));
+      record(JournalEntry::Kind::PutVersion, [&](JournalEntry& e) { e.key = l.key; e.version = v; });
     }
   }
   if (--l.hold_count > 0) {
@@ -498,9 +493,7 @@ std::size_t LockTable::adopt(TableState state, Micros now) {
   for (std::uint64_t id : req_ids) {
     auto it = requests_.find(id);
     if (it == requests_.end()) continue;
-    JournalEntry e{JournalEntry::Kind::PutRequest};
-    e.request = it->second;
-    journal_.push_back(std::move(e));
+    record(JournalEntry::Kind::PutRequest, [&](JournalEntry& e) { e.request = it->second; });
   }
   reserve_fences();
   return left_out;
@@ -526,10 +519,7 @@ void LockTable::merge_versions(const std::unordered_map<std::string, std::uint64
     if (v <= mine) continue;
     mine = v;
     next_fence_ = std::max(next_fence_, v + 1);
-    JournalEntry e{JournalEntry::Kind::PutVersion};
-    e.key = key;
-    e.version = v;
-    journal_.push_back(std::move(e));
+    record(JournalEntry::Kind::PutVersion, [&](JournalEntry& e) { e.key = key; e.version = v; });
   }
 }
 

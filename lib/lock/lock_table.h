@@ -188,6 +188,9 @@ class LockTable {
 
   std::vector<Event> take_events();
   std::vector<JournalEntry> take_journal();
+  // Whether changes are journaled at all (a table no store learns from, as a
+  // delegate's, keeps none: each entry is a copy of a lock).
+  void keep_journal(bool on) { journaling_ = on; }
   bool has_events() const { return !events_.empty(); }
 
   // Views for status and tests. key empty: all keys.
@@ -216,9 +219,12 @@ class LockTable {
   bool write_held_by_other(const KeyState& ks, const std::string& owner) const;
   bool held_only_by(const KeyState& ks, const std::string& owner) const;
   void pump(const std::string& key, Micros now);
-  Lock& grant(const QueuedRequest& r, Micros now);
+  Lock& grant(QueuedRequest&& r, Micros now);  // takes r's strings
+  // Whether r may hold the key now, as far as its holders go (not its queue).
+  bool grantable(const KeyState& ks, const QueuedRequest& r) const;
   void reenter(Lock& lock, LockMode mode, Micros now);
   void remove_request(std::uint64_t req_id);
+  QueuedRequest take_request(std::uint64_t req_id);  // removes a queued one, answers it
   void drop_lock(Lock* lock, const std::string& reason);
   Lock& insert_lock(Lock l);
   void forget_key_if_idle(const std::string& key);
@@ -228,6 +234,13 @@ class LockTable {
   void index_lock(const Lock& l);
   void unindex_lock(const Lock& l);
   void put_lock_journal(const Lock& l);
+  template <class Fill>
+  void record(JournalEntry::Kind kind, Fill fill) {
+    if (!journaling_) return;
+    JournalEntry e{kind};
+    fill(e);
+    journal_.push_back(std::move(e));
+  }
   void reserve_fences();
 
   LockTableOptions options_;
@@ -250,6 +263,7 @@ class LockTable {
 
   std::vector<Event> events_;
   std::vector<JournalEntry> journal_;
+  bool journaling_ = true;
 };
 
 }  // namespace gate

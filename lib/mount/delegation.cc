@@ -170,6 +170,7 @@ void Delegation::on_granted(const std::string& body) {
       table_ = std::make_unique<LockTable>(options, random_token);
       table_->restore({}, {}, fence_from, wall_clock_micros(), std::move(versions));
       table_->take_journal();
+      table_->keep_journal(false);  // no store here: the broker learns by reports
       table_->keep_version_changes(true);
       unreported_.clear();
       service_ = std::make_unique<BrokerService>(*ioc_, *table_, nullptr, wall_clock_micros,
@@ -277,7 +278,6 @@ void Delegation::give_back_if_fences_low(std::unique_lock<std::mutex>& lock) {
 
 void Delegation::served(std::unique_lock<std::mutex>& lock) {
   dirty_ = true;
-  drive();
   give_back_if_fences_low(lock);
 }
 

@@ -29,9 +29,10 @@ constexpr std::uint32_t kAttrEvents = IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE;
 
 }  // namespace
 
-bool GateFs::Impl::keep_cache_at_open(Inode& in, int fd, std::uint64_t version) {
+bool GateFs::Impl::keep_cache_at_open(Inode& in, int fd, std::uint64_t version, const struct stat* known) {
   struct stat st {};
-  if (::fstat(fd, &st) != 0) return false;
+  if (known) st = *known;
+  else if (::fstat(fd, &st) != 0) return false;
   const Inode::Stamp now = stamp_of(st, version);
   bool keep = false, changed = false;
   {

@@ -292,6 +292,11 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                 struct stat now {};
                 const int replacement = held.empty() ? -1 : file_now_named(in, o->key, &now);
                 if (replacement == -2) return ESTALE;
+                // file_now_named() stat'ed the file (its inode's) when it answered -1
+                // for a regular file still named: that stat serves here too, unless
+                // the open truncates it.
+                const bool stated =
+                    !held.empty() && !(flags & O_TRUNC) && S_ISREG(now.st_mode) && now.st_nlink != 0;
                 const int at = replacement >= 0 ? replacement : in.fd;
                 if (replacement >= 0) {
                   // The kernel's inode (its size, its pages) is the old file's: I/O
@@ -321,7 +326,7 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                 }
                 if (!err) err = adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
                 if (!err && replacement < 0)
-                  o->keep_cache = keep_cache_at_open(in, o->h->fd, o->h->version);
+                  o->keep_cache = keep_cache_at_open(in, o->h->fd, o->h->version, stated ? &now : nullptr);
                 if (replacement >= 0) ::close(replacement);
                 return err;
               },

@@ -136,7 +136,9 @@ struct GateFs::Impl {
   // the file (its size, mtime and ctime, and its version at the broker) is as it was
   // when that content was read or written through the mount. Records what it is now;
   // when it changed, the kernel's attributes of it go too.
-  bool keep_cache_at_open(Inode& in, int fd, std::uint64_t version);
+  // `known`: the file's stat taken under its lock just before the open, if any (a
+  // change after it only makes the next open's stamp differ).
+  bool keep_cache_at_open(Inode& in, int fd, std::uint64_t version, const struct stat* known = nullptr);
   // After a handle wrote through the kernel: the kernel's cache is the file's content
   // now (`version`: the one its release makes). `changed_behind`: the daemon changed
   // it too (a merge), so the cache must not be kept.

@@ -438,6 +438,38 @@ TEST_CASE("every change is journaled for the store", "[lock]") {
   CHECK(deleted);
 }
 
+TEST_CASE("a table that keeps no journal records nothing and serves as before", "[lock]") {
+  Fixture f;
+  f.table.keep_journal(false);
+  auto a = f.acq("k", W, "A");
+  REQUIRE(a.kind == AcquireResult::Kind::Granted);
+  auto b = f.acq("k", W, "B");  // queued behind A
+  REQUIRE(b.kind == AcquireResult::Kind::Queued);
+  REQUIRE(f.table.release(a.lock.lock_id, "A", f.now, true) == OpStatus::Ok);
+  CHECK(f.granted() == std::vector<std::uint64_t>{b.req_id});
+  CHECK(f.table.version_of("k") == a.lock.fence);
+  CHECK(f.table.take_journal().empty());
+  f.table.keep_journal(true);
+  f.acq("j", W, "C");
+  CHECK_FALSE(f.table.take_journal().empty());
+}
+
+TEST_CASE("a free key is granted at once without a queue entry and a busy one queues as before", "[lock]") {
+  Fixture f;
+  auto a = f.acq("k", R, "A");
+  REQUIRE(a.kind == AcquireResult::Kind::Granted);
+  auto b = f.acq("k", R, "B");  // readers share
+  REQUIRE(b.kind == AcquireResult::Kind::Granted);
+  CHECK(f.table.queue("k").empty());
+  CHECK(f.table.take_events().empty());  // a direct grant is the answer, not an event
+  auto w = f.acq("k", W, "C");
+  REQUIRE(w.kind == AcquireResult::Kind::Queued);
+  auto r = f.acq("k", R, "D");  // behind the queued writer, though readers hold it
+  REQUIRE(r.kind == AcquireResult::Kind::Queued);
+  CHECK(f.table.queue("k").size() == 2);
+  CHECK(b.lock.fence == a.lock.fence + 1);
+}
+
 TEST_CASE("a restored request granted before its client returns is dropped at the end of the grace period",
           "[lock]") {
   LockTableOptions o;
