@@ -93,8 +93,16 @@ bool LockAgent::delegated() const { return delegation_ && delegation_->delegated
 
 std::string LockAgent::new_owner() const { return options_.mount_id + ":" + random_token(); }
 
-AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
-                                       std::optional<std::int64_t> timeout_ms) const {
+// A need's request_id, the same for every ask of it: made at its first ask that goes
+// to the broker (a typed try has none: docs/delegation.md).
+const std::string& LockAgent::request_id_of(LockJob& job, std::size_t index) {
+  std::string& id = job.request_ids_[index];
+  if (id.empty()) id = random_token();
+  return id;
+}
+
+AcquireRequest LockAgent::make_request(LockJob& job, std::size_t index, std::optional<std::int64_t> timeout_ms,
+                                       bool with_id) const {
   const LockNeed& need = job.needs[index];
   AcquireRequest req;
   req.key = need.key;
@@ -104,7 +112,7 @@ AcquireRequest LockAgent::make_request(const LockJob& job, std::size_t index,
   req.lease_ms = options_.lease_ms;
   req.max_hold_ms = options_.max_hold_ms;
   req.session = options_.mount_id + ":" + std::to_string(job.pid);
-  req.request_id = job.request_ids_[index];
+  if (with_id) req.request_id = request_id_of(job, index);
   req.agent = job.agent;
   req.pid = job.process > 0 ? job.process : job.pid;
   req.command = job.command;
@@ -144,8 +152,7 @@ int LockAgent::classify(const CallResult& r, const LockJob& job, std::size_t ind
 void LockAgent::run(const std::shared_ptr<LockJob>& job) {
   job->agent_ = this;
   job->started_ = Clock::now();
-  job->request_ids_.clear();
-  for (std::size_t i = 0; i < job->needs.size(); ++i) job->request_ids_.push_back(random_token());
+  job->request_ids_.assign(job->needs.size(), {});
   {
     std::lock_guard guard(jobs_m_);
     jobs_.emplace(job.get(), job);
@@ -157,12 +164,13 @@ void LockAgent::run(const std::shared_ptr<LockJob>& job) {
   while (true) {
     if (job->interrupted()) return finish(job, EINTR, true);
     job->epoch_ = release_epoch();
-    const AcquireRequest request = make_request(*job, job->held.size(), 0);
+    AcquireRequest request = make_request(*job, job->held.size(), 0, /*with_id=*/false);
     // With the lock space here (a delegation), the engine answers in-process, typed.
     if (auto here = loop_.try_acquire_locally(request)) {
       if (!tried(job, *here, true)) return;
       continue;
     }
+    request.request_id = request_id_of(*job, job->held.size());
     auto reply = loop_.call_briefly(
         wire::acquire(request, loop_.io_timeout()), kTryPatience,
         [this, job](const HttpReply& late) { on_try(job, wire::to_result(late)); });

@@ -210,8 +210,10 @@ class LockAgent {
   // LockJob::interrupt(): ends the job's call in flight, or wakes it where it is parked.
   void interrupt(LockJob* job, BrokerLoop::CallId call);
 
-  AcquireRequest make_request(const LockJob& job, std::size_t index,
-                              std::optional<std::int64_t> timeout_ms) const;
+  // with_id: with the need's request_id (a typed try goes without).
+  AcquireRequest make_request(LockJob& job, std::size_t index, std::optional<std::int64_t> timeout_ms,
+                              bool with_id = true) const;
+  static const std::string& request_id_of(LockJob& job, std::size_t index);
   // Outcome of one acquire as an errno (0 granted, -1 "would wait").
   int classify(const CallResult& r, const LockJob& job, std::size_t index, bool try_once) const;
   // How long a FUSE worker (or act thread) waits for the broker's answer to a try
