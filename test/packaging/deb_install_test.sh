@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The .deb installs into a clean Debian 12 root and works there:
 #   1. cpack builds build/.../gate_*.deb from the build tree (gate and the man
-#      pages must be built);
+#      pages must be built); it holds the copyright and changelog, and lintian
+#      finds nothing in it but what the override file keeps;
 #   2. mmdebstrap makes a minimal bookworm root (cached as a tarball in the build
 #      tree, rebuilt when older than 30 days), unpacked into a scratch directory;
 #   3. in a private mount and PID namespace, chrooted there: apt-get installs the
@@ -15,64 +16,37 @@
 #
 # Usage: deb_install_test.sh BUILD_DIR [CACHE_DIR]
 set -euo pipefail
-build=$(cd "$1" && pwd)
-cache=${2:-$build/packaging-cache}
-mkdir -p "$cache" && cache=$(cd "$cache" && pwd)
-start=$SECONDS
-say() { printf '[%3ds] %s\n' $((SECONDS - start)) "$*"; }
-skip() { echo "SKIP: $*"; exit 77; }
-
-[[ $(id -u) == 0 ]] || skip "needs root (chroot, mounts)"
-command -v mmdebstrap >/dev/null || skip "mmdebstrap is not installed (apt-get install mmdebstrap)"
-command -v cpack >/dev/null || skip "cpack is not installed"
-command -v unshare >/dev/null || skip "unshare is not installed"
-[[ -f $build/CPackConfig.cmake ]] || { echo "FAIL: $build/CPackConfig.cmake missing; configure first"; exit 1; }
-
-work=$(mktemp -d "${TMPDIR:-/tmp}/gate-deb-test.XXXXXX")
-cleanup() {
-  local rc=$?
-  # Mounts live only in the namespace below, so none is left here; --one-file-system
-  # guards the host all the same should one remain.
-  if grep -q " $work/" /proc/self/mounts; then
-    echo "cleanup: mounts remain under $work; not deleting it" >&2
-  else
-    rm -rf --one-file-system "$work"
-  fi
-  exit $rc
-}
-trap cleanup EXIT INT TERM
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
 
 # 1. The package.
-say "building the .deb with cpack"
-(cd "$work" && cpack --config "$build/CPackConfig.cmake" -G DEB -B "$work/deb" >"$work/cpack.log" 2>&1) ||
-  { cat "$work/cpack.log"; echo "FAIL: cpack"; exit 1; }
-deb=$(ls "$work"/deb/gate_*.deb)
-say "built ${deb##*/} ($(du -k "$deb" | cut -f1) KiB)"
+build_deb
 dpkg-deb --field "$deb" Package Version Depends Recommends Suggests
 dpkg-deb --contents "$deb" | awk '{print $6}' >"$work/contents"
 for f in ./usr/bin/gate ./usr/share/man/man1/gate.1.gz ./usr/share/man/man1/gate-broker.1.gz \
-  ./usr/share/bash-completion/completions/gate ./usr/lib/systemd/system/gate-broker.service; do
+  ./usr/share/bash-completion/completions/gate ./usr/lib/systemd/system/gate-broker.service \
+  ./usr/share/doc/gate/copyright ./usr/share/doc/gate/changelog.Debian.gz \
+  ./usr/share/lintian/overrides/gate; do
   grep -qx "$f" "$work/contents" || { echo "FAIL: the package has no $f"; cat "$work/contents"; exit 1; }
 done
+# lintian: no error, warning or information tag but those the package's override
+# file keeps (each with its reason there); pedantic tags are shown, not counted.
+if command -v lintian >/dev/null; then
+  say "lintian"
+  lintian --display-info --pedantic --show-overrides "$deb" | sed 's/^/  /' || true
+  lintian --fail-on error,warning,info "$deb" >/dev/null ||
+    { echo "FAIL: lintian has tags at error, warning or info level (above)"; exit 1; }
+  echo "ok: lintian: no error, warning or info tag left but the overridden ones"
+else
+  echo "FAIL: lintian is not installed (apt-get install lintian; tools/bootstrap does)"
+  exit 1
+fi
 
 # 2. A clean Debian 12 root. Only what the test itself uses is added (man-db to
 # read the pages, curl to talk to the broker); the package must bring the rest.
 base=$cache/bookworm-apt-man-db-curl.tar
-if [[ ! -s $base ]] || [[ -n $(find "$base" -mtime +30) ]]; then
-  say "mmdebstrap: making a bookworm base (cached as $base)"
-  mmdebstrap --variant=apt --format=tar --include=man-db,curl bookworm "$work/base.tar" \
-    >"$work/mmdebstrap.log" 2>&1 || { tail -30 "$work/mmdebstrap.log"; echo "FAIL: mmdebstrap"; exit 1; }
-  mv "$work/base.tar" "$base"
-  say "base made ($(du -m "$base" | cut -f1) MiB)"
-else
-  say "using the cached base $base"
-fi
-root=$work/root
-mkdir "$root"
-tar -C "$root" -xf "$base"
-cp "$deb" "$root/tmp/"
+unpack_base "$base" man-db,curl
 cp /etc/resolv.conf "$root/etc/resolv.conf"
-say "root unpacked"
 
 # 3. In the chroot.
 cat >"$root/tmp/inside.sh" <<'EOF'
@@ -144,14 +118,5 @@ say "done"
 EOF
 
 say "entering the chroot"
-# A private mount namespace (mounts vanish with it) and PID namespace (so does
-# every process the test started).
-unshare --mount --pid --fork --propagation private bash -c '
-  set -e
-  root=$1
-  mount -t proc proc "$root/proc"
-  mount --rbind /dev "$root/dev"
-  mount -t tmpfs tmpfs "$root/run"
-  chroot "$root" bash /tmp/inside.sh
-' _ "$root"
+in_chroot "$root" bash /tmp/inside.sh
 say "PASS: the .deb installs and works in a clean Debian 12 root"
