@@ -95,7 +95,8 @@ int up(int argc, char** argv) {
        "public key to log into the VM with; its private key must be beside it "
        "(default: a key pair gate makes once)")
       ("base", po::value<std::string>()->default_value("debian-12"),
-       "guest image: debian-12 (built here from Debian's packages), ubuntu-24.04, ubuntu-22.04")
+       "guest image: debian-12 (built here from Debian's packages); the cloud images ubuntu-24.04, "
+       "ubuntu-22.04, debian-12-cloud cannot be booted yet")
       ("image", po::value<std::string>()->default_value(""), "a disk built by 'gate image build'")
       ("host-mount", po::value<std::string>(),
        "where the locked view appears (default: $XDG_STATE_HOME/gate/mounts/NAME)")

@@ -15,6 +15,7 @@
 #include "core/mounts.h"
 #include "core/process.h"
 #include "mount/gate_fs.h"
+#include "vm/image_fetch.h"
 #include "vm/stack_state.h"
 #include "vm/vm_commands.h"
 #include "vm/vm_image.h"
@@ -276,30 +277,58 @@ int image(int argc, char** argv) {
   po::options_description desc("Options");
   desc.add_options()
       ("action", po::value<std::string>()->default_value("build"), "build or path")
-      ("base", po::value<std::string>()->default_value("debian-12"), "which image")
-      ("force", po::bool_switch(), "rebuild even if cached");
+      ("base", po::value<std::string>()->default_value("debian-12"),
+       "which image: debian-12 (built here), ubuntu-24.04, ubuntu-22.04, debian-12-cloud (downloaded)")
+      ("image-mirror", po::value<std::string>()->default_value(""),
+       "a mirror laid out like the cloud image publisher's site, instead of the publisher "
+       "(env GATE_IMAGE_MIRROR)")
+      ("force", po::bool_switch(), "rebuild even if cached (debian-12)");
   po::positional_options_description pos;
   pos.add("action", 1);
   int code = 0;
-  auto args = cli::parse(argc, argv, desc, "gate image [build|path] [--base debian-12] [--force]",
-                       "Builds the guest image gate up boots (Debian 12 from Debian's packages, no "
-                       "download of a cloud image), or prints where it is cached.",
-                       &code, &pos);
+  auto args = cli::parse(argc, argv, desc,
+                         "gate image [build|path] [--base debian-12|ubuntu-24.04|ubuntu-22.04|debian-12-cloud] "
+                         "[--image-mirror URL] [--force]",
+                         "Builds the guest image gate up boots (Debian 12 from Debian's packages), or "
+                         "downloads a cloud image and verifies it against its publisher's checksums; "
+                         "or prints where it is cached.",
+                         &code, &pos);
   if (!args) return code;
   const std::string base = (*args)["base"].as<std::string>();
   const std::string action = (*args)["action"].as<std::string>();
+  if (action != "build" && action != "path")
+    return cli::fail(argv[0], "unknown action '" + action + "' (build or path)"), 2;
+  if (!vm::known_base(base))
+    return cli::fail(argv[0], "unknown --base '" + base + "' (debian-12, ubuntu-24.04, ubuntu-22.04, debian-12-cloud)"),
+           2;
+  if (vm::is_cloud_base(base)) {
+    auto image = vm::cloud_image(base, (*args)["image-mirror"].as<std::string>());
+    if (Result<vm::Url> u = vm::parse_url(image->url); !u.ok())
+      return cli::fail(argv[0], "--image-mirror: " + u.message()), 2;
+    vm::FetchOptions o;
+    o.cache_dir = vm::image_cache_root() + "/" + base;
+    if (action == "path") {
+      const fs::path p = fs::path(o.cache_dir) / image->file;
+      std::cout << p.string() << "\n";
+      return fs::exists(p) && fs::exists(p.string() + ".sha" + std::to_string(image->sha_bits)) ? 0 : 1;
+    }
+    o.tty = ::isatty(STDERR_FILENO) == 1;
+    o.progress = &std::cerr;
+    o.say = [](const std::string& l) { std::cerr << "gate: " << l << "\n" << std::flush; };
+    Result<std::string> got = vm::fetch_cloud_image(*image, o);
+    if (!got.ok()) return cli::fail(argv[0], got.message());
+    std::cout << *got << "\n";
+    return 0;
+  }
   if (action == "path") {
     std::cout << vm::cached_image(base).disk << "\n";
     return vm::cached_image(base).complete() ? 0 : 1;
   }
-  if (action != "build") return cli::fail(argv[0], "unknown action '" + action + "' (build or path)"), 2;
   std::error_code ec;
   const std::string log = vm::image_cache_root() + "/build.log";
   fs::create_directories(vm::image_cache_root(), ec);
   auto progress = [](const std::string& l) { std::cout << "gate: " << l << "\n" << std::flush; };
-  Status built = vm::base_is_offline(base)
-                     ? vm::build_offline_image(base, (*args)["force"].as<bool>(), log, progress)
-                     : vm::download_cloud_image(base, log, progress);
+  Status built = vm::build_offline_image(base, (*args)["force"].as<bool>(), log, progress);
   if (!built.ok()) return cli::fail(argv[0], built.message());
   std::cout << vm::cached_image(base).disk << "\n";
   return 0;

@@ -206,7 +206,7 @@ Status UpRun::prepare() {
       return failed("image", "--image needs a disk built by 'gate image build', with vmlinuz and "
                               "initrd.img beside it", "");
   } else if (!known_base(o_.base)) {
-    return failed("image", "unknown --base '" + o_.base + "' (debian-12, ubuntu-24.04, ubuntu-22.04)", "");
+    return failed("image", "unknown --base '" + o_.base + "' (debian-12, ubuntu-24.04, ubuntu-22.04, debian-12-cloud)", "");
   } else if (!base_is_offline(o_.base)) {
     Status e = download_cloud_image(o_.base, image_log, [&](const std::string& l) { say(l); });
     return failed("image", e.message(), image_log);

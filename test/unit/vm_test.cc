@@ -10,6 +10,7 @@
 #include "core/process.h"
 #include "vm/stack_commands.h"
 #include "vm/stack_state.h"
+#include "vm/image_fetch.h"
 #include "vm/vm_commands.h"
 #include "vm/vm_host.h"
 #include "vm/vm_image.h"
@@ -199,4 +200,41 @@ TEST_CASE("setups build the broker and mount command lines from typed settings",
   CHECK(shell_join(mount_command(host, history))
             .ends_with("--history-max-file 2M --history-max-bytes 10G"));
   CHECK(broker_lock_flags(history).empty());  // the broker has no history
+}
+
+TEST_CASE("cloud image URLs and checksum files are read as their publishers write them", "[vm]") {
+  auto u = vm::parse_url("https://cloud-images.ubuntu.com/releases/24.04/release/SHA256SUMS");
+  REQUIRE(u.ok());
+  CHECK(u->tls);
+  CHECK(u->host == "cloud-images.ubuntu.com");
+  CHECK(u->port == "443");
+  CHECK(u->target == "/releases/24.04/release/SHA256SUMS");
+  auto local = vm::parse_url("http://127.0.0.1:8080");
+  REQUIRE(local.ok());
+  CHECK_FALSE(local->tls);
+  CHECK(local->port == "8080");
+  CHECK(local->target == "/");
+  auto v6 = vm::parse_url("http://[::1]:81/x");
+  REQUIRE(v6.ok());
+  CHECK(v6->host == "::1");
+  CHECK(v6->port == "81");
+  CHECK_FALSE(vm::parse_url("ftp://host/").ok());
+  CHECK_FALSE(vm::parse_url("http://host:port/").ok());
+  CHECK_FALSE(vm::parse_url("http:///x").ok());
+
+  const std::string sums =
+      "9F2C  *ubuntu-24.04-server-cloudimg-amd64.tar.gz\r\n"
+      "ab12cd *ubuntu-24.04-server-cloudimg-amd64.img\r\n"
+      "ef34  debian-12-generic-amd64.qcow2\n";
+  CHECK(vm::checksum_for(sums, "ubuntu-24.04-server-cloudimg-amd64.img") == "ab12cd");
+  CHECK(vm::checksum_for(sums, "ubuntu-24.04-server-cloudimg-amd64.tar.gz") == "9f2c");
+  CHECK(vm::checksum_for(sums, "debian-12-generic-amd64.qcow2") == "ef34");
+  CHECK_FALSE(vm::checksum_for(sums, "ubuntu-24.04-server-cloudimg-amd64").has_value());
+
+  auto ubuntu = vm::cloud_image("ubuntu-24.04", "http://127.0.0.1:9/mirror/");
+  REQUIRE(ubuntu);
+  CHECK(ubuntu->url == "http://127.0.0.1:9/mirror/releases/24.04/release/");
+  CHECK(vm::cloud_image("debian-12-cloud")->url == "https://cloud.debian.org/images/cloud/bookworm/latest/");
+  CHECK(vm::cloud_image("debian-12-cloud")->sha_bits == 512);
+  CHECK_FALSE(vm::cloud_image("debian-12"));
 }
