@@ -73,7 +73,16 @@ void parse_content_range(const std::string& v, Head& h) {
   if (std::sscanf(v.c_str(), "bytes %llu-%llu/%llu", &start, &end, &total) == 3) {
     h.range_start = start;
     h.total = total;
+  } else if (std::sscanf(v.c_str(), "bytes */%llu", &total) == 1) {  // (416)
+    h.total = total;
   }
+}
+
+// The Host header: the port unless it is the scheme's, brackets around IPv6.
+std::string host_header(const Url& u) {
+  std::string h = u.host.find(':') != std::string::npos ? "[" + u.host + "]" : u.host;
+  if (u.port != (u.tls ? "443" : "80")) h += ":" + u.port;
+  return h;
 }
 
 template <class Stream>
@@ -83,7 +92,7 @@ net::awaitable<Status> exchange(Stream& stream, const Url& u, std::uint64_t from
   auto& socket = beast::get_lowest_layer(stream);
   auto with = net::redirect_error(net::use_awaitable, ec);
   http::request<http::empty_body> req{http::verb::get, u.target, 11};
-  req.set(http::field::host, u.host);
+  req.set(http::field::host, host_header(u));
   req.set(http::field::user_agent, std::string("gate/") + kVersion);
   if (from > 0) req.set(http::field::range, "bytes=" + std::to_string(from) + "-");
   socket.expires_after(timeout);
@@ -100,14 +109,16 @@ net::awaitable<Status> exchange(Stream& stream, const Url& u, std::uint64_t from
   head.location = std::string(res[http::field::location]);
   if (auto n = parser.content_length()) head.length = *n;
   if (head.status == 200) head.total = head.length;
-  if (head.status == 206) parse_content_range(std::string(res[http::field::content_range]), head);
+  if (head.status == 206 || head.status == 416)
+    parse_content_range(std::string(res[http::field::content_range]), head);
   if (!on_head(head)) co_return Status{};
-  std::vector<char> chunk(256 * 1024);
+  // Read as it comes, the time-out renewed at each read: a slow link is not a dead one.
+  std::vector<char> chunk(64 * 1024);
   while (!parser.is_done()) {
     parser.get().body().data = chunk.data();
     parser.get().body().size = chunk.size();
     socket.expires_after(timeout);
-    co_await http::async_read(stream, buffer, parser, with);
+    co_await http::async_read_some(stream, buffer, parser, with);
     if (ec == http::error::need_buffer) ec = {};
     const std::size_t n = chunk.size() - parser.get().body().size;
     if (n > 0)
@@ -194,9 +205,14 @@ Status get_following(std::string& url, std::uint64_t from, std::chrono::seconds 
     if (hop == kMaxRedirects)
       return Status::failure(url + " redirects more than " + std::to_string(kMaxRedirects) + " times");
     const std::string& to = head.location;
-    if (to.rfind("http://", 0) == 0 || to.rfind("https://", 0) == 0) url = to;
-    else if (to[0] == '/') url = url.substr(0, url.find('/', url.find("//") + 2)) + to;
-    else url = url.substr(0, url.rfind('/') + 1) + to;
+    std::string next;
+    if (to.rfind("http://", 0) == 0 || to.rfind("https://", 0) == 0) next = to;
+    else if (to.rfind("//", 0) == 0) next = url.substr(0, url.find("//")) + to;
+    else if (to[0] == '/') next = url.substr(0, url.find('/', url.find("//") + 2)) + to;
+    else next = url.substr(0, url.rfind('/') + 1) + to;
+    if (u->tls && next.rfind("https://", 0) != 0)
+      return Status::failure(url + " redirects to " + next + ", which is not https: refused");
+    url = next;
   }
 }
 
@@ -211,6 +227,11 @@ class ProgressLine {
     started_ = Clock::now();
     next_tenth_ = total_ && *total_ ? (have * 10 / *total_ + 1) : 1;
   }
+  // Ends a line shown in place, so that a message can follow on its own line.
+  void interrupt() {
+    if (out_ && tty_ && shown_ != Clock::time_point{}) *out_ << "\n" << std::flush;
+    shown_ = {};
+  }
   void update(std::uint64_t have, bool last = false) {
     if (!out_) return;
     const auto now = Clock::now();
@@ -218,6 +239,7 @@ class ProgressLine {
       if (!last && now - shown_ < std::chrono::milliseconds(200)) return;
       shown_ = now;
       *out_ << "\r" << line(have, now) << "\033[K" << (last ? "\n" : "") << std::flush;
+      if (last) shown_ = {};
       return;
     }
     if (!total_ || !*total_) return;
@@ -317,8 +339,9 @@ std::optional<std::string> checksum_for(const std::string& sums, const std::stri
     at = end + 1;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     const auto space = line.find(' ');
-    if (space == std::string::npos) continue;
-    std::string name = line.substr(line.find_first_not_of(' ', space));
+    const auto name_at = space == std::string::npos ? space : line.find_first_not_of(' ', space);
+    if (space == 0 || name_at == std::string::npos) continue;
+    std::string name = line.substr(name_at);
     if (!name.empty() && name[0] == '*') name.erase(0, 1);
     if (name != file) continue;
     std::string hex = line.substr(0, space);
@@ -350,7 +373,9 @@ Result<std::string> file_digest(const std::string& path, int sha_bits) {
 }
 
 Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOptions& o) {
+  ProgressLine progress(o.progress, o.tty, image.file);
   auto say = [&](const std::string& line) {
+    progress.interrupt();
     if (o.say) o.say(line);
   };
   std::error_code ec;
@@ -359,6 +384,7 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
   const fs::path final_path = fs::path(o.cache_dir) / image.file;
   const fs::path sum_path = final_path.string() + ".sha" + std::to_string(image.sha_bits);
   const fs::path part_path = final_path.string() + ".part";
+  const fs::path part_want = part_path.string() + ".want";  // the checksum the part is of
   const std::string sha = "SHA-" + std::to_string(image.sha_bits);
 
   // The cached image, if its recorded checksum is `want` and its content still has it.
@@ -367,10 +393,14 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
     const std::string recorded = read_text(sum_path);
     if (recorded.empty() || (want && recorded != *want)) return false;
     Result<std::string> now = file_digest(final_path, image.sha_bits);
-    if (now.ok() && *now == recorded) return true;
+    if (!now.ok()) {
+      say("the cached " + image.file + " cannot be checked (" + now.message() + ")");
+      return false;
+    }
+    if (*now == recorded) return true;
     say("the cached " + image.file + " no longer matches its checksum; it is deleted");
-    fs::remove(final_path, ec);
     fs::remove(sum_path, ec);
+    fs::remove(final_path, ec);
     return false;
   };
 
@@ -384,8 +414,8 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
         sums.append(d, n);
         return Status{};
       });
-  if (got.ok() && head.status != 200)
-    got = Status::failure("HTTP " + std::to_string(head.status));
+  const bool answered = got.ok();  // (an HTTP error is an answer: the network works)
+  if (got.ok() && head.status != 200) got = Status::failure("HTTP " + std::to_string(head.status));
   if (!got.ok()) {
     if (cached(std::nullopt)) {
       say("cannot fetch " + sums_url + " (" + got.message() + "); using the cached " + image.file +
@@ -393,10 +423,14 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
       return final_path.string();
     }
     return Status::failure("cannot fetch the checksum file " + sums_url + ": " + got.message() +
-                           " (no internet? --image-mirror points gate at a mirror of the publisher's site)");
+                           (answered ? "" : " (no internet? --image-mirror points gate at a mirror of the "
+                                            "publisher's site)"));
   }
   const std::optional<std::string> want = checksum_for(sums, image.file);
   if (!want) return Status::failure(sums_url + " lists no checksum for " + image.file);
+  if (want->size() != static_cast<std::size_t>(image.sha_bits / 4))
+    return Status::failure(sums_url + " gives " + image.file + " a checksum of " + std::to_string(want->size()) +
+                           " hex digits, not the " + std::to_string(image.sha_bits / 4) + " of " + sha);
 
   // 2. The cache.
   if (cached(want)) {
@@ -405,9 +439,14 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
   }
   if (fs::exists(final_path)) say("the publisher has a newer " + image.file + " than the cached one");
 
-  // 3. The download, into .part, resumed where a connection broke.
-  std::string image_url = image.url + image.file;
-  ProgressLine progress(o.progress, o.tty, image.file);
+  // 3. The download, into .part, resumed where a connection broke; a part of another
+  // image (the publisher's file names stay when the image changes) starts over.
+  if (fs::exists(part_path) && read_text(part_want) != *want) {
+    say("a partial download of another version of " + image.file + " is dropped");
+    fs::remove(part_path, ec);
+  }
+  if (!write_text(part_want, *want)) return Status::failure("cannot write " + part_want.string());
+  const std::string image_url = image.url + image.file;
   std::string last_error;
   bool complete = false;
   for (int attempt = 1; attempt <= o.attempts && !complete; ++attempt) {
@@ -437,30 +476,31 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
           }
           total = hd.total;
           progress.start(have, total);
-          taken = static_cast<bool>(out);
-          return taken;
+          taken = true;
+          return true;
         },
         [&](const char* d, std::size_t n) {
-          out.write(d, static_cast<std::streamsize>(n));
+          if (out) out.write(d, static_cast<std::streamsize>(n));
           if (!out) return Status::failure("cannot write " + part_path.string() + " (disk full?)");
           have += n;
           progress.update(have);
           return Status{};
         });
-    out.close();
+    if (out.is_open()) out.close();
+    if (taken && !out) s = Status::failure("cannot write " + part_path.string() + " (disk full?)");
     if (s.ok() && !taken) {
-      if (h.status == 416 && have > 0) {
+      if (h.status == 416 && have > 0 && h.total == have) {
         complete = true;  // the part is whole already; the checksum says whether it is right
         break;
       }
       if (h.status == 404) return Status::failure(image_url + " is not there (HTTP 404)");
-      if (h.status == 206) fs::remove(part_path, ec);  // resumed at another byte: from the start
+      if (h.status == 206 || h.status == 416) fs::remove(part_path, ec);  // not where asked: from the start
       last_error = "HTTP " + std::to_string(h.status);
       continue;
     }
     if (s.ok() && total && have < *total) s = Status::failure("the body ended early");
     if (!s.ok()) {
-      if (s.message().find("disk full") != std::string::npos)
+      if (s.message().rfind("cannot write", 0) == 0)
         return Status::failure(s.message() + "; the part is kept and the next fetch resumes it");
       last_error = s.message();
       continue;
@@ -479,14 +519,19 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
   if (!digest.ok()) return digest.status();
   if (*digest != *want) {
     fs::remove(part_path, ec);
+    fs::remove(part_want, ec);
     return Status::failure("checksum mismatch for " + image.file + ": " + sums_url + " says " + *want +
                            ", the download has " + *digest + "; nothing was cached (the download is deleted)");
   }
+  // The old checksum goes first: an image beside a checksum that is not its own would
+  // later be taken for a damaged one.
   const fs::path sum_tmp = sum_path.string() + ".tmp";
   if (!write_text(sum_tmp, *want)) return Status::failure("cannot write " + sum_tmp.string());
+  fs::remove(sum_path, ec);
   fs::rename(part_path, final_path, ec);
   if (!ec) fs::rename(sum_tmp, sum_path, ec);
   if (ec) return Status::failure("cannot put the image in " + final_path.string() + ": " + ec.message());
+  fs::remove(part_want, ec);
   say("cached " + final_path.string() + " (" + mib(fs::file_size(final_path, ec)) + ", " + sha + " verified)");
   return final_path.string();
 }

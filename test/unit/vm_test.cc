@@ -230,6 +230,9 @@ TEST_CASE("cloud image URLs and checksum files are read as their publishers writ
   CHECK(vm::checksum_for(sums, "ubuntu-24.04-server-cloudimg-amd64.tar.gz") == "9f2c");
   CHECK(vm::checksum_for(sums, "debian-12-generic-amd64.qcow2") == "ef34");
   CHECK_FALSE(vm::checksum_for(sums, "ubuntu-24.04-server-cloudimg-amd64").has_value());
+  // Lines without a name, or without a checksum, are no lines (not a crash).
+  CHECK_FALSE(vm::checksum_for("abc \nabc   \n x.img\n", "x.img").has_value());
+  CHECK_FALSE(vm::checksum_for("", "x.img").has_value());
 
   auto ubuntu = vm::cloud_image("ubuntu-24.04", "http://127.0.0.1:9/mirror/");
   REQUIRE(ubuntu);
