@@ -299,8 +299,7 @@ int image(int argc, char** argv) {
   if (action != "build" && action != "path")
     return cli::fail(argv[0], "unknown action '" + action + "' (build or path)"), 2;
   if (!vm::known_base(base))
-    return cli::fail(argv[0], "unknown --base '" + base + "' (debian-12, ubuntu-24.04, ubuntu-22.04, debian-12-cloud)"),
-           2;
+    return cli::fail(argv[0], "unknown --base '" + base + "' (" + vm::kBaseNames + ")"), 2;
   if (vm::is_cloud_base(base)) {
     auto image = vm::cloud_image(base, (*args)["image-mirror"].as<std::string>());
     if (Result<vm::Url> u = vm::parse_url(image->url); !u.ok())
@@ -308,9 +307,9 @@ int image(int argc, char** argv) {
     vm::FetchOptions o;
     o.cache_dir = vm::image_cache_root() + "/" + base;
     if (action == "path") {
-      const fs::path p = fs::path(o.cache_dir) / image->file;
-      std::cout << p.string() << "\n";
-      return fs::exists(p) && fs::exists(p.string() + ".sha" + std::to_string(image->sha_bits)) ? 0 : 1;
+      const vm::CachePaths at = vm::cache_paths(*image, o.cache_dir);
+      std::cout << at.image.string() << "\n";
+      return fs::exists(at.image) && fs::exists(at.sum) ? 0 : 1;
     }
     o.tty = ::isatty(STDERR_FILENO) == 1;
     o.progress = &std::cerr;

@@ -89,7 +89,6 @@ class BrokerService {
   // Saves pending changes and sends the answers that waited for them.
   void flush();
 
-
   // A delegation the store kept (its counters, LockStore::Snapshot::counters): still
   // out after a restart, with a fresh lease. Call before serving.
   void restore_delegation(const std::unordered_map<std::string, std::int64_t>& counters);

@@ -87,8 +87,9 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   // m_ held: gives the space back (from the loop) before its fences run out. `lock` is
   // unlocked on return.
   void give_back_if_fences_low(std::unique_lock<std::mutex>& lock);
-  // m_ held, after a typed call the engine answered here: marks the state for the next
-  // report, runs what the engine has to do (as serve() does), then the fence check.
+  // m_ held, after a typed call the engine answered here (and settled: the service
+  // flushes within a typed call): marks the state for the next report, then the fence
+  // check.
   void served(std::unique_lock<std::mutex>& lock);
   void set_state(State s);  // m_ held
 

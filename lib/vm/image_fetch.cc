@@ -16,6 +16,7 @@
 #include <fstream>
 #include <thread>
 
+#include "core/files.h"
 #include "gate/version.h"
 
 namespace gate::vm {
@@ -275,11 +276,10 @@ class ProgressLine {
   Clock::time_point started_, shown_;
 };
 
+// The first line of a small file ("" when there is none).
 std::string read_text(const fs::path& p) {
-  std::ifstream in(p);
-  std::string s;
-  std::getline(in, s);
-  return s;
+  std::string s = read_file(p.string(), 4096).value_or("");
+  return s.substr(0, s.find('\n'));
 }
 
 bool write_text(const fs::path& p, const std::string& s) {
@@ -290,10 +290,7 @@ bool write_text(const fs::path& p, const std::string& s) {
 
 }  // namespace
 
-bool is_cloud_base(const std::string& base) {
-  return std::any_of(std::begin(kPublishers), std::end(kPublishers),
-                     [&](const Publisher& p) { return base == p.base; });
-}
+bool is_cloud_base(const std::string& base) { return cloud_image(base).has_value(); }
 
 std::optional<CloudImage> cloud_image(const std::string& base, const std::string& mirror) {
   for (const Publisher& p : kPublishers) {
@@ -372,6 +369,12 @@ Result<std::string> file_digest(const std::string& path, int sha_bits) {
   return out;
 }
 
+CachePaths cache_paths(const CloudImage& image, const std::string& cache_dir) {
+  const fs::path file = fs::path(cache_dir) / image.file;
+  return {file, file.string() + ".sha" + std::to_string(image.sha_bits), file.string() + ".part",
+          file.string() + ".part.want"};
+}
+
 Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOptions& o) {
   ProgressLine progress(o.progress, o.tty, image.file);
   auto say = [&](const std::string& line) {
@@ -381,10 +384,7 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
   std::error_code ec;
   fs::create_directories(o.cache_dir, ec);
   if (ec) return Status::failure("cannot create " + o.cache_dir + ": " + ec.message());
-  const fs::path final_path = fs::path(o.cache_dir) / image.file;
-  const fs::path sum_path = final_path.string() + ".sha" + std::to_string(image.sha_bits);
-  const fs::path part_path = final_path.string() + ".part";
-  const fs::path part_want = part_path.string() + ".want";  // the checksum the part is of
+  const auto [final_path, sum_path, part_path, part_want] = cache_paths(image, o.cache_dir);
   const std::string sha = "SHA-" + std::to_string(image.sha_bits);
 
   // The cached image, if its recorded checksum is `want` and its content still has it.

@@ -8,6 +8,7 @@
 // "<file>.sha256" (or .sha512) holding the verified checksum; "<file>.part" is a
 // download in progress, resumed by the next fetch.
 #include <chrono>
+#include <filesystem>
 #include <functional>
 #include <optional>
 #include <ostream>
@@ -39,6 +40,15 @@ struct FetchOptions {
   int attempts = 6;                  // connections for the image before giving up
   std::chrono::seconds io_timeout{30};  // a connection silent this long is broken
 };
+
+// Where an image and what goes with it lie in `cache_dir`.
+struct CachePaths {
+  std::filesystem::path image;      // the publisher's file name
+  std::filesystem::path sum;        // "<file>.sha256" (.sha512): its verified checksum
+  std::filesystem::path part;       // "<file>.part": a download in progress
+  std::filesystem::path part_want;  // "<file>.part.want": the checksum the part is of
+};
+CachePaths cache_paths(const CloudImage& image, const std::string& cache_dir);
 
 // The verified image's path: from the cache when the publisher's checksum still
 // names it (or the publisher cannot be reached), else downloaded and verified.

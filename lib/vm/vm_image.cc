@@ -1,7 +1,5 @@
 #include "vm/vm_image.h"
 
-#include "vm/image_fetch.h"
-
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -224,15 +222,6 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
   if (ec) return Status::failure("cannot move the image into " + dir.string() + ": " + ec.message());
   progress("image ready: " + out.disk);
   return {};
-}
-
-Status download_cloud_image(const std::string& base, const std::string& log_path,
-                            const Progress& progress) {
-  // The download itself is `gate image build --base ...` (vm/image_fetch.h); what a
-  // cloud image needs to boot as gate's guest (a cloud-init seed) is not written yet.
-  return Status::failure("booting " + base + " (a cloud image, provisioned by cloud-init) is not in this gate yet; "
-                         "use --base debian-12. 'gate image build --base " + base +
-                         "' downloads and verifies the image already");
 }
 
 std::vector<std::string> carried_libraries(const std::string& binary) {

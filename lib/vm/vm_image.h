@@ -23,7 +23,8 @@ struct ImageFiles {
 std::string image_cache_root();
 ImageFiles cached_image(const std::string& base);  // may not exist yet
 
-// The bases gate knows; downloadable ones need the internet.
+// The bases gate knows; downloadable ones (vm/image_fetch.h) need the internet.
+inline constexpr const char* kBaseNames = "debian-12, ubuntu-24.04, ubuntu-22.04, debian-12-cloud";
 bool known_base(const std::string& base);
 bool base_is_offline(const std::string& base);  // built locally from Debian packages
 
@@ -34,11 +35,6 @@ using Progress = std::function<void(const std::string& line)>;
 // output to log_path.
 Status build_offline_image(const std::string& base, bool force, const std::string& log_path,
                            const Progress& progress);
-
-// Downloads a vendor cloud image, checking the vendor's SHA256SUMS (here it fails,
-// saying what to do instead).
-Status download_cloud_image(const std::string& base, const std::string& log_path,
-                            const Progress& progress);
 
 // The seed disk for one VM.
 struct SeedContents {

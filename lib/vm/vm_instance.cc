@@ -206,10 +206,15 @@ Status UpRun::prepare() {
       return failed("image", "--image needs a disk built by 'gate image build', with vmlinuz and "
                               "initrd.img beside it", "");
   } else if (!known_base(o_.base)) {
-    return failed("image", "unknown --base '" + o_.base + "' (debian-12, ubuntu-24.04, ubuntu-22.04, debian-12-cloud)", "");
+    return failed("image", "unknown --base '" + o_.base + "' (" + kBaseNames + ")", "");
   } else if (!base_is_offline(o_.base)) {
-    Status e = download_cloud_image(o_.base, image_log, [&](const std::string& l) { say(l); });
-    return failed("image", e.message(), image_log);
+    // `gate image build` downloads it (vm/image_fetch.h); what a cloud image needs to
+    // boot as gate's guest (a cloud-init seed) is not written yet.
+    return failed("image",
+                  "booting " + o_.base + " (a cloud image, provisioned by cloud-init) is not in this gate yet; "
+                  "use --base debian-12. 'gate image build --base " + o_.base +
+                      "' downloads and verifies the image already",
+                  "");
   } else {
     image_ = cached_image(o_.base);
     if (image_.complete() && !o_.redownload) {
