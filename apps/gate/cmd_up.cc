@@ -59,6 +59,7 @@ int up_vm(const po::variables_map& args, const std::string& exe) {
   o.ssh_key = args["ssh-key"].as<std::string>();
   o.base = args["base"].as<std::string>();
   o.image = args["image"].as<std::string>();
+  o.image_mirror = args["image-mirror"].as<std::string>();
   if (args.count("host-mount")) o.host_mount = args["host-mount"].as<std::string>();
   o.method = args["host-mount-method"].as<std::string>();
   o.ssh_port = args["ssh-port"].as<std::uint16_t>();
@@ -95,8 +96,11 @@ int up(int argc, char** argv) {
        "public key to log into the VM with; its private key must be beside it "
        "(default: a key pair gate makes once)")
       ("base", po::value<std::string>()->default_value("debian-12"),
-       "guest image: debian-12 (built here from Debian's packages); the cloud images ubuntu-24.04, "
-       "ubuntu-22.04, debian-12-cloud cannot be booted yet")
+       "guest image: debian-12 (built here from Debian's packages), or a cloud image booted with its "
+       "own kernel and provisioned by cloud-init: ubuntu-24.04, ubuntu-22.04, debian-12-cloud "
+       "(downloaded, verified and cached)")
+      ("image-mirror", po::value<std::string>()->default_value(""),
+       "cloud images: a mirror laid out like the publisher's site (env GATE_IMAGE_MIRROR)")
       ("image", po::value<std::string>()->default_value(""), "a disk built by 'gate image build'")
       ("host-mount", po::value<std::string>(),
        "where the locked view appears (default: $XDG_STATE_HOME/gate/mounts/NAME)")

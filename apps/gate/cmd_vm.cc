@@ -4,6 +4,7 @@
 
 #include <boost/json.hpp>
 
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <sstream>
@@ -72,6 +73,15 @@ std::string stale_line(const std::string& mount) {
   if (field.rfind("conflicts=", 0) == 0 && field != "conflicts=0")
     line += "  note some stale saves could not be merged: gate conflicts\n";
   return line;
+}
+
+// Becomes `command` (ssh, tail -F: they run until Ctrl-C); returns only on failure.
+int exec_command(const char* self, std::vector<std::string> command) {
+  std::vector<char*> cargs;
+  for (auto& a : command) cargs.push_back(a.data());
+  cargs.push_back(nullptr);
+  ::execvp(cargs[0], cargs.data());
+  return cli::fail(self, "cannot run " + command[0] + ": " + std::strerror(errno));
 }
 
 // The setup named by --vm-name, else every one.
@@ -219,7 +229,8 @@ int logs(int argc, char** argv) {
   desc.add_options()
       ("vm-name", po::value<std::string>(), "which setup (default: the only one)")
       ("component", po::value<std::string>()->default_value(""),
-       "vm, serial, ssh, tunnel, broker, mount, virtiofsd, provision, image (default: all)")
+       "vm, serial, ssh, tunnel, broker, mount, virtiofsd, provision, image, or cloud-init (the "
+       "guest's cloud-init output, for cloud images) (default: all but cloud-init)")
       ("follow,f", po::bool_switch(), "keep printing as the log grows (Ctrl-C ends)")
       ("lines,n", po::value<int>()->default_value(40), "how many last lines of each log");
   int code = 0;
@@ -242,6 +253,22 @@ int logs(int argc, char** argv) {
   const std::string dir = stack_log_dir(name);
   std::vector<std::string> files;
   const std::string component = (*args)["component"].as<std::string>();
+  const std::string lines = std::to_string((*args)["lines"].as<int>());
+  if (component == "cloud-init") {
+    // It lives in the guest: read over ssh while the VM runs.
+    auto setup = load_stack(name);
+    if (!setup || setup->mode != "vm" || !vm::qemu_running(*setup))
+      return cli::fail(argv[0], "cloud-init's output is in the guest, and " + name + "'s VM is not running");
+    if (setup->get("base").empty())
+      return cli::fail(argv[0], name + " boots gate's own image, which has no cloud-init");
+    const std::string log = "/var/log/cloud-init-output.log";
+    std::vector<std::string> ssh = vm::ssh_command(
+        vm::ssh_target_of(*setup),
+        (*args)["follow"].as<bool>()
+            ? "exec tail -n " + lines + " -F " + log
+            : "cloud-init status --long 2>&1; echo '==> guest " + log + " <=='; tail -n " + lines + " " + log);
+    return exec_command(argv[0], ssh);
+  }
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(dir, ec))
     if (component.empty() || e.path().stem() == component) files.push_back(e.path());
@@ -253,20 +280,15 @@ int logs(int argc, char** argv) {
   if (guest && !(*args)["follow"].as<bool>()) {
     RunResult r = run_command(
         vm::ssh_command(vm::ssh_target_of(*setup),
-                        "journalctl -u gate-broker -u gate-provision --no-pager -n " +
-                            std::to_string((*args)["lines"].as<int>())),
+                        "journalctl -u gate-broker -u gate-provision --no-pager -n " + lines),
         std::chrono::seconds(30));
     std::cout << "==> guest journal: gate-broker, gate-provision <==\n" << r.output;
   }
   if (files.empty() && !guest) return cli::fail(argv[0], "no logs in " + dir + (component.empty() ? "" : " for " + component));
   if ((*args)["follow"].as<bool>()) {
-    std::vector<std::string> tail = {"tail", "-n", std::to_string((*args)["lines"].as<int>()), "-F"};
+    std::vector<std::string> tail = {"tail", "-n", lines, "-F"};
     tail.insert(tail.end(), files.begin(), files.end());
-    std::vector<char*> cargs;
-    for (auto& a : tail) cargs.push_back(a.data());
-    cargs.push_back(nullptr);
-    ::execvp("tail", cargs.data());
-    return cli::fail(argv[0], "cannot run tail");
+    return exec_command(argv[0], tail);
   }
   for (const auto& f : files)
     std::cout << "==> " << f << " <==\n" << tail_file(f, (*args)["lines"].as<int>());

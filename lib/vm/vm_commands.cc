@@ -9,14 +9,17 @@ std::vector<std::string> qemu_command(const QemuConfig& c) {
   } else {
     a.insert(a.end(), {"-accel", "tcg,thread=multi", "-cpu", "max"});
   }
-  a.insert(a.end(), {"-m", std::to_string(c.memory_mib), "-smp", std::to_string(c.cpus),
-                     "-kernel", c.kernel, "-initrd", c.initrd, "-append",
-                     "console=ttyS0 root=/dev/vda rw net.ifnames=0 systemd.show_status=1",
-                     "-drive", "file=" + c.disk + ",if=virtio,format=qcow2,discard=unmap",
-                     "-drive", "file=" + c.seed + ",if=virtio,format=raw,readonly=on",
-                     "-netdev",
+  a.insert(a.end(), {"-m", std::to_string(c.memory_mib), "-smp", std::to_string(c.cpus)});
+  if (!c.kernel.empty())
+    a.insert(a.end(), {"-kernel", c.kernel, "-initrd", c.initrd, "-append",
+                       "console=ttyS0 root=/dev/vda rw net.ifnames=0 systemd.show_status=1"});
+  // The disk first: the firmware boots the first bootable one (the seeds are not).
+  a.insert(a.end(), {"-drive", "file=" + c.disk + ",if=virtio,format=qcow2,discard=unmap",
+                     "-drive", "file=" + c.seed + ",if=virtio,format=raw,readonly=on"});
+  if (!c.cidata.empty()) a.insert(a.end(), {"-drive", "file=" + c.cidata + ",if=virtio,format=raw,readonly=on"});
+  a.insert(a.end(), {"-netdev",
                      "user,id=n0,hostfwd=tcp:127.0.0.1:" + std::to_string(c.ssh_port) + "-:22",
-                     "-device", "virtio-net-pci,netdev=n0",
+                     "-device", "virtio-net-pci,netdev=n0" + (c.mac.empty() ? "" : ",mac=" + c.mac),
                      // Never the user's terminal: no display, serial console to a file.
                      "-display", "none", "-monitor", "none", "-serial", "file:" + c.serial_log,
                      "-qmp", "unix:" + c.qmp_socket + ",server=on,wait=off",

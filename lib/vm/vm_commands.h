@@ -17,9 +17,11 @@ struct QemuConfig {
   Accel accel = Accel::Tcg;
   int memory_mib = 1024;
   int cpus = 2;
-  std::string kernel, initrd;
+  std::string kernel, initrd;  // empty: the firmware boots the disk (a cloud image)
   std::string disk;       // qcow2 overlay
   std::string seed;       // raw seed disk (read-only)
+  std::string cidata;     // cloud-init's NoCloud seed (read-only); empty: none
+  std::string mac;        // the NIC's MAC; empty: qemu's default
   std::uint16_t ssh_port = 0;  // host loopback port forwarded to the guest's 22
   std::string serial_log;
   std::string qmp_socket;

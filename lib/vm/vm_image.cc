@@ -20,9 +20,25 @@ namespace {
 
 constexpr const char* kImageVersion = "3";  // bump when the image recipe changes
 
+// A tool by name: from PATH, else from the sbin directories that a normal user's PATH
+// lacks on Debian (mkfs.ext4, mkfs.vfat), which need no root for image files.
+std::string find_tool(const std::string& name) {
+  if (name.find('/') != std::string::npos) return name;
+  if (const char* path = std::getenv("PATH")) {
+    std::istringstream dirs(path);
+    std::string dir;
+    while (std::getline(dirs, dir, ':'))
+      if (!dir.empty() && ::access((dir + "/" + name).c_str(), X_OK) == 0) return name;
+  }
+  for (const char* dir : {"/usr/sbin/", "/sbin/"})
+    if (::access((dir + name).c_str(), X_OK) == 0) return dir + name;
+  return name;
+}
+
 // Runs a logged command; a failure names the step.
-Status logged(const std::vector<std::string>& argv, const std::string& log_path,
+Status logged(std::vector<std::string> argv, const std::string& log_path,
                    std::chrono::milliseconds timeout, const std::string& step) {
+  argv[0] = find_tool(argv[0]);
   RunResult r = run_logged(argv, log_path, timeout);
   if (r.status == 0) return {};
   if (r.status == 127) return Status::failure(step + ": " + argv[0] + " is not installed");
@@ -54,6 +70,11 @@ rm -rf /opt/gate
 mkdir -p /opt/gate
 cp -a "$seed/opt-gate/." /opt/gate/
 install -m 644 "$seed/gate-broker.env" /etc/default/gate-broker
+# The carried C++ runtime may need a newer C library than a cloud guest's (Debian 12's
+# needs glibc 2.36; Ubuntu 22.04 has 2.35): the guest's own runtime then.
+if ! LD_LIBRARY_PATH=/opt/gate/lib /opt/gate/bin/gate --version >/dev/null 2>&1; then
+  rm -f /opt/gate/lib/libstdc++.so.* /opt/gate/lib/libgcc_s.so.*
+fi
 if [ -f "$seed/boot.sh" ]; then
   sh -eu "$seed/boot.sh" "$seed" || echo "gate-provision: the seed's boot.sh failed" >&2
 fi
@@ -133,7 +154,14 @@ Status customize_tree(const fs::path& root) {
 }  // namespace
 
 bool ImageFiles::complete() const {
-  return fs::exists(disk) && fs::exists(kernel) && fs::exists(initrd);
+  return fs::exists(disk) && (firmware_boot() || (fs::exists(kernel) && fs::exists(initrd)));
+}
+
+std::string disk_format(const std::string& path) {
+  char magic[4] = {};
+  std::ifstream in(path, std::ios::binary);
+  in.read(magic, sizeof magic);
+  return in && std::string(magic, 4) == "QFI\xfb" ? "qcow2" : "raw";
 }
 
 std::string image_cache_root() {
@@ -222,6 +250,88 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
   if (ec) return Status::failure("cannot move the image into " + dir.string() + ": " + ec.message());
   progress("image ready: " + out.disk);
   return {};
+}
+
+namespace {
+
+// YAML: a single-quoted scalar, and a literal block indented under its key.
+std::string yaml_quoted(const std::string& text) {
+  std::string out = "'";
+  for (char c : text) out += c == '\'' ? std::string("''") : std::string(1, c);
+  return out + "'";
+}
+
+std::string yaml_block(const std::string& text, const std::string& indent) {
+  std::string out = "|\n";
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) out += line.empty() ? "\n" : indent + line + "\n";
+  return out;
+}
+
+std::string yaml_file(const std::string& path, const std::string& mode, const std::string& content) {
+  return "  - path: " + path + "\n    permissions: '" + mode + "'\n    content: " +
+         yaml_block(content, "      ");
+}
+
+}  // namespace
+
+std::string cloud_init_user_data(const CloudInitSeed& s) {
+  // What customize_tree() bakes into gate's own image, written by cloud-init instead.
+  // runcmd runs once per instance; the units are enabled, so later boots provision
+  // from the seed disk by themselves.
+  return "#cloud-config\n"
+         "hostname: " + s.hostname + "\n"
+         "ssh_pwauth: false\n"
+         // The guest only runs gate's broker: no locale to generate (slow under TCG, and
+         // it fails on images without the locales package).
+         "locale: false\n"
+         "users:\n"
+         "  - name: gate\n"
+         "    shell: /bin/bash\n"
+         "    groups: [adm, systemd-journal]\n"
+         "    lock_passwd: true\n"
+         "    ssh_authorized_keys:\n"
+         "      - " + yaml_quoted(s.authorized_key) + "\n"
+         "write_files:\n" +
+         yaml_file("/etc/ssh/sshd_config.d/gate.conf", "0644",
+                   "PasswordAuthentication no\nUseDNS no\nPermitRootLogin prohibit-password\n") +
+         yaml_file("/etc/fuse.conf", "0644", "user_allow_other\n") +
+         yaml_file("/usr/local/sbin/gate-provision", "0755", kProvisionScript) +
+         yaml_file("/etc/systemd/system/gate-provision.service", "0644", kProvisionUnit) +
+         yaml_file("/etc/systemd/system/gate-broker.service", "0644", kBrokerUnit) +
+         "runcmd:\n"
+         "  - [systemctl, daemon-reload]\n"
+         "  - [systemctl, enable, --now, gate-provision.service, gate-broker.service]\n";
+}
+
+std::string cloud_init_meta_data(const CloudInitSeed& s) {
+  return "instance-id: " + s.instance_id + "\nlocal-hostname: " + s.hostname + "\n";
+}
+
+std::string cloud_init_network_config() {
+  return std::string("version: 2\nethernets:\n  nic0:\n    match:\n      macaddress: \"") + kGuestMac +
+         "\"\n    set-name: eth0\n    dhcp4: true\n";
+}
+
+Status make_cloud_init_seed(const CloudInitSeed& s, const std::string& work_dir,
+                            const std::string& image_path, const std::string& log_path) {
+  std::error_code ec;
+  const fs::path dir = fs::path(work_dir) / "cidata";
+  fs::remove_all(dir, ec);
+  if (!write_file(dir / "user-data", cloud_init_user_data(s), 0600) ||
+      !write_file(dir / "meta-data", cloud_init_meta_data(s)) ||
+      !write_file(dir / "network-config", cloud_init_network_config()))
+    return Status::failure("cannot write the cloud-init seed files in " + dir.string());
+  fs::remove(image_path, ec);
+  Status err = logged({"mkfs.vfat", "-C", "-n", "CIDATA", image_path, "1024"}, log_path,
+                      std::chrono::seconds(30), "making the cloud-init seed (dosfstools)");
+  if (err.ok())
+    err = logged({"mcopy", "-i", image_path, (dir / "user-data").string(), (dir / "meta-data").string(),
+                  (dir / "network-config").string(), "::"},
+                 log_path, std::chrono::seconds(30), "writing the cloud-init seed (mtools)");
+  fs::remove_all(dir, ec);
+  return err;
 }
 
 std::vector<std::string> carried_libraries(const std::string& binary) {

@@ -17,8 +17,13 @@ namespace gate::vm {
 
 struct ImageFiles {
   std::string disk, kernel, initrd;
+  // A cloud image has no kernel beside it: the firmware boots the image's own.
+  bool firmware_boot() const { return kernel.empty(); }
   bool complete() const;
 };
+
+// "qcow2" or "raw", from the disk's first bytes (cloud images come as either).
+std::string disk_format(const std::string& path);
 
 std::string image_cache_root();
 ImageFiles cached_image(const std::string& base);  // may not exist yet
@@ -47,6 +52,24 @@ struct SeedContents {
 };
 Status make_seed_image(const SeedContents& c, const std::string& work_dir,
                        const std::string& image_path, const std::string& log_path);
+
+// Cloud images are provisioned by cloud-init from a NoCloud seed: a FAT volume
+// labelled CIDATA holding user-data, meta-data and network-config, made without root
+// (mkfs.vfat -C, mcopy). The user-data creates the gate user and installs the same
+// provisioning service and broker unit as gate's own image, and starts them; at every
+// boot after that the provisioning service reads the GATESEED disk as in gate's own
+// image. The NIC is found by its MAC (kGuestMac) and named eth0.
+inline constexpr const char* kGuestMac = "52:54:00:67:61:74";
+struct CloudInitSeed {
+  std::string instance_id;     // stable per VM: cloud-init's per-instance steps run once
+  std::string hostname;
+  std::string authorized_key;  // the public key line
+};
+std::string cloud_init_user_data(const CloudInitSeed& s);
+std::string cloud_init_meta_data(const CloudInitSeed& s);
+std::string cloud_init_network_config();
+Status make_cloud_init_seed(const CloudInitSeed& s, const std::string& work_dir,
+                            const std::string& image_path, const std::string& log_path);
 
 // The shared libraries a binary needs beyond the C library itself (from ldd), to
 // carry into a guest that may not have them.

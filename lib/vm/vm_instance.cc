@@ -12,9 +12,11 @@
 
 #include "client/broker_client.h"
 #include "core/config.h"
+#include "core/files.h"
 #include "core/iso_time.h"
 #include "core/mounts.h"
 #include "core/process.h"
+#include "vm/image_fetch.h"
 #include "vm/vm_host.h"
 #include "vm/vm_image.h"
 
@@ -207,14 +209,28 @@ Status UpRun::prepare() {
                               "initrd.img beside it", "");
   } else if (!known_base(o_.base)) {
     return failed("image", "unknown --base '" + o_.base + "' (" + kBaseNames + ")", "");
-  } else if (!base_is_offline(o_.base)) {
-    // `gate image build` downloads it (vm/image_fetch.h); what a cloud image needs to
-    // boot as gate's guest (a cloud-init seed) is not written yet.
-    return failed("image",
-                  "booting " + o_.base + " (a cloud image, provisioned by cloud-init) is not in this gate yet; "
-                  "use --base debian-12. 'gate image build --base " + o_.base +
-                      "' downloads and verifies the image already",
-                  "");
+  } else if (auto cloud = cloud_image(o_.base, o_.image_mirror)) {
+    // Downloaded and verified (or taken from the cache when the publisher's checksum
+    // still names it); booted by the firmware with its own kernel.
+    if (Result<Url> u = parse_url(cloud->url); !u.ok())
+      return failed("image", "--image-mirror: " + u.message(), "");
+    FetchOptions f;
+    f.cache_dir = image_cache_root() + "/" + o_.base;
+    const CachePaths at = cache_paths(*cloud, f.cache_dir);
+    if (o_.redownload) {
+      fs::remove(at.image, ec);
+      fs::remove(at.sum, ec);
+    }
+    if (o_.skip_build && !(fs::exists(at.image) && fs::exists(at.sum)))
+      return failed("image", "no verified " + o_.base + " image cached and --skip-build given; run "
+                             "'gate image build --base " + o_.base + "'", "");
+    f.tty = ::isatty(STDOUT_FILENO) == 1;
+    f.progress = &out_;
+    f.say = [&](const std::string& l) { say(l); };
+    Result<std::string> got = fetch_cloud_image(*cloud, f);
+    if (!got.ok()) return failed("image", got.message(), "");
+    image_ = {*got, "", ""};
+    s_.extra["base"] = o_.base;
   } else {
     image_ = cached_image(o_.base);
     if (image_.complete() && !o_.redownload) {
@@ -235,12 +251,21 @@ Status UpRun::start_vm() {
   const std::string disk = vm_dir + "/disk.qcow2";
   const std::string vm_log = logs_ + "/vm.log";
   std::error_code ec;
+  // The overlay names its image by path: a new image under that path (a newer release
+  // downloaded, a rebuild) needs a new overlay.
+  const std::string backing_note = disk + ".image";
+  const std::string backing = image_.disk + " " + std::to_string(fs::last_write_time(image_.disk, ec).time_since_epoch().count());
+  if (fs::exists(disk) && !o_.redownload && read_file(backing_note).value_or("") != backing) {
+    say("the image changed since the VM disk was made: a new VM disk");
+    fs::remove(disk, ec);
+  }
   if (!fs::exists(disk) || o_.redownload) {
     fs::remove(disk, ec);
-    RunResult r = run_step({"qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image_.disk,
+    RunResult r = run_step({"qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(image_.disk), "-b", image_.disk,
                               disk, o_.disk_size},
                              vm_log, 60s);
     if (r.status != 0) return failed("disk", "qemu-img create failed", vm_log);
+    std::ofstream(backing_note, std::ios::trunc) << backing;
   } else {
     say("reusing the VM disk " + disk);
   }
@@ -255,6 +280,16 @@ Status UpRun::start_vm() {
   const std::string seed_path = vm_dir + "/seed.img";
   if (Status e = make_seed_image(seed, vm_dir, seed_path, logs_ + "/provision.log"); !e.ok())
     return failed("seed", e.message(), logs_ + "/provision.log");
+  if (image_.firmware_boot()) {
+    CloudInitSeed ci;
+    ci.instance_id = "gate-" + o_.name;
+    ci.hostname = "gate-vm";
+    ci.authorized_key = key_line;
+    qemu_.cidata = vm_dir + "/cidata.img";
+    qemu_.mac = kGuestMac;
+    if (Status e = make_cloud_init_seed(ci, vm_dir, qemu_.cidata, logs_ + "/provision.log"); !e.ok())
+      return failed("seed", e.message(), logs_ + "/provision.log");
+  }
 
   AccelChoice accel = choose_accel(o_.accel, kvm_usable);
   say(accel.reason);
@@ -336,11 +371,16 @@ Status UpRun::wait_for_ssh() {
 
 Status UpRun::wait_for_broker_in_guest() {
   const std::string log = logs_ + "/broker.log";
+  // A cloud image's first boot installs the broker late: from cloud-init's last stage,
+  // which follows ssh by a minute or more under TCG.
+  const int wait_s = image_.firmware_boot() ? 300 : 60;
+  if (image_.firmware_boot()) say("waiting for cloud-init to install and start the broker ('gate logs --component cloud-init')");
   RunResult r = run_step(
-      ssh_command(ssh_, "for i in $(seq 1 120); do (echo > /dev/tcp/127.0.0.1/" + std::to_string(kGuestBrokerPort) + ") 2>/dev/null && exit 0; "
+      ssh_command(ssh_, "for i in $(seq 1 " + std::to_string(wait_s * 2) + "); do (echo > /dev/tcp/127.0.0.1/" +
+                            std::to_string(kGuestBrokerPort) + ") 2>/dev/null && exit 0; "
                         "sleep 0.5; done; journalctl -b -u gate-provision -u gate-broker --no-pager "
                         "| tail -30; exit 1"),
-      log, 60s);
+      log, std::chrono::seconds(wait_s + 30));
   if (r.status != 0) return failed("broker", "the broker in the guest did not start", log);
   say("the broker runs in the guest (127.0.0.1:" + std::to_string(kGuestBrokerPort) + " there)");
   return {};
@@ -472,8 +512,14 @@ std::string UpRun::guest_mount_command() const {
 void UpRun::dry_run() {
   QemuConfig q;
   q.name = o_.name;
-  q.kernel = "<image>/vmlinuz";
-  q.initrd = "<image>/initrd.img";
+  const auto cloud = o_.image.empty() ? cloud_image(o_.base, o_.image_mirror) : std::nullopt;
+  if (!cloud) {
+    q.kernel = "<image>/vmlinuz";
+    q.initrd = "<image>/initrd.img";
+  } else {
+    q.cidata = "<vm-dir>/cidata.img";
+    q.mac = kGuestMac;
+  }
   q.disk = "<vm-dir>/disk.qcow2";
   q.seed = "<vm-dir>/seed.img";
   q.ssh_port = o_.ssh_port ? o_.ssh_port : 2222;
@@ -487,9 +533,18 @@ void UpRun::dry_run() {
   t.identity = "<key>";
   t.known_hosts = "<state>/known_hosts";
   out_ << "gate up --dry-run: the steps and commands, none run:\n"
-       << "1. image: " << (o_.image.empty() ? "cached " + o_.base + " image, else mmdebstrap bookworm + mkfs.ext4 -d" : o_.image) << "\n"
-       << "2. disk: qemu-img create -f qcow2 -F raw -b <image>/disk.raw <vm-dir>/disk.qcow2 " << o_.disk_size << "\n"
-       << "3. seed: mkfs.ext4 -L GATESEED -d <authorized key, gate binary and libraries> <vm-dir>/seed.img\n"
+       << "1. image: "
+       << (!o_.image.empty() ? o_.image
+           : cloud ? cloud->url + cloud->file + ", verified with " + cloud->url + cloud->sums +
+                         " (the cached copy while that checksum names it)"
+                   : "cached " + o_.base + " image, else mmdebstrap bookworm + mkfs.ext4 -d")
+       << "\n"
+       << "2. disk: qemu-img create -f qcow2 -F " << (cloud ? "qcow2 -b <cached image>" : "raw -b <image>/disk.raw")
+       << " <vm-dir>/disk.qcow2 " << o_.disk_size << "\n"
+       << "3. seed: mkfs.ext4 -L GATESEED -d <authorized key, gate binary and libraries> <vm-dir>/seed.img\n";
+  if (cloud)
+    out_ << "   cloud-init: mkfs.vfat -C -n CIDATA <vm-dir>/cidata.img; mcopy user-data meta-data network-config\n";
+  out_
        << "4. vm: " << shell_join(qemu_command(q)) << "\n"
        << "5. ssh: " << shell_join(ssh_command(t, "true", 3)) << " (until it answers)\n";
   if (o_.method == "sshfs") {

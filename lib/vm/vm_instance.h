@@ -25,6 +25,7 @@ struct VmOptions {
   std::string ssh_key;        // a .pub; default: gate's own key pair
   std::string base = "debian-12";
   std::string image;          // a disk built by gate image build (kernel beside it)
+  std::string image_mirror;   // cloud bases: a mirror of the publisher's site
   std::string host_mount;     // default: <state root>/mounts/<name>
   std::string method = "host-direct";  // or sshfs
   std::uint16_t ssh_port = 0;  // 0: a free one

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 
 #include "core/mounts.h"
 #include "support/test_support.h"
@@ -51,6 +53,64 @@ TEST_CASE("qemu runs in the background and never on the user's terminal", "[vm]"
   a = qemu_command(c);
   CHECK(after(a, "-accel") == "kvm");
   CHECK(after(a, "-cpu") == "host");
+}
+
+TEST_CASE("a cloud image boots from its disk by the firmware with cloud-init's seed beside it", "[vm]") {
+  QemuConfig c;
+  c.disk = "/d.qcow2";
+  c.seed = "/s.img";
+  c.cidata = "/v/cidata.img";
+  c.mac = kGuestMac;
+  auto a = qemu_command(c);
+  CHECK_FALSE(has(a, "-kernel"));
+  CHECK_FALSE(has(a, "-append"));
+  // The disk comes first (the firmware boots the first bootable one), the seeds after.
+  const auto disk = std::find(a.begin(), a.end(), "file=/d.qcow2,if=virtio,format=qcow2,discard=unmap");
+  const auto cidata = std::find(a.begin(), a.end(), "file=/v/cidata.img,if=virtio,format=raw,readonly=on");
+  CHECK(disk < cidata);
+  CHECK(cidata != a.end());
+  CHECK(has(a, std::string("virtio-net-pci,netdev=n0,mac=") + kGuestMac));
+}
+
+TEST_CASE("cloud-init's seed creates the gate user and installs the broker's units", "[vm]") {
+  CloudInitSeed s;
+  s.instance_id = "gate-t";
+  s.hostname = "gate-vm";
+  s.authorized_key = "ssh-ed25519 AAAAkey it's me";
+  const std::string user = cloud_init_user_data(s);
+  CHECK(user.rfind("#cloud-config\n", 0) == 0);
+  CHECK(user.find("  - name: gate\n") != std::string::npos);
+  CHECK(user.find("      - 'ssh-ed25519 AAAAkey it''s me'\n") != std::string::npos);
+  // Files are literal blocks indented under their key: every line of the script is there.
+  CHECK(user.find("  - path: /usr/local/sbin/gate-provision\n    permissions: '0755'\n    content: |\n"
+                  "      #!/bin/sh\n") != std::string::npos);
+  CHECK(user.find("      ExecStart=/opt/gate/bin/gate broker") != std::string::npos);
+  CHECK(user.find("[systemctl, enable, --now, gate-provision.service, gate-broker.service]") !=
+        std::string::npos);
+  CHECK(cloud_init_meta_data(s) == "instance-id: gate-t\nlocal-hostname: gate-vm\n");
+  CHECK(cloud_init_network_config().find(std::string("macaddress: \"") + kGuestMac + "\"") != std::string::npos);
+
+  // The seed is a FAT volume labelled CIDATA holding the three files (read back with mtools).
+  test::TempDir dir("gate-cidata");
+  const std::string img = dir.path() + "/cidata.img";
+  Status made = make_cloud_init_seed(s, dir.path(), img, dir.path() + "/log");
+  INFO(made.message() << test::read_file(dir.path() + "/log"));
+  REQUIRE(made.ok());
+  RunResult label = run_command({"mlabel", "-i", img, "-s", "::"});
+  CHECK(label.output.find("CIDATA") != std::string::npos);
+  CHECK(run_command({"mtype", "-i", img, "::user-data"}).output == user);
+  CHECK(run_command({"mtype", "-i", img, "::meta-data"}).output == cloud_init_meta_data(s));
+  CHECK(run_command({"mtype", "-i", img, "::network-config"}).output == cloud_init_network_config());
+  CHECK_FALSE(std::filesystem::exists(dir.path() + "/cidata"));  // the staging files are gone
+}
+
+TEST_CASE("a disk's format is told by its first bytes", "[vm]") {
+  test::TempDir dir("gate-format");
+  { std::ofstream(dir.path() + "/q") << "QFI\xfb" << std::string(100, '\0'); }
+  { std::ofstream(dir.path() + "/r") << std::string(512, '\0'); }
+  CHECK(disk_format(dir.path() + "/q") == "qcow2");
+  CHECK(disk_format(dir.path() + "/r") == "raw");
+  CHECK(disk_format(dir.path() + "/none") == "raw");
 }
 
 TEST_CASE("ssh pins the VM's host key in its own known_hosts and never asks", "[vm]") {
