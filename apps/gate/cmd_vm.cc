@@ -258,7 +258,9 @@ int logs(int argc, char** argv) {
     // It lives in the guest: read over ssh while the VM runs.
     auto setup = load_stack(name);
     if (!setup || setup->mode != "vm" || !vm::qemu_running(*setup))
-      return cli::fail(argv[0], "cloud-init's output is in the guest, and " + name + "'s VM is not running");
+      return cli::fail(argv[0], "cloud-init's output is in the guest, and " + name +
+                                    "'s VM is not running; the console log ('gate logs --component serial') "
+                                    "has what cloud-init printed");
     if (setup->get("base").empty())
       return cli::fail(argv[0], name + " boots gate's own image, which has no cloud-init");
     const std::string log = "/var/log/cloud-init-output.log";
@@ -267,6 +269,8 @@ int logs(int argc, char** argv) {
         (*args)["follow"].as<bool>()
             ? "exec tail -n " + lines + " -F " + log
             : "cloud-init status --long 2>&1; echo '==> guest " + log + " <=='; tail -n " + lines + " " + log);
+    // A terminal for the remote tail, so that Ctrl-C ends it there too.
+    if ((*args)["follow"].as<bool>() && ::isatty(STDIN_FILENO)) ssh.insert(ssh.begin() + 1, "-tt");
     return exec_command(argv[0], ssh);
   }
   std::error_code ec;

@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "core/files.h"
+#include "core/process.h"
 #include "gate/version.h"
 
 namespace gate::vm {
@@ -33,6 +34,9 @@ namespace {
 constexpr int kMaxRedirects = 5;
 constexpr std::size_t kMaxSumsBytes = 1 << 20;
 
+// Ubuntu's cloud image signing key, as its ubuntu-keyring package installs it.
+constexpr const char* kUbuntuKeyring = "/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg";
+
 // The publishers' sites, and where each base's image lies below them.
 struct Publisher {
   const char* base;
@@ -41,14 +45,16 @@ struct Publisher {
   const char* file;
   const char* sums;
   int bits;
+  const char* signature;  // "": unsigned
+  const char* keyring;
 };
 constexpr Publisher kPublishers[] = {
     {"ubuntu-24.04", "https://cloud-images.ubuntu.com", "releases/24.04/release/",
-     "ubuntu-24.04-server-cloudimg-amd64.img", "SHA256SUMS", 256},
+     "ubuntu-24.04-server-cloudimg-amd64.img", "SHA256SUMS", 256, "SHA256SUMS.gpg", kUbuntuKeyring},
     {"ubuntu-22.04", "https://cloud-images.ubuntu.com", "releases/22.04/release/",
-     "ubuntu-22.04-server-cloudimg-amd64.img", "SHA256SUMS", 256},
+     "ubuntu-22.04-server-cloudimg-amd64.img", "SHA256SUMS", 256, "SHA256SUMS.gpg", kUbuntuKeyring},
     {"debian-12-cloud", "https://cloud.debian.org/images/cloud", "bookworm/latest/",
-     "debian-12-generic-amd64.qcow2", "SHA512SUMS", 512},
+     "debian-12-generic-amd64.qcow2", "SHA512SUMS", 512, "", ""},
 };
 
 std::string mib(std::uint64_t bytes) {
@@ -282,10 +288,33 @@ std::string read_text(const fs::path& p) {
   return s.substr(0, s.find('\n'));
 }
 
-bool write_text(const fs::path& p, const std::string& s) {
-  std::ofstream out(p, std::ios::trunc);
-  out << s << "\n";
+bool write_bytes(const fs::path& p, const std::string& s) {
+  std::ofstream out(p, std::ios::trunc | std::ios::binary);
+  out << s;
   return static_cast<bool>(out.flush());
+}
+
+bool write_text(const fs::path& p, const std::string& s) { return write_bytes(p, s + "\n"); }
+
+std::string last_line(std::string text) {
+  while (!text.empty() && text.back() == '\n') text.pop_back();
+  return text.substr(text.rfind('\n') + 1);
+}
+
+// A small file (a checksum file, its signature), at most 1 MiB, into `body`. `answered`:
+// a server answered (an HTTP error is an answer: the network works).
+Status fetch_small(std::string url, std::chrono::seconds timeout, std::string& body, bool& answered) {
+  Head head;
+  Status got = get_following(
+      url, 0, timeout, head, [](const Head&) { return true; },
+      [&](const char* d, std::size_t n) {
+        if (body.size() + n > kMaxSumsBytes) return Status::failure(url + " is larger than 1 MiB");
+        body.append(d, n);
+        return Status{};
+      });
+  answered = got.ok();
+  if (got.ok() && head.status != 200) got = Status::failure("HTTP " + std::to_string(head.status));
+  return got;
 }
 
 }  // namespace
@@ -297,7 +326,9 @@ std::optional<CloudImage> cloud_image(const std::string& base, const std::string
     if (base != p.base) continue;
     std::string site = mirror.empty() ? p.site : mirror;
     while (!site.empty() && site.back() == '/') site.pop_back();
-    return CloudImage{base, site + "/" + p.dir, p.file, p.sums, p.bits};
+    CloudImage image{base, site + "/" + p.dir, p.file, p.sums, p.bits, p.signature, p.keyring};
+    if (const char* k = std::getenv(kKeyringEnv); k && *k && !image.signature.empty()) image.keyring = k;
+    return image;
   }
   return std::nullopt;
 }
@@ -346,6 +377,24 @@ std::optional<std::string> checksum_for(const std::string& sums, const std::stri
     if (hex.find_first_not_of("0123456789abcdef") == std::string::npos) return hex;
   }
   return std::nullopt;
+}
+
+Status verify_signature(const std::string& signed_text, const std::string& signature,
+                        const std::string& keyring, const std::string& work_dir) {
+  const fs::path text = fs::path(work_dir) / ".signed.tmp", sig = fs::path(work_dir) / ".signature.tmp";
+  std::error_code ec;
+  Status result;
+  if (!write_bytes(text, signed_text) || !write_bytes(sig, signature)) {
+    result = Status::failure("cannot write in " + work_dir);
+  } else {
+    RunResult r = run_command({"gpgv", "--keyring", fs::absolute(keyring).string(), sig.string(), text.string()},
+                              std::chrono::seconds(30));
+    if (r.status == 127) result = Status::failure("gpgv is not installed (apt install gpgv)");
+    else if (r.status != 0) result = Status::failure("gpgv says: " + last_line(r.output));
+  }
+  fs::remove(text, ec);
+  fs::remove(sig, ec);
+  return result;
 }
 
 Result<std::string> file_digest(const std::string& path, int sha_bits) {
@@ -404,18 +453,20 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
     return false;
   };
 
-  // 1. The publisher's checksums.
-  std::string sums_url = image.url + image.sums, sums;
-  Head head;
-  Status got = get_following(
-      sums_url, 0, o.io_timeout, head, [](const Head&) { return true; },
-      [&](const char* d, std::size_t n) {
-        if (sums.size() + n > kMaxSumsBytes) return Status::failure(sums_url + " is larger than 1 MiB");
-        sums.append(d, n);
-        return Status{};
-      });
-  const bool answered = got.ok();  // (an HTTP error is an answer: the network works)
-  if (got.ok() && head.status != 200) got = Status::failure("HTTP " + std::to_string(head.status));
+  if (o.offline) {
+    if (cached(std::nullopt)) {
+      say("using the cached " + image.file + " (verified when it was downloaded; the publisher not asked)");
+      return final_path.string();
+    }
+    return Status::failure("no verified " + image.file + " in " + o.cache_dir + " (and the network is not "
+                           "to be used): 'gate image build --base " + image.base + "' downloads it");
+  }
+
+  // 1. The publisher's checksums, and their signature where the publisher signs them.
+  const std::string sums_url = image.url + image.sums;
+  std::string sums;
+  bool answered = false;  // (an HTTP error is an answer: the network works)
+  Status got = fetch_small(sums_url, o.io_timeout, sums, answered);
   if (!got.ok()) {
     if (cached(std::nullopt)) {
       say("cannot fetch " + sums_url + " (" + got.message() + "); using the cached " + image.file +
@@ -425,6 +476,23 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
     return Status::failure("cannot fetch the checksum file " + sums_url + ": " + got.message() +
                            (answered ? "" : " (no internet? --image-mirror points gate at a mirror of the "
                                             "publisher's site)"));
+  }
+  if (!image.signature.empty()) {
+    const std::string sig_url = image.url + image.signature;
+    if (!fs::exists(image.keyring)) {
+      say("the signature of " + image.sums + " is not checked: no key in " + image.keyring + " (install " +
+          "ubuntu-keyring, or name a keyring with " + kKeyringEnv + ")");
+    } else {
+      std::string sig;
+      bool reached = false;
+      if (Status s = fetch_small(sig_url, o.io_timeout, sig, reached); !s.ok())
+        return Status::failure("cannot fetch the signature " + sig_url + " (" + s.message() +
+                               "); nothing is trusted without it while " + image.keyring + " is here");
+      if (Status s = verify_signature(sums, sig, image.keyring, o.cache_dir); !s.ok())
+        return Status::failure(sums_url + " is not signed by a key of " + image.keyring + ": " + s.message() +
+                               "; nothing is downloaded or cached");
+      say(image.sums + " is signed by a key of " + image.keyring);
+    }
   }
   const std::optional<std::string> want = checksum_for(sums, image.file);
   if (!want) return Status::failure(sums_url + " lists no checksum for " + image.file);

@@ -24,9 +24,15 @@ struct CloudImage {
   std::string file;  // the image's file name there
   std::string sums;  // the checksum file's name there (SHA256SUMS, SHA512SUMS)
   int sha_bits = 256;
+  // The checksum file's detached OpenPGP signature there ("SHA256SUMS.gpg"); empty
+  // where the publisher signs none. Checked with gpgv against `keyring` when that file
+  // exists (GATE_IMAGE_KEYRING, else the publisher's keyring as Ubuntu installs it).
+  std::string signature;
+  std::string keyring;
 };
 
 bool is_cloud_base(const std::string& base);
+inline constexpr const char* kKeyringEnv = "GATE_IMAGE_KEYRING";
 // The image for `base` at its publisher, or at `mirror` (a URL standing for the
 // publisher's site root, e.g. http://host/ubuntu for https://cloud-images.ubuntu.com);
 // nullopt for a base that is not a cloud image.
@@ -38,6 +44,7 @@ struct FetchOptions {
   std::ostream* progress = nullptr;  // where progress goes (none: silent)
   std::function<void(const std::string&)> say;  // one-line messages for the user
   int attempts = 6;                  // connections for the image before giving up
+  bool offline = false;              // only the verified cache; never the network
   std::chrono::seconds io_timeout{30};  // a connection silent this long is broken
 };
 
@@ -64,5 +71,9 @@ Result<Url> parse_url(const std::string& url);
 // "<hex>  <file>"), lower case.
 std::optional<std::string> checksum_for(const std::string& sums, const std::string& file);
 Result<std::string> file_digest(const std::string& path, int sha_bits);
+// gpgv's verdict on `signature` over `signed_text` by a key of `keyring`; files for
+// gpgv are written (and removed) in `work_dir`.
+Status verify_signature(const std::string& signed_text, const std::string& signature,
+                        const std::string& keyring, const std::string& work_dir);
 
 }  // namespace gate::vm

@@ -18,21 +18,13 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr const char* kImageVersion = "3";  // bump when the image recipe changes
+constexpr const char* kImageVersion = "4";  // bump when the image recipe changes
 
-// A tool by name: from PATH, else from the sbin directories that a normal user's PATH
-// lacks on Debian (mkfs.ext4, mkfs.vfat), which need no root for image files.
+// A tool to run: where tool_path finds it, else its name (which then fails to run
+// and is reported as not installed).
 std::string find_tool(const std::string& name) {
-  if (name.find('/') != std::string::npos) return name;
-  if (const char* path = std::getenv("PATH")) {
-    std::istringstream dirs(path);
-    std::string dir;
-    while (std::getline(dirs, dir, ':'))
-      if (!dir.empty() && ::access((dir + "/" + name).c_str(), X_OK) == 0) return name;
-  }
-  for (const char* dir : {"/usr/sbin/", "/sbin/"})
-    if (::access((dir + name).c_str(), X_OK) == 0) return dir + name;
-  return name;
+  const std::string at = tool_path(name);
+  return at.empty() ? name : at;
 }
 
 // Runs a logged command; a failure names the step.
@@ -68,7 +60,8 @@ install -d -m 700 -o gate -g gate /home/gate/.ssh
 install -m 600 -o gate -g gate "$seed/authorized_keys" /home/gate/.ssh/authorized_keys
 rm -rf /opt/gate
 mkdir -p /opt/gate
-cp -a "$seed/opt-gate/." /opt/gate/
+cp -R --preserve=mode,timestamps "$seed/opt-gate/." /opt/gate/
+chown -R root:root /opt/gate
 install -m 644 "$seed/gate-broker.env" /etc/default/gate-broker
 # The carried C++ runtime may need a newer C library than a cloud guest's (Debian 12's
 # needs glibc 2.36; Ubuntu 22.04 has 2.35): the guest's own runtime then.
@@ -153,6 +146,19 @@ Status customize_tree(const fs::path& root) {
 
 }  // namespace
 
+std::string tool_path(const std::string& name) {
+  if (name.find('/') != std::string::npos) return ::access(name.c_str(), X_OK) == 0 ? name : "";
+  if (const char* path = std::getenv("PATH")) {
+    std::istringstream dirs(path);
+    std::string dir;
+    while (std::getline(dirs, dir, ':'))
+      if (!dir.empty() && ::access((dir + "/" + name).c_str(), X_OK) == 0) return dir + "/" + name;
+  }
+  for (const char* dir : {"/usr/sbin/", "/sbin/"})
+    if (::access((dir + name).c_str(), X_OK) == 0) return dir + name;
+  return "";
+}
+
 bool ImageFiles::complete() const {
   return fs::exists(disk) && (firmware_boot() || (fs::exists(kernel) && fs::exists(initrd)));
 }
@@ -181,22 +187,59 @@ bool known_base(const std::string& base) { return base == "debian-12" || is_clou
 
 bool base_is_offline(const std::string& base) { return base == "debian-12"; }
 
+namespace {
+
+// Without root, mmdebstrap builds in a user namespace (its unshare mode), where the
+// subordinate ids of /etc/subuid stand for the guest's owners; commands that must see
+// those owners as the guest does (mkfs.ext4 -d, removing the tree) run in the same
+// kind of namespace through mmdebstrap's --unshare-helper.
+std::vector<std::string> in_namespace(bool rootless, std::vector<std::string> argv) {
+  argv[0] = find_tool(argv[0]);
+  if (rootless) argv.insert(argv.begin(), {"mmdebstrap", "--unshare-helper"});
+  return argv;
+}
+
+Status check_rootless(const std::string& log_path) {
+  RunResult r = run_logged({"mmdebstrap", "--unshare-helper", "true"}, log_path, std::chrono::seconds(30));
+  if (r.status == 0) return {};
+  if (r.status == 127) return Status::failure("mmdebstrap is not installed (apt install mmdebstrap)");
+  const char* user = std::getenv("USER");
+  const std::string who = user && *user ? user : "$USER";
+  return Status::failure(
+      "building the VM image without root needs user namespaces with subordinate ids, and they do "
+      "not work here (see " + log_path + "). Install uidmap; give " + who +
+      " ranges in /etc/subuid and /etc/subgid ('sudo usermod --add-subuids 100000-165535 "
+      "--add-subgids 100000-165535 " + who + "'); allow unprivileged user namespaces (Ubuntu 24.04: "
+      "'sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0'). Or build it once as root: "
+      "'sudo gate image build', or boot a cloud image: 'gate up --base ubuntu-24.04'");
+}
+
+}  // namespace
+
 Status build_offline_image(const std::string& base, bool force, const std::string& log_path,
                            const Progress& progress) {
   if (!base_is_offline(base))
     return Status::failure("no offline recipe for " + base + "; use --base debian-12");
   ImageFiles out = cached_image(base);
   if (out.complete() && !force) return {};
-  if (::geteuid() != 0)
-    return Status::failure("building the VM image needs root (mmdebstrap and file ownership): run "
-           "'sudo gate image build' once, or pass --image");
+  const bool rootless = ::geteuid() != 0;
+  if (rootless)
+    if (Status e = check_rootless(log_path); !e.ok()) return e;
   const fs::path dir = fs::path(out.disk).parent_path();
   const fs::path work = dir.string() + ".building";
+  const fs::path root = work / "root";
+  const fs::path stage = work / "stage";
   std::error_code ec;
+  // The tree of a rootless build is owned by subordinate ids: removed as them.
+  auto remove_tree = [&] {
+    if (rootless && fs::exists(root))
+      run_logged(in_namespace(true, {"rm", "-rf", root.string()}), log_path, std::chrono::minutes(5));
+    fs::remove_all(root, ec);
+  };
+  remove_tree();  // left by a broken build
   fs::remove_all(work, ec);
   fs::create_directories(work, ec);
   if (ec) return Status::failure("cannot create " + work.string() + ": " + ec.message());
-  const fs::path root = work / "root";
 
   // The guest boots the host's Debian kernel and initrd (linux-image-amd64), with the
   // kernel's modules copied in for FUSE and virtio: no kernel install and no
@@ -215,20 +258,26 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
   kernel = "/boot/vmlinuz-" + version;
   initrd = "/boot/initrd.img-" + version;
 
-  progress("building the Debian 12 guest image from Debian's packages (mmdebstrap)");
-  Status err = logged(
-      {"mmdebstrap", "--variant=apt",
-       "--include=systemd-sysv,openssh-server,fuse3,udev,iproute2,ifupdown,"
-       "isc-dhcp-client,kmod,dbus",
-       "--customize-hook=chroot \"$1\" useradd --create-home --shell /bin/bash --groups systemd-journal gate",
-       "bookworm", root.string()},
-      log_path, std::chrono::minutes(15), "mmdebstrap");
-  if (err.ok()) err = customize_tree(root);
-  if (err.ok()) {
-    fs::create_directories(root / "lib/modules", ec);
-    err = logged({"cp", "-a", "/lib/modules/" + version, (root / "lib/modules").string()}, log_path,
-                 std::chrono::minutes(5), "copying the kernel modules");
-  }
+  // gate's files for the guest, staged here and packed as root's, so that they land
+  // with the right owners whether mmdebstrap runs as root or in a user namespace.
+  Status err = customize_tree(stage);
+  fs::create_directories(stage / "usr/lib/modules", ec);
+  if (err.ok())
+    err = logged({"tar", "--owner=0", "--group=0", "--numeric-owner", "--mode=a+rX,go-w", "-C", stage.string(), "-cf",
+                  (work / "stage.tar").string(), "."},
+                 log_path, std::chrono::minutes(1), "packing gate's guest files");
+  progress(std::string("building the Debian 12 guest image from Debian's packages (mmdebstrap") +
+           (rootless ? ", without root" : "") + ")");
+  if (err.ok())
+    err = logged(
+        {"mmdebstrap", rootless ? "--mode=unshare" : "--mode=root", "--variant=apt",
+         "--include=systemd-sysv,openssh-server,fuse3,udev,iproute2,ifupdown,"
+         "isc-dhcp-client,kmod,dbus",
+         "--customize-hook=chroot \"$1\" useradd --create-home --shell /bin/bash --groups systemd-journal gate",
+         "--customize-hook=" + shell_join({"tar-in", (work / "stage.tar").string(), "/"}),
+         "--customize-hook=" + shell_join({"copy-in", "/lib/modules/" + version, "/usr/lib/modules/"}),
+         "bookworm", root.string()},
+        log_path, std::chrono::minutes(15), "mmdebstrap");
   if (err.ok()) {
     fs::copy_file(kernel, work / "vmlinuz", fs::copy_options::overwrite_existing, ec);
     if (!ec) fs::copy_file(initrd, work / "initrd.img", fs::copy_options::overwrite_existing, ec);
@@ -236,11 +285,18 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
   }
   if (err.ok()) {
     progress("writing the guest disk (mkfs.ext4 -d)");
-    err = logged({"mkfs.ext4", "-q", "-F", "-L", "gate-root", "-d", root.string(),
-                  (work / "disk.raw").string(), "3G"},
+    const fs::path disk = work / "disk.raw";
+    // In the namespace mkfs runs as a subordinate id: it writes into a file made here.
+    std::ofstream(disk).close();
+    fs::permissions(disk, rootless ? fs::perms(0666) : fs::perms(0644), ec);
+    err = logged(in_namespace(rootless, {"mkfs.ext4", "-q", "-F", "-L", "gate-root", "-d", root.string(),
+                                         disk.string(), "3G"}),
                  log_path, std::chrono::minutes(10), "mkfs.ext4");
+    fs::permissions(disk, fs::perms(0644), ec);
   }
-  fs::remove_all(root, ec);
+  remove_tree();
+  fs::remove_all(stage, ec);
+  fs::remove(work / "stage.tar", ec);
   if (!err.ok()) {
     fs::remove_all(work, ec);
     return err;
@@ -281,11 +337,11 @@ std::string cloud_init_user_data(const CloudInitSeed& s) {
   // runcmd runs once per instance; the units are enabled, so later boots provision
   // from the seed disk by themselves.
   return "#cloud-config\n"
-         "hostname: " + s.hostname + "\n"
+         "hostname: " + yaml_quoted(s.hostname) + "\n"
          "ssh_pwauth: false\n"
-         // The guest only runs gate's broker: no locale to generate (slow under TCG, and
-         // it fails on images without the locales package).
-         "locale: false\n"
+         // The guest only runs gate's broker: a locale that needs no generation (slow
+         // under TCG; Debian's locale-gen ignores cloud-init's request and then fails).
+         "locale: C.UTF-8\n"
          "users:\n"
          "  - name: gate\n"
          "    shell: /bin/bash\n"
@@ -306,7 +362,7 @@ std::string cloud_init_user_data(const CloudInitSeed& s) {
 }
 
 std::string cloud_init_meta_data(const CloudInitSeed& s) {
-  return "instance-id: " + s.instance_id + "\nlocal-hostname: " + s.hostname + "\n";
+  return "instance-id: " + yaml_quoted(s.instance_id) + "\nlocal-hostname: " + yaml_quoted(s.hostname) + "\n";
 }
 
 std::string cloud_init_network_config() {

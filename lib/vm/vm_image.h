@@ -22,6 +22,10 @@ struct ImageFiles {
   bool complete() const;
 };
 
+// Where a tool runs from: PATH, else /usr/sbin or /sbin, which a normal user's PATH
+// lacks on Debian (mkfs.ext4, mkfs.vfat need no root for image files); "" if nowhere.
+std::string tool_path(const std::string& name);
+
 // "qcow2" or "raw", from the disk's first bytes (cloud images come as either).
 std::string disk_format(const std::string& path);
 
@@ -35,9 +39,9 @@ bool base_is_offline(const std::string& base);  // built locally from Debian pac
 
 using Progress = std::function<void(const std::string& line)>;
 
-// Builds (or rebuilds with force) the offline image for `base` into the cache.
-// Needs root (mmdebstrap into a directory, mkfs.ext4 -d). Logs commands and their
-// output to log_path.
+// Builds (or rebuilds with force) the offline image for `base` into the cache: as
+// root, or without root in a user namespace (mmdebstrap's unshare mode; needs uidmap
+// and the user's subordinate ids). Logs commands and their output to log_path.
 Status build_offline_image(const std::string& base, bool force, const std::string& log_path,
                            const Progress& progress);
 

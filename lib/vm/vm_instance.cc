@@ -12,7 +12,6 @@
 
 #include "client/broker_client.h"
 #include "core/config.h"
-#include "core/files.h"
 #include "core/iso_time.h"
 #include "core/mounts.h"
 #include "core/process.h"
@@ -44,9 +43,7 @@ RunResult run_step(const std::vector<std::string>& argv, const std::string& log,
   return run_logged(argv, log, timeout, g_verbose ? &std::cout : nullptr);
 }
 
-bool have_tool(const std::string& tool) {
-  return run_command({"sh", "-c", "command -v " + tool}, 5s).status == 0;
-}
+bool have_tool(const std::string& tool) { return !tool_path(tool).empty(); }
 
 // QEMU's virtio-fs daemon; Debian ships it outside PATH (qemu-system-common).
 std::string find_virtiofsd() {
@@ -154,10 +151,11 @@ Status UpRun::prepare() {
     return failed("check", "'" + o_.repo_path + "' is not a directory", "");
   std::vector<std::string> tools = {"qemu-system-x86_64", "qemu-img", "ssh", "ssh-keygen", "mkfs.ext4"};
   if (o_.method == "sshfs") tools.push_back("sshfs");
+  if (o_.image.empty() && is_cloud_base(o_.base)) tools.insert(tools.end(), {"mkfs.vfat", "mcopy"});
   for (const auto& t : tools)
     if (!have_tool(t))
       return failed("check", t + " is not installed (apt-get install qemu-system-x86 qemu-utils "
-                              "openssh-client e2fsprogs sshfs)", "");
+                              "openssh-client e2fsprogs sshfs dosfstools mtools)", "");
   if (o_.method == "sshfs") {
     if (::geteuid() != 0)
       return failed("check", "--host-mount-method sshfs shares the repository into the VM with "
@@ -221,9 +219,7 @@ Status UpRun::prepare() {
       fs::remove(at.image, ec);
       fs::remove(at.sum, ec);
     }
-    if (o_.skip_build && !(fs::exists(at.image) && fs::exists(at.sum)))
-      return failed("image", "no verified " + o_.base + " image cached and --skip-build given; run "
-                             "'gate image build --base " + o_.base + "'", "");
+    f.offline = o_.skip_build;
     f.tty = ::isatty(STDOUT_FILENO) == 1;
     f.progress = &out_;
     f.say = [&](const std::string& l) { say(l); };
@@ -251,21 +247,22 @@ Status UpRun::start_vm() {
   const std::string disk = vm_dir + "/disk.qcow2";
   const std::string vm_log = logs_ + "/vm.log";
   std::error_code ec;
-  // The overlay names its image by path: a new image under that path (a newer release
-  // downloaded, a rebuild) needs a new overlay.
-  const std::string backing_note = disk + ".image";
-  const std::string backing = image_.disk + " " + std::to_string(fs::last_write_time(image_.disk, ec).time_since_epoch().count());
-  if (fs::exists(disk) && !o_.redownload && read_file(backing_note).value_or("") != backing) {
-    say("the image changed since the VM disk was made: a new VM disk");
-    fs::remove(disk, ec);
-  }
   if (!fs::exists(disk) || o_.redownload) {
     fs::remove(disk, ec);
-    RunResult r = run_step({"qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(image_.disk), "-b", image_.disk,
+    // The overlay names its backing file by path, and the cache replaces an image under
+    // the same path (a newer release, a rebuild): each VM keeps its own link to the
+    // image it was made from, so that its disk (and the broker's state on it) stays good.
+    const std::string backing = vm_dir + "/base." + disk_format(image_.disk);
+    fs::remove(backing, ec);
+    fs::create_hard_link(image_.disk, backing, ec);
+    if (ec) {
+      RunResult c = run_step({"cp", "--reflink=auto", "--sparse=always", image_.disk, backing}, vm_log, 30min);
+      if (c.status != 0) return failed("disk", "cannot copy the image to " + backing, vm_log);
+    }
+    RunResult r = run_step({"qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(image_.disk), "-b", backing,
                               disk, o_.disk_size},
                              vm_log, 60s);
     if (r.status != 0) return failed("disk", "qemu-img create failed", vm_log);
-    std::ofstream(backing_note, std::ios::trunc) << backing;
   } else {
     say("reusing the VM disk " + disk);
   }
@@ -379,7 +376,11 @@ Status UpRun::wait_for_broker_in_guest() {
       ssh_command(ssh_, "for i in $(seq 1 " + std::to_string(wait_s * 2) + "); do (echo > /dev/tcp/127.0.0.1/" +
                             std::to_string(kGuestBrokerPort) + ") 2>/dev/null && exit 0; "
                         "sleep 0.5; done; journalctl -b -u gate-provision -u gate-broker --no-pager "
-                        "| tail -30; exit 1"),
+                        "| tail -30; " +
+                        (image_.firmware_boot()
+                             ? "cloud-init status --long; tail -n 30 /var/log/cloud-init-output.log; "
+                             : "") +
+                        "exit 1"),
       log, std::chrono::seconds(wait_s + 30));
   if (r.status != 0) return failed("broker", "the broker in the guest did not start", log);
   say("the broker runs in the guest (127.0.0.1:" + std::to_string(kGuestBrokerPort) + " there)");

@@ -60,13 +60,36 @@ struct Mirror {
   }
   RunResult fetch(const std::string& mirror) const {
     test::ScopedEnv xdg("XDG_CACHE_HOME", cache());
+    // No key unless a test gives one (a host with ubuntu-keyring has Ubuntu's).
+    test::ScopedEnv key("GATE_IMAGE_KEYRING", keyring.empty() ? dir.path() + "/no-keyring.gpg" : keyring);
     return run_command({test::gate_binary(), "image", "build", "--base", "ubuntu-24.04", "--image-mirror", mirror},
                        std::chrono::seconds(120));
+  }
+  // Signs the mirror's SHA256SUMS as the publisher does (a detached OpenPGP signature,
+  // SHA256SUMS.gpg) with a key made here by gpg, and gives gate that key's keyring.
+  void sign_sums() {
+    const std::string home = dir.path() + "/gnupg";
+    fs::create_directories(home);
+    fs::permissions(home, fs::perms::owner_all);
+    auto gpg = [&](std::vector<std::string> args) {
+      args.insert(args.begin(), {"gpg", "--homedir", home, "--batch", "--pinentry-mode", "loopback",
+                                 "--passphrase", ""});
+      RunResult r = run_command(args, std::chrono::seconds(60));
+      INFO(r.output);
+      REQUIRE(r.status == 0);
+      return r;
+    };
+    gpg({"--quick-gen-key", "gate test mirror <mirror@localhost>", "ed25519", "sign", "never"});
+    keyring = dir.path() + "/mirror-keyring.gpg";
+    gpg({"--output", keyring, "--export"});
+    const std::string sums = root() + "/" + kDir + "SHA256SUMS";
+    gpg({"--yes", "--output", sums + ".gpg", "--detach-sign", sums});
   }
   RunResult fetch() const { return fetch(url()); }
 
   test::TempDir dir{"gate-image-test"};
   std::string checksum;
+  std::string keyring;  // given to gate as GATE_IMAGE_KEYRING; empty: none
   int port = 0;
   test::Child server;
 };
@@ -204,4 +227,56 @@ TEST_CASE("gate image build says clearly what is wrong with a mirror", "[image]"
     CHECK(r.status == 2);
     CHECK(r.output.find("not an http:// or https:// URL") != std::string::npos);
   }
+}
+
+TEST_CASE("a signed checksum file is checked with gpgv when the publisher's key is here", "[image]") {
+  Mirror m;
+  m.sign_sums();
+  SECTION("signed by the key: downloaded and cached") {
+    RunResult r = m.fetch();
+    INFO(r.output);
+    REQUIRE(r.status == 0);
+    CHECK(r.output.find("SHA256SUMS is signed by a key of " + m.keyring) != std::string::npos);
+    CHECK(read_file(m.cached()) == read_file(m.image()));
+  }
+  SECTION("changed after signing: refused, nothing downloaded or cached") {
+    std::ofstream(m.root() + "/" + kDir + "SHA256SUMS", std::ios::app)
+        << std::string(64, 'c') << " *another.img\n";
+    RunResult r = m.fetch();
+    INFO(r.output);
+    CHECK(r.status != 0);
+    CHECK(r.output.find("is not signed by a key of " + m.keyring) != std::string::npos);
+    CHECK(r.output.find("gpgv says:") != std::string::npos);
+    CHECK(m.image_gets() == 0);
+    CHECK_FALSE(fs::exists(m.cached()));
+  }
+  SECTION("the signature missing while the key is here: refused") {
+    fs::remove(m.root() + "/" + kDir + "SHA256SUMS.gpg");
+    RunResult r = m.fetch();
+    INFO(r.output);
+    CHECK(r.status != 0);
+    CHECK(r.output.find("cannot fetch the signature") != std::string::npos);
+    CHECK(m.image_gets() == 0);
+  }
+  SECTION("another key's keyring: refused") {
+    Mirror other;
+    other.sign_sums();
+    m.keyring = other.keyring;
+    RunResult r = m.fetch();
+    INFO(r.output);
+    CHECK(r.status != 0);
+    CHECK(r.output.find("is not signed by a key of") != std::string::npos);
+    CHECK(m.image_gets() == 0);
+  }
+}
+
+TEST_CASE("without the publisher's key the signature is not checked and gate says so", "[image]") {
+  Mirror m;
+  m.sign_sums();
+  m.keyring.clear();
+  RunResult r = m.fetch();
+  INFO(r.output);
+  REQUIRE(r.status == 0);
+  CHECK(r.output.find("the signature of SHA256SUMS is not checked: no key in") != std::string::npos);
+  CHECK(r.output.find("GATE_IMAGE_KEYRING") != std::string::npos);
 }

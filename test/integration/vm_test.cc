@@ -417,7 +417,7 @@ constexpr const char* kCloudFile = "debian-12-generic-amd64.qcow2";
 // once into the VM tests' cache with the SHA512SUMS the publisher would give (by
 // sha512sum, not by gate), laid out as the publisher's site.
 std::string cloud_mirror_root() {
-  const std::string root = cache_dir() + "/cloud-mirror-v2";
+  const std::string root = cache_dir() + "/cloud-mirror-v3";
   const std::string dir = root + "/bookworm/latest";
   if (!fs::exists(dir + "/SHA512SUMS")) {
     fs::create_directories(dir);
@@ -504,7 +504,7 @@ TEST_CASE("a cloud image from a mirror boots its own kernel and cloud-init provi
     }, 30s));
     auto reader = test::Child::spawn({"cat", mnt + "/hello.txt"}, tmp.path() + "/reader.out");
     REQUIRE(wait_until([&] { return queue_length(ep, "hello.txt") == 1; }, 30s));
-    CHECK(reader.running());
+    CHECK(reader.wait(0ms) == -1);  // still waiting behind the holder
     { std::ofstream(fifo) << "go\n"; }
     CHECK(holder.wait(30s) == 0);
     CHECK(reader.wait(30s) == 0);
@@ -536,4 +536,106 @@ TEST_CASE("a cloud image from a mirror boots its own kernel and cloud-init provi
   CHECK(again.status == 0);
   CHECK(again.output.find("using the cached") != std::string::npos);
   CHECK(mirror.gets_of(kCloudFile) == image_gets);
+}
+
+namespace {
+
+// A user of this machine made for one test and deleted after it (with its subordinate
+// ids), even when the test fails.
+struct TempUser {
+  std::string name;
+  explicit TempUser(std::string n) : name(std::move(n)) {
+    run_command({"userdel", name});  // left by a killed run
+    RunResult r = run_command({"useradd", "--no-create-home", "--home-dir", "/nonexistent", name});
+    INFO(r.output);
+    REQUIRE(r.status == 0);
+    // useradd gives new users subordinate ids where uidmap is installed; make sure.
+    if (test::read_file("/etc/subuid").find(name + ":") == std::string::npos)
+      run_command({"usermod", "--add-subuids", "300000-365535", "--add-subgids", "300000-365535", name});
+  }
+  ~TempUser() { run_command({"userdel", name}); }
+  RunResult run(const std::string& home, std::vector<std::string> argv, std::chrono::milliseconds timeout) const {
+    argv.insert(argv.begin(), {"runuser", "-u", name, "--", "env", "HOME=" + home, "USER=" + name,
+                               "XDG_CACHE_HOME=" + home + "/cache"});
+    return run_command(argv, timeout);
+  }
+};
+
+std::string inode_owner(const std::string& disk, const std::string& path) {
+  RunResult r = run_command({"/usr/sbin/debugfs", "-R", "stat " + path, disk});
+  const auto at = r.output.find("User:");
+  if (at == std::string::npos) return "?";
+  std::istringstream in(r.output.substr(at));
+  std::string user_word, uid, group_word, gid;
+  in >> user_word >> uid >> group_word >> gid;
+  return uid + ":" + gid;
+}
+
+}  // namespace
+
+TEST_CASE("gate image build works without root in a user namespace and the image boots", "[vm][slow]") {
+  if (::geteuid() != 0) return;  // needs root to make a user for the test
+  TempUser user("gate-rootless-test");
+  VmScene scene;
+  const std::string home = scene.tmp.path() + "/home";
+  fs::create_directories(home);
+  REQUIRE(run_command({"chown", user.name, home}).status == 0);
+  REQUIRE(::chmod(scene.tmp.path().c_str(), 0755) == 0);
+
+  RunResult build = user.run(home, {test::gate_binary(), "image", "build"}, 20min);
+  INFO(build.output);
+  // Where this machine refuses user namespaces, gate says what to do instead.
+  if (user.run(home, {"mmdebstrap", "--unshare-helper", "true"}, 1min).status != 0) {
+    CHECK(build.status != 0);
+    CHECK(build.output.find("/etc/subuid") != std::string::npos);
+    CHECK(build.output.find("sudo gate image build") != std::string::npos);
+    WARN("user namespaces do not work here: checked gate's error only");
+    return;
+  }
+  REQUIRE(build.status == 0);
+  CHECK(build.output.find("without root") != std::string::npos);
+  std::string disk;
+  for (const auto& e : fs::directory_iterator(home + "/cache/gate/images"))
+    if (fs::exists(e.path() / "disk.raw")) disk = (e.path() / "disk.raw").string();
+  REQUIRE(!disk.empty());
+  struct stat st {};
+  REQUIRE(::stat(disk.c_str(), &st) == 0);
+  CHECK(st.st_uid != 0);  // the user's file
+  // Inside, the guest's owners: root's files, the gate user's home, set-uid su.
+  CHECK(inode_owner(disk, "/etc/hostname") == "0:0");
+  CHECK(inode_owner(disk, "/usr/local/sbin/gate-provision") == "0:0");
+  CHECK(inode_owner(disk, "/etc/shadow").rfind("0:", 0) == 0);
+  CHECK(inode_owner(disk, "/home/gate") == "1000:1000");
+  CHECK(inode_owner(disk, "/usr/bin/su") == "0:0");
+  for (const auto& e : fs::directory_iterator(home + "/cache/gate/images"))
+    CHECK(e.path().extension() != ".building");  // nothing left half made
+
+  // The image boots: the broker in the guest answers through the view.
+  { std::ofstream(scene.repo + "/a.txt") << "rootless\n"; }
+  VmGuard guard{scene.tmp.path() + "/state", "rootless"};
+  auto up = gate_cmd({"up", "--repo-path", scene.repo, "--vm-name", "rootless", "--image", disk});
+  INFO(up.output);
+  REQUIRE(up.status == 0);
+  auto kv = state_of(scene.tmp.path() + "/state", "rootless");
+  CHECK(test::read_file(kv["mount"] + "/a.txt") == "rootless\n");
+  auto locks = gate_cmd({"locks", "--vm-name", "rootless"}, 30s);
+  INFO(locks.output);
+  CHECK(locks.status == 0);
+  CHECK(gate_cmd({"down", "--vm-name", "rootless"}).status == 0);
+  CHECK_FALSE(process_alive(pid_of(kv, "qemu_pid")));
+}
+
+TEST_CASE("gate image build without root and without subordinate ids says what to do", "[vm]") {
+  if (::geteuid() != 0) return;  // needs root to run as another user
+  test::TempDir tmp("gate-nobody");
+  REQUIRE(::chmod(tmp.path().c_str(), 0777) == 0);
+  RunResult r = run_command({"runuser", "-u", "nobody", "--", "env", "HOME=" + tmp.path(), "USER=nobody",
+                             "XDG_CACHE_HOME=" + tmp.path() + "/cache", test::gate_binary(), "image", "build"},
+                            2min);
+  INFO(r.output);
+  CHECK(r.status == 1);
+  CHECK(r.output.find("without root needs user namespaces") != std::string::npos);
+  CHECK(r.output.find("usermod --add-subuids") != std::string::npos);
+  CHECK(r.output.find("sudo gate image build") != std::string::npos);
+  CHECK_FALSE(fs::exists(tmp.path() + "/cache/gate/images/debian-12-v4.building"));
 }

@@ -15,7 +15,7 @@ log="${2:-/dev/stderr}"
 work="$out.building"
 rm -rf "$work"
 mkdir -p "$work"
-trap 'rm -rf "$work"' EXIT
+trap 'rm -rf "$work" "$out.tmp"' EXIT
 
 ver=$(find /boot -maxdepth 1 -name 'vmlinuz-*' | sed 's|.*/vmlinuz-||' | sort -V | tail -n 1)
 [ -n "$ver" ] && [ -f "/boot/initrd.img-$ver" ] && [ -d "/lib/modules/$ver" ] || {
@@ -56,12 +56,12 @@ mcopy -i "$work/boot.img" "$work/syslinux.cfg" ::syslinux.cfg
 syslinux --install "$work/boot.img"
 
 # One disk: MBR boot code, the boot partition at 1 MiB (active), then the root.
-root_mib=$(( $(stat -c %s "$work/root.img") / 1048576 ))
+root_mib=$(( ($(stat -c %s "$work/root.img") + 1048575) / 1048576 ))
 disk="$work/disk.raw"
 truncate -s $((1 + boot_mib + root_mib))M "$disk"
 sfdisk -q "$disk" >>"$log" 2>&1 <<EOF
 label: dos
-start=1MiB, size=${boot_mib}MiB, type=c, bootable
+start=1MiB, size=${boot_mib}MiB, type=e, bootable
 start=$((1 + boot_mib))MiB, type=83
 EOF
 dd if=/usr/lib/syslinux/mbr/mbr.bin of="$disk" bs=440 count=1 conv=notrunc status=none

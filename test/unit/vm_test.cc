@@ -87,7 +87,7 @@ TEST_CASE("cloud-init's seed creates the gate user and installs the broker's uni
   CHECK(user.find("      ExecStart=/opt/gate/bin/gate broker") != std::string::npos);
   CHECK(user.find("[systemctl, enable, --now, gate-provision.service, gate-broker.service]") !=
         std::string::npos);
-  CHECK(cloud_init_meta_data(s) == "instance-id: gate-t\nlocal-hostname: gate-vm\n");
+  CHECK(cloud_init_meta_data(s) == "instance-id: 'gate-t'\nlocal-hostname: 'gate-vm'\n");
   CHECK(cloud_init_network_config().find(std::string("macaddress: \"") + kGuestMac + "\"") != std::string::npos);
 
   // The seed is a FAT volume labelled CIDATA holding the three files (read back with mtools).
