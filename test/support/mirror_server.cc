@@ -1,5 +1,5 @@
 // A loopback HTTP server for the image download tests: serves the files below a
-// directory (GET, with "Range: bytes=N-"), one connection at a time, and can break one
+// directory (GET, with "Range: bytes=N-"; POST alike), one connection at a time, and can break one
 // download half way, as a real mirror's connection may.
 //   gate_test_mirror ROOT PORT_FILE LOG_FILE [DROP_PATH DROP_AFTER_BYTES]
 // Writes its port to PORT_FILE once it listens, and one line per request to LOG_FILE
@@ -30,7 +30,7 @@ std::string read_all(const fs::path& p) {
 void serve(tcp::socket& socket, const fs::path& root, std::ofstream& log, const std::string& drop_path,
            std::uint64_t drop_after, bool& dropped) {
   beast::flat_buffer buffer;
-  http::request<http::empty_body> req;
+  http::request<http::string_body> req;
   beast::error_code ec;
   http::read(socket, buffer, req, ec);
   if (ec) return;
@@ -44,7 +44,9 @@ void serve(tcp::socket& socket, const fs::path& root, std::ofstream& log, const 
   res.version(11);
   res.keep_alive(false);
   const fs::path file = root / target.substr(1);
-  if (req.method() != http::verb::get || target.find("..") != std::string::npos || !fs::is_regular_file(file)) {
+  // (POST answers like GET: the etcd client tests use it as a server that is not etcd.)
+  const bool method_ok = req.method() == http::verb::get || req.method() == http::verb::post;
+  if (!method_ok || target.find("..") != std::string::npos || !fs::is_regular_file(file)) {
     res.result(http::status::not_found);
     res.body() = "not here\n";
   } else if (from == 0 && target != drop_path) {

@@ -1,0 +1,232 @@
+// gate's etcd client (lib/etcd) against a real 3-member etcd cluster on loopback:
+// keys, guarded transactions, leases, watches across a member's death and a
+// compaction, members and quorum lost and regained, and answers that are not etcd's.
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+
+#include "etcd/etcd_client.h"
+#include "etcd/etcd_watch.h"
+#include "support/etcd_cluster.h"
+
+using namespace gate;
+using namespace gate::etcd;
+using namespace std::chrono_literals;
+namespace json = boost::json;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The updates a watch delivered, for the test thread to look at.
+struct Seen {
+  std::mutex mu;
+  std::vector<WatchEvent> events;
+  std::vector<WatchUpdate> compactions;
+  void add(const WatchUpdate& u) {
+    std::lock_guard lock(mu);
+    if (u.compacted) compactions.push_back(u);
+    events.insert(events.end(), u.events.begin(), u.events.end());
+  }
+  std::size_t count() {
+    std::lock_guard lock(mu);
+    return events.size();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("the etcd client reads writes and runs guarded transactions on a real cluster", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  EtcdClient c(cluster.endpoints());
+
+  Result<std::int64_t> r1 = c.put("/t/a", "one");
+  REQUIRE(r1.ok());
+  Result<std::int64_t> r2 = c.put("/t/b", std::string("two\0bytes\xff", 10));
+  REQUIRE(r2.ok());
+  CHECK(*r2 > *r1);
+
+  Result<RangeResult> all = c.range(range_request("/t/", prefix_end("/t/")));
+  REQUIRE(all.ok());
+  REQUIRE(all->kvs.size() == 2);
+  CHECK(all->kvs[0].key == "/t/a");
+  CHECK(all->kvs[0].value == "one");
+  CHECK(all->kvs[1].value == std::string("two\0bytes\xff", 10));  // bytes, not text
+  CHECK(all->kvs[1].create_revision == *r2);
+  CHECK(all->count == 2);
+
+  // Create-if-absent: the compare holds once.
+  auto create = [&](const std::string& key) {
+    return c.txn({compare(key, "CREATE", "EQUAL", 0)}, {json::object{{"request_put", put_request(key, "x")}}},
+                 {json::object{{"request_range", range_request(key)}}}, Retry::Idempotent);
+  };
+  Result<TxnResult> first = create("/t/c");
+  REQUIRE(first.ok());
+  CHECK(first->succeeded);
+  Result<TxnResult> second = create("/t/c");
+  REQUIRE(second.ok());
+  CHECK_FALSE(second->succeeded);
+  REQUIRE(second->responses.size() == 1);  // the failure branch's range
+  Result<RangeResult> existing = decode_range(second->responses[0].as_object().at("response_range").as_object());
+  REQUIRE(existing.ok());
+  REQUIRE(existing->kvs.size() == 1);
+  CHECK(existing->kvs[0].create_revision == first->revision);
+
+  Result<std::int64_t> deleted = c.delete_range("/t/", prefix_end("/t/"));
+  REQUIRE(deleted.ok());
+  CHECK(*deleted == 3);
+  Result<RangeResult> none = c.range(range_request("/t/", prefix_end("/t/")));
+  REQUIRE(none.ok());
+  CHECK(none->kvs.empty());  // (the gateway leaves an empty kvs out)
+}
+
+TEST_CASE("a lease's keys live while it is kept alive and vanish when it is not", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  EtcdClient c(cluster.endpoints());
+  Result<std::int64_t> lease = c.lease_grant(2);
+  REQUIRE(lease.ok());
+  REQUIRE(c.put("/l/kept", "v", *lease).ok());
+  // Kept alive across three TTLs: the key stays.
+  const auto until = std::chrono::steady_clock::now() + 4500ms;
+  while (std::chrono::steady_clock::now() < until) {
+    Result<std::int64_t> ttl = c.lease_keepalive(*lease);
+    REQUIRE(ttl.ok());
+    CHECK(*ttl >= 1);
+    std::this_thread::sleep_for(500ms);  // the keep-alive period under test
+  }
+  REQUIRE(c.range(range_request("/l/kept"))->kvs.size() == 1);
+  // Left alone: gone within the TTL and a second.
+  const auto left = std::chrono::steady_clock::now();
+  CHECK(test::eventually([&] { return c.range(range_request("/l/kept"))->kvs.empty(); }, 4s));
+  CHECK(std::chrono::steady_clock::now() - left < 3500ms);
+  Result<std::int64_t> gone = c.lease_keepalive(*lease);
+  REQUIRE(gone.ok());
+  CHECK(*gone == 0);  // a lease etcd no longer has
+  CHECK(*c.lease_ttl(*lease) == -1);
+
+  Result<std::int64_t> other = c.lease_grant(30);
+  REQUIRE(other.ok());
+  REQUIRE(c.put("/l/revoked", "v", *other).ok());
+  REQUIRE(c.lease_revoke(*other).ok());
+  CHECK(c.range(range_request("/l/revoked"))->kvs.empty());
+}
+
+TEST_CASE("a watch delivers every change once and in order across the death of its member", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  EtcdClient c(cluster.endpoints());
+  const std::int64_t start = *c.put("/w/start", "") + 1;
+  Seen seen;
+  std::atomic<int> problems{0};
+  // The watch asks the members in order: the first one serves it.
+  EtcdWatch watch(cluster.endpoints(), "/w/", prefix_end("/w/"), start, [&](const WatchUpdate& u) { seen.add(u); },
+                  [&](const std::string&) { ++problems; });
+  for (int i = 0; i < 20; ++i) REQUIRE(c.put("/w/k" + std::to_string(i % 5), std::to_string(i)).ok());
+  REQUIRE(test::eventually([&] { return seen.count() == 20; }));
+  cluster.kill(0);
+  for (int i = 20; i < 40; ++i) REQUIRE(c.put("/w/k" + std::to_string(i % 5), std::to_string(i)).ok());
+  REQUIRE(c.delete_range("/w/k0").ok());
+  REQUIRE(test::eventually([&] { return seen.count() == 41; }, 20s));
+  CHECK(problems >= 1);  // it noticed and moved on
+  std::lock_guard lock(seen.mu);
+  for (int i = 0; i < 40; ++i) {
+    INFO("event " << i);
+    CHECK(seen.events[static_cast<std::size_t>(i)].kv.value == std::to_string(i));
+    CHECK_FALSE(seen.events[static_cast<std::size_t>(i)].deleted);
+  }
+  CHECK(seen.events[40].deleted);
+  CHECK(seen.events[40].kv.key == "/w/k0");
+  REQUIRE(seen.events[40].prev.has_value());
+  CHECK(seen.events[40].prev->value == "35");
+  for (std::size_t i = 1; i < seen.events.size(); ++i)
+    CHECK(seen.events[i].kv.mod_revision > seen.events[i - 1].kv.mod_revision);
+}
+
+TEST_CASE("a watch from a compacted revision ends and says where history starts", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster(1);
+  EtcdClient c(cluster.endpoints());
+  const std::int64_t first = *c.put("/c/a", "1");
+  std::int64_t last = 0;
+  for (int i = 0; i < 5; ++i) last = *c.put("/c/a", std::to_string(i));
+  REQUIRE(c.compact(last).ok());
+  Seen seen;
+  EtcdWatch watch(cluster.endpoints(), "/c/", prefix_end("/c/"), first, [&](const WatchUpdate& u) { seen.add(u); });
+  REQUIRE(test::eventually([&] { return !watch.running(); }));
+  std::lock_guard lock(seen.mu);
+  REQUIRE(seen.compactions.size() == 1);
+  CHECK(seen.compactions[0].compact_revision == last);
+  CHECK(seen.events.empty());
+}
+
+TEST_CASE("the client goes round dead members and says clearly when no member answers", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  EtcdClient c(cluster.endpoints(), 4s);
+  REQUIRE(c.put("/m/a", "1").ok());
+  cluster.kill(0);  // whichever it used, the first is dead now
+  Result<std::int64_t> again = c.put("/m/a", "2");
+  INFO(again.message());
+  CHECK(again.ok());
+
+  SECTION("quorum lost: a clear failure within the deadline; back when a member returns") {
+    cluster.kill(1);
+    const auto t0 = std::chrono::steady_clock::now();
+    Result<std::int64_t> lost = c.put("/m/a", "3");
+    const auto took = std::chrono::steady_clock::now() - t0;
+    INFO(lost.message());
+    CHECK_FALSE(lost.ok());
+    CHECK(took < 6s);
+    CHECK((lost.message().find("no etcd member answered") != std::string::npos ||
+           lost.message().find("etcd at 127.0.0.1:") != std::string::npos));
+    cluster.start(1);
+    REQUIRE(cluster.wait_healthy(30s));
+    CHECK(test::eventually([&] { return c.put("/m/a", "4").ok(); }, 20s));
+    CHECK(c.range(range_request("/m/a"))->kvs.at(0).value == "4");
+  }
+  SECTION("every member gone: the call fails at its deadline and names the last error") {
+    cluster.kill(1);
+    cluster.kill(2);
+    const auto t0 = std::chrono::steady_clock::now();
+    Result<RangeResult> r = c.range(range_request("/m/a"));
+    CHECK_FALSE(r.ok());
+    CHECK(std::chrono::steady_clock::now() - t0 < 6s);
+    CHECK(r.message().find("no etcd member answered /v3/kv/range within 4000 ms") != std::string::npos);
+    CHECK(r.message().find("cannot connect") != std::string::npos);
+  }
+}
+
+TEST_CASE("answers that are not etcd's give clear errors and no crash", "[etcd]") {
+  // A loopback HTTP server that answers etcd's routes with files of our choosing.
+  test::TempDir dir("gate-etcd-bad");
+  fs::create_directories(dir.path() + "/www/v3/kv");
+  std::ofstream(dir.path() + "/www/v3/kv/range") << "<html>not etcd</html>";
+  std::ofstream(dir.path() + "/www/v3/kv/put") << R"({"header":{"revision":"7"}})";
+  std::ofstream(dir.path() + "/www/v3/kv/txn") << R"({"kvs":"not an array"})";
+  fs::create_directories(dir.path() + "/www/v3/lease");
+  std::ofstream(dir.path() + "/www/v3/lease/grant") << R"({"header":{}})";
+  test::Child server = test::Child::spawn(
+      {GATE_TEST_MIRROR, dir.path() + "/www", dir.path() + "/port", dir.path() + "/requests.log"});
+  REQUIRE(test::eventually([&] { return fs::exists(dir.path() + "/port"); }));
+  const std::string port = std::to_string(std::stoi(test::read_file(dir.path() + "/port")));
+  EtcdClient c({{"127.0.0.1", port}}, 2s);
+
+  Result<RangeResult> r = c.range(range_request("k"));
+  CHECK_FALSE(r.ok());
+  CHECK(r.message().find("answered /v3/kv/range with something that is not its JSON: <html>") != std::string::npos);
+  Result<std::int64_t> p = c.put("k", "v");  // well formed: accepted
+  CHECK(p.ok());
+  CHECK(*p == 7);
+  Result<std::int64_t> g = c.lease_grant(5);
+  CHECK_FALSE(g.ok());
+  CHECK(g.message().find("etcd granted no lease") != std::string::npos);
+  Result<json::object> missing = c.call("kv/nothing", {}, Retry::Idempotent);
+  CHECK_FALSE(missing.ok());
+  CHECK(missing.message().find("(HTTP 404)") != std::string::npos);
+  CHECK(decode_range(json::object{{"kvs", "not an array"}}).message() == "kvs is not an array");
+  CHECK_FALSE(decode_kv(json::object{{"key", "***"}}).ok());
+}
