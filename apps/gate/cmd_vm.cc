@@ -270,7 +270,8 @@ int logs(int argc, char** argv) {
             ? "exec tail -n " + lines + " -F " + log
             : "cloud-init status --long 2>&1; echo '==> guest " + log + " <=='; tail -n " + lines + " " + log);
     // A terminal for the remote tail, so that Ctrl-C ends it there too.
-    if ((*args)["follow"].as<bool>() && ::isatty(STDIN_FILENO)) ssh.insert(ssh.begin() + 1, "-tt");
+    if ((*args)["follow"].as<bool>() && ::isatty(STDIN_FILENO) && ::isatty(STDOUT_FILENO))
+      ssh.insert(ssh.begin() + 1, "-tt");
     return exec_command(argv[0], ssh);
   }
   std::error_code ec;

@@ -1,6 +1,7 @@
 #include "vm/image_fetch.h"
 
 #include <openssl/evp.h>
+#include <unistd.h>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
@@ -14,10 +15,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "core/files.h"
 #include "core/process.h"
+#include "core/token.h"
 #include "gate/version.h"
 
 namespace gate::vm {
@@ -327,7 +330,9 @@ std::optional<CloudImage> cloud_image(const std::string& base, const std::string
     std::string site = mirror.empty() ? p.site : mirror;
     while (!site.empty() && site.back() == '/') site.pop_back();
     CloudImage image{base, site + "/" + p.dir, p.file, p.sums, p.bits, p.signature, p.keyring};
-    if (const char* k = std::getenv(kKeyringEnv); k && *k && !image.signature.empty()) image.keyring = k;
+    if (const char* k = std::getenv(kKeyringEnv); k && *k && !image.signature.empty())
+      image.keyring = std::string(k) == "none" ? "" : k;
+    image.keyring_named = std::getenv(kKeyringEnv) && *std::getenv(kKeyringEnv);
     return image;
   }
   return std::nullopt;
@@ -381,16 +386,31 @@ std::optional<std::string> checksum_for(const std::string& sums, const std::stri
 
 Status verify_signature(const std::string& signed_text, const std::string& signature,
                         const std::string& keyring, const std::string& work_dir) {
-  const fs::path text = fs::path(work_dir) / ".signed.tmp", sig = fs::path(work_dir) / ".signature.tmp";
+  // Names of this call's own (two fetches of one image may run at once).
+  const std::string tag = std::to_string(::getpid()) + "-" + random_token().substr(0, 8);
+  const fs::path text = fs::path(work_dir) / (".signed-" + tag), sig = fs::path(work_dir) / (".signature-" + tag);
   std::error_code ec;
   Status result;
   if (!write_bytes(text, signed_text) || !write_bytes(sig, signature)) {
     result = Status::failure("cannot write in " + work_dir);
   } else {
-    RunResult r = run_command({"gpgv", "--keyring", fs::absolute(keyring).string(), sig.string(), text.string()},
+    // gpgv's status lines, as apt reads them: one good signature by a key of the
+    // keyring is enough (a publisher may sign with two keys while it changes them).
+    RunResult r = run_command({"gpgv", "--status-fd", "1", "--keyring", fs::absolute(keyring).string(),
+                               sig.string(), text.string()},
                               std::chrono::seconds(30));
+    std::istringstream lines(r.output);
+    bool good = false;
+    std::string bad;
+    for (std::string line; std::getline(lines, line);) {
+      if (line.rfind("[GNUPG:] VALIDSIG ", 0) == 0) good = true;
+      if (line.rfind("[GNUPG:] BADSIG ", 0) == 0 || line.rfind("[GNUPG:] ERRSIG ", 0) == 0 ||
+          line.rfind("[GNUPG:] NODATA ", 0) == 0)
+        bad = bad.empty() ? line.substr(9) : bad;
+    }
     if (r.status == 127) result = Status::failure("gpgv is not installed (apt install gpgv)");
-    else if (r.status != 0) result = Status::failure("gpgv says: " + last_line(r.output));
+    else if (!good || bad.rfind("BADSIG", 0) == 0)
+      result = Status::failure("gpgv says: " + (bad.empty() ? last_line(r.output) : bad));
   }
   fs::remove(text, ec);
   fs::remove(sig, ec);
@@ -479,13 +499,25 @@ Result<std::string> fetch_cloud_image(const CloudImage& image, const FetchOption
   }
   if (!image.signature.empty()) {
     const std::string sig_url = image.url + image.signature;
-    if (!fs::exists(image.keyring)) {
+    if (image.keyring.empty()) {
+      say("the signature of " + image.sums + " is not checked (" + kKeyringEnv + "=none)");
+    } else if (!fs::exists(image.keyring)) {
+      if (image.keyring_named)
+        return Status::failure(std::string(kKeyringEnv) + " names " + image.keyring +
+                               ", which is not there: nothing is trusted without its key (" + kKeyringEnv +
+                               "=none checks no signature)");
       say("the signature of " + image.sums + " is not checked: no key in " + image.keyring + " (install " +
           "ubuntu-keyring, or name a keyring with " + kKeyringEnv + ")");
     } else {
       std::string sig;
       bool reached = false;
-      if (Status s = fetch_small(sig_url, o.io_timeout, sig, reached); !s.ok())
+      Status s = fetch_small(sig_url, o.io_timeout, sig, reached);
+      if (!s.ok() && !reached && cached(std::nullopt)) {
+        say("cannot fetch " + sig_url + " (" + s.message() + "); using the cached " + image.file +
+            ", verified when it was downloaded");
+        return final_path.string();
+      }
+      if (!s.ok())
         return Status::failure("cannot fetch the signature " + sig_url + " (" + s.message() +
                                "); nothing is trusted without it while " + image.keyring + " is here");
       if (Status s = verify_signature(sums, sig, image.keyring, o.cache_dir); !s.ok())

@@ -26,9 +26,11 @@ struct CloudImage {
   int sha_bits = 256;
   // The checksum file's detached OpenPGP signature there ("SHA256SUMS.gpg"); empty
   // where the publisher signs none. Checked with gpgv against `keyring` when that file
-  // exists (GATE_IMAGE_KEYRING, else the publisher's keyring as Ubuntu installs it).
+  // exists (GATE_IMAGE_KEYRING, else the publisher's keyring as Ubuntu installs it;
+  // GATE_IMAGE_KEYRING=none: not checked).
   std::string signature;
-  std::string keyring;
+  std::string keyring;  // "": not checked (GATE_IMAGE_KEYRING=none)
+  bool keyring_named = false;  // by GATE_IMAGE_KEYRING: it must be there
 };
 
 bool is_cloud_base(const std::string& base);

@@ -3,11 +3,14 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 
+#include "core/files.h"
 #include "core/process.h"
 #include "vm/image_fetch.h"
 #include "vm/vm_commands.h"
@@ -208,10 +211,24 @@ Status check_rootless(const std::string& log_path) {
   return Status::failure(
       "building the VM image without root needs user namespaces with subordinate ids, and they do "
       "not work here (see " + log_path + "). Install uidmap; give " + who +
-      " ranges in /etc/subuid and /etc/subgid ('sudo usermod --add-subuids 100000-165535 "
-      "--add-subgids 100000-165535 " + who + "'); allow unprivileged user namespaces (Ubuntu 24.04: "
+      " a range of 65536 ids that no one else has in /etc/subuid and /etc/subgid ('sudo usermod "
+      "--add-subuids FIRST-LAST --add-subgids FIRST-LAST " + who + "'); allow unprivileged user namespaces (Ubuntu 24.04: "
       "'sudo sysctl kernel.apparmor_restrict_unprivileged_userns=0'). Or build it once as root: "
       "'sudo gate image build', or boot a cloud image: 'gate up --base ubuntu-24.04'");
+}
+
+// Where the rootless build's tree lives: a directory the namespace's root (a
+// subordinate id, "other" to the user's own files) can enter, which the user's cache
+// often is not (a 0700 home). Made with a random name under $TMPDIR (else /var/tmp),
+// mode 0711, and named in `note` so that a later build can remove what a killed one
+// left.
+Result<fs::path> namespace_scratch(const fs::path& note) {
+  const char* tmp = std::getenv("TMPDIR");
+  std::string tmpl = std::string(tmp && *tmp ? tmp : "/var/tmp") + "/gate-image-XXXXXX";
+  if (!::mkdtemp(tmpl.data())) return Status::failure("cannot make a directory in " + tmpl + ": " + std::strerror(errno));
+  ::chmod(tmpl.c_str(), 0711);
+  std::ofstream(note) << tmpl << "\n";
+  return fs::path(tmpl);
 }
 
 }  // namespace
@@ -227,19 +244,30 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
     if (Status e = check_rootless(log_path); !e.ok()) return e;
   const fs::path dir = fs::path(out.disk).parent_path();
   const fs::path work = dir.string() + ".building";
-  const fs::path root = work / "root";
-  const fs::path stage = work / "stage";
+  const fs::path note = dir.string() + ".scratch";  // a rootless build's scratch directory
   std::error_code ec;
-  // The tree of a rootless build is owned by subordinate ids: removed as them.
-  auto remove_tree = [&] {
-    if (rootless && fs::exists(root))
-      run_logged(in_namespace(true, {"rm", "-rf", root.string()}), log_path, std::chrono::minutes(5));
-    fs::remove_all(root, ec);
+  // A rootless tree is owned by subordinate ids: removed as them. True when gone.
+  auto remove_scratch = [&](const fs::path& scratch) {
+    if (rootless && fs::exists(scratch / "root"))
+      run_logged(in_namespace(true, {"rm", "-rf", (scratch / "root").string()}), log_path, std::chrono::minutes(5));
+    fs::remove_all(rootless ? scratch : scratch / "root", ec);
+    return !fs::exists(scratch / "root");
   };
-  remove_tree();  // left by a broken build
+  if (const auto left = read_file(note.string()); left && !left->empty()) {  // by a killed build
+    remove_scratch(left->substr(0, left->find('\n')));
+    fs::remove(note, ec);
+  }
   fs::remove_all(work, ec);
   fs::create_directories(work, ec);
   if (ec) return Status::failure("cannot create " + work.string() + ": " + ec.message());
+  fs::path scratch = work;
+  if (rootless) {
+    Result<fs::path> made = namespace_scratch(note);
+    if (!made.ok()) return made.status();
+    scratch = *made;
+  }
+  const fs::path root = scratch / "root";
+  const fs::path stage = work / "stage";
 
   // The guest boots the host's Debian kernel and initrd (linux-image-amd64), with the
   // kernel's modules copied in for FUSE and virtio: no kernel install and no
@@ -252,23 +280,24 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
     if (fs::exists("/boot/initrd.img-" + v) && fs::is_directory("/lib/modules/" + v) && v > version)
       version = v;
   }
+  Status err;
   if (version.empty())
-    return Status::failure("no Debian kernel to boot the guest with: install linux-image-amd64 (it puts "
-           "vmlinuz, initrd.img and modules in /boot and /lib/modules)");
+    err = Status::failure("no Debian kernel to boot the guest with: install linux-image-amd64 (it puts "
+                          "vmlinuz, initrd.img and modules in /boot and /lib/modules)");
   kernel = "/boot/vmlinuz-" + version;
   initrd = "/boot/initrd.img-" + version;
 
   // gate's files for the guest, staged here and packed as root's, so that they land
   // with the right owners whether mmdebstrap runs as root or in a user namespace.
-  Status err = customize_tree(stage);
+  if (err.ok()) err = customize_tree(stage);
   fs::create_directories(stage / "usr/lib/modules", ec);
   if (err.ok())
     err = logged({"tar", "--owner=0", "--group=0", "--numeric-owner", "--mode=a+rX,go-w", "-C", stage.string(), "-cf",
                   (work / "stage.tar").string(), "."},
                  log_path, std::chrono::minutes(1), "packing gate's guest files");
-  progress(std::string("building the Debian 12 guest image from Debian's packages (mmdebstrap") +
-           (rootless ? ", without root" : "") + ")");
-  if (err.ok())
+  if (err.ok()) {
+    progress(std::string("building the Debian 12 guest image from Debian's packages (mmdebstrap") +
+             (rootless ? ", without root" : "") + ")");
     err = logged(
         {"mmdebstrap", rootless ? "--mode=unshare" : "--mode=root", "--variant=apt",
          "--include=systemd-sysv,openssh-server,fuse3,udev,iproute2,ifupdown,"
@@ -278,6 +307,7 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
          "--customize-hook=" + shell_join({"copy-in", "/lib/modules/" + version, "/usr/lib/modules/"}),
          "bookworm", root.string()},
         log_path, std::chrono::minutes(15), "mmdebstrap");
+  }
   if (err.ok()) {
     fs::copy_file(kernel, work / "vmlinuz", fs::copy_options::overwrite_existing, ec);
     if (!ec) fs::copy_file(initrd, work / "initrd.img", fs::copy_options::overwrite_existing, ec);
@@ -285,16 +315,25 @@ Status build_offline_image(const std::string& base, bool force, const std::strin
   }
   if (err.ok()) {
     progress("writing the guest disk (mkfs.ext4 -d)");
-    const fs::path disk = work / "disk.raw";
-    // In the namespace mkfs runs as a subordinate id: it writes into a file made here.
+    // In the namespace mkfs runs as a subordinate id: it writes into a file made here,
+    // which only the disk's copy below outlives (no one kept a way into the image).
+    const fs::path disk = scratch / "disk.raw";
     std::ofstream(disk).close();
     fs::permissions(disk, rootless ? fs::perms(0666) : fs::perms(0644), ec);
     err = logged(in_namespace(rootless, {"mkfs.ext4", "-q", "-F", "-L", "gate-root", "-d", root.string(),
                                          disk.string(), "3G"}),
                  log_path, std::chrono::minutes(10), "mkfs.ext4");
-    fs::permissions(disk, fs::perms(0644), ec);
+    if (err.ok() && rootless)
+      err = logged({"cp", "--sparse=always", disk.string(), (work / "disk.raw").string()}, log_path,
+                   std::chrono::minutes(10), "copying the guest disk");
+    if (rootless) fs::remove(disk, ec);
   }
-  remove_tree();
+  const bool removed = remove_scratch(scratch);
+  if (removed && rootless) fs::remove(note, ec);
+  if (!removed && err.ok())
+    err = Status::failure("cannot remove the build's tree " + root.string() +
+                          " (its files belong to your subordinate ids): 'mmdebstrap --unshare-helper rm -rf " +
+                          root.string() + "' removes it");
   fs::remove_all(stage, ec);
   fs::remove(work / "stage.tar", ec);
   if (!err.ok()) {

@@ -3,6 +3,8 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <boost/json.hpp>
+
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +14,7 @@
 
 #include "client/broker_client.h"
 #include "core/config.h"
+#include "core/files.h"
 #include "core/iso_time.h"
 #include "core/mounts.h"
 #include "core/process.h"
@@ -242,29 +245,96 @@ Status UpRun::prepare() {
   return {};
 }
 
+namespace {
+
+// `from` kept with the VM as `to`: a hard link where it can be (no copy, and the
+// cache may replace `from` by another file under its name), else a sparse copy.
+Status pin(const std::string& from, const std::string& to, const std::string& log) {
+  std::error_code ec;
+  fs::remove(to, ec);
+  fs::create_hard_link(from, to, ec);
+  if (!ec) return {};
+  RunResult c = run_logged({"cp", "--reflink=auto", "--sparse=always", from, to}, log, 30min);
+  if (c.status != 0) return Status::failure("cannot copy " + from + " to " + to);
+  return {};
+}
+
+// The file a qcow2 overlay is backed by ("" when none or unreadable).
+std::string backing_file(const std::string& disk) {
+  RunResult r = run_command({"qemu-img", "info", "--output=json", "-U", disk}, 30s);
+  const auto brace = r.output.find('{');
+  if (r.status != 0 || brace == std::string::npos) return "";
+  boost::system::error_code ec;
+  boost::json::value v = boost::json::parse(r.output.substr(brace), ec);
+  if (ec || !v.is_object()) return "";
+  for (const char* field : {"full-backing-filename", "backing-filename"})
+    if (const auto* b = v.as_object().if_contains(field); b && b->is_string()) return std::string(b->as_string());
+  return "";
+}
+
+}  // namespace
+
 Status UpRun::start_vm() {
   const std::string vm_dir = s_.get("vm_dir");
   const std::string disk = vm_dir + "/disk.qcow2";
   const std::string vm_log = logs_ + "/vm.log";
+  const std::string from_note = vm_dir + "/disk.from";
+  // What the disk is made from; a disk is reused only for the same.
+  const std::string from = o_.image.empty() ? "base " + o_.base : "image " + image_.disk;
+  const std::string made_from = read_file(from_note).value_or("");
   std::error_code ec;
-  if (!fs::exists(disk) || o_.redownload) {
-    fs::remove(disk, ec);
-    // The overlay names its backing file by path, and the cache replaces an image under
-    // the same path (a newer release, a rebuild): each VM keeps its own link to the
-    // image it was made from, so that its disk (and the broker's state on it) stays good.
-    const std::string backing = vm_dir + "/base." + disk_format(image_.disk);
-    fs::remove(backing, ec);
-    fs::create_hard_link(image_.disk, backing, ec);
-    if (ec) {
-      RunResult c = run_step({"cp", "--reflink=auto", "--sparse=always", image_.disk, backing}, vm_log, 30min);
-      if (c.status != 0) return failed("disk", "cannot copy the image to " + backing, vm_log);
+  // The overlay names its backing file by path, and the cache replaces an image under
+  // the same path (a newer release, a rebuild): each VM keeps its own link to the
+  // image (and kernel) it was made from, so that its disk, and the broker's state on
+  // it, stay good.
+  auto pin_kernel = [&](const std::string& kernel, const std::string& initrd) -> Status {
+    if (kernel.empty()) return {};
+    if (Status e = pin(kernel, vm_dir + "/vmlinuz", vm_log); !e.ok()) return e;
+    return pin(initrd, vm_dir + "/initrd.img", vm_log);
+  };
+  bool fresh = !fs::exists(disk) || o_.redownload;
+  if (!fresh && made_from.empty()) {
+    // Made by an older gate, on the cache's path: adopted when that image is still there.
+    const std::string old = backing_file(disk);
+    if (old.empty() || !fs::exists(old)) {
+      say("the image the VM disk " + disk + " was made from is gone: a new VM disk");
+      fresh = true;
+    } else {
+      const std::string base = vm_dir + "/base." + disk_format(old);
+      const std::string dir = fs::path(old).parent_path().string();
+      Status e = pin(old, base, vm_log);
+      if (e.ok() && !image_.firmware_boot() && fs::exists(dir + "/vmlinuz"))
+        e = pin_kernel(dir + "/vmlinuz", dir + "/initrd.img");
+      if (e.ok() && run_step({"qemu-img", "rebase", "-u", "-F", disk_format(old), "-b", base, disk}, vm_log, 60s)
+                            .status != 0)
+        e = Status::failure("qemu-img rebase failed");
+      if (!e.ok()) return failed("disk", e.message(), vm_log);
+      std::ofstream(from_note, std::ios::trunc) << from;
     }
-    RunResult r = run_step({"qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(image_.disk), "-b", backing,
+  } else if (!fresh && made_from != from) {
+    return failed("disk", "the VM disk of '" + o_.name + "' was made from " + made_from + ", not " + from +
+                              ": 'gate up --redownload' makes a new disk (the guest's state is lost), or "
+                              "choose another --vm-name", "");
+  }
+  if (fresh) {
+    fs::remove(disk, ec);
+    for (const char* old : {"/base.raw", "/base.qcow2", "/vmlinuz", "/initrd.img"}) fs::remove(vm_dir + old, ec);
+    const std::string base = vm_dir + "/base." + disk_format(image_.disk);
+    Status e = pin(image_.disk, base, vm_log);
+    if (e.ok()) e = pin_kernel(image_.kernel, image_.initrd);
+    if (!e.ok()) return failed("disk", e.message(), vm_log);
+    RunResult r = run_step({"qemu-img", "create", "-q", "-f", "qcow2", "-F", disk_format(image_.disk), "-b", base,
                               disk, o_.disk_size},
                              vm_log, 60s);
     if (r.status != 0) return failed("disk", "qemu-img create failed", vm_log);
+    std::ofstream(from_note, std::ios::trunc) << from;
   } else {
     say("reusing the VM disk " + disk);
+  }
+  // The kernel the disk's modules are for: its own, pinned with it.
+  if (!image_.firmware_boot() && fs::exists(vm_dir + "/vmlinuz")) {
+    image_.kernel = vm_dir + "/vmlinuz";
+    image_.initrd = vm_dir + "/initrd.img";
   }
   std::ifstream pub(pub_);
   std::string key_line;
@@ -515,8 +585,8 @@ void UpRun::dry_run() {
   q.name = o_.name;
   const auto cloud = o_.image.empty() ? cloud_image(o_.base, o_.image_mirror) : std::nullopt;
   if (!cloud) {
-    q.kernel = "<image>/vmlinuz";
-    q.initrd = "<image>/initrd.img";
+    q.kernel = "<vm-dir>/vmlinuz";
+    q.initrd = "<vm-dir>/initrd.img";
   } else {
     q.cidata = "<vm-dir>/cidata.img";
     q.mac = kGuestMac;
@@ -540,8 +610,9 @@ void UpRun::dry_run() {
                          " (the cached copy while that checksum names it)"
                    : "cached " + o_.base + " image, else mmdebstrap bookworm + mkfs.ext4 -d")
        << "\n"
-       << "2. disk: qemu-img create -f qcow2 -F " << (cloud ? "qcow2 -b <cached image>" : "raw -b <image>/disk.raw")
-       << " <vm-dir>/disk.qcow2 " << o_.disk_size << "\n"
+       << "2. disk: ln <image> <vm-dir>/base." << (cloud ? "qcow2" : "raw (and its kernel and initrd)")
+       << "; qemu-img create -f qcow2 -F " << (cloud ? "qcow2 -b <vm-dir>/base.qcow2" : "raw -b <vm-dir>/base.raw")
+       << " <vm-dir>/disk.qcow2 " << o_.disk_size << " (unless the disk is there already)\n"
        << "3. seed: mkfs.ext4 -L GATESEED -d <authorized key, gate binary and libraries> <vm-dir>/seed.img\n";
   if (cloud)
     out_ << "   cloud-init: mkfs.vfat -C -n CIDATA <vm-dir>/cidata.img; mcopy user-data meta-data network-config\n";

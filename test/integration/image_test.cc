@@ -60,8 +60,7 @@ struct Mirror {
   }
   RunResult fetch(const std::string& mirror) const {
     test::ScopedEnv xdg("XDG_CACHE_HOME", cache());
-    // No key unless a test gives one (a host with ubuntu-keyring has Ubuntu's).
-    test::ScopedEnv key("GATE_IMAGE_KEYRING", keyring.empty() ? dir.path() + "/no-keyring.gpg" : keyring);
+    test::ScopedEnv key("GATE_IMAGE_KEYRING", keyring);
     return run_command({test::gate_binary(), "image", "build", "--base", "ubuntu-24.04", "--image-mirror", mirror},
                        std::chrono::seconds(120));
   }
@@ -89,7 +88,9 @@ struct Mirror {
 
   test::TempDir dir{"gate-image-test"};
   std::string checksum;
-  std::string keyring;  // given to gate as GATE_IMAGE_KEYRING; empty: none
+  // GATE_IMAGE_KEYRING for gate: no signature checked unless a test says otherwise (a
+  // host with ubuntu-keyring has Ubuntu's key); "": the default.
+  std::string keyring = "none";
   int port = 0;
   test::Child server;
 };
@@ -273,10 +274,29 @@ TEST_CASE("a signed checksum file is checked with gpgv when the publisher's key 
 TEST_CASE("without the publisher's key the signature is not checked and gate says so", "[image]") {
   Mirror m;
   m.sign_sums();
-  m.keyring.clear();
-  RunResult r = m.fetch();
-  INFO(r.output);
-  REQUIRE(r.status == 0);
-  CHECK(r.output.find("the signature of SHA256SUMS is not checked: no key in") != std::string::npos);
-  CHECK(r.output.find("GATE_IMAGE_KEYRING") != std::string::npos);
+  SECTION("Ubuntu's keyring not installed") {
+    if (fs::exists("/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg")) return;  // (it would refuse our key)
+    m.keyring = "";
+    RunResult r = m.fetch();
+    INFO(r.output);
+    REQUIRE(r.status == 0);
+    CHECK(r.output.find("the signature of SHA256SUMS is not checked: no key in "
+                        "/usr/share/keyrings/ubuntu-cloudimage-keyring.gpg") != std::string::npos);
+    CHECK(r.output.find("GATE_IMAGE_KEYRING") != std::string::npos);
+  }
+  SECTION("checking turned off") {
+    m.keyring = "none";
+    RunResult r = m.fetch();
+    INFO(r.output);
+    REQUIRE(r.status == 0);
+    CHECK(r.output.find("is not checked (GATE_IMAGE_KEYRING=none)") != std::string::npos);
+  }
+  SECTION("a keyring named but not there: refused") {
+    m.keyring = m.dir.path() + "/moved-away.gpg";
+    RunResult r = m.fetch();
+    INFO(r.output);
+    CHECK(r.status != 0);
+    CHECK(r.output.find("GATE_IMAGE_KEYRING names " + m.keyring + ", which is not there") != std::string::npos);
+    CHECK(m.image_gets() == 0);
+  }
 }

@@ -553,23 +553,31 @@ struct TempUser {
     if (test::read_file("/etc/subuid").find(name + ":") == std::string::npos)
       run_command({"usermod", "--add-subuids", "300000-365535", "--add-subgids", "300000-365535", name});
   }
-  ~TempUser() { run_command({"userdel", name}); }
+  ~TempUser() {
+    RunResult r = run_command({"userdel", "--force", name});
+    if (r.status != 0) WARN("userdel " << name << ": " << r.output);
+  }
+  // As the user would run it: in its home, with a normal user's PATH (no sbin).
   RunResult run(const std::string& home, std::vector<std::string> argv, std::chrono::milliseconds timeout) const {
-    argv.insert(argv.begin(), {"runuser", "-u", name, "--", "env", "HOME=" + home, "USER=" + name,
+    argv.insert(argv.begin(), {"runuser", "-u", name, "--", "env", "--chdir=" + home, "HOME=" + home,
+                               "USER=" + name, "PATH=/usr/local/bin:/usr/bin:/bin",
                                "XDG_CACHE_HOME=" + home + "/cache"});
     return run_command(argv, timeout);
   }
 };
 
-std::string inode_owner(const std::string& disk, const std::string& path) {
+// A field of debugfs's stat of `path` in `disk` ("User:" gives "uid:gid", "Mode:" the mode).
+std::string inode_field(const std::string& disk, const std::string& path, const std::string& field) {
   RunResult r = run_command({"/usr/sbin/debugfs", "-R", "stat " + path, disk});
-  const auto at = r.output.find("User:");
+  const auto at = r.output.find(field);
   if (at == std::string::npos) return "?";
   std::istringstream in(r.output.substr(at));
-  std::string user_word, uid, group_word, gid;
-  in >> user_word >> uid >> group_word >> gid;
-  return uid + ":" + gid;
+  std::string word, first, second_word, second;
+  in >> word >> first >> second_word >> second;
+  return field == "User:" ? first + ":" + second : first;
 }
+
+std::string inode_owner(const std::string& disk, const std::string& path) { return inode_field(disk, path, "User:"); }
 
 }  // namespace
 
@@ -581,11 +589,15 @@ TEST_CASE("gate image build works without root in a user namespace and the image
   fs::create_directories(home);
   REQUIRE(run_command({"chown", user.name, home}).status == 0);
   REQUIRE(::chmod(scene.tmp.path().c_str(), 0755) == 0);
+  // A home as adduser makes it: no one else may enter, the user namespace's root neither.
+  REQUIRE(::chmod(home.c_str(), 0700) == 0);
 
   RunResult build = user.run(home, {test::gate_binary(), "image", "build"}, 20min);
   INFO(build.output);
   // Where this machine refuses user namespaces, gate says what to do instead.
   if (user.run(home, {"mmdebstrap", "--unshare-helper", "true"}, 1min).status != 0) {
+    // (GATE_TEST_REQUIRE_USERNS=1: a machine that should allow them fails here instead.)
+    CHECK(std::getenv("GATE_TEST_REQUIRE_USERNS") == nullptr);
     CHECK(build.status != 0);
     CHECK(build.output.find("/etc/subuid") != std::string::npos);
     CHECK(build.output.find("sudo gate image build") != std::string::npos);
@@ -607,6 +619,13 @@ TEST_CASE("gate image build works without root in a user namespace and the image
   CHECK(inode_owner(disk, "/etc/shadow").rfind("0:", 0) == 0);
   CHECK(inode_owner(disk, "/home/gate") == "1000:1000");
   CHECK(inode_owner(disk, "/usr/bin/su") == "0:0");
+  CHECK(inode_field(disk, "/usr/bin/su", "Mode:") == "04755");
+  // Nothing of the build is left in the scratch directories, nor in the cache.
+  for (const auto& e : fs::directory_iterator("/var/tmp")) {
+    struct stat sc {};
+    if (e.path().filename().string().rfind("gate-image-", 0) == 0 && ::stat(e.path().c_str(), &sc) == 0)
+      CHECK(sc.st_uid != st.st_uid);
+  }
   for (const auto& e : fs::directory_iterator(home + "/cache/gate/images"))
     CHECK(e.path().extension() != ".building");  // nothing left half made
 
@@ -638,4 +657,51 @@ TEST_CASE("gate image build without root and without subordinate ids says what t
   CHECK(r.output.find("usermod --add-subuids") != std::string::npos);
   CHECK(r.output.find("sudo gate image build") != std::string::npos);
   CHECK_FALSE(fs::exists(tmp.path() + "/cache/gate/images/debian-12-v4.building"));
+}
+
+TEST_CASE("a VM disk is reused only for what it was made from and older disks are adopted", "[vm]") {
+  VmScene scene;
+  const std::string img_dir = scene.tmp.path() + "/img";
+  fs::create_directories(img_dir);
+  const std::string image = img_dir + "/disk.raw";
+  REQUIRE(run_command({"qemu-img", "create", "-q", "-f", "raw", image, "16M"}).status == 0);
+  // Not a bootable kernel: qemu refuses it, after the disk step this test is about.
+  { std::ofstream(img_dir + "/vmlinuz") << "not a kernel"; }
+  { std::ofstream(img_dir + "/initrd.img") << "not an initrd"; }
+  const std::string vm_dir = scene.tmp.path() + "/vm";
+  fs::create_directories(vm_dir);
+  const std::string disk = vm_dir + "/disk.qcow2";
+  VmGuard guard{scene.tmp.path() + "/state", "pinned"};
+  auto up = [&] {
+    return gate_cmd({"up", "--repo-path", scene.repo, "--vm-name", "pinned", "--vm-dir", vm_dir, "--image", image,
+                     "--skip-host-mount"},
+                    2min);
+  };
+
+  SECTION("a disk of an older gate, on the image's own path, is adopted: linked and rebased") {
+    REQUIRE(run_command({"qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, disk}).status == 0);
+    RunResult r = up();
+    INFO(r.output);
+    CHECK(r.output.find("reusing the VM disk") != std::string::npos);
+    struct stat a {}, b {};
+    REQUIRE(::stat(image.c_str(), &a) == 0);
+    REQUIRE(::stat((vm_dir + "/base.raw").c_str(), &b) == 0);
+    CHECK(a.st_ino == b.st_ino);  // a link, not a copy
+    CHECK(run_command({"qemu-img", "info", "-U", disk}).output.find("backing file: " + vm_dir + "/base.raw") !=
+          std::string::npos);
+    CHECK(test::read_file(vm_dir + "/disk.from") == "image " + image);
+    CHECK(test::read_file(vm_dir + "/vmlinuz") == "not a kernel");
+  }
+  SECTION("a disk made from another base is refused, and nothing is started") {
+    REQUIRE(run_command({"qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", image, disk}).status == 0);
+    { std::ofstream(vm_dir + "/disk.from") << "base debian-12-cloud"; }
+    RunResult r = up();
+    INFO(r.output);
+    CHECK(r.status == 1);
+    CHECK(r.output.find("the VM disk of 'pinned' was made from base debian-12-cloud, not image " + image) !=
+          std::string::npos);
+    CHECK(r.output.find("--redownload") != std::string::npos);
+    CHECK(test::read_file(vm_dir + "/disk.from") == "base debian-12-cloud");  // untouched
+    CHECK_FALSE(fs::exists(vm_dir + "/base.raw"));
+  }
 }
