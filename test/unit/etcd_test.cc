@@ -71,3 +71,280 @@ TEST_CASE("requests are written as the gateway wants and answers read as it writ
   CHECK(decode_range(json::object{})->kvs.empty());
   CHECK(json_int(json::object{{"n", "x"}}, "n") == 0);
 }
+
+// ---- the lock space as etcd keeps it (etcd/etcd_space.h) ----
+#include <random>
+
+#include "etcd/etcd_space.h"
+#include "lock/lock_table.h"
+
+namespace {
+
+Entry entry(std::int64_t rev, const std::string& owner, LockMode mode, bool held = false,
+            const std::string& lock_key = "f", const std::string& session = "") {
+  Entry e;
+  e.key = queue_key(lock_key, "r" + std::to_string(rev));
+  e.create_revision = e.mod_revision = rev;
+  e.lock_key = lock_key;
+  e.mode = mode;
+  e.owner = owner;
+  e.session = session;
+  e.held = held;
+  e.hold_count = held ? 1 : 0;
+  return e;
+}
+
+constexpr auto R = LockMode::Read;
+constexpr auto W = LockMode::Write;
+
+}  // namespace
+
+TEST_CASE("the etcd key layout keeps any lock key apart from the slashes of etcd's keys", "[etcd]") {
+  for (const std::string& k : {std::string("src/main.c"), std::string("."), std::string("a/b/\xff\x01 c", 9)}) {
+    CHECK(unhex(hex(k)) == k);
+    CHECK(queue_key(k, "b1-7").rfind(queue_prefix(k), 0) == 0);
+    CHECK(lock_key_of(queue_key(k, "b1-7")) == k);
+    CHECK(queue_prefix(k).find('/', all_queues_prefix().size()) == queue_prefix(k).size() - 1);
+  }
+  CHECK_FALSE(lock_key_of(id_key("x")).has_value());
+  CHECK_FALSE(lock_key_of(all_queues_prefix() + "zz/r").has_value());  // not hex
+  CHECK_FALSE(lock_key_of(queue_prefix("f")).has_value());              // no request
+  CHECK_FALSE(unhex("abc").has_value());
+}
+
+TEST_CASE("a queue entry survives its trip through etcd and a damaged one is refused", "[etcd]") {
+  Entry e = entry(42, "o1", W, true, "src/a.c", "m:7");
+  e.broker = "b1";
+  e.request_id = "req";
+  e.lock_id = "L1";
+  e.hold_count = 2;
+  e.acquired_at = 1000;
+  e.lease_expires_at = 31000;
+  e.lease_ms = 30;
+  e.max_hold_ms = 5;
+  KeyValue kv{e.key, encode_entry(e), 42, 43, 1, 0};
+  Result<Entry> back = decode_entry(kv);
+  REQUIRE(back.ok());
+  CHECK(back->lock_key == "src/a.c");
+  CHECK(back->mode == W);
+  CHECK(back->session == "m:7");
+  CHECK(back->held);
+  CHECK(back->hold_count == 2);
+  CHECK(back->lease_expires_at == 31000);
+  CHECK(back->max_hold_ms == 5);
+  CHECK(back->mod_revision == 43);
+  CHECK(back->fence() == 42);
+  CHECK(back->ends_at() == 6000);  // the cap comes first
+
+  auto refused = [&](std::string key, std::string value) {
+    Result<Entry> r = decode_entry(KeyValue{std::move(key), std::move(value), 1, 1, 1, 0});
+    return r.ok() ? std::string() : r.message();
+  };
+  CHECK(refused(kv.key, "not json").find("not JSON") != std::string::npos);
+  CHECK(refused(queue_key("other", "r"), kv.value).find("not its key's") != std::string::npos);
+  CHECK(refused(id_key("x"), kv.value).find("not a queue key") != std::string::npos);
+  CHECK(refused(kv.key, R"({"path":"src/a.c","mode":"both","owner":"o"})").find("mode 'both'") != std::string::npos);
+  CHECK(refused(kv.key, R"({"path":"src/a.c","mode":"read"})").find("no owner") != std::string::npos);
+  CHECK(refused(kv.key, R"({"path":"src/a.c","mode":"read","owner":"o","held":true})").find("hold count") !=
+        std::string::npos);
+}
+
+TEST_CASE("entries in create-revision order are held by the contract's FIFO rule", "[etcd]") {
+  using S = Standing;
+  // Readers batch; a reader behind a queued writer waits for it.
+  CHECK(standings({entry(1, "a", R), entry(2, "b", R)}) == std::vector{S::Grantable, S::Grantable});
+  CHECK(standings({entry(1, "a", R, true), entry(2, "b", W), entry(3, "c", R)}) ==
+        std::vector{S::Held, S::Waiting, S::Waiting});
+  CHECK(standings({entry(1, "a", W, true), entry(2, "b", R)}) == std::vector{S::Held, S::Waiting});
+  CHECK(standings({entry(1, "a", W), entry(2, "b", W)}) == std::vector{S::Grantable, S::Waiting});
+  // An upgrade waits for the other readers, not for its owner's own read.
+  Entry up = entry(3, "a", W);
+  up.upgrade = true;
+  CHECK(standings({entry(1, "a", R, true), up}) == std::vector{S::Held, S::Grantable});
+  CHECK(standings({entry(1, "a", R, true), entry(2, "b", R, true), up}) ==
+        std::vector{S::Held, S::Held, S::Waiting});
+
+  std::vector<Entry> q{entry(1, "a", R, true), entry(2, "b", R)};
+  CHECK(reentry(q, "a", R) == Reentry::Again);
+  CHECK(reentry(q, "a", W) == Reentry::UpgradeNow);  // the only holder
+  CHECK(reentry(q, "b", W) == Reentry::None);
+  q[1].held = true;
+  q[1].hold_count = 1;
+  CHECK(reentry(q, "a", W) == Reentry::Upgrade);
+  Entry ua = entry(3, "a", W);
+  ua.upgrade = true;
+  q.push_back(ua);
+  CHECK(reentry(q, "b", W) == Reentry::Deadlock);  // both hold read, both upgrade
+}
+
+TEST_CASE("a held entry ends at its lease or its hold cap", "[etcd]") {
+  Entry a = entry(1, "a", R, true), b = entry(2, "b", R, true), c = entry(3, "c", W);
+  a.acquired_at = b.acquired_at = 0;
+  a.lease_expires_at = 5000;
+  b.lease_expires_at = 9000;
+  b.max_hold_ms = 2;  // 2000 us
+  const Queue q{a, b, c};
+  CHECK(expired(q, 1000).empty());
+  REQUIRE(expired(q, 2000).size() == 1);
+  CHECK(expired(q, 2000)[0]->owner == "b");
+  CHECK(expired(q, 5000).size() == 2);
+}
+
+TEST_CASE("a wait that would reach its own session's lock is a deadlock across keys", "[etcd]") {
+  SECTION("cat f >> f: one session holds f for reading and asks to write it") {
+    Space s{{"f", {entry(1, "o1", R, true, "f", "s"), entry(2, "o2", W, false, "f", "s")}}};
+    auto d = deadlock(s, s["f"][1]);
+    REQUIRE(d.has_value());
+    CHECK(d->find("session s would wait for 'f', which it holds itself (read)") != std::string::npos);
+  }
+  SECTION("two sessions each holding what the other waits for") {
+    Space s{{"a", {entry(1, "x", W, true, "a", "s1"), entry(4, "y2", W, false, "a", "s2")}},
+            {"b", {entry(2, "y", W, true, "b", "s2"), entry(3, "x2", W, false, "b", "s1")}}};
+    CHECK(deadlock(s, s["a"][1]).has_value());
+    CHECK(deadlock(s, s["b"][1]).has_value());
+  }
+  SECTION("a chain that ends at someone else's lock is only a wait") {
+    Space s{{"a", {entry(1, "x", W, true, "a", "s1"), entry(3, "y2", W, false, "a", "s2")}},
+            {"b", {entry(2, "y", W, true, "b", "s2")}}};
+    CHECK_FALSE(deadlock(s, s["a"][1]).has_value());
+  }
+}
+
+namespace {
+
+// The etcd way, played out in memory as brokers would: entries appended in revision
+// order, grantable ones marked held, an upgrade merged into its owner's read.
+struct SpaceModel {
+  Space space;
+  std::int64_t rev = 0;
+
+  void settle() {
+    for (bool moved = true; moved;) {
+      moved = false;
+      for (auto& [key, q] : space) {
+        const auto st = standings(q);
+        for (std::size_t i = 0; i < q.size(); ++i) {
+          if (st[i] != Standing::Grantable) continue;
+          moved = true;
+          if (const Entry* target = upgrade_target(q, i)) {
+            Entry& mine = q[static_cast<std::size_t>(target - q.data())];
+            mine.mode = W;
+            ++mine.hold_count;
+            q.erase(q.begin() + static_cast<long>(i));
+          } else {
+            q[i].held = true;
+            q[i].upgrade = false;
+            q[i].hold_count = 1;
+          }
+          break;
+        }
+        if (moved) break;
+      }
+    }
+  }
+  AcquireResult::Kind acquire(const std::string& key, const std::string& owner, const std::string& session,
+                              LockMode mode) {
+    Queue& q = space[key];
+    const Reentry r = reentry(q, owner, mode);
+    if (r == Reentry::Deadlock) return AcquireResult::Kind::Deadlock;
+    if (r == Reentry::Again || r == Reentry::UpgradeNow) {
+      for (Entry& e : q)
+        if (e.held && e.owner == owner) {
+          ++e.hold_count;
+          if (mode == W) e.mode = W;
+        }
+      return AcquireResult::Kind::Granted;
+    }
+    Entry e = entry(++rev, owner, mode, false, key, session);
+    e.upgrade = r == Reentry::Upgrade;
+    q.push_back(e);
+    if (standings(q).back() != Standing::Grantable && deadlock(space, q.back())) {
+      q.pop_back();
+      return AcquireResult::Kind::Deadlock;
+    }
+    const bool now = standings(q).back() == Standing::Grantable;
+    settle();
+    return now ? AcquireResult::Kind::Granted : AcquireResult::Kind::Queued;
+  }
+  void release(const std::string& key, const std::string& owner) {
+    Queue& q = space[key];
+    for (std::size_t i = 0; i < q.size(); ++i)
+      if (q[i].held && q[i].owner == owner && --q[i].hold_count == 0) {
+        q.erase(q.begin() + static_cast<long>(i));
+        break;
+      }
+    settle();
+  }
+  // "owner:mode:count" held, then "owner:mode" waiting, in order.
+  std::string picture(const std::string& key) {
+    std::string held, waiting;
+    for (const Entry& e : space[key]) {
+      if (e.held) held += e.owner + ":" + to_string(e.mode) + ":" + std::to_string(e.hold_count) + " ";
+      else waiting += e.owner + ":" + to_string(e.mode) + " ";
+    }
+    return held + "| " + waiting;
+  }
+};
+
+std::string table_picture(const LockTable& t, const std::string& key) {
+  std::map<std::uint64_t, std::string> held;  // by fence: grant order
+  for (const Lock& l : t.locks(key))
+    held[l.fence] = l.owner + ":" + to_string(l.mode) + ":" + std::to_string(l.hold_count) + " ";
+  std::string out;
+  for (const auto& [fence, text] : held) out += text;
+  out += "| ";
+  for (const QueuedRequest& r : t.queue(key)) out += r.owner + ":" + to_string(r.mode) + " ";
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("the etcd space decides as the broker's own lock table does, over random histories", "[etcd]") {
+  std::mt19937 rng(20261130);
+  const std::vector<std::pair<std::string, std::string>> owners = {
+      {"a1", "sa"}, {"a2", "sa"}, {"b1", "sb"}, {"c1", "sc"}, {"d1", "sd"}};
+  const std::vector<std::string> keys = {"f", "g"};
+  for (int history = 0; history < 1000; ++history) {
+    int ids = 0;
+    LockTable table(LockTableOptions{}, [&] { return "L" + std::to_string(++ids); });
+    SpaceModel model;
+    std::map<std::string, bool> waiting;  // an owner with a queued request waits (a blocked open)
+    std::map<std::pair<std::string, std::string>, std::string> lock_ids;
+    std::string history_text;  // what happened, for a failure's message
+    for (int step = 0; step < 40; ++step) {
+      const auto& [owner, session] = owners[rng() % owners.size()];
+      const std::string& key = keys[rng() % keys.size()];
+      const bool holds = lock_ids.count({owner, key}) > 0;
+      INFO("history " << history << " step " << step << " " << owner << " on " << key);
+      if (holds && rng() % 3 == 0) {
+        REQUIRE(table.release(lock_ids[{owner, key}], owner, 1000) == OpStatus::Ok);
+        if (!table.find_lock(lock_ids[{owner, key}])) lock_ids.erase({owner, key});
+        model.release(key, owner);
+        history_text += owner + " releases " + key + "; ";
+      } else {
+        if (waiting[owner]) continue;
+        const LockMode mode = rng() % 2 ? R : W;
+        AcquireParams p;
+        p.key = key;
+        p.mode = mode;
+        p.owner = owner;
+        p.session = session;
+        const AcquireResult got = table.acquire(p, 1000);
+        const AcquireResult::Kind want = model.acquire(key, owner, session, mode);
+        history_text += owner + "(" + session + ") asks " + to_string(mode) + " " + key + ": " +
+                        std::to_string(static_cast<int>(got.kind)) + "; ";
+        INFO(history_text);
+        REQUIRE(got.kind == want);
+        if (got.kind == AcquireResult::Kind::Granted) lock_ids[{owner, key}] = got.lock.lock_id;
+        if (got.kind == AcquireResult::Kind::Queued) waiting[owner] = true;
+      }
+      for (const Event& ev : table.take_events())
+        if (ev.kind == Event::Kind::Granted) {
+          lock_ids[{ev.lock.owner, ev.lock.key}] = ev.lock.lock_id;
+          waiting[ev.lock.owner] = false;
+        }
+      INFO(history_text);
+      for (const auto& k : keys) REQUIRE(model.picture(k) == table_picture(table, k));
+    }
+  }
+}

@@ -1,0 +1,93 @@
+#pragma once
+// The lock space as brokers keep it in etcd (docs/etcd-store.md), as pure decisions:
+// the key layout, the queue entries' codec, and the rules of shared/docs/locking.md
+// over one key's entries in create-revision order: who holds, who may be granted now,
+// which locks have run out, and whether a request would deadlock. No I/O and no clock
+// of its own: every broker computes the same answers from the same entries.
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/iso_time.h"
+#include "core/lock_mode.h"
+#include "core/status.h"
+#include "etcd/etcd_client.h"
+
+namespace gate::etcd {
+
+// ---- keys: everything below kRoot; lock keys hex-encoded (no '/' inside) ----
+inline constexpr std::string_view kRoot = "/gate/v1/";
+std::string hex(std::string_view bytes);
+std::optional<std::string> unhex(std::string_view text);
+std::string queue_prefix(std::string_view lock_key);                        // .../q/<hex>/
+std::string queue_key(std::string_view lock_key, std::string_view request);  // .../q/<hex>/<request>
+std::string all_queues_prefix();                                             // .../q/
+std::string id_key(std::string_view lock_id);                                // .../id/<lock_id>
+std::string version_key(std::string_view lock_key);                          // .../v/<hex>
+std::string broker_key(std::string_view broker);                             // .../b/<broker>
+// The lock key a queue key belongs to; nullopt for any other key.
+std::optional<std::string> lock_key_of(std::string_view queue_key);
+
+// One request or lock: a queue key's value, and where etcd keeps it.
+struct Entry {
+  std::string key;  // its queue key (etcd's)
+  std::int64_t create_revision = 0, mod_revision = 0;
+
+  std::string lock_key;
+  LockMode mode = LockMode::Read;
+  std::string owner, session, broker, request_id, lock_id;
+  bool held = false;             // marked granted by its broker
+  std::int64_t hold_count = 0;   // while held: at least 1
+  bool upgrade = false;          // a write asked while its owner holds read here
+  Micros requested_at = 0, acquired_at = 0, lease_expires_at = 0;
+  std::int64_t lease_ms = 0;
+  std::optional<std::int64_t> max_hold_ms;
+
+  // Its grant's fence: the create revision, global and increasing in grant order.
+  std::uint64_t fence() const { return static_cast<std::uint64_t>(create_revision); }
+  // When the lease or the hold cap ends it (held entries only).
+  Micros ends_at() const;
+  // The session deadlock detection follows (the owner when none was given).
+  const std::string& party() const { return session.empty() ? owner : session; }
+};
+
+std::string encode_entry(const Entry& e);  // the value etcd keeps (JSON)
+// From what etcd has; a failure names the key and what is wrong.
+Result<Entry> decode_entry(const KeyValue& kv);
+
+// ---- one key's entries, in create-revision order ----
+using Queue = std::vector<Entry>;
+
+enum class Standing { Held, Grantable, Waiting };
+// A write may be held when every entry before it is its own owner's (its held read,
+// for an upgrade); a read when no other owner's write comes before it.
+std::vector<Standing> standings(const Queue& q);
+// The entry `owner` holds here, if any.
+const Entry* held_by(const Queue& q, std::string_view owner);
+// Granting q[i] (Grantable): for an upgrade whose owner still holds its read here,
+// that read entry, which becomes write (hold_count + 1) while q[i] goes; else null, and
+// q[i] itself is held (hold_count 1; an upgrade whose read ended is a plain write).
+const Entry* upgrade_target(const Queue& q, std::size_t i);
+// Held entries whose lease or hold cap has ended at `now`.
+std::vector<const Entry*> expired(const Queue& q, Micros now);
+
+// What an owner's new acquire becomes, given what it holds on the key.
+enum class Reentry {
+  None,      // nothing held: a new entry
+  Again,     // hold_count + 1 on the held entry (write held; or read held, read asked)
+  UpgradeNow,  // read held by this owner alone, write asked: the entry becomes write
+  Upgrade,   // read held with others, write asked: a new upgrade entry waits
+  Deadlock,  // read held, write asked, and another owner's upgrade waits already
+};
+Reentry reentry(const Queue& q, std::string_view owner, LockMode mode);
+
+// The whole space, lock key -> queue (what a broker's mirror holds).
+using Space = std::map<std::string, Queue>;
+// Whether `waiter` (an entry of `space`, not yet held) would wait, directly or through
+// other waiting sessions, on a lock its own session holds: the sentence saying so.
+std::optional<std::string> deadlock(const Space& space, const Entry& waiter);
+
+}  // namespace gate::etcd
