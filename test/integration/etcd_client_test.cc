@@ -236,3 +236,84 @@ TEST_CASE("answers that are not etcd's give clear errors and no crash", "[etcd]"
   CHECK(decode_range(json::object{{"kvs", "not an array"}}).message() == "kvs is not an array");
   CHECK_FALSE(decode_kv(json::object{{"key", "***"}}).ok());
 }
+
+// ---- a broker's mirror of the shared lock space (etcd/space_mirror.h) ----
+#include "etcd/space_mirror.h"
+
+namespace {
+
+Entry space_entry(const std::string& lock_key, const std::string& request, const std::string& owner, LockMode mode) {
+  Entry e;
+  e.key = queue_key(lock_key, request);
+  e.lock_key = lock_key;
+  e.owner = owner;
+  e.mode = mode;
+  return e;
+}
+
+// What the mirror holds for `lock_key`: "owner:mode[:held]" in queue order.
+std::string mirrored(const SpaceMirror& m, const std::string& lock_key) {
+  std::string out;
+  for (const Entry& e : m.queue(lock_key)) out += e.owner + ":" + to_string(e.mode) + (e.held ? ":held " : " ");
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a broker's mirror follows the shared lock space in create-revision order", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  EtcdClient c(cluster.endpoints(), 15s);
+  Entry a = space_entry("src/a.c", "b1-1", "o1", LockMode::Read);
+  REQUIRE(c.put(a.key, encode_entry(a)).ok());
+  REQUIRE(c.put(all_queues_prefix() + "zz/not-gate", "junk").ok());  // someone else's key
+  SpaceMirror m(cluster.endpoints());
+  REQUIRE(m.start().ok());
+  CHECK(mirrored(m, "src/a.c") == "o1:read ");
+  CHECK(m.skipped() == 1);
+
+  // Later entries queue behind, whichever request name they have; a change is seen in
+  // place; a delete takes the entry out.
+  Entry w = space_entry("src/a.c", "a0-9", "o2", LockMode::Write);
+  const std::int64_t r1 = *c.put(w.key, encode_entry(w));
+  REQUIRE(m.wait_for(r1, 10s));
+  CHECK(mirrored(m, "src/a.c") == "o1:read o2:write ");
+  a.held = true;
+  a.hold_count = 1;
+  const std::int64_t r2 = *c.put(a.key, encode_entry(a));
+  REQUIRE(m.wait_for(r2, 10s));
+  CHECK(mirrored(m, "src/a.c") == "o1:read:held o2:write ");
+  CHECK(standings(m.queue("src/a.c")) == std::vector{Standing::Held, Standing::Waiting});
+  REQUIRE(c.delete_range(a.key).ok());
+  const std::int64_t r3 = *c.put(queue_key("other", "x"), encode_entry(space_entry("other", "x", "o3", LockMode::Read)));
+  REQUIRE(m.wait_for(r3, 10s));
+  CHECK(mirrored(m, "src/a.c") == "o2:write ");
+  CHECK(standings(m.queue("src/a.c")) == std::vector{Standing::Grantable});
+  CHECK(m.snapshot().size() == 2);
+}
+
+TEST_CASE("a mirror whose watch missed compacted history reads the space again", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  // The mirror knows one member; the writer the two others.
+  SpaceMirror m({cluster.endpoint(0)});
+  REQUIRE(m.start().ok());
+  EtcdClient c({cluster.endpoint(1), cluster.endpoint(2)}, 15s);
+  cluster.kill(0);
+  std::int64_t last = 0;
+  for (int i = 0; i < 5; ++i) {
+    Entry e = space_entry("k", "r" + std::to_string(i), "o" + std::to_string(i), LockMode::Read);
+    last = *c.put(e.key, encode_entry(e));
+  }
+  REQUIRE(c.delete_range(queue_key("k", "r0")).ok());
+  last = *c.put(queue_key("k", "r1"), encode_entry(space_entry("k", "r1", "o1", LockMode::Write)));
+  REQUIRE(c.compact(last).ok());
+  cluster.start(0);  // back, behind: the watch's next revision is gone
+  REQUIRE(m.wait_for(last, 30s));
+  CHECK(test::eventually([&] { return m.resyncs() == 1; }, 10s));
+  CHECK(mirrored(m, "k") == "o1:write o2:read o3:read o4:read ");
+  // And it follows again after the read.
+  const std::int64_t after = *c.put(queue_key("k", "r5"), encode_entry(space_entry("k", "r5", "o5", LockMode::Read)));
+  REQUIRE(m.wait_for(after, 20s));
+  CHECK(mirrored(m, "k") == "o1:write o2:read o3:read o4:read o5:read ");
+}

@@ -1,0 +1,70 @@
+#pragma once
+// SpaceMirror: one broker's copy of the lock space that brokers share in etcd (every
+// queue entry under /gate/v1/q/), from which it decides grants, waits, status and
+// deadlocks (docs/etcd-store.md). Read once, then followed by a prefix watch from the
+// revision after the read; a watch cut off by a compaction, or a member that goes
+// away, is made again (a compaction: the whole space read again). Entries etcd holds
+// that are not gate's are skipped and counted, never fatal.
+//
+// Thread-safe: the watch's thread applies changes; any thread may take a snapshot or
+// wait until the mirror has seen a revision (a broker's own write, read back).
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "etcd/etcd_client.h"
+#include "etcd/etcd_space.h"
+#include "etcd/etcd_watch.h"
+
+namespace gate::etcd {
+
+class SpaceMirror {
+ public:
+  // `on_change` runs on the watch's thread after each applied change (no lock held).
+  explicit SpaceMirror(std::vector<Endpoint> endpoints, std::function<void()> on_change = {});
+  ~SpaceMirror();
+  SpaceMirror(const SpaceMirror&) = delete;
+  SpaceMirror& operator=(const SpaceMirror&) = delete;
+
+  // Reads the space and starts following it; a failure when etcd cannot be read.
+  Status start();
+  void stop();
+
+  Space snapshot() const;
+  Queue queue(const std::string& lock_key) const;
+  // The revision the mirror has applied everything through.
+  std::int64_t revision() const;
+  // Waits until revision() >= `revision`; false after `limit`.
+  bool wait_for(std::int64_t revision, std::chrono::milliseconds limit) const;
+
+  std::uint64_t resyncs() const;   // whole reads after a compaction
+  std::uint64_t skipped() const;   // entries that were not gate's
+  std::string last_problem() const;
+
+ private:
+  // Reads everything under the prefix into a new space; its revision.
+  Result<std::int64_t> load();
+  void apply(const WatchUpdate& u);
+  void resync_loop();
+
+  std::vector<Endpoint> endpoints_;
+  std::function<void()> on_change_;
+  EtcdClient client_;
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  Space space_;
+  std::int64_t revision_ = 0;
+  std::uint64_t resyncs_ = 0, skipped_ = 0;
+  std::string last_problem_;
+  bool resync_ = false, stopping_ = false;
+  std::unique_ptr<EtcdWatch> watch_;
+  std::thread resync_thread_;
+};
+
+}  // namespace gate::etcd
