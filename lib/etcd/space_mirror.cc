@@ -65,15 +65,19 @@ Result<std::int64_t> SpaceMirror::load() {
 Status SpaceMirror::start() {
   Result<std::int64_t> rev = load();
   if (!rev.ok()) return rev.status();
+  start_watch(*rev + 1);
+  resync_thread_ = std::thread([this] { resync_loop(); });
+  return {};
+}
+
+void SpaceMirror::start_watch(std::int64_t from) {
   watch_ = std::make_unique<EtcdWatch>(
-      endpoints_, all_queues_prefix(), prefix_end(all_queues_prefix()), *rev + 1,
+      endpoints_, all_queues_prefix(), prefix_end(all_queues_prefix()), from,
       [this](const WatchUpdate& u) { apply(u); },
       [this](const std::string& problem) {
         std::lock_guard lock(mu_);
         last_problem_ = problem;
       });
-  resync_thread_ = std::thread([this] { resync_loop(); });
-  return {};
 }
 
 void SpaceMirror::stop() {
@@ -135,13 +139,7 @@ void SpaceMirror::resync_loop() {
     }
     ++resyncs_;
     lock.unlock();
-    watch_ = std::make_unique<EtcdWatch>(
-        endpoints_, all_queues_prefix(), prefix_end(all_queues_prefix()), *rev + 1,
-        [this](const WatchUpdate& u) { apply(u); },
-        [this](const std::string& problem) {
-          std::lock_guard l(mu_);
-          last_problem_ = problem;
-        });
+    start_watch(*rev + 1);
     if (on_change_) on_change_();
     lock.lock();
   }

@@ -50,6 +50,7 @@ class SpaceMirror {
  private:
   // Reads everything under the prefix into a new space; its revision.
   Result<std::int64_t> load();
+  void start_watch(std::int64_t from);
   void apply(const WatchUpdate& u);
   void resync_loop();
 
