@@ -114,6 +114,11 @@ Result<std::string> decoded(const json::object& o, std::string_view field) {
 
 }  // namespace
 
+std::int64_t header_revision(const json::object& answer) {
+  const json::value* h = answer.if_contains("header");
+  return h && h->is_object() ? json_int(h->as_object(), "revision") : 0;
+}
+
 Result<KeyValue> decode_kv(const json::value& kv) {
   if (!kv.is_object()) return Status::failure("a key-value that is not an object");
   const json::object& o = kv.as_object();
@@ -133,8 +138,7 @@ Result<KeyValue> decode_kv(const json::value& kv) {
 
 Result<RangeResult> decode_range(const json::object& response) {
   RangeResult r;
-  if (const json::value* h = response.if_contains("header"); h && h->is_object())
-    r.revision = json_int(h->as_object(), "revision");
+  r.revision = header_revision(response);
   r.count = json_int(response, "count");
   if (const json::value* m = response.if_contains("more"); m && m->is_bool()) r.more = m->as_bool();
   if (const json::value* kvs = response.if_contains("kvs")) {
@@ -305,15 +309,6 @@ Result<RangeResult> EtcdClient::range(const json::object& request) {
   if (!r.ok()) return r.status();
   return decode_range(*r);
 }
-
-namespace {
-
-std::int64_t header_revision(const json::object& o) {
-  const json::value* h = o.if_contains("header");
-  return h && h->is_object() ? json_int(h->as_object(), "revision") : 0;
-}
-
-}  // namespace
 
 Result<std::int64_t> EtcdClient::put(std::string_view key, std::string_view value, std::int64_t lease) {
   Result<json::object> r = call("kv/put", put_request(key, value, lease), Retry::Idempotent);

@@ -70,6 +70,8 @@ boost::json::object compare_value(std::string_view key, std::string_view result,
 
 // Reading what etcd answers (int64 fields come as strings, defaults are left out).
 std::int64_t json_int(const boost::json::object& o, std::string_view field);
+// The store's revision an answer was written at (its header's); 0 when none.
+std::int64_t header_revision(const boost::json::object& answer);
 Result<KeyValue> decode_kv(const boost::json::value& kv);
 Result<RangeResult> decode_range(const boost::json::object& response);
 

@@ -54,8 +54,7 @@ Line parse_line(const std::string& text) {
     return line;
   }
   const json::object& res = r->as_object();
-  if (const json::value* h = res.if_contains("header"); h && h->is_object())
-    line.update.revision = json_int(h->as_object(), "revision");
+  line.update.revision = header_revision(res);
   if (const json::value* c = res.if_contains("created"); c && c->is_bool()) line.created = c->as_bool();
   if (const json::value* c = res.if_contains("canceled"); c && c->is_bool()) line.canceled = c->as_bool();
   line.update.compact_revision = json_int(res, "compact_revision");
