@@ -13,6 +13,7 @@
 #include <iostream>
 
 #include "broker/broker_service.h"
+#include "broker/etcd_service.h"
 #include "broker/http_server.h"
 #include "cli.h"
 #include "commands.h"
@@ -20,6 +21,7 @@
 #include "core/log.h"
 #include "gate/version.h"
 #include "core/token.h"
+#include "etcd/etcd_client.h"
 #include "lock/lock_table.h"
 #include "store/lock_store.h"
 
@@ -43,6 +45,51 @@ Result<int> lock_state_dir(const std::string& dir) {
                            " (stop it, or choose another --state-dir)");
   }
   return fd;
+}
+
+
+// Listens on TCP (and a Unix socket when asked), tells --ready-fd, and runs the loop
+// until SIGINT/SIGTERM: then `on_signal` (waiters answered), and the answers in flight
+// are written. 0, or the exit code of a failure (said).
+int serve(const po::variables_map& args, boost::asio::io_context& ioc, RequestHandler& handler,
+          std::function<void()> on_signal, const std::string& host, unsigned socket_mode,
+          const std::string& what) {
+  const std::string me = "gate broker";
+  ServerLimits limits;
+  limits.max_body_bytes = args["max-body-bytes"].as<std::size_t>();
+  limits.request_timeout = std::chrono::milliseconds(args["request-timeout-ms"].as<std::int64_t>());
+  limits.idle_timeout = std::chrono::milliseconds(args["idle-timeout-ms"].as<std::int64_t>());
+  limits.max_connections = args["max-connections"].as<std::size_t>();
+  HttpServer server(ioc, handler, limits);
+
+  if (Status s = server.listen_tcp(host, args["port"].as<std::uint16_t>()); !s.ok())
+    return cli::fail(me, s.message());
+  const std::string socket_path = args["unix-socket"].as<std::string>();
+  if (!socket_path.empty()) {
+    Status s = server.listen_unix(socket_path, socket_mode, args["socket-group"].as<std::string>());
+    if (!s.ok()) return cli::fail(me, s.message());
+  }
+  if (!is_loopback(host))
+    log(LogLevel::Warn, "broker", "listening on non-loopback address ", host,
+        ": anyone who can reach it can take and release locks");
+  log(LogLevel::Info, "broker", "gate ", kVersion, " listening on ", host, ":", server.tcp_port(),
+      socket_path.empty() ? "" : " and unix:" + socket_path, ", ", what);
+
+  // Signals are handled before anyone is told the broker is ready.
+  boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
+  signals.async_wait([&](boost::system::error_code ec, int sig) {
+    if (ec) return;
+    log(LogLevel::Info, "broker", "signal ", sig, ": answering waiters 503, saving state, exiting");
+    on_signal();
+    server.drain(std::chrono::seconds(2), [&] { ioc.stop(); });
+  });
+  if (int fd = args["ready-fd"].as<int>(); fd >= 0) {
+    std::string line = std::to_string(server.tcp_port()) + "\n";
+    if (::write(fd, line.data(), line.size()) < 0) log(LogLevel::Warn, "broker", "--ready-fd write failed");
+    ::close(fd);
+  }
+  ioc.run();
+  return 0;
 }
 
 }  // namespace
@@ -85,11 +132,21 @@ int broker(int argc, char** argv) {
        "debug, info, warn or error (env GATE_LOG_LEVEL)")
       ("log-file", po::value<std::string>()->default_value(""), "append the log here instead of stderr")
       ("ready-fd", po::value<int>()->default_value(-1),
-       "write the TCP port and a newline to this file descriptor once listening");
+       "write the TCP port and a newline to this file descriptor once listening")
+      ("store", po::value<std::string>()->default_value("sqlite"),
+       "where the lock space lives: sqlite (locks.db in the state dir), or "
+       "etcd://HOST:PORT[,HOST:PORT...] to share one lock space with every broker on that etcd "
+       "cluster (env GATE_STORE)")
+      ("etcd-session-ttl", po::value<std::int64_t>()->default_value(2),
+       "with an etcd store: seconds after this broker stops answering etcd (killed, cut off) that its "
+       "locks and queued requests end; a restart within it keeps them (at least 2)")
+      ("etcd-timeout-ms", po::value<std::int64_t>()->default_value(5'000),
+       "with an etcd store: the deadline of one call to etcd (503 to the client after it)");
   int code = 0;
   auto args = cli::parse(argc, argv, desc, "gate broker [options]",
                        "Runs the lock broker: FIFO read/write locks per path over HTTP, kept in "
-                       "SQLite so that a restart loses nothing.",
+                       "SQLite so that a restart loses nothing, or in etcd, shared by every broker "
+                       "on one etcd cluster (--store etcd://...).",
                        &code);
   if (!args) return code;
   const std::string me = "gate broker";
@@ -124,6 +181,41 @@ int broker(int argc, char** argv) {
 
   auto lock_fd = lock_state_dir(state_dir);
   if (!lock_fd.ok()) return cli::fail(me, lock_fd.message());
+
+  const std::string store_spec = (*args)["store"].as<std::string>();
+  if (store_spec.rfind("etcd://", 0) == 0) {
+    auto endpoints = etcd::parse_store(store_spec);
+    if (!endpoints.ok()) return cli::fail(me, "--store: " + endpoints.message()), 2;
+    const std::int64_t ttl = (*args)["etcd-session-ttl"].as<std::int64_t>();
+    if (ttl < 2) return cli::fail(me, "--etcd-session-ttl must be at least 2 (etcd's shortest lease)"), 2;
+    EtcdServiceOptions o;
+    o.endpoints = std::move(*endpoints);
+    o.state_dir = state_dir;
+    o.default_lease_ms = std::max<std::int64_t>(1, (*args)["lease-ms"].as<std::int64_t>());
+    o.max_hold_ms = (*args)["max-hold-ms"].as<std::int64_t>();
+    o.restore_grace_ms = (*args)["restore-grace-ms"].as<std::int64_t>();
+    o.session_ttl_s = ttl;
+    o.call_timeout = std::chrono::milliseconds(std::max<std::int64_t>(100, (*args)["etcd-timeout-ms"].as<std::int64_t>()));
+    o.address = host;
+    raise_fd_limit(/*beyond_hard_limit=*/false);
+    ::signal(SIGPIPE, SIG_IGN);
+    boost::asio::io_context ioc(1);
+    EtcdService service(ioc, std::move(o));
+    if (Status s = service.start(); !s.ok()) return cli::fail(me, "--store " + store_spec + ": " + s.message());
+    if (service.restored_waiting())
+      log(LogLevel::Info, "broker", "the last run's ", service.restored_waiting(),
+          " queued requests keep their places for ", (*args)["restore-grace-ms"].as<std::int64_t>(),
+          " ms for their clients to ask again");
+    const int rc = serve(*args, ioc, service, [&] { service.shutdown(); }, host, socket_mode,
+                         "etcd store " + store_spec + " as broker " + service.broker_id());
+    service.stop();
+    log(LogLevel::Info, "broker", "stopped; its etcd session lives ", (*args)["etcd-session-ttl"].as<std::int64_t>(),
+        " s more, for a restart to take up");
+    ::close(*lock_fd);
+    return rc;
+  }
+  if (store_spec != "sqlite" && !store_spec.empty())
+    return cli::fail(me, "--store must be sqlite or etcd://HOST:PORT[,HOST:PORT...], not '" + store_spec + "'"), 2;
 
   const std::string db_path = state_dir + "/locks.db";
   auto opened = LockStore::open(db_path, sync == "full" ? LockStore::Sync::Full : LockStore::Sync::Normal);
@@ -160,42 +252,10 @@ int broker(int argc, char** argv) {
   boost::asio::io_context ioc(1);
   BrokerService service(ioc, table, store.get());
   service.restore_delegation(counters);
-  ServerLimits limits;
-  limits.max_body_bytes = (*args)["max-body-bytes"].as<std::size_t>();
-  limits.request_timeout = std::chrono::milliseconds((*args)["request-timeout-ms"].as<std::int64_t>());
-  limits.idle_timeout = std::chrono::milliseconds((*args)["idle-timeout-ms"].as<std::int64_t>());
-  limits.max_connections = (*args)["max-connections"].as<std::size_t>();
-  HttpServer server(ioc, service, limits);
-
-  if (Status s = server.listen_tcp(host, (*args)["port"].as<std::uint16_t>()); !s.ok())
-    return cli::fail(me, s.message());
-  const std::string socket_path = (*args)["unix-socket"].as<std::string>();
-  if (!socket_path.empty()) {
-    Status s = server.listen_unix(socket_path, socket_mode, (*args)["socket-group"].as<std::string>());
-    if (!s.ok()) return cli::fail(me, s.message());
-  }
-  if (!is_loopback(host))
-    log(LogLevel::Warn, "broker", "listening on non-loopback address ", host,
-        ": anyone who can reach it can take and release locks");
-  log(LogLevel::Info, "broker", "gate ", kVersion, " listening on ", host, ":", server.tcp_port(),
-      socket_path.empty() ? "" : " and unix:" + socket_path, ", state dir ", state_dir,
-      " (lease ", options.default_lease_ms, " ms, hold cap ", options.max_hold_ms, " ms)");
-
-  // Signals are handled before anyone is told the broker is ready.
-  boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
-  signals.async_wait([&](boost::system::error_code ec, int sig) {
-    if (ec) return;
-    log(LogLevel::Info, "broker", "signal ", sig, ": answering waiters 503, saving state, exiting");
-    service.shutdown();
-    server.drain(std::chrono::seconds(2), [&] { ioc.stop(); });
-  });
-  if (int fd = (*args)["ready-fd"].as<int>(); fd >= 0) {
-    std::string line = std::to_string(server.tcp_port()) + "\n";
-    if (::write(fd, line.data(), line.size()) < 0) log(LogLevel::Warn, "broker", "--ready-fd write failed");
-    ::close(fd);
-  }
-
-  ioc.run();
+  const int rc = serve(*args, ioc, service, [&] { service.shutdown(); }, host, socket_mode,
+                       "state dir " + state_dir + " (lease " + std::to_string(options.default_lease_ms) +
+                           " ms, hold cap " + std::to_string(options.max_hold_ms) + " ms)");
+  if (rc != 0) return rc;
   service.flush();
   log(LogLevel::Info, "broker", "stopped with ", table.lock_count(), " locks held and ",
       table.queue_length(), " requests queued (saved in ", db_path, ")");

@@ -22,6 +22,7 @@ const std::map<std::string, std::string>& env_table() {
       {"meta-wait-ms", "GATE_META_WAIT_MS"},
       {"stale-writes", "GATE_STALE_WRITES"},
       {"log-level", "GATE_LOG_LEVEL"},
+      {"store", "GATE_STORE"},
       {"image-mirror", "GATE_IMAGE_MIRROR"},
   };
   return table;

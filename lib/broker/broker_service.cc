@@ -24,29 +24,11 @@ HttpAnswer error_answer(int status, const std::string& message) {
 
 namespace {
 
-HttpAnswer status_answer(int status, const char* word, const std::string& error = "") {
-  unsigned char scratch[1024];
-  json::monotonic_resource mr(scratch, sizeof scratch);
-  json::object o(&mr);
-  o["status"] = word;
-  if (!error.empty()) o["error"] = error;
-  return {status, json::serialize(o)};
-}
-
 // 403 or 404 for a release or heartbeat the table refused.
 HttpAnswer refusal(OpStatus status, const std::string& lock_id) {
   return error_answer(status == OpStatus::Forbidden ? 403 : 404, BrokerService::refusal_text(status, lock_id));
 }
 
-HttpAnswer granted_answer(const Lock& l, std::uint64_t version) {
-  // Built in a buffer on the stack: answers are the broker's hottest path.
-  unsigned char scratch[4096];
-  json::monotonic_resource mr(scratch, sizeof scratch);
-  json::object o(&mr);
-  o["status"] = "granted";
-  o["lock"] = lock_to_json(l, version, &mr);
-  return {200, json::serialize(o)};
-}
 
 std::string url_decode(std::string_view s) {
   std::string out;
@@ -75,6 +57,14 @@ std::string url_decode(std::string_view s) {
   return out;
 }
 
+}  // namespace
+
+Target split_target(std::string_view target) {
+  const auto q = target.find('?');
+  if (q == std::string_view::npos) return {target, {}};
+  return {target.substr(0, q), target.substr(q + 1)};
+}
+
 std::string query_param(std::string_view query, std::string_view name) {
   while (!query.empty()) {
     auto amp = query.find('&');
@@ -87,8 +77,6 @@ std::string query_param(std::string_view query, std::string_view name) {
   return "";
 }
 
-}  // namespace
-
 BrokerService::BrokerService(boost::asio::io_context& ioc, LockTable& table, LockStore* store,
                              Clock clock, bool own_timer)
     : ioc_(ioc), table_(table), store_(store), clock_(std::move(clock)), timer_(ioc),
@@ -99,12 +87,7 @@ BrokerService::BrokerService(boost::asio::io_context& ioc, LockTable& table, Loc
 std::uint64_t BrokerService::handle(const std::string& method, const std::string& target,
                                     const std::string& body, Reply reply) {
   ++metrics_.requests;
-  std::string_view path = target;
-  std::string_view query;
-  if (auto q = path.find('?'); q != std::string_view::npos) {
-    query = path.substr(q + 1);
-    path = path.substr(0, q);
-  }
+  const auto [path, query] = split_target(target);
   std::uint64_t ticket = 0;
   auto only = [&](const char* m) {
     if (method == m) return true;
@@ -233,48 +216,27 @@ void BrokerService::bad_request(Reply& reply, int status, const std::string& mes
 }
 
 void BrokerService::release(const std::string& body, Reply& reply) {
-  std::string lock_id, owner, stale;
-  bool changed = false;
-  unsigned char scratch[2048];
-  json::monotonic_resource mr(scratch, sizeof scratch);
-  auto obj = parse_body_object(body, &mr);
-  Status valid = obj.status();
-  if (valid.ok()) valid = get_string(*obj, "lock_id", true, &lock_id);
-  if (valid.ok()) valid = get_string(*obj, "owner", true, &owner);
-  if (valid.ok()) valid = get_bool(*obj, "changed", &changed);
-  // What the mount did with a stale replacement made under this lock, for /metrics.
-  if (valid.ok()) valid = get_string(*obj, "stale", false, &stale);
-  if (valid.ok() && !stale.empty() && stale != "merged" && stale != "conflict" && stale != "refused")
-    valid = Status::failure("\"stale\" must be \"merged\", \"conflict\" or \"refused\"");
-  if (!valid.ok()) return bad_request(reply, 400, valid.message());
+  Result<ReleaseParams> p = parse_release(body);
+  if (!p.ok()) return bad_request(reply, 400, p.message());
   // Forbidden or NotFound: the same refusal as for a heartbeat.
-  if (OpStatus status = release_checked(lock_id, owner, changed, stale); status != OpStatus::Ok)
-    return answer(std::move(reply), refusal(status, lock_id));
+  if (OpStatus status = release_checked(p->lock_id, p->owner, p->changed, p->stale); status != OpStatus::Ok)
+    return answer(std::move(reply), refusal(status, p->lock_id));
   answer(std::move(reply), status_answer(200, "released"));
 }
 
 OpStatus BrokerService::release_checked(const std::string& lock_id, const std::string& owner,
                                         bool changed, std::string_view stale) {
   const OpStatus status = table_.release(lock_id, owner, clock_(), changed);
-  if (status != OpStatus::Ok) return status;
-  ++metrics_.releases;
-  if (stale == "merged") ++metrics_.stale_merged;
-  else if (stale == "conflict") ++metrics_.stale_conflicts;
-  else if (stale == "refused") ++metrics_.stale_refused;
+  if (status == OpStatus::Ok) metrics_.count_release(stale);
   return status;
 }
 
 void BrokerService::heartbeat(const std::string& body, Reply& reply) {
-  std::string lock_id, owner;
-  std::optional<std::int64_t> lease_ms;
-  auto obj = parse_body_object(body);
-  Status valid = obj.status();
-  if (valid.ok()) valid = get_string(*obj, "lock_id", true, &lock_id);
-  if (valid.ok()) valid = get_string(*obj, "owner", true, &owner);
-  if (valid.ok()) valid = get_millis(*obj, "lease_ms", &lease_ms);
-  if (!valid.ok()) return bad_request(reply, 400, valid.message());
+  Result<HeartbeatParams> p = parse_heartbeat(body);
+  if (!p.ok()) return bad_request(reply, 400, p.message());
+  const std::string& lock_id = p->lock_id;
   Lock lock;
-  if (OpStatus status = table_.heartbeat(lock_id, owner, lease_ms, clock_(), &lock); status != OpStatus::Ok)
+  if (OpStatus status = table_.heartbeat(lock_id, p->owner, p->lease_ms, clock_(), &lock); status != OpStatus::Ok)
     return answer(std::move(reply), refusal(status, lock_id));
   ++metrics_.heartbeats;
   json::object o;
@@ -358,12 +320,21 @@ std::function<void()> BrokerService::undo_grant(const Lock& l) {
   return [this, id = l.lock_id, owner = l.owner] { table_.release(id, owner, clock_()); };
 }
 
-void BrokerService::record_wait(Micros waited) {
+void BrokerService::record_wait(Micros waited) { metrics_.record_wait(waited); }
+
+void BrokerMetrics::count_release(std::string_view stale) {
+  ++releases;
+  if (stale == "merged") ++stale_merged;
+  else if (stale == "conflict") ++stale_conflicts;
+  else if (stale == "refused") ++stale_refused;
+}
+
+void BrokerMetrics::record_wait(Micros waited) {
   const double secs = static_cast<double>(waited) / 1e6;
-  ++metrics_.wait_count;
-  metrics_.wait_sum += secs;
-  for (std::size_t i = 0; i < BrokerMetrics::kWaitBuckets.size(); ++i)
-    if (secs <= BrokerMetrics::kWaitBuckets[i]) ++metrics_.wait_counts[i];
+  ++wait_count;
+  wait_sum += secs;
+  for (std::size_t i = 0; i < kWaitBuckets.size(); ++i)
+    if (secs <= kWaitBuckets[i]) ++wait_counts[i];
 }
 
 void BrokerService::process_events() {
@@ -528,6 +499,13 @@ std::string BrokerService::metrics_text() const {
   BrokerMetrics m = metrics_;
   m.add_activity(delegated_activity_);
   if (delegation_) m.add_activity(delegation_->activity);
+  const std::size_t lent_locks = delegation_ ? delegation_->reported.locks.size() : 0;
+  const std::size_t lent_queue = delegation_ ? delegation_->reported.queue.size() : 0;
+  return metrics_exposition(m, table_.lock_count() + lent_locks, table_.queue_length() + lent_queue,
+                            delegation_.has_value());
+}
+
+std::string metrics_exposition(const BrokerMetrics& m, std::size_t held, std::size_t queued, bool delegated) {
   std::ostringstream o;
   auto counter = [&](const char* name, const char* help, std::uint64_t v) {
     o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " counter\n"
@@ -537,10 +515,8 @@ std::string BrokerService::metrics_text() const {
     o << "# HELP " << name << ' ' << help << "\n# TYPE " << name << " gauge\n"
       << name << ' ' << v << '\n';
   };
-  const std::size_t lent_locks = delegation_ ? delegation_->reported.locks.size() : 0;
-  const std::size_t lent_queue = delegation_ ? delegation_->reported.queue.size() : 0;
-  gauge("gate_locks_held", "Locks held now.", table_.lock_count() + lent_locks);
-  gauge("gate_queue_length", "Acquire requests waiting now.", table_.queue_length() + lent_queue);
+  gauge("gate_locks_held", "Locks held now.", held);
+  gauge("gate_queue_length", "Acquire requests waiting now.", queued);
   gauge("gate_connections", "Open client connections.", m.connections);
   counter("gate_requests_total", "HTTP requests handled.", m.requests);
   counter("gate_grants_total", "Locks granted (including re-entrant grants).", m.grants);
@@ -557,7 +533,7 @@ std::string BrokerService::metrics_text() const {
   counter("gate_queued_disconnects_total", "Queued requests whose client went away.",
           m.disconnects_while_queued);
   counter("gate_store_failures_total", "Failed writes of the lock state.", m.store_failures);
-  gauge("gate_delegated", "1 while the lock space is delegated to a client.", delegation_ ? 1 : 0);
+  gauge("gate_delegated", "1 while the lock space is delegated to a client.", delegated ? 1 : 0);
   counter("gate_delegations_total", "Delegations of the lock space to a client.", m.delegations);
   counter("gate_recalls_total", "Delegations recalled because another client asked.", m.recalls);
   counter("gate_delegations_expired_total", "Delegations whose delegate stopped reporting.",

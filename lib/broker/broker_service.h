@@ -22,16 +22,11 @@
 #include <unordered_map>
 #include <vector>
 
+#include "broker/handler.h"
 #include "lock/lock_table.h"
 #include "store/lock_store.h"
 
 namespace gate {
-
-struct HttpAnswer {
-  int status = 200;
-  std::string body;
-  std::string content_type = "application/json";
-};
 
 struct BrokerMetrics {
   std::uint64_t grants = 0, grants_after_wait = 0, timeouts = 0, deadlocks = 0,
@@ -50,11 +45,14 @@ struct BrokerMetrics {
   // The counters of lock activity (grants to stale replacements), as a delegate
   // reports its own: added to the broker's in /metrics.
   void add_activity(const BrokerMetrics& o);
+  // One release, and what its mount did with a stale replacement ("" for none).
+  void count_release(std::string_view stale);
+  // One grant after `waited` microseconds in the queue, in the wait histogram.
+  void record_wait(Micros waited);
 };
 
-class BrokerService {
+class BrokerService : public RequestHandler {
  public:
-  using Reply = std::function<void(HttpAnswer)>;
   using Clock = std::function<Micros()>;
 
   // `own_timer`: fire leases, caps and time-outs on a timer of its own; else the
@@ -69,8 +67,8 @@ class BrokerService {
   // event loop, after the change is saved). Returns a non-zero ticket when the
   // request waits: pass it to client_gone() if the client disconnects first.
   std::uint64_t handle(const std::string& method, const std::string& target,
-                       const std::string& body, Reply reply);
-  void client_gone(std::uint64_t ticket);
+                       const std::string& body, Reply reply) override;
+  void client_gone(std::uint64_t ticket) override;
 
   // A try (timeout 0) and a release by typed values, by the rules of handle()'s, for
   // an in-process caller (a mount's delegated engine, docs/delegation.md): no JSON,
@@ -106,7 +104,8 @@ class BrokerService {
   // Fences set aside for one delegation.
   static constexpr std::uint64_t kDelegationFences = std::uint64_t{1} << 32;
 
-  void count_bad_request() { ++metrics_.bad_requests; }
+  void count_bad_request() override { ++metrics_.bad_requests; }
+  void set_connections(std::size_t n) override { metrics_.connections = n; }
   BrokerMetrics& metrics() { return metrics_; }
   std::string metrics_text() const;
   // The lock activity counters as JSON (a delegate's report) and back.
@@ -238,7 +237,8 @@ class BrokerService {
   BrokerMetrics metrics_;
 };
 
-HttpAnswer json_answer(int status, const std::string& body);
-HttpAnswer error_answer(int status, const std::string& message);
+// The Prometheus text of `m`, with the locks held and requests queued now.
+std::string metrics_exposition(const BrokerMetrics& m, std::size_t held, std::size_t queued,
+                               bool delegated = false);
 
 }  // namespace gate

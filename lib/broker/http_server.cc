@@ -41,11 +41,11 @@ struct SessionBase {
 }  // namespace
 
 struct HttpServer::Impl {
-  Impl(asio::io_context& ioc, BrokerService& service, ServerLimits limits)
+  Impl(asio::io_context& ioc, RequestHandler& service, ServerLimits limits)
       : ioc(ioc), service(&service), limits(limits), retry_timer(ioc), drain_timer(ioc) {}
 
   asio::io_context& ioc;
-  BrokerService* service;  // null once the server is gone
+  RequestHandler* service;  // null once the server is gone
   ServerLimits limits;
   std::optional<asio::ip::tcp::acceptor> tcp;
   std::optional<asio::local::stream_protocol::acceptor> local;
@@ -58,11 +58,11 @@ struct HttpServer::Impl {
 
   void opened(SessionBase* s) {
     sessions.insert(s);
-    if (service) service->metrics().connections = sessions.size();
+    if (service) service->set_connections(sessions.size());
   }
   void closed(SessionBase* s) {
     sessions.erase(s);
-    if (service) service->metrics().connections = sessions.size();
+    if (service) service->set_connections(sessions.size());
     if (draining && sessions.empty()) finish_drain();
   }
   void finish_drain() {
@@ -304,7 +304,7 @@ void HttpServer::Impl::accept(Acceptor& acceptor, std::shared_ptr<Impl> self) {
   });
 }
 
-HttpServer::HttpServer(asio::io_context& ioc, BrokerService& service, ServerLimits limits)
+HttpServer::HttpServer(asio::io_context& ioc, RequestHandler& service, ServerLimits limits)
     : impl_(std::make_shared<Impl>(ioc, service, limits)) {}
 
 HttpServer::~HttpServer() {

@@ -1,6 +1,6 @@
 #pragma once
 // HttpServer: Boost.Beast HTTP/1.1 (keep-alive) and HTTP/1.0 front of a
-// BrokerService, on TCP and optionally a Unix socket. One session object per
+// RequestHandler (BrokerService or EtcdService), on TCP and optionally a Unix socket. One session object per
 // connection, on the service's io_context thread.
 //
 // Limits, each answered with a status while other clients carry on: body size
@@ -16,7 +16,7 @@
 #include <memory>
 #include <string>
 
-#include "broker/broker_service.h"
+#include "broker/handler.h"
 #include "core/status.h"
 
 namespace gate {
@@ -35,7 +35,7 @@ struct ServerLimits {
 
 class HttpServer {
  public:
-  HttpServer(boost::asio::io_context& ioc, BrokerService& service, ServerLimits limits);
+  HttpServer(boost::asio::io_context& ioc, RequestHandler& service, ServerLimits limits);
   ~HttpServer();
 
   // Bind and start accepting. False and a message for people on failure.

@@ -318,4 +318,51 @@ Result<TableState> state_from_json(const json::object& o) {
   return s;
 }
 
+Result<ReleaseParams> parse_release(const std::string& body) {
+  ReleaseParams p;
+  unsigned char scratch[2048];
+  json::monotonic_resource mr(scratch, sizeof scratch);
+  auto obj = parse_body_object(body, &mr);
+  Status valid = obj.status();
+  if (valid.ok()) valid = get_string(*obj, "lock_id", true, &p.lock_id);
+  if (valid.ok()) valid = get_string(*obj, "owner", true, &p.owner);
+  if (valid.ok()) valid = get_bool(*obj, "changed", &p.changed);
+  // What the mount did with a stale replacement made under this lock, for /metrics.
+  if (valid.ok()) valid = get_string(*obj, "stale", false, &p.stale);
+  if (valid.ok() && !p.stale.empty() && p.stale != "merged" && p.stale != "conflict" && p.stale != "refused")
+    valid = Status::failure("\"stale\" must be \"merged\", \"conflict\" or \"refused\"");
+  if (!valid.ok()) return valid;
+  return p;
+}
+
+Result<HeartbeatParams> parse_heartbeat(const std::string& body) {
+  HeartbeatParams p;
+  auto obj = parse_body_object(body);
+  Status valid = obj.status();
+  if (valid.ok()) valid = get_string(*obj, "lock_id", true, &p.lock_id);
+  if (valid.ok()) valid = get_string(*obj, "owner", true, &p.owner);
+  if (valid.ok()) valid = get_millis(*obj, "lease_ms", &p.lease_ms);
+  if (!valid.ok()) return valid;
+  return p;
+}
+
+HttpAnswer status_answer(int status, const char* word, const std::string& error) {
+  unsigned char scratch[1024];
+  json::monotonic_resource mr(scratch, sizeof scratch);
+  json::object o(&mr);
+  o["status"] = word;
+  if (!error.empty()) o["error"] = error;
+  return {status, json::serialize(o)};
+}
+
+HttpAnswer granted_answer(const Lock& l, std::uint64_t version) {
+  // Built in a buffer on the stack: answers are the broker's hottest path.
+  unsigned char scratch[4096];
+  json::monotonic_resource mr(scratch, sizeof scratch);
+  json::object o(&mr);
+  o["status"] = "granted";
+  o["lock"] = lock_to_json(l, version, &mr);
+  return {200, json::serialize(o)};
+}
+
 }  // namespace gate

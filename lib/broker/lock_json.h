@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include "broker/handler.h"
 #include "core/status.h"
 #include "lock/lock_table.h"
 
@@ -15,6 +16,12 @@ namespace gate {
 boost::json::object lock_to_json(const Lock& l, std::uint64_t version,
                                  boost::json::storage_ptr storage = {});
 boost::json::object queued_to_json(const QueuedRequest& r);
+
+// {"status": word} (and "error" when given) with `status`: an acquire's time-out,
+// deadlock or refusal, a release's success.
+HttpAnswer status_answer(int status, const char* word, const std::string& error = "");
+// {"status": "granted", "lock": {...}}.
+HttpAnswer granted_answer(const Lock& l, std::uint64_t version);
 
 // Reads a request body as a JSON object; a failure is the text of a 400 answer.
 // `storage` lets a caller parse into a buffer on its stack (no heap allocation).
@@ -26,6 +33,19 @@ Result<boost::json::object> parse_body_object(const std::string& body,
 Status get_string(const boost::json::object& o, const char* field, bool required, std::string* out);
 Status get_millis(const boost::json::object& o, const char* field, std::optional<std::int64_t>* out);
 Status get_bool(const boost::json::object& o, const char* field, bool* out);
+
+// POST /v1/locks/release and /v1/locks/heartbeat bodies; a failure names what is wrong.
+struct ReleaseParams {
+  std::string lock_id, owner;
+  bool changed = false;
+  std::string stale;  // what a mount did with a stale replacement: "", merged, conflict, refused
+};
+Result<ReleaseParams> parse_release(const std::string& body);
+struct HeartbeatParams {
+  std::string lock_id, owner;
+  std::optional<std::int64_t> lease_ms;
+};
+Result<HeartbeatParams> parse_heartbeat(const std::string& body);
 
 // POST /v1/locks/acquire body -> params; a failure names what is wrong.
 Result<AcquireParams> parse_acquire(const boost::json::object& o);

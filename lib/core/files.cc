@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 
 namespace gate {
 
@@ -40,6 +41,24 @@ bool write_all_at(int fd, std::string_view data, off_t offset) {
     done += static_cast<std::size_t>(n);
   }
   return true;
+}
+
+Status replace_file(const std::string& path, std::string_view data) {
+  const std::string tmp = path + ".tmp";
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  if (!fd) return Status::failure("cannot write " + tmp + ": " + std::strerror(errno));
+  if (!write_all_at(fd.get(), data) || ::fsync(fd.get()) != 0) {
+    const std::string why = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    return Status::failure("cannot write " + tmp + ": " + why);
+  }
+  fd.reset();
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    ::unlink(tmp.c_str());
+    return Status::failure("cannot write " + path + ": " + why);
+  }
+  return {};
 }
 
 }  // namespace gate

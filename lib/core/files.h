@@ -10,6 +10,8 @@
 #include <string_view>
 #include <utility>
 
+#include "core/status.h"
+
 namespace gate {
 
 // The content of `path`, at most `limit` bytes; nullopt when it cannot be opened or
@@ -41,5 +43,9 @@ class UniqueFd {
 // Writes all of `data` to `fd` at `offset` (pwrite, retried after short writes and
 // EINTR); false with errno set when it could not.
 bool write_all_at(int fd, std::string_view data, off_t offset = 0);
+
+// Replaces `path` with `data` whole: written to a temporary file beside it, flushed to
+// disk, then renamed over it (a crash leaves the old content or the new, never half).
+Status replace_file(const std::string& path, std::string_view data);
 
 }  // namespace gate

@@ -82,6 +82,21 @@ json::object compare(std::string_view key, std::string_view target, std::string_
   return c;
 }
 
+json::object compare_range(std::string_view key, std::string_view range_end, std::string_view target,
+                           std::string_view result, std::int64_t number) {
+  json::object c = compare(key, target, result, number);
+  c["range_end"] = base64_encode(range_end);
+  return c;
+}
+
+json::object txn_put(std::string_view key, std::string_view value, std::int64_t lease) {
+  return {{"request_put", put_request(key, value, lease)}};
+}
+json::object txn_delete(std::string_view key) { return {{"request_delete_range", delete_request(key)}}; }
+json::object txn_range(std::string_view key, std::string_view range_end) {
+  return {{"request_range", range_request(key, range_end)}};
+}
+
 json::object compare_value(std::string_view key, std::string_view result, std::string_view value) {
   return {{"key", base64_encode(key)}, {"target", "VALUE"}, {"result", result}, {"value", base64_encode(value)}};
 }

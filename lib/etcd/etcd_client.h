@@ -66,6 +66,10 @@ boost::json::object delete_request(std::string_view key, std::string_view range_
 // GREATER, LESS, NOT_EQUAL) against `number`; or of its VALUE.
 boost::json::object compare(std::string_view key, std::string_view target, std::string_view result,
                             std::int64_t number);
+// The same compare of every key in [key, range_end) (true for an empty range, except
+// for VALUE).
+boost::json::object compare_range(std::string_view key, std::string_view range_end, std::string_view target,
+                                  std::string_view result, std::int64_t number);
 boost::json::object compare_value(std::string_view key, std::string_view result, std::string_view value);
 
 // Reading what etcd answers (int64 fields come as strings, defaults are left out).
@@ -74,6 +78,10 @@ std::int64_t json_int(const boost::json::object& o, std::string_view field);
 std::int64_t header_revision(const boost::json::object& answer);
 Result<KeyValue> decode_kv(const boost::json::value& kv);
 Result<RangeResult> decode_range(const boost::json::object& response);
+// Requests of a transaction's branch.
+boost::json::object txn_put(std::string_view key, std::string_view value, std::int64_t lease = 0);
+boost::json::object txn_delete(std::string_view key);
+boost::json::object txn_range(std::string_view key, std::string_view range_end = {});
 
 enum class Retry { Idempotent, Once };
 

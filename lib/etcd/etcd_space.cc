@@ -68,7 +68,8 @@ std::string encode_entry(const Entry& e) {
                  {"requested_at", e.requested_at},
                  {"lease_ms", e.lease_ms}};
   for (const auto& [field, value] : {std::pair{"session", &e.session}, std::pair{"broker", &e.broker},
-                                     std::pair{"request_id", &e.request_id}, std::pair{"lock_id", &e.lock_id}})
+                                     std::pair{"request_id", &e.request_id}, std::pair{"lock_id", &e.lock_id},
+                                     std::pair{"agent", &e.agent}, std::pair{"command", &e.command}})
     if (!value->empty()) o[field] = *value;
   if (e.upgrade) o["upgrade"] = true;
   if (e.held) {
@@ -76,6 +77,7 @@ std::string encode_entry(const Entry& e) {
     o["lease_expires_at"] = e.lease_expires_at;
   }
   if (e.max_hold_ms) o["max_hold_ms"] = *e.max_hold_ms;
+  if (e.pid > 0) o["pid"] = e.pid;
   return json::serialize(o);
 }
 
@@ -91,6 +93,7 @@ Result<Entry> decode_entry(const KeyValue& kv) {
   e.key = kv.key;
   e.create_revision = kv.create_revision;
   e.mod_revision = kv.mod_revision;
+  e.etcd_lease = kv.lease;
   auto text = [&](const char* field, std::string& out) {
     if (const json::value* f = o.if_contains(field); f && f->is_string()) out = std::string(f->as_string());
   };
@@ -110,6 +113,9 @@ Result<Entry> decode_entry(const KeyValue& kv) {
   text("broker", e.broker);
   text("request_id", e.request_id);
   text("lock_id", e.lock_id);
+  text("agent", e.agent);
+  text("command", e.command);
+  number("pid", e.pid);
   if (const json::value* h = o.if_contains("held"); h && h->is_bool()) e.held = h->as_bool();
   if (const json::value* u = o.if_contains("upgrade"); u && u->is_bool()) e.upgrade = u->as_bool();
   number("hold_count", e.hold_count);

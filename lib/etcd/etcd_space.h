@@ -35,6 +35,7 @@ std::optional<std::string> lock_key_of(std::string_view queue_key);
 struct Entry {
   std::string key;  // its queue key (etcd's)
   std::int64_t create_revision = 0, mod_revision = 0;
+  std::int64_t etcd_lease = 0;  // the etcd lease it lives under (its broker's session)
 
   std::string lock_key;
   LockMode mode = LockMode::Read;
@@ -45,6 +46,9 @@ struct Entry {
   Micros requested_at = 0, acquired_at = 0, lease_expires_at = 0;
   std::int64_t lease_ms = 0;
   std::optional<std::int64_t> max_hold_ms;
+  // Who it is for, as its client described it (shown to people only).
+  std::string agent, command;
+  std::int64_t pid = 0;
 
   // Its grant's fence: the create revision, global and increasing in grant order.
   std::uint64_t fence() const { return static_cast<std::uint64_t>(create_revision); }

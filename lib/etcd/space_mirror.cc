@@ -37,29 +37,57 @@ SpaceMirror::SpaceMirror(std::vector<Endpoint> endpoints, std::function<void()> 
 SpaceMirror::~SpaceMirror() { stop(); }
 
 Result<std::int64_t> SpaceMirror::load() {
-  Result<RangeResult> r = client_.range(range_request(all_queues_prefix(), prefix_end(all_queues_prefix())));
+  const std::string root(kRoot);
+  Result<RangeResult> r = client_.range(range_request(root, prefix_end(root)));
   if (!r.ok()) return Status::failure("cannot read the lock space: " + r.message());
-  Space fresh;
-  std::uint64_t skipped = 0;
-  std::string problem;
-  for (const KeyValue& kv : r->kvs) {
-    Result<Entry> e = decode_entry(kv);
-    if (!e.ok()) {
-      ++skipped;
-      problem = e.message();
-      continue;
-    }
-    put_entry(fresh, std::move(*e));
-  }
   {
     std::lock_guard lock(mu_);
-    space_ = std::move(fresh);
+    space_.clear();
+    versions_.clear();
+    lock_ids_.clear();
+    for (const KeyValue& kv : r->kvs) put_kv(kv);
     revision_ = r->revision;
-    skipped_ += skipped;
-    if (!problem.empty()) last_problem_ = problem;
   }
   cv_.notify_all();
   return r->revision;
+}
+
+void SpaceMirror::put_kv(const KeyValue& kv) {
+  static const std::string kVersions = std::string(kRoot) + "v/";
+  if (kv.key.compare(0, kVersions.size(), kVersions) == 0) {
+    const std::optional<std::string> lock_key = unhex(std::string_view(kv.key).substr(kVersions.size()));
+    std::uint64_t v = 0;
+    try {
+      v = std::stoull(kv.value);
+    } catch (const std::exception&) {
+      ++skipped_;
+      last_problem_ = "version " + kv.key + ": its value is not a number";
+      return;
+    }
+    if (lock_key) versions_[*lock_key] = v;
+    return;
+  }
+  static const std::string kQueues = all_queues_prefix();
+  if (kv.key.compare(0, kQueues.size(), kQueues) != 0) return;  // a broker's or a lock id's key
+  Result<Entry> e = decode_entry(kv);
+  if (!e.ok()) {
+    ++skipped_;
+    last_problem_ = e.message();
+    delete_key(kv.key);  // (what it was before is gone either way)
+    return;
+  }
+  if (!e->lock_id.empty()) lock_ids_[e->lock_id] = e->key;
+  put_entry(space_, std::move(*e));
+}
+
+void SpaceMirror::delete_key(const std::string& key) {
+  const std::optional<std::string> lock_key = lock_key_of(key);
+  if (!lock_key) return;
+  auto it = space_.find(*lock_key);
+  if (it == space_.end()) return;
+  for (const Entry& e : it->second)
+    if (e.key == key && !e.lock_id.empty()) lock_ids_.erase(e.lock_id);
+  delete_entry(space_, key);
 }
 
 Status SpaceMirror::start() {
@@ -72,7 +100,7 @@ Status SpaceMirror::start() {
 
 void SpaceMirror::start_watch(std::int64_t from) {
   watch_ = std::make_unique<EtcdWatch>(
-      endpoints_, all_queues_prefix(), prefix_end(all_queues_prefix()), from,
+      endpoints_, std::string(kRoot), prefix_end(kRoot), from,
       [this](const WatchUpdate& u) { apply(u); },
       [this](const std::string& problem) {
         std::lock_guard lock(mu_);
@@ -100,18 +128,8 @@ void SpaceMirror::apply(const WatchUpdate& u) {
                       "): reading the space again";
     }
     for (const WatchEvent& ev : u.events) {
-      if (ev.deleted) {
-        delete_entry(space_, ev.kv.key);
-        continue;
-      }
-      Result<Entry> e = decode_entry(ev.kv);
-      if (!e.ok()) {
-        ++skipped_;
-        last_problem_ = e.message();
-        delete_entry(space_, ev.kv.key);  // (what it was before is gone either way)
-        continue;
-      }
-      put_entry(space_, std::move(*e));
+      if (ev.deleted) delete_key(ev.kv.key);
+      else put_kv(ev.kv);
     }
     if (!u.events.empty()) revision_ = std::max(revision_, u.events.back().kv.mod_revision);
     else if (!u.compacted) revision_ = std::max(revision_, u.revision);
@@ -145,8 +163,9 @@ void SpaceMirror::resync_loop() {
   }
 }
 
-Space SpaceMirror::snapshot() const {
+Space SpaceMirror::snapshot(std::int64_t* revision) const {
   std::lock_guard lock(mu_);
+  if (revision) *revision = revision_;
   return space_;
 }
 
@@ -154,6 +173,38 @@ Queue SpaceMirror::queue(const std::string& lock_key) const {
   std::lock_guard lock(mu_);
   auto it = space_.find(lock_key);
   return it == space_.end() ? Queue{} : it->second;
+}
+
+SpaceMirror::KeyView SpaceMirror::view(const std::string& lock_key) const {
+  std::lock_guard lock(mu_);
+  KeyView v;
+  if (auto it = space_.find(lock_key); it != space_.end()) v.queue = it->second;
+  if (auto it = versions_.find(lock_key); it != versions_.end()) v.version = it->second;
+  v.revision = revision_;
+  return v;
+}
+
+std::optional<Entry> SpaceMirror::find_lock(const std::string& lock_id) const {
+  std::lock_guard lock(mu_);
+  auto id = lock_ids_.find(lock_id);
+  if (id == lock_ids_.end()) return std::nullopt;
+  const std::optional<std::string> lock_key = lock_key_of(id->second);
+  auto q = lock_key ? space_.find(*lock_key) : space_.end();
+  if (q == space_.end()) return std::nullopt;
+  for (const Entry& e : q->second)
+    if (e.key == id->second) return e;
+  return std::nullopt;
+}
+
+std::uint64_t SpaceMirror::version_of(const std::string& lock_key) const {
+  std::lock_guard lock(mu_);
+  auto it = versions_.find(lock_key);
+  return it == versions_.end() ? 0 : it->second;
+}
+
+std::map<std::string, std::uint64_t> SpaceMirror::versions() const {
+  std::lock_guard lock(mu_);
+  return versions_;
 }
 
 std::int64_t SpaceMirror::revision() const {

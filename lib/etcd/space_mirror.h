@@ -1,6 +1,6 @@
 #pragma once
 // SpaceMirror: one broker's copy of the lock space that brokers share in etcd (every
-// queue entry under /gate/v1/q/), from which it decides grants, waits, status and
+// queue entry under /gate/v1/q/ and every content version under /gate/v1/v/), from which it decides grants, waits, status and
 // deadlocks (docs/etcd-store.md). Read once, then followed by a prefix watch from the
 // revision after the read; a watch cut off by a compaction, or a member that goes
 // away, is made again (a compaction: the whole space read again). Entries etcd holds
@@ -12,7 +12,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -36,8 +38,21 @@ class SpaceMirror {
   Status start();
   void stop();
 
-  Space snapshot() const;
+  // The whole space (and the revision it is as of, when asked).
+  Space snapshot(std::int64_t* revision = nullptr) const;
   Queue queue(const std::string& lock_key) const;
+  // One key's queue and content version, and the revision the mirror had then.
+  struct KeyView {
+    Queue queue;
+    std::uint64_t version = 0;
+    std::int64_t revision = 0;
+  };
+  KeyView view(const std::string& lock_key) const;
+  // The held entry with this lock id, if the mirror has it.
+  std::optional<Entry> find_lock(const std::string& lock_id) const;
+  // Content versions (0: never changed).
+  std::uint64_t version_of(const std::string& lock_key) const;
+  std::map<std::string, std::uint64_t> versions() const;
   // The revision the mirror has applied everything through.
   std::int64_t revision() const;
   // Waits until revision() >= `revision`; false after `limit`.
@@ -52,6 +67,9 @@ class SpaceMirror {
   Result<std::int64_t> load();
   void start_watch(std::int64_t from);
   void apply(const WatchUpdate& u);
+  // One key's value (or deletion) into the space; mu_ held.
+  void put_kv(const KeyValue& kv);
+  void delete_key(const std::string& key);
   void resync_loop();
 
   std::vector<Endpoint> endpoints_;
@@ -60,6 +78,8 @@ class SpaceMirror {
   mutable std::mutex mu_;
   mutable std::condition_variable cv_;
   Space space_;
+  std::map<std::string, std::uint64_t> versions_;        // lock key -> version
+  std::map<std::string, std::string> lock_ids_;          // lock id -> queue key
   std::int64_t revision_ = 0;
   std::uint64_t resyncs_ = 0, skipped_ = 0;
   std::string last_problem_;

@@ -3,9 +3,11 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <map>
 
 #include "core/config.h"
+#include "core/files.h"
 
 namespace gate {
 
@@ -42,23 +44,12 @@ Status save_stack(const StackState& s) {
   std::error_code ec;
   fs::create_directories(s.state_dir(), ec);
   const std::string path = s.state_dir() + "/up.env";
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << "name=" << s.name << "\nmode=" << s.mode << "\nrepo=" << s.repo << "\nmount=" << s.mount
-        << "\nbroker_socket=" << s.broker_socket << "\nbroker_state_dir=" << s.broker_state_dir
-        << "\nbroker_pid=" << s.broker_pid << "\nmount_pid=" << s.mount_pid
-        << "\nstarted_at=" << s.started_at << "\n";
-    for (const auto& [k, v] : s.extra) out << k << "=" << v << "\n";
-    if (!out) {
-      return Status::failure("cannot write " + tmp);
-    }
-  }
-  fs::rename(tmp, path, ec);
-  if (ec) {
-    return Status::failure("cannot write " + path + ": " + ec.message());
-  }
-  return {};
+  std::ostringstream out;
+  out << "name=" << s.name << "\nmode=" << s.mode << "\nrepo=" << s.repo << "\nmount=" << s.mount
+      << "\nbroker_socket=" << s.broker_socket << "\nbroker_state_dir=" << s.broker_state_dir
+      << "\nbroker_pid=" << s.broker_pid << "\nmount_pid=" << s.mount_pid << "\nstarted_at=" << s.started_at << "\n";
+  for (const auto& [k, v] : s.extra) out << k << "=" << v << "\n";
+  return replace_file(path, out.str());
 }
 
 std::optional<StackState> load_stack(const std::string& name) {

@@ -1,0 +1,152 @@
+#pragma once
+// EtcdService: API v1 over a lock space that every broker on one etcd cluster shares
+// (`gate broker --store etcd://...`; docs/etcd-store.md). The contract is the one
+// BrokerService keeps (shared/docs/locking.md); only where the space lives differs.
+//
+// - Every decision is taken from one key's queue as the broker's mirror has it at a
+//   revision V, and written in a transaction that holds only while no entry of that
+//   queue was made or changed after V (a compare of the whole queue's range): a stale
+//   view fails the compare, the failure branch reads the queue afresh, and the
+//   decision is taken again. So two brokers never grant past each other.
+// - Waiting acquires are this broker's: it grants them when its mirror shows them
+//   grantable, answers their time-outs and drops their entries when their clients go.
+// - Release, heartbeat and status work for any lock, whichever broker granted it.
+// - Held entries past their lease or hold cap are deleted by their own broker at once
+//   and by any other a moment later (a guarded delete: once).
+// - The broker's etcd session lease (kept in the state directory, so that a restart
+//   within its TTL keeps every place) carries its entries: a broker that dies takes
+//   them with it when the lease ends.
+//
+// Threads: HTTP and every piece of request state on the io_context thread; etcd calls
+// on a few worker threads (a client each), whose results come back to the io thread;
+// the mirror's watch thread; the session's keep-alive thread.
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "broker/broker_service.h"
+#include "broker/handler.h"
+#include "core/worker_pool.h"
+#include "etcd/etcd_client.h"
+#include "etcd/etcd_space.h"
+#include "etcd/space_mirror.h"
+#include "lock/lock_table.h"
+
+namespace gate {
+
+struct EtcdServiceOptions {
+  std::vector<etcd::Endpoint> endpoints;
+  std::string state_dir;  // the session lease's id is kept here (etcd-session)
+  std::int64_t default_lease_ms = 30'000;
+  std::int64_t max_hold_ms = 3'600'000;  // <= 0: no cap
+  std::int64_t restore_grace_ms = 10'000;
+  std::int64_t session_ttl_s = 2;        // etcd's minimum is 2
+  std::chrono::milliseconds call_timeout{5'000};
+  std::size_t workers = 4;
+  std::string address;  // where this broker listens, for the broker's key (people)
+};
+
+class EtcdService : public RequestHandler {
+ public:
+  EtcdService(boost::asio::io_context& ioc, EtcdServiceOptions options);
+  ~EtcdService() override;
+
+  // Takes up the session (the saved one while its lease lives), reads the space and
+  // starts following it. Blocking; call before serving. A failure says why.
+  Status start();
+  // Answers every waiting request 503 (their entries stay for a restart within the
+  // session's TTL) and stops taking requests.
+  void shutdown();
+  // Joins the threads; after the io_context stopped.
+  void stop();
+
+  std::uint64_t handle(const std::string& method, const std::string& target, const std::string& body,
+                       Reply reply) override;
+  void client_gone(std::uint64_t ticket) override;
+  void count_bad_request() override { ++metrics_.bad_requests; }
+  void set_connections(std::size_t n) override { metrics_.connections = n; }
+
+  std::string broker_id() const;
+  std::int64_t session_lease() const { return lease_.load(); }
+  // The queued entries of the previous run that are this broker's (start()).
+  std::size_t restored_waiting() const { return restored_waiting_; }
+
+  // How long after its deadline another broker ends a lock whose own broker did not.
+  static constexpr Micros kForeignSweepDelayUs = 300'000;
+
+ private:
+  struct Waiter;
+  struct Outcome;
+
+  // ---- io thread ----
+  void acquire(const std::string& body, Reply& reply, std::uint64_t* ticket);
+  void release(const std::string& body, Reply& reply);
+  void heartbeat(const std::string& body, Reply& reply);
+  void status(const std::string& query, Reply& reply);
+  void health(Reply& reply);
+  void answer(Reply reply, HttpAnswer a);
+  void acquired(std::uint64_t ticket, Outcome o);  // an acquire or grant job's result
+  void evaluate();  // the mirror changed: grants due, vanished entries, the timer
+  void arm_timer(Micros at);
+  void cancel_entry(const etcd::Entry& e);  // a waiter's entry, deleted (client gone, time-out)
+  void give_back(const etcd::Entry& held);  // a grant nobody will hear of, released
+  void record_grant(Micros since, bool waited);
+
+  // ---- worker threads (blocking etcd calls) ----
+  template <typename F>
+  void run_job(F&& fn);
+  Outcome acquire_job(etcd::EtcdClient& c, const AcquireParams& p, etcd::Entry fresh, Micros now);
+  Outcome grant_job(etcd::EtcdClient& c, const std::string& entry_key, const std::string& lock_key,
+                    Micros now);
+  Outcome after_queued(etcd::EtcdClient& c, etcd::Entry e);
+  // The held entry with `lock_id` (the mirror's, else etcd's); nullopt when none.
+  Result<std::optional<etcd::Entry>> find_lock(etcd::EtcdClient& c, const std::string& lock_id);
+
+  // The session: keep-alive and the quorum's state.
+  void keeper_main();
+  std::string unavailable() const;  // "" while etcd answers
+  void set_unavailable(std::string why);
+  Status take_session(etcd::EtcdClient& c);
+
+  boost::asio::io_context& ioc_;
+  EtcdServiceOptions opts_;
+  std::unique_ptr<etcd::SpaceMirror> mirror_;
+  std::unique_ptr<etcd::EtcdClient> keeper_client_;
+  std::mutex clients_mu_;
+  std::vector<std::unique_ptr<etcd::EtcdClient>> idle_clients_;
+  WorkerPool workers_;
+  std::atomic<std::int64_t> lease_{0};
+  mutable std::mutex health_mu_;
+  std::string unavailable_;
+  std::string broker_id_;  // guarded by health_mu_ (changes with a new session)
+  std::thread keeper_;
+  std::mutex keeper_mu_;
+  std::condition_variable keeper_cv_;
+  bool keeper_stop_ = false;
+  std::atomic<bool> change_posted_{false};
+
+  // io thread only
+  std::map<std::uint64_t, std::unique_ptr<Waiter>> waiters_;
+  std::uint64_t next_ticket_ = 0;
+  boost::asio::steady_timer timer_;
+  std::optional<Micros> timer_at_;
+  std::int64_t start_revision_ = 0;  // entries of this broker made before it: the last run's
+  Micros started_at_ = 0;
+  std::size_t restored_waiting_ = 0;
+  bool shutting_down_ = false;
+  BrokerMetrics metrics_;
+  std::map<std::string, Micros> sweeping_;  // entries being deleted, since when
+};
+
+}  // namespace gate

@@ -1,0 +1,301 @@
+// `gate broker --store etcd://...`: two real brokers on a real 3-member etcd cluster on
+// loopback serve one lock space (issue 11). The contract of shared/docs/locking.md
+// across brokers: FIFO with readers batched, fences that grow across brokers, release
+// and heartbeat on either broker, leases, deadlocks across brokers, a broker killed
+// while it holds locks, a restart that keeps a waiter's place, and no quorum.
+//
+// Waiting acquires run on their own threads with their own clients and report
+// through futures; "queued" is seen by polling a broker's status, with a bound.
+#include <catch2/catch.hpp>
+
+#include <boost/json.hpp>
+
+#include <chrono>
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "client/broker_client.h"
+#include "core/process.h"
+#include "core/token.h"
+#include "support/etcd_cluster.h"
+#include "support/test_support.h"
+
+using namespace gate;
+using namespace std::chrono_literals;
+namespace json = boost::json;
+using test::BrokerProcess;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+std::unique_ptr<BrokerProcess> etcd_broker(const test::EtcdCluster& cluster, std::vector<std::string> more = {},
+                                           const std::string& state_dir = "") {
+  BrokerProcess::Options o;
+  o.state_dir = state_dir;
+  o.extra_args = {"--store", cluster.spec()};
+  o.extra_args.insert(o.extra_args.end(), more.begin(), more.end());
+  return std::make_unique<BrokerProcess>(o);
+}
+
+AcquireRequest req(const std::string& key, LockMode mode, const std::string& owner,
+                   std::optional<std::int64_t> timeout_ms = std::nullopt) {
+  AcquireRequest r;
+  r.key = key;
+  r.mode = mode;
+  r.owner = owner;
+  r.timeout_ms = timeout_ms;
+  return r;
+}
+
+// An acquire waiting on its own thread and client.
+struct Pending {
+  std::unique_ptr<BrokerClient> client;
+  std::future<CallResult> result;
+  bool ready(std::chrono::milliseconds wait = 0ms) { return result.wait_for(wait) == std::future_status::ready; }
+};
+
+Pending acquire_async(const BrokerEndpoint& ep, AcquireRequest r) {
+  Pending p;
+  p.client = std::make_unique<BrokerClient>(ep);
+  BrokerClient* c = p.client.get();
+  p.result = std::async(std::launch::async, [c, r] { return c->acquire(r); });
+  return p;
+}
+
+json::object status_of(const BrokerEndpoint& ep, const std::string& key = "") {
+  BrokerClient c(ep);
+  HttpReply r = c.status(key);
+  if (r.status != 200) FAIL("status answered " << r.status << ": " << r.body << r.error);
+  return json::parse(r.body).as_object();
+}
+
+std::size_t queued(const BrokerEndpoint& ep, const std::string& key) {
+  return status_of(ep, key).at("queue").as_array().size();
+}
+std::size_t held(const BrokerEndpoint& ep, const std::string& key) {
+  return status_of(ep, key).at("locks").as_array().size();
+}
+
+bool queue_reaches(const BrokerEndpoint& ep, const std::string& key, std::size_t n) {
+  return test::eventually([&] { return queued(ep, key) == n; });
+}
+
+std::string key_for(const std::string& what) { return "src/" + what + "-" + random_token().substr(0, 8) + ".c"; }
+
+}  // namespace
+
+TEST_CASE("two brokers on one etcd cluster keep one FIFO queue per key with fences that grow across them",
+          "[etcd][broker]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = etcd_broker(cluster);
+  auto b2 = etcd_broker(cluster);
+  const std::string k = key_for("fifo");
+  BrokerClient c1(b1->endpoint()), c2(b2->endpoint());
+
+  CallResult a = c1.acquire(req(k, LockMode::Write, "A"));
+  REQUIRE(a.status == CallStatus::Ok);
+  REQUIRE(a.lock.fence > 0);
+  // The other broker shows the holder: one space.
+  REQUIRE(test::eventually([&] { return held(b2->endpoint(), k) == 1; }));
+
+  Pending b = acquire_async(b2->endpoint(), req(k, LockMode::Write, "B"));
+  REQUIRE(queue_reaches(b1->endpoint(), k, 1));
+  Pending c = acquire_async(b1->endpoint(), req(k, LockMode::Read, "C"));
+  REQUIRE(queue_reaches(b2->endpoint(), k, 2));
+  Pending d = acquire_async(b2->endpoint(), req(k, LockMode::Read, "D"));
+  REQUIRE(queue_reaches(b1->endpoint(), k, 3));
+  CHECK_FALSE(b.ready());
+
+  // Released on the broker that did not grant it: B (queued first, on broker 2) is next.
+  REQUIRE(c2.release(a.lock.lock_id, "A", /*changed=*/true).status == CallStatus::Ok);
+  REQUIRE(b.ready(10s));
+  CallResult gb = b.result.get();
+  REQUIRE(gb.status == CallStatus::Ok);
+  CHECK(gb.lock.fence > a.lock.fence);
+  CHECK(gb.lock.version == a.lock.fence);  // A's release changed the content
+  // The readers queued behind the writer wait, on both brokers.
+  CHECK_FALSE(c.ready(300ms));
+  CHECK_FALSE(d.ready());
+
+  REQUIRE(c1.release(gb.lock.lock_id, "B").status == CallStatus::Ok);
+  REQUIRE(c.ready(10s));
+  REQUIRE(d.ready(10s));
+  CallResult gc = c.result.get(), gd = d.result.get();
+  REQUIRE(gc.status == CallStatus::Ok);
+  REQUIRE(gd.status == CallStatus::Ok);
+  CHECK(gc.lock.fence > gb.lock.fence);
+  CHECK(gd.lock.fence > gc.lock.fence);  // grant order is queue order
+  REQUIRE(test::eventually([&] { return held(b1->endpoint(), k) == 2 && held(b2->endpoint(), k) == 2; }));
+
+  // Re-entry on the other broker keeps the lock (and its fence); two releases end it.
+  CallResult again = c2.acquire(req(k, LockMode::Read, "C"));
+  REQUIRE(again.status == CallStatus::Ok);
+  CHECK(again.lock.lock_id == gc.lock.lock_id);
+  CHECK(again.lock.hold_count == 2);
+  CHECK(again.lock.fence == gc.lock.fence);
+  REQUIRE(c1.release(gc.lock.lock_id, "C").status == CallStatus::Ok);
+  REQUIRE(c2.release(gc.lock.lock_id, "C").status == CallStatus::Ok);
+  REQUIRE(c2.release(gd.lock.lock_id, "D").status == CallStatus::Ok);
+  REQUIRE(test::eventually([&] { return held(b1->endpoint(), k) == 0 && queued(b1->endpoint(), k) == 0; }));
+  CHECK(status_of(b2->endpoint(), k).at("versions").at(k).as_int64() == static_cast<std::int64_t>(a.lock.fence));
+}
+
+TEST_CASE("with an etcd store heartbeats and refusals work on either broker and a lapsed lease lets the next in",
+          "[etcd][broker]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = etcd_broker(cluster);
+  auto b2 = etcd_broker(cluster);
+  const std::string k = key_for("lease");
+  BrokerClient c1(b1->endpoint()), c2(b2->endpoint());
+
+  AcquireRequest r = req(k, LockMode::Write, "A");
+  r.lease_ms = 1'500;
+  CallResult a = c1.acquire(r);
+  REQUIRE(a.status == CallStatus::Ok);
+  CallResult hb = c2.heartbeat(a.lock.lock_id, "A", 2'000);
+  REQUIRE(hb.status == CallStatus::Ok);
+  CHECK(hb.lock.lease_expires_at >= a.lock.lease_expires_at);
+  CHECK(c2.heartbeat(a.lock.lock_id, "not-A").status == CallStatus::Forbidden);
+  CHECK(c1.release(a.lock.lock_id, "not-A").status == CallStatus::Forbidden);
+  CHECK(c2.release("no-such-lock", "A").status == CallStatus::NotFound);
+  CHECK(c1.acquire(req(k, LockMode::Read, "T", 0)).status == CallStatus::Timeout);  // a try
+
+  // A stops renewing: the waiter on the other broker gets the key once the lease ends.
+  const auto asked = Clock::now();
+  Pending b = acquire_async(b2->endpoint(), req(k, LockMode::Write, "B"));
+  REQUIRE(b.ready(15s));
+  CallResult gb = b.result.get();
+  REQUIRE(gb.status == CallStatus::Ok);
+  CHECK(gb.lock.fence > a.lock.fence);
+  CHECK(Clock::now() - asked >= 1'000ms);  // not before A's renewed lease of 2 s ran out
+  CHECK(c1.release(a.lock.lock_id, "A").status == CallStatus::NotFound);
+  CHECK(c1.release(gb.lock.lock_id, "B").status == CallStatus::Ok);
+}
+
+TEST_CASE("with an etcd store a deadlock across two brokers is refused", "[etcd][broker]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = etcd_broker(cluster);
+  auto b2 = etcd_broker(cluster);
+  const std::string k1 = key_for("one"), k2 = key_for("two");
+  BrokerClient c1(b1->endpoint()), c2(b2->endpoint());
+
+  CallResult s1 = c1.acquire(req(k1, LockMode::Write, "S1"));
+  CallResult s2 = c2.acquire(req(k2, LockMode::Write, "S2"));
+  REQUIRE(s1.status == CallStatus::Ok);
+  REQUIRE(s2.status == CallStatus::Ok);
+  Pending w = acquire_async(b1->endpoint(), req(k2, LockMode::Write, "S1"));
+  REQUIRE(queue_reaches(b2->endpoint(), k2, 1));
+  CallResult cycle = c2.acquire(req(k1, LockMode::Write, "S2"));
+  CHECK(cycle.status == CallStatus::Deadlock);
+  CHECK(cycle.error.find("S2") != std::string::npos);
+  CHECK(queued(b1->endpoint(), k1) == 0);  // the refused request left no entry
+
+  REQUIRE(c1.release(s2.lock.lock_id, "S2").status == CallStatus::Ok);
+  REQUIRE(w.ready(10s));
+  CHECK(w.result.get().status == CallStatus::Ok);
+}
+
+TEST_CASE("with an etcd store a killed broker's locks end with its session and a restart keeps a waiter's place",
+          "[etcd][broker]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  // A session of 4 s: long enough for broker 1's restart, short enough for the test.
+  auto b1 = etcd_broker(cluster, {"--etcd-session-ttl", "4"});
+  auto b2 = etcd_broker(cluster, {"--etcd-session-ttl", "4"});
+  const std::string k = key_for("kill"), k2 = key_for("place");
+  BrokerClient c2(b2->endpoint());
+
+  SECTION("a waiter on the other broker gets the key within the session's TTL and 1 s") {
+    BrokerClient c1(b1->endpoint());
+    AcquireRequest r = req(k, LockMode::Write, "H");
+    r.lease_ms = 600'000;
+    REQUIRE(c1.acquire(r).status == CallStatus::Ok);
+    Pending w = acquire_async(b2->endpoint(), req(k, LockMode::Write, "W"));
+    REQUIRE(queue_reaches(b2->endpoint(), k, 1));
+    const auto killed = Clock::now();
+    b1->kill9();
+    REQUIRE(w.ready(15s));
+    const auto waited = Clock::now() - killed;
+    CHECK(w.result.get().status == CallStatus::Ok);
+    CHECK(waited <= 5'000ms);
+    WARN("granted " << std::chrono::duration_cast<std::chrono::milliseconds>(waited).count()
+                    << " ms after the holder's broker was killed (session TTL 4 s)");
+  }
+
+  SECTION("a request repeated with its request_id after its broker's restart keeps its place") {
+    CallResult h = c2.acquire(req(k2, LockMode::Write, "H"));
+    REQUIRE(h.status == CallStatus::Ok);
+    AcquireRequest x = req(k2, LockMode::Write, "X");
+    x.request_id = "x-" + random_token().substr(0, 8);
+    Pending first = acquire_async(b1->endpoint(), x);
+    REQUIRE(queue_reaches(b2->endpoint(), k2, 1));
+    Pending y = acquire_async(b2->endpoint(), req(k2, LockMode::Write, "Y"));
+    REQUIRE(queue_reaches(b2->endpoint(), k2, 2));
+
+    b1->kill9();
+    REQUIRE(first.ready(10s));
+    CHECK(first.result.get().status == CallStatus::Unavailable);  // its connection dropped
+    b1->start();  // same state dir: the same session, while its lease lives
+    CHECK(queued(b2->endpoint(), k2) == 2);
+    Pending again = acquire_async(b1->endpoint(), x);
+    REQUIRE(c2.release(h.lock.lock_id, "H").status == CallStatus::Ok);
+    REQUIRE(again.ready(10s));
+    CallResult gx = again.result.get();
+    REQUIRE(gx.status == CallStatus::Ok);  // before Y, which came after it
+    CHECK_FALSE(y.ready(300ms));
+    REQUIRE(c2.release(gx.lock.lock_id, "X").status == CallStatus::Ok);
+    REQUIRE(y.ready(10s));
+    CHECK(y.result.get().status == CallStatus::Ok);
+  }
+}
+
+TEST_CASE("with an etcd store no quorum means 503 with the reason and the quorum's return means service",
+          "[etcd][broker]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = etcd_broker(cluster, {"--etcd-timeout-ms", "1500"});
+  const std::string k = key_for("quorum");
+  BrokerClient c1(b1->endpoint(), 30s);
+  REQUIRE(c1.acquire(req(k, LockMode::Write, "A", 0)).status == CallStatus::Ok);
+
+  cluster.kill(1);
+  cluster.kill(2);
+  const auto lost = Clock::now();
+  CallResult refused = c1.acquire(req(k + ".other", LockMode::Write, "B", 1'000));
+  CHECK(refused.status == CallStatus::Unavailable);
+  CHECK(refused.error.find("etcd") != std::string::npos);
+  CHECK(Clock::now() - lost < 15s);
+  REQUIRE(test::eventually([&] { return c1.request("GET", "/v1/health", "").status == 503; }, 15s));
+
+  cluster.start(1);
+  cluster.start(2);
+  REQUIRE(cluster.wait_healthy());
+  REQUIRE(test::eventually([&] { return c1.request("GET", "/v1/health", "").status == 200; }, 20s));
+  CHECK(c1.acquire(req(k + ".other", LockMode::Write, "B", 5'000)).status == CallStatus::Ok);
+}
+
+TEST_CASE("gate broker --store says what is wrong with a store it cannot use", "[etcd][broker]") {
+  test::TempDir dir;
+  RunResult bad = run_command({test::gate_binary(), "broker", "--state-dir", dir.path(), "--port", "0", "--store",
+                               "etcd://"});
+  CHECK(bad.status == 2);
+  CHECK(bad.output.find("--store") != std::string::npos);
+  RunResult other = run_command({test::gate_binary(), "broker", "--state-dir", dir.path(), "--port", "0",
+                                 "--store", "postgres://x"});
+  CHECK(other.status == 2);
+  CHECK(other.output.find("sqlite or etcd://") != std::string::npos);
+  // Nothing listens on port 1 of loopback.
+  const auto t0 = Clock::now();
+  RunResult dead = run_command({test::gate_binary(), "broker", "--state-dir", dir.path(), "--port", "0", "--store",
+                                "etcd://127.0.0.1:1", "--etcd-timeout-ms", "500"},
+                               30s);
+  CHECK(dead.status == 1);
+  CHECK(dead.output.find("etcd") != std::string::npos);
+  CHECK(Clock::now() - t0 < 20s);
+}
