@@ -26,6 +26,7 @@ struct EtcdService::Waiter {
   AcquireParams params;
   Micros since = 0;
   std::optional<Micros> deadline;
+  std::string made_as;         // the key its first entry is made under (acquire_job)
   std::optional<Entry> entry;  // its queue entry once made, as last written
   bool busy = false;           // a job for it runs
   bool gone = false;           // its client went away
@@ -33,7 +34,8 @@ struct EtcdService::Waiter {
 };
 
 struct EtcdService::Outcome {
-  enum class Kind { Granted, Queued, Timeout, Deadlock, Vanished, Superseded, Unavailable };
+  // NotYet: a grant job found its request still waiting (nothing changes).
+  enum class Kind { Granted, Queued, NotYet, Timeout, Deadlock, Vanished, Superseded, Unavailable };
   Kind kind = Kind::Unavailable;
   Entry entry;  // Granted: the held entry; Queued: the waiting one
   std::uint64_t version = 0;
@@ -46,6 +48,7 @@ namespace {
 // queue the failure read; this many times at most before the client hears 503.
 constexpr int kAttempts = 16;
 constexpr Micros kRetryUs = 250'000;  // a job etcd refused is tried again after this
+constexpr Micros kUnattachedUs = 1'000'000;  // an entry of ours no request waits on lives this long
 
 Lock to_lock(const Entry& e) {
   Lock l;
@@ -129,6 +132,22 @@ json::array grant_writes(Entry& e, Micros now, std::int64_t lease, const std::st
           etcd::txn_range(vkey)};
 }
 
+// Takes the held entries of `q` whose lease or hold cap ended by `now` out of it; the
+// deletes of them (and their lock ids' keys), for the transaction that decides.
+json::array drop_ended(Queue& q, Micros now) {
+  json::array deletes;
+  for (auto it = q.begin(); it != q.end();) {
+    if (!it->held || it->ends_at() > now) {
+      ++it;
+      continue;
+    }
+    deletes.push_back(etcd::txn_delete(it->key));
+    if (!it->lock_id.empty()) deletes.push_back(etcd::txn_delete(etcd::id_key(it->lock_id)));
+    it = q.erase(it);
+  }
+  return deletes;
+}
+
 std::string lease_hex(std::int64_t lease) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%" PRIx64, static_cast<std::uint64_t>(lease));
@@ -146,6 +165,11 @@ EtcdService::~EtcdService() { stop(); }
 std::string EtcdService::broker_id() const {
   std::lock_guard lock(health_mu_);
   return broker_id_;
+}
+
+EtcdService::Session EtcdService::session() const {
+  std::lock_guard lock(health_mu_);
+  return {lease_.load(), broker_id_};
 }
 
 std::string EtcdService::unavailable() const {
@@ -191,10 +215,8 @@ Status EtcdService::take_session(EtcdClient& c) {
   json::object me{{"address", opts_.address}, {"version", kVersion}, {"started_at", format_iso8601(wall_clock_micros())}};
   Result<std::int64_t> put = c.put(etcd::broker_key(lease_hex(lease)), json::serialize(me), lease);
   if (!put.ok()) return Status::failure("cannot register with etcd: " + put.message());
-  {
-    std::lock_guard lock(health_mu_);
-    broker_id_ = lease_hex(lease);
-  }
+  std::lock_guard lock(health_mu_);
+  broker_id_ = lease_hex(lease);
   lease_ = lease;
   return {};
 }
@@ -202,9 +224,7 @@ Status EtcdService::take_session(EtcdClient& c) {
 Status EtcdService::start() {
   keeper_client_ = std::make_unique<EtcdClient>(opts_.endpoints, opts_.call_timeout);
   if (Status s = take_session(*keeper_client_); !s.ok()) return s;
-  mirror_ = std::make_unique<etcd::SpaceMirror>(opts_.endpoints, [this] {
-    if (!change_posted_.exchange(true)) boost::asio::post(ioc_, [this] { evaluate(); });
-  });
+  mirror_ = std::make_unique<etcd::SpaceMirror>(opts_.endpoints, [this] { schedule_evaluate(); });
   if (Status s = mirror_->start(); !s.ok()) return s;
   start_revision_ = mirror_->revision();
   started_at_ = wall_clock_micros();
@@ -230,11 +250,39 @@ void EtcdService::keeper_main() {
       // under it; waiters hear 503 when their entries vanish (evaluate()).
       log(LogLevel::Error, "broker", "the etcd session (lease ", lease_hex(lease_.load()),
           ") ended: its locks and queued requests are gone; taking a new one");
-      lease_ = 0;
+      set_unavailable("this broker's etcd session ended; taking a new one");
+      {
+        std::lock_guard health(health_mu_);
+        lease_ = 0;
+      }
       if (Status s = take_session(*keeper_client_); !s.ok()) set_unavailable(s.message());
       else set_unavailable("");
+    } else if (Result<std::int64_t> probe = keeper_client_->put(
+                   etcd::broker_key(broker_id()),
+                   json::serialize(json::object{{"address", opts_.address}, {"version", kVersion},
+                                                {"alive_at", format_iso8601(wall_clock_micros())}}),
+                   lease_.load());
+               !probe.ok()) {
+      set_unavailable("etcd does not answer (" + probe.message() + ")");
     } else {
-      set_unavailable("");
+      // Every write under /gate/v1/ reaches the mirror's watch in milliseconds; one
+      // that has not after a few seconds means the watch hangs on a member cut off
+      // from the cluster: read the space again (and say so meanwhile).
+      const auto now = std::chrono::steady_clock::now();
+      if (probe_revision_ && mirror_->revision() < probe_revision_ && now - probe_at_ > std::chrono::seconds(3)) {
+        log(LogLevel::Warn, "broker", "the mirror of the lock space stopped at revision ", mirror_->revision(),
+            " (etcd is at ", *probe, "): reading it again");
+        set_unavailable("this broker's view of the lock space fell behind etcd; reading it again");
+        mirror_->resync();
+        probe_revision_ = *probe;
+        probe_at_ = now;
+      } else {
+        if (!probe_revision_ || mirror_->revision() >= probe_revision_) {
+          probe_revision_ = *probe;
+          probe_at_ = now;
+        }
+        set_unavailable("");
+      }
     }
     lock.lock();
   }
@@ -355,6 +403,7 @@ void EtcdService::acquire(const std::string& body, Reply& reply, std::uint64_t* 
   fresh.session = p.session;
   fresh.broker = broker_id();
   fresh.request_id = p.request_id;
+  fresh.attach = random_token().substr(0, 16);
   fresh.requested_at = now;
   fresh.lease_ms = p.lease_ms && *p.lease_ms > 0 ? *p.lease_ms : opts_.default_lease_ms;
   const std::int64_t cap = opts_.max_hold_ms;
@@ -370,6 +419,7 @@ void EtcdService::acquire(const std::string& body, Reply& reply, std::uint64_t* 
   w->since = now;
   if (p.timeout_ms && *p.timeout_ms > 0) w->deadline = now + *p.timeout_ms * 1000;
   w->busy = true;
+  w->made_as = fresh.key;
   const std::uint64_t t = ++next_ticket_;
   *ticket = t;
   if (w->deadline) arm_timer(*w->deadline);
@@ -388,13 +438,19 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
   std::uint64_t version = view.version;
   const std::string prefix = etcd::queue_prefix(p.key), end = etcd::prefix_end(prefix);
   const std::string vkey = etcd::version_key(p.key);
-  const std::int64_t lease = lease_.load();
+  const Session s = session();
+  if (!s.lease) return {K::Unavailable, {}, 0, "this broker has no etcd session (taking a new one)"};
+  const std::int64_t lease = s.lease;
+  fresh.broker = s.id;
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
     // A write of ours that etcd applied though its answer was lost.
     if (const Entry* mine = find_entry(q, fresh.key)) {
       if (mine->held) return {K::Granted, *mine, version, ""};
       return after_queued(c, *mine);
     }
+    // Locks whose lease or hold cap ended are gone for this decision, and deleted by
+    // its transaction (the range compare says they are as seen).
+    json::array sweeps = drop_ended(q, now);
     json::array compares{etcd::compare_range(prefix, end, "MOD", "LESS", rev + 1)};
     json::array success, failure{etcd::txn_range(prefix, end), etcd::txn_range(vkey)};
     Entry result;
@@ -403,10 +459,11 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
     Retry retry = Retry::Idempotent;
     const etcd::Reentry re = etcd::reentry(q, p.owner, p.mode);
     const Entry* orphan = nullptr;
-    if (!p.request_id.empty() && re == etcd::Reentry::None)
+    if (!p.request_id.empty() && (re == etcd::Reentry::None || re == etcd::Reentry::Upgrade))
       for (const Entry& e : q)
         if (!e.held && e.request_id == p.request_id && e.owner == p.owner && e.mode == p.mode) orphan = &e;
     if (re == etcd::Reentry::Deadlock) {
+      if (p.timeout_ms && *p.timeout_ms <= 0) return {K::Timeout, {}, 0, ""};  // a try, as LockTable answers it
       return {K::Deadlock, {}, 0,
               "session " + p.session + " would wait for '" + p.key + "', which it holds itself (read)"};
     } else if (re == etcd::Reentry::Again || re == etcd::Reentry::UpgradeNow) {
@@ -422,6 +479,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
       // whichever broker had it): the entry keeps its place and is this broker's now.
       result = *orphan;
       result.broker = fresh.broker;
+      result.attach = fresh.attach;
       compares.push_back(etcd::compare(result.key, "MOD", "EQUAL", result.mod_revision));
       success = {etcd::txn_put(result.key, etcd::encode_entry(result), lease)};
       kind = K::Queued;
@@ -442,9 +500,11 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
         // A waiting entry needs no view of the queue: its place is its create revision.
         compares = {etcd::compare(result.key, "CREATE", "EQUAL", 0)};
         success = {etcd::txn_put(result.key, etcd::encode_entry(result), lease)};
+        sweeps.clear();  // (no view of the queue behind this write)
         kind = K::Queued;
       }
     }
+    for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
     Result<etcd::TxnResult> r = c.txn(compares, success, failure, retry);
     if (!r.ok()) return {K::Unavailable, {}, 0, "etcd: " + r.message()};
     if (r->succeeded) {
@@ -465,7 +525,7 @@ EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
   using K = Outcome::Kind;
   // Deadlock detection over the space as it was when the entry was made: an entry made
   // later that closes a cycle is the one refused (its own check finds it).
-  mirror_->wait_for(e.create_revision, std::chrono::seconds(2));
+  mirror_->wait_for(e.mod_revision, std::chrono::seconds(2));  // (a re-attachment's write, too)
   etcd::Space space = mirror_->snapshot();
   for (auto& [key, q] : space)
     q.erase(std::remove_if(q.begin(), q.end(), [&](const Entry& x) { return x.create_revision > e.create_revision; }),
@@ -484,24 +544,30 @@ EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
   return {K::Queued, std::move(e), 0, ""};
 }
 
-EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const std::string& entry_key, const std::string& lock_key,
-                                            Micros now) {
+EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, Micros now) {
   using K = Outcome::Kind;
+  const std::string& entry_key = known.key;
+  const std::string& lock_key = known.lock_key;
   etcd::SpaceMirror::KeyView view = mirror_->view(lock_key);
   Queue q = std::move(view.queue);
   std::int64_t rev = view.revision;
   std::uint64_t version = view.version;
   const std::string prefix = etcd::queue_prefix(lock_key), end = etcd::prefix_end(prefix);
   const std::string vkey = etcd::version_key(lock_key);
-  const std::string me = broker_id();
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
+    json::array sweeps = drop_ended(q, now);
     auto it = std::find_if(q.begin(), q.end(), [&](const Entry& e) { return e.key == entry_key; });
     if (it == q.end()) return {K::Vanished, {}, 0, ""};
     const Entry& mine = *it;
-    if (mine.broker != me) return {K::Superseded, mine, 0, ""};
+    if (mine.attach != known.attach) {
+      // Re-attached by a later request with the same request_id (here or on another
+      // broker); a view older than this request's own write proves nothing yet.
+      if (mine.mod_revision < known.mod_revision) return {K::NotYet, {}, 0, ""};
+      return {K::Superseded, mine, 0, ""};
+    }
     if (mine.held) return {K::Granted, mine, version, ""};
     if (etcd::standings(q)[static_cast<std::size_t>(it - q.begin())] != etcd::Standing::Grantable)
-      return {K::Queued, mine, 0, ""};
+      return {K::NotYet, {}, 0, ""};
     json::array compares{etcd::compare_range(prefix, end, "MOD", "LESS", rev + 1),
                          etcd::compare(mine.key, "MOD", "EQUAL", mine.mod_revision)};
     json::array success, failure{etcd::txn_range(prefix, end), etcd::txn_range(vkey)};
@@ -521,6 +587,7 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const std::string& en
       result = mine;
       success = grant_writes(result, now, result.etcd_lease, vkey);
     }
+    for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
     Result<etcd::TxnResult> r = c.txn(compares, success, failure, retry);
     if (!r.ok()) return {K::Unavailable, mine, 0, "etcd: " + r.message()};
     if (r->succeeded) {
@@ -570,6 +637,7 @@ void EtcdService::acquired(std::uint64_t ticket, Outcome o) {
     case K::Queued: {
       w.entry = o.entry;
       const Micros now = wall_clock_micros();
+      if (shutting_down_) return finish({});  // its entry stays for a restart
       if (w.gone || (w.deadline && *w.deadline <= now)) {
         cancel_entry(*w.entry);
         if (w.gone) ++metrics_.disconnects_while_queued;
@@ -579,10 +647,18 @@ void EtcdService::acquired(std::uint64_t ticket, Outcome o) {
       if (!had_entry)
         log(LogLevel::Debug, "broker", "queued ", to_string(o.entry.mode), " '", o.entry.lock_key, "' for ",
             o.entry.owner, " as ", o.entry.key);
-      // What the mirror showed meanwhile is looked at again.
-      if (!change_posted_.exchange(true)) boost::asio::post(ioc_, [this] { evaluate(); });
+      schedule_evaluate();  // what the mirror showed meanwhile is looked at again
       return;
     }
+    case K::NotYet:
+      if (w.gone || (w.deadline && *w.deadline <= wall_clock_micros())) {
+        cancel_entry(*w.entry);
+        if (w.gone) ++metrics_.disconnects_while_queued;
+        else ++metrics_.timeouts;
+        return finish(status_answer(408, "timeout"));
+      }
+      schedule_evaluate();  // what the mirror showed meanwhile is looked at again
+      return;
     case K::Timeout:
       ++metrics_.timeouts;
       return finish(status_answer(408, "timeout"));
@@ -605,6 +681,10 @@ void EtcdService::acquired(std::uint64_t ticket, Outcome o) {
       if (had_entry) cancel_entry(*w.entry);
       return finish(status_answer(503, "unavailable", o.error));
   }
+}
+
+void EtcdService::schedule_evaluate() {
+  if (!change_posted_.exchange(true)) boost::asio::post(ioc_, [this] { evaluate(); });
 }
 
 void EtcdService::cancel_entry(const Entry& e) {
@@ -837,6 +917,7 @@ void EtcdService::evaluate() {
     Waiter& w = *it->second;
     const std::uint64_t ticket = it->first;
     if (w.entry) attached[w.entry->key] = ticket;
+    attached[w.made_as] = ticket;
     if (w.busy || !w.entry) {
       ++it;
       continue;
@@ -863,7 +944,11 @@ void EtcdService::evaluate() {
       continue;
     }
     w.seen = true;
-    if (e->broker != me) {
+    if (e->attach != w.entry->attach) {
+      if (e->mod_revision < w.entry->mod_revision) {
+        ++it;  // the mirror has not seen this request's re-attachment yet
+        continue;
+      }
       answer(std::move(w.reply), status_answer(408, "timeout", "superseded by a request with the same request_id"));
       it = waiters_.erase(it);
       continue;
@@ -871,8 +956,8 @@ void EtcdService::evaluate() {
     const std::size_t at = static_cast<std::size_t>(e - q->second.data());
     if (etcd::standings(q->second)[at] != etcd::Standing::Waiting) {
       w.busy = true;
-      run_job([this, ticket, entry_key = e->key, lock_key = e->lock_key](EtcdClient& c) {
-        Outcome o = grant_job(c, entry_key, lock_key, wall_clock_micros());
+      run_job([this, ticket, known = *w.entry](EtcdClient& c) {
+        Outcome o = grant_job(c, known, wall_clock_micros());
         boost::asio::post(ioc_, [this, ticket, o = std::move(o)]() mutable { acquired(ticket, std::move(o)); });
       });
     }
@@ -880,6 +965,7 @@ void EtcdService::evaluate() {
   }
 
   const bool orphans_due = now >= started_at_ + opts_.restore_grace_ms * 1000;
+  std::map<std::string, Micros> unattached;  // what is still so now
   for (const auto& [lock_key, q] : space) {
     for (const Entry& e : q) {
       if (sweeping_.count(e.key)) continue;
@@ -894,13 +980,25 @@ void EtcdService::evaluate() {
         }
         why = e.max_hold_ms && e.acquired_at + *e.max_hold_ms * 1000 <= e.lease_expires_at ? "hold cap reached"
                                                                                               : "lease expired";
-      } else if (e.broker == me && e.create_revision <= start_revision_ && !attached.count(e.key)) {
-        // Queued in the last run and not asked for again within the grace period.
-        if (!orphans_due) {
+      } else if (e.broker == me && !attached.count(e.key)) {
+        if (e.create_revision > start_revision_) {
+          // Made by a write whose answer was lost, or left by a removal that failed,
+          // while etcd was out of reach: no request waits on it. (Given a moment
+          // first: a job that re-attached it may not have reported yet.)
+          const auto was = unattached_.find(e.key);
+          const Micros since = unattached[e.key] = was == unattached_.end() ? now : was->second;
+          if (now < since + kUnattachedUs) {
+            soon(since + kUnattachedUs);
+            continue;
+          }
+          why = "no request waits on it";
+        } else if (!orphans_due) {
+          // Queued in the last run: kept for its client to ask again.
           soon(started_at_ + opts_.restore_grace_ms * 1000);
           continue;
+        } else {
+          why = "its client did not come back within " + std::to_string(opts_.restore_grace_ms) + " ms of a restart";
         }
-        why = "its client did not come back within " + std::to_string(opts_.restore_grace_ms) + " ms of a restart";
       } else {
         continue;
       }
@@ -918,10 +1016,12 @@ void EtcdService::evaluate() {
           sweeping_.erase(key);
           if (done && held) ++(why == "hold cap reached" ? metrics_.cap_expiries : metrics_.lease_expiries);
           if (failed) arm_timer(wall_clock_micros() + kRetryUs);
+          else if (!done) schedule_evaluate();  // changed meanwhile (a heartbeat): looked at again
         });
       });
     }
   }
+  unattached_ = std::move(unattached);
   if (next) arm_timer(*next);
 }
 

@@ -78,6 +78,12 @@ class EtcdService : public RequestHandler {
   void set_connections(std::size_t n) override { metrics_.connections = n; }
 
   std::string broker_id() const;
+  // The etcd lease entries are made under and the broker id they name, together.
+  struct Session {
+    std::int64_t lease = 0;
+    std::string id;
+  };
+  Session session() const;
   std::int64_t session_lease() const { return lease_.load(); }
   // The queued entries of the previous run that are this broker's (start()).
   std::size_t restored_waiting() const { return restored_waiting_; }
@@ -100,6 +106,7 @@ class EtcdService : public RequestHandler {
   void evaluate();  // the mirror changed: grants due, vanished entries, the timer
   void arm_timer(Micros at);
   void cancel_entry(const etcd::Entry& e);  // a waiter's entry, deleted (client gone, time-out)
+  void schedule_evaluate();
   void give_back(const etcd::Entry& held);  // a grant nobody will hear of, released
   void record_grant(Micros since, bool waited);
 
@@ -107,8 +114,7 @@ class EtcdService : public RequestHandler {
   template <typename F>
   void run_job(F&& fn);
   Outcome acquire_job(etcd::EtcdClient& c, const AcquireParams& p, etcd::Entry fresh, Micros now);
-  Outcome grant_job(etcd::EtcdClient& c, const std::string& entry_key, const std::string& lock_key,
-                    Micros now);
+  Outcome grant_job(etcd::EtcdClient& c, const etcd::Entry& known, Micros now);
   Outcome after_queued(etcd::EtcdClient& c, etcd::Entry e);
   // The held entry with `lock_id` (the mirror's, else etcd's); nullopt when none.
   Result<std::optional<etcd::Entry>> find_lock(etcd::EtcdClient& c, const std::string& lock_id);
@@ -135,6 +141,10 @@ class EtcdService : public RequestHandler {
   std::condition_variable keeper_cv_;
   bool keeper_stop_ = false;
   std::atomic<bool> change_posted_{false};
+  // The keeper's probe of the mirror: the revision of its last write of the broker's
+  // key, and when it was made; a mirror that does not reach it in time is re-read.
+  std::int64_t probe_revision_ = 0;
+  std::chrono::steady_clock::time_point probe_at_;
 
   // io thread only
   std::map<std::uint64_t, std::unique_ptr<Waiter>> waiters_;
@@ -146,7 +156,8 @@ class EtcdService : public RequestHandler {
   std::size_t restored_waiting_ = 0;
   bool shutting_down_ = false;
   BrokerMetrics metrics_;
-  std::map<std::string, Micros> sweeping_;  // entries being deleted, since when
+  std::map<std::string, Micros> sweeping_;    // entries being deleted, since when
+  std::map<std::string, Micros> unattached_;  // entries of ours no request waits on, since when
 };
 
 }  // namespace gate

@@ -69,7 +69,8 @@ std::string encode_entry(const Entry& e) {
                  {"lease_ms", e.lease_ms}};
   for (const auto& [field, value] : {std::pair{"session", &e.session}, std::pair{"broker", &e.broker},
                                      std::pair{"request_id", &e.request_id}, std::pair{"lock_id", &e.lock_id},
-                                     std::pair{"agent", &e.agent}, std::pair{"command", &e.command}})
+                                     std::pair{"agent", &e.agent}, std::pair{"command", &e.command},
+                                     std::pair{"attach", &e.attach}})
     if (!value->empty()) o[field] = *value;
   if (e.upgrade) o["upgrade"] = true;
   if (e.held) {
@@ -113,6 +114,7 @@ Result<Entry> decode_entry(const KeyValue& kv) {
   text("broker", e.broker);
   text("request_id", e.request_id);
   text("lock_id", e.lock_id);
+  text("attach", e.attach);
   text("agent", e.agent);
   text("command", e.command);
   number("pid", e.pid);

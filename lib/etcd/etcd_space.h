@@ -40,6 +40,9 @@ struct Entry {
   std::string lock_key;
   LockMode mode = LockMode::Read;
   std::string owner, session, broker, request_id, lock_id;
+  // Which request of its broker waits on it: made afresh by each (re-)attachment, so
+  // that an older request on the same entry knows it was superseded.
+  std::string attach;
   bool held = false;             // marked granted by its broker
   std::int64_t hold_count = 0;   // while held: at least 1
   bool upgrade = false;          // a write asked while its owner holds read here

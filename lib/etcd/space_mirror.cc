@@ -217,6 +217,14 @@ bool SpaceMirror::wait_for(std::int64_t revision, std::chrono::milliseconds limi
   return cv_.wait_for(lock, limit, [&] { return revision_ >= revision; });
 }
 
+void SpaceMirror::resync() {
+  {
+    std::lock_guard lock(mu_);
+    resync_ = true;
+  }
+  cv_.notify_all();
+}
+
 std::uint64_t SpaceMirror::resyncs() const {
   std::lock_guard lock(mu_);
   return resyncs_;

@@ -58,6 +58,9 @@ class SpaceMirror {
   // Waits until revision() >= `revision`; false after `limit`.
   bool wait_for(std::int64_t revision, std::chrono::milliseconds limit) const;
 
+  // Reads the space again and watches on from there (a watch that stopped delivering).
+  void resync();
+
   std::uint64_t resyncs() const;   // whole reads after a compaction
   std::uint64_t skipped() const;   // entries that were not gate's
   std::string last_problem() const;
