@@ -332,6 +332,7 @@ struct RunResult {
   std::uint64_t reconnects = 0;
   double seconds = 0;
   std::vector<double> pair_ms;
+  std::vector<double> acquire_ms;  // the acquire of each pair alone
   bool aborted = false;
   std::string first_error;
   double bench_cpu = 0;   // seconds of CPU used by this process during the run
@@ -347,12 +348,14 @@ struct RunResult {
 // At `hard_deadline` whatever is still running is cut off and the run marked aborted.
 using ClientFn = std::function<asio::awaitable<void>(int, HttpConnection&, RunResult&)>;
 
-RunResult run_clients(const Endpoint& ep, int n, Clock::duration hard_limit, int server_pid,
+// Client i talks to eps[i % eps.size()] (several brokers serving one lock space).
+RunResult run_clients(const std::vector<Endpoint>& eps, int n, Clock::duration hard_limit, int server_pid,
                       const ClientFn& client) {
   RunResult result;
   asio::io_context ioc{1};
   std::vector<std::unique_ptr<HttpConnection>> conns;
-  for (int i = 0; i < n; ++i) conns.push_back(std::make_unique<HttpConnection>(ioc, ep));
+  for (int i = 0; i < n; ++i) conns.push_back(std::make_unique<HttpConnection>(ioc, eps[std::size_t(i) % eps.size()]));
+  const Endpoint& ep = eps.front();
 
   // Keeps the first failure in words; system errors without Boost's source location.
   auto note_error = [&result](std::exception_ptr e) {
@@ -419,6 +422,7 @@ RunResult run_clients(const Endpoint& ep, int n, Clock::duration hard_limit, int
 // ---------------------------------------------------------------------------
 struct Options {
   Endpoint broker;
+  Endpoint broker2;  // port 0: none (a second broker on the same lock space)
   Endpoint baseline;  // port 0 and no unix path: none given
   std::string trivial_server;
   int clients = 32;
@@ -437,6 +441,11 @@ struct Options {
     return only.empty() || std::find(only.begin(), only.end(), s) != only.end();
   }
   Clock::duration run_length() const { return seconds_to_duration(seconds); }
+  // Every broker the clients spread over.
+  std::vector<Endpoint> brokers() const {
+    if (broker2.port == 0) return {broker};
+    return {broker, broker2};
+  }
   Clock::duration run_limit() const { return seconds_to_duration(seconds + grace); }
 };
 
@@ -450,6 +459,11 @@ void print_run(const RunResult& r, const char* server_name) {
   if (!lat.empty()) {
     std::printf("  pair latency     p50 %.3f ms  p99 %.3f ms  max %.3f ms\n", percentile(lat, 50),
                 percentile(lat, 99), percentile(lat, 100));
+  }
+  std::vector<double> acq = r.acquire_ms;
+  if (!acq.empty()) {
+    std::printf("  acquire latency  p50 %.3f ms  p99 %.3f ms  max %.3f ms\n", percentile(acq, 50),
+                percentile(acq, 99), percentile(acq, 100));
   }
   if (r.seconds > 0) {
     std::printf("  cpu              bench %.0f%% of a core", 100 * r.bench_cpu / r.seconds);
@@ -488,6 +502,7 @@ asio::awaitable<void> pair_client(int i, HttpConnection& conn, RunResult& out, P
     --loop.budget;
     auto t0 = Clock::now();
     Reply acquired = co_await conn.post("/v1/locks/acquire", acquire);
+    out.acquire_ms.push_back(ms_between(t0, Clock::now()));
     ++out.requests;
     std::string id = loop.check ? granted_lock_id(acquired, path) : fake_id;
     Reply released = co_await conn.post("/v1/locks/release", release_body(id, owner));
@@ -506,6 +521,9 @@ struct HotKey {
   bool held = false;
   std::optional<Clock::time_point> release_sent;  // by the last holder, not yet followed by a grant
   std::vector<double> handoff_ms;
+  std::vector<double> cross_ms;  // hand-offs from a holder on one broker to a client of another
+  int brokers = 1;
+  int last_side = -1;            // the broker of the last holder (client i uses broker i % brokers)
   std::vector<double> wait_ms;  // acquire sent -> granted
   std::uint64_t overlaps = 0;   // a grant seen while another client still held the key
 };
@@ -522,7 +540,11 @@ asio::awaitable<void> hot_client(int i, HttpConnection& conn, RunResult& out, Ho
     std::string id = granted_lock_id(acquired, path);
     if (hot.held) ++hot.overlaps;
     hot.held = true;
-    if (hot.release_sent) hot.handoff_ms.push_back(ms_between(*hot.release_sent, granted_at));
+    if (hot.release_sent) {
+      hot.handoff_ms.push_back(ms_between(*hot.release_sent, granted_at));
+      if (hot.last_side != i % hot.brokers) hot.cross_ms.push_back(hot.handoff_ms.back());
+    }
+    hot.last_side = i % hot.brokers;
     hot.release_sent.reset();
     hot.wait_ms.push_back(ms_between(t0, granted_at));
 
@@ -580,7 +602,8 @@ RunResult pair_run(const Options& opt, const Endpoint& ep, int pid, double secon
   loop.budget = budget;
   loop.check = check;
   const auto length = seconds_to_duration(seconds);
-  return run_clients(ep, opt.clients, length + seconds_to_duration(opt.grace), pid,
+  return run_clients(&ep == &opt.broker ? opt.brokers() : std::vector<Endpoint>{ep}, opt.clients,
+                     length + seconds_to_duration(opt.grace), pid,
                      [&](int i, HttpConnection& c, RunResult& r) {
                        if (i == 0) loop.deadline = Clock::now() + length;
                        return pair_client(i, c, r, loop);
@@ -594,6 +617,7 @@ void merge_into(RunResult& total, const RunResult& r) {
   total.reconnects += r.reconnects;
   total.seconds += r.seconds;
   total.pair_ms.insert(total.pair_ms.end(), r.pair_ms.begin(), r.pair_ms.end());
+  total.acquire_ms.insert(total.acquire_ms.end(), r.acquire_ms.begin(), r.acquire_ms.end());
   total.aborted = total.aborted || r.aborted;
   if (total.first_error.empty()) total.first_error = r.first_error;
   total.bench_cpu += r.bench_cpu;
@@ -606,6 +630,8 @@ int usage(FILE* to) {
   std::fprintf(to,
                "usage: broker_bench (--port N | --unix-socket PATH) [options]\n"
                "  --host ADDR             broker address, loopback only (127.0.0.1)\n"
+               "  --port2 N               a second broker on the same lock space (etcd store):\n"
+               "                          odd clients use it; contended reports cross-broker hand-offs\n"
                "  --clients N             concurrent keep-alive clients (32)\n"
                "  --seconds S             length of each timed scenario (5)\n"
                "  --rounds N              uncontended and baseline alternate N times within it (3)\n"
@@ -662,6 +688,9 @@ std::optional<Options> parse(int argc, char** argv) {
     } else if (a == "--port") {
       if (!need_number(1, 65535)) return std::nullopt;
       o.broker.port = int(d);
+    } else if (a == "--port2") {
+      if (!need_number(1, 65535)) return std::nullopt;
+      o.broker2.port = int(d);
     } else if (a == "--unix-socket") {
       o.broker.unix_path = v;
     } else if (a == "--clients") {
@@ -819,7 +848,8 @@ int main(int argc, char** argv) {
       std::printf("\n== contended: %d clients write-lock one key, bench/hot\n", opt.clients);
       HotKey hot;
       hot.deadline = Clock::now() + std::chrono::hours(1);
-      RunResult r = run_clients(opt.broker, opt.clients, opt.run_limit(), opt.broker_pid,
+      hot.brokers = int(opt.brokers().size());
+      RunResult r = run_clients(opt.brokers(), opt.clients, opt.run_limit(), opt.broker_pid,
                                 [&](int i, HttpConnection& c, RunResult& res) {
                                   if (i == 0) hot.deadline = Clock::now() + opt.run_length();
                                   return hot_client(i, c, res, hot);
@@ -832,6 +862,9 @@ int main(int argc, char** argv) {
                     hot.handoff_ms.size(), verdict(p50 < 0.5));
         std::printf("  acquire wait     p50 %.3f ms  p99 %.3f ms\n", percentile(hot.wait_ms, 50),
                     percentile(hot.wait_ms, 99));
+        if (!hot.cross_ms.empty())
+          std::printf("  cross-broker     hand-off p50 %.3f ms  p99 %.3f ms  (%zu from a holder on the other broker)\n",
+                      percentile(hot.cross_ms, 50), percentile(hot.cross_ms, 99), hot.cross_ms.size());
       }
       if (hot.overlaps) {
         failed = true;
@@ -851,7 +884,7 @@ int main(int argc, char** argv) {
       auto hold_for = seconds_to_duration(opt.hold_seconds);
       Rss before = opt.broker_pid ? rss_of(opt.broker_pid) : Rss{};
       set.deadline = Clock::now() + hold_for;
-      RunResult taken = run_clients(opt.broker, opt.hold_clients, hold_for + std::chrono::seconds(30),
+      RunResult taken = run_clients({opt.broker}, opt.hold_clients, hold_for + std::chrono::seconds(30),
                                     opt.broker_pid, [&](int c, HttpConnection& conn, RunResult& res) {
                                       if (c == 0) set.deadline = Clock::now() + hold_for;
                                       return hold_client(c, conn, res, set);
@@ -875,7 +908,7 @@ int main(int argc, char** argv) {
 
       // Release them all, so the broker is left as it was found.
       set.next = 0;
-      RunResult freed = run_clients(opt.broker, opt.hold_clients, hold_for + std::chrono::seconds(30),
+      RunResult freed = run_clients({opt.broker}, opt.hold_clients, hold_for + std::chrono::seconds(30),
                                     opt.broker_pid, [&](int c, HttpConnection& conn, RunResult& res) {
                                       if (c == 0) set.deadline = Clock::now() + hold_for;
                                       return unhold_client(c, conn, res, set);

@@ -310,6 +310,23 @@ void EtcdService::stop() {
   if (mirror_) mirror_->stop();
 }
 
+Result<etcd::TxnResult> EtcdService::txn(EtcdClient& c, const json::array& compares, const json::array& success,
+                                         const json::array& failure, Retry retry) {
+  Result<etcd::TxnResult> r = c.txn(compares, success, failure, retry);
+  if (r.ok()) {
+    std::int64_t seen = written_.load();
+    while (r->revision > seen && !written_.compare_exchange_weak(seen, r->revision)) {
+    }
+  }
+  return r;
+}
+
+void EtcdService::catch_up() const {
+  // What this broker wrote (or read in a failure branch) is in its mirror within a
+  // millisecond or two; deciding on an older view would only fail its compare.
+  mirror_->wait_for(written_.load(), kCatchUp);
+}
+
 template <typename F>
 void EtcdService::run_job(F&& fn) {
   workers_.post([this, fn = std::forward<F>(fn)]() mutable {
@@ -432,6 +449,7 @@ void EtcdService::acquire(const std::string& body, Reply& reply, std::uint64_t* 
 
 EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams& p, Entry fresh, Micros now) {
   using K = Outcome::Kind;
+  catch_up();
   etcd::SpaceMirror::KeyView view = mirror_->view(p.key);
   Queue q = std::move(view.queue);
   std::int64_t rev = view.revision;
@@ -505,7 +523,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
       }
     }
     for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
-    Result<etcd::TxnResult> r = c.txn(compares, success, failure, retry);
+    Result<etcd::TxnResult> r = txn(c, compares, success, failure, retry);
     if (!r.ok()) return {K::Unavailable, {}, 0, "etcd: " + r.message()};
     if (r->succeeded) {
       result.mod_revision = r->revision;
@@ -536,7 +554,7 @@ EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
     std::sort(own.begin(), own.end(), [](const Entry& a, const Entry& b) { return a.create_revision < b.create_revision; });
   }
   if (std::optional<std::string> cycle = etcd::deadlock(space, e)) {
-    Result<etcd::TxnResult> r = c.txn({etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
+    Result<etcd::TxnResult> r = txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
                                       {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
     if (!r.ok()) log(LogLevel::Warn, "broker", "could not remove the refused request ", e.key, ": ", r.message());
     return {K::Deadlock, {}, 0, *cycle};
@@ -548,6 +566,7 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, M
   using K = Outcome::Kind;
   const std::string& entry_key = known.key;
   const std::string& lock_key = known.lock_key;
+  catch_up();
   etcd::SpaceMirror::KeyView view = mirror_->view(lock_key);
   Queue q = std::move(view.queue);
   std::int64_t rev = view.revision;
@@ -588,7 +607,7 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, M
       success = grant_writes(result, now, result.etcd_lease, vkey);
     }
     for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
-    Result<etcd::TxnResult> r = c.txn(compares, success, failure, retry);
+    Result<etcd::TxnResult> r = txn(c, compares, success, failure, retry);
     if (!r.ok()) return {K::Unavailable, mine, 0, "etcd: " + r.message()};
     if (r->succeeded) {
       result.mod_revision = r->revision;
@@ -689,7 +708,7 @@ void EtcdService::schedule_evaluate() {
 
 void EtcdService::cancel_entry(const Entry& e) {
   run_job([this, e](EtcdClient& c) {
-    Result<etcd::TxnResult> r = c.txn({etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
+    Result<etcd::TxnResult> r = txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
                                       {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
     if (!r.ok())
       log(LogLevel::Warn, "broker", "could not remove the request ", e.key, " (it ends with this broker's session): ",
@@ -709,7 +728,7 @@ void EtcdService::give_back(const Entry& held) {
     } else {
       success = {etcd::txn_delete(left.key), etcd::txn_delete(etcd::id_key(id))};
     }
-    Result<etcd::TxnResult> r = c.txn({etcd::compare(left.key, "MOD", "EQUAL", left.mod_revision)}, success, {},
+    Result<etcd::TxnResult> r = txn(c, {etcd::compare(left.key, "MOD", "EQUAL", left.mod_revision)}, success, {},
                                       Retry::Once);
     log(LogLevel::Debug, "broker", "client of ", id, " went away before its grant was sent; ",
         r.ok() && r->succeeded ? "given back" : "it ends with its lease");
@@ -720,6 +739,7 @@ void EtcdService::give_back(const Entry& held) {
 // Release, heartbeat, status
 
 Result<std::optional<Entry>> EtcdService::find_lock(EtcdClient& c, const std::string& lock_id) {
+  catch_up();
   if (std::optional<Entry> e = mirror_->find_lock(lock_id); e && e->held) return e;
   // Granted a moment ago on another broker, and not in the mirror yet: etcd has it.
   Result<etcd::RangeResult> id = c.range(etcd::range_request(etcd::id_key(lock_id)));
@@ -778,7 +798,7 @@ void EtcdService::release(const std::string& body, Reply& reply) {
         success.push_back(etcd::txn_delete(etcd::id_key(lock_id)));
       }
       // Not sent twice: a second application would count one release twice.
-      Result<etcd::TxnResult> r = c.txn({etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)}, success,
+      Result<etcd::TxnResult> r = txn(c, {etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)}, success,
                                         {etcd::txn_range(e->key)}, Retry::Once);
       if (!r.ok()) {
         out.answer = status_answer(503, "unavailable", "etcd: " + r.message());
@@ -826,7 +846,7 @@ void EtcdService::heartbeat(const std::string& body, Reply& reply) {
       if (lease_ms && *lease_ms > 0) renewed.lease_ms = *lease_ms;
       renewed.lease_expires_at = now + renewed.lease_ms * 1000;
       Result<etcd::TxnResult> r =
-          c.txn({etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)},
+          txn(c, {etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)},
                 {etcd::txn_put(renewed.key, etcd::encode_entry(renewed), renewed.etcd_lease),
                  etcd::txn_range(etcd::version_key(renewed.lock_key))},
                 {etcd::txn_range(e->key)}, Retry::Idempotent);
@@ -1007,7 +1027,7 @@ void EtcdService::evaluate() {
         json::array success{etcd::txn_delete(e.key)};
         if (!e.lock_id.empty()) success.push_back(etcd::txn_delete(etcd::id_key(e.lock_id)));
         Result<etcd::TxnResult> r =
-            c.txn({etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, success, {}, Retry::Idempotent);
+            txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, success, {}, Retry::Idempotent);
         const bool done = r.ok() && r->succeeded;
         if (done)
           log(LogLevel::Info, "broker", "dropped ", e.held ? "" : "queued ", to_string(e.mode), " ",

@@ -53,7 +53,7 @@ struct EtcdServiceOptions {
   std::int64_t restore_grace_ms = 10'000;
   std::int64_t session_ttl_s = 2;        // etcd's minimum is 2
   std::chrono::milliseconds call_timeout{5'000};
-  std::size_t workers = 4;
+  std::size_t workers = 16;
   std::string address;  // where this broker listens, for the broker's key (people)
 };
 
@@ -116,6 +116,13 @@ class EtcdService : public RequestHandler {
   Outcome acquire_job(etcd::EtcdClient& c, const AcquireParams& p, etcd::Entry fresh, Micros now);
   Outcome grant_job(etcd::EtcdClient& c, const etcd::Entry& known, Micros now);
   Outcome after_queued(etcd::EtcdClient& c, etcd::Entry e);
+  // A transaction; the revision it saw is noted for catch_up().
+  Result<etcd::TxnResult> txn(etcd::EtcdClient& c, const boost::json::array& compares,
+                              const boost::json::array& success, const boost::json::array& failure,
+                              etcd::Retry retry);
+  // Waits (briefly) until the mirror has what this broker's transactions saw.
+  void catch_up() const;
+  static constexpr std::chrono::milliseconds kCatchUp{200};
   // The held entry with `lock_id` (the mirror's, else etcd's); nullopt when none.
   Result<std::optional<etcd::Entry>> find_lock(etcd::EtcdClient& c, const std::string& lock_id);
 
@@ -141,6 +148,7 @@ class EtcdService : public RequestHandler {
   std::condition_variable keeper_cv_;
   bool keeper_stop_ = false;
   std::atomic<bool> change_posted_{false};
+  std::atomic<std::int64_t> written_{0};  // the highest revision a transaction of ours saw
   // The keeper's probe of the mirror: the revision of its last write of the broker's
   // key, and when it was made; a mirror that does not reach it in time is re-read.
   std::int64_t probe_revision_ = 0;

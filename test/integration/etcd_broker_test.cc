@@ -236,7 +236,7 @@ TEST_CASE("with an etcd store a repeated request_id supersedes the older request
   CallResult gx = third.result.get();
   REQUIRE(gx.status == CallStatus::Ok);
   CHECK(gx.lock.fence > h.lock.fence);
-  CHECK(held(b1->endpoint(), k) == 1);
+  CHECK(test::eventually([&] { return held(b1->endpoint(), k) == 1; }));
   REQUIRE(c1.release(gx.lock.lock_id, "X").status == CallStatus::Ok);
 
   // Two readers both asking to upgrade: the waiting one is a deadlock for the other,
