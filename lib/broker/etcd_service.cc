@@ -120,7 +120,7 @@ const Entry* find_entry(const Queue& q, const std::string& key) {
 }
 
 // `e` granted now: held once, with a fresh lock id; what writes it (with its lock id's
-// key, under `lease`) and reads the key's version (`vkey`), last.
+// key, under `lease`) and reads the key's version (`vkey`; none when empty), last.
 json::array grant_writes(Entry& e, Micros now, std::int64_t lease, const std::string& vkey) {
   e.held = true;
   e.upgrade = false;
@@ -128,8 +128,35 @@ json::array grant_writes(Entry& e, Micros now, std::int64_t lease, const std::st
   e.acquired_at = now;
   e.lease_expires_at = now + e.lease_ms * 1000;
   e.lock_id = random_token();
-  return {etcd::txn_put(e.key, etcd::encode_entry(e), lease), etcd::txn_put(etcd::id_key(e.lock_id), e.key, lease),
-          etcd::txn_range(vkey)};
+  json::array writes{etcd::txn_put(e.key, etcd::encode_entry(e), lease),
+                     etcd::txn_put(etcd::id_key(e.lock_id), e.key, lease)};
+  if (!vkey.empty()) writes.push_back(etcd::txn_range(vkey));
+  return writes;
+}
+
+// What the release of `gone` lets in, granted in the release's own transaction (so a
+// hand-off costs one write; the waiters' brokers see their entries held and answer):
+// the writes, and in *compares what keeps them right (every entry up to the last one
+// granted is as the mirror shows it). None when the mirror does not show `gone` as
+// it is, or the next in line is an upgrade (left to its own broker).
+json::array hand_off(const Queue& queue, const Entry& gone, Micros now, json::array* compares) {
+  Queue q = queue;
+  auto it = std::find_if(q.begin(), q.end(), [&](const Entry& x) { return x.key == gone.key; });
+  if (it == q.end() || it->mod_revision != gone.mod_revision) return {};
+  q.erase(it);
+  const std::vector<etcd::Standing> st = etcd::standings(q);
+  json::array writes;
+  std::size_t last = q.size();
+  for (std::size_t i = 0; i < q.size(); ++i) {
+    if (st[i] == etcd::Standing::Held) continue;
+    if (st[i] == etcd::Standing::Waiting || q[i].upgrade || (q[i].held && q[i].ends_at() <= now)) break;
+    Entry g = q[i];
+    for (auto& w : grant_writes(g, now, g.etcd_lease, "")) writes.push_back(std::move(w));
+    last = i;
+  }
+  if (last == q.size()) return {};
+  for (std::size_t j = 0; j <= last; ++j) compares->push_back(etcd::compare(q[j].key, "MOD", "EQUAL", q[j].mod_revision));
+  return writes;
 }
 
 // Takes the held entries of `q` whose lease or hold cap ended by `now` out of it; the
@@ -242,6 +269,12 @@ void EtcdService::keeper_main() {
   std::unique_lock lock(keeper_mu_);
   while (!keeper_cv_.wait_for(lock, every, [&] { return keeper_stop_; })) {
     lock.unlock();
+    {
+      // Grants the mirror has long shown (or that ended elsewhere) are forgotten.
+      std::lock_guard recent(recent_mu_);
+      const auto old = std::chrono::steady_clock::now() - std::chrono::seconds(30);
+      for (auto it = recent_.begin(); it != recent_.end();) it = it->second.second < old ? recent_.erase(it) : std::next(it);
+    }
     Result<std::int64_t> ttl = keeper_client_->lease_keepalive(lease_.load());
     if (!ttl.ok()) {
       set_unavailable("etcd does not answer (" + ttl.message() + ")");
@@ -449,17 +482,35 @@ void EtcdService::acquire(const std::string& body, Reply& reply, std::uint64_t* 
 
 EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams& p, Entry fresh, Micros now) {
   using K = Outcome::Kind;
-  catch_up();
-  etcd::SpaceMirror::KeyView view = mirror_->view(p.key);
-  Queue q = std::move(view.queue);
-  std::int64_t rev = view.revision;
-  std::uint64_t version = view.version;
   const std::string prefix = etcd::queue_prefix(p.key), end = etcd::prefix_end(prefix);
   const std::string vkey = etcd::version_key(p.key);
   const Session s = session();
   if (!s.lease) return {K::Unavailable, {}, 0, "this broker has no etcd session (taking a new one)"};
   const std::int64_t lease = s.lease;
   fresh.broker = s.id;
+  etcd::SpaceMirror::KeyView view = mirror_->view(p.key);
+  Queue q = std::move(view.queue);
+  std::int64_t rev = view.revision;
+  std::uint64_t version = view.version;
+  if (q.empty() || rev < written_.load()) {
+    // Most keys have no queue: one transaction that holds only while the queue is
+    // empty (no key in its range has a version) takes the lock without waiting for
+    // the mirror to catch up; otherwise its failure branch reads the queue.
+    Entry mine = fresh;
+    json::array success = grant_writes(mine, now, lease, vkey);
+    Result<etcd::TxnResult> r = txn(c, {etcd::compare_range(prefix, end, "VERSION", "EQUAL", 0)}, success,
+                                    {etcd::txn_range(prefix, end), etcd::txn_range(vkey)}, Retry::Idempotent);
+    if (!r.ok()) return {K::Unavailable, {}, 0, "etcd: " + r.message()};
+    if (r->succeeded) {
+      mine.create_revision = mine.mod_revision = r->revision;
+      mine.etcd_lease = lease;
+      remember(mine);
+      return {K::Granted, mine, version_from(*r, success.size() - 1), ""};
+    }
+    q = queue_from(*r, 0);
+    version = version_from(*r, 1);
+    rev = r->revision;
+  }
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
     // A write of ours that etcd applied though its answer was lost.
     if (const Entry* mine = find_entry(q, fresh.key)) {
@@ -480,7 +531,18 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
     if (!p.request_id.empty() && (re == etcd::Reentry::None || re == etcd::Reentry::Upgrade))
       for (const Entry& e : q)
         if (!e.held && e.request_id == p.request_id && e.owner == p.owner && e.mode == p.mode) orphan = &e;
-    if (re == etcd::Reentry::Deadlock) {
+    const Entry* claimed = etcd::held_by(q, p.owner);
+    if (claimed && (p.request_id.empty() || claimed->request_id != p.request_id)) claimed = nullptr;
+    if (claimed) {
+      // The repeat of a request that was granted while its client was away (another
+      // broker's release granted it, or this broker restarted): it claims the lock,
+      // as it is, with its lease renewed.
+      result = *claimed;
+      result.attach = fresh.attach;
+      result.lease_expires_at = std::max(result.lease_expires_at, now + result.lease_ms * 1000);
+      compares.push_back(etcd::compare(result.key, "MOD", "EQUAL", result.mod_revision));
+      success = {etcd::txn_put(result.key, etcd::encode_entry(result), result.etcd_lease), etcd::txn_range(vkey)};
+    } else if (re == etcd::Reentry::Deadlock) {
       if (p.timeout_ms && *p.timeout_ms <= 0) return {K::Timeout, {}, 0, ""};  // a try, as LockTable answers it
       return {K::Deadlock, {}, 0,
               "session " + p.session + " would wait for '" + p.key + "', which it holds itself (read)"};
@@ -530,6 +592,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
       if (made) result.create_revision = r->revision;
       result.etcd_lease = kind == K::Queued || made ? lease : result.etcd_lease;
       if (kind == K::Queued) return after_queued(c, result);
+      remember(result);
       return {K::Granted, result, version_from(*r, success.size() - 1), ""};
     }
     q = queue_from(*r, 0);
@@ -611,6 +674,7 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, M
     if (!r.ok()) return {K::Unavailable, mine, 0, "etcd: " + r.message()};
     if (r->succeeded) {
       result.mod_revision = r->revision;
+      remember(result);
       return {K::Granted, result, version_from(*r, success.size() - 1), ""};
     }
     q = queue_from(*r, 0);
@@ -709,9 +773,19 @@ void EtcdService::schedule_evaluate() {
 void EtcdService::cancel_entry(const Entry& e) {
   run_job([this, e](EtcdClient& c) {
     Result<etcd::TxnResult> r = txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
-                                      {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
+                                    {etcd::txn_delete(e.key)}, {etcd::txn_range(e.key)}, Retry::Idempotent);
+    if (r.ok() && !r->succeeded) {
+      // Granted meanwhile by a release's hand-off: nobody will hear of that grant, so
+      // it is given back (a re-attachment by a later request is left alone).
+      Queue now = queue_from(*r, 0);
+      if (!now.empty() && now.front().held && now.front().attach == e.attach) {
+        const Entry& g = now.front();
+        r = txn(c, {etcd::compare(g.key, "MOD", "EQUAL", g.mod_revision)},
+                {etcd::txn_delete(g.key), etcd::txn_delete(etcd::id_key(g.lock_id))}, {}, Retry::Idempotent);
+      }
+    }
     if (!r.ok())
-      log(LogLevel::Warn, "broker", "could not remove the request ", e.key, " (it ends with this broker's session): ",
+      log(LogLevel::Warn, "broker", "could not remove the request ", e.key, " (removed later, or with this broker's session): ",
           r.message());
   });
 }
@@ -738,7 +812,28 @@ void EtcdService::give_back(const Entry& held) {
 // ---------------------------------------------------------------------------------
 // Release, heartbeat, status
 
+void EtcdService::remember(const Entry& held) {
+  std::lock_guard lock(recent_mu_);
+  recent_[held.lock_id] = {held, std::chrono::steady_clock::now()};
+}
+
+void EtcdService::forget(const std::string& lock_id) {
+  std::lock_guard lock(recent_mu_);
+  recent_.erase(lock_id);
+}
+
 Result<std::optional<Entry>> EtcdService::find_lock(EtcdClient& c, const std::string& lock_id) {
+  std::optional<Entry> mirrored = mirror_->find_lock(lock_id);
+  {
+    // A grant of this broker's a moment ago, which the mirror may not show yet (an
+    // older copy only costs a failed compare).
+    std::lock_guard lock(recent_mu_);
+    if (auto it = recent_.find(lock_id); it != recent_.end()) {
+      if (!mirrored || mirrored->mod_revision < it->second.first.mod_revision) return std::optional<Entry>(it->second.first);
+      recent_.erase(it);  // the mirror has caught up with it
+    }
+  }
+  if (mirrored && mirrored->held) return mirrored;
   catch_up();
   if (std::optional<Entry> e = mirror_->find_lock(lock_id); e && e->held) return e;
   // Granted a moment ago on another broker, and not in the mirror yet: etcd has it.
@@ -786,7 +881,7 @@ void EtcdService::release(const std::string& body, Reply& reply) {
         out.answer = error_answer(403, BrokerService::refusal_text(OpStatus::Forbidden, lock_id));
         break;
       }
-      json::array success;
+      json::array success, compares{etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)};
       if (changed && e->mode == LockMode::Write)
         success.push_back(etcd::txn_put(etcd::version_key(e->lock_key), std::to_string(e->fence())));
       if (e->hold_count > 1) {
@@ -796,16 +891,28 @@ void EtcdService::release(const std::string& body, Reply& reply) {
       } else {
         success.push_back(etcd::txn_delete(e->key));
         success.push_back(etcd::txn_delete(etcd::id_key(lock_id)));
+        // The first try also grants the next in line (a failed compare: the plain
+        // release again, and their brokers grant them).
+        if (attempt == 0)
+          for (auto& w : hand_off(mirror_->queue(e->lock_key), *e, wall_clock_micros(), &compares))
+            success.push_back(std::move(w));
       }
       // Not sent twice: a second application would count one release twice.
-      Result<etcd::TxnResult> r = txn(c, {etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)}, success,
-                                        {etcd::txn_range(e->key)}, Retry::Once);
+      Result<etcd::TxnResult> r = txn(c, compares, success, {etcd::txn_range(e->key)}, Retry::Once);
       if (!r.ok()) {
         out.answer = status_answer(503, "unavailable", "etcd: " + r.message());
         break;
       }
       if (r->succeeded) {
         out = {status_answer(200, "released"), true};
+        if (e->hold_count > 1) {
+          Entry left = *e;
+          --left.hold_count;
+          left.mod_revision = r->revision;
+          remember(left);
+        } else {
+          forget(lock_id);
+        }
         break;
       }
       Queue now = queue_from(*r, 0);  // its key only: the entry as it is now
@@ -856,6 +963,7 @@ void EtcdService::heartbeat(const std::string& body, Reply& reply) {
       }
       if (r->succeeded) {
         renewed.mod_revision = r->revision;
+        remember(renewed);
         json::object o{{"status", "ok"}, {"lock", lock_to_json(to_lock(renewed), version_from(*r, 1))}};
         out = {{200, json::serialize(o)}, true};
         break;
@@ -970,6 +1078,15 @@ void EtcdService::evaluate() {
         continue;
       }
       answer(std::move(w.reply), status_answer(408, "timeout", "superseded by a request with the same request_id"));
+      it = waiters_.erase(it);
+      continue;
+    }
+    if (e->held) {
+      // Granted by a release's hand-off (on this broker or another).
+      record_grant(w.since, true);
+      log(LogLevel::Info, "broker", "granted ", to_string(e->mode), " '", e->lock_key, "' to ", e->owner,
+          " after waiting ", (now - w.since) / 1000, " ms (fence ", e->fence(), ", handed off)");
+      answer(std::move(w.reply), granted_answer(to_lock(*e), mirror_->version_of(e->lock_key)));
       it = waiters_.erase(it);
       continue;
     }

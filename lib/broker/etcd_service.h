@@ -123,6 +123,9 @@ class EtcdService : public RequestHandler {
   // Waits (briefly) until the mirror has what this broker's transactions saw.
   void catch_up() const;
   static constexpr std::chrono::milliseconds kCatchUp{200};
+  // Grants of this broker's, kept until the mirror shows them (or their release).
+  void remember(const etcd::Entry& held);
+  void forget(const std::string& lock_id);
   // The held entry with `lock_id` (the mirror's, else etcd's); nullopt when none.
   Result<std::optional<etcd::Entry>> find_lock(etcd::EtcdClient& c, const std::string& lock_id);
 
@@ -149,6 +152,8 @@ class EtcdService : public RequestHandler {
   bool keeper_stop_ = false;
   std::atomic<bool> change_posted_{false};
   std::atomic<std::int64_t> written_{0};  // the highest revision a transaction of ours saw
+  std::mutex recent_mu_;
+  std::map<std::string, std::pair<etcd::Entry, std::chrono::steady_clock::time_point>> recent_;
   // The keeper's probe of the mirror: the revision of its last write of the broker's
   // key, and when it was made; a mirror that does not reach it in time is re-read.
   std::int64_t probe_revision_ = 0;
