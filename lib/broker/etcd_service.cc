@@ -410,7 +410,14 @@ std::uint64_t EtcdService::handle(const std::string& method, const std::string& 
     std::size_t held = 0, queued = 0;
     for (const auto& [key, q] : mirror_->snapshot(&rev))
       for (const Entry& e : q) ++(e.held ? held : queued);
-    answer(std::move(reply), {200, metrics_exposition(metrics_, held, queued), "text/plain; version=0.0.4"});
+    std::string text = metrics_exposition(metrics_, held, queued);
+    text += "# HELP gate_etcd_resyncs_total Whole reads of the lock space after the watch fell behind a compaction.\n"
+            "# TYPE gate_etcd_resyncs_total counter\ngate_etcd_resyncs_total " +
+            std::to_string(mirror_->resyncs()) +
+            "\n# HELP gate_etcd_revision The etcd revision this broker's mirror has applied.\n"
+            "# TYPE gate_etcd_revision gauge\ngate_etcd_revision " +
+            std::to_string(mirror_->revision()) + "\n";
+    answer(std::move(reply), {200, std::move(text), "text/plain; version=0.0.4"});
   } else if (path.substr(0, 14) == "/v1/delegation") {
     ++metrics_.bad_requests;
     answer(std::move(reply), error_answer(404, "delegation is off with an etcd store: several brokers share the lock space"));

@@ -21,6 +21,8 @@
 #include <thread>
 #include <vector>
 
+#include <signal.h>
+
 #include "client/broker_client.h"
 #include "core/process.h"
 #include "core/token.h"
@@ -355,6 +357,60 @@ TEST_CASE("gate broker --store says what is wrong with a store it cannot use", "
   CHECK(dead.status == 1);
   CHECK(dead.output.find("etcd") != std::string::npos);
   CHECK(Clock::now() - t0 < 20s);
+  // Something that speaks HTTP but is not etcd (a gate broker): a clear refusal.
+  BrokerProcess not_etcd;
+  RunResult wrong = run_command({test::gate_binary(), "broker", "--state-dir", dir.path(), "--port", "0", "--store",
+                                 "etcd://127.0.0.1:" + std::to_string(not_etcd.endpoint().port), "--etcd-timeout-ms",
+                                 "1000"},
+                                30s);
+  CHECK(wrong.status == 1);
+  CHECK(wrong.output.find("etcd") != std::string::npos);
+  CHECK(wrong.output.find("404") != std::string::npos);
+}
+
+TEST_CASE("with an etcd store a wait outlives compactions of etcd's history", "[etcd][broker]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = etcd_broker(cluster);
+  auto b2 = etcd_broker(cluster, {"--etcd-session-ttl", "20"});
+  const std::string k = key_for("compact");
+  BrokerClient c1(b1->endpoint());
+  etcd::EtcdClient store(cluster.endpoints(), 15s);
+
+  CallResult h = c1.acquire(req(k, LockMode::Write, "H"));
+  REQUIRE(h.status == CallStatus::Ok);
+  Pending w = acquire_async(b2->endpoint(), req(k, LockMode::Write, "W"));
+  REQUIRE(queue_reaches(b1->endpoint(), k, 1));
+
+  // Broker 2 stops reading while history grows (heartbeats, and more than its
+  // connection and etcd's buffers hold, under a part of /gate/v1/ that is not gate's)
+  // and is compacted away under it.
+  ::kill(b2->pid(), SIGSTOP);
+  for (int i = 0; i < 300; ++i) REQUIRE(c1.heartbeat(h.lock.lock_id, "H").status == CallStatus::Ok);
+  const std::string bulk(16 * 1024, 'x');
+  for (int i = 0; i < 3000; ++i) REQUIRE(store.put("/gate/v1/zz-test/" + std::to_string(i % 10), bulk).ok());
+  Result<std::int64_t> now = store.put("/gate-test/marker", "x");
+  REQUIRE(now.ok());
+  REQUIRE(store.compact(*now).ok());
+  ::kill(b2->pid(), SIGCONT);
+  for (int i = 0; i < 50; ++i) REQUIRE(c1.heartbeat(h.lock.lock_id, "H").status == CallStatus::Ok);
+  now = store.put("/gate-test/marker", "y");
+  REQUIRE(now.ok());
+  REQUIRE(store.compact(*now).ok());
+  CHECK_FALSE(w.ready(200ms));
+
+  REQUIRE(c1.release(h.lock.lock_id, "H").status == CallStatus::Ok);
+  REQUIRE(w.ready(10s));
+  CallResult gw = w.result.get();
+  REQUIRE(gw.status == CallStatus::Ok);
+  CHECK(gw.lock.fence > h.lock.fence);
+  const std::string metrics = BrokerClient(b2->endpoint()).request("GET", "/metrics", "").body;
+  const auto at = metrics.find("\ngate_etcd_resyncs_total ");
+  REQUIRE(at != std::string::npos);
+  // Its watch was cut off by the compaction: it read the space again and went on.
+  CHECK(std::stoi(metrics.substr(at + 25)) >= 1);
+  REQUIRE(BrokerClient(b2->endpoint()).release(gw.lock.lock_id, "W").status == CallStatus::Ok);
+  CHECK(test::eventually([&] { return held(b1->endpoint(), k) == 0 && held(b2->endpoint(), k) == 0; }));
 }
 
 namespace {
