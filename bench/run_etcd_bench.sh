@@ -7,7 +7,8 @@
 # never 2379), two `gate broker --store etcd://...` on it, and one `gate broker` on
 # SQLite; then runs broker_bench's uncontended and contended scenarios with 16
 # clients spread over both etcd brokers (odd clients on the second), and the same
-# on the SQLite broker. Options after GATE go to broker_bench (for example
+# on the SQLite broker; and first, what a put, a guarded transaction and a range
+# cost through etcd's JSON gateway (bench/etcd_floor). Options after GATE go to broker_bench (for example
 # --seconds 10). Everything started here is stopped on exit, by pid.
 set -euo pipefail
 
@@ -18,8 +19,9 @@ if [[ $# -gt 0 && $1 != -* ]]; then
   shift
 fi
 bench="${BENCH_DIR:-$root/build/default/bench}/broker_bench"
+floor="${BENCH_DIR:-$root/build/default/bench}/etcd_floor"
 ETCD=${ETCD:-/usr/bin/etcd}
-for exe in "$GATE" "$bench" "$ETCD"; do
+for exe in "$GATE" "$bench" "$floor" "$ETCD"; do
   if [[ ! -x $exe ]]; then
     echo "run_etcd_bench: $exe is missing (build gate and broker_bench; apt-get install etcd-server)" >&2
     exit 1
@@ -82,6 +84,10 @@ s1=$PORT s1_pid=${PIDS[-1]}
 
 echo "gate $("$GATE" --version | head -n 1); etcd $("$ETCD" --version | head -n 1)"
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo
+echo "######## etcd itself through its JSON gateway (the floor): 1 client, then 16"
+"$floor" "etcd://$endpoints" 1000 1
+"$floor" "etcd://$endpoints" 2000 16
 echo
 echo "######## etcd store: 3 members, brokers on :$e1 and :$e2 (16 clients over both)"
 "$bench" --port "$e1" --port2 "$e2" --broker-pid "$e1_pid" --clients 16 --seconds 5 \

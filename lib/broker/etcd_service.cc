@@ -298,23 +298,24 @@ void EtcdService::keeper_main() {
                !probe.ok()) {
       set_unavailable("etcd does not answer (" + probe.message() + ")");
     } else {
-      // Every write under /gate/v1/ reaches the mirror's watch in milliseconds; one
-      // that has not after a few seconds means the watch hangs on a member cut off
-      // from the cluster: read the space again (and say so meanwhile).
+      // Every write under /gate/v1/ reaches the mirror's watch in milliseconds. A
+      // mirror behind this write that has not moved at all for 3 s hangs on a member
+      // cut off from the cluster: the space is read again (and 503 meanwhile). One
+      // that is behind but moving (a burst of writes) is left to catch up.
       const auto now = std::chrono::steady_clock::now();
-      if (probe_revision_ && mirror_->revision() < probe_revision_ && now - probe_at_ > std::chrono::seconds(3)) {
-        log(LogLevel::Warn, "broker", "the mirror of the lock space stopped at revision ", mirror_->revision(),
-            " (etcd is at ", *probe, "): reading it again");
-        set_unavailable("this broker's view of the lock space fell behind etcd; reading it again");
+      const std::int64_t seen = mirror_->revision();
+      if (!probe_revision_ || seen >= probe_revision_ || seen != probe_seen_) {
+        probe_revision_ = *probe;
+        probe_at_ = now;
+        probe_seen_ = seen;
+        set_unavailable("");
+      } else if (now - probe_at_ > std::chrono::seconds(3)) {
+        log(LogLevel::Warn, "broker", "the mirror of the lock space stopped at revision ", seen, " (etcd is at ",
+            *probe, "): reading it again");
+        set_unavailable("this broker's view of the lock space stopped following etcd; reading it again");
         mirror_->resync();
         probe_revision_ = *probe;
         probe_at_ = now;
-      } else {
-        if (!probe_revision_ || mirror_->revision() >= probe_revision_) {
-          probe_revision_ = *probe;
-          probe_at_ = now;
-        }
-        set_unavailable("");
       }
     }
     lock.lock();

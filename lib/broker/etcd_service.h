@@ -157,6 +157,7 @@ class EtcdService : public RequestHandler {
   // The keeper's probe of the mirror: the revision of its last write of the broker's
   // key, and when it was made; a mirror that does not reach it in time is re-read.
   std::int64_t probe_revision_ = 0;
+  std::int64_t probe_seen_ = 0;  // the mirror's revision then
   std::chrono::steady_clock::time_point probe_at_;
 
   // io thread only

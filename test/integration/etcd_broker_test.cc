@@ -372,12 +372,14 @@ TEST_CASE("with an etcd store a wait outlives compactions of etcd's history", "[
   REQUIRE(test::etcd_installed());
   test::EtcdCluster cluster;
   auto b1 = etcd_broker(cluster);
-  auto b2 = etcd_broker(cluster, {"--etcd-session-ttl", "20"});
+  auto b2 = etcd_broker(cluster, {"--etcd-session-ttl", "120"});  // (stopped for a while below)
   const std::string k = key_for("compact");
   BrokerClient c1(b1->endpoint());
   etcd::EtcdClient store(cluster.endpoints(), 15s);
 
-  CallResult h = c1.acquire(req(k, LockMode::Write, "H"));
+  AcquireRequest hr = req(k, LockMode::Write, "H");
+  hr.lease_ms = 600'000;  // (the bulk writes below may take long on a loaded machine)
+  CallResult h = c1.acquire(hr);
   REQUIRE(h.status == CallStatus::Ok);
   Pending w = acquire_async(b2->endpoint(), req(k, LockMode::Write, "W"));
   REQUIRE(queue_reaches(b1->endpoint(), k, 1));
