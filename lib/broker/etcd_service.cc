@@ -175,6 +175,18 @@ json::array drop_ended(Queue& q, Micros now) {
   return deletes;
 }
 
+// The entry at `key` when the write marked `op` is in it (a write whose answer was
+// lost, read back with a fresh deadline); nullopt when it is not, or etcd cannot say.
+std::optional<Entry> applied(EtcdClient& c, const std::string& key, const std::string& op) {
+  Result<etcd::RangeResult> r = c.range(etcd::range_request(key));
+  if (!r.ok() || r->kvs.empty()) return std::nullopt;
+  Result<Entry> e = etcd::decode_entry(r->kvs.front());
+  if (!e.ok() || e->op != op) return std::nullopt;
+  return std::move(*e);
+}
+
+std::string new_op() { return random_token().substr(0, 12); }
+
 std::string lease_hex(std::int64_t lease) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%" PRIx64, static_cast<std::uint64_t>(lease));
@@ -505,10 +517,17 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
     // empty (no key in its range has a version) takes the lock without waiting for
     // the mirror to catch up; otherwise its failure branch reads the queue.
     Entry mine = fresh;
+    mine.op = new_op();
     json::array success = grant_writes(mine, now, lease, vkey);
     Result<etcd::TxnResult> r = txn(c, {etcd::compare_range(prefix, end, "VERSION", "EQUAL", 0)}, success,
                                     {etcd::txn_range(prefix, end), etcd::txn_range(vkey)}, Retry::Idempotent);
-    if (!r.ok()) return {K::Unavailable, {}, 0, "etcd: " + r.message()};
+    if (!r.ok()) {
+      if (std::optional<Entry> e = applied(c, mine.key, mine.op)) {
+        remember(*e);
+        return {K::Granted, *e, version, ""};
+      }
+      return {K::Unavailable, mine, 0, "etcd: " + r.message()};  // (what it may have made)
+    }
     if (r->succeeded) {
       mine.create_revision = mine.mod_revision = r->revision;
       mine.etcd_lease = lease;
@@ -546,6 +565,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
       // broker's release granted it, or this broker restarted): it claims the lock,
       // as it is, with its lease renewed.
       result = *claimed;
+      result.op = new_op();
       result.attach = fresh.attach;
       result.lease_expires_at = std::max(result.lease_expires_at, now + result.lease_ms * 1000);
       compares.push_back(etcd::compare(result.key, "MOD", "EQUAL", result.mod_revision));
@@ -556,6 +576,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
               "session " + p.session + " would wait for '" + p.key + "', which it holds itself (read)"};
     } else if (re == etcd::Reentry::Again || re == etcd::Reentry::UpgradeNow) {
       result = *etcd::held_by(q, p.owner);
+      result.op = new_op();
       result.hold_count += 1;
       if (p.mode == LockMode::Write) result.mode = LockMode::Write;
       result.lease_expires_at = std::max(result.lease_expires_at, now + result.lease_ms * 1000);
@@ -566,6 +587,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
       // The repeat of a queued request (its client's retry, or after a restart of
       // whichever broker had it): the entry keeps its place and is this broker's now.
       result = *orphan;
+      result.op = new_op();
       result.broker = fresh.broker;
       result.attach = fresh.attach;
       compares.push_back(etcd::compare(result.key, "MOD", "EQUAL", result.mod_revision));
@@ -574,6 +596,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
       retry = Retry::Once;
     } else {
       result = fresh;
+      result.op = new_op();
       result.upgrade = re == etcd::Reentry::Upgrade;
       q.push_back(result);
       const bool now_free = etcd::standings(q).back() == etcd::Standing::Grantable;
@@ -594,7 +617,14 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
     }
     for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
     Result<etcd::TxnResult> r = txn(c, compares, success, failure, retry);
-    if (!r.ok()) return {K::Unavailable, {}, 0, "etcd: " + r.message()};
+    if (!r.ok()) {
+      // No answer in time: the write may still have been applied (its mark says).
+      std::optional<Entry> e = applied(c, result.key, result.op);
+      if (!e) return {K::Unavailable, made ? result : Entry{}, 0, "etcd: " + r.message()};
+      if (kind == K::Queued) return after_queued(c, *e);
+      remember(*e);
+      return {K::Granted, *e, version, ""};
+    }
     if (r->succeeded) {
       result.mod_revision = r->revision;
       if (made) result.create_revision = r->revision;
@@ -666,6 +696,7 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, M
     if (const Entry* held = etcd::upgrade_target(q, static_cast<std::size_t>(it - q.begin()))) {
       // The owner's read becomes its write (the upgrade keeps the read's fence).
       result = *held;
+      result.op = new_op();
       result.mode = LockMode::Write;
       result.hold_count += 1;
       result.lease_expires_at = std::max(result.lease_expires_at, now + result.lease_ms * 1000);
@@ -675,11 +706,18 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, M
       retry = Retry::Once;  // (applied twice it would look vanished)
     } else {
       result = mine;
+      result.op = new_op();
       success = grant_writes(result, now, result.etcd_lease, vkey);
     }
     for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
     Result<etcd::TxnResult> r = txn(c, compares, success, failure, retry);
-    if (!r.ok()) return {K::Unavailable, mine, 0, "etcd: " + r.message()};
+    if (!r.ok()) {
+      if (std::optional<Entry> e = applied(c, result.key, result.op)) {
+        remember(*e);
+        return {K::Granted, *e, version, ""};
+      }
+      return {K::Unavailable, mine, 0, "etcd: " + r.message()};
+    }
     if (r->succeeded) {
       result.mod_revision = r->revision;
       remember(result);
@@ -770,6 +808,9 @@ void EtcdService::acquired(std::uint64_t ticket, Outcome o) {
         return;
       }
       if (had_entry) cancel_entry(*w.entry);
+      // The entry its write made may yet show up (applied, its answer lost, and etcd
+      // could not say): removed if it does, unless changed since (taken up).
+      else if (!o.entry.key.empty()) doubtful_[o.entry.key] = {o.entry.op, wall_clock_micros()};
       return finish(status_answer(503, "unavailable", o.error));
   }
 }
@@ -892,9 +933,10 @@ void EtcdService::release(const std::string& body, Reply& reply) {
       json::array success, compares{etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)};
       if (changed && e->mode == LockMode::Write)
         success.push_back(etcd::txn_put(etcd::version_key(e->lock_key), std::to_string(e->fence())));
-      if (e->hold_count > 1) {
-        Entry left = *e;
-        --left.hold_count;
+      Entry left = *e;
+      left.op = new_op();
+      --left.hold_count;
+      if (left.hold_count > 0) {
         success.push_back(etcd::txn_put(left.key, etcd::encode_entry(left), left.etcd_lease));
       } else {
         success.push_back(etcd::txn_delete(e->key));
@@ -908,14 +950,25 @@ void EtcdService::release(const std::string& body, Reply& reply) {
       // Not sent twice: a second application would count one release twice.
       Result<etcd::TxnResult> r = txn(c, compares, success, {etcd::txn_range(e->key)}, Retry::Once);
       if (!r.ok()) {
-        out.answer = status_answer(503, "unavailable", "etcd: " + r.message());
+        // No answer in time: read back whether it was applied (the count's mark, or
+        // the entry gone).
+        bool done = false;
+        if (left.hold_count > 0) {
+          done = applied(c, left.key, left.op).has_value();
+        } else if (Result<etcd::RangeResult> now = c.range(etcd::range_request(e->key)); now.ok()) {
+          done = now->kvs.empty();
+        }
+        if (done) {
+          out = {status_answer(200, "released"), true};
+          forget(lock_id);
+        } else {
+          out.answer = status_answer(503, "unavailable", "etcd: " + r.message());
+        }
         break;
       }
       if (r->succeeded) {
         out = {status_answer(200, "released"), true};
-        if (e->hold_count > 1) {
-          Entry left = *e;
-          --left.hold_count;
+        if (left.hold_count > 0) {
           left.mod_revision = r->revision;
           remember(left);
         } else {
@@ -1115,7 +1168,10 @@ void EtcdService::evaluate() {
     for (const Entry& e : q) {
       if (sweeping_.count(e.key)) continue;
       std::string why;
-      if (e.held) {
+      if (auto d = doubtful_.find(e.key); d != doubtful_.end() && d->second.first == e.op) {
+        why = "its request was answered 503 before etcd said it had been written";
+        doubtful_.erase(d);
+      } else if (e.held) {
         // Ended by its lease or the hold cap: its own broker deletes it at once, any
         // other one a moment later (whichever comes first; the other's compare fails).
         const Micros end = e.ends_at() + (e.broker == me ? 0 : kForeignSweepDelayUs);
@@ -1167,6 +1223,8 @@ void EtcdService::evaluate() {
     }
   }
   unattached_ = std::move(unattached);
+  for (auto d = doubtful_.begin(); d != doubtful_.end();)
+    d = now - d->second.second > 60'000'000 ? doubtful_.erase(d) : std::next(d);
   if (next) arm_timer(*next);
 }
 

@@ -172,6 +172,8 @@ class EtcdService : public RequestHandler {
   BrokerMetrics metrics_;
   std::map<std::string, Micros> sweeping_;    // entries being deleted, since when
   std::map<std::string, Micros> unattached_;  // entries of ours no request waits on, since when
+  // Entries an acquire answered 503 may have made: key -> (its write's mark, when).
+  std::map<std::string, std::pair<std::string, Micros>> doubtful_;
 };
 
 }  // namespace gate

@@ -70,7 +70,7 @@ std::string encode_entry(const Entry& e) {
   for (const auto& [field, value] : {std::pair{"session", &e.session}, std::pair{"broker", &e.broker},
                                      std::pair{"request_id", &e.request_id}, std::pair{"lock_id", &e.lock_id},
                                      std::pair{"agent", &e.agent}, std::pair{"command", &e.command},
-                                     std::pair{"attach", &e.attach}})
+                                     std::pair{"attach", &e.attach}, std::pair{"op", &e.op}})
     if (!value->empty()) o[field] = *value;
   if (e.upgrade) o["upgrade"] = true;
   if (e.held) {
@@ -115,6 +115,7 @@ Result<Entry> decode_entry(const KeyValue& kv) {
   text("request_id", e.request_id);
   text("lock_id", e.lock_id);
   text("attach", e.attach);
+  text("op", e.op);
   text("agent", e.agent);
   text("command", e.command);
   number("pid", e.pid);

@@ -43,6 +43,9 @@ struct Entry {
   // Which request of its broker waits on it: made afresh by each (re-)attachment, so
   // that an older request on the same entry knows it was superseded.
   std::string attach;
+  // The last write's own mark: a writer whose answer was lost reads the entry back
+  // and knows whether its write was applied.
+  std::string op;
   bool held = false;             // marked granted by its broker
   std::int64_t hold_count = 0;   // while held: at least 1
   bool upgrade = false;          // a write asked while its owner holds read here

@@ -200,7 +200,7 @@ TEST_CASE("with an etcd store a deadlock across two brokers is refused", "[etcd]
   CallResult cycle = c2.acquire(req(k1, LockMode::Write, "S2"));
   CHECK(cycle.status == CallStatus::Deadlock);
   CHECK(cycle.error.find("S2") != std::string::npos);
-  CHECK(queued(b1->endpoint(), k1) == 0);  // the refused request left no entry
+  CHECK(test::eventually([&] { return queued(b1->endpoint(), k1) == 0; }));  // the refused request left no entry
 
   REQUIRE(c1.release(s2.lock.lock_id, "S2").status == CallStatus::Ok);
   REQUIRE(w.ready(10s));
