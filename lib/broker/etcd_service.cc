@@ -119,6 +119,25 @@ const Entry* find_entry(const Queue& q, const std::string& key) {
   return nullptr;
 }
 
+std::string new_op() { return random_token().substr(0, 12); }
+
+// The deletes of `e` and of its lock id's key.
+json::array delete_writes(const Entry& e) {
+  json::array deletes{etcd::txn_delete(e.key)};
+  if (!e.lock_id.empty()) deletes.push_back(etcd::txn_delete(etcd::id_key(e.lock_id)));
+  return deletes;
+}
+
+// What ends one hold of `held`: *left is it with its count one lower and a fresh
+// mark, put while a hold stays; at the last hold the entry goes (delete_writes).
+json::array release_writes(const Entry& held, Entry* left) {
+  *left = held;
+  left->op = new_op();
+  --left->hold_count;
+  if (left->hold_count > 0) return {etcd::txn_put(left->key, etcd::encode_entry(*left), left->etcd_lease)};
+  return delete_writes(held);
+}
+
 // `e` granted now: held once, with a fresh lock id; what writes it (with its lock id's
 // key, under `lease`) and reads the key's version (`vkey`; none when empty), last.
 json::array grant_writes(Entry& e, Micros now, std::int64_t lease, const std::string& vkey) {
@@ -168,8 +187,7 @@ json::array drop_ended(Queue& q, Micros now) {
       ++it;
       continue;
     }
-    deletes.push_back(etcd::txn_delete(it->key));
-    if (!it->lock_id.empty()) deletes.push_back(etcd::txn_delete(etcd::id_key(it->lock_id)));
+    for (auto& d : delete_writes(*it)) deletes.push_back(std::move(d));
     it = q.erase(it);
   }
   return deletes;
@@ -184,8 +202,6 @@ std::optional<Entry> applied(EtcdClient& c, const std::string& key, const std::s
   if (!e.ok() || e->op != op) return std::nullopt;
   return std::move(*e);
 }
-
-std::string new_op() { return random_token().substr(0, 12); }
 
 std::string lease_hex(std::int64_t lease) {
   char buf[32];
@@ -419,9 +435,8 @@ std::uint64_t EtcdService::handle(const std::string& method, const std::string& 
   } else if (path == "/v1/health") {
     health(reply);
   } else if (path == "/metrics") {
-    std::int64_t rev = 0;
     std::size_t held = 0, queued = 0;
-    for (const auto& [key, q] : mirror_->snapshot(&rev))
+    for (const auto& [key, q] : mirror_->snapshot())
       for (const Entry& e : q) ++(e.held ? held : queued);
     std::string text = metrics_exposition(metrics_, held, queued);
     text += "# HELP gate_etcd_resyncs_total Whole reads of the lock space after the watch fell behind a compaction.\n"
@@ -829,8 +844,7 @@ void EtcdService::cancel_entry(const Entry& e) {
       Queue now = queue_from(*r, 0);
       if (!now.empty() && now.front().held && now.front().attach == e.attach) {
         const Entry& g = now.front();
-        r = txn(c, {etcd::compare(g.key, "MOD", "EQUAL", g.mod_revision)},
-                {etcd::txn_delete(g.key), etcd::txn_delete(etcd::id_key(g.lock_id))}, {}, Retry::Idempotent);
+        r = txn(c, {etcd::compare(g.key, "MOD", "EQUAL", g.mod_revision)}, delete_writes(g), {}, Retry::Idempotent);
       }
     }
     if (!r.ok())
@@ -843,16 +857,10 @@ void EtcdService::give_back(const Entry& held) {
   run_job([this, id = held.lock_id, owner = held.owner](EtcdClient& c) {
     Result<std::optional<Entry>> e = find_lock(c, id);
     if (!e.ok() || !*e) return;
-    Entry left = **e;
-    json::array success;
-    if (left.hold_count > 1) {
-      --left.hold_count;
-      success = {etcd::txn_put(left.key, etcd::encode_entry(left), left.etcd_lease)};
-    } else {
-      success = {etcd::txn_delete(left.key), etcd::txn_delete(etcd::id_key(id))};
-    }
-    Result<etcd::TxnResult> r = txn(c, {etcd::compare(left.key, "MOD", "EQUAL", left.mod_revision)}, success, {},
-                                      Retry::Once);
+    Entry left;
+    json::array success = release_writes(**e, &left);
+    Result<etcd::TxnResult> r =
+        txn(c, {etcd::compare(left.key, "MOD", "EQUAL", (*e)->mod_revision)}, success, {}, Retry::Once);
     log(LogLevel::Debug, "broker", "client of ", id, " went away before its grant was sent; ",
         r.ok() && r->succeeded ? "given back" : "it ends with its lease");
   });
@@ -933,14 +941,9 @@ void EtcdService::release(const std::string& body, Reply& reply) {
       json::array success, compares{etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)};
       if (changed && e->mode == LockMode::Write)
         success.push_back(etcd::txn_put(etcd::version_key(e->lock_key), std::to_string(e->fence())));
-      Entry left = *e;
-      left.op = new_op();
-      --left.hold_count;
-      if (left.hold_count > 0) {
-        success.push_back(etcd::txn_put(left.key, etcd::encode_entry(left), left.etcd_lease));
-      } else {
-        success.push_back(etcd::txn_delete(e->key));
-        success.push_back(etcd::txn_delete(etcd::id_key(lock_id)));
+      Entry left;
+      for (auto& w : release_writes(*e, &left)) success.push_back(std::move(w));
+      if (left.hold_count == 0) {
         // The first try also grants the next in line (a failed compare: the plain
         // release again, and their brokers grant them).
         if (attempt == 0)
@@ -1205,10 +1208,8 @@ void EtcdService::evaluate() {
       }
       sweeping_[e.key] = now;
       run_job([this, e, why](EtcdClient& c) {
-        json::array success{etcd::txn_delete(e.key)};
-        if (!e.lock_id.empty()) success.push_back(etcd::txn_delete(etcd::id_key(e.lock_id)));
         Result<etcd::TxnResult> r =
-            txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, success, {}, Retry::Idempotent);
+            txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, delete_writes(e), {}, Retry::Idempotent);
         const bool done = r.ok() && r->succeeded;
         if (done)
           log(LogLevel::Info, "broker", "dropped ", e.held ? "" : "queued ", to_string(e.mode), " ",
