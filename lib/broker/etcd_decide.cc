@@ -1,0 +1,428 @@
+// EtcdService's decisions (etcd_service.h): what a worker thread writes to etcd for an
+// acquire or a grant, in transactions guarded by the queue as seen, and the helpers
+// the request side shares with it.
+#include <boost/json.hpp>
+
+#include <algorithm>
+
+#include "broker/etcd_service_impl.h"
+#include "core/log.h"
+#include "core/token.h"
+
+namespace gate {
+
+namespace etcd_parts {
+
+namespace {
+
+const json::object* response_range(const etcd::TxnResult& r, std::size_t i) {
+  if (i >= r.responses.size() || !r.responses[i].is_object()) return nullptr;
+  const json::value* v = r.responses[i].as_object().if_contains("response_range");
+  return v && v->is_object() ? &v->as_object() : nullptr;
+}
+
+}  // namespace
+
+// The queue a transaction's failure branch read (entries not gate's are left out).
+Queue queue_from(const etcd::TxnResult& r, std::size_t i) {
+  Queue q;
+  const json::object* range = response_range(r, i);
+  if (!range) return q;
+  Result<etcd::RangeResult> rr = etcd::decode_range(*range);
+  if (!rr.ok()) return q;
+  for (const etcd::KeyValue& kv : rr->kvs)
+    if (Result<Entry> e = etcd::decode_entry(kv); e.ok()) q.push_back(std::move(*e));
+  std::sort(q.begin(), q.end(), [](const Entry& a, const Entry& b) { return a.create_revision < b.create_revision; });
+  return q;
+}
+
+std::uint64_t version_from(const etcd::TxnResult& r, std::size_t i) {
+  const json::object* range = response_range(r, i);
+  if (!range) return 0;
+  Result<etcd::RangeResult> rr = etcd::decode_range(*range);
+  if (!rr.ok() || rr->kvs.empty()) return 0;
+  try {
+    return std::stoull(rr->kvs.front().value);
+  } catch (const std::exception&) {
+    return 0;
+  }
+}
+
+const Entry* find_entry(const Queue& q, const std::string& key) {
+  for (const Entry& e : q)
+    if (e.key == key) return &e;
+  return nullptr;
+}
+
+std::string new_op() { return random_token().substr(0, 12); }
+
+// The deletes of `e` and of its lock id's key.
+json::array delete_writes(const Entry& e) {
+  json::array deletes{etcd::txn_delete(e.key)};
+  if (!e.lock_id.empty()) deletes.push_back(etcd::txn_delete(etcd::id_key(e.lock_id)));
+  return deletes;
+}
+
+// What ends one hold of `held`: *left is it with its count one lower and a fresh
+// mark, put while a hold stays; at the last hold the entry goes (delete_writes).
+json::array release_writes(const Entry& held, Entry* left) {
+  *left = held;
+  left->op = new_op();
+  --left->hold_count;
+  if (left->hold_count > 0) return {etcd::txn_put(left->key, etcd::encode_entry(*left), left->etcd_lease)};
+  return delete_writes(held);
+}
+
+// `e` granted now: held once, with a fresh lock id; what writes it (with its lock id's
+// key, under `lease`) and reads the key's version (`vkey`; none when empty), last.
+json::array grant_writes(Entry& e, Micros now, std::int64_t lease, const std::string& vkey) {
+  e.held = true;
+  e.upgrade = false;
+  e.hold_count = 1;
+  e.acquired_at = now;
+  e.lease_expires_at = now + e.lease_ms * 1000;
+  e.lock_id = random_token();
+  json::array writes{etcd::txn_put(e.key, etcd::encode_entry(e), lease),
+                     etcd::txn_put(etcd::id_key(e.lock_id), e.key, lease)};
+  if (!vkey.empty()) writes.push_back(etcd::txn_range(vkey));
+  return writes;
+}
+
+// What the release of `gone` lets in, granted in the release's own transaction (so a
+// hand-off costs one write; the waiters' brokers see their entries held and answer):
+// the writes, and in *compares what keeps them right (every entry up to the last one
+// granted is as the mirror shows it). None when the mirror does not show `gone` as
+// it is, or the next in line is an upgrade (left to its own broker).
+json::array hand_off(const Queue& queue, const Entry& gone, Micros now, json::array* compares) {
+  Queue q = queue;
+  auto it = std::find_if(q.begin(), q.end(), [&](const Entry& x) { return x.key == gone.key; });
+  if (it == q.end() || it->mod_revision != gone.mod_revision) return {};
+  q.erase(it);
+  const std::vector<etcd::Standing> st = etcd::standings(q);
+  json::array writes;
+  std::size_t last = q.size();
+  for (std::size_t i = 0; i < q.size(); ++i) {
+    if (st[i] == etcd::Standing::Held) continue;
+    if (st[i] == etcd::Standing::Waiting || q[i].upgrade || (q[i].held && q[i].ends_at() <= now)) break;
+    Entry g = q[i];
+    for (auto& w : grant_writes(g, now, g.etcd_lease, "")) writes.push_back(std::move(w));
+    last = i;
+  }
+  if (last == q.size()) return {};
+  for (std::size_t j = 0; j <= last; ++j) compares->push_back(etcd::compare(q[j].key, "MOD", "EQUAL", q[j].mod_revision));
+  return writes;
+}
+
+// Takes the held entries of `q` whose lease or hold cap ended by `now` out of it; the
+// deletes of them (and their lock ids' keys), for the transaction that decides.
+json::array drop_ended(Queue& q, Micros now) {
+  json::array deletes;
+  for (auto it = q.begin(); it != q.end();) {
+    if (!it->held || it->ends_at() > now) {
+      ++it;
+      continue;
+    }
+    for (auto& d : delete_writes(*it)) deletes.push_back(std::move(d));
+    it = q.erase(it);
+  }
+  return deletes;
+}
+
+// The entry at `key` when the write marked `op` is in it (a write whose answer was
+// lost, read back with a fresh deadline); nullopt when it is not, or etcd cannot say.
+std::optional<Entry> applied(EtcdClient& c, const std::string& key, const std::string& op) {
+  Result<etcd::RangeResult> r = c.range(etcd::range_request(key));
+  if (!r.ok() || r->kvs.empty()) return std::nullopt;
+  Result<Entry> e = etcd::decode_entry(r->kvs.front());
+  if (!e.ok() || e->op != op) return std::nullopt;
+  return std::move(*e);
+}
+
+}  // namespace etcd_parts
+
+using namespace etcd_parts;
+
+Result<etcd::TxnResult> EtcdService::txn(EtcdClient& c, const json::array& compares, const json::array& success,
+                                         const json::array& failure, Retry retry) {
+  Result<etcd::TxnResult> r = c.txn(compares, success, failure, retry);
+  if (r.ok()) {
+    std::int64_t seen = written_.load();
+    while (r->revision > seen && !written_.compare_exchange_weak(seen, r->revision)) {
+    }
+  }
+  return r;
+}
+
+void EtcdService::catch_up() const {
+  // What this broker wrote (or read in a failure branch) is in its mirror within a
+  // millisecond or two; deciding on an older view would only fail its compare.
+  mirror_->wait_for(written_.load(), kCatchUp);
+}
+
+EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams& p, Entry fresh, Micros now) {
+  using K = Outcome::Kind;
+  const std::string prefix = etcd::queue_prefix(p.key), end = etcd::prefix_end(prefix);
+  const std::string vkey = etcd::version_key(p.key);
+  const Session s = session();
+  if (!s.lease) return {K::Unavailable, {}, 0, "this broker has no etcd session (taking a new one)"};
+  const std::int64_t lease = s.lease;
+  fresh.broker = s.id;
+  etcd::SpaceMirror::KeyView view = mirror_->view(p.key);
+  Queue q = std::move(view.queue);
+  std::int64_t rev = view.revision;
+  std::uint64_t version = view.version;
+  if (q.empty() || rev < written_.load()) {
+    // Most keys have no queue: one transaction that holds only while the queue is
+    // empty (no key in its range has a version) takes the lock without waiting for
+    // the mirror to catch up; otherwise its failure branch reads the queue.
+    Entry mine = fresh;
+    mine.op = new_op();
+    json::array success = grant_writes(mine, now, lease, vkey);
+    Result<etcd::TxnResult> r = txn(c, {etcd::compare_range(prefix, end, "VERSION", "EQUAL", 0)}, success,
+                                    {etcd::txn_range(prefix, end), etcd::txn_range(vkey)}, Retry::Idempotent);
+    if (!r.ok()) {
+      if (std::optional<Entry> e = applied(c, mine.key, mine.op)) {
+        remember(*e);
+        return {K::Granted, *e, version, ""};
+      }
+      return {K::Unavailable, mine, 0, "etcd: " + r.message()};  // (what it may have made)
+    }
+    if (r->succeeded) {
+      mine.create_revision = mine.mod_revision = r->revision;
+      mine.etcd_lease = lease;
+      remember(mine);
+      return {K::Granted, mine, version_from(*r, success.size() - 1), ""};
+    }
+    q = queue_from(*r, 0);
+    version = version_from(*r, 1);
+    rev = r->revision;
+  }
+  for (int attempt = 0; attempt < kAttempts; ++attempt) {
+    // A write of ours that etcd applied though its answer was lost.
+    if (const Entry* mine = find_entry(q, fresh.key)) {
+      if (mine->held) return {K::Granted, *mine, version, ""};
+      return after_queued(c, *mine);
+    }
+    // Locks whose lease or hold cap ended are gone for this decision, and deleted by
+    // its transaction (the range compare says they are as seen).
+    json::array sweeps = drop_ended(q, now);
+    json::array compares{etcd::compare_range(prefix, end, "MOD", "LESS", rev + 1)};
+    json::array success, failure{etcd::txn_range(prefix, end), etcd::txn_range(vkey)};
+    Entry result;
+    K kind = K::Granted;
+    bool made = false;  // the transaction makes `result` (its create revision is the txn's)
+    Retry retry = Retry::Idempotent;
+    const etcd::Reentry re = etcd::reentry(q, p.owner, p.mode);
+    const Entry* orphan = nullptr;
+    if (!p.request_id.empty() && (re == etcd::Reentry::None || re == etcd::Reentry::Upgrade))
+      for (const Entry& e : q)
+        if (!e.held && e.request_id == p.request_id && e.owner == p.owner && e.mode == p.mode) orphan = &e;
+    const Entry* claimed = etcd::held_by(q, p.owner);
+    if (claimed && (p.request_id.empty() || claimed->request_id != p.request_id)) claimed = nullptr;
+    if (claimed) {
+      // The repeat of a request that was granted while its client was away (another
+      // broker's release granted it, or this broker restarted): it claims the lock,
+      // as it is, with its lease renewed.
+      result = *claimed;
+      result.op = new_op();
+      result.attach = fresh.attach;
+      result.lease_expires_at = std::max(result.lease_expires_at, now + result.lease_ms * 1000);
+      compares.push_back(etcd::compare(result.key, "MOD", "EQUAL", result.mod_revision));
+      success = {etcd::txn_put(result.key, etcd::encode_entry(result), result.etcd_lease), etcd::txn_range(vkey)};
+    } else if (re == etcd::Reentry::Deadlock) {
+      if (p.timeout_ms && *p.timeout_ms <= 0) return {K::Timeout, {}, 0, ""};  // a try, as LockTable answers it
+      return {K::Deadlock, {}, 0,
+              "session " + p.session + " would wait for '" + p.key + "', which it holds itself (read)"};
+    } else if (re == etcd::Reentry::Again || re == etcd::Reentry::UpgradeNow) {
+      result = *etcd::held_by(q, p.owner);
+      result.op = new_op();
+      result.hold_count += 1;
+      if (p.mode == LockMode::Write) result.mode = LockMode::Write;
+      result.lease_expires_at = std::max(result.lease_expires_at, now + result.lease_ms * 1000);
+      compares.push_back(etcd::compare(result.key, "MOD", "EQUAL", result.mod_revision));
+      success = {etcd::txn_put(result.key, etcd::encode_entry(result), result.etcd_lease), etcd::txn_range(vkey)};
+      retry = Retry::Once;  // a second application would count the hold twice
+    } else if (orphan) {
+      // The repeat of a queued request (its client's retry, or after a restart of
+      // whichever broker had it): the entry keeps its place and is this broker's now.
+      result = *orphan;
+      result.op = new_op();
+      result.broker = fresh.broker;
+      result.attach = fresh.attach;
+      compares.push_back(etcd::compare(result.key, "MOD", "EQUAL", result.mod_revision));
+      success = {etcd::txn_put(result.key, etcd::encode_entry(result), lease)};
+      kind = K::Queued;
+      retry = Retry::Once;
+    } else {
+      result = fresh;
+      result.op = new_op();
+      result.upgrade = re == etcd::Reentry::Upgrade;
+      q.push_back(result);
+      const bool now_free = etcd::standings(q).back() == etcd::Standing::Grantable;
+      q.pop_back();
+      made = true;
+      compares.push_back(etcd::compare(result.key, "CREATE", "EQUAL", 0));
+      if (now_free) {
+        success = grant_writes(result, now, lease, vkey);
+      } else if (p.timeout_ms && *p.timeout_ms <= 0) {
+        return {K::Timeout, {}, 0, ""};
+      } else {
+        // A waiting entry needs no view of the queue: its place is its create revision.
+        compares = {etcd::compare(result.key, "CREATE", "EQUAL", 0)};
+        success = {etcd::txn_put(result.key, etcd::encode_entry(result), lease)};
+        sweeps.clear();  // (no view of the queue behind this write)
+        kind = K::Queued;
+      }
+    }
+    for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
+    Result<etcd::TxnResult> r = txn(c, compares, success, failure, retry);
+    if (!r.ok()) {
+      // No answer in time: the write may still have been applied (its mark says).
+      std::optional<Entry> e = applied(c, result.key, result.op);
+      if (!e) return {K::Unavailable, made ? result : Entry{}, 0, "etcd: " + r.message()};
+      if (kind == K::Queued) return after_queued(c, *e);
+      remember(*e);
+      return {K::Granted, *e, version, ""};
+    }
+    if (r->succeeded) {
+      result.mod_revision = r->revision;
+      if (made) result.create_revision = r->revision;
+      result.etcd_lease = kind == K::Queued || made ? lease : result.etcd_lease;
+      if (kind == K::Queued) return after_queued(c, result);
+      remember(result);
+      return {K::Granted, result, version_from(*r, success.size() - 1), ""};
+    }
+    q = queue_from(*r, 0);
+    version = version_from(*r, 1);
+    rev = r->revision;
+  }
+  return {K::Unavailable, {}, 0, "the queue of '" + p.key + "' kept changing; try again"};
+}
+
+EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
+  using K = Outcome::Kind;
+  // Deadlock detection over the space as it was when the entry was made: an entry made
+  // later that closes a cycle is the one refused (its own check finds it).
+  mirror_->wait_for(e.mod_revision, std::chrono::seconds(2));  // (a re-attachment's write, too)
+  etcd::Space space = mirror_->snapshot();
+  for (auto& [key, q] : space)
+    q.erase(std::remove_if(q.begin(), q.end(), [&](const Entry& x) { return x.create_revision > e.create_revision; }),
+            q.end());
+  Queue& own = space[e.lock_key];
+  if (!find_entry(own, e.key)) {
+    own.push_back(e);
+    std::sort(own.begin(), own.end(), [](const Entry& a, const Entry& b) { return a.create_revision < b.create_revision; });
+  }
+  if (std::optional<std::string> cycle = etcd::deadlock(space, e)) {
+    Result<etcd::TxnResult> r = txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
+                                      {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
+    if (!r.ok()) log(LogLevel::Warn, "broker", "could not remove the refused request ", e.key, ": ", r.message());
+    return {K::Deadlock, {}, 0, *cycle};
+  }
+  return {K::Queued, std::move(e), 0, ""};
+}
+
+EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, Micros now) {
+  using K = Outcome::Kind;
+  const std::string& entry_key = known.key;
+  const std::string& lock_key = known.lock_key;
+  catch_up();
+  etcd::SpaceMirror::KeyView view = mirror_->view(lock_key);
+  Queue q = std::move(view.queue);
+  std::int64_t rev = view.revision;
+  std::uint64_t version = view.version;
+  const std::string prefix = etcd::queue_prefix(lock_key), end = etcd::prefix_end(prefix);
+  const std::string vkey = etcd::version_key(lock_key);
+  for (int attempt = 0; attempt < kAttempts; ++attempt) {
+    json::array sweeps = drop_ended(q, now);
+    auto it = std::find_if(q.begin(), q.end(), [&](const Entry& e) { return e.key == entry_key; });
+    if (it == q.end()) return {K::Vanished, {}, 0, ""};
+    const Entry& mine = *it;
+    if (mine.attach != known.attach) {
+      // Re-attached by a later request with the same request_id (here or on another
+      // broker); a view older than this request's own write proves nothing yet.
+      if (mine.mod_revision < known.mod_revision) return {K::NotYet, {}, 0, ""};
+      return {K::Superseded, mine, 0, ""};
+    }
+    if (mine.held) return {K::Granted, mine, version, ""};
+    if (etcd::standings(q)[static_cast<std::size_t>(it - q.begin())] != etcd::Standing::Grantable)
+      return {K::NotYet, {}, 0, ""};
+    json::array compares{etcd::compare_range(prefix, end, "MOD", "LESS", rev + 1),
+                         etcd::compare(mine.key, "MOD", "EQUAL", mine.mod_revision)};
+    json::array success, failure{etcd::txn_range(prefix, end), etcd::txn_range(vkey)};
+    Entry result;
+    Retry retry = Retry::Idempotent;  // a second application fails its compares
+    if (const Entry* held = etcd::upgrade_target(q, static_cast<std::size_t>(it - q.begin()))) {
+      // The owner's read becomes its write (the upgrade keeps the read's fence).
+      result = *held;
+      result.op = new_op();
+      result.mode = LockMode::Write;
+      result.hold_count += 1;
+      result.lease_expires_at = std::max(result.lease_expires_at, now + result.lease_ms * 1000);
+      compares.push_back(etcd::compare(result.key, "MOD", "EQUAL", result.mod_revision));
+      success = {etcd::txn_put(result.key, etcd::encode_entry(result), result.etcd_lease), etcd::txn_delete(mine.key),
+                 etcd::txn_range(vkey)};
+      retry = Retry::Once;  // (applied twice it would look vanished)
+    } else {
+      result = mine;
+      result.op = new_op();
+      success = grant_writes(result, now, result.etcd_lease, vkey);
+    }
+    for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
+    Result<etcd::TxnResult> r = txn(c, compares, success, failure, retry);
+    if (!r.ok()) {
+      if (std::optional<Entry> e = applied(c, result.key, result.op)) {
+        remember(*e);
+        return {K::Granted, *e, version, ""};
+      }
+      return {K::Unavailable, mine, 0, "etcd: " + r.message()};
+    }
+    if (r->succeeded) {
+      result.mod_revision = r->revision;
+      remember(result);
+      return {K::Granted, result, version_from(*r, success.size() - 1), ""};
+    }
+    q = queue_from(*r, 0);
+    version = version_from(*r, 1);
+    rev = r->revision;
+  }
+  return {K::Unavailable, {}, 0, "the queue of '" + lock_key + "' kept changing"};
+}
+
+void EtcdService::remember(const Entry& held) {
+  std::lock_guard lock(recent_mu_);
+  recent_[held.lock_id] = {held, std::chrono::steady_clock::now()};
+}
+
+void EtcdService::forget(const std::string& lock_id) {
+  std::lock_guard lock(recent_mu_);
+  recent_.erase(lock_id);
+}
+
+Result<std::optional<Entry>> EtcdService::find_lock(EtcdClient& c, const std::string& lock_id) {
+  std::optional<Entry> mirrored = mirror_->find_lock(lock_id);
+  {
+    // A grant of this broker's a moment ago, which the mirror may not show yet (an
+    // older copy only costs a failed compare).
+    std::lock_guard lock(recent_mu_);
+    if (auto it = recent_.find(lock_id); it != recent_.end()) {
+      if (!mirrored || mirrored->mod_revision < it->second.first.mod_revision) return std::optional<Entry>(it->second.first);
+      recent_.erase(it);  // the mirror has caught up with it
+    }
+  }
+  if (mirrored && mirrored->held) return mirrored;
+  catch_up();
+  if (std::optional<Entry> e = mirror_->find_lock(lock_id); e && e->held) return e;
+  // Granted a moment ago on another broker, and not in the mirror yet: etcd has it.
+  Result<etcd::RangeResult> id = c.range(etcd::range_request(etcd::id_key(lock_id)));
+  if (!id.ok()) return id.status();
+  if (id->kvs.empty()) return std::optional<Entry>();
+  Result<etcd::RangeResult> entry = c.range(etcd::range_request(id->kvs.front().value));
+  if (!entry.ok()) return entry.status();
+  if (entry->kvs.empty()) return std::optional<Entry>();
+  Result<Entry> e = etcd::decode_entry(entry->kvs.front());
+  if (!e.ok() || !e->held || e->lock_id != lock_id) return std::optional<Entry>();
+  return std::optional<Entry>(std::move(*e));
+}
+
+}  // namespace gate

@@ -1,0 +1,161 @@
+// EtcdService's etcd session and start (etcd_service.h): the lease its entries live
+// under, kept in the state directory for a restart; the mirror and the threads
+// started; the keeper thread, which renews the lease and tells whether etcd answers
+// and whether the mirror keeps following it.
+#include <boost/asio/post.hpp>
+#include <boost/json.hpp>
+
+#include <cinttypes>
+#include <cstdio>
+
+#include "broker/etcd_service_impl.h"
+#include "core/files.h"
+#include "core/log.h"
+#include "gate/version.h"
+
+namespace gate {
+
+namespace {
+
+std::string lease_hex(std::int64_t lease) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%" PRIx64, static_cast<std::uint64_t>(lease));
+  return buf;
+}
+
+}  // namespace
+
+std::string EtcdService::broker_id() const {
+  std::lock_guard lock(health_mu_);
+  return broker_id_;
+}
+
+EtcdService::Session EtcdService::session() const {
+  std::lock_guard lock(health_mu_);
+  return {lease_.load(), broker_id_};
+}
+
+std::string EtcdService::unavailable() const {
+  std::lock_guard lock(health_mu_);
+  return unavailable_;
+}
+
+void EtcdService::set_unavailable(std::string why) {
+  std::lock_guard lock(health_mu_);
+  if (why != unavailable_) {
+    if (why.empty()) log(LogLevel::Info, "broker", "etcd answers again");
+    else log(LogLevel::Warn, "broker", "answering 503: ", why);
+  }
+  unavailable_ = std::move(why);
+}
+
+Status EtcdService::take_session(EtcdClient& c) {
+  const std::string path = opts_.state_dir + "/etcd-session";
+  std::int64_t lease = 0;
+  if (!lease_.load()) {
+    // A restart within the lease's TTL keeps the last run's entries: their places.
+    const std::string saved = read_file(path, 64).value_or("");
+    try {
+      if (!saved.empty()) lease = std::stoll(saved);
+    } catch (const std::exception&) {
+      lease = 0;
+    }
+    if (lease) {
+      Result<std::int64_t> ttl = c.lease_ttl(lease);
+      if (!ttl.ok()) return Status::failure("cannot reach etcd: " + ttl.message());
+      if (*ttl <= 0) lease = 0;
+      else log(LogLevel::Info, "broker", "taking up the etcd session of the last run (lease ", lease_hex(lease), ", ",
+               *ttl, " s left): its queued requests keep their places");
+    }
+  }
+  if (!lease) {
+    Result<std::int64_t> granted = c.lease_grant(std::max<std::int64_t>(2, opts_.session_ttl_s));
+    if (!granted.ok()) return Status::failure("cannot take an etcd session lease: " + granted.message());
+    lease = *granted;
+    if (Status s = replace_file(path, std::to_string(lease) + "\n"); !s.ok())
+      return Status::failure("cannot save the etcd session in " + path + ": " + s.message());
+  }
+  json::object me{{"address", opts_.address}, {"version", kVersion}, {"started_at", format_iso8601(wall_clock_micros())}};
+  Result<std::int64_t> put = c.put(etcd::broker_key(lease_hex(lease)), json::serialize(me), lease);
+  if (!put.ok()) return Status::failure("cannot register with etcd: " + put.message());
+  std::lock_guard lock(health_mu_);
+  broker_id_ = lease_hex(lease);
+  lease_ = lease;
+  return {};
+}
+
+Status EtcdService::start() {
+  keeper_client_ = std::make_unique<EtcdClient>(opts_.endpoints, opts_.call_timeout);
+  if (Status s = take_session(*keeper_client_); !s.ok()) return s;
+  mirror_ = std::make_unique<etcd::SpaceMirror>(opts_.endpoints, [this] { schedule_evaluate(); });
+  if (Status s = mirror_->start(); !s.ok()) return s;
+  start_revision_ = mirror_->revision();
+  started_at_ = wall_clock_micros();
+  const std::string me = broker_id();
+  for (const auto& [key, q] : mirror_->snapshot())
+    for (const Entry& e : q) restored_waiting_ += !e.held && e.broker == me;
+  workers_.start();
+  keeper_ = start_quiet_thread([this] { keeper_main(); });
+  boost::asio::post(ioc_, [this] { evaluate(); });
+  return {};
+}
+
+void EtcdService::keeper_main() {
+  const auto every = std::chrono::milliseconds(std::max<std::int64_t>(200, opts_.session_ttl_s * 1000 / 4));
+  std::unique_lock lock(keeper_mu_);
+  while (!keeper_cv_.wait_for(lock, every, [&] { return keeper_stop_; })) {
+    lock.unlock();
+    {
+      // Grants the mirror has long shown (or that ended elsewhere) are forgotten.
+      std::lock_guard recent(recent_mu_);
+      const auto old = std::chrono::steady_clock::now() - std::chrono::seconds(30);
+      for (auto it = recent_.begin(); it != recent_.end();) it = it->second.second < old ? recent_.erase(it) : std::next(it);
+    }
+    Result<std::int64_t> ttl = keeper_client_->lease_keepalive(lease_.load());
+    if (!ttl.ok()) {
+      set_unavailable("etcd does not answer (" + ttl.message() + ")");
+    } else if (*ttl <= 0) {
+      // Out of touch for longer than the TTL: etcd ended the session and every entry
+      // under it; waiters hear 503 when their entries vanish (evaluate()).
+      log(LogLevel::Error, "broker", "the etcd session (lease ", lease_hex(lease_.load()),
+          ") ended: its locks and queued requests are gone; taking a new one");
+      set_unavailable("this broker's etcd session ended; taking a new one");
+      {
+        std::lock_guard health(health_mu_);
+        lease_ = 0;
+      }
+      if (Status s = take_session(*keeper_client_); !s.ok()) set_unavailable(s.message());
+      else set_unavailable("");
+    } else if (Result<std::int64_t> probe = keeper_client_->put(
+                   etcd::broker_key(broker_id()),
+                   json::serialize(json::object{{"address", opts_.address}, {"version", kVersion},
+                                                {"alive_at", format_iso8601(wall_clock_micros())}}),
+                   lease_.load());
+               !probe.ok()) {
+      set_unavailable("etcd does not answer (" + probe.message() + ")");
+    } else {
+      // Every write under /gate/v1/ reaches the mirror's watch in milliseconds. A
+      // mirror behind this write that has not moved at all for 3 s hangs on a member
+      // cut off from the cluster: the space is read again (and 503 meanwhile). One
+      // that is behind but moving (a burst of writes) is left to catch up.
+      const auto now = std::chrono::steady_clock::now();
+      const std::int64_t seen = mirror_->revision();
+      if (!probe_revision_ || seen >= probe_revision_ || seen != probe_seen_) {
+        probe_revision_ = *probe;
+        probe_at_ = now;
+        probe_seen_ = seen;
+        set_unavailable("");
+      } else if (now - probe_at_ > std::chrono::seconds(3)) {
+        log(LogLevel::Warn, "broker", "the mirror of the lock space stopped at revision ", seen, " (etcd is at ",
+            *probe, "): reading it again");
+        set_unavailable("this broker's view of the lock space stopped following etcd; reading it again");
+        mirror_->resync();
+        probe_revision_ = *probe;
+        probe_at_ = now;
+      }
+    }
+    lock.lock();
+  }
+}
+
+}  // namespace gate
