@@ -85,6 +85,7 @@ int main(int argc, char** argv) {
   run("range", *eps, n, clients, [](EtcdClient& c, int, int i) {
     return c.range(range_request("/gate-floor/p/" + std::to_string(i % 64))).ok();
   });
-  EtcdClient(*eps).delete_range("/gate-floor/", prefix_end("/gate-floor/"));
+  if (!EtcdClient(*eps).delete_range("/gate-floor/", prefix_end("/gate-floor/")).ok())
+    std::fprintf(stderr, "etcd_floor: could not delete /gate-floor/\n");
   return 0;
 }

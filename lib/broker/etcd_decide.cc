@@ -56,12 +56,7 @@ const Entry* find_entry(const Queue& q, const std::string& key) {
 
 std::string new_op() { return random_token().substr(0, 12); }
 
-// The deletes of `e` and of its lock id's key.
-json::array delete_writes(const Entry& e) {
-  json::array deletes{etcd::txn_delete(e.key)};
-  if (!e.lock_id.empty()) deletes.push_back(etcd::txn_delete(etcd::id_key(e.lock_id)));
-  return deletes;
-}
+json::array delete_writes(const Entry& e) { return {etcd::txn_delete(e.key)}; }
 
 // What ends one hold of `held`: *left is it with its count one lower and a fresh
 // mark, put while a hold stays; at the last hold the entry goes (delete_writes).
@@ -73,8 +68,8 @@ json::array release_writes(const Entry& held, Entry* left) {
   return delete_writes(held);
 }
 
-// `e` granted now: held once, with a fresh lock id; what writes it (with its lock id's
-// key, under `lease`) and reads the key's version (`vkey`; none when empty), last.
+// `e` granted now: held once, with a fresh lock id; what writes it (under `lease`) and
+// reads the key's version (`vkey`; none when empty), last.
 json::array grant_writes(Entry& e, Micros now, std::int64_t lease, const std::string& vkey) {
   e.held = true;
   e.upgrade = false;
@@ -82,8 +77,7 @@ json::array grant_writes(Entry& e, Micros now, std::int64_t lease, const std::st
   e.acquired_at = now;
   e.lease_expires_at = now + e.lease_ms * 1000;
   e.lock_id = random_token();
-  json::array writes{etcd::txn_put(e.key, etcd::encode_entry(e), lease),
-                     etcd::txn_put(etcd::id_key(e.lock_id), e.key, lease)};
+  json::array writes{etcd::txn_put(e.key, etcd::encode_entry(e), lease)};
   if (!vkey.empty()) writes.push_back(etcd::txn_range(vkey));
   return writes;
 }
@@ -114,7 +108,7 @@ json::array hand_off(const Queue& queue, const Entry& gone, Micros now, json::ar
 }
 
 // Takes the held entries of `q` whose lease or hold cap ended by `now` out of it; the
-// deletes of them (and their lock ids' keys), for the transaction that decides.
+// deletes of them, for the transaction that decides.
 json::array drop_ended(Queue& q, Micros now) {
   json::array deletes;
   for (auto it = q.begin(); it != q.end();) {
@@ -142,9 +136,9 @@ std::optional<Entry> applied(EtcdClient& c, const std::string& key, const std::s
 
 using namespace etcd_parts;
 
-Result<etcd::TxnResult> EtcdService::txn(EtcdClient& c, const json::array& compares, const json::array& success,
-                                         const json::array& failure, Retry retry) {
-  Result<etcd::TxnResult> r = c.txn(compares, success, failure, retry);
+Result<etcd::TxnResult> EtcdService::txn(EtcdClient& c, const std::string& lock_key, const json::array& compares,
+                                         const json::array& success, const json::array& failure, Retry retry) {
+  Result<etcd::TxnResult> r = batcher_.txn(c, lock_key, compares, success, failure, retry);
   if (r.ok()) {
     std::int64_t seen = written_.load();
     while (r->revision > seen && !written_.compare_exchange_weak(seen, r->revision)) {
@@ -159,7 +153,8 @@ void EtcdService::catch_up() const {
   mirror_->wait_for(written_.load(), kCatchUp);
 }
 
-EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams& p, Entry fresh, Micros now) {
+EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, const AcquireParams& p, Entry fresh,
+                                              Micros now) {
   using K = Outcome::Kind;
   const std::string prefix = etcd::queue_prefix(p.key), end = etcd::prefix_end(prefix);
   const std::string vkey = etcd::version_key(p.key);
@@ -167,6 +162,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
   if (!s.lease) return {K::Unavailable, {}, 0, "this broker has no etcd session (taking a new one)"};
   const std::int64_t lease = s.lease;
   fresh.broker = s.id;
+  fresh.slot = slot;
   etcd::SpaceMirror::KeyView view = mirror_->view(p.key);
   Queue q = std::move(view.queue);
   std::int64_t rev = view.revision;
@@ -178,7 +174,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
     Entry mine = fresh;
     mine.op = new_op();
     json::array success = grant_writes(mine, now, lease, vkey);
-    Result<etcd::TxnResult> r = txn(c, {etcd::compare_range(prefix, end, "VERSION", "EQUAL", 0)}, success,
+    Result<etcd::TxnResult> r = txn(c, p.key, {etcd::compare_range(prefix, end, "VERSION", "EQUAL", 0)}, success,
                                     {etcd::txn_range(prefix, end), etcd::txn_range(vkey)}, Retry::Idempotent);
     if (!r.ok()) {
       if (std::optional<Entry> e = applied(c, mine.key, mine.op)) {
@@ -275,7 +271,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, const AcquireParams
       }
     }
     for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
-    Result<etcd::TxnResult> r = txn(c, compares, success, failure, retry);
+    Result<etcd::TxnResult> r = txn(c, p.key, compares, success, failure, retry);
     if (!r.ok()) {
       // No answer in time: the write may still have been applied (its mark says).
       std::optional<Entry> e = applied(c, result.key, result.op);
@@ -314,7 +310,7 @@ EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
     std::sort(own.begin(), own.end(), [](const Entry& a, const Entry& b) { return a.create_revision < b.create_revision; });
   }
   if (std::optional<std::string> cycle = etcd::deadlock(space, e)) {
-    Result<etcd::TxnResult> r = txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
+    Result<etcd::TxnResult> r = txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
                                       {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
     if (!r.ok()) log(LogLevel::Warn, "broker", "could not remove the refused request ", e.key, ": ", r.message());
     return {K::Deadlock, {}, 0, *cycle};
@@ -369,7 +365,7 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, M
       success = grant_writes(result, now, result.etcd_lease, vkey);
     }
     for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
-    Result<etcd::TxnResult> r = txn(c, compares, success, failure, retry);
+    Result<etcd::TxnResult> r = txn(c, lock_key, compares, success, failure, retry);
     if (!r.ok()) {
       if (std::optional<Entry> e = applied(c, result.key, result.op)) {
         remember(*e);
@@ -413,16 +409,16 @@ Result<std::optional<Entry>> EtcdService::find_lock(EtcdClient& c, const std::st
   if (mirrored && mirrored->held) return mirrored;
   catch_up();
   if (std::optional<Entry> e = mirror_->find_lock(lock_id); e && e->held) return e;
-  // Granted a moment ago on another broker, and not in the mirror yet: etcd has it.
-  Result<etcd::RangeResult> id = c.range(etcd::range_request(etcd::id_key(lock_id)));
-  if (!id.ok()) return id.status();
-  if (id->kvs.empty()) return std::optional<Entry>();
-  Result<etcd::RangeResult> entry = c.range(etcd::range_request(id->kvs.front().value));
-  if (!entry.ok()) return entry.status();
-  if (entry->kvs.empty()) return std::optional<Entry>();
-  Result<Entry> e = etcd::decode_entry(entry->kvs.front());
-  if (!e.ok() || !e->held || e->lock_id != lock_id) return std::optional<Entry>();
-  return std::optional<Entry>(std::move(*e));
+  // Granted a moment ago on another broker, and not in the mirror yet: the mirror is
+  // brought up to etcd's revision of now (one read), and asked again. (A grant costs no
+  // index key of its own; this path is the rare one.)
+  Result<etcd::RangeResult> now = c.range(etcd::range_request(std::string(etcd::kRoot)));
+  if (!now.ok()) return now.status();
+  if (!mirror_->wait_for(now->revision, kMirrorWait))
+    return Status::failure("this broker's view of etcd is behind (revision " + std::to_string(mirror_->revision()) +
+                           " of " + std::to_string(now->revision) + ")");
+  if (std::optional<Entry> e = mirror_->find_lock(lock_id); e && e->held) return e;
+  return std::optional<Entry>();
 }
 
 }  // namespace gate

@@ -4,6 +4,7 @@
 #include <boost/json.hpp>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "broker/etcd_service_impl.h"
 #include "broker/lock_json.h"
@@ -67,7 +68,8 @@ QueuedRequest to_queued(const Entry& e) {
 }  // namespace
 
 EtcdService::EtcdService(boost::asio::io_context& ioc, EtcdServiceOptions options)
-    : ioc_(ioc), opts_(std::move(options)), workers_(std::max<std::size_t>(1, opts_.workers), "etcd"),
+    : ioc_(ioc), opts_(std::move(options)),
+      workers_(std::clamp<std::size_t>(opts_.workers, 1, etcd::kFenceSlots - 1), "etcd"),
       timer_(ioc) {}
 
 EtcdService::~EtcdService() { stop(); }
@@ -97,16 +99,22 @@ void EtcdService::stop() {
 template <typename F>
 void EtcdService::run_job(F&& fn) {
   workers_.post([this, fn = std::forward<F>(fn)]() mutable {
-    std::unique_ptr<EtcdClient> c;
+    std::pair<std::unique_ptr<EtcdClient>, std::int64_t> c;
     {
       std::lock_guard lock(clients_mu_);
       if (!idle_clients_.empty()) {
         c = std::move(idle_clients_.back());
         idle_clients_.pop_back();
+      } else {
+        // (never more clients than workers, plus the caller's after stop())
+        c.second = clients_made_++ % etcd::kFenceSlots;
       }
     }
-    if (!c) c = std::make_unique<EtcdClient>(opts_.endpoints, opts_.call_timeout);
-    fn(*c);
+    if (!c.first) c.first = std::make_unique<EtcdClient>(opts_.endpoints, opts_.call_timeout);
+    if constexpr (std::is_invocable_v<F&, EtcdClient&, std::int64_t>)
+      fn(*c.first, c.second);
+    else
+      fn(*c.first);
     std::lock_guard lock(clients_mu_);
     idle_clients_.push_back(std::move(c));
   });
@@ -149,7 +157,13 @@ std::uint64_t EtcdService::handle(const std::string& method, const std::string& 
             std::to_string(mirror_->resyncs()) +
             "\n# HELP gate_etcd_revision The etcd revision this broker's mirror has applied.\n"
             "# TYPE gate_etcd_revision gauge\ngate_etcd_revision " +
-            std::to_string(mirror_->revision()) + "\n";
+            std::to_string(mirror_->revision()) +
+            "\n# HELP gate_etcd_txn_batches_total Calls to etcd that carried this broker's decisions (batches).\n"
+            "# TYPE gate_etcd_txn_batches_total counter\ngate_etcd_txn_batches_total " +
+            std::to_string(batcher_.batches()) +
+            "\n# HELP gate_etcd_txns_total This broker's decisions written to etcd (in the batches).\n"
+            "# TYPE gate_etcd_txns_total counter\ngate_etcd_txns_total " +
+            std::to_string(batcher_.transactions()) + "\n";
     answer(std::move(reply), {200, std::move(text), "text/plain; version=0.0.4"});
   } else if (path.substr(0, 14) == "/v1/delegation") {
     ++metrics_.bad_requests;
@@ -214,8 +228,8 @@ void EtcdService::acquire(const std::string& body, Reply& reply, std::uint64_t* 
   *ticket = t;
   if (w->deadline) arm_timer(*w->deadline);
   waiters_[t] = std::move(w);
-  run_job([this, t, p = std::move(p), fresh = std::move(fresh), now](EtcdClient& c) {
-    Outcome o = acquire_job(c, p, fresh, now);
+  run_job([this, t, p = std::move(p), fresh = std::move(fresh), now](EtcdClient& c, std::int64_t slot) {
+    Outcome o = acquire_job(c, slot, p, fresh, now);
     boost::asio::post(ioc_, [this, t, o = std::move(o)]() mutable { acquired(t, std::move(o)); });
   });
 }
@@ -311,7 +325,7 @@ void EtcdService::schedule_evaluate() {
 
 void EtcdService::cancel_entry(const Entry& e) {
   run_job([this, e](EtcdClient& c) {
-    Result<etcd::TxnResult> r = txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
+    Result<etcd::TxnResult> r = txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
                                     {etcd::txn_delete(e.key)}, {etcd::txn_range(e.key)}, Retry::Idempotent);
     if (r.ok() && !r->succeeded) {
       // Granted meanwhile by a release's hand-off: nobody will hear of that grant, so
@@ -319,7 +333,7 @@ void EtcdService::cancel_entry(const Entry& e) {
       Queue now = queue_from(*r, 0);
       if (!now.empty() && now.front().held && now.front().attach == e.attach) {
         const Entry& g = now.front();
-        r = txn(c, {etcd::compare(g.key, "MOD", "EQUAL", g.mod_revision)}, delete_writes(g), {}, Retry::Idempotent);
+        r = txn(c, g.lock_key, {etcd::compare(g.key, "MOD", "EQUAL", g.mod_revision)}, delete_writes(g), {}, Retry::Idempotent);
       }
     }
     if (!r.ok())
@@ -335,7 +349,7 @@ void EtcdService::give_back(const Entry& held) {
     Entry left;
     json::array success = release_writes(**e, &left);
     Result<etcd::TxnResult> r =
-        txn(c, {etcd::compare(left.key, "MOD", "EQUAL", (*e)->mod_revision)}, success, {}, Retry::Once);
+        txn(c, left.lock_key, {etcd::compare(left.key, "MOD", "EQUAL", (*e)->mod_revision)}, success, {}, Retry::Once);
     log(LogLevel::Debug, "broker", "client of ", id, " went away before its grant was sent; ",
         r.ok() && r->succeeded ? "given back" : "it ends with its lease");
   });
@@ -390,7 +404,7 @@ void EtcdService::release(const std::string& body, Reply& reply) {
             success.push_back(std::move(w));
       }
       // Not sent twice: a second application would count one release twice.
-      Result<etcd::TxnResult> r = txn(c, compares, success, {etcd::txn_range(e->key)}, Retry::Once);
+      Result<etcd::TxnResult> r = txn(c, e->lock_key, compares, success, {etcd::txn_range(e->key)}, Retry::Once);
       if (!r.ok()) {
         // No answer in time: read back whether it was applied (the count's mark, or
         // the entry gone).
@@ -456,7 +470,7 @@ void EtcdService::heartbeat(const std::string& body, Reply& reply) {
       if (lease_ms && *lease_ms > 0) renewed.lease_ms = *lease_ms;
       renewed.lease_expires_at = now + renewed.lease_ms * 1000;
       Result<etcd::TxnResult> r =
-          txn(c, {etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)},
+          txn(c, e->lock_key, {etcd::compare(e->key, "MOD", "EQUAL", e->mod_revision)},
                 {etcd::txn_put(renewed.key, etcd::encode_entry(renewed), renewed.etcd_lease),
                  etcd::txn_range(etcd::version_key(renewed.lock_key))},
                 {etcd::txn_range(e->key)}, Retry::Idempotent);
@@ -648,7 +662,7 @@ void EtcdService::evaluate() {
       sweeping_[e.key] = now;
       run_job([this, e, why](EtcdClient& c) {
         Result<etcd::TxnResult> r =
-            txn(c, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, delete_writes(e), {}, Retry::Idempotent);
+            txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, delete_writes(e), {}, Retry::Idempotent);
         const bool done = r.ok() && r->succeeded;
         if (done)
           log(LogLevel::Info, "broker", "dropped ", e.held ? "" : "queued ", to_string(e.mode), " ",

@@ -41,6 +41,7 @@
 #include "etcd/etcd_client.h"
 #include "etcd/etcd_space.h"
 #include "etcd/space_mirror.h"
+#include "etcd/txn_batcher.h"
 #include "lock/lock_table.h"
 
 namespace gate {
@@ -113,16 +114,20 @@ class EtcdService : public RequestHandler {
   // ---- worker threads (blocking etcd calls) ----
   template <typename F>
   void run_job(F&& fn);
-  Outcome acquire_job(etcd::EtcdClient& c, const AcquireParams& p, etcd::Entry fresh, Micros now);
+  // `slot`: the client's (Entry::slot), for the entry it makes.
+  Outcome acquire_job(etcd::EtcdClient& c, std::int64_t slot, const AcquireParams& p, etcd::Entry fresh, Micros now);
   Outcome grant_job(etcd::EtcdClient& c, const etcd::Entry& known, Micros now);
   Outcome after_queued(etcd::EtcdClient& c, etcd::Entry e);
-  // A transaction; the revision it saw is noted for catch_up().
-  Result<etcd::TxnResult> txn(etcd::EtcdClient& c, const boost::json::array& compares,
+  // A transaction on the queue of `lock_key` (batched with other keys' decisions);
+  // the revision it saw is noted for catch_up().
+  Result<etcd::TxnResult> txn(etcd::EtcdClient& c, const std::string& lock_key, const boost::json::array& compares,
                               const boost::json::array& success, const boost::json::array& failure,
                               etcd::Retry retry);
   // Waits (briefly) until the mirror has what this broker's transactions saw.
   void catch_up() const;
   static constexpr std::chrono::milliseconds kCatchUp{200};
+  // How long a lookup of a lock waits for the mirror to reach etcd's present revision.
+  static constexpr std::chrono::milliseconds kMirrorWait{2'000};
   // Grants of this broker's, kept until the mirror shows them (or their release).
   void remember(const etcd::Entry& held);
   void forget(const std::string& lock_id);
@@ -140,7 +145,10 @@ class EtcdService : public RequestHandler {
   std::unique_ptr<etcd::SpaceMirror> mirror_;
   std::unique_ptr<etcd::EtcdClient> keeper_client_;
   std::mutex clients_mu_;
-  std::vector<std::unique_ptr<etcd::EtcdClient>> idle_clients_;
+  // Idle etcd clients, each with its slot (Entry::slot: < kFenceSlots, one per client).
+  std::vector<std::pair<std::unique_ptr<etcd::EtcdClient>, std::int64_t>> idle_clients_;
+  std::int64_t clients_made_ = 0;
+  etcd::TxnBatcher batcher_;
   WorkerPool workers_;
   std::atomic<std::int64_t> lease_{0};
   mutable std::mutex health_mu_;

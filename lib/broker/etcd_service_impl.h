@@ -42,13 +42,13 @@ std::uint64_t version_from(const etcd::TxnResult& r, std::size_t i);
 const etcd::Entry* find_entry(const etcd::Queue& q, const std::string& key);
 // A fresh mark for an entry's write (Entry::op).
 std::string new_op();
-// The deletes of `e` and of its lock id's key.
+// What deletes `e`.
 boost::json::array delete_writes(const etcd::Entry& e);
 // What ends one hold of `held`: *left is it with its count one lower and a fresh
 // mark, put while a hold stays; at the last hold the entry goes (delete_writes).
 boost::json::array release_writes(const etcd::Entry& held, etcd::Entry* left);
-// `e` granted now: held once, with a fresh lock id; what writes it (with its lock id's
-// key, under `lease`) and reads the key's version (`vkey`; none when empty), last.
+// `e` granted now: held once, with a fresh lock id; what writes it (under `lease`) and
+// reads the key's version (`vkey`; none when empty), last.
 boost::json::array grant_writes(etcd::Entry& e, Micros now, std::int64_t lease, const std::string& vkey);
 // What the release of `gone` lets in, granted in the release's own transaction, and
 // in *compares what keeps that right (etcd_decide.cc says more).

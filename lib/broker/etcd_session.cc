@@ -85,6 +85,9 @@ Status EtcdService::take_session(EtcdClient& c) {
 }
 
 Status EtcdService::start() {
+  // Writes go to the leader; a client that starts there saves each the hop (a client
+  // keeps its member while it answers, so after an election some go round).
+  opts_.endpoints = etcd::leader_first(opts_.endpoints, std::chrono::milliseconds(500));
   keeper_client_ = std::make_unique<EtcdClient>(opts_.endpoints, opts_.call_timeout);
   if (Status s = take_session(*keeper_client_); !s.ok()) return s;
   mirror_ = std::make_unique<etcd::SpaceMirror>(opts_.endpoints, [this] { schedule_evaluate(); });

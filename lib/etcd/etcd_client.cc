@@ -6,6 +6,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 
+#include <algorithm>
 #include <thread>
 
 #include "core/base64.h"
@@ -317,6 +318,23 @@ Result<json::object> EtcdClient::call(std::string_view route, const json::object
     // Every member failed this round (an election, a restart): a moment before the next.
     std::this_thread::sleep_for(std::min<Clock::duration>(std::chrono::milliseconds(100), deadline - Clock::now()));
   }
+}
+
+std::vector<Endpoint> leader_first(std::vector<Endpoint> endpoints, std::chrono::milliseconds timeout) {
+  for (std::size_t i = 0; i < endpoints.size(); ++i) {
+    EtcdClient one({endpoints[i]}, timeout);
+    Result<json::object> s = one.call("maintenance/status", json::object{}, Retry::Idempotent);
+    if (!s.ok()) continue;
+    // (member ids are uint64, as strings: compared as such)
+    const json::value* leader = s->if_contains("leader");
+    const json::value* header = s->if_contains("header");
+    const json::value* me = header && header->is_object() ? header->as_object().if_contains("member_id") : nullptr;
+    if (!leader || !me || !leader->is_string() || !me->is_string() || *leader != *me) continue;
+    std::rotate(endpoints.begin(), endpoints.begin() + static_cast<std::ptrdiff_t>(i),
+                endpoints.begin() + static_cast<std::ptrdiff_t>(i) + 1);
+    break;
+  }
+  return endpoints;
 }
 
 Result<RangeResult> EtcdClient::range(const json::object& request) {

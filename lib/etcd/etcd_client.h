@@ -85,6 +85,11 @@ boost::json::object txn_range(std::string_view key, std::string_view range_end =
 
 enum class Retry { Idempotent, Once };
 
+// `endpoints` with the member that leads the cluster now first (as far as the members
+// say within `timeout` each; the order is kept otherwise). A write sent to a follower
+// is forwarded to the leader: one hop, and gateway work, more.
+std::vector<Endpoint> leader_first(std::vector<Endpoint> endpoints, std::chrono::milliseconds timeout);
+
 class EtcdClient {
  public:
   explicit EtcdClient(std::vector<Endpoint> endpoints,

@@ -40,7 +40,6 @@ std::string queue_prefix(std::string_view lock_key) { return all_queues_prefix()
 std::string queue_key(std::string_view lock_key, std::string_view request) {
   return queue_prefix(lock_key) + std::string(request);
 }
-std::string id_key(std::string_view lock_id) { return std::string(kRoot) + "id/" + std::string(lock_id); }
 std::string version_key(std::string_view lock_key) { return std::string(kRoot) + "v/" + hex(lock_key); }
 std::string broker_key(std::string_view broker) { return std::string(kRoot) + "b/" + std::string(broker); }
 
@@ -59,26 +58,25 @@ Micros Entry::ends_at() const {
   return end;
 }
 
+// Short field names (docs/etcd-store.md has their table): every grant and release
+// sends an entry through etcd's JSON gateway, whose cost grows with the bytes. The
+// lock key is the queue key's (not repeated); held means a hold count of 1 or more.
 std::string encode_entry(const Entry& e) {
-  json::object o{{"path", e.lock_key},
-                 {"mode", to_string(e.mode)},
-                 {"owner", e.owner},
-                 {"held", e.held},
-                 {"hold_count", e.hold_count},
-                 {"requested_at", e.requested_at},
-                 {"lease_ms", e.lease_ms}};
-  for (const auto& [field, value] : {std::pair{"session", &e.session}, std::pair{"broker", &e.broker},
-                                     std::pair{"request_id", &e.request_id}, std::pair{"lock_id", &e.lock_id},
-                                     std::pair{"agent", &e.agent}, std::pair{"command", &e.command},
-                                     std::pair{"attach", &e.attach}, std::pair{"op", &e.op}})
+  json::object o{{"m", e.mode == LockMode::Write ? "w" : "r"}, {"o", e.owner}, {"rq", e.requested_at}, {"l", e.lease_ms}};
+  for (const auto& [field, value] : {std::pair{"s", &e.session}, std::pair{"b", &e.broker},
+                                     std::pair{"r", &e.request_id}, std::pair{"id", &e.lock_id},
+                                     std::pair{"ag", &e.agent}, std::pair{"cmd", &e.command},
+                                     std::pair{"at", &e.attach}, std::pair{"op", &e.op}})
     if (!value->empty()) o[field] = *value;
-  if (e.upgrade) o["upgrade"] = true;
+  if (e.upgrade) o["up"] = true;
   if (e.held) {
-    o["acquired_at"] = e.acquired_at;
-    o["lease_expires_at"] = e.lease_expires_at;
+    o["n"] = e.hold_count;
+    o["aq"] = e.acquired_at;
+    o["ex"] = e.lease_expires_at;
   }
-  if (e.max_hold_ms) o["max_hold_ms"] = *e.max_hold_ms;
+  if (e.max_hold_ms) o["mh"] = *e.max_hold_ms;
   if (e.pid > 0) o["pid"] = e.pid;
+  if (e.slot > 0) o["sl"] = e.slot;
   return json::serialize(o);
 }
 
@@ -92,6 +90,7 @@ Result<Entry> decode_entry(const KeyValue& kv) {
   const json::object& o = v.as_object();
   Entry e;
   e.key = kv.key;
+  e.lock_key = *lock_key;
   e.create_revision = kv.create_revision;
   e.mod_revision = kv.mod_revision;
   e.etcd_lease = kv.lease;
@@ -101,33 +100,32 @@ Result<Entry> decode_entry(const KeyValue& kv) {
   auto number = [&](const char* field, std::int64_t& out) {
     if (const json::value* f = o.if_contains(field); f && f->is_int64()) out = f->as_int64();
   };
-  text("path", e.lock_key);
-  if (e.lock_key != *lock_key) return bad("its path is not its key's");
-  std::string mode, owner;
-  text("mode", mode);
-  const std::optional<LockMode> m = parse_lock_mode(mode);
-  if (!m) return bad("mode '" + mode + "'");
-  e.mode = *m;
-  text("owner", e.owner);
+  std::string mode;
+  text("m", mode);
+  if (mode != "w" && mode != "r") return bad("mode '" + mode + "'");
+  e.mode = mode == "w" ? LockMode::Write : LockMode::Read;
+  text("o", e.owner);
   if (e.owner.empty()) return bad("no owner");
-  text("session", e.session);
-  text("broker", e.broker);
-  text("request_id", e.request_id);
-  text("lock_id", e.lock_id);
-  text("attach", e.attach);
+  text("s", e.session);
+  text("b", e.broker);
+  text("r", e.request_id);
+  text("id", e.lock_id);
+  text("at", e.attach);
   text("op", e.op);
-  text("agent", e.agent);
-  text("command", e.command);
+  text("ag", e.agent);
+  text("cmd", e.command);
   number("pid", e.pid);
-  if (const json::value* h = o.if_contains("held"); h && h->is_bool()) e.held = h->as_bool();
-  if (const json::value* u = o.if_contains("upgrade"); u && u->is_bool()) e.upgrade = u->as_bool();
-  number("hold_count", e.hold_count);
-  number("requested_at", e.requested_at);
-  number("acquired_at", e.acquired_at);
-  number("lease_expires_at", e.lease_expires_at);
-  number("lease_ms", e.lease_ms);
-  if (const json::value* c = o.if_contains("max_hold_ms"); c && c->is_int64()) e.max_hold_ms = c->as_int64();
-  if (e.held && e.hold_count < 1) return bad("held with a hold count of " + std::to_string(e.hold_count));
+  number("sl", e.slot);
+  if (e.slot < 0 || e.slot >= kFenceSlots) return bad("slot " + std::to_string(e.slot));
+  if (const json::value* u = o.if_contains("up"); u && u->is_bool()) e.upgrade = u->as_bool();
+  number("n", e.hold_count);
+  if (e.hold_count < 0) return bad("a hold count of " + std::to_string(e.hold_count));
+  e.held = e.hold_count > 0;
+  number("rq", e.requested_at);
+  number("aq", e.acquired_at);
+  number("ex", e.lease_expires_at);
+  number("l", e.lease_ms);
+  if (const json::value* c = o.if_contains("mh"); c && c->is_int64()) e.max_hold_ms = c->as_int64();
   return e;
 }
 

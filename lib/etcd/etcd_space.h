@@ -25,11 +25,13 @@ std::optional<std::string> unhex(std::string_view text);
 std::string queue_prefix(std::string_view lock_key);                        // .../q/<hex>/
 std::string queue_key(std::string_view lock_key, std::string_view request);  // .../q/<hex>/<request>
 std::string all_queues_prefix();                                             // .../q/
-std::string id_key(std::string_view lock_id);                                // .../id/<lock_id>
 std::string version_key(std::string_view lock_key);                          // .../v/<hex>
 std::string broker_key(std::string_view broker);                             // .../b/<broker>
 // The lock key a queue key belongs to; nullopt for any other key.
 std::optional<std::string> lock_key_of(std::string_view queue_key);
+
+// Fences per etcd revision: more than the etcd clients of one broker (its workers).
+inline constexpr std::int64_t kFenceSlots = 64;
 
 // One request or lock: a queue key's value, and where etcd keeps it.
 struct Entry {
@@ -56,8 +58,13 @@ struct Entry {
   std::string agent, command;
   std::int64_t pid = 0;
 
-  // Its grant's fence: the create revision, global and increasing in grant order.
-  std::uint64_t fence() const { return static_cast<std::uint64_t>(create_revision); }
+  // Which of its broker's etcd clients made it: entries made in one transaction (a
+  // batch, txn_batcher.h) share a create revision, never a slot.
+  std::int64_t slot = 0;
+
+  // Its grant's fence: from the create revision, so global and increasing in queue
+  // order (kFenceSlots apart, the slot telling apart the entries one batch made).
+  std::uint64_t fence() const { return static_cast<std::uint64_t>(create_revision * kFenceSlots + slot); }
   // When the lease or the hold cap ends it (held entries only).
   Micros ends_at() const;
   // The session deadlock detection follows (the owner when none was given).

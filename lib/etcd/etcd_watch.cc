@@ -77,10 +77,6 @@ Line parse_line(const std::string& text) {
         }
         out.kv = std::move(*k);
       }
-      if (const json::value* prev = e.if_contains("prev_kv")) {
-        Result<KeyValue> p = decode_kv(*prev);
-        if (p.ok()) out.prev = std::move(*p);
-      }
       line.update.events.push_back(std::move(out));
     }
   }
@@ -121,7 +117,6 @@ net::awaitable<void> watch_once(net::io_context& ioc, Attempt& a) {
   ws.text(true);
   json::object create{{"key", base64_encode(a.key)},
                       {"start_revision", std::to_string(a.next.load())},
-                      {"prev_kv", true},
                       {"progress_notify", true}};
   if (!a.range_end.empty()) create["range_end"] = base64_encode(a.range_end);
   const std::string request = json::serialize(json::object{{"create_request", create}});

@@ -28,8 +28,9 @@ namespace gate::etcd {
 
 struct WatchEvent {
   bool deleted = false;
-  KeyValue kv;  // a deletion has only key and mod_revision
-  std::optional<KeyValue> prev;
+  // A deletion has only key and mod_revision. (No previous values: etcd would read
+  // each one back for every watcher.)
+  KeyValue kv;
 };
 
 struct WatchUpdate {

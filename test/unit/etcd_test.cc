@@ -106,7 +106,7 @@ TEST_CASE("the etcd key layout keeps any lock key apart from the slashes of etcd
     CHECK(lock_key_of(queue_key(k, "b1-7")) == k);
     CHECK(queue_prefix(k).find('/', all_queues_prefix().size()) == queue_prefix(k).size() - 1);
   }
-  CHECK_FALSE(lock_key_of(id_key("x")).has_value());
+  CHECK_FALSE(lock_key_of(version_key("x")).has_value());
   CHECK_FALSE(lock_key_of(all_queues_prefix() + "zz/r").has_value());  // not hex
   CHECK_FALSE(lock_key_of(queue_prefix("f")).has_value());              // no request
   CHECK_FALSE(unhex("abc").has_value());
@@ -122,6 +122,7 @@ TEST_CASE("a queue entry survives its trip through etcd and a damaged one is ref
   e.lease_expires_at = 31000;
   e.lease_ms = 30;
   e.max_hold_ms = 5;
+  e.slot = 3;
   KeyValue kv{e.key, encode_entry(e), 42, 43, 1, 0};
   Result<Entry> back = decode_entry(kv);
   REQUIRE(back.ok());
@@ -133,7 +134,9 @@ TEST_CASE("a queue entry survives its trip through etcd and a damaged one is ref
   CHECK(back->lease_expires_at == 31000);
   CHECK(back->max_hold_ms == 5);
   CHECK(back->mod_revision == 43);
-  CHECK(back->fence() == 42);
+  CHECK(back->fence() == 42 * kFenceSlots + 3);  // (the slot tells apart one batch's entries)
+  e.slot = 0;
+  CHECK(decode_entry(KeyValue{e.key, encode_entry(e), 42, 43, 1, 0})->fence() == 42 * kFenceSlots);
   CHECK(back->ends_at() == 6000);  // the cap comes first
 
   auto refused = [&](std::string key, std::string value) {
@@ -141,12 +144,16 @@ TEST_CASE("a queue entry survives its trip through etcd and a damaged one is ref
     return r.ok() ? std::string() : r.message();
   };
   CHECK(refused(kv.key, "not json").find("not JSON") != std::string::npos);
-  CHECK(refused(queue_key("other", "r"), kv.value).find("not its key's") != std::string::npos);
-  CHECK(refused(id_key("x"), kv.value).find("not a queue key") != std::string::npos);
-  CHECK(refused(kv.key, R"({"path":"src/a.c","mode":"both","owner":"o"})").find("mode 'both'") != std::string::npos);
-  CHECK(refused(kv.key, R"({"path":"src/a.c","mode":"read"})").find("no owner") != std::string::npos);
-  CHECK(refused(kv.key, R"({"path":"src/a.c","mode":"read","owner":"o","held":true})").find("hold count") !=
-        std::string::npos);
+  CHECK(refused(version_key("x"), kv.value).find("not a queue key") != std::string::npos);
+  CHECK(refused(kv.key, R"({"m":"both","o":"o"})").find("mode 'both'") != std::string::npos);
+  CHECK(refused(kv.key, R"({"m":"r"})").find("no owner") != std::string::npos);
+  CHECK(refused(kv.key, R"({"m":"r","o":"o","n":-1})").find("hold count") != std::string::npos);
+  CHECK(refused(kv.key, R"({"m":"r","o":"o","sl":64})").find("slot 64") != std::string::npos);
+  // A waiting entry: no hold count.
+  Result<Entry> waiting = decode_entry(KeyValue{kv.key, R"({"m":"r","o":"o"})", 7, 7, 1, 0});
+  REQUIRE(waiting.ok());
+  CHECK_FALSE(waiting->held);
+  CHECK(waiting->lock_key == "src/a.c");
 }
 
 TEST_CASE("entries in create-revision order are held by the contract's FIFO rule", "[etcd]") {

@@ -1,0 +1,105 @@
+// TxnBatcher (txn_batcher.h).
+#include "etcd/txn_batcher.h"
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace gate::etcd {
+
+namespace json = boost::json;
+
+struct TxnBatcher::Pending {
+  std::string_view group;
+  const json::array& compares;
+  const json::array& success;
+  const json::array& failure;
+  Retry retry;
+  bool taken = false;  // in a batch
+  bool done = false;   // result is its answer
+  Result<TxnResult> result = Status::failure("not sent");
+};
+
+TxnBatcher::TxnBatcher(std::size_t max_batch, std::size_t max_in_flight)
+    : max_batch_(std::clamp<std::size_t>(max_batch, 1, 128)), max_in_flight_(std::max<std::size_t>(1, max_in_flight)) {}
+
+Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, const json::array& compares,
+                                  const json::array& success, const json::array& failure, Retry retry) {
+  Pending me{group, compares, success, failure, retry};
+  std::unique_lock lock(mu_);
+  queue_.push_back(&me);
+  while (!me.done) {
+    if (me.taken || in_flight_ >= max_in_flight_) {
+      cv_.wait(lock);
+      continue;
+    }
+    // This thread sends the next batch: itself first, then the oldest waiting ones of
+    // other groups.
+    std::vector<Pending*> batch{&me};
+    me.taken = true;
+    for (Pending* p : queue_) {
+      if (batch.size() == max_batch_) break;
+      if (p->taken || std::any_of(batch.begin(), batch.end(), [&](const Pending* b) { return b->group == p->group; }))
+        continue;
+      p->taken = true;
+      batch.push_back(p);
+    }
+    std::erase_if(queue_, [](const Pending* p) { return p->taken; });
+    ++in_flight_;
+    lock.unlock();
+    send(c, batch);
+    lock.lock();
+    --in_flight_;
+    for (Pending* p : batch) p->done = true;
+    cv_.notify_all();
+  }
+  return std::move(me.result);
+}
+
+void TxnBatcher::send(EtcdClient& c, const std::vector<Pending*>& batch) {
+  ++batches_;
+  transactions_ += batch.size();
+  if (batch.size() == 1) {
+    Pending& p = *batch.front();
+    p.result = c.txn(p.compares, p.success, p.failure, p.retry);
+    return;
+  }
+  json::array nested;
+  Retry retry = Retry::Idempotent;
+  for (const Pending* p : batch) {
+    nested.push_back(json::object{
+        {"request_txn", json::object{{"compare", p->compares}, {"success", p->success}, {"failure", p->failure}}}});
+    if (p->retry == Retry::Once) retry = Retry::Once;  // as the most careful of them
+  }
+  Result<TxnResult> r = c.txn({}, nested, {}, retry);
+  if (!r.ok() && r.message().find(" refused ") != std::string::npos) {
+    // etcd refused the batch itself (not a lost answer: nothing was applied). Each
+    // alone has its own answer; a refusal of its own is its own.
+    for (Pending* p : batch) p->result = c.txn(p->compares, p->success, p->failure, p->retry);
+    batches_ += batch.size();
+    return;
+  }
+  for (std::size_t i = 0; i < batch.size(); ++i) {
+    Pending& p = *batch[i];
+    if (!r.ok()) {
+      p.result = r.status();
+      continue;
+    }
+    const json::object* sub = nullptr;
+    if (i < r->responses.size() && r->responses[i].is_object())
+      if (const json::value* t = r->responses[i].as_object().if_contains("response_txn"); t && t->is_object())
+        sub = &t->as_object();
+    if (!sub) {
+      p.result = Status::failure("etcd answered a batch of " + std::to_string(batch.size()) +
+                                 " transactions without the answer of transaction " + std::to_string(i));
+      continue;
+    }
+    TxnResult t;
+    t.revision = r->revision;  // (the nested answers' headers are empty)
+    if (const json::value* s = sub->if_contains("succeeded"); s && s->is_bool()) t.succeeded = s->as_bool();
+    if (const json::value* rs = sub->if_contains("responses"); rs && rs->is_array()) t.responses = rs->as_array();
+    p.result = std::move(t);
+  }
+}
+
+}  // namespace gate::etcd

@@ -1,0 +1,56 @@
+#pragma once
+// TxnBatcher: group commit of guarded transactions on different lock keys.
+//
+// While a batch is with etcd, the transactions other threads submit wait; the next
+// batch sends them together as one transaction whose success branch holds each as a
+// nested transaction with its own compares and branches (etcd >= 3.3). Each still
+// succeeds or fails alone, and answers as if sent alone (its branch's responses, the
+// batch's revision); etcd makes one raft entry, and its gateway one call, for all of
+// them. A transaction submitted while nothing is with etcd goes at once, alone: one
+// client pays nothing for the batching.
+//
+// etcd refuses a transaction that writes one key twice, so one batch holds at most
+// one transaction per group (the caller's lock key: everything a decision writes is
+// under its own key's queue or is its version key).
+#include <boost/json.hpp>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string_view>
+
+#include "core/status.h"
+#include "etcd/etcd_client.h"
+
+namespace gate::etcd {
+
+class TxnBatcher {
+ public:
+  // At most `max_batch` transactions in one (etcd takes 128 requests per branch), and
+  // `max_in_flight` batches with etcd at once.
+  explicit TxnBatcher(std::size_t max_batch = 32, std::size_t max_in_flight = 1);
+
+  // EtcdClient::txn, batched with what other threads submit meanwhile; sent on `c`
+  // when this thread sends the batch. A batch etcd refuses as a whole is sent again
+  // one transaction at a time; a batch with no answer is that answer to each.
+  Result<TxnResult> txn(EtcdClient& c, std::string_view group, const boost::json::array& compares,
+                        const boost::json::array& success, const boost::json::array& failure, Retry retry);
+
+  std::uint64_t batches() const { return batches_.load(); }       // calls to etcd
+  std::uint64_t transactions() const { return transactions_.load(); }  // in them
+
+ private:
+  struct Pending;
+  void send(EtcdClient& c, const std::vector<Pending*>& batch);
+
+  const std::size_t max_batch_, max_in_flight_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Pending*> queue_;  // submitted, not yet in a batch
+  std::size_t in_flight_ = 0;
+  std::atomic<std::uint64_t> batches_{0}, transactions_{0};
+};
+
+}  // namespace gate::etcd
