@@ -32,7 +32,7 @@ Queue queue_from(const etcd::TxnResult& r, std::size_t i) {
   if (!rr.ok()) return q;
   for (const etcd::KeyValue& kv : rr->kvs)
     if (Result<Entry> e = etcd::decode_entry(kv); e.ok()) q.push_back(std::move(*e));
-  std::sort(q.begin(), q.end(), [](const Entry& a, const Entry& b) { return a.create_revision < b.create_revision; });
+  std::sort(q.begin(), q.end(), etcd::queue_order);
   return q;
 }
 
@@ -137,8 +137,9 @@ std::optional<Entry> applied(EtcdClient& c, const std::string& key, const std::s
 using namespace etcd_parts;
 
 Result<etcd::TxnResult> EtcdService::txn(EtcdClient& c, const std::string& lock_key, const json::array& compares,
-                                         const json::array& success, const json::array& failure, Retry retry) {
-  Result<etcd::TxnResult> r = batcher_.txn(c, lock_key, compares, success, failure, retry);
+                                         const json::array& success, const json::array& failure, Retry retry,
+                                         etcd::Share share) {
+  Result<etcd::TxnResult> r = batcher_.txn(c, lock_key, share, compares, success, failure, retry);
   if (r.ok()) {
     std::int64_t seen = written_.load();
     while (r->revision > seen && !written_.compare_exchange_weak(seen, r->revision)) {
@@ -175,7 +176,8 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
     mine.op = new_op();
     json::array success = grant_writes(mine, now, lease, vkey);
     Result<etcd::TxnResult> r = txn(c, p.key, {etcd::compare_range(prefix, end, "VERSION", "EQUAL", 0)}, success,
-                                    {etcd::txn_range(prefix, end), etcd::txn_range(vkey)}, Retry::Idempotent);
+                                    {etcd::txn_range(prefix, end), etcd::txn_range(vkey)}, Retry::Idempotent,
+                                    etcd::Share::Alone);
     if (!r.ok()) {
       if (std::optional<Entry> e = applied(c, mine.key, mine.op)) {
         remember(*e);
@@ -208,6 +210,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
     K kind = K::Granted;
     bool made = false;  // the transaction makes `result` (its create revision is the txn's)
     Retry retry = Retry::Idempotent;
+    etcd::Share share = etcd::Share::Decides;
     const etcd::Reentry re = etcd::reentry(q, p.owner, p.mode);
     const Entry* orphan = nullptr;
     if (!p.request_id.empty() && (re == etcd::Reentry::None || re == etcd::Reentry::Upgrade))
@@ -257,6 +260,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
       const bool now_free = etcd::standings(q).back() == etcd::Standing::Grantable;
       q.pop_back();
       made = true;
+      share = etcd::Share::Alone;
       compares.push_back(etcd::compare(result.key, "CREATE", "EQUAL", 0));
       if (now_free) {
         success = grant_writes(result, now, lease, vkey);
@@ -267,11 +271,12 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
         compares = {etcd::compare(result.key, "CREATE", "EQUAL", 0)};
         success = {etcd::txn_put(result.key, etcd::encode_entry(result), lease)};
         sweeps.clear();  // (no view of the queue behind this write)
+        share = etcd::Share::Append;
         kind = K::Queued;
       }
     }
     for (auto& op : sweeps) success.insert(success.begin(), std::move(op));
-    Result<etcd::TxnResult> r = txn(c, p.key, compares, success, failure, retry);
+    Result<etcd::TxnResult> r = txn(c, p.key, compares, success, failure, retry, share);
     if (!r.ok()) {
       // No answer in time: the write may still have been applied (its mark says).
       std::optional<Entry> e = applied(c, result.key, result.op);
@@ -302,12 +307,12 @@ EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
   mirror_->wait_for(e.mod_revision, std::chrono::seconds(2));  // (a re-attachment's write, too)
   etcd::Space space = mirror_->snapshot();
   for (auto& [key, q] : space)
-    q.erase(std::remove_if(q.begin(), q.end(), [&](const Entry& x) { return x.create_revision > e.create_revision; }),
+    q.erase(std::remove_if(q.begin(), q.end(), [&](const Entry& x) { return etcd::queue_order(e, x); }),
             q.end());
   Queue& own = space[e.lock_key];
   if (!find_entry(own, e.key)) {
     own.push_back(e);
-    std::sort(own.begin(), own.end(), [](const Entry& a, const Entry& b) { return a.create_revision < b.create_revision; });
+    std::sort(own.begin(), own.end(), etcd::queue_order);
   }
   if (std::optional<std::string> cycle = etcd::deadlock(space, e)) {
     Result<etcd::TxnResult> r = txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},

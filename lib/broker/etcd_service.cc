@@ -163,7 +163,10 @@ std::uint64_t EtcdService::handle(const std::string& method, const std::string& 
             std::to_string(batcher_.batches()) +
             "\n# HELP gate_etcd_txns_total This broker's decisions written to etcd (in the batches).\n"
             "# TYPE gate_etcd_txns_total counter\ngate_etcd_txns_total " +
-            std::to_string(batcher_.transactions()) + "\n";
+            std::to_string(batcher_.transactions()) +
+            "\n# HELP gate_etcd_txn_batch_seconds_total Time the batches spent with etcd.\n"
+            "# TYPE gate_etcd_txn_batch_seconds_total counter\ngate_etcd_txn_batch_seconds_total " +
+            std::to_string(static_cast<double>(batcher_.call_micros()) / 1e6) + "\n";
     answer(std::move(reply), {200, std::move(text), "text/plain; version=0.0.4"});
   } else if (path.substr(0, 14) == "/v1/delegation") {
     ++metrics_.bad_requests;

@@ -77,6 +77,9 @@ Result<Entry> decode_entry(const KeyValue& kv);
 
 // ---- one key's entries, in create-revision order ----
 using Queue = std::vector<Entry>;
+// The queue's order: by create revision, and by slot among the entries one batch made
+// (the order of their fences).
+inline bool queue_order(const Entry& a, const Entry& b) { return a.fence() < b.fence(); }
 
 enum class Standing { Held, Grantable, Waiting };
 // A write may be held when every entry before it is its own owner's (its held read,

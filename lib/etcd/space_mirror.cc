@@ -14,8 +14,7 @@ void put_entry(Space& space, Entry e) {
     *same = std::move(e);
     return;
   }
-  auto at = std::upper_bound(q.begin(), q.end(), e.create_revision,
-                             [](std::int64_t rev, const Entry& x) { return rev < x.create_revision; });
+  auto at = std::upper_bound(q.begin(), q.end(), e, queue_order);
   q.insert(at, std::move(e));
 }
 

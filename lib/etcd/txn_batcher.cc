@@ -2,6 +2,7 @@
 #include "etcd/txn_batcher.h"
 
 #include <algorithm>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@ namespace json = boost::json;
 
 struct TxnBatcher::Pending {
   std::string_view group;
+  Share share;
   const json::array& compares;
   const json::array& success;
   const json::array& failure;
@@ -23,9 +25,28 @@ struct TxnBatcher::Pending {
 TxnBatcher::TxnBatcher(std::size_t max_batch, std::size_t max_in_flight)
     : max_batch_(std::clamp<std::size_t>(max_batch, 1, 128)), max_in_flight_(std::max<std::size_t>(1, max_in_flight)) {}
 
-Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, const json::array& compares,
+namespace {
+
+// Whether `p` may join a batch that holds `batch` (Share says when).
+template <typename P>
+bool may_join(const P& p, const std::vector<P*>& batch) {
+  bool decides = p.share == Share::Decides;
+  for (const P* b : batch) {
+    if (b->group != p.group) continue;
+    if (p.share == Share::Alone || b->share == Share::Alone) return false;
+    if (b->share == Share::Decides) {
+      if (decides) return false;
+      decides = true;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
+Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, Share share, const json::array& compares,
                                   const json::array& success, const json::array& failure, Retry retry) {
-  Pending me{group, compares, success, failure, retry};
+  Pending me{group, share, compares, success, failure, retry};
   std::unique_lock lock(mu_);
   queue_.push_back(&me);
   while (!me.done) {
@@ -33,14 +54,13 @@ Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, const j
       cv_.wait(lock);
       continue;
     }
-    // This thread sends the next batch: itself first, then the oldest waiting ones of
-    // other groups.
+    // This thread sends the next batch: itself first, then the oldest waiting ones
+    // that may join it.
     std::vector<Pending*> batch{&me};
     me.taken = true;
     for (Pending* p : queue_) {
       if (batch.size() == max_batch_) break;
-      if (p->taken || std::any_of(batch.begin(), batch.end(), [&](const Pending* b) { return b->group == p->group; }))
-        continue;
+      if (p->taken || !may_join(*p, batch)) continue;
       p->taken = true;
       batch.push_back(p);
     }
@@ -59,6 +79,15 @@ Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, const j
 void TxnBatcher::send(EtcdClient& c, const std::vector<Pending*>& batch) {
   ++batches_;
   transactions_ += batch.size();
+  const auto started = std::chrono::steady_clock::now();
+  struct Timed {  // (however send returns)
+    std::atomic<std::uint64_t>& total;
+    std::chrono::steady_clock::time_point since;
+    ~Timed() {
+      total += static_cast<std::uint64_t>(
+          std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - since).count());
+    }
+  } timed{call_micros_, started};
   if (batch.size() == 1) {
     Pending& p = *batch.front();
     p.result = c.txn(p.compares, p.success, p.failure, p.retry);

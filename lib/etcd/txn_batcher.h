@@ -9,9 +9,11 @@
 // them. A transaction submitted while nothing is with etcd goes at once, alone: one
 // client pays nothing for the batching.
 //
-// etcd refuses a transaction that writes one key twice, so one batch holds at most
-// one transaction per group (the caller's lock key: everything a decision writes is
-// under its own key's queue or is its version key).
+// etcd evaluates every compare of a batch before any of its writes, and refuses a
+// transaction that writes one key twice; so what shares a batch must not depend on
+// another's writes. Each transaction names its group (the caller's lock key:
+// everything a decision writes is under that key's queue or is its version key) and
+// how it may share a batch with others of its group (Share).
 #include <boost/json.hpp>
 
 #include <atomic>
@@ -26,6 +28,17 @@
 
 namespace gate::etcd {
 
+enum class Share {
+  // With no other of its group: it makes an entry from a view of the whole queue.
+  Alone,
+  // With its group's Appends only: it decides on the entries there (a grant, a
+  // release, a heartbeat, a removal) and makes none.
+  Decides,
+  // With its group's other Appends and one Decides: it makes one new key, which goes
+  // behind all others, and depends on nothing else of its group.
+  Append,
+};
+
 class TxnBatcher {
  public:
   // At most `max_batch` transactions in one (etcd takes 128 requests per branch), and
@@ -35,11 +48,12 @@ class TxnBatcher {
   // EtcdClient::txn, batched with what other threads submit meanwhile; sent on `c`
   // when this thread sends the batch. A batch etcd refuses as a whole is sent again
   // one transaction at a time; a batch with no answer is that answer to each.
-  Result<TxnResult> txn(EtcdClient& c, std::string_view group, const boost::json::array& compares,
+  Result<TxnResult> txn(EtcdClient& c, std::string_view group, Share share, const boost::json::array& compares,
                         const boost::json::array& success, const boost::json::array& failure, Retry retry);
 
   std::uint64_t batches() const { return batches_.load(); }       // calls to etcd
   std::uint64_t transactions() const { return transactions_.load(); }  // in them
+  std::uint64_t call_micros() const { return call_micros_.load(); }    // their time with etcd
 
  private:
   struct Pending;
@@ -50,7 +64,7 @@ class TxnBatcher {
   std::condition_variable cv_;
   std::deque<Pending*> queue_;  // submitted, not yet in a batch
   std::size_t in_flight_ = 0;
-  std::atomic<std::uint64_t> batches_{0}, transactions_{0};
+  std::atomic<std::uint64_t> batches_{0}, transactions_{0}, call_micros_{0};
 };
 
 }  // namespace gate::etcd

@@ -2,6 +2,8 @@
 // it, the --store syntax, key ranges, requests and the decoding of answers.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include "core/base64.h"
 #include "etcd/etcd_client.h"
 
@@ -154,6 +156,22 @@ TEST_CASE("a queue entry survives its trip through etcd and a damaged one is ref
   REQUIRE(waiting.ok());
   CHECK_FALSE(waiting->held);
   CHECK(waiting->lock_key == "src/a.c");
+}
+
+TEST_CASE("entries one batch made are queued by their slots and have fences of their own", "[etcd]") {
+  // Two waiting writes made in one transaction share create revision 9.
+  Entry a = entry(9, "a", W), b = entry(9, "b", W), c = entry(8, "c", W);
+  a.slot = 5;
+  b.slot = 2;
+  CHECK(a.fence() != b.fence());
+  CHECK(queue_order(b, a));
+  CHECK_FALSE(queue_order(a, b));
+  CHECK(queue_order(c, b));  // an older revision first, whatever the slots
+  Queue q{a, b, c};
+  std::sort(q.begin(), q.end(), queue_order);
+  CHECK(q[0].owner == "c");
+  CHECK(q[1].owner == "b");
+  CHECK(standings(q) == std::vector{Standing::Grantable, Standing::Waiting, Standing::Waiting});
 }
 
 TEST_CASE("entries in create-revision order are held by the contract's FIFO rule", "[etcd]") {
