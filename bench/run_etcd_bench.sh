@@ -92,6 +92,13 @@ echo
 echo "######## etcd store: 3 members, brokers on :$e1 and :$e2 (16 clients over both)"
 "$bench" --port "$e1" --port2 "$e2" --broker-pid "$e1_pid" --clients 16 --seconds 5 \
   --only uncontended,contended "$@"
+# What the brokers sent etcd (their TxnBatcher's counters; all runs so far).
+for p in "$e1" "$e2"; do
+  curl -fsS "http://127.0.0.1:$p/metrics" | awk -v p="$p" '
+    /^gate_etcd_txn_batches_total / { b = $2 } /^gate_etcd_txns_total / { t = $2 }
+    /^gate_etcd_txn_batch_seconds_total / { s = $2 }
+    END { if (b > 0) printf "  broker :%s  %d decisions in %d calls to etcd (%.2f per call), %.2f ms per call\n", p, t, b, t / b, 1000 * s / b }'
+done
 echo
 echo "######## etcd store, one client (uncontended latency)"
 "$bench" --port "$e1" --broker-pid "$e1_pid" --clients 1 --seconds 5 --only uncontended "$@"

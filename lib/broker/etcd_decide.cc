@@ -415,14 +415,23 @@ Result<std::optional<Entry>> EtcdService::find_lock(EtcdClient& c, const std::st
   catch_up();
   if (std::optional<Entry> e = mirror_->find_lock(lock_id); e && e->held) return e;
   // Granted a moment ago on another broker, and not in the mirror yet: the mirror is
-  // brought up to etcd's revision of now (one read), and asked again. (A grant costs no
-  // index key of its own; this path is the rare one.)
-  Result<etcd::RangeResult> now = c.range(etcd::range_request(std::string(etcd::kRoot)));
-  if (!now.ok()) return now.status();
-  if (!mirror_->wait_for(now->revision, kMirrorWait))
-    return Status::failure("this broker's view of etcd is behind (revision " + std::to_string(mirror_->revision()) +
-                           " of " + std::to_string(now->revision) + ")");
+  // brought up to the newest change of any queue entry (one read: the entry changed
+  // last; etcd's own revision may be ahead for keys the mirror never hears of), and
+  // asked again. (A grant costs no index key of its own; this path is the rare one.)
+  const std::string queues = etcd::all_queues_prefix();
+  json::object newest = etcd::range_request(queues, etcd::prefix_end(queues));
+  newest["sort_order"] = "DESCEND";
+  newest["sort_target"] = "MOD";
+  newest["limit"] = 1;
+  newest["keys_only"] = true;
+  Result<etcd::RangeResult> last = c.range(newest);
+  if (!last.ok()) return last.status();
+  const std::int64_t wanted = last->kvs.empty() ? 0 : last->kvs.front().mod_revision;
+  const bool reached = mirror_->wait_for(wanted, kMirrorWait);
   if (std::optional<Entry> e = mirror_->find_lock(lock_id); e && e->held) return e;
+  if (!reached)
+    return Status::failure("this broker's view of etcd is behind (revision " + std::to_string(mirror_->revision()) +
+                           " of " + std::to_string(wanted) + ")");
   return std::optional<Entry>();
 }
 

@@ -52,7 +52,7 @@ Lock to_lock(const Entry& e) {
 
 QueuedRequest to_queued(const Entry& e) {
   QueuedRequest r;
-  r.req_id = static_cast<std::uint64_t>(e.create_revision);
+  r.req_id = e.fence();  // (unique: the entries one batch makes share a create revision)
   r.key = e.lock_key;
   r.mode = e.mode;
   r.owner = e.owner;

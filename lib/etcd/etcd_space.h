@@ -75,7 +75,7 @@ std::string encode_entry(const Entry& e);  // the value etcd keeps (JSON)
 // From what etcd has; a failure names the key and what is wrong.
 Result<Entry> decode_entry(const KeyValue& kv);
 
-// ---- one key's entries, in create-revision order ----
+// ---- one key's entries, in queue order (create revision, then slot: queue_order) ----
 using Queue = std::vector<Entry>;
 // The queue's order: by create revision, and by slot among the entries one batch made
 // (the order of their fences).

@@ -22,8 +22,9 @@ struct TxnBatcher::Pending {
   Result<TxnResult> result = Status::failure("not sent");
 };
 
-TxnBatcher::TxnBatcher(std::size_t max_batch, std::size_t max_in_flight)
-    : max_batch_(std::clamp<std::size_t>(max_batch, 1, 128)), max_in_flight_(std::max<std::size_t>(1, max_in_flight)) {}
+TxnBatcher::TxnBatcher(std::size_t max_batch, std::size_t max_in_flight, std::chrono::milliseconds stuck_after)
+    : max_batch_(std::clamp<std::size_t>(max_batch, 1, 64)), max_in_flight_(std::max<std::size_t>(1, max_in_flight)),
+      stuck_after_(stuck_after) {}
 
 namespace {
 
@@ -42,20 +43,42 @@ bool may_join(const P& p, const std::vector<P*>& batch) {
   return true;
 }
 
+// etcd's words for a transaction refused for its shape: nothing of it was applied.
+bool refused_for_shape(const std::string& why) {
+  for (const char* words : {"duplicate key given in txn request", "too many operations in txn request",
+                            "request is too large"})
+    if (why.find(words) != std::string::npos) return true;
+  return false;
+}
+
 }  // namespace
 
 Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, Share share, const json::array& compares,
                                   const json::array& success, const json::array& failure, Retry retry) {
+  using Clock = std::chrono::steady_clock;
   Pending me{group, share, compares, success, failure, retry};
   std::unique_lock lock(mu_);
   queue_.push_back(&me);
   while (!me.done) {
-    if (me.taken || in_flight_ >= max_in_flight_) {
+    if (me.taken) {
       cv_.wait(lock);
       continue;
     }
-    // This thread sends the next batch: itself first, then the oldest waiting ones
-    // that may join it.
+    const Clock::time_point now = Clock::now();
+    if (!flying_.empty()) {
+      // One batch out at a time; another only once the oldest out looks stuck.
+      const Clock::time_point stuck_at = *std::min_element(flying_.begin(), flying_.end()) + stuck_after_;
+      if (flying_.size() >= max_in_flight_) {
+        cv_.wait(lock);
+        continue;
+      }
+      if (now < stuck_at) {
+        cv_.wait_until(lock, stuck_at);
+        continue;
+      }
+    }
+    // This thread sends the next batch: itself, then the oldest waiting ones that may
+    // join it; the Appends first (txn_batcher.h).
     std::vector<Pending*> batch{&me};
     me.taken = true;
     for (Pending* p : queue_) {
@@ -65,15 +88,25 @@ Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, Share s
       batch.push_back(p);
     }
     std::erase_if(queue_, [](const Pending* p) { return p->taken; });
-    ++in_flight_;
+    std::stable_partition(batch.begin(), batch.end(), [](const Pending* p) { return p->share == Share::Append; });
+    flying_.push_back(now);
     lock.unlock();
-    send(c, batch);
+    try {
+      send(c, batch);
+    } catch (const std::exception& e) {
+      for (Pending* p : batch) p->result = Status::failure(std::string("a batch of etcd transactions failed: ") + e.what());
+    }
     lock.lock();
-    --in_flight_;
+    flying_.erase(std::find(flying_.begin(), flying_.end(), now));
     for (Pending* p : batch) p->done = true;
     cv_.notify_all();
   }
   return std::move(me.result);
+}
+
+std::size_t TxnBatcher::waiting() const {
+  std::lock_guard lock(mu_);
+  return static_cast<std::size_t>(std::count_if(queue_.begin(), queue_.end(), [](const Pending* p) { return !p->taken; }));
 }
 
 void TxnBatcher::send(EtcdClient& c, const std::vector<Pending*>& batch) {
@@ -101,9 +134,9 @@ void TxnBatcher::send(EtcdClient& c, const std::vector<Pending*>& batch) {
     if (p->retry == Retry::Once) retry = Retry::Once;  // as the most careful of them
   }
   Result<TxnResult> r = c.txn({}, nested, {}, retry);
-  if (!r.ok() && r.message().find(" refused ") != std::string::npos) {
-    // etcd refused the batch itself (not a lost answer: nothing was applied). Each
-    // alone has its own answer; a refusal of its own is its own.
+  if (!r.ok() && refused_for_shape(r.message())) {
+    // etcd refused the batch for its shape, so nothing was applied: each alone has its
+    // own answer (a refusal of its own is its own).
     for (Pending* p : batch) p->result = c.txn(p->compares, p->success, p->failure, p->retry);
     batches_ += batch.size();
     return;

@@ -169,6 +169,10 @@ TEST_CASE("with an etcd store heartbeats and refusals work on either broker and 
   CHECK(c2.heartbeat(a.lock.lock_id, "not-A").status == CallStatus::Forbidden);
   CHECK(c1.release(a.lock.lock_id, "not-A").status == CallStatus::Forbidden);
   CHECK(c2.release("no-such-lock", "A").status == CallStatus::NotFound);
+  // Writes to the cluster outside gate's keys (a shared cluster) move etcd's revision
+  // past anything the mirrors hear of: a lookup is not left waiting for it.
+  REQUIRE(etcd::EtcdClient(cluster.endpoints()).put("/not-gate/k", "v").ok());
+  CHECK(c2.release("no-such-lock", "A").status == CallStatus::NotFound);
   CHECK(c1.acquire(req(k, LockMode::Read, "T", 0)).status == CallStatus::Timeout);  // a try
 
   // A stops renewing: the waiter on the other broker gets the key once the lease ends.

@@ -154,6 +154,63 @@ TEST_CASE("batched transactions each hold or fail on their own compares and answ
   }
 }
 
+TEST_CASE("a batch waits behind a stuck call and sends appends first so a failed decision reads them", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  const int leader = cluster.leader();
+  REQUIRE(leader >= 0);
+  const int follower = (leader + 1) % cluster.size();
+  TxnBatcher batcher(32, 4, 60s);  // (a second batch goes only past a stuck one: not here)
+  REQUIRE(EtcdClient(cluster.endpoints()).put("/g/held", "h").ok());
+
+  // The first call goes to a member that answers nothing until it is resumed.
+  cluster.pause(follower);
+  struct Resume {  // (even when a check below fails)
+    test::EtcdCluster& c;
+    int i;
+    ~Resume() { c.resume(i); }
+  } resume{cluster, follower};
+  Result<TxnResult> stuck = Status::failure("not sent"), decided = stuck, appended = stuck;
+  std::thread first([&] {
+    EtcdClient to_paused({cluster.endpoint(follower)}, 30s);
+    stuck = batcher.txn(to_paused, "other", Share::Decides, {}, {txn_put("/o/x", "x")}, {}, Retry::Idempotent);
+  });
+  REQUIRE(test::eventually([&] { return batcher.batches() == 1; }));
+  // Queued behind it, in this order: a decision on /g/ whose compare fails, then an
+  // append to /g/.
+  std::thread decide([&] {
+    EtcdClient c(cluster.endpoints());
+    decided = batcher.txn(c, "g", Share::Decides, {compare("/g/held", "MOD", "EQUAL", 1)}, {txn_delete("/g/held")},
+                          {txn_range("/g/", prefix_end("/g/"))}, Retry::Idempotent);
+  });
+  REQUIRE(test::eventually([&] { return batcher.waiting() == 1; }));
+  std::thread append([&] {
+    EtcdClient c(cluster.endpoints());
+    appended = batcher.txn(c, "g", Share::Append, {compare("/g/new", "CREATE", "EQUAL", 0)}, {txn_put("/g/new", "n")},
+                           {}, Retry::Idempotent);
+  });
+  REQUIRE(test::eventually([&] { return batcher.waiting() == 2; }));
+  CHECK(batcher.batches() == 1);  // nothing went past the call out
+  cluster.resume(follower);
+  first.join();
+  decide.join();
+  append.join();
+  REQUIRE(stuck.ok());
+  REQUIRE(decided.ok());
+  REQUIRE(appended.ok());
+  CHECK(batcher.batches() == 2);  // the two waiting went together
+  CHECK(appended->succeeded);
+  CHECK_FALSE(decided->succeeded);
+  CHECK(decided->revision == appended->revision);
+  // The failed decision's read is its queue as of the batch's revision: the append in it.
+  REQUIRE(decided->responses.size() == 1);
+  Result<RangeResult> seen = decode_range(decided->responses[0].as_object().at("response_range").as_object());
+  REQUIRE(seen.ok());
+  std::vector<std::string> keys;
+  for (const KeyValue& kv : seen->kvs) keys.push_back(kv.key);
+  CHECK(keys == std::vector<std::string>{"/g/held", "/g/new"});
+}
+
 TEST_CASE("leader_first puts the member that leads first and keeps the others", "[etcd]") {
   REQUIRE(test::etcd_installed());
   test::EtcdCluster cluster;

@@ -1,5 +1,7 @@
 #include "support/etcd_cluster.h"
 
+#include <csignal>
+
 #include <unistd.h>
 
 #include <stdexcept>
@@ -68,6 +70,10 @@ void EtcdCluster::start(int i) {
 }
 
 void EtcdCluster::kill(int i) { members_.at(static_cast<std::size_t>(i)).process.kill_and_wait(); }
+
+void EtcdCluster::pause(int i) { members_.at(static_cast<std::size_t>(i)).process.signal(SIGSTOP); }
+
+void EtcdCluster::resume(int i) { members_.at(static_cast<std::size_t>(i)).process.signal(SIGCONT); }
 
 bool EtcdCluster::running(int i) const { return members_.at(static_cast<std::size_t>(i)).process.running(); }
 

@@ -27,6 +27,8 @@ class EtcdCluster {
   int size() const { return static_cast<int>(members_.size()); }
 
   void kill(int i);   // SIGKILL, reaped
+  void pause(int i);   // SIGSTOP: it answers nothing, and its connections stay open
+  void resume(int i);  // SIGCONT
   void start(int i);  // (again) with its data directory and ports
   bool running(int i) const;
   // The member's /health says true (it sees a leader).
