@@ -173,7 +173,11 @@ Result<RangeResult> decode_range(const json::object& response) {
 struct EtcdClient::Impl {
   net::io_context ioc;
   std::optional<beast::tcp_stream> stream;
-  beast::flat_buffer buffer;
+  beast::flat_buffer buffer = [] {
+    beast::flat_buffer b;
+    b.reserve(16 * 1024);  // (most answers in one read; Beast reads 512 bytes into an empty one)
+    return b;
+  }();
   std::size_t at = 0;  // the member in use
   std::chrono::milliseconds timeout;
 
