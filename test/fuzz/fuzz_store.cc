@@ -12,15 +12,35 @@
 #include "lock/lock_table.h"
 #include "store/lock_store.h"
 
-extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  using namespace gate;
-  static const std::string dir = [] {
+namespace {
+
+constexpr const char* kDbFiles[] = {"/locks.db", "/locks.db-wal", "/locks.db-shm", "/locks.db-journal"};
+
+// The directory the inputs are written to, removed with what is in it when the
+// fuzzer exits (a static's destructor: on return from main and on exit()).
+struct StateDir {
+  std::string path;
+  StateDir() {
     char tmpl[] = "/tmp/gate-fuzz-store-XXXXXX";
     if (!::mkdtemp(tmpl)) std::abort();
-    return std::string(tmpl);
-  }();
-  const std::string db = dir + "/locks.db";
-  for (const char* extra : {"", "-wal", "-shm", "-journal"}) ::unlink((db + extra).c_str());
+    path = tmpl;
+  }
+  ~StateDir() {
+    clear();
+    ::rmdir(path.c_str());
+  }
+  void clear() const {
+    for (const char* f : kDbFiles) ::unlink((path + f).c_str());
+  }
+};
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  using namespace gate;
+  static const StateDir dir;
+  dir.clear();
+  const std::string db = dir.path + "/locks.db";
   std::ofstream(db, std::ios::binary).write(reinterpret_cast<const char*>(data),
                                             static_cast<std::streamsize>(size));
   auto store = LockStore::open(db, LockStore::Sync::Normal);
