@@ -332,7 +332,7 @@ int image(int argc, char** argv) {
     if (Result<vm::Url> u = vm::parse_url(image->url); !u.ok())
       return cli::fail(argv[0], "--image-mirror: " + u.message()), 2;
     vm::FetchOptions o;
-    o.cache_dir = vm::image_cache_root() + "/" + base;
+    o.cache_dir = vm::cloud_cache_dir(base);
     if (action == "path") {
       const vm::CachePaths at = vm::cache_paths(*image, o.cache_dir);
       std::cout << at.image.string() << "\n";

@@ -181,6 +181,8 @@ std::string image_cache_root() {
   return "/tmp/gate-images-" + std::to_string(::getuid());
 }
 
+std::string cloud_cache_dir(const std::string& base) { return image_cache_root() + "/" + base; }
+
 ImageFiles cached_image(const std::string& base) {
   const std::string dir = image_cache_root() + "/" + base + "-v" + kImageVersion;
   return {dir + "/disk.raw", dir + "/vmlinuz", dir + "/initrd.img"};

@@ -31,6 +31,8 @@ std::string disk_format(const std::string& path);
 
 std::string image_cache_root();
 ImageFiles cached_image(const std::string& base);  // may not exist yet
+// Where a downloaded (cloud) base's files are kept (vm/image_fetch.h: cache_paths).
+std::string cloud_cache_dir(const std::string& base);
 
 // The bases gate knows; downloadable ones (vm/image_fetch.h) need the internet.
 inline constexpr const char* kBaseNames = "debian-12, ubuntu-24.04, ubuntu-22.04, debian-12-cloud";

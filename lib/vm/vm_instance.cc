@@ -216,7 +216,7 @@ Status UpRun::prepare() {
     if (Result<Url> u = parse_url(cloud->url); !u.ok())
       return failed("image", "--image-mirror: " + u.message(), "");
     FetchOptions f;
-    f.cache_dir = image_cache_root() + "/" + o_.base;
+    f.cache_dir = cloud_cache_dir(o_.base);
     const CachePaths at = cache_paths(*cloud, f.cache_dir);
     if (o_.redownload) {
       fs::remove(at.image, ec);
