@@ -555,8 +555,6 @@ void EtcdService::evaluate() {
   if (shutting_down_ || !mirror_) return;
   const Micros now = wall_clock_micros();
   const std::string me = broker_id();
-  std::int64_t rev = 0;
-  const etcd::Space space = mirror_->snapshot(&rev);
   std::optional<Micros> next;
   auto soon = [&](Micros at) { next = next ? std::min(*next, at) : at; };
 
@@ -578,10 +576,10 @@ void EtcdService::evaluate() {
       continue;
     }
     if (w.deadline) soon(*w.deadline);
-    const auto q = space.find(w.params.key);
-    const Entry* e = q == space.end() ? nullptr : find_entry(q->second, w.entry->key);
+    const etcd::SpaceMirror::KeyView view = mirror_->view(w.params.key);  // (its queue only)
+    const Entry* e = find_entry(view.queue, w.entry->key);
     if (!e) {
-      if (w.seen || rev >= w.entry->create_revision) {
+      if (w.seen || view.revision >= w.entry->create_revision) {
         answer(std::move(w.reply),
                status_answer(503, "unavailable",
                              "the request's place in the queue is gone (this broker's etcd session ended)"));
@@ -606,12 +604,12 @@ void EtcdService::evaluate() {
       record_grant(w.since, true);
       log(LogLevel::Info, "broker", "granted ", to_string(e->mode), " '", e->lock_key, "' to ", e->owner,
           " after waiting ", (now - w.since) / 1000, " ms (fence ", e->fence(), ", handed off)");
-      answer(std::move(w.reply), granted_answer(to_lock(*e), mirror_->version_of(e->lock_key)));
+      answer(std::move(w.reply), granted_answer(to_lock(*e), view.version));
       it = waiters_.erase(it);
       continue;
     }
-    const std::size_t at = static_cast<std::size_t>(e - q->second.data());
-    if (etcd::standings(q->second)[at] != etcd::Standing::Waiting) {
+    const std::size_t at = static_cast<std::size_t>(e - view.queue.data());
+    if (etcd::standings(view.queue)[at] != etcd::Standing::Waiting) {
       w.busy = true;
       run_job([this, ticket, known = *w.entry](EtcdClient& c) {
         Outcome o = grant_job(c, known, wall_clock_micros());
@@ -621,64 +619,72 @@ void EtcdService::evaluate() {
     ++it;
   }
 
+  // Sweeps: from the mirror's indexes (what ended, what waits, what is in doubt), not
+  // a copy of the whole space per change.
   const bool orphans_due = now >= started_at_ + opts_.restore_grace_ms * 1000;
   std::map<std::string, Micros> unattached;  // what is still so now
-  for (const auto& [lock_key, q] : space) {
-    for (const Entry& e : q) {
-      if (sweeping_.count(e.key)) continue;
-      std::string why;
-      if (auto d = doubtful_.find(e.key); d != doubtful_.end() && d->second.first == e.op) {
-        why = "its request was answered 503 before etcd said it had been written";
-        doubtful_.erase(d);
-      } else if (e.held) {
-        // Ended by its lease or the hold cap: its own broker deletes it at once, any
-        // other one a moment later (whichever comes first; the other's compare fails).
-        const Micros end = e.ends_at() + (e.broker == me ? 0 : kForeignSweepDelayUs);
-        if (end > now) {
-          soon(end);
-          continue;
-        }
-        why = e.max_hold_ms && e.acquired_at + *e.max_hold_ms * 1000 <= e.lease_expires_at ? "hold cap reached"
-                                                                                              : "lease expired";
-      } else if (e.broker == me && !attached.count(e.key)) {
-        if (e.create_revision > start_revision_) {
-          // Made by a write whose answer was lost, or left by a removal that failed,
-          // while etcd was out of reach: no request waits on it. (Given a moment
-          // first: a job that re-attached it may not have reported yet.)
-          const auto was = unattached_.find(e.key);
-          const Micros since = unattached[e.key] = was == unattached_.end() ? now : was->second;
-          if (now < since + kUnattachedUs) {
-            soon(since + kUnattachedUs);
-            continue;
-          }
-          why = "no request waits on it";
-        } else if (!orphans_due) {
-          // Queued in the last run: kept for its client to ask again.
-          soon(started_at_ + opts_.restore_grace_ms * 1000);
-          continue;
-        } else {
-          why = "its client did not come back within " + std::to_string(opts_.restore_grace_ms) + " ms of a restart";
-        }
-      } else {
-        continue;
+  auto consider = [&](const Entry& e) {
+    if (sweeping_.count(e.key)) return;
+    std::string why;
+    if (auto d = doubtful_.find(e.key); d != doubtful_.end() && d->second.first == e.op) {
+      why = "its request was answered 503 before etcd said it had been written";
+      doubtful_.erase(d);
+    } else if (e.held) {
+      // Ended by its lease or the hold cap: its own broker deletes it at once, any
+      // other one a moment later (whichever comes first; the other's compare fails).
+      const Micros end = e.ends_at() + (e.broker == me ? 0 : kForeignSweepDelayUs);
+      if (end > now) {
+        soon(end);
+        return;
       }
-      sweeping_[e.key] = now;
-      run_job([this, e, why](EtcdClient& c) {
-        Result<etcd::TxnResult> r =
-            txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, delete_writes(e), {}, Retry::Idempotent);
-        const bool done = r.ok() && r->succeeded;
-        if (done)
-          log(LogLevel::Info, "broker", "dropped ", e.held ? "" : "queued ", to_string(e.mode), " ",
-              e.held ? "lock" : "request", " on '", e.lock_key, "' of ", e.owner, ": ", why);
-        boost::asio::post(ioc_, [this, key = e.key, held = e.held, why, done, failed = !r.ok()] {
-          sweeping_.erase(key);
-          if (done && held) ++(why == "hold cap reached" ? metrics_.cap_expiries : metrics_.lease_expiries);
-          if (failed) arm_timer(wall_clock_micros() + kRetryUs);
-          else if (!done) schedule_evaluate();  // changed meanwhile (a heartbeat): looked at again
-        });
-      });
+      why = e.max_hold_ms && e.acquired_at + *e.max_hold_ms * 1000 <= e.lease_expires_at ? "hold cap reached"
+                                                                                            : "lease expired";
+    } else if (e.broker == me && !attached.count(e.key)) {
+      if (e.create_revision > start_revision_) {
+        // Made by a write whose answer was lost, or left by a removal that failed,
+        // while etcd was out of reach: no request waits on it. (Given a moment
+        // first: a job that re-attached it may not have reported yet.)
+        const auto was = unattached_.find(e.key);
+        const Micros since = unattached[e.key] = was == unattached_.end() ? now : was->second;
+        if (now < since + kUnattachedUs) {
+          soon(since + kUnattachedUs);
+          return;
+        }
+        why = "no request waits on it";
+      } else if (!orphans_due) {
+        // Queued in the last run: kept for its client to ask again.
+        soon(started_at_ + opts_.restore_grace_ms * 1000);
+        return;
+      } else {
+        why = "its client did not come back within " + std::to_string(opts_.restore_grace_ms) + " ms of a restart";
+      }
+    } else {
+      return;
     }
-  }
+    sweeping_[e.key] = now;
+    run_job([this, e, why](EtcdClient& c) {
+      Result<etcd::TxnResult> r =
+          txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, delete_writes(e), {}, Retry::Idempotent);
+      const bool done = r.ok() && r->succeeded;
+      if (done)
+        log(LogLevel::Info, "broker", "dropped ", e.held ? "" : "queued ", to_string(e.mode), " ",
+            e.held ? "lock" : "request", " on '", e.lock_key, "' of ", e.owner, ": ", why);
+      boost::asio::post(ioc_, [this, key = e.key, held = e.held, why, done, failed = !r.ok()] {
+        sweeping_.erase(key);
+        if (done && held) ++(why == "hold cap reached" ? metrics_.cap_expiries : metrics_.lease_expiries);
+        if (failed) arm_timer(wall_clock_micros() + kRetryUs);
+        else if (!done) schedule_evaluate();  // changed meanwhile (a heartbeat): looked at again
+      });
+    });
+  };
+  std::vector<std::string> doubted;
+  for (const auto& [key, mark] : doubtful_) doubted.push_back(key);
+  for (const std::string& key : doubted)
+    if (std::optional<Entry> e = mirror_->entry(key)) consider(*e);
+  etcd::SpaceMirror::Due due = mirror_->due(now);
+  for (const Entry& e : due.ended) consider(e);
+  for (const Entry& e : due.waiting) consider(e);
+  if (due.next_end) soon(*due.next_end);
   unattached_ = std::move(unattached);
   for (auto d = doubtful_.begin(); d != doubtful_.end();)
     d = now - d->second.second > 60'000'000 ? doubtful_.erase(d) : std::next(d);

@@ -4,32 +4,6 @@
 
 namespace gate::etcd {
 
-namespace {
-
-// Puts `e` in its queue at its create revision's place, or over its older self.
-void put_entry(Space& space, Entry e) {
-  Queue& q = space[e.lock_key];
-  auto same = std::find_if(q.begin(), q.end(), [&](const Entry& x) { return x.key == e.key; });
-  if (same != q.end()) {
-    *same = std::move(e);
-    return;
-  }
-  auto at = std::upper_bound(q.begin(), q.end(), e, queue_order);
-  q.insert(at, std::move(e));
-}
-
-void delete_entry(Space& space, const std::string& key) {
-  const std::optional<std::string> lock_key = lock_key_of(key);
-  if (!lock_key) return;
-  auto it = space.find(*lock_key);
-  if (it == space.end()) return;
-  Queue& q = it->second;
-  q.erase(std::remove_if(q.begin(), q.end(), [&](const Entry& x) { return x.key == key; }), q.end());
-  if (q.empty()) space.erase(it);
-}
-
-}  // namespace
-
 SpaceMirror::SpaceMirror(std::vector<Endpoint> endpoints, std::function<void()> on_change)
     : endpoints_(std::move(endpoints)), on_change_(std::move(on_change)), client_(endpoints_) {}
 
@@ -44,6 +18,8 @@ Result<std::int64_t> SpaceMirror::load() {
     space_.clear();
     versions_.clear();
     lock_ids_.clear();
+    ends_.clear();
+    waiting_.clear();
     for (const KeyValue& kv : r->kvs) put_kv(kv);
     revision_ = r->revision;
   }
@@ -75,8 +51,20 @@ void SpaceMirror::put_kv(const KeyValue& kv) {
     delete_key(kv.key);  // (what it was before is gone either way)
     return;
   }
-  if (!e->lock_id.empty()) lock_ids_[e->lock_id] = e->key;
-  put_entry(space_, std::move(*e));
+  put_entry(std::move(*e));
+}
+
+void SpaceMirror::put_entry(Entry e) {
+  Queue& q = space_[e.lock_key];
+  auto same = std::find_if(q.begin(), q.end(), [&](const Entry& x) { return x.key == e.key; });
+  if (same != q.end()) {
+    unindex(*same);
+    index(e);
+    *same = std::move(e);
+    return;
+  }
+  index(e);
+  q.insert(std::upper_bound(q.begin(), q.end(), e, queue_order), std::move(e));
 }
 
 void SpaceMirror::delete_key(const std::string& key) {
@@ -84,9 +72,31 @@ void SpaceMirror::delete_key(const std::string& key) {
   if (!lock_key) return;
   auto it = space_.find(*lock_key);
   if (it == space_.end()) return;
-  for (const Entry& e : it->second)
-    if (e.key == key && !e.lock_id.empty()) lock_ids_.erase(e.lock_id);
-  delete_entry(space_, key);
+  Queue& q = it->second;
+  auto e = std::find_if(q.begin(), q.end(), [&](const Entry& x) { return x.key == key; });
+  if (e == q.end()) return;
+  unindex(*e);
+  q.erase(e);
+  if (q.empty()) space_.erase(it);
+}
+
+void SpaceMirror::index(const Entry& e) {
+  if (!e.lock_id.empty()) lock_ids_[e.lock_id] = e.key;
+  if (e.held) ends_.emplace(e.ends_at(), e.key);
+  else waiting_[e.key] = e.lock_key;
+}
+
+void SpaceMirror::unindex(const Entry& e) {
+  if (auto id = lock_ids_.find(e.lock_id); id != lock_ids_.end() && id->second == e.key) lock_ids_.erase(id);
+  if (!e.held) {
+    waiting_.erase(e.key);
+    return;
+  }
+  for (auto [at, end] = ends_.equal_range(e.ends_at()); at != end; ++at)
+    if (at->second == e.key) {
+      ends_.erase(at);
+      return;
+    }
 }
 
 Status SpaceMirror::start() {
@@ -168,6 +178,42 @@ Space SpaceMirror::snapshot(std::int64_t* revision) const {
   return space_;
 }
 
+Space SpaceMirror::contested() const {
+  std::lock_guard lock(mu_);
+  Space out;
+  for (const auto& [key, lock_key] : waiting_)
+    if (!out.count(lock_key))
+      if (auto q = space_.find(lock_key); q != space_.end()) out.emplace(lock_key, q->second);
+  return out;
+}
+
+SpaceMirror::Due SpaceMirror::due(Micros now) const {
+  std::lock_guard lock(mu_);
+  Due d;
+  auto end = ends_.upper_bound(now);
+  for (auto it = ends_.begin(); it != end; ++it)
+    if (const Entry* e = at(it->second)) d.ended.push_back(*e);
+  if (end != ends_.end()) d.next_end = end->first;
+  for (const auto& [key, lock_key] : waiting_)
+    if (const Entry* e = at(key)) d.waiting.push_back(*e);
+  return d;
+}
+
+std::optional<Entry> SpaceMirror::entry(const std::string& key) const {
+  std::lock_guard lock(mu_);
+  const Entry* e = at(key);
+  return e ? std::optional<Entry>(*e) : std::nullopt;
+}
+
+const Entry* SpaceMirror::at(const std::string& key) const {
+  const std::optional<std::string> lock_key = lock_key_of(key);
+  auto q = lock_key ? space_.find(*lock_key) : space_.end();
+  if (q == space_.end()) return nullptr;
+  for (const Entry& e : q->second)
+    if (e.key == key) return &e;
+  return nullptr;
+}
+
 Queue SpaceMirror::queue(const std::string& lock_key) const {
   std::lock_guard lock(mu_);
   auto it = space_.find(lock_key);
@@ -186,13 +232,8 @@ SpaceMirror::KeyView SpaceMirror::view(const std::string& lock_key) const {
 std::optional<Entry> SpaceMirror::find_lock(const std::string& lock_id) const {
   std::lock_guard lock(mu_);
   auto id = lock_ids_.find(lock_id);
-  if (id == lock_ids_.end()) return std::nullopt;
-  const std::optional<std::string> lock_key = lock_key_of(id->second);
-  auto q = lock_key ? space_.find(*lock_key) : space_.end();
-  if (q == space_.end()) return std::nullopt;
-  for (const Entry& e : q->second)
-    if (e.key == id->second) return e;
-  return std::nullopt;
+  const Entry* e = id == lock_ids_.end() ? nullptr : at(id->second);
+  return e ? std::optional<Entry>(*e) : std::nullopt;
 }
 
 std::uint64_t SpaceMirror::version_of(const std::string& lock_key) const {

@@ -38,8 +38,22 @@ class SpaceMirror {
   Status start();
   void stop();
 
-  // The whole space (and the revision it is as of, when asked).
+  // The whole space (and the revision it is as of, when asked). A copy of everything:
+  // for status and metrics; decisions take what they need below.
   Space snapshot(std::int64_t* revision = nullptr) const;
+  // The queues in which something waits: all that deadlock detection needs (a cycle
+  // is made of waits, each in a queue with a waiting entry).
+  Space contested() const;
+  // What a sweep looks at, from indexes rather than the whole space: the held entries
+  // whose lease or hold cap ended by `now`, every entry that waits, and the soonest end
+  // after `now` of a held one.
+  struct Due {
+    std::vector<Entry> ended, waiting;
+    std::optional<Micros> next_end;
+  };
+  Due due(Micros now) const;
+  // The entry at queue key `key`, if the mirror has it.
+  std::optional<Entry> entry(const std::string& key) const;
   Queue queue(const std::string& lock_key) const;
   // One key's queue and content version, and the revision the mirror had then.
   struct KeyView {
@@ -73,6 +87,11 @@ class SpaceMirror {
   // One key's value (or deletion) into the space; mu_ held.
   void put_kv(const KeyValue& kv);
   void delete_key(const std::string& key);
+  // An entry into its queue (in queue order, or over its older self), with its indexes.
+  void put_entry(Entry e);
+  void index(const Entry& e);
+  void unindex(const Entry& e);
+  const Entry* at(const std::string& key) const;  // the entry at a queue key; mu_ held
   void resync_loop();
 
   std::vector<Endpoint> endpoints_;
@@ -83,6 +102,8 @@ class SpaceMirror {
   Space space_;
   std::map<std::string, std::uint64_t> versions_;        // lock key -> version
   std::map<std::string, std::string> lock_ids_;          // lock id -> queue key
+  std::multimap<Micros, std::string> ends_;              // a held entry's end -> its queue key
+  std::map<std::string, std::string> waiting_;           // a waiting entry's queue key -> lock key
   std::int64_t revision_ = 0;
   std::uint64_t resyncs_ = 0, skipped_ = 0;
   std::string last_problem_;

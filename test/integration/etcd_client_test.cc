@@ -434,6 +434,66 @@ TEST_CASE("a broker's mirror follows the shared lock space in create-revision or
   CHECK(m.snapshot().size() == 2);
 }
 
+TEST_CASE("a mirror indexes what ends and what waits as entries come change and go", "[etcd]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  EtcdClient c(cluster.endpoints(), 15s);
+  SpaceMirror m(cluster.endpoints());
+  REQUIRE(m.start().ok());
+  auto held = [](const std::string& key, const std::string& req, const std::string& owner, Micros ends) {
+    Entry e = space_entry(key, req, owner, LockMode::Write);
+    e.held = true;
+    e.hold_count = 1;
+    e.lock_id = "id-" + req;
+    e.lease_expires_at = ends;
+    return e;
+  };
+  auto names = [](const std::vector<Entry>& es) {
+    std::string out;
+    for (const Entry& e : es) out += e.owner + " ";
+    return out;
+  };
+  const Entry h1 = held("k1", "r1", "h1", 1'000), h2 = held("k2", "r2", "h2", 5'000);
+  const Entry w1 = space_entry("k1", "r3", "w1", LockMode::Write);
+  std::int64_t rev = 0;
+  for (const Entry& e : {h1, h2, w1}) rev = *c.put(e.key, encode_entry(e));
+  REQUIRE(m.wait_for(rev, 10s));
+  SpaceMirror::Due d = m.due(2'000);
+  CHECK(names(d.ended) == "h1 ");
+  CHECK(d.next_end == 5'000);
+  CHECK(names(d.waiting) == "w1 ");
+  CHECK(m.contested().size() == 1);  // k1 only: nothing waits on k2
+  CHECK(m.contested().at("k1").size() == 2);
+  CHECK(m.entry(w1.key).has_value());
+
+  // A heartbeat moves an end; a grant turns a waiter into a holder; a delete ends all.
+  Entry renewed = h1;
+  renewed.lease_expires_at = 9'000;
+  REQUIRE(c.put(h1.key, encode_entry(renewed)).ok());
+  REQUIRE(c.delete_range(h2.key).ok());
+  Entry granted = w1;
+  granted.held = true;
+  granted.hold_count = 1;
+  granted.lock_id = "id-r3";
+  granted.lease_expires_at = 3'000;
+  rev = *c.put(w1.key, encode_entry(granted));
+  REQUIRE(m.wait_for(rev, 10s));
+  d = m.due(4'000);
+  CHECK(names(d.ended) == "w1 ");
+  CHECK(d.next_end == 9'000);
+  CHECK(d.waiting.empty());
+  CHECK(m.contested().empty());
+  CHECK(m.find_lock("id-r3").has_value());
+  CHECK_FALSE(m.find_lock("id-r2").has_value());
+  REQUIRE(c.delete_range(all_queues_prefix(), prefix_end(all_queues_prefix())).ok());
+  rev = *c.put("/gate/v1/b/x", "probe");
+  REQUIRE(m.wait_for(rev, 10s));
+  d = m.due(1'000'000);
+  CHECK(d.ended.empty());
+  CHECK_FALSE(d.next_end.has_value());
+  CHECK_FALSE(m.find_lock("id-r1").has_value());
+}
+
 TEST_CASE("a mirror whose watch missed compacted history reads the space again", "[etcd]") {
   REQUIRE(test::etcd_installed());
   test::EtcdCluster cluster;
