@@ -305,9 +305,9 @@ EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
   // Deadlock detection over the space as it was when the entry was made: an entry made
   // later that closes a cycle is the one refused (its own check finds it).
   mirror_->wait_for(e.mod_revision, std::chrono::seconds(2));  // (a re-attachment's write, too)
-  etcd::Space space = mirror_->contested();  // (a cycle is made of waits)
-  // Its own queue, whose holders it waits for, though the mirror may not show it yet.
-  if (!space.count(e.lock_key)) space[e.lock_key] = mirror_->queue(e.lock_key);
+  // (A cycle is made of waits; and its own queue, whose holders it waits for, though the
+  // mirror may not show it waiting yet.)
+  etcd::Space space = mirror_->contested(e.lock_key);
   for (auto& [key, q] : space)
     q.erase(std::remove_if(q.begin(), q.end(), [&](const Entry& x) { return etcd::queue_order(e, x); }),
             q.end());

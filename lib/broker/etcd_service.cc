@@ -148,9 +148,7 @@ std::uint64_t EtcdService::handle(const std::string& method, const std::string& 
   } else if (path == "/v1/health") {
     health(reply);
   } else if (path == "/metrics") {
-    std::size_t held = 0, queued = 0;
-    for (const auto& [key, q] : mirror_->snapshot())
-      for (const Entry& e : q) ++(e.held ? held : queued);
+    const auto [held, queued] = mirror_->counts();
     std::string text = metrics_exposition(metrics_, held, queued);
     text += "# HELP gate_etcd_resyncs_total Whole reads of the lock space after the watch fell behind a compaction.\n"
             "# TYPE gate_etcd_resyncs_total counter\ngate_etcd_resyncs_total " +
@@ -559,6 +557,7 @@ void EtcdService::evaluate() {
   auto soon = [&](Micros at) { next = next ? std::min(*next, at) : at; };
 
   std::map<std::string, std::uint64_t> attached;  // entry key -> ticket
+  std::map<std::string, etcd::SpaceMirror::KeyView> views;  // lock key -> its queue now
   for (auto it = waiters_.begin(); it != waiters_.end();) {
     Waiter& w = *it->second;
     const std::uint64_t ticket = it->first;
@@ -576,7 +575,9 @@ void EtcdService::evaluate() {
       continue;
     }
     if (w.deadline) soon(*w.deadline);
-    const etcd::SpaceMirror::KeyView view = mirror_->view(w.params.key);  // (its queue only)
+    auto v = views.find(w.params.key);  // (its queue only, once for all its waiters)
+    if (v == views.end()) v = views.emplace(w.params.key, mirror_->view(w.params.key)).first;
+    const etcd::SpaceMirror::KeyView& view = v->second;
     const Entry* e = find_entry(view.queue, w.entry->key);
     if (!e) {
       if (w.seen || view.revision >= w.entry->create_revision) {
@@ -681,7 +682,7 @@ void EtcdService::evaluate() {
   for (const auto& [key, mark] : doubtful_) doubted.push_back(key);
   for (const std::string& key : doubted)
     if (std::optional<Entry> e = mirror_->entry(key)) consider(*e);
-  etcd::SpaceMirror::Due due = mirror_->due(now);
+  etcd::SpaceMirror::Due due = mirror_->due(now, me);
   for (const Entry& e : due.ended) consider(e);
   for (const Entry& e : due.waiting) consider(e);
   if (due.next_end) soon(*due.next_end);

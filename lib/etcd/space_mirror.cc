@@ -83,7 +83,7 @@ void SpaceMirror::delete_key(const std::string& key) {
 void SpaceMirror::index(const Entry& e) {
   if (!e.lock_id.empty()) lock_ids_[e.lock_id] = e.key;
   if (e.held) ends_.emplace(e.ends_at(), e.key);
-  else waiting_[e.key] = e.lock_key;
+  else waiting_[e.key] = {e.lock_key, e.broker};
 }
 
 void SpaceMirror::unindex(const Entry& e) {
@@ -178,24 +178,33 @@ Space SpaceMirror::snapshot(std::int64_t* revision) const {
   return space_;
 }
 
-Space SpaceMirror::contested() const {
+Space SpaceMirror::contested(const std::string& also) const {
   std::lock_guard lock(mu_);
   Space out;
-  for (const auto& [key, lock_key] : waiting_)
+  auto take = [&](const std::string& lock_key) {
     if (!out.count(lock_key))
       if (auto q = space_.find(lock_key); q != space_.end()) out.emplace(lock_key, q->second);
+  };
+  for (const auto& [key, w] : waiting_) take(w.lock_key);
+  take(also);
   return out;
 }
 
-SpaceMirror::Due SpaceMirror::due(Micros now) const {
+std::pair<std::size_t, std::size_t> SpaceMirror::counts() const {
+  std::lock_guard lock(mu_);
+  return {ends_.size(), waiting_.size()};
+}
+
+SpaceMirror::Due SpaceMirror::due(Micros now, const std::string& broker) const {
   std::lock_guard lock(mu_);
   Due d;
   auto end = ends_.upper_bound(now);
   for (auto it = ends_.begin(); it != end; ++it)
     if (const Entry* e = at(it->second)) d.ended.push_back(*e);
   if (end != ends_.end()) d.next_end = end->first;
-  for (const auto& [key, lock_key] : waiting_)
-    if (const Entry* e = at(key)) d.waiting.push_back(*e);
+  for (const auto& [key, w] : waiting_)
+    if (w.broker == broker)
+      if (const Entry* e = at(key)) d.waiting.push_back(*e);
   return d;
 }
 

@@ -41,17 +41,21 @@ class SpaceMirror {
   // The whole space (and the revision it is as of, when asked). A copy of everything:
   // for status and metrics; decisions take what they need below.
   Space snapshot(std::int64_t* revision = nullptr) const;
-  // The queues in which something waits: all that deadlock detection needs (a cycle
-  // is made of waits, each in a queue with a waiting entry).
-  Space contested() const;
+  // The queues in which something waits, and the queue of `also` (in one view): all
+  // that deadlock detection needs (a cycle is made of waits, each in a queue with a
+  // waiting entry).
+  Space contested(const std::string& also) const;
   // What a sweep looks at, from indexes rather than the whole space: the held entries
-  // whose lease or hold cap ended by `now`, every entry that waits, and the soonest end
-  // after `now` of a held one.
+  // whose lease or hold cap ended by `now`, the entries of `broker` that wait, and the
+  // soonest end after `now` of a held one (a lock's own end: other brokers sweep it
+  // later).
   struct Due {
     std::vector<Entry> ended, waiting;
     std::optional<Micros> next_end;
   };
-  Due due(Micros now) const;
+  Due due(Micros now, const std::string& broker) const;
+  // Entries held and waiting, counted.
+  std::pair<std::size_t, std::size_t> counts() const;
   // The entry at queue key `key`, if the mirror has it.
   std::optional<Entry> entry(const std::string& key) const;
   Queue queue(const std::string& lock_key) const;
@@ -103,7 +107,10 @@ class SpaceMirror {
   std::map<std::string, std::uint64_t> versions_;        // lock key -> version
   std::map<std::string, std::string> lock_ids_;          // lock id -> queue key
   std::multimap<Micros, std::string> ends_;              // a held entry's end -> its queue key
-  std::map<std::string, std::string> waiting_;           // a waiting entry's queue key -> lock key
+  struct Waiting {
+    std::string lock_key, broker;
+  };
+  std::map<std::string, Waiting> waiting_;               // a waiting entry's queue key -> where
   std::int64_t revision_ = 0;
   std::uint64_t resyncs_ = 0, skipped_ = 0;
   std::string last_problem_;

@@ -458,12 +458,15 @@ TEST_CASE("a mirror indexes what ends and what waits as entries come change and 
   std::int64_t rev = 0;
   for (const Entry& e : {h1, h2, w1}) rev = *c.put(e.key, encode_entry(e));
   REQUIRE(m.wait_for(rev, 10s));
-  SpaceMirror::Due d = m.due(2'000);
+  SpaceMirror::Due d = m.due(2'000, "");
   CHECK(names(d.ended) == "h1 ");
   CHECK(d.next_end == 5'000);
   CHECK(names(d.waiting) == "w1 ");
-  CHECK(m.contested().size() == 1);  // k1 only: nothing waits on k2
-  CHECK(m.contested().at("k1").size() == 2);
+  CHECK(m.due(2'000, "another broker").waiting.empty());  // (a broker sweeps its own)
+  CHECK(m.contested("").size() == 1);  // k1 only: nothing waits on k2
+  CHECK(m.contested("").at("k1").size() == 2);
+  CHECK(m.contested("k2").size() == 2);  // and the queue asked for
+  CHECK(m.counts() == std::pair<std::size_t, std::size_t>{2, 1});
   CHECK(m.entry(w1.key).has_value());
 
   // A heartbeat moves an end; a grant turns a waiter into a holder; a delete ends all.
@@ -478,17 +481,29 @@ TEST_CASE("a mirror indexes what ends and what waits as entries come change and 
   granted.lease_expires_at = 3'000;
   rev = *c.put(w1.key, encode_entry(granted));
   REQUIRE(m.wait_for(rev, 10s));
-  d = m.due(4'000);
+  d = m.due(4'000, "");
   CHECK(names(d.ended) == "w1 ");
   CHECK(d.next_end == 9'000);
   CHECK(d.waiting.empty());
-  CHECK(m.contested().empty());
+  CHECK(m.contested("").empty());
   CHECK(m.find_lock("id-r3").has_value());
   CHECK_FALSE(m.find_lock("id-r2").has_value());
+  // A value that is not an entry over a held one takes it out of every index; a new
+  // lock id replaces the old one.
+  rev = *c.put(w1.key, "not an entry");
+  Entry again = renewed;
+  again.lock_id = "id-new";
+  rev = std::max(rev, *c.put(h1.key, encode_entry(again)));
+  REQUIRE(m.wait_for(rev, 10s));
+  CHECK(m.due(4'000, "").ended.empty());
+  CHECK(m.counts() == std::pair<std::size_t, std::size_t>{1, 0});
+  CHECK_FALSE(m.find_lock("id-r3").has_value());
+  CHECK_FALSE(m.find_lock("id-r1").has_value());
+  CHECK(m.find_lock("id-new").has_value());
   REQUIRE(c.delete_range(all_queues_prefix(), prefix_end(all_queues_prefix())).ok());
   rev = *c.put("/gate/v1/b/x", "probe");
   REQUIRE(m.wait_for(rev, 10s));
-  d = m.due(1'000'000);
+  d = m.due(1'000'000, "");
   CHECK(d.ended.empty());
   CHECK_FALSE(d.next_end.has_value());
   CHECK_FALSE(m.find_lock("id-r1").has_value());
