@@ -97,12 +97,11 @@ int main(int argc, char** argv) {
         for (int k = 0; k < kBatch; ++k) {
           const std::string own = prefix + std::to_string(who) + "-" + std::to_string(k) + "/";
           const std::string key = own + std::to_string(i % 2);
-          boost::json::object t{
-              {"compare", boost::json::array{compare_range(own, prefix_end(own), "MOD", "LESS", std::int64_t{1} << 60),
-                                             compare(key, "VERSION", "LESS", std::int64_t{1} << 60)}},
-              {"success", boost::json::array{txn_put(key, "entry")}},
-              {"failure", boost::json::array{txn_range(own, prefix_end(own))}}};
-          nested.push_back(boost::json::object{{"request_txn", std::move(t)}});
+          nested.push_back(boost::json::object{
+              {"request_txn",
+               txn_request({compare_range(own, prefix_end(own), "MOD", "LESS", std::int64_t{1} << 60),
+                            compare(key, "VERSION", "LESS", std::int64_t{1} << 60)},
+                           {txn_put(key, "entry")}, {txn_range(own, prefix_end(own))})}});
         }
         auto r = c.txn({}, nested, {}, Retry::Idempotent);
         return r.ok() && r->succeeded;

@@ -353,16 +353,23 @@ Result<std::int64_t> EtcdClient::put(std::string_view key, std::string_view valu
   return header_revision(*r);
 }
 
+json::object txn_request(const json::array& compares, const json::array& success, const json::array& failure) {
+  return {{"compare", compares}, {"success", success}, {"failure", failure}};
+}
+
+TxnResult decode_txn(const json::object& answer, std::int64_t revision) {
+  TxnResult t;
+  if (const json::value* s = answer.if_contains("succeeded"); s && s->is_bool()) t.succeeded = s->as_bool();
+  t.revision = revision;
+  if (const json::value* rs = answer.if_contains("responses"); rs && rs->is_array()) t.responses = rs->as_array();
+  return t;
+}
+
 Result<TxnResult> EtcdClient::txn(const json::array& compares, const json::array& success,
                                   const json::array& failure, Retry retry) {
-  json::object body{{"compare", compares}, {"success", success}, {"failure", failure}};
-  Result<json::object> r = call("kv/txn", body, retry);
+  Result<json::object> r = call("kv/txn", txn_request(compares, success, failure), retry);
   if (!r.ok()) return r.status();
-  TxnResult t;
-  if (const json::value* s = r->if_contains("succeeded"); s && s->is_bool()) t.succeeded = s->as_bool();
-  t.revision = header_revision(*r);
-  if (const json::value* rs = r->if_contains("responses"); rs && rs->is_array()) t.responses = rs->as_array();
-  return t;
+  return decode_txn(*r, header_revision(*r));
 }
 
 Result<std::int64_t> EtcdClient::delete_range(std::string_view key, std::string_view range_end) {

@@ -82,6 +82,11 @@ Result<RangeResult> decode_range(const boost::json::object& response);
 boost::json::object txn_put(std::string_view key, std::string_view value, std::int64_t lease = 0);
 boost::json::object txn_delete(std::string_view key);
 boost::json::object txn_range(std::string_view key, std::string_view range_end = {});
+// A transaction's body (kv/txn), also what a nested one holds ({"request_txn": ...}).
+boost::json::object txn_request(const boost::json::array& compares, const boost::json::array& success,
+                                const boost::json::array& failure);
+// A transaction's answer (the top one's, or a nested one's "response_txn") at `revision`.
+TxnResult decode_txn(const boost::json::object& answer, std::int64_t revision);
 
 enum class Retry { Idempotent, Once };
 

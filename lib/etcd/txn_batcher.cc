@@ -83,7 +83,7 @@ Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, Share s
     me.taken = true;
     for (Pending* p : queue_) {
       if (batch.size() == max_batch_) break;
-      if (p->taken || !may_join(*p, batch)) continue;
+      if (p == &me || !may_join(*p, batch)) continue;
       p->taken = true;
       batch.push_back(p);
     }
@@ -106,7 +106,7 @@ Result<TxnResult> TxnBatcher::txn(EtcdClient& c, std::string_view group, Share s
 
 std::size_t TxnBatcher::waiting() const {
   std::lock_guard lock(mu_);
-  return static_cast<std::size_t>(std::count_if(queue_.begin(), queue_.end(), [](const Pending* p) { return !p->taken; }));
+  return queue_.size();
 }
 
 void TxnBatcher::send(EtcdClient& c, const std::vector<Pending*>& batch) {
@@ -129,8 +129,7 @@ void TxnBatcher::send(EtcdClient& c, const std::vector<Pending*>& batch) {
   json::array nested;
   Retry retry = Retry::Idempotent;
   for (const Pending* p : batch) {
-    nested.push_back(json::object{
-        {"request_txn", json::object{{"compare", p->compares}, {"success", p->success}, {"failure", p->failure}}}});
+    nested.push_back(json::object{{"request_txn", txn_request(p->compares, p->success, p->failure)}});
     if (p->retry == Retry::Once) retry = Retry::Once;  // as the most careful of them
   }
   Result<TxnResult> r = c.txn({}, nested, {}, retry);
@@ -156,11 +155,7 @@ void TxnBatcher::send(EtcdClient& c, const std::vector<Pending*>& batch) {
                                  " transactions without the answer of transaction " + std::to_string(i));
       continue;
     }
-    TxnResult t;
-    t.revision = r->revision;  // (the nested answers' headers are empty)
-    if (const json::value* s = sub->if_contains("succeeded"); s && s->is_bool()) t.succeeded = s->as_bool();
-    if (const json::value* rs = sub->if_contains("responses"); rs && rs->is_array()) t.responses = rs->as_array();
-    p.result = std::move(t);
+    p.result = decode_txn(*sub, r->revision);  // (the nested answers' headers are empty)
   }
 }
 
