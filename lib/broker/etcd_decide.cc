@@ -48,24 +48,16 @@ std::uint64_t version_from(const etcd::TxnResult& r, std::size_t i) {
   }
 }
 
-const Entry* find_entry(const Queue& q, const std::string& key) {
-  for (const Entry& e : q)
-    if (e.key == key) return &e;
-  return nullptr;
-}
-
 std::string new_op() { return random_token().substr(0, 12); }
 
-json::array delete_writes(const Entry& e) { return {etcd::txn_delete(e.key)}; }
-
 // What ends one hold of `held`: *left is it with its count one lower and a fresh
-// mark, put while a hold stays; at the last hold the entry goes (delete_writes).
+// mark, put while a hold stays; at the last hold the entry goes.
 json::array release_writes(const Entry& held, Entry* left) {
   *left = held;
   left->op = new_op();
   --left->hold_count;
   if (left->hold_count > 0) return {etcd::txn_put(left->key, etcd::encode_entry(*left), left->etcd_lease)};
-  return delete_writes(held);
+  return {etcd::txn_delete(held.key)};
 }
 
 // `e` granted now: held once, with a fresh lock id; what writes it (under `lease`) and
@@ -116,7 +108,7 @@ json::array drop_ended(Queue& q, Micros now) {
       ++it;
       continue;
     }
-    for (auto& d : delete_writes(*it)) deletes.push_back(std::move(d));
+    deletes.push_back(etcd::txn_delete(it->key));
     it = q.erase(it);
   }
   return deletes;

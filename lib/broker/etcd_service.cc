@@ -334,7 +334,7 @@ void EtcdService::cancel_entry(const Entry& e) {
       Queue now = queue_from(*r, 0);
       if (!now.empty() && now.front().held && now.front().attach == e.attach) {
         const Entry& g = now.front();
-        r = txn(c, g.lock_key, {etcd::compare(g.key, "MOD", "EQUAL", g.mod_revision)}, delete_writes(g), {}, Retry::Idempotent);
+        r = txn(c, g.lock_key, {etcd::compare(g.key, "MOD", "EQUAL", g.mod_revision)}, {etcd::txn_delete(g.key)}, {}, Retry::Idempotent);
       }
     }
     if (!r.ok())
@@ -665,7 +665,7 @@ void EtcdService::evaluate() {
     sweeping_[e.key] = now;
     run_job([this, e, why](EtcdClient& c) {
       Result<etcd::TxnResult> r =
-          txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, delete_writes(e), {}, Retry::Idempotent);
+          txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)}, {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
       const bool done = r.ok() && r->succeeded;
       if (done)
         log(LogLevel::Info, "broker", "dropped ", e.held ? "" : "queued ", to_string(e.mode), " ",

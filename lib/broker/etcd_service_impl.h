@@ -17,6 +17,7 @@ namespace gate {
 namespace json = boost::json;
 using etcd::Entry;
 using etcd::EtcdClient;
+using etcd::find_entry;
 using etcd::Queue;
 using etcd::Retry;
 
@@ -39,13 +40,10 @@ constexpr int kAttempts = 16;
 // are left out), and the version a range at response i read.
 etcd::Queue queue_from(const etcd::TxnResult& r, std::size_t i);
 std::uint64_t version_from(const etcd::TxnResult& r, std::size_t i);
-const etcd::Entry* find_entry(const etcd::Queue& q, const std::string& key);
 // A fresh mark for an entry's write (Entry::op).
 std::string new_op();
-// What deletes `e`.
-boost::json::array delete_writes(const etcd::Entry& e);
 // What ends one hold of `held`: *left is it with its count one lower and a fresh
-// mark, put while a hold stays; at the last hold the entry goes (delete_writes).
+// mark, put while a hold stays; at the last hold the entry goes.
 boost::json::array release_writes(const etcd::Entry& held, etcd::Entry* left);
 // `e` granted now: held once, with a fresh lock id; what writes it (under `lease`) and
 // reads the key's version (`vkey`; none when empty), last.

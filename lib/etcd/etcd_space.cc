@@ -140,6 +140,12 @@ bool blocks(const Entry& earlier, const Entry& later) {
 
 }  // namespace
 
+const Entry* find_entry(const Queue& q, std::string_view key) {
+  for (const Entry& e : q)
+    if (e.key == key) return &e;
+  return nullptr;
+}
+
 std::vector<Standing> standings(const Queue& q) {
   std::vector<Standing> out(q.size(), Standing::Waiting);
   for (std::size_t i = 0; i < q.size(); ++i) {

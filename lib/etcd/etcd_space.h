@@ -81,6 +81,9 @@ using Queue = std::vector<Entry>;
 // (the order of their fences).
 inline bool queue_order(const Entry& a, const Entry& b) { return a.fence() < b.fence(); }
 
+// The entry at queue key `key` in `q`; null when none.
+const Entry* find_entry(const Queue& q, std::string_view key);
+
 enum class Standing { Held, Grantable, Waiting };
 // A write may be held when every entry before it is its own owner's (its held read,
 // for an upgrade); a read when no other owner's write comes before it.

@@ -217,10 +217,7 @@ std::optional<Entry> SpaceMirror::entry(const std::string& key) const {
 const Entry* SpaceMirror::at(const std::string& key) const {
   const std::optional<std::string> lock_key = lock_key_of(key);
   auto q = lock_key ? space_.find(*lock_key) : space_.end();
-  if (q == space_.end()) return nullptr;
-  for (const Entry& e : q->second)
-    if (e.key == key) return &e;
-  return nullptr;
+  return q == space_.end() ? nullptr : find_entry(q->second, key);
 }
 
 Queue SpaceMirror::queue(const std::string& lock_key) const {
