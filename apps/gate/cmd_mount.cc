@@ -139,6 +139,13 @@ int mount(int argc, char** argv) {
       ("no-delegation", po::bool_switch(),
        "never ask the broker to lend this mount its lock space (while the mount is the "
        "broker's only client, locks are otherwise taken in-process; see gate-mount(1))")
+      ("no-passthrough", po::bool_switch(),
+       "never let the kernel read a file straight from DIR; by default, files opened "
+       "read-only are (FUSE passthrough: Linux 6.9 or later, and root)")
+      ("passthrough-writes", po::bool_switch(),
+       "let the kernel also write straight to DIR through handles whose open created or "
+       "truncated the file (sequential writes at native speed); such a handle whose lock is "
+       "lost can then go on writing, where it would otherwise get EIO")
       ("no-watch", po::bool_switch(),
        "do not watch DIR with inotify for changes made beside the mount; cache attributes and "
        "names for --attr-timeout-ms instead")
@@ -225,6 +232,10 @@ int mount(int argc, char** argv) {
   options.debug_fuse = debug_fuse;
   options.cache_timeout_s = static_cast<double>((*args)["attr-timeout-ms"].as<std::int64_t>()) / 1000.0;
   options.watch_source = !(*args)["no-watch"].as<bool>();
+  options.passthrough = !(*args)["no-passthrough"].as<bool>();
+  options.passthrough_writes = (*args)["passthrough-writes"].as<bool>();
+  if (options.passthrough_writes && !options.passthrough)
+    return cli::fail(me, "--passthrough-writes and --no-passthrough contradict each other"), 2;
   options.locks.delegation = !(*args)["no-delegation"].as<bool>();
   if (const char* v = std::getenv("GATE_RELEASE_ON_FLUSH"); v && std::string(v) == "1")
     options.release_on_flush = true;

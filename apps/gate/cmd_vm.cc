@@ -75,6 +75,24 @@ std::string stale_line(const std::string& mount) {
   return line;
 }
 
+// Whether read-only opens go straight to the files below (FUSE passthrough).
+std::string passthrough_line(const std::string& mount) {
+  char buf[512];
+  const ssize_t n = ::getxattr(mount.c_str(), mount::kPassthroughXattr, buf, sizeof buf);
+  if (n <= 0) return "";
+  // "on opens=<n> reads=<r> writes=<w>", or the same with "off" and ": <why>"
+  const std::string value(buf, static_cast<std::size_t>(n));
+  std::istringstream in(value);
+  std::string state, opens;
+  in >> state >> opens;
+  if (state == "on")
+    return "  ok   read-only opens read straight from the repository (passthrough; " +
+           opens.substr(opens.find('=') + 1) + " so far)\n";
+  const auto colon = value.find(": ");
+  return "  note read-only opens are read through the view: " +
+         (colon == std::string::npos ? value : value.substr(colon + 2)) + "\n";
+}
+
 // Becomes `command` (ssh, tail -F: they run until Ctrl-C); returns only on failure.
 int exec_command(const char* self, std::vector<std::string> command) {
   std::vector<char*> cargs;
@@ -219,7 +237,7 @@ int status(int argc, char** argv) {
          m == MountState::Stale ? "the mount died: 'gate clean --vm-name " + name + "'"
                                 : "not mounted: 'gate down' and 'gate up' again");
     if (m == MountState::Mounted && s->get("method") != "sshfs")
-      std::cout << history_line(s->mount) << stale_line(s->mount);
+      std::cout << history_line(s->mount) << stale_line(s->mount) << passthrough_line(s->mount);
   }
   return all_ok ? 0 : 1;
 }

@@ -152,11 +152,14 @@ void GateFs::Impl::close_handle(FileHandle* h) {
     lock = std::move(h->lock);
   }
   const char* event = lock ? settle_handle(h, lock) : nullptr;
-  // What it wrote through the kernel is what the kernel caches (unless a merge
-  // changed the file since): the next open may keep that.
+  // What it wrote through the kernel's cache is what the kernel caches (unless a merge
+  // changed the file since): the next open may keep that. Written past the cache,
+  // the next open must not.
   if (h->changed && !h->redirected && h->ino && h->fd >= 0)
-    note_cached_content(inode(h->ino), h->fd, lock ? lock->lock.fence : 0, event != nullptr);
+    note_cached_content(inode(h->ino), h->fd, lock ? lock->lock.fence : 0,
+                        event != nullptr || h->io != FileHandle::Io::Cached);
   if (h->writer) --inode(h->ino).writers;
+  end_io(h);
   // Data reaches the source before the next holder can get in.
   if (h->fd >= 0) ::close(h->fd);
   h->fd = -1;
@@ -209,6 +212,7 @@ void GateFs::Impl::init(fuse_conn_info* conn) {
   else want(FUSE_CAP_AUTO_INVAL_DATA);
   // Locks stay exact only if the kernel does not answer from a write-back cache.
   conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  passthrough.ask_in_init_reply();
   conn->max_write = 1u << 20;  // libfuse lowers it to what its buffer holds
   conn->max_background = 64;
 }
@@ -379,6 +383,12 @@ Status GateFs::mount() {
   if (fuse_session_mount(d.se, d.opts.mountpoint.c_str()) != 0)
     return Status::failure("could not mount " + d.opts.root + " at " + d.opts.mountpoint);
   d.mounted = true;
+  d.passthrough.want(d.opts.passthrough);
+  std::string why;
+  if (!d.passthrough.install<Impl>(d.se, &why))
+    log(LogLevel::Warn, "mount", "files are read through the daemon: ", why);
+  else if (!why.empty())
+    log(LogLevel::Info, "mount", "files are read through the daemon: passthrough ", why);
   return {};
 }
 

@@ -56,6 +56,13 @@ struct MountOptions {
   HistoryOptions history;
   bool history_git_rules = true;  // leave out what the repository's rules ignore
   StaleWrites stale_writes = StaleWrites::Off;  // needs locking (versions)
+  // Read-only handles read straight from the files below (FUSE passthrough), where
+  // the kernel allows it (Linux 6.9+, CAP_SYS_ADMIN); --no-passthrough says no.
+  bool passthrough = true;
+  // Also handles that write a file their open created or truncated, unless a stale
+  // replacement (--passthrough-writes). Their writes are then not refused once their
+  // lock is lost (locking.md asks EIO).
+  bool passthrough_writes = false;
 };
 
 // Read on the root of a view (getxattr), this attribute writes out the view's
@@ -67,6 +74,10 @@ inline constexpr const char* kHistoryProblemXattr = "user.gate.history.problem";
 // Read on the root of a view: the stale-replacement policy and what it did so far,
 // "<policy> refused=<n> merged=<n> conflicts=<n>", for `gate status`.
 inline constexpr const char* kStaleXattr = "user.gate.stale";
+// Read on the root of a view: "on opens=<n> reads=<r> writes=<w>" while opens go
+// straight to the files below (FUSE passthrough), <n> of them so far, and the daemon
+// served <r> READ and <w> WRITE requests; else "off opens=<n> reads=<r> writes=<w>: <why>".
+inline constexpr const char* kPassthroughXattr = "user.gate.passthrough";
 
 class GateFs {
  public:

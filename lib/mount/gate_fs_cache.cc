@@ -1,6 +1,7 @@
 // The kernel's caches of a view: names and attributes kept until the mount learns of
 // a change (SourceWatch), and file contents kept across opens while the file is as
 // it was when the kernel read or wrote it.
+#include <fcntl.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
 
@@ -52,6 +53,68 @@ void GateFs::Impl::note_cached_content(Inode& in, int fd, std::uint64_t version,
   const bool known = !changed_behind && ::fstat(fd, &st) == 0;
   std::lock_guard lock(in.cache_m);
   in.stamp = known ? stamp_of(st, version) : Inode::Stamp{};
+}
+
+void GateFs::Impl::choose_io(Opening& o, Inode& kin) {
+  FileHandle* h = o.h;
+  const bool reads_only = (o.f.flags & O_ACCMODE) == O_RDONLY && !(o.f.flags & O_TRUNC);
+  // What the kernel may cache or read from below: the file its inode is (not one that
+  // took the name meanwhile), without O_DIRECT.
+  const bool plain = !o.redirected && !(o.f.flags & O_DIRECT);
+  // With --passthrough-writes, also a writer whose file the open made or emptied: the
+  // history has nothing (more) to keep of it, and its release changes the version
+  // anyway. Not a stale replacement, which is merged at release.
+  const bool fresh_writer = opts.passthrough_writes && !reads_only && (o.created || (o.f.flags & O_TRUNC)) &&
+                            h->stale_reads.empty();
+  const bool straight = plain && (reads_only || fresh_writer);
+  std::lock_guard lock(kin.io_m);
+  if (kin.through == 0 && kin.cached == 0 && straight && passthrough.on()) {
+    if (reads_only) {
+      kin.backing_id = passthrough.open_backing(h->fd);
+    } else {
+      // Readers that join it read through the same file: one of its own, for both.
+      UniqueFd both(::open(proc_path(h->fd).c_str(), O_RDWR | O_CLOEXEC));
+      if (both) kin.backing_id = passthrough.open_backing(both.get());
+    }
+  }
+  if (kin.backing_id > 0) {
+    // Every open of an inode open straight must be too (with its backing id), or the
+    // kernel fails it with EIO. One that is not to go straight (a writer, while
+    // readers have it) does its reads and writes through the daemon all the same
+    // (direct); only a mapping of it reads from below.
+    ++kin.through;
+    h->io = FileHandle::Io::Through;
+    h->io_ino = inodes->id(kin);
+    o.backing_id = kin.backing_id;
+    if (straight && (reads_only || kin.through == 1)) {
+      passthrough.count_open();
+      if (!reads_only) keep_first_change(h);  // a new file's first version, as a write would
+    } else {
+      o.f.direct_io = 1;
+    }
+    return;
+  }
+  if (!plain) {
+    h->io = FileHandle::Io::Direct;  // neither counts nor minds the others
+    return;
+  }
+  ++kin.cached;
+  h->io = FileHandle::Io::Cached;
+  h->io_ino = inodes->id(kin);
+}
+
+void GateFs::Impl::end_io(FileHandle* h) {
+  if (h->io == FileHandle::Io::Direct) return;
+  Inode& in = inode(h->io_ino);
+  std::lock_guard lock(in.io_m);
+  if (h->io == FileHandle::Io::Cached) {
+    --in.cached;
+  } else if (--in.through == 0) {
+    // The kernel let go of the file when the last of these closed, before it sent
+    // their release.
+    passthrough.close_backing(in.backing_id);
+    in.backing_id = 0;
+  }
 }
 
 void GateFs::Impl::forget_entry(fuse_ino_t parent, const std::string& name) {

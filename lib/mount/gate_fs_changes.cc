@@ -273,7 +273,13 @@ void GateFs::Impl::reply_open(fuse_req_t req, Opening& o, int err, bool created)
   // A flush has nothing to do (the data is in the source already), unless it gives
   // the lock back.
   o.f.noflush = !opts.release_on_flush;
-  int r = created ? fuse_reply_create(req, &o.entry, &o.f) : fuse_reply_open(req, &o.f);
+  int r;
+  if (o.h->io == FileHandle::Io::Through) {
+    Passthrough::ReplyThrough through(o.backing_id);
+    r = created ? fuse_reply_create(req, &o.entry, &o.f) : fuse_reply_open(req, &o.f);
+  } else {
+    r = created ? fuse_reply_create(req, &o.entry, &o.f) : fuse_reply_open(req, &o.f);
+  }
   if (r != 0) {
     log(LogLevel::Debug, "mount", "open of ", o.key, " was abandoned by pid ", o.who.tid);
     close_handle(o.h);
@@ -325,7 +331,9 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                   }
                 }
                 if (!err) err = adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
-                if (!err && replacement < 0)
+                if (!err) choose_io(*o, in);
+                // A handle read straight from below leaves the kernel's cache as it was.
+                if (!err && replacement < 0 && o->h->io != FileHandle::Io::Through)
                   o->keep_cache = keep_cache_at_open(in, o->h->fd, o->h->version, stated ? &now : nullptr);
                 if (replacement >= 0) ::close(replacement);
                 return err;
@@ -355,7 +363,10 @@ void GateFs::Impl::create(fuse_req_t req, fuse_ino_t parent, const char* name, m
                   }
                 }
                 const int err = adopt(*o, fd, held);
-                if (!err) keep_cache_at_open(inode(o->entry.ino), fd, o->h->version);
+                if (!err) {
+                  choose_io(*o, inode(o->entry.ino));
+                  keep_cache_at_open(inode(o->entry.ino), fd, o->h->version);
+                }
                 return err;
               },
               [this, req, o](int err) { reply_open(req, *o, err, true); }},

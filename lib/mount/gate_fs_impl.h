@@ -31,6 +31,7 @@
 #include "mount/ignore_rules.h"
 #include "mount/lock_agent.h"
 #include "mount/lock_policy.h"
+#include "mount/passthrough.h"
 #include "mount/read_log.h"
 #include "mount/source_watch.h"
 
@@ -68,6 +69,11 @@ struct FileHandle {
   // file_now_named()): what the kernel caches of that file is dropped at release.
   bool redirected = false;
   bool writer = false;  // counted in its Inode's writers
+  // How the kernel does its I/O (GateFs::Impl::choose_io): through the page cache and
+  // this daemon, straight from the file below (passthrough; reads and writes never
+  // reach the daemon), or direct (through this daemon, never cached).
+  enum class Io : std::uint8_t { Cached, Through, Direct } io = Io::Direct;
+  fuse_ino_t io_ino = 0;  // Cached or Through: the kernel's inode it is counted in
   // A stale replacement (--stale-writes merge): the agent's reads, merged at release,
   // and the content it replaced, read at the open (nullopt: from the history).
   std::vector<std::uint64_t> stale_reads;
@@ -111,6 +117,9 @@ struct GateFs::Impl {
   std::atomic<std::uint64_t> stale_refused{0}, stale_merged{0}, stale_conflicts{0};
   fuse_session* se = nullptr;
   bool mounted = false;
+  Passthrough passthrough;  // reads straight from the files below, where the kernel can
+  // READ and WRITE requests served (kPassthroughXattr)
+  std::atomic<std::uint64_t> reads_served{0}, writes_served{0};
   // Runs the kernel notifications that take VFS locks (an entry's directory lock):
   // never on an act thread, where a wait for a lock a waiting caller holds could
   // leave no act thread for that caller's own call.
@@ -319,6 +328,7 @@ struct GateFs::Impl {
     std::optional<std::string> theirs;       // see FileHandle::theirs
     bool created = false;      // create (a new name), not open
     bool keep_cache = false;   // the kernel's cache of the file is its content
+    int backing_id = 0;        // FileHandle::Io::Through: the file below, at the kernel
     fuse_entry_param entry{};  // create only
   };
 
@@ -340,6 +350,15 @@ struct GateFs::Impl {
   // release). `fd` < 0: the open failed with errno.
   int adopt(Opening& o, int fd, std::vector<HeldLock>& held);
 
+  // How the kernel is to do the I/O of a new handle (FileHandle::io), counted in the
+  // kernel's inode of it (`kin`: the one the kernel opened) until the handle's
+  // release (end_io). Read-only handles go straight to the file below (passthrough)
+  // when the kernel can, since the mount needs to see none of their I/O; a handle
+  // that writes, or any while one of the inode's handles goes through the page cache,
+  // stays with the daemon. The kernel fails an open through its cache of an inode
+  // open straight (EIO), so a writer then goes direct, marked passthrough.
+  void choose_io(Opening& o, Inode& kin);
+  void end_io(FileHandle* h);
   // The reply of open and create. If the caller went away meanwhile (the reply
   // fails), everything is undone.
   void reply_open(fuse_req_t req, Opening& o, int err, bool created);

@@ -61,6 +61,7 @@ void GateFs::Impl::readlink(fuse_req_t req, fuse_ino_t ino) {
 }
 
 void GateFs::Impl::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
+  reads_served.fetch_add(1, std::memory_order_relaxed);
   fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
   buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
   buf.buf[0].fd = file_of(fi)->fd;
@@ -70,6 +71,7 @@ void GateFs::Impl::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* 
 
 void GateFs::Impl::write_buf(fuse_req_t req, fuse_bufvec* in, off_t off, fuse_file_info* fi) {
   FileHandle* h = file_of(fi);
+  writes_served.fetch_add(1, std::memory_order_relaxed);
   if (write_refused(h)) {
     fuse_reply_err(req, EIO);
     return;
@@ -271,6 +273,12 @@ void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, si
       // `gate history` asks the view for its history: written out, then where it is.
       history->flush();
       answer = history->options().dir;
+    } else if (std::strcmp(name, kPassthroughXattr) == 0) {
+      answer = std::string(passthrough.on() ? "on" : "off") + " opens=" +
+               std::to_string(passthrough.opens()) + " reads=" +
+               std::to_string(reads_served.load(std::memory_order_relaxed)) + " writes=" +
+               std::to_string(writes_served.load(std::memory_order_relaxed));
+      if (!passthrough.on()) *answer += ": " + passthrough.why_off();
     } else if (std::strcmp(name, kHistoryProblemXattr) == 0 && history) {
       std::lock_guard guard(history_problem_m);
       if (!history_problem.empty()) answer = history_problem;

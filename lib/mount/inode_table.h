@@ -59,6 +59,15 @@ struct Inode {
     timespec mtime{}, ctime{};
     std::uint64_t version = 0;  // the key's version at the broker (0 without locking)
   } stamp;
+
+  // How the kernel reads and writes the file's open handles (GateFs::Impl::choose_io):
+  // `through` of them straight from the file below (FUSE passthrough, all with
+  // `backing_id`), `cached` of them through the page cache. The kernel refuses both
+  // at once. Guarded by io_m.
+  std::mutex io_m;
+  int backing_id = 0;
+  int through = 0;
+  int cached = 0;
 };
 
 // Watches the directories of a table (SourceWatch): add() answers an id or -1, and the

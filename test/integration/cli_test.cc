@@ -184,6 +184,12 @@ TEST_CASE("gate up --local shows a locked view and gate down leaves nothing behi
         std::string::npos);
   CHECK(status.output.find("ok   stale replacements: merge (0 refused, 0 merged, 0 conflicts)") !=
         std::string::npos);
+  // Run as root on Linux 6.9+ (as CI does), reads go straight to the repository.
+  if (test::kernel_passthrough_expected())
+    CHECK(status.output.find("ok   read-only opens read straight from the repository (passthrough; ") !=
+          std::string::npos);
+  else
+    CHECK(status.output.find("note read-only opens are read through the view: ") != std::string::npos);
 
   auto again = gate_cmd({"up", "--local", "--repo-path", repo});
   CHECK(again.status == 0);

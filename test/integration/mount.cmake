@@ -25,6 +25,8 @@ if(TARGET gate_mount)
   gate_mount_test(long_paths_test)
   # The kernel's caches of a view, and changes made beside it.
   gate_mount_test(cache_test)
+  # Read-only opens read straight from the files below (FUSE passthrough).
+  gate_mount_test(passthrough_test)
   # Two views through two brokers that share one lock space in etcd.
   add_executable(etcd_mount_test integration/etcd_mount_test.cc support/etcd_cluster.cc)
   target_link_libraries(etcd_mount_test PRIVATE gate_test_support gate_client gate_core gate_etcd gate_vm Boost::json)

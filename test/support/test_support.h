@@ -128,4 +128,8 @@ std::uint64_t key_version(const BrokerEndpoint& ep, const std::string& key);
 // Reads a whole file ("" when missing).
 std::string read_file(const std::string& path);
 
+// Whether a mount made by this process may read files straight from below (FUSE
+// passthrough): root, on Linux 6.9 or later (Debian's kernels build it in).
+bool kernel_passthrough_expected();
+
 }  // namespace gate::test
