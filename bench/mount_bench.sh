@@ -11,6 +11,8 @@
 #   plain   gate mount --no-locking (FUSE's cost without the broker's)
 #   locked  gate mount, the only mount on its broker (Unix socket, --no-history)
 #   two     gate mount, one of two mounts of one directory on one broker
+#   lockw   gate mount --passthrough-writes, the only mount on its broker: files its
+#           opens create or truncate are written straight to the directory too
 # Rows: 2,000 files of 4 KiB created and read back (files/s); a 5,000-file tree made
 # (files/s), then find and ls -lR of it (warm, s), git add -A and git status of it (s);
 # sequential write (fsync included) and read through a new open (MiB/s); open+close of
@@ -82,7 +84,21 @@ wait_for "$WORK/broker2.port"
 mount_gate two "$WORK/root-two" "$WORK/mnt-two" --broker-socket "$WORK/broker2.sock"
 mount_gate two-b "$WORK/root-two" "$WORK/mnt-two-b" --broker-socket "$WORK/broker2.sock"
 DIR[two]="$WORK/mnt-two"
-TARGETS+=(plain locked two)
+mkdir -p "$WORK/state3"
+"$GATE" broker --state-dir "$WORK/state3" --port 0 --unix-socket "$WORK/broker3.sock" \
+  --log-level warn --ready-fd 3 3>"$WORK/broker3.port" 2>"$WORK/broker3.log" &
+PIDS+=($!)
+wait_for "$WORK/broker3.port"
+mount_gate lockw "$WORK/root-lockw" "$WORK/mnt-lockw" --broker-socket "$WORK/broker3.sock" \
+  --passthrough-writes
+DIR[lockw]="$WORK/mnt-lockw"
+TARGETS+=(plain locked two lockw)
+# Whether the views read (and lockw writes) straight from below: FUSE passthrough
+# needs Linux 6.9+ and root.
+for t in plain locked lockw; do
+  printf '%s: passthrough %s\n' "$t" \
+    "$(python3 -c 'import os,sys; print(os.getxattr(sys.argv[1], "user.gate.passthrough").decode())' "${DIR[$t]}")"
+done
 
 ROWS=(create read tree find ls gitadd gitstatus seqwrite seqread openclose)
 declare -A LABEL=(

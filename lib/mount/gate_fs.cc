@@ -346,6 +346,7 @@ Status GateFs::mount() {
     return Status::failure("cannot stat the source directory " + d.opts.root + ": " + std::strerror(err));
   }
   d.inodes = std::make_unique<InodeTable>(root_fd, st);
+  d.inodes->set_backing_closer([&d](int id) { d.passthrough.close_backing(id); });
   if (d.opts.watch_source) {
     std::string why;
     d.watch = SourceWatch::open(root_fd, &why);

@@ -275,7 +275,8 @@ void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, si
       answer = history->options().dir;
     } else if (std::strcmp(name, kPassthroughXattr) == 0) {
       answer = std::string(passthrough.on() ? "on" : "off") + " opens=" +
-               std::to_string(passthrough.opens()) + " reads=" +
+               std::to_string(passthrough.opens()) + " files=" + std::to_string(passthrough.registered()) +
+               " reads=" +
                std::to_string(reads_served.load(std::memory_order_relaxed)) + " writes=" +
                std::to_string(writes_served.load(std::memory_order_relaxed));
       if (!passthrough.on()) *answer += ": " + passthrough.why_off();

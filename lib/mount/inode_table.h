@@ -63,9 +63,12 @@ struct Inode {
   // How the kernel reads and writes the file's open handles (GateFs::Impl::choose_io):
   // `through` of them straight from the file below (FUSE passthrough, all with
   // `backing_id`), `cached` of them through the page cache. The kernel refuses both
-  // at once. Guarded by io_m.
+  // at once. The file stays registered as `backing_id` (0: not) after its last
+  // handle, for the next open, until the inode leaves the table; `backing_rw`: the
+  // registered file was opened for writing too. Guarded by io_m.
   std::mutex io_m;
   int backing_id = 0;
+  bool backing_rw = false;
   int through = 0;
   int cached = 0;
 };
@@ -135,6 +138,9 @@ class InodeTable {
   // Directories get watched from now on (the root at once); null: none. Call before
   // serving requests.
   void set_watcher(DirWatcher* watcher);
+  // Called with an inode's Inode::backing_id when it leaves the table (under the
+  // table's mutex: it must not call back into the table). Call before serving requests.
+  void set_backing_closer(std::function<void(int backing_id)> closer) { close_backing_ = std::move(closer); }
 
  private:
   struct IdHash {
@@ -160,6 +166,7 @@ class InodeTable {
   // (parent, name) -> the inode last seen there: the names the kernel may hold.
   std::unordered_map<std::pair<const Inode*, std::string>, Inode*, NameHash> names_;
   DirWatcher* watcher_ = nullptr;
+  std::function<void(int)> close_backing_;
 };
 
 }  // namespace gate::mount

@@ -158,11 +158,14 @@ int Passthrough::open_backing(int fd) {
   if (!on()) return 0;
   BackingMap map{fd, 0, 0};
   const int id = ::ioctl(dev_fd_, kBackingOpen, &map);
-  if (id > 0) return id;
+  if (id > 0) {
+    registered_.fetch_add(1, std::memory_order_relaxed);
+    return id;
+  }
   const int err = errno;
   // No right to (a mount in a user namespace), or an older kernel: every file would
   // be refused alike.
-  if (err == EPERM || err == ENOTTY || err == EINVAL || err == ELOOP) {
+  if (err == EPERM || err == ENOTTY) {
     if (!refused_.exchange(true))
       log(LogLevel::Info, "mount", "reads no longer go straight to the files below: the kernel "
           "refused to register one (", std::strerror(err), ")");
@@ -176,6 +179,8 @@ void Passthrough::close_backing(int id) {
   const std::uint32_t backing = static_cast<std::uint32_t>(id);
   if (::ioctl(dev_fd_, kBackingClose, &backing) != 0)
     log(LogLevel::Warn, "mount", "could not close backing file ", id, ": ", std::strerror(errno));
+  else
+    registered_.fetch_sub(1, std::memory_order_relaxed);
 }
 
 Passthrough::ReplyThrough::ReplyThrough(int backing_id) { t_pending = {Pending::Open, backing_id}; }

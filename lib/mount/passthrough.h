@@ -89,6 +89,8 @@ class Passthrough {
   // How many opens went through (for `gate status` and the tests).
   std::uint64_t opens() const { return opens_.load(std::memory_order_relaxed); }
   void count_open() { opens_.fetch_add(1, std::memory_order_relaxed); }
+  // How many files are registered now.
+  std::int64_t registered() const { return registered_.load(std::memory_order_relaxed); }
 
  private:
   bool install_io(fuse_session* se, const fuse_custom_io& io, std::string* why);
@@ -106,6 +108,7 @@ class Passthrough {
   std::atomic<bool> asked_{false};         // the INIT reply asked for it
   std::atomic<bool> refused_{false};       // a registration was refused (EPERM...)
   std::atomic<std::uint64_t> opens_{0};
+  std::atomic<std::int64_t> registered_{0};
 };
 
 }  // namespace gate::mount

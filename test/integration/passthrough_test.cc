@@ -23,7 +23,7 @@ namespace {
 // What the view says of passthrough (user.gate.passthrough on its root).
 struct Through {
   std::string state;  // "on" or "off"
-  std::uint64_t opens = 0, reads = 0, writes = 0;
+  std::uint64_t opens = 0, files = 0, reads = 0, writes = 0;
   std::string why;
 };
 
@@ -41,7 +41,7 @@ Through through(const Mount& m) {
     if (eq == std::string::npos) continue;
     const std::uint64_t n = std::stoull(field.substr(eq + 1));
     const std::string name = field.substr(0, eq);
-    (name == "opens" ? t.opens : name == "reads" ? t.reads : t.writes) = n;
+    (name == "opens" ? t.opens : name == "files" ? t.files : name == "reads" ? t.reads : t.writes) = n;
   }
   if (auto colon = value.find(": "); colon != std::string::npos) t.why = value.substr(colon + 2);
   return t;
@@ -108,6 +108,13 @@ TEST_CASE("a file opened read-only is read straight from the file below", "[moun
     b.close();
     CHECK(through(m).opens == before.opens + 2);
     CHECK(slurp(m.at("f")) == data);  // registered again
+  }
+  SECTION("a file stays registered for the next open until the kernel forgets it") {
+    for (int i = 0; i < 3; ++i) CHECK(slurp(m.at("f")) == data);
+    CHECK(through(m).files == before.files + 1);
+    CHECK(through(m).opens == before.opens + 3);
+    REQUIRE(::unlink(m.at("f").c_str()) == 0);
+    CHECK(eventually([&] { return through(m).files == before.files; }));
   }
   SECTION("a save through the view, then a read, shows the save") {
     CHECK(slurp(m.at("f")) == data);
