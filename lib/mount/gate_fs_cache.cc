@@ -115,11 +115,14 @@ void GateFs::Impl::end_io(FileHandle* h) {
   std::lock_guard lock(in.io_m);
   if (h->io == FileHandle::Io::Cached) {
     --in.cached;
-  } else {
-    // The last one: the kernel let go of the file when it closed (before it sent the
-    // release). The file stays registered, for the next open (an ioctl each way saved).
-    --in.through;
+  } else if (--in.through == 0 && in.backing_rw) {
+    // The kernel let go of the file when the last of these closed, before it sent
+    // their release. A file registered for writing goes: open for writing, it could
+    // not be run (ETXTBSY), and inotify would not see it closed.
+    passthrough.close_backing(std::exchange(in.backing_id, 0));
+    in.backing_rw = false;
   }
+  // Else it stays registered for the next open: an ioctl each way saved.
 }
 
 void GateFs::Impl::forget_entry(fuse_ino_t parent, const std::string& name) {

@@ -260,7 +260,19 @@ TEST_CASE("writers stay with the daemon unless --passthrough-writes lets new and
 
     const Through after = through(m);
     CHECK(after.opens == before.opens + 5);  // three writers, two readers
+    // The readers' files stay registered for the next open; the writers' went.
+    CHECK(after.files == 2);
     CHECK(after.writes == before.writes);
+
+    // Nothing keeps a file written straight open for writing once it is closed: it
+    // runs, in the directory too (no ETXTBSY).
+    write_file(m.at("run.sh"), "#!/bin/sh\necho ran\n");
+    REQUIRE(::chmod(m.at("run.sh").c_str(), 0755) == 0);
+    std::string out;
+    CHECK(sh(m.in_root("run.sh"), &out, 20s) == 0);
+    CHECK(out == "ran\n");
+    CHECK(sh(m.at("run.sh"), &out, 20s) == 0);
+    CHECK(out == "ran\n");
 
     // A writer that only changes part of a file keeps going through the daemon (its
     // first write keeps the content it replaces).
