@@ -151,6 +151,7 @@ void GateFs::Impl::close_handle(FileHandle* h) {
     std::lock_guard guard(h->m);
     lock = std::move(h->lock);
   }
+  if (!h->changed && changed_below(h)) h->changed = true;
   const char* event = lock ? settle_handle(h, lock) : nullptr;
   // What it wrote through the kernel's cache is what the kernel caches (unless a merge
   // changed the file since): the next open may keep that. Written past the cache,

@@ -68,26 +68,14 @@ void GateFs::Impl::choose_io(Opening& o, Inode& kin) {
                             h->stale_reads.empty();
   const bool straight = plain && (reads_only || fresh_writer);
   std::lock_guard lock(kin.io_m);
-  if (kin.through == 0 && kin.cached == 0 && straight && passthrough.on() &&
-      (kin.backing_id == 0 || (!reads_only && !kin.backing_rw))) {
-    if (kin.backing_id > 0) passthrough.close_backing(std::exchange(kin.backing_id, 0));
-    if (reads_only) {
-      kin.backing_id = passthrough.open_backing(h->fd);
-      kin.backing_rw = false;
-    } else {
-      // Readers that join it read through the same file: one of its own, for both.
-      UniqueFd both(::open(proc_path(h->fd).c_str(), O_RDWR | O_CLOEXEC));
-      if (both) kin.backing_id = passthrough.open_backing(both.get());
-      kin.backing_rw = true;
-    }
-  }
-  // A file registered but open by none (kept for the next open) counts only when
-  // this one goes straight and nothing goes through the cache.
+  // The kernel opens the file below anew for every open that goes straight, with that
+  // open's flags: the registration only names the file, and stays for the next open
+  // until the inode leaves the table.
+  if (kin.backing_id == 0 && kin.cached == 0 && straight && passthrough.on())
+    kin.backing_id = passthrough.open_backing(kin.fd, kin.src_dev);
   if (kin.backing_id > 0 && (kin.through > 0 || (straight && kin.cached == 0 && passthrough.on()))) {
     // Every open of an inode open straight must be too (with its backing id), or the
-    // kernel fails it with EIO. One that is not to go straight (a writer, while
-    // readers have it) does its reads and writes through the daemon all the same
-    // (direct); only a mapping of it reads from below.
+    // kernel fails it with EIO.
     ++kin.through;
     h->io = FileHandle::Io::Through;
     h->io_ino = inodes->id(kin);
@@ -95,8 +83,18 @@ void GateFs::Impl::choose_io(Opening& o, Inode& kin) {
     if (straight && (reads_only || kin.through == 1)) {
       passthrough.count_open();
       if (!reads_only) keep_first_change(h);  // a new file's first version, as a write would
-    } else {
-      o.f.direct_io = 1;
+      return;
+    }
+    // Not to go straight (a writer, while others read straight; possible only without
+    // locks, with GATE_RELEASE_ON_FLUSH=1 or after a lost lock): its reads and writes
+    // go through the daemon (direct), but the kernel maps the file below, so a shared
+    // mapping of it writes past the daemon. What that replaces is kept now, and the
+    // release compares the file with how it is now (see changed_below).
+    o.f.direct_io = 1;
+    if (!reads_only) {
+      keep_first_change(h);
+      struct stat st {};
+      if (::fstat(h->fd, &st) == 0) h->mapped_from = st;
     }
     return;
   }
@@ -113,16 +111,18 @@ void GateFs::Impl::end_io(FileHandle* h) {
   if (h->io == FileHandle::Io::Direct) return;
   Inode& in = inode(h->io_ino);
   std::lock_guard lock(in.io_m);
-  if (h->io == FileHandle::Io::Cached) {
-    --in.cached;
-  } else if (--in.through == 0 && in.backing_rw) {
-    // The kernel let go of the file when the last of these closed, before it sent
-    // their release. A file registered for writing goes: open for writing, it could
-    // not be run (ETXTBSY), and inotify would not see it closed.
-    passthrough.close_backing(std::exchange(in.backing_id, 0));
-    in.backing_rw = false;
-  }
-  // Else it stays registered for the next open: an ioctl each way saved.
+  // The kernel let go of its own when the handle closed, before it sent the release;
+  // a registered file stays registered for the next open (an ioctl each way saved).
+  if (h->io == FileHandle::Io::Cached) --in.cached;
+  else --in.through;
+}
+
+bool GateFs::Impl::changed_below(const FileHandle* h) {
+  if (!h->mapped_from) return false;
+  struct stat now {};
+  if (::fstat(h->fd, &now) != 0) return true;
+  const struct stat& then = *h->mapped_from;
+  return now.st_size != then.st_size || !same(now.st_mtim, then.st_mtim) || !same(now.st_ctim, then.st_ctim);
 }
 
 void GateFs::Impl::forget_entry(fuse_ino_t parent, const std::string& name) {

@@ -332,9 +332,13 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                 }
                 if (!err) err = adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
                 if (!err) choose_io(*o, in);
-                // A handle read straight from below leaves the kernel's cache as it was.
-                if (!err && replacement < 0 && o->h->io != FileHandle::Io::Through)
-                  o->keep_cache = keep_cache_at_open(in, o->h->fd, o->h->version, stated ? &now : nullptr);
+                // A handle read straight from below never keeps the kernel's cache (its
+                // open drops it); the check still records the file and drops stale
+                // attributes.
+                if (!err && replacement < 0) {
+                  const bool keep = keep_cache_at_open(in, o->h->fd, o->h->version, stated ? &now : nullptr);
+                  o->keep_cache = keep && o->h->io != FileHandle::Io::Through;
+                }
                 if (replacement >= 0) ::close(replacement);
                 return err;
               },

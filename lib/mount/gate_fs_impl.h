@@ -74,6 +74,9 @@ struct FileHandle {
   // reach the daemon), or direct (through this daemon, never cached).
   enum class Io : std::uint8_t { Cached, Through, Direct } io = Io::Direct;
   fuse_ino_t io_ino = 0;  // Cached or Through: the kernel's inode it is counted in
+  // A writer that went direct while others read the file straight: the file as it was
+  // at its open (see GateFs::Impl::changed_below).
+  std::optional<struct stat> mapped_from;
   // A stale replacement (--stale-writes merge): the agent's reads, merged at release,
   // and the content it replaced, read at the open (nullopt: from the history).
   std::vector<std::uint64_t> stale_reads;
@@ -359,6 +362,10 @@ struct GateFs::Impl {
   // open straight (EIO), so a writer then goes direct, marked passthrough.
   void choose_io(Opening& o, Inode& kin);
   void end_io(FileHandle* h);
+  // Whether the file of a writer that went direct beside straight readers changed
+  // since its open (FileHandle::mapped_from): through a shared mapping, which writes
+  // to the file below past the daemon.
+  static bool changed_below(const FileHandle* h);
   // The reply of open and create. If the caller went away meanwhile (the reply
   // fails), everything is undone.
   void reply_open(fuse_req_t req, Opening& o, int err, bool created);

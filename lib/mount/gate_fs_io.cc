@@ -92,6 +92,7 @@ void GateFs::Impl::flush(fuse_req_t req, fuse_file_info* fi) {
   int r = ::close(::dup(h->fd));
   int err = r < 0 ? errno : 0;
   if (opts.release_on_flush && agent) {
+    if (!h->changed && changed_below(h)) h->changed = true;
     std::shared_ptr<TrackedLock> lock;
     {
       std::lock_guard guard(h->m);

@@ -97,8 +97,11 @@ void InodeTable::erase_unused(Inode* inode) {
       if (it != names_.end() && it->second == inode) names_.erase(it);
     }
     if (watcher_ && inode->watch >= 0) watcher_->remove(inode->watch);
-    // The kernel forgot it, so no handle of it is open: nothing else reads this now.
-    if (close_backing_ && inode->backing_id > 0) close_backing_(inode->backing_id);
+    if (close_backing_) {
+      // The kernel forgot it, so no handle of it is open, and no open comes.
+      std::lock_guard io(inode->io_m);
+      if (inode->backing_id > 0) close_backing_(inode->backing_id);
+    }
     inodes_.erase({inode->src_ino, inode->src_dev});
     if (parent) --parent->children;
     inode = parent;

@@ -63,13 +63,11 @@ struct Inode {
   // How the kernel reads and writes the file's open handles (GateFs::Impl::choose_io):
   // `through` of them straight from the file below (FUSE passthrough, all with
   // `backing_id`), `cached` of them through the page cache. The kernel refuses both
-  // at once. The file is registered with the kernel as `backing_id` (0: not); opened
-  // for reading only, it stays registered after its last handle, for the next open,
-  // until the inode leaves the table; `backing_rw`: opened for writing too (by a
-  // writer that goes straight), and unregistered with its last handle. Guarded by io_m.
+  // at once. `backing_id`: the file is registered with the kernel for passthrough (0:
+  // not), from its first open that went straight until the inode leaves the table.
+  // Guarded by io_m.
   std::mutex io_m;
   int backing_id = 0;
-  bool backing_rw = false;
   int through = 0;
   int cached = 0;
 };

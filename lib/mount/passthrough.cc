@@ -4,6 +4,7 @@
 #include <linux/capability.h>
 #include <linux/fuse.h>
 #include <sys/ioctl.h>
+#include <sys/sysmacros.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -154,23 +155,50 @@ std::string Passthrough::why_off() const {
   return "";
 }
 
-int Passthrough::open_backing(int fd) {
+int Passthrough::open_backing(int path_fd, dev_t dev) {
   if (!on()) return 0;
-  BackingMap map{fd, 0, 0};
-  const int id = ::ioctl(dev_fd_, kBackingOpen, &map);
+  {
+    std::lock_guard lock(m_);
+    if (refused_devs_.count(dev)) return 0;
+  }
+  int id = -1;
+  int err = 0;
+  if (!no_o_path_.load(std::memory_order_relaxed)) {
+    BackingMap map{path_fd, 0, 0};
+    id = ::ioctl(dev_fd_, kBackingOpen, &map);
+    err = errno;
+    // Before Linux 6.14 the kernel takes no O_PATH descriptor: a read-only one, then.
+    if (id < 0 && err == EBADF) no_o_path_ = true;
+  }
+  if (no_o_path_.load(std::memory_order_relaxed)) {
+    const int fd = ::open(("/proc/self/fd/" + std::to_string(path_fd)).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) return 0;
+    BackingMap map{fd, 0, 0};
+    id = ::ioctl(dev_fd_, kBackingOpen, &map);
+    err = errno;
+    ::close(fd);
+  }
   if (id > 0) {
     registered_.fetch_add(1, std::memory_order_relaxed);
     return id;
   }
-  const int err = errno;
-  // No right to (a mount in a user namespace), or an older kernel: every file would
-  // be refused alike.
   if (err == EPERM || err == ENOTTY) {
+    // No right to (a mount in a user namespace), or no passthrough after all: every
+    // file would be refused alike.
     if (!refused_.exchange(true))
-      log(LogLevel::Info, "mount", "reads no longer go straight to the files below: the kernel "
-          "refused to register one (", std::strerror(err), ")");
+      log(LogLevel::Info, "mount", "files are read through the daemon from now on: the kernel "
+          "refused to register one for passthrough (", std::strerror(err), ")");
+  } else if (err == ELOOP || err == EOPNOTSUPP || err == EINVAL) {
+    // A file system below stacked too deep (ELOOP), or one whose files cannot be read
+    // this way: every file of it would be refused alike.
+    std::lock_guard lock(m_);
+    if (refused_devs_.insert(dev).second)
+      log(LogLevel::Info, "mount", "files on device ", major(dev), ":", minor(dev),
+          " are read through the daemon: the kernel refused to register one for passthrough (",
+          std::strerror(err), ")");
   } else {
-    log(LogLevel::Debug, "mount", "a file cannot be read straight from below: ", std::strerror(err));
+    log(LogLevel::Debug, "mount", "a file is read through the daemon: the kernel refused to register it (",
+        std::strerror(err), ")");
   }
   return 0;
 }

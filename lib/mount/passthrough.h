@@ -19,7 +19,8 @@
 //   - an inode is never open in passthrough and through the page cache at once (the
 //     second open fails with EIO); a direct-io open goes with either;
 //   - a backing id is closed only once no open uses it: the kernel looks it up after
-//     the OPEN reply, in the opener's call.
+//     the OPEN reply, in the opener's call, and opens the file below anew for each
+//     open, with the open's flags (so the registration itself may be O_PATH).
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <sys/types.h>
@@ -27,7 +28,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <string>
+#include <unordered_set>
 
 namespace gate::mount {
 
@@ -71,9 +74,11 @@ class Passthrough {
   // Why not (for the log and `gate status`), when !on().
   std::string why_off() const;
 
-  // Registers the open file `fd` with the kernel: its backing id (> 0), or 0 when
-  // it cannot go through (logged; a refusal for want of rights turns passthrough off).
-  int open_backing(int fd);
+  // Registers the file `path_fd` (O_PATH) is on, on device `dev`, with the kernel: its
+  // backing id (> 0), or 0 when it cannot go straight. A refusal for want of rights
+  // turns passthrough off; one that every file of the device would get turns it off
+  // for the device (both logged).
+  int open_backing(int path_fd, dev_t dev);
   // Once no open uses `id` any more.
   void close_backing(int id);
 
@@ -109,6 +114,9 @@ class Passthrough {
   std::atomic<bool> refused_{false};       // a registration was refused (EPERM...)
   std::atomic<std::uint64_t> opens_{0};
   std::atomic<std::int64_t> registered_{0};
+  std::atomic<bool> no_o_path_{false};     // the kernel wants an open file, not O_PATH
+  std::mutex m_;
+  std::unordered_set<dev_t> refused_devs_;  // guarded by m_
 };
 
 }  // namespace gate::mount
