@@ -37,7 +37,12 @@ bool kernel_passthrough_expected() {
   if (::geteuid() != 0 || ::uname(&u) != 0) return false;
   int major = 0, minor = 0;
   if (std::sscanf(u.release, "%d.%d", &major, &minor) != 2) return false;
-  return major > 6 || (major == 6 && minor >= 9);
+  if (major < 6 || (major == 6 && minor < 9)) return false;
+  // The kernel's build configuration, where it is installed, says for sure.
+  std::ifstream config(std::string("/boot/config-") + u.release);
+  for (std::string line; config && std::getline(config, line);)
+    if (line.rfind("CONFIG_FUSE_PASSTHROUGH", 0) == 0) return line == "CONFIG_FUSE_PASSTHROUGH=y";
+  return !config.is_open();
 }
 
 ScopedEnv::ScopedEnv(const char* name, const std::string& value) : name_(name) {
