@@ -80,7 +80,8 @@ std::string passthrough_line(const std::string& mount) {
   char buf[512];
   const ssize_t n = ::getxattr(mount.c_str(), mount::kPassthroughXattr, buf, sizeof buf);
   if (n <= 0) return "";
-  // "on opens=<n> files=<f> reads=<r> writes=<w>", or the same with "off" and ": <why>"
+  // "on opens=<n> files=<f> handles=<h> reads=<r> writes=<w>", or the same with "off"
+  // and ": <why>"
   const std::string value(buf, static_cast<std::size_t>(n));
   std::istringstream in(value);
   std::string state, opens;

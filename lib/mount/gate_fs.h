@@ -74,10 +74,11 @@ inline constexpr const char* kHistoryProblemXattr = "user.gate.history.problem";
 // Read on the root of a view: the stale-replacement policy and what it did so far,
 // "<policy> refused=<n> merged=<n> conflicts=<n>", for `gate status`.
 inline constexpr const char* kStaleXattr = "user.gate.stale";
-// Read on the root of a view: "on opens=<n> files=<f> reads=<r> writes=<w>" while
-// opens go straight to the files below (FUSE passthrough): <n> of them so far, <f>
-// files registered with the kernel for it now, and the daemon served <r> READ and
-// <w> WRITE requests; else the same with "off" and ": <why>" at the end.
+// Read on the root of a view: "on opens=<n> files=<f> handles=<h> reads=<r> writes=<w>"
+// while opens go straight to the files below (FUSE passthrough): <n> of them so far,
+// <f> files registered with the kernel for it now, <h> handles the kernel has not
+// released yet, and the daemon served <r> READ and <w> WRITE requests; else the same
+// with "off" and ": <why>" at the end.
 inline constexpr const char* kPassthroughXattr = "user.gate.passthrough";
 
 class GateFs {

@@ -67,44 +67,50 @@ void GateFs::Impl::choose_io(Opening& o, Inode& kin) {
   const bool fresh_writer = opts.passthrough_writes && !reads_only && (o.created || (o.f.flags & O_TRUNC)) &&
                             h->stale_reads.empty();
   const bool straight = plain && (reads_only || fresh_writer);
-  std::lock_guard lock(kin.io_m);
-  // The kernel opens the file below anew for every open that goes straight, with that
-  // open's flags: the registration only names the file, and stays for the next open
-  // until the inode leaves the table.
-  if (kin.backing_id == 0 && kin.cached == 0 && straight && passthrough.on())
-    kin.backing_id = passthrough.open_backing(kin.fd, kin.src_dev);
-  if (kin.backing_id > 0 && (kin.through > 0 || (straight && kin.cached == 0 && passthrough.on()))) {
-    // Every open of an inode open straight must be too (with its backing id), or the
-    // kernel fails it with EIO.
-    ++kin.through;
-    h->io = FileHandle::Io::Through;
-    h->io_ino = inodes->id(kin);
-    o.backing_id = kin.backing_id;
-    if (straight && (reads_only || kin.through == 1)) {
-      passthrough.count_open();
-      if (!reads_only) keep_first_change(h);  // a new file's first version, as a write would
-      return;
+  bool joined = false;  // a writer beside handles that go straight (below)
+  {
+    std::lock_guard lock(kin.io_m);
+    // The kernel opens the file below anew for every open that goes straight, with
+    // that open's flags: the registration only names the file, and stays for the next
+    // open until the inode leaves the table.
+    if (kin.backing_id == 0 && kin.cached == 0 && straight && passthrough.on())
+      kin.backing_id = passthrough.open_backing(kin.fd, kin.src_dev);
+    if (kin.backing_id > 0 && (kin.through > 0 || (straight && kin.cached == 0 && passthrough.on()))) {
+      // Every open of an inode open straight must be too (with its backing id), or
+      // the kernel fails it with EIO.
+      ++kin.through;
+      h->io = FileHandle::Io::Through;
+      h->io_ino = inodes->id(kin);
+      o.backing_id = kin.backing_id;
+      if (straight && (reads_only || kin.through == 1)) {
+        passthrough.count_open();
+      } else {
+        // Not to go straight (a writer, while others read straight; possible only
+        // without locks, with GATE_RELEASE_ON_FLUSH=1 or after a lost lock): its reads
+        // and writes go through the daemon (direct), but the kernel maps the file
+        // below for it.
+        o.f.direct_io = 1;
+        joined = !reads_only;
+      }
+    } else if (!plain) {
+      h->io = FileHandle::Io::Direct;  // neither counts nor minds the others
+    } else {
+      ++kin.cached;
+      h->io = FileHandle::Io::Cached;
+      h->io_ino = inodes->id(kin);
     }
-    // Not to go straight (a writer, while others read straight; possible only without
-    // locks, with GATE_RELEASE_ON_FLUSH=1 or after a lost lock): its reads and writes
-    // go through the daemon (direct), but the kernel maps the file below, so a shared
-    // mapping of it writes past the daemon. What that replaces is kept now, and the
-    // release compares the file with how it is now (see changed_below).
-    o.f.direct_io = 1;
-    if (!reads_only) {
-      keep_first_change(h);
-      struct stat st {};
-      if (::fstat(h->fd, &st) == 0) h->mapped_from = st;
-    }
-    return;
   }
-  if (!plain) {
-    h->io = FileHandle::Io::Direct;  // neither counts nor minds the others
-    return;
+  // Outside the inode's lock, which every open and release of the file takes: the
+  // history may copy the whole file.
+  if (h->io == FileHandle::Io::Through && !reads_only && !o.f.direct_io) {
+    keep_first_change(h);  // a new file's first version, as a write would
+  } else if (joined) {
+    // A shared mapping of it writes past the daemon: what that replaces is kept now,
+    // and the release compares the file with how it is now (see changed_below).
+    keep_first_change(h);
+    struct stat st {};
+    if (::fstat(h->fd, &st) == 0) h->mapped_from = st;
   }
-  ++kin.cached;
-  h->io = FileHandle::Io::Cached;
-  h->io_ino = inodes->id(kin);
 }
 
 void GateFs::Impl::end_io(FileHandle* h) {

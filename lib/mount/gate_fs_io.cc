@@ -275,9 +275,14 @@ void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, si
       history->flush();
       answer = history->options().dir;
     } else if (std::strcmp(name, kPassthroughXattr) == 0) {
+      std::size_t handles;
+      {
+        std::lock_guard guard(open_files_mu);
+        handles = open_files.size();
+      }
       answer = std::string(passthrough.on() ? "on" : "off") + " opens=" +
                std::to_string(passthrough.opens()) + " files=" + std::to_string(passthrough.registered()) +
-               " reads=" +
+               " handles=" + std::to_string(handles) + " reads=" +
                std::to_string(reads_served.load(std::memory_order_relaxed)) + " writes=" +
                std::to_string(writes_served.load(std::memory_order_relaxed));
       if (!passthrough.on()) *answer += ": " + passthrough.why_off();

@@ -170,9 +170,13 @@ int Passthrough::open_backing(int path_fd, dev_t dev) {
     // Before Linux 6.14 the kernel takes no O_PATH descriptor: a read-only one, then.
     if (id < 0 && err == EBADF) no_o_path_ = true;
   }
-  if (no_o_path_.load(std::memory_order_relaxed)) {
+  if (id < 0 && no_o_path_.load(std::memory_order_relaxed)) {
     const int fd = ::open(("/proc/self/fd/" + std::to_string(path_fd)).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) return 0;
+    if (fd < 0) {
+      log(LogLevel::Debug, "mount", "a file is read through the daemon: cannot open it to register it (",
+          std::strerror(errno), ")");
+      return 0;
+    }
     BackingMap map{fd, 0, 0};
     id = ::ioctl(dev_fd_, kBackingOpen, &map);
     err = errno;
@@ -188,9 +192,10 @@ int Passthrough::open_backing(int path_fd, dev_t dev) {
     if (!refused_.exchange(true))
       log(LogLevel::Info, "mount", "files are read through the daemon from now on: the kernel "
           "refused to register one for passthrough (", std::strerror(err), ")");
-  } else if (err == ELOOP || err == EOPNOTSUPP || err == EINVAL) {
+  } else if (err == ELOOP || err == EOPNOTSUPP) {
     // A file system below stacked too deep (ELOOP), or one whose files cannot be read
-    // this way: every file of it would be refused alike.
+    // this way: every file of it would be refused alike. (EINVAL and EISDIR are about
+    // one file: not a regular one.)
     std::lock_guard lock(m_);
     if (refused_devs_.insert(dev).second)
       log(LogLevel::Info, "mount", "files on device ", major(dev), ":", minor(dev),

@@ -38,6 +38,12 @@ bool kernel_passthrough_expected() {
   int major = 0, minor = 0;
   if (std::sscanf(u.release, "%d.%d", &major, &minor) != 2) return false;
   if (major < 6 || (major == 6 && minor < 9)) return false;
+  // Root of the first user namespace (the kernel asks CAP_SYS_ADMIN there), not of a
+  // container's.
+  std::ifstream uid_map("/proc/self/uid_map");
+  std::string inside, outside, count;
+  if (!(uid_map >> inside >> outside >> count) || inside != "0" || outside != "0" || count != "4294967295")
+    return false;
   // The kernel's build configuration, where it is installed, says for sure.
   std::ifstream config(std::string("/boot/config-") + u.release);
   for (std::string line; config && std::getline(config, line);)
