@@ -40,6 +40,14 @@ struct Mirror {
     REQUIRE(test::eventually([&] { return fs::exists(dir.path() + "/port"); }));
     port = std::stoi(read_file(dir.path() + "/port"));
   }
+  // gpg leaves an agent running on its home directory, which may still write there
+  // while the directory is removed: it is stopped first.
+  ~Mirror() {
+    if (fs::exists(dir.path() + "/gnupg"))
+      run_command({"gpgconf", "--homedir", dir.path() + "/gnupg", "--kill", "all"}, std::chrono::seconds(20));
+  }
+  Mirror(const Mirror&) = delete;
+  Mirror& operator=(const Mirror&) = delete;
   std::string root() const { return dir.path() + "/www"; }
   std::string image() const { return root() + "/" + kDir + kFile; }
   std::string log() const { return dir.path() + "/requests.log"; }
