@@ -33,8 +33,9 @@ done
 # file keeps (each with its reason there); pedantic tags are shown, not counted.
 if command -v lintian >/dev/null; then
   say "lintian"
-  lintian --display-info --pedantic --show-overrides "$deb" | sed 's/^/  /' || true
-  lintian --fail-on error,warning,info "$deb" >/dev/null ||
+  # Its scratch files (mldbm-elf-*) go with the scratch directory.
+  TMPDIR="$work" lintian --display-info --pedantic --show-overrides "$deb" | sed 's/^/  /' || true
+  TMPDIR="$work" lintian --fail-on error,warning,info "$deb" >/dev/null ||
     { echo "FAIL: lintian has tags at error, warning or info level (above)"; exit 1; }
   echo "ok: lintian: no error, warning or info tag left but the overridden ones"
 else
