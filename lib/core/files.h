@@ -18,6 +18,10 @@ namespace gate {
 // read (gone, not ours, a directory).
 std::optional<std::string> read_file(const std::string& path, std::size_t limit = SIZE_MAX);
 
+// The procfs name of this process's descriptor `fd` ("/proc/self/fd/N"): opening it
+// opens the file the descriptor names (an O_PATH one too), wherever it now is.
+inline std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
+
 // A descriptor closed when it goes out of scope.
 class UniqueFd {
  public:

@@ -98,8 +98,6 @@ struct DirHandle {
 inline FileHandle* file_of(const fuse_file_info* fi) { return reinterpret_cast<FileHandle*>(fi->fh); }
 inline DirHandle* dir_of(const fuse_file_info* fi) { return reinterpret_cast<DirHandle*>(fi->fh); }
 
-inline std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
-
 // Logs, once per call, that the daemon ran out of descriptors (and what to do).
 void log_fd_exhaustion(int err);
 

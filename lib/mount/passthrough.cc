@@ -13,6 +13,7 @@
 #include <cstring>
 #include <utility>
 
+#include "core/files.h"
 #include "core/log.h"
 
 namespace gate::mount {
@@ -171,7 +172,7 @@ int Passthrough::open_backing(int path_fd, dev_t dev) {
     if (id < 0 && err == EBADF) no_o_path_ = true;
   }
   if (id < 0 && no_o_path_.load(std::memory_order_relaxed)) {
-    const int fd = ::open(("/proc/self/fd/" + std::to_string(path_fd)).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    const int fd = ::open(proc_path(path_fd).c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       log(LogLevel::Debug, "mount", "a file is read through the daemon: cannot open it to register it (",
           std::strerror(errno), ")");

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <map>
 
+#include "core/files.h"
 #include "core/log.h"
 #include "core/worker_pool.h"
 
@@ -77,7 +78,7 @@ SourceWatch::SourceWatch(UniqueFd inotify, UniqueFd wake)
 SourceWatch::~SourceWatch() { stop(); }
 
 int SourceWatch::add(int dir_fd, ino_t ino, dev_t dev) {
-  const std::string path = "/proc/self/fd/" + std::to_string(dir_fd);
+  const std::string path = proc_path(dir_fd);
   const int wd = ::inotify_add_watch(inotify_.get(), path.c_str(), kMask);
   if (wd < 0) {
     const int err = errno;

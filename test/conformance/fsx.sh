@@ -16,6 +16,7 @@
 # variant (default 100000). Each run uses a fixed seed, so a failure replays. Prints
 # one line per variant and place; exits 1 when a variant fails through the mount only.
 # Not part of ctest: a conformance check, reported in the issues.
+# GATE_MOUNT_ARGS adds flags to the mount (for example --passthrough-writes).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -43,9 +44,10 @@ cc -O2 -D_GNU_SOURCE -I"$WORK/fsx" -I"$xfstests/src" -I"$xfstests/include" \
 
 start_broker
 mkdir -p "$WORK/root" "$WORK/mnt" "$WORK/native"
+# shellcheck disable=SC2086  # GATE_MOUNT_ARGS are words
 "$GATE" mount --foreground --root "$WORK/root" --mount "$WORK/mnt" \
   --broker-socket "$WORK/broker.sock" --history-dir "$WORK/history" --log-level warn \
-  --ready-fd 3 3>"$WORK/ready" 2>"$WORK/mount.log" &
+  --ready-fd 3 ${GATE_MOUNT_ARGS:-} 3>"$WORK/ready" 2>"$WORK/mount.log" &
 PIDS+=($!)
 MOUNTS+=("$WORK/mnt")
 wait_for "$WORK/ready"

@@ -10,6 +10,7 @@
 # scratch directory (needs git, autoconf, automake, make, gcc). Run as root (the
 # suite changes owners and makes device nodes); takes about 10 minutes here. Not
 # part of ctest: a conformance check, like fsx, reported in the issues.
+# GATE_MOUNT_ARGS adds flags to the mount (for example --passthrough-writes).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -30,9 +31,10 @@ fi
 
 start_broker
 mkdir -p "$WORK/root" "$WORK/mnt" "$WORK/native"
+# shellcheck disable=SC2086  # GATE_MOUNT_ARGS are words
 "$GATE" mount --foreground --allow-other --root "$WORK/root" --mount "$WORK/mnt" \
   --broker-socket "$WORK/broker.sock" --history-dir "$WORK/history" --log-level warn \
-  --ready-fd 3 3>"$WORK/ready" 2>"$WORK/mount.log" &
+  --ready-fd 3 ${GATE_MOUNT_ARGS:-} 3>"$WORK/ready" 2>"$WORK/mount.log" &
 PIDS+=($!)
 MOUNTS+=("$WORK/mnt")
 wait_for "$WORK/ready"
