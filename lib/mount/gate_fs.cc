@@ -205,6 +205,12 @@ void GateFs::Impl::init(fuse_conn_info* conn) {
 #endif
   want(FUSE_CAP_PARALLEL_DIROPS);
   want(FUSE_CAP_ATOMIC_O_TRUNC);
+  // The kernel checks POSIX ACLs itself (with default_permissions, which this turns
+  // on) and caches them with the attributes, so `ls -l`'s ACL probe of every file
+  // is no round trip. They are dropped whenever the attributes are: a change beside
+  // the mount is seen as any other (a watched directory's inval, or the timeout).
+  // Modes still arrive with the umask applied (the mount never asks for DONT_MASK).
+  want(FUSE_CAP_POSIX_ACL);
   // Watched, the mount itself tells the kernel when a file's content changed beside
   // it (and the kernel's mtime, which the mount's own writes change, decides
   // nothing: else the first read after a write would find its cache dropped). Not

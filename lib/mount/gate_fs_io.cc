@@ -302,8 +302,15 @@ void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, si
   }
   UniqueFd hold;
   std::string proc = proc_path(live_fd(inode(ino), hold));
+  // No LSM answered for an SELinux label (the kernel asks the file system only then),
+  // and the file has none: say the view keeps no labels, as a file system without
+  // them does. `ls -l` then stops asking for the rest of the view instead of making
+  // this round trip for every file it lists. A label the file below has is answered.
+  const bool label = std::strcmp(name, "security.selinux") == 0;
   reply_xattr(req, size, [&](char* buf, size_t len) {
-    return ::getxattr(proc.c_str(), name, buf, len);
+    ssize_t n = ::getxattr(proc.c_str(), name, buf, len);
+    if (n < 0 && label && errno == ENODATA) errno = EOPNOTSUPP;
+    return n;
   });
 }
 

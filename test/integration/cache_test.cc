@@ -4,14 +4,20 @@
 // through the view within a second (README: "What the kernel caches").
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <chrono>
+#include <cerrno>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <set>
 #include <string>
 
@@ -153,4 +159,106 @@ TEST_CASE("a file open for reading shows a change made beside the mount within a
   // And the content the mount wrote itself is read back from the cache, right.
   write_file(m.at("f"), "cccc");
   CHECK(slurp(m.at("f")) == "cccc");
+}
+
+namespace {
+
+// A POSIX access ACL in the kernel's xattr form (system.posix_acl_access): the owner
+// rw-, `user` r--, the owning group and others nothing, the mask r--.
+std::string acl_granting_read_to(uid_t user) {
+  std::string blob;
+  auto put32 = [&](std::uint32_t v) {
+    for (int i = 0; i < 4; ++i) blob.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  };
+  auto entry = [&](std::uint16_t tag, std::uint16_t perm, std::uint32_t id) {
+    for (std::uint16_t v : {tag, perm}) {
+      blob.push_back(static_cast<char>(v & 0xff));
+      blob.push_back(static_cast<char>(v >> 8));
+    }
+    put32(id);
+  };
+  constexpr std::uint32_t kAny = 0xffffffff;
+  put32(2);                 // the format's version
+  entry(0x01, 6, kAny);     // owner
+  entry(0x02, 4, user);     // the named user
+  entry(0x04, 0, kAny);     // owning group
+  entry(0x10, 4, kAny);     // mask
+  entry(0x20, 0, kAny);     // others
+  return blob;
+}
+
+// The errno of opening `path` for reading as `user` (0: it opened).
+int open_errno_as(uid_t user, const std::string& path) {
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    if (::setgroups(0, nullptr) != 0 || ::setresgid(user, user, user) != 0 || ::setresuid(user, user, user) != 0)
+      ::_exit(250);
+    const int fd = ::open(path.c_str(), O_RDONLY);
+    ::_exit(fd >= 0 ? 0 : errno);
+  }
+  int status = 0;
+  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
+  return WEXITSTATUS(status);
+}
+
+}  // namespace
+
+TEST_CASE("POSIX ACLs hold through the view, and one set or removed beside it shows within a second",
+          "[mount][cache]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint(), {"--allow-other"});
+  // Another user may walk to the file.
+  REQUIRE(::chmod(m.scratch().c_str(), 0755) == 0);
+  REQUIRE(::chmod(m.root().c_str(), 0755) == 0);
+  constexpr uid_t kNobody = 65534;
+  write_file(m.at("f"), "secret");
+  REQUIRE(::chmod(m.at("f").c_str(), 0600) == 0);
+  const std::string acl = acl_granting_read_to(kNobody);
+  const char* name = "system.posix_acl_access";
+
+  REQUIRE(open_errno_as(kNobody, m.at("f")) == EACCES);
+  SECTION("set through the view: kept below, and obeyed") {
+    REQUIRE(::setxattr(m.at("f").c_str(), name, acl.data(), acl.size(), 0) == 0);
+    CHECK(open_errno_as(kNobody, m.at("f")) == 0);
+    char back[64];
+    CHECK(::getxattr(m.in_root("f").c_str(), name, back, sizeof back) == static_cast<ssize_t>(acl.size()));
+    REQUIRE(::removexattr(m.at("f").c_str(), name) == 0);
+    CHECK(open_errno_as(kNobody, m.at("f")) == EACCES);
+  }
+  SECTION("set and removed beside the view") {
+    REQUIRE(::setxattr(m.in_root("f").c_str(), name, acl.data(), acl.size(), 0) == 0);
+    CHECK(eventually([&] { return open_errno_as(kNobody, m.at("f")) == 0; }, kSeenWithin));
+    REQUIRE(::removexattr(m.in_root("f").c_str(), name) == 0);
+    CHECK(eventually([&] { return open_errno_as(kNobody, m.at("f")) == EACCES; }, kSeenWithin));
+  }
+}
+
+TEST_CASE("a file without an SELinux label says the view keeps none so that ls -l stops asking",
+          "[mount][cache]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  write_file(m.at("plain"), "a");
+  write_file(m.at("labelled"), "b");
+  const char* name = "security.selinux";
+  char buf[256];
+  // Beside the mount the file has no label; through it the answer is "not kept".
+  errno = 0;
+  REQUIRE(::getxattr(m.in_root("plain").c_str(), name, buf, sizeof buf) < 0);
+  REQUIRE(errno == ENODATA);
+  errno = 0;
+  CHECK(::getxattr(m.at("plain").c_str(), name, buf, sizeof buf) < 0);
+  CHECK(errno == EOPNOTSUPP);
+  // Any other missing attribute is still "none".
+  errno = 0;
+  CHECK(::getxattr(m.at("plain").c_str(), "user.none", buf, sizeof buf) < 0);
+  CHECK(errno == ENODATA);
+  // A label the file below has is read through the view.
+  const std::string label = "system_u:object_r:gate_test_t:s0";
+  if (::setxattr(m.in_root("labelled").c_str(), name, label.c_str(), label.size() + 1, 0) != 0) {
+    WARN("the directory below keeps no security.* attributes here (" << std::strerror(errno) << ")");
+    return;
+  }
+  const ssize_t n = ::getxattr(m.at("labelled").c_str(), name, buf, sizeof buf);
+  REQUIRE(n == static_cast<ssize_t>(label.size() + 1));
+  CHECK(std::string(buf) == label);
 }
