@@ -80,6 +80,11 @@ inline constexpr const char* kStaleXattr = "user.gate.stale";
 // released yet, and the daemon served <r> READ and <w> WRITE requests; else the same
 // with "off" and ": <why>" at the end.
 inline constexpr const char* kPassthroughXattr = "user.gate.passthrough";
+// Read on the root of a view: "on dirs=<d> batches=<b>" while the directory below is
+// watched for changes beside the mount (<d> directories watched now, <b> batches of
+// changes told to the kernel so far), "partial ..." when a directory could not be
+// watched (names and attributes then last --attr-timeout-ms), "off" when not watched.
+inline constexpr const char* kWatchXattr = "user.gate.watch";
 
 class GateFs {
  public:

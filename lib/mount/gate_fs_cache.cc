@@ -178,10 +178,13 @@ void GateFs::Impl::on_source_changes(const std::vector<SourceWatch::Change>& cha
     // A file's content goes unless it is what the kernel cached: the mount's own
     // writes, in the cache already (a handle writing now, or one that wrote last).
     // (The stamp's own version: the watch knows none, only what the file looks like.)
-    const bool ours = seen.still_there &&
-                      (seen.writers > 0 || same(seen.stamp, stamp_of(seen.now, seen.stamp.version)));
+    // Its attributes go too, unless the file is just as the kernel's cache was filled
+    // from (any change of it moves the ctime): the mount's own create, write and
+    // close, which the kernel has seen, cost no invalidation and no fresh getattr.
+    const bool as_cached = seen.still_there && same(seen.stamp, stamp_of(seen.now, seen.stamp.version));
+    const bool ours = seen.still_there && (seen.writers > 0 || as_cached);
     if ((c.mask & (IN_MODIFY | IN_CLOSE_WRITE)) && !ours) contents.insert(seen.named);
-    else attrs.insert(seen.named);
+    else if (!as_cached) attrs.insert(seen.named);
   }
   for (fuse_ino_t id : contents) {
     attrs.erase(id);

@@ -286,6 +286,10 @@ void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, si
                std::to_string(reads_served.load(std::memory_order_relaxed)) + " writes=" +
                std::to_string(writes_served.load(std::memory_order_relaxed));
       if (!passthrough.on()) *answer += ": " + passthrough.why_off();
+    } else if (std::strcmp(name, kWatchXattr) == 0) {
+      answer = !watch ? std::string("off")
+                      : std::string(watch->complete() ? "on" : "partial") + " dirs=" +
+                            std::to_string(watch->dirs()) + " batches=" + std::to_string(watch->batches());
     } else if (std::strcmp(name, kHistoryProblemXattr) == 0 && history) {
       std::lock_guard guard(history_problem_m);
       if (!history_problem.empty()) answer = history_problem;

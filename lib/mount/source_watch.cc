@@ -101,6 +101,11 @@ void SourceWatch::remove(int id) {
   ::inotify_rm_watch(inotify_.get(), id);
 }
 
+std::size_t SourceWatch::dirs() const {
+  std::lock_guard lock(m_);
+  return dirs_.size();
+}
+
 void SourceWatch::start(Handler handler) {
   handler_ = std::move(handler);
   thread_ = start_quiet_thread([this] { main(); });
@@ -169,7 +174,10 @@ void SourceWatch::main() {
       }
     }
     pending.clear();
-    if (!changes.empty() || lost) handler_(changes, std::exchange(lost, false));
+    if (!changes.empty() || lost) {
+      handler_(changes, std::exchange(lost, false));
+      batches_.fetch_add(1, std::memory_order_release);
+    }
   }
 }
 

@@ -48,6 +48,9 @@ class SourceWatch final : public DirWatcher {
   int add(int dir_fd, ino_t ino, dev_t dev) override;
   void remove(int id) override;
   bool complete() const { return complete_.load(std::memory_order_relaxed); }
+  // Directories watched now, and batches handed to the handler (and returned) so far.
+  std::size_t dirs() const;
+  std::uint64_t batches() const { return batches_.load(std::memory_order_acquire); }
 
   // Runs `handler` on the watch's own thread for each batch until stop().
   void start(Handler handler);
@@ -62,7 +65,8 @@ class SourceWatch final : public DirWatcher {
   Handler handler_;
   std::thread thread_;
   std::atomic<bool> complete_{true};
-  std::mutex m_;
+  std::atomic<std::uint64_t> batches_{0};
+  mutable std::mutex m_;
   std::unordered_map<int, std::pair<ino_t, dev_t>> dirs_;  // guarded by m_
 };
 
