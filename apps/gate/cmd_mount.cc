@@ -35,10 +35,12 @@ bool is_under(const std::string& inner, const std::string& outer) {
 
 // Checks the mount point; returns "" or the one-line reason to refuse.
 std::string check_mount_point(const std::string& mnt) {
+  const std::string stale = mnt + " is a stale FUSE mount (its daemon is gone); run: fusermount3 -u " + mnt;
+  // (A stat of it may still be answered from the kernel's cache: mount_state asks.)
+  if (mount_state(mnt) == MountState::Stale) return stale;
   struct stat st;
   if (::stat(mnt.c_str(), &st) != 0) {
-    if (errno == ENOTCONN)
-      return mnt + " is a stale FUSE mount (its daemon is gone); run: fusermount3 -u " + mnt;
+    if (errno == ENOTCONN) return stale;
     if (errno == ENOENT) return "mount point " + mnt + " does not exist; create it with: mkdir -p " + mnt;
     return "cannot stat mount point " + mnt + ": " + std::strerror(errno);
   }

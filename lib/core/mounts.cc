@@ -1,6 +1,7 @@
 #include "core/mounts.h"
 
 #include <sys/stat.h>
+#include <sys/statfs.h>
 
 #include <cerrno>
 #include <fstream>
@@ -70,8 +71,11 @@ std::vector<GateView> gate_views() {
 }
 
 MountState mount_state(const std::string& path) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0 && errno == ENOTCONN) return MountState::Stale;
+  // statfs, not stat: the kernel answers a stat of a FUSE view's root from its cache
+  // of the root's attributes (a day, on a watched view) even after the daemon died,
+  // while a statfs always goes to the connection, which then answers ENOTCONN.
+  struct statfs st {};
+  if (::statfs(path.c_str(), &st) != 0 && errno == ENOTCONN) return MountState::Stale;
   return listed_in_mountinfo(path) ? MountState::Mounted : MountState::NotMounted;
 }
 
