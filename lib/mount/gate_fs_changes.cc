@@ -62,7 +62,7 @@ void GateFs::Impl::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, in
   Inode& in = inode(ino);
   // A handle stays until its release, which the kernel sends only after this call.
   FileHandle* h = fi ? file_of(fi) : nullptr;
-  const int fd = h ? h->fd : -1;
+  const int fd = h ? h->fd.load() : -1;
   const struct stat a = *attr;
   const LockPlan plan =
       plan_locks({.op = FsOp::Setattr, .key = h ? h->key : inodes->key_of(in), .attr = attr_change(valid)});
@@ -176,14 +176,14 @@ void GateFs::Impl::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, co
              }));
 }
 
-int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held) {
-  if (fd < 0) {
+int GateFs::Impl::adopt(Opening& o, int fd, std::vector<HeldLock>& held, bool deferred) {
+  if (fd < 0 && !deferred) {
     int err = errno;
     log_fd_exhaustion(err);
     return err;
   }
   auto* h = new FileHandle;
-  h->fd = fd;
+  h->fd = deferred ? -1 : fd;
   h->key = o.key;
   // Created, or truncated on open (O_TRUNC): changed before any write.
   h->changed = o.created || (o.f.flags & O_TRUNC) != 0;
@@ -330,13 +330,25 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                     keep_before_change(o->key, version, at, stale.has_value());
                   }
                 }
-                if (!err) err = adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
+                // A reader that may go straight opens no descriptor of its own: the
+                // kernel opens the file below for it. One that does not go straight
+                // (choose_io) opens it next.
+                const bool may_go_straight = replacement < 0 && passthrough.on() && (flags & O_ACCMODE) == O_RDONLY &&
+                                             !(flags & O_TRUNC) && !(o->f.flags & O_DIRECT);
+                if (!err)
+                  err = may_go_straight ? adopt(*o, -1, held, true)
+                                        : adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
                 if (!err) choose_io(*o, in);
+                if (!err && o->h->io != FileHandle::Io::Through && fd_of(o->h) < 0) {
+                  err = errno;
+                  close_handle(std::exchange(o->h, nullptr));
+                }
                 // A handle read straight from below never keeps the kernel's cache (its
                 // open drops it); the check still records the file and drops stale
                 // attributes.
                 if (!err && replacement < 0) {
-                  const bool keep = keep_cache_at_open(in, o->h->fd, o->h->version, stated ? &now : nullptr);
+                  const int fd = o->h->fd >= 0 ? o->h->fd.load() : in.fd;
+                  const bool keep = keep_cache_at_open(in, fd, o->h->version, stated ? &now : nullptr);
                   o->keep_cache = keep && o->h->io != FileHandle::Io::Through;
                 }
                 if (replacement >= 0) ::close(replacement);

@@ -50,7 +50,9 @@ struct FileHandle {
   ~FileHandle() {
     if (fd >= 0) ::close(fd);
   }
-  int fd = -1;
+  // The daemon's own descriptor of the file. A read-only handle that goes straight
+  // (its reads never reach the daemon) has none until a call needs one: see fd_of().
+  std::atomic<int> fd{-1};
   std::string key;
   std::mutex m;
   std::shared_ptr<TrackedLock> lock;  // guarded by m; null when not locked (any more)
@@ -349,7 +351,12 @@ struct GateFs::Impl {
 
   // The act of open and create: the new handle takes over the lock (kept until
   // release). `fd` < 0: the open failed with errno.
-  int adopt(Opening& o, int fd, std::vector<HeldLock>& held);
+  // `fd` < 0: the open failed (errno), unless `deferred` (a reader that may go
+  // straight opens its own descriptor only when it needs one).
+  int adopt(Opening& o, int fd, std::vector<HeldLock>& held, bool deferred = false);
+  // The handle's own descriptor, opened now (read-only, on its inode) for one that
+  // went straight without it; -1 with errno set when it cannot be had.
+  int fd_of(FileHandle* h);
 
   // How the kernel is to do the I/O of a new handle (FileHandle::io), counted in the
   // kernel's inode of it (`kin`: the one the kernel opened) until the handle's

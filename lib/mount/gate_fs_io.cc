@@ -40,9 +40,24 @@ void GateFs::Impl::forget_multi(fuse_req_t req, size_t count, fuse_forget_data* 
   fuse_reply_none(req);
 }
 
+int GateFs::Impl::fd_of(FileHandle* h) {
+  if (const int fd = h->fd.load(std::memory_order_acquire); fd >= 0) return fd;
+  std::lock_guard guard(h->m);
+  if (const int fd = h->fd.load(std::memory_order_acquire); fd >= 0) return fd;
+  if (!h->ino) return errno = EBADF, -1;
+  const int fd = ::open(proc_path(inode(h->ino).fd).c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    log_fd_exhaustion(errno);
+    return -1;
+  }
+  h->fd.store(fd, std::memory_order_release);
+  return fd;
+}
+
 void GateFs::Impl::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   UniqueFd hold;
-  reply_attr(req, fi ? file_of(fi)->fd : live_fd(inode(ino), hold));
+  const int own = fi ? file_of(fi)->fd.load() : -1;
+  reply_attr(req, own >= 0 ? own : live_fd(inode(ino), hold));
 }
 
 void GateFs::Impl::readlink(fuse_req_t req, fuse_ino_t ino) {
@@ -64,7 +79,7 @@ void GateFs::Impl::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* 
   reads_served.fetch_add(1, std::memory_order_relaxed);
   fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
   buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
-  buf.buf[0].fd = file_of(fi)->fd;
+  buf.buf[0].fd = fd_of(file_of(fi));
   buf.buf[0].pos = off;
   fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
@@ -89,8 +104,9 @@ void GateFs::Impl::write_buf(fuse_req_t req, fuse_bufvec* in, off_t off, fuse_fi
 
 void GateFs::Impl::flush(fuse_req_t req, fuse_file_info* fi) {
   FileHandle* h = file_of(fi);
-  int r = ::close(::dup(h->fd));
-  int err = r < 0 ? errno : 0;
+  // A straight reader without a descriptor of its own has nothing to flush.
+  int err = 0;
+  if (const int fd = h->fd; fd >= 0 && ::close(::dup(fd)) < 0) err = errno;
   if (opts.release_on_flush && agent) {
     if (!h->changed && changed_below(h)) h->changed = true;
     std::shared_ptr<TrackedLock> lock;
@@ -109,8 +125,8 @@ void GateFs::Impl::release(fuse_req_t req, fuse_file_info* fi) {
 }
 
 void GateFs::Impl::fsync(fuse_req_t req, int datasync, fuse_file_info* fi) {
-  int fd = file_of(fi)->fd;
-  int r = datasync ? ::fdatasync(fd) : ::fsync(fd);
+  const int fd = fd_of(file_of(fi));
+  const int r = fd < 0 ? -1 : datasync ? ::fdatasync(fd) : ::fsync(fd);
   fuse_reply_err(req, r < 0 ? errno : 0);
 }
 
@@ -127,7 +143,8 @@ void GateFs::Impl::fallocate(fuse_req_t req, int mode, off_t off, off_t len, fus
 }
 
 void GateFs::Impl::lseek(fuse_req_t req, off_t off, int whence, fuse_file_info* fi) {
-  off_t r = ::lseek(file_of(fi)->fd, off, whence);
+  const int fd = fd_of(file_of(fi));
+  const off_t r = fd < 0 ? -1 : ::lseek(fd, off, whence);
   if (r < 0) fuse_reply_err(req, errno);
   else fuse_reply_lseek(req, r);
 }
@@ -141,8 +158,9 @@ void GateFs::Impl::copy_file_range(fuse_req_t req, off_t off_in, fuse_file_info*
   }
   keep_first_change(out);
   loff_t in_pos = off_in, out_pos = off_out;
-  ssize_t n = ::copy_file_range(file_of(fi_in)->fd, &in_pos, out->fd, &out_pos, len,
-                                static_cast<unsigned>(flags));
+  const int in = fd_of(file_of(fi_in));
+  ssize_t n = in < 0 ? -1
+                     : ::copy_file_range(in, &in_pos, out->fd, &out_pos, len, static_cast<unsigned>(flags));
   if (n > 0) out->changed = true;
   if (n < 0) fuse_reply_err(req, errno);
   else fuse_reply_write(req, static_cast<size_t>(n));

@@ -13,6 +13,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
 
 #include "support/mount_fixture.h"
 
@@ -104,6 +105,32 @@ TEST_CASE("a file opened read-only is read straight from the file below", "[moun
     const Through after = through(m);
     CHECK(after.opens == before.opens + 1);
     CHECK(after.reads == before.reads);
+  }
+  SECTION("calls that reach the daemon on a straight reader's handle work") {
+    // The daemon opens no descriptor of its own for such a handle until one of these
+    // needs it.
+    Fd fd(::open(m.at("f").c_str(), O_RDONLY));
+    REQUIRE(fd.fd >= 0);
+    struct stat st {};
+    REQUIRE(::fstat(fd.fd, &st) == 0);
+    CHECK(st.st_size == static_cast<off_t>(data.size()));
+    CHECK(::fsync(fd.fd) == 0);
+    CHECK(::fdatasync(fd.fd) == 0);
+    CHECK(::lseek(fd.fd, 10, SEEK_DATA) == 10);
+    CHECK(::lseek(fd.fd, 0, SEEK_HOLE) == static_cast<off_t>(data.size()));
+    Fd out(::open(m.at("copy").c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644));
+    REQUIRE(out.fd >= 0);
+    loff_t in_at = 4096;
+    std::size_t copied = 0;
+    while (copied < 65536) {
+      const ssize_t n = ::copy_file_range(fd.fd, &in_at, out.fd, nullptr, 65536 - copied, 0);
+      REQUIRE(n > 0);
+      copied += static_cast<std::size_t>(n);
+    }
+    out.close();
+    CHECK(::close(std::exchange(fd.fd, -1)) == 0);
+    CHECK(slurp(m.at("copy")) == data.substr(4096, 65536));
+    CHECK(through(m).reads == before.reads);
   }
   SECTION("two readers at once share the file below") {
     Fd a(::open(m.at("f").c_str(), O_RDONLY));
@@ -324,7 +351,9 @@ TEST_CASE("a writer let in beside a reader that reads straight is seen through i
   Fd r(::open(m.at("f").c_str(), O_RDONLY));
   REQUIRE(r.fd >= 0);
   Fd keep(::dup(r.fd));
-  r.close();  // the flush gives the read lock back; `keep` holds the file open
+  // The flush gives the read lock back (and has nothing to write out); `keep` holds
+  // the file open.
+  REQUIRE(::close(std::exchange(r.fd, -1)) == 0);
   REQUIRE(eventually([&] { return key_state(broker.endpoint(), "f").holders.empty(); }));
 
   Fd w(::open(m.at("f").c_str(), O_RDWR));
