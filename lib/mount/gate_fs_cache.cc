@@ -167,28 +167,21 @@ void GateFs::Impl::on_source_changes(const std::vector<SourceWatch::Change>& cha
       attrs.insert(seen.parent);
       continue;
     }
-    // The file is just as the kernel's cache of it was filled from (any change of it
-    // moves the ctime), under this name: the mount's own create, write and close,
-    // which the kernel has seen. (The stamp's own version: the watch knows none, only
-    // what the file looks like.)
-    const bool as_cached =
-        seen.named && seen.still_there && same(seen.stamp, stamp_of(seen.now, seen.stamp.version));
     if (c.mask & kNameEvents) {
-      // The directory's list (and attributes) go, unless the name is that file's (the
-      // kernel changed its list when the mount made the name); a name the kernel may
-      // hold for an object no longer there is forgotten. (A name it does not hold
-      // needs nothing: this daemon never answers a lookup with a cached "no such file".)
-      if (!as_cached) contents.insert(seen.parent);
+      // The directory's list (and attributes) go; a name the kernel may hold for an
+      // object no longer there is forgotten. (A name it does not hold needs nothing:
+      // this daemon never answers a lookup with a cached "no such file".)
+      contents.insert(seen.parent);
       if (seen.named && !seen.still_there) forget_entry(seen.parent, c.name);
     }
     if (!seen.named || !(c.mask & (kAttrEvents | kNameEvents))) continue;
     // A file's content goes unless it is what the kernel cached: the mount's own
     // writes, in the cache already (a handle writing now, or one that wrote last).
-    // Its attributes go unless the file is as cached: so the mount's own changes cost
-    // no invalidation and no fresh getattr.
-    const bool ours = seen.still_there && (seen.writers > 0 || as_cached);
+    // (The stamp's own version: the watch knows none, only what the file looks like.)
+    const bool ours = seen.still_there &&
+                      (seen.writers > 0 || same(seen.stamp, stamp_of(seen.now, seen.stamp.version)));
     if ((c.mask & (IN_MODIFY | IN_CLOSE_WRITE)) && !ours) contents.insert(seen.named);
-    else if (!as_cached) attrs.insert(seen.named);
+    else attrs.insert(seen.named);
   }
   for (fuse_ino_t id : contents) {
     attrs.erase(id);
