@@ -339,9 +339,16 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                   err = may_go_straight ? adopt(*o, -1, held, true)
                                         : adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
                 if (!err) choose_io(*o, in);
-                if (!err && o->h->io != FileHandle::Io::Through && fd_of(o->h) < 0) {
-                  err = errno;
-                  close_handle(std::exchange(o->h, nullptr));
+                if (!err && o->h->io != FileHandle::Io::Through) {
+                  // With the open's own flags (O_NOATIME...), as any other handle.
+                  const int fd = ::open(proc_path(at).c_str(), flags | O_CLOEXEC);
+                  if (fd < 0) {
+                    err = errno;
+                    log_fd_exhaustion(err);
+                    close_handle(std::exchange(o->h, nullptr));
+                  } else {
+                    o->h->fd = fd;
+                  }
                 }
                 // A handle read straight from below never keeps the kernel's cache (its
                 // open drops it); the check still records the file and drops stale

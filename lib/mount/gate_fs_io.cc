@@ -56,8 +56,13 @@ int GateFs::Impl::fd_of(FileHandle* h) {
 
 void GateFs::Impl::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   UniqueFd hold;
-  const int own = fi ? file_of(fi)->fd.load() : -1;
-  reply_attr(req, own >= 0 ? own : live_fd(inode(ino), hold));
+  // A handle without a descriptor of its own is never redirected: its inode's file.
+  if (fi) {
+    const int own = file_of(fi)->fd;
+    reply_attr(req, own >= 0 ? own : inode(ino).fd);
+    return;
+  }
+  reply_attr(req, live_fd(inode(ino), hold));
 }
 
 void GateFs::Impl::readlink(fuse_req_t req, fuse_ino_t ino) {
@@ -77,9 +82,14 @@ void GateFs::Impl::readlink(fuse_req_t req, fuse_ino_t ino) {
 
 void GateFs::Impl::read(fuse_req_t req, size_t size, off_t off, fuse_file_info* fi) {
   reads_served.fetch_add(1, std::memory_order_relaxed);
+  const int fd = fd_of(file_of(fi));
+  if (fd < 0) {
+    fuse_reply_err(req, errno);
+    return;
+  }
   fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
   buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
-  buf.buf[0].fd = fd_of(file_of(fi));
+  buf.buf[0].fd = fd;
   buf.buf[0].pos = off;
   fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
@@ -329,9 +339,13 @@ void GateFs::Impl::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, si
   // them does. `ls -l` then stops asking for the rest of the view instead of making
   // this round trip for every file it lists. A label the file below has is answered.
   const bool label = std::strcmp(name, "security.selinux") == 0;
+  // The kernel checks POSIX ACLs itself (init) and takes any answer but "none" for a
+  // failure of the check: a directory below that keeps no ACLs (vfat, NFS...) has none.
+  const bool acl = std::strncmp(name, "system.posix_acl_", 17) == 0;
   reply_xattr(req, size, [&](char* buf, size_t len) {
     ssize_t n = ::getxattr(proc.c_str(), name, buf, len);
     if (n < 0 && label && errno == ENODATA) errno = EOPNOTSUPP;
+    if (n < 0 && acl && errno == EOPNOTSUPP) errno = ENODATA;
     return n;
   });
 }
