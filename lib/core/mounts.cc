@@ -1,9 +1,15 @@
 #include "core/mounts.h"
 
 #include <sys/stat.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <fstream>
 #include <sstream>
 
@@ -54,6 +60,37 @@ std::vector<MountEntry> read_mountinfo() {
   return out;
 }
 
+// The errno of a statfs of `path` (0: it answered), asked in a child so that a view
+// whose daemon hangs cannot hang the caller: ETIMEDOUT when no answer came within
+// `limit` (the child, maybe stuck in the kernel, is killed and left to init).
+int statfs_errno(const std::string& path, std::chrono::milliseconds limit) {
+  const char* name = path.c_str();
+  const pid_t pid = ::fork();
+  if (pid < 0) return errno;
+  if (pid == 0) {
+    struct statfs st {};
+    ::_exit(::statfs(name, &st) == 0 ? 0 : (errno & 0xff));
+  }
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  bool answered = true;
+  if (pidfd >= 0) {
+    pollfd p{pidfd, POLLIN, 0};
+    int r;
+    do r = ::poll(&p, 1, static_cast<int>(limit.count()));
+    while (r < 0 && errno == EINTR);
+    answered = r > 0;
+    ::close(pidfd);
+  }
+  int status = 0;
+  if (!answered) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, WNOHANG);
+    return ETIMEDOUT;
+  }
+  if (::waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return ECHILD;
+  return WEXITSTATUS(status);
+}
+
 }  // namespace
 
 bool listed_in_mountinfo(const std::string& path) {
@@ -73,9 +110,9 @@ std::vector<GateView> gate_views() {
 MountState mount_state(const std::string& path) {
   // statfs, not stat: the kernel answers a stat of a FUSE view's root from its cache
   // of the root's attributes (a day, on a watched view) even after the daemon died,
-  // while a statfs always goes to the connection, which then answers ENOTCONN.
-  struct statfs st {};
-  if (::statfs(path.c_str(), &st) != 0 && errno == ENOTCONN) return MountState::Stale;
+  // while a statfs always goes to the connection, which then answers ENOTCONN. A
+  // daemon that does not answer within the limit is alive, if hung: not stale.
+  if (statfs_errno(path, std::chrono::seconds(2)) == ENOTCONN) return MountState::Stale;
   return listed_in_mountinfo(path) ? MountState::Mounted : MountState::NotMounted;
 }
 

@@ -30,6 +30,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/process.h"
 #include "support/mount_fixture.h"
 
 using namespace std::chrono_literals;
@@ -874,4 +875,39 @@ TEST_CASE("a mount lent the lock space stops granting one lease after its broker
   }, 10s));
   CHECK(Clock::now() - t0 >= 500ms);
   CHECK(m.log().find("has not confirmed it for a lease") != std::string::npos);
+}
+
+TEST_CASE("gate mount over a view whose daemon is stopped or dead answers within seconds and says which",
+          "[mount]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  write_file(m.at("f"), "x");
+  struct stat st {};
+  REQUIRE(::stat(m.mnt().c_str(), &st) == 0);  // the root's attributes are now cached
+  TempDir other("gate-mount-over");
+  auto mount_over = [&] {
+    return gate::run_command({gate_binary(), "mount", "--no-locking", "--root", other.path(), "--mount", m.mnt()},
+                             std::chrono::seconds(30));
+  };
+  SECTION("stopped: the view is in use") {
+    REQUIRE(::kill(m.pid(), SIGSTOP) == 0);
+    struct Resume {
+      pid_t pid;
+      ~Resume() { ::kill(pid, SIGCONT); }
+    } resume{m.pid()};
+    const auto t0 = std::chrono::steady_clock::now();
+    const gate::RunResult r = mount_over();
+    INFO(r.output);
+    CHECK(r.status != 0);
+    CHECK(r.output.find("in use") != std::string::npos);
+    CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(15));
+  }
+  SECTION("killed: the view is stale, though a stat of it is still answered") {
+    m.kill9();
+    CHECK(::stat(m.mnt().c_str(), &st) == 0);
+    const gate::RunResult r = mount_over();
+    INFO(r.output);
+    CHECK(r.status != 0);
+    CHECK(r.output.find("stale FUSE mount") != std::string::npos);
+  }
 }
