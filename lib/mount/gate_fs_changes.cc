@@ -335,13 +335,12 @@ void GateFs::Impl::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
                 // (choose_io) opens it next.
                 const bool may_go_straight = replacement < 0 && passthrough.on() && (flags & O_ACCMODE) == O_RDONLY &&
                                              !(flags & O_TRUNC) && !(o->f.flags & O_DIRECT);
-                if (!err)
-                  err = may_go_straight ? adopt(*o, -1, held, true)
-                                        : adopt(*o, ::open(proc_path(at).c_str(), flags | O_CLOEXEC), held);
+                auto open_own = [&] { return ::open(proc_path(at).c_str(), flags | O_CLOEXEC); };
+                if (!err) err = adopt(*o, may_go_straight ? -1 : open_own(), held, may_go_straight);
                 if (!err) choose_io(*o, in);
-                if (!err && o->h->io != FileHandle::Io::Through) {
+                if (!err && o->h->fd < 0 && o->h->io != FileHandle::Io::Through) {
                   // With the open's own flags (O_NOATIME...), as any other handle.
-                  const int fd = ::open(proc_path(at).c_str(), flags | O_CLOEXEC);
+                  const int fd = open_own();
                   if (fd < 0) {
                     err = errno;
                     log_fd_exhaustion(err);

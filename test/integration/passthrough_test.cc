@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstring>
+#include <filesystem>
 #include <random>
 #include <sstream>
 #include <string>
@@ -169,6 +170,31 @@ TEST_CASE("a file opened read-only is read straight from the file below", "[moun
     REQUIRE(pwrite_all(below.fd, "changed!"));
     CHECK(pread_all(fd.fd, 10) == "changed!" + data.substr(8, 2));
   }
+}
+
+TEST_CASE("opens for reading and for writing leave no descriptor of the daemon's behind", "[mount][passthrough]") {
+  BrokerProcess broker;
+  Mount m(broker.endpoint());
+  write_file(m.at("f"), "content");
+  REQUIRE(all_released(m));
+  const std::string fds = "/proc/" + std::to_string(m.pid()) + "/fd";
+  auto open_fds = [&] {
+    std::size_t n = 0;
+    for (const auto& e : std::filesystem::directory_iterator(fds)) n += e.exists() ? 1 : 0;
+    return n;
+  };
+  const std::size_t before = open_fds();
+  for (int i = 0; i < 50; ++i) {
+    Fd w(::open(m.at("f").c_str(), O_WRONLY | O_APPEND));
+    REQUIRE(w.fd >= 0);
+    REQUIRE(::write(w.fd, "x", 1) == 1);
+    w.close();
+    CHECK(slurp(m.at("f")).size() == 8 + static_cast<std::size_t>(i));
+  }
+  REQUIRE(all_released(m));
+  // A few for the broker's connection and the like may come and go; 100 handles
+  // that each kept one would not.
+  CHECK(open_fds() < before + 10);
 }
 
 TEST_CASE("a file open for reading and for writing at once reads what was written whichever came first",
