@@ -2,6 +2,8 @@
 
 #include <boost/json.hpp>
 
+#include <algorithm>
+
 #include "broker/lock_json.h"
 #include "client/wire_key.h"
 #include "core/log.h"
@@ -195,7 +197,8 @@ void Delegation::on_granted(const std::string& body) {
     for (Held& h : std::exchange(held_, {})) serve(h.id, h.request, std::move(h.answer));
   }
   poll_recall();
-  loop_.post_at(BrokerLoop::Clock::now() + kTick, [self = shared_from_this()] { self->tick(); });
+  std::lock_guard lock(m_);
+  if (state_ == State::On) arm_tick();
 }
 
 void Delegation::poll_recall() {
@@ -268,6 +271,7 @@ void Delegation::serve(std::uint64_t id, const wire::Request& request, Deliver a
   if (ticket) waiting_[id] = ticket;
   if (request.method == "POST") dirty_ = true;
   drive();
+  arm_tick();
 }
 
 void Delegation::give_back_if_fences_low(std::unique_lock<std::mutex>& lock) {
@@ -278,6 +282,7 @@ void Delegation::give_back_if_fences_low(std::unique_lock<std::mutex>& lock) {
 
 void Delegation::served(std::unique_lock<std::mutex>& lock) {
   dirty_ = true;
+  arm_tick();
   give_back_if_fences_low(lock);
 }
 
@@ -337,10 +342,27 @@ void Delegation::cancel(std::uint64_t id) {
   drive();
 }
 
-void Delegation::tick() {
+void Delegation::arm_tick() {
+  using std::chrono::milliseconds;
+  const auto now = std::chrono::steady_clock::now();
+  auto at = std::min(confirmed_ + milliseconds(lease_ms_),
+                     last_report_ + (report_failed_ ? milliseconds(1000)
+                                                    : milliseconds(std::max<std::int64_t>(lease_ms_ / 3, 100))));
+  if (dirty_) at = std::min(at, last_report_ + kReportChanges);
+  if (const std::optional<Micros> due = table_->next_deadline())
+    at = std::min(at, now + std::chrono::microseconds(std::max<Micros>(0, *due - wall_clock_micros()) + 1));
+  at = std::max(at, now + kTick);
+  if (tick_at_ && *tick_at_ <= at) return;
+  tick_at_ = at;
+  loop_.post_at(at, [self = shared_from_this(), at] { self->tick(at); });
+}
+
+void Delegation::tick(std::chrono::steady_clock::time_point at) {
   bool report_now = false, keepalive = false, expired = false;
   {
     std::lock_guard lock(m_);
+    if (tick_at_ != at) return;  // replaced by an earlier one
+    tick_at_.reset();
     if (state_ != State::On) return;
     service_->expire_now();  // leases, the hold cap and time-outs of waits
     drive();
@@ -354,7 +376,8 @@ void Delegation::tick() {
   }
   if (expired) return lost("the broker has not confirmed it for a lease (" + std::to_string(lease_ms_) + " ms)");
   if (report_now) report(keepalive);
-  loop_.post_at(BrokerLoop::Clock::now() + kTick, [self = shared_from_this()] { self->tick(); });
+  std::lock_guard lock(m_);
+  if (state_ == State::On) arm_tick();
 }
 
 json::object Delegation::message(bool with_state) {

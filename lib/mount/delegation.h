@@ -22,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -60,7 +61,9 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
                                         bool changed, const std::string& stale) override;
 
   static constexpr std::chrono::milliseconds kAskEvery{1000};
-  static constexpr std::chrono::milliseconds kTick{20};          // the local engine's deadlines
+  // The engine's deadlines (leases, the hold cap, waits' time-outs) are met within
+  // this; an idle delegate wakes only for what is due (a report, its lease).
+  static constexpr std::chrono::milliseconds kTick{20};
   static constexpr std::chrono::milliseconds kReportChanges{500};  // what `gate locks` shows
 
  private:
@@ -68,7 +71,11 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   void ask();
   void on_granted(const std::string& body);
   void poll_recall();
-  void tick();
+  // `at`: the time it was armed for; a tick armed for another time has been replaced.
+  void tick(std::chrono::steady_clock::time_point at);
+  // m_ held, state On: makes sure a tick comes by the time something is next due
+  // (one timer at a time: armed again only for an earlier time).
+  void arm_tick();
   // `asked_for`: the number of the broker's request for it (0: a report of its own).
   void report(bool keepalive, std::uint64_t asked_for = 0);
   // Stops answering here and hands everything back; the calls waiting here go to the
@@ -134,6 +141,7 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   // would not know it is lent).
   std::chrono::steady_clock::time_point confirmed_;
   bool report_failed_ = false;
+  std::optional<std::chrono::steady_clock::time_point> tick_at_;  // the armed tick
   bool unsupported_ = false;             // an older broker: never ask again
 };
 

@@ -100,12 +100,14 @@ void HistoryStore::start() {
 void HistoryStore::enqueue(Pending p) {
   std::unique_lock lock(q_m_);
   pending_bytes_ += p.data ? p.data->size() : 0;
+  const bool first = pending_.empty();
   pending_.push_back(std::move(p));
   const std::uint64_t mine = ++queued_;
   if (!running_) {
     write_queued(lock);  // no writer (yet): at once, on this thread
     return;
   }
+  if (first) q_cv_.notify_all();  // an idle writer sleeps until something is queued
   if (pending_bytes_ > kMaxPendingBytes) {
     // Bounded memory: wait for the writer, as flush() does.
     flush_now_ = true;
@@ -130,9 +132,9 @@ void HistoryStore::writer_main() {
     log(LogLevel::Debug, "mount", "history: could not lower the writer's priority: ", std::strerror(errno));
   std::unique_lock lock(q_m_);
   for (;;) {
+    q_cv_.wait(lock, [&] { return stopping_ || flush_now_ || !pending_.empty(); });
     // Batches: wait a little for more, unless someone waits for the write.
-    q_cv_.wait_for(lock, std::chrono::milliseconds(20),
-                   [&] { return stopping_ || flush_now_; });
+    q_cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stopping_ || flush_now_; });
     flush_now_ = false;
     if (pending_.empty()) {
       if (stopping_) break;
