@@ -898,10 +898,12 @@ TEST_CASE("an idle mount lent the lock space sleeps until something is due", "[m
   REQUIRE(eventually([&] { return m.log().find("lent this mount its lock space") != std::string::npos; }));
   REQUIRE(slurp(m.at("f")) == "data");  // a grant and a release: a report is due
   // The report goes within half a second; then nothing is due for a third of the lease
-  // (10 s). A delegate that ticked every 20 ms woke about 150 times in 3 s.
+  // (10 s). A delegate that ticked every 20 ms (and a history writer that did) woke
+  // about 150 times in 3 s; now 2 to 7 (and about 30 more under TSan, whose own
+  // thread wakes 10 times a second).
   const long before = wakeups_of(m.pid());
   std::this_thread::sleep_for(3s);  // the window observed, not a wait for an event
-  CHECK(wakeups_of(m.pid()) - before < 30);
+  CHECK(wakeups_of(m.pid()) - before < 75);
 }
 
 TEST_CASE("gate mount over a view whose daemon is stopped or dead answers within seconds and says which",
