@@ -23,6 +23,45 @@ std::string lease_hex(std::int64_t lease) {
   return buf;
 }
 
+// The fence format a broker's key says its broker numbers fences in (0: before formats
+// were written down, create revision x 64 + slot).
+std::int64_t format_of(const etcd::KeyValue& broker) {
+  boost::system::error_code ec;
+  json::value v = json::parse(broker.value, ec);
+  if (ec || !v.is_object()) return 0;
+  const json::value* f = v.as_object().if_contains("format");
+  return f && f->is_int64() ? f->as_int64() : 0;
+}
+
+// What people know a broker by: its id, gate version and address.
+std::string described(const etcd::KeyValue& broker) {
+  std::string out = broker.key.substr(etcd::broker_key("").size());
+  boost::system::error_code ec;
+  json::value v = json::parse(broker.value, ec);
+  if (!ec && v.is_object())
+    for (const char* field : {"version", "address"})
+      if (const json::value* x = v.as_object().if_contains(field); x && x->is_string() && !x->as_string().empty())
+        out += std::string(field == std::string("version") ? " (gate " : ", ") + std::string(x->as_string());
+  return out + (out.find('(') != std::string::npos ? ")" : "");
+}
+
+// Every other broker on the cluster must number fences as this one does: fences are
+// computed from create revisions when read, so two numberings in one space would give
+// one lock two fences, and fences and versions could go back.
+Status check_formats(etcd::EtcdClient& c, const std::string& me) {
+  const std::string prefix = etcd::broker_key("");
+  Result<etcd::RangeResult> r = c.range(etcd::range_request(prefix, etcd::prefix_end(prefix)));
+  if (!r.ok()) return Status::failure("cannot read the brokers on etcd: " + r.message());
+  for (const etcd::KeyValue& kv : r->kvs) {
+    if (kv.key == etcd::broker_key(me)) continue;
+    if (const std::int64_t f = format_of(kv); f != etcd::kFormat)
+      return Status::failure("broker " + described(kv) + " on this etcd cluster numbers fences in format " +
+                             std::to_string(f) + ", this gate in format " + std::to_string(etcd::kFormat) +
+                             ": stop it (its entries end with its session) before starting this one");
+  }
+  return {};
+}
+
 }  // namespace
 
 std::string EtcdService::broker_id() const {
@@ -63,8 +102,15 @@ Status EtcdService::take_session(EtcdClient& c) {
     if (lease) {
       Result<std::int64_t> ttl = c.lease_ttl(lease);
       if (!ttl.ok()) return Status::failure("cannot reach etcd: " + ttl.message());
+      Result<etcd::RangeResult> mine = c.range(etcd::range_request(etcd::broker_key(lease_hex(lease))));
+      if (!mine.ok()) return Status::failure("cannot reach etcd: " + mine.message());
       if (*ttl <= 0) lease = 0;
-      else log(LogLevel::Info, "broker", "taking up the etcd session of the last run (lease ", lease_hex(lease), ", ",
+      else if (mine->kvs.empty() || format_of(mine->kvs.front()) != etcd::kFormat) {
+        // The last run numbered fences otherwise (an upgrade): its entries end with it.
+        log(LogLevel::Warn, "broker", "not taking up the etcd session of the last run (lease ", lease_hex(lease),
+            "): it numbered fences in another format; its queued requests end with it");
+        lease = 0;
+      } else log(LogLevel::Info, "broker", "taking up the etcd session of the last run (lease ", lease_hex(lease), ", ",
                *ttl, " s left): its queued requests keep their places");
     }
   }
@@ -75,9 +121,15 @@ Status EtcdService::take_session(EtcdClient& c) {
     if (Status s = replace_file(path, std::to_string(lease) + "\n"); !s.ok())
       return Status::failure("cannot save the etcd session in " + path + ": " + s.message());
   }
-  json::object me{{"address", opts_.address}, {"version", kVersion}, {"started_at", format_iso8601(wall_clock_micros())}};
+  json::object me{{"address", opts_.address},
+                  {"version", kVersion},
+                  {"format", etcd::kFormat},
+                  {"started_at", format_iso8601(wall_clock_micros())}};
   Result<std::int64_t> put = c.put(etcd::broker_key(lease_hex(lease)), json::serialize(me), lease);
   if (!put.ok()) return Status::failure("cannot register with etcd: " + put.message());
+  // (Refused, the session is left to end by itself: it may be the last run's, whose
+  // waiters keep their places for a start within its TTL.)
+  if (Status s = check_formats(c, lease_hex(lease)); !s.ok()) return s;
   std::lock_guard lock(health_mu_);
   broker_id_ = lease_hex(lease);
   lease_ = lease;

@@ -2,6 +2,7 @@
 
 #include <boost/json.hpp>
 
+#include <limits>
 #include <set>
 
 namespace gate::etcd {
@@ -53,6 +54,7 @@ std::optional<std::string> lock_key_of(std::string_view queue_key) {
 }
 
 Micros Entry::ends_at() const {
+  if (lend) return std::numeric_limits<Micros>::max();
   Micros end = lease_expires_at;
   if (max_hold_ms) end = std::min(end, acquired_at + *max_hold_ms * 1000);
   return end;
@@ -77,6 +79,8 @@ std::string encode_entry(const Entry& e) {
   if (e.max_hold_ms) o["mh"] = *e.max_hold_ms;
   if (e.pid > 0) o["pid"] = e.pid;
   if (e.slot > 0) o["sl"] = e.slot;
+  if (e.fixed_fence) o["f"] = e.fixed_fence;
+  if (e.lend) o["ln"] = true;
   return json::serialize(o);
 }
 
@@ -126,6 +130,14 @@ Result<Entry> decode_entry(const KeyValue& kv) {
   number("ex", e.lease_expires_at);
   number("l", e.lease_ms);
   if (const json::value* c = o.if_contains("mh"); c && c->is_int64()) e.max_hold_ms = c->as_int64();
+  if (const json::value* f = o.if_contains("f")) {
+    if (f->is_uint64()) e.fixed_fence = f->as_uint64();
+    else if (f->is_int64() && f->as_int64() > 0) e.fixed_fence = static_cast<std::uint64_t>(f->as_int64());
+    else return bad("fence " + json::serialize(*f));
+  }
+  if (const json::value* l = o.if_contains("ln"); l && l->is_bool()) e.lend = l->as_bool();
+  if (e.lend && (e.mode != LockMode::Write || !e.held || e.fixed_fence))
+    return bad("a lend entry must be a held write with no fence of its own");
   return e;
 }
 

@@ -30,8 +30,15 @@ std::string broker_key(std::string_view broker);                             // 
 // The lock key a queue key belongs to; nullopt for any other key.
 std::optional<std::string> lock_key_of(std::string_view queue_key);
 
-// Fences per etcd revision: more than the etcd clients of one broker (its workers).
+// Fences: each etcd revision has kFenceSlots slots, more than the etcd clients of one
+// broker (its workers), and each slot kSlotFences fences: the first is the fence of the
+// entry that client made at that revision, the rest are for the grants of a lend entry
+// made there (docs/etcd-store.md, "lending quiet keys").
 inline constexpr std::int64_t kFenceSlots = 64;
+inline constexpr std::int64_t kSlotFences = 1024;
+// How this gate numbers fences, in every broker's key ("format"): brokers that number
+// them otherwise (before format 2: create revision x 64 + slot) must not share a space.
+inline constexpr std::int64_t kFormat = 2;
 
 // One request or lock: a queue key's value, and where etcd keeps it.
 struct Entry {
@@ -61,11 +68,23 @@ struct Entry {
   // Which of its broker's etcd clients made it: entries made in one transaction (a
   // batch, txn_batcher.h) share a create revision, never a slot.
   std::int64_t slot = 0;
+  // A fence kept in the entry ("f"): a lent lock's, from its lend entry's fences, once
+  // the lend is adopted. 0: the fence comes from the create revision and slot.
+  std::uint64_t fixed_fence = 0;
+  // A lend entry ("ln"): the key is lent to its broker, which grants it in a table of
+  // its own while nobody else asks. To everyone else it is one write holder (the
+  // party "broker:<id>") with no lease or hold cap: only its broker, or the end of its
+  // broker's session, removes it.
+  bool lend = false;
 
   // Its grant's fence: from the create revision, so global and increasing in queue
-  // order (kFenceSlots apart, the slot telling apart the entries one batch made).
-  std::uint64_t fence() const { return static_cast<std::uint64_t>(create_revision * kFenceSlots + slot); }
-  // When the lease or the hold cap ends it (held entries only).
+  // order (kFenceSlots x kSlotFences apart, the slot telling apart the entries one
+  // batch made); a lent lock's own once adopted.
+  std::uint64_t fence() const {
+    return fixed_fence ? fixed_fence
+                       : static_cast<std::uint64_t>((create_revision * kFenceSlots + slot) * kSlotFences);
+  }
+  // When the lease or the hold cap ends it (held entries only; never for a lend).
   Micros ends_at() const;
   // The session deadlock detection follows (the owner when none was given).
   const std::string& party() const { return session.empty() ? owner : session; }
@@ -78,7 +97,8 @@ Result<Entry> decode_entry(const KeyValue& kv);
 // ---- one key's entries, in queue order (create revision, then slot: queue_order) ----
 using Queue = std::vector<Entry>;
 // The queue's order: by create revision, and by slot among the entries one batch made
-// (the order of their fences).
+// (the order of their fences); an adopted lent lock at its own fence's place, which is
+// its lend's.
 inline bool queue_order(const Entry& a, const Entry& b) { return a.fence() < b.fence(); }
 
 // The entry at queue key `key` in `q`; null when none.

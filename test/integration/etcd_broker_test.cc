@@ -26,6 +26,7 @@
 #include "client/broker_client.h"
 #include "core/process.h"
 #include "core/token.h"
+#include "etcd/etcd_space.h"
 #include "support/etcd_cluster.h"
 #include "support/test_support.h"
 
@@ -370,6 +371,31 @@ TEST_CASE("gate broker --store says what is wrong with a store it cannot use", "
   CHECK(wrong.status == 1);
   CHECK(wrong.output.find("etcd") != std::string::npos);
   CHECK(wrong.output.find("404") != std::string::npos);
+}
+
+TEST_CASE("gate broker --store refuses a cluster where a broker numbers fences another way", "[etcd][broker]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  etcd::EtcdClient store(cluster.endpoints(), 15s);
+  // A live broker of a gate from before fence formats (its key has none).
+  Result<std::int64_t> lease = store.lease_grant(60);
+  REQUIRE(lease.ok());
+  REQUIRE(store.put(etcd::broker_key("0ld"), R"({"address":"10.0.0.9:7777","version":"0.9.0"})", *lease).ok());
+  test::TempDir dir;
+  RunResult refused = run_command({test::gate_binary(), "broker", "--state-dir", dir.path(), "--port", "0",
+                                   "--store", cluster.spec()},
+                                  30s);
+  CHECK(refused.status == 1);
+  CHECK(refused.output.find("broker 0ld (gate 0.9.0, 10.0.0.9:7777)") != std::string::npos);
+  CHECK(refused.output.find("format 0") != std::string::npos);
+  // Once it is gone, brokers start; one of this gate's is no obstacle to another.
+  REQUIRE(store.lease_revoke(*lease).ok());
+  auto b1 = etcd_broker(cluster);
+  auto b2 = etcd_broker(cluster);
+  const std::string k = key_for("format");
+  CallResult a = BrokerClient(b1->endpoint()).acquire(req(k, LockMode::Write, "A"));
+  REQUIRE(a.status == CallStatus::Ok);
+  CHECK(a.lock.fence % etcd::kSlotFences == 0);  // an entry's own fence: the first of its slot's
 }
 
 TEST_CASE("with an etcd store a wait outlives compactions of etcd's history", "[etcd][broker]") {

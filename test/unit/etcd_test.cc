@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <limits>
 
 #include "core/base64.h"
 #include "etcd/etcd_client.h"
@@ -136,9 +137,10 @@ TEST_CASE("a queue entry survives its trip through etcd and a damaged one is ref
   CHECK(back->lease_expires_at == 31000);
   CHECK(back->max_hold_ms == 5);
   CHECK(back->mod_revision == 43);
-  CHECK(back->fence() == 42 * kFenceSlots + 3);  // (the slot tells apart one batch's entries)
+  // (the slot tells apart one batch's entries; a lend's grants take the fences between)
+  CHECK(back->fence() == (42 * kFenceSlots + 3) * kSlotFences);
   e.slot = 0;
-  CHECK(decode_entry(KeyValue{e.key, encode_entry(e), 42, 43, 1, 0})->fence() == 42 * kFenceSlots);
+  CHECK(decode_entry(KeyValue{e.key, encode_entry(e), 42, 43, 1, 0})->fence() == 42 * kFenceSlots * kSlotFences);
   CHECK(back->ends_at() == 6000);  // the cap comes first
 
   auto refused = [&](std::string key, std::string value) {
@@ -156,6 +158,45 @@ TEST_CASE("a queue entry survives its trip through etcd and a damaged one is ref
   REQUIRE(waiting.ok());
   CHECK_FALSE(waiting->held);
   CHECK(waiting->lock_key == "src/a.c");
+}
+
+TEST_CASE("a lend entry is one write holder that never ends by time and an adopted lock keeps its place",
+          "[etcd]") {
+  Entry lend = entry(10, "broker:b1", W, true, "src/a.c");
+  lend.lend = true;
+  lend.slot = 2;
+  lend.lease_expires_at = 5;  // (ignored: a lend has no lease)
+  Result<Entry> back = decode_entry(KeyValue{lend.key, encode_entry(lend), 10, 10, 1, 0});
+  REQUIRE(back.ok());
+  CHECK(back->lend);
+  CHECK(back->ends_at() == std::numeric_limits<Micros>::max());
+  CHECK(expired({*back}, std::numeric_limits<Micros>::max() - 1).empty());
+  // Readers and writers of other owners wait behind it; a later entry's fence is above
+  // every fence the lend can give (its own + 1 ... + kSlotFences - 1).
+  Entry r = entry(11, "o2", R), w = entry(12, "o3", W);
+  CHECK(standings({*back, r, w}) == std::vector{Standing::Held, Standing::Waiting, Standing::Waiting});
+  CHECK(back->fence() + kSlotFences - 1 < r.fence());
+  // Its lent locks, adopted after r came, take the lend's place by their own fences.
+  Entry adopted = entry(13, "o1", R, true, "src/a.c");
+  adopted.fixed_fence = back->fence() + 7;
+  Result<Entry> kept = decode_entry(KeyValue{adopted.key, encode_entry(adopted), 13, 13, 1, 0});
+  REQUIRE(kept.ok());
+  CHECK(kept->fence() == back->fence() + 7);
+  Queue q{r, w, *kept};
+  std::sort(q.begin(), q.end(), queue_order);
+  CHECK(q.front().owner == "o1");
+  // A reader batches with the adopted reader; the writer waits for both.
+  CHECK(standings(q) == std::vector{Standing::Held, Standing::Grantable, Standing::Waiting});
+
+  auto refused = [&](std::string value) {
+    Result<Entry> x = decode_entry(KeyValue{lend.key, std::move(value), 1, 1, 1, 0});
+    return x.ok() ? std::string() : x.message();
+  };
+  CHECK(refused(R"({"m":"r","o":"broker:b1","n":1,"ln":true})").find("lend entry") != std::string::npos);
+  CHECK(refused(R"({"m":"w","o":"broker:b1","ln":true})").find("lend entry") != std::string::npos);
+  CHECK(refused(R"({"m":"w","o":"broker:b1","n":1,"ln":true,"f":9})").find("lend entry") != std::string::npos);
+  CHECK(refused(R"({"m":"w","o":"o","f":0})").find("fence 0") != std::string::npos);
+  CHECK(refused(R"({"m":"w","o":"o","f":"7"})").find("fence") != std::string::npos);
 }
 
 TEST_CASE("entries one batch made are queued by their slots and have fences of their own", "[etcd]") {
