@@ -422,6 +422,7 @@ void Delegation::report(bool keepalive, std::uint64_t asked_for) {
                  if (self->state_ != State::On || self->id_ != id) return;
                  self->report_failed_ = r.status != 200;
                  if (r.status == 200) self->confirmed_ = std::chrono::steady_clock::now();
+                 else self->arm_tick();  // tried again within a second, not at the next keep-alive
                  // The broker has these now (unless they changed again since).
                  if (r.status == 200)
                    for (const auto& [key, v] : sent)
