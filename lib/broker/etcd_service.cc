@@ -625,7 +625,8 @@ void EtcdService::evaluate() {
   const bool orphans_due = now >= started_at_ + opts_.restore_grace_ms * 1000;
   std::map<std::string, Micros> unattached;  // what is still so now
   auto consider = [&](const Entry& e) {
-    if (sweeping_.count(e.key)) return;
+    // A lend ends with its broker (or its session), never by time or a sweep.
+    if (sweeping_.count(e.key) || e.lend) return;
     std::string why;
     if (auto d = doubtful_.find(e.key); d != doubtful_.end() && d->second.first == e.op) {
       why = "its request was answered 503 before etcd said it had been written";

@@ -33,6 +33,15 @@ std::int64_t format_of(const etcd::KeyValue& broker) {
   return f && f->is_int64() ? f->as_int64() : 0;
 }
 
+// The broker's key's value: where it listens, its gate and fence format, and `when`
+// ("started_at" or "alive_at") now.
+std::string broker_value(const std::string& address, const char* when) {
+  return json::serialize(json::object{{"address", address},
+                                      {"version", kVersion},
+                                      {"format", etcd::kFormat},
+                                      {when, format_iso8601(wall_clock_micros())}});
+}
+
 // What people know a broker by: its id, gate version and address.
 std::string described(const etcd::KeyValue& broker) {
   std::string out = broker.key.substr(etcd::broker_key("").size());
@@ -106,9 +115,13 @@ Status EtcdService::take_session(EtcdClient& c) {
       if (!mine.ok()) return Status::failure("cannot reach etcd: " + mine.message());
       if (*ttl <= 0) lease = 0;
       else if (mine->kvs.empty() || format_of(mine->kvs.front()) != etcd::kFormat) {
-        // The last run numbered fences otherwise (an upgrade): its entries end with it.
-        log(LogLevel::Warn, "broker", "not taking up the etcd session of the last run (lease ", lease_hex(lease),
-            "): it numbered fences in another format; its queued requests end with it");
+        // The last run numbered fences otherwise (an upgrade), or its key is gone: its
+        // entries end now, with its session.
+        log(LogLevel::Warn, "broker", "not taking up the etcd session of the last run (lease ", lease_hex(lease), "): ",
+            mine->kvs.empty() ? "its broker key is gone" : "it numbered fences in another format",
+            "; its queued requests end with it");
+        if (Status gone = c.lease_revoke(lease); !gone.ok())
+          log(LogLevel::Warn, "broker", "could not end that session: ", gone.message());
         lease = 0;
       } else log(LogLevel::Info, "broker", "taking up the etcd session of the last run (lease ", lease_hex(lease), ", ",
                *ttl, " s left): its queued requests keep their places");
@@ -121,11 +134,7 @@ Status EtcdService::take_session(EtcdClient& c) {
     if (Status s = replace_file(path, std::to_string(lease) + "\n"); !s.ok())
       return Status::failure("cannot save the etcd session in " + path + ": " + s.message());
   }
-  json::object me{{"address", opts_.address},
-                  {"version", kVersion},
-                  {"format", etcd::kFormat},
-                  {"started_at", format_iso8601(wall_clock_micros())}};
-  Result<std::int64_t> put = c.put(etcd::broker_key(lease_hex(lease)), json::serialize(me), lease);
+  Result<std::int64_t> put = c.put(etcd::broker_key(lease_hex(lease)), broker_value(opts_.address, "started_at"), lease);
   if (!put.ok()) return Status::failure("cannot register with etcd: " + put.message());
   // (Refused, the session is left to end by itself: it may be the last run's, whose
   // waiters keep their places for a start within its TTL.)
@@ -181,11 +190,8 @@ void EtcdService::keeper_main() {
       }
       if (Status s = take_session(*keeper_client_); !s.ok()) set_unavailable(s.message());
       else set_unavailable("");
-    } else if (Result<std::int64_t> probe = keeper_client_->put(
-                   etcd::broker_key(broker_id()),
-                   json::serialize(json::object{{"address", opts_.address}, {"version", kVersion},
-                                                {"alive_at", format_iso8601(wall_clock_micros())}}),
-                   lease_.load());
+    } else if (Result<std::int64_t> probe = keeper_client_->put(etcd::broker_key(broker_id()),
+                                                                 broker_value(opts_.address, "alive_at"), lease_.load());
                !probe.ok()) {
       set_unavailable("etcd does not answer (" + probe.message() + ")");
     } else {

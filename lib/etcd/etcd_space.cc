@@ -133,9 +133,13 @@ Result<Entry> decode_entry(const KeyValue& kv) {
   if (const json::value* f = o.if_contains("f")) {
     if (f->is_uint64()) e.fixed_fence = f->as_uint64();
     else if (f->is_int64() && f->as_int64() > 0) e.fixed_fence = static_cast<std::uint64_t>(f->as_int64());
-    else return bad("fence " + json::serialize(*f));
+    // (a lent grant's fence is one after its lend's own, never an entry's own)
+    if (!e.fixed_fence || e.fixed_fence % kSlotFences == 0) return bad("fence " + json::serialize(*f));
   }
-  if (const json::value* l = o.if_contains("ln"); l && l->is_bool()) e.lend = l->as_bool();
+  if (const json::value* l = o.if_contains("ln")) {
+    if (!l->is_bool()) return bad("lend " + json::serialize(*l));
+    e.lend = l->as_bool();
+  }
   if (e.lend && (e.mode != LockMode::Write || !e.held || e.fixed_fence))
     return bad("a lend entry must be a held write with no fence of its own");
   return e;

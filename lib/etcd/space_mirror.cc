@@ -82,12 +82,14 @@ void SpaceMirror::delete_key(const std::string& key) {
 
 void SpaceMirror::index(const Entry& e) {
   if (!e.lock_id.empty()) lock_ids_[e.lock_id] = e.key;
+  if (e.lend) return;  // ends with its broker, never by time
   if (e.held) ends_.emplace(e.ends_at(), e.key);
   else waiting_[e.key] = {e.lock_key, e.broker};
 }
 
 void SpaceMirror::unindex(const Entry& e) {
   if (auto id = lock_ids_.find(e.lock_id); id != lock_ids_.end() && id->second == e.key) lock_ids_.erase(id);
+  if (e.lend) return;
   if (!e.held) {
     waiting_.erase(e.key);
     return;

@@ -340,14 +340,15 @@ void Delegation::cancel(std::uint64_t id) {
   service_->client_gone(ticket);
   dirty_ = true;
   drive();
+  arm_tick();  // what came in behind it has deadlines of its own
 }
 
 void Delegation::arm_tick() {
   using std::chrono::milliseconds;
   const auto now = std::chrono::steady_clock::now();
   auto at = std::min(confirmed_ + milliseconds(lease_ms_),
-                     last_report_ + (report_failed_ ? milliseconds(1000)
-                                                    : milliseconds(std::max<std::int64_t>(lease_ms_ / 3, 100))));
+                     last_report_ + std::min(report_failed_ ? milliseconds(1000) : milliseconds::max(),
+                                             milliseconds(std::max<std::int64_t>(lease_ms_ / 3, 100))));
   if (dirty_) at = std::min(at, last_report_ + kReportChanges);
   if (const std::optional<Micros> due = table_->next_deadline())
     at = std::min(at, now + std::chrono::microseconds(std::max<Micros>(0, *due - wall_clock_micros()) + 1));

@@ -388,9 +388,18 @@ TEST_CASE("gate broker --store refuses a cluster where a broker numbers fences a
   CHECK(refused.status == 1);
   CHECK(refused.output.find("broker 0ld (gate 0.9.0, 10.0.0.9:7777)") != std::string::npos);
   CHECK(refused.output.find("format 0") != std::string::npos);
-  // Once it is gone, brokers start; one of this gate's is no obstacle to another.
+  // Once it is gone, brokers start; one of this gate's is no obstacle to another, also
+  // once its keeper has written its key again (every quarter of the session's TTL).
   REQUIRE(store.lease_revoke(*lease).ok());
   auto b1 = etcd_broker(cluster);
+  REQUIRE(test::eventually([&] {
+    Result<etcd::RangeResult> r = store.range(etcd::range_request(etcd::broker_key(""), etcd::prefix_end(etcd::broker_key(""))));
+    return r.ok() && r->kvs.size() == 1 && r->kvs[0].value.find("alive_at") != std::string::npos;
+  }, 10s));
+  Result<etcd::RangeResult> keys =
+      store.range(etcd::range_request(etcd::broker_key(""), etcd::prefix_end(etcd::broker_key(""))));
+  REQUIRE(keys.ok());
+  CHECK(keys->kvs.at(0).value.find("\"format\":2") != std::string::npos);
   auto b2 = etcd_broker(cluster);
   const std::string k = key_for("format");
   CallResult a = BrokerClient(b1->endpoint()).acquire(req(k, LockMode::Write, "A"));

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <thread>
 
@@ -507,6 +508,18 @@ TEST_CASE("a mirror indexes what ends and what waits as entries come change and 
   CHECK(d.ended.empty());
   CHECK_FALSE(d.next_end.has_value());
   CHECK_FALSE(m.find_lock("id-r1").has_value());
+  // A lend entry ends with its broker, never by time: nothing due, no time to wake at,
+  // and it is not a waiter either.
+  Entry lend = held("k3", "b1-lend-1", "broker:b1", 0);
+  lend.lend = true;
+  rev = *c.put(lend.key, encode_entry(lend));
+  REQUIRE(m.wait_for(rev, 10s));
+  d = m.due(std::numeric_limits<Micros>::max() - 1, "");
+  CHECK(d.ended.empty());
+  CHECK_FALSE(d.next_end.has_value());
+  CHECK(d.waiting.empty());
+  CHECK(m.entry(lend.key).has_value());
+  REQUIRE(c.delete_range(lend.key).ok());
 }
 
 TEST_CASE("a mirror whose watch missed compacted history reads the space again", "[etcd]") {

@@ -197,6 +197,8 @@ TEST_CASE("a lend entry is one write holder that never ends by time and an adopt
   CHECK(refused(R"({"m":"w","o":"broker:b1","n":1,"ln":true,"f":9})").find("lend entry") != std::string::npos);
   CHECK(refused(R"({"m":"w","o":"o","f":0})").find("fence 0") != std::string::npos);
   CHECK(refused(R"({"m":"w","o":"o","f":"7"})").find("fence") != std::string::npos);
+  CHECK(refused(R"({"m":"w","o":"o","f":2048})").find("fence 2048") != std::string::npos);  // an entry's own
+  CHECK(refused(R"({"m":"w","o":"broker:b1","n":1,"ln":1})").find("lend 1") != std::string::npos);
 }
 
 TEST_CASE("entries one batch made are queued by their slots and have fences of their own", "[etcd]") {
