@@ -202,9 +202,13 @@ Lock& LockTable::grant(QueuedRequest&& r, Micros now) {
   l.lease_expires_at = now + r.lease_ms * 1000;
   l.max_hold_ms = r.max_hold_ms;
   l.hold_count = 1;
-  l.fence = next_fence_++;
+  if (fence_source_) {
+    l.fence = fence_source_(l.key);
+  } else {
+    l.fence = next_fence_++;
+    reserve_fences();
+  }
   l.who = std::move(r.who);
-  reserve_fences();
   if (r.orphan) {
     // Nobody may be there to use it: keep it only until the grace period ends
     // unless its client comes back and claims it.

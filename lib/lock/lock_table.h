@@ -180,6 +180,12 @@ class LockTable {
   // Sets aside `n` fences for another engine to hand out (a delegation): answers the
   // first; none of them is handed out here, before or after a restart.
   std::uint64_t reserve_fence_block(std::uint64_t n);
+  // Where new grants' fences come from instead of this table's counter: a broker's
+  // keys lent to it by an etcd store, each with its lend entry's own block
+  // (docs/etcd-store.md). The owner makes sure a key has one left before it lets an
+  // acquire of it in. The table's fence floor is then neither used nor journaled.
+  using FenceSource = std::function<std::uint64_t(const std::string& key)>;
+  void set_fence_source(FenceSource source) { fence_source_ = std::move(source); }
 
   // The version of a key's content: the fence of the last write hold that changed
   // it; 0 for content never seen to change. Versions only grow.
@@ -246,6 +252,7 @@ class LockTable {
   LockTableOptions options_;
   IdSource new_lock_id_;
   std::uint64_t next_fence_ = 1;
+  FenceSource fence_source_;  // set: new grants' fences come from it
   std::uint64_t fence_reserved_ = 1;  // the floor the store holds
   std::uint64_t next_req_id_ = 1;
 

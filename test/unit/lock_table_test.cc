@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <map>
 
 #include "lock/lock_table.h"
 
@@ -622,4 +623,34 @@ TEST_CASE("a delegate's state is taken in: its locks as they were, its waiters r
   CHECK(broker.table.release(held->lock_id, "a", broker.now, true) == OpStatus::Ok);
   CHECK(broker.granted() == std::vector<std::uint64_t>{reattached.req_id});  // b before c
   CHECK(broker.table.version_of("k") == block);
+}
+
+TEST_CASE("a table given a fence source takes each grant's fence from it, per key", "[lock]") {
+  Fixture f;
+  std::map<std::string, std::uint64_t> next{{"a", 1'000'001}, {"b", 5'000'001}};
+  f.table.set_fence_source([&](const std::string& key) { return next.at(key)++; });
+  const std::uint64_t floor = f.table.next_fence();
+  auto a1 = f.acq("a", LockMode::Read, "o1");
+  auto a2 = f.acq("a", LockMode::Read, "o2");
+  auto b1 = f.acq("b", LockMode::Write, "o1");
+  REQUIRE(a1.kind == AcquireResult::Kind::Granted);
+  REQUIRE(a2.kind == AcquireResult::Kind::Granted);
+  REQUIRE(b1.kind == AcquireResult::Kind::Granted);
+  CHECK(a1.lock.fence == 1'000'001);
+  CHECK(a2.lock.fence == 1'000'002);
+  CHECK(b1.lock.fence == 5'000'001);
+  // A re-entry keeps its fence and takes none; a grant from the queue takes the next.
+  CHECK(f.acq("a", LockMode::Read, "o1").lock.fence == 1'000'001);
+  auto w = f.acq("a", LockMode::Write, "o3");
+  REQUIRE(w.kind == AcquireResult::Kind::Queued);
+  REQUIRE(f.table.release(a1.lock.lock_id, "o1", f.now) == OpStatus::Ok);
+  REQUIRE(f.table.release(a1.lock.lock_id, "o1", f.now) == OpStatus::Ok);
+  REQUIRE(f.table.release(a2.lock.lock_id, "o2", f.now) == OpStatus::Ok);
+  REQUIRE(f.granted() == std::vector<std::uint64_t>{w.req_id});
+  CHECK(f.table.locks("a").at(0).fence == 1'000'003);
+  // The table's own counter and floor are left alone.
+  CHECK(f.table.next_fence() == floor);
+  std::size_t floors = 0;
+  for (const JournalEntry& e : f.table.take_journal()) floors += e.kind == JournalEntry::Kind::Counters;
+  CHECK(floors == 0);
 }
