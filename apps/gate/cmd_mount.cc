@@ -36,8 +36,19 @@ bool is_under(const std::string& inner, const std::string& outer) {
 // Checks the mount point; returns "" or the one-line reason to refuse.
 std::string check_mount_point(const std::string& mnt) {
   const std::string stale = mnt + " is a stale FUSE mount (its daemon is gone); run: fusermount3 -u " + mnt;
-  // (A stat of it may still be answered from the kernel's cache: mount_state asks.)
-  if (mount_state(mnt) == MountState::Stale) return stale;
+  const std::string in_use = "mount point " + mnt + " is in use (something is mounted there); unmount it first " +
+                             "(fusermount3 -u " + mnt + ") or choose another directory";
+  // Asked before anything touches it: a stat of a view whose daemon is stopped waits
+  // for that daemon unless the kernel still has the answer cached, and a stat of a
+  // dead one may be answered from the cache (mount_state asks with a time limit).
+  std::error_code ec;
+  std::string lexical = std::filesystem::absolute(mnt, ec).lexically_normal().string();
+  if (lexical.size() > 1 && lexical.back() == '/') lexical.pop_back();
+  switch (mount_state(lexical)) {
+    case MountState::Stale: return stale;
+    case MountState::Mounted: return in_use;
+    case MountState::NotMounted: break;
+  }
   struct stat st;
   if (::stat(mnt.c_str(), &st) != 0) {
     if (errno == ENOTCONN) return stale;
@@ -46,9 +57,7 @@ std::string check_mount_point(const std::string& mnt) {
   }
   if (!S_ISDIR(st.st_mode)) return "mount point " + mnt + " is not a directory";
   const std::string real = real_path(mnt);
-  if (listed_in_mountinfo(real))
-    return "mount point " + mnt + " is in use (something is mounted there); unmount it first " +
-           "(fusermount3 -u " + mnt + ") or choose another directory";
+  if (listed_in_mountinfo(real)) return in_use;  // (reached through a symbolic link)
   DIR* dir = ::opendir(mnt.c_str());
   if (!dir) return "cannot read mount point " + mnt + ": " + std::strerror(errno);
   bool empty = true;

@@ -909,32 +909,36 @@ TEST_CASE("an idle mount lent the lock space sleeps until something is due", "[m
 TEST_CASE("gate mount over a view whose daemon is stopped or dead answers within seconds and says which",
           "[mount]") {
   BrokerProcess broker;
-  Mount m(broker.endpoint());
-  write_file(m.at("f"), "x");
-  struct stat st {};
-  REQUIRE(::stat(m.mnt().c_str(), &st) == 0);  // the root's attributes are now cached
   TempDir other("gate-mount-over");
-  auto mount_over = [&] {
+  auto mount_over = [&](const Mount& m) {
     return gate::run_command({gate_binary(), "mount", "--no-locking", "--root", other.path(), "--mount", m.mnt()},
                              std::chrono::seconds(30));
   };
   SECTION("stopped: the view is in use") {
+    // Attributes never cached: every stat of the view's root asks its daemon, and a
+    // stopped one never answers, so nothing may stat it before it is known to answer.
+    Mount m(broker.endpoint(), {"--no-watch", "--attr-timeout-ms", "0"});
+    write_file(m.at("f"), "x");
     REQUIRE(::kill(m.pid(), SIGSTOP) == 0);
     struct Resume {
       pid_t pid;
       ~Resume() { ::kill(pid, SIGCONT); }
     } resume{m.pid()};
     const auto t0 = std::chrono::steady_clock::now();
-    const gate::RunResult r = mount_over();
+    const gate::RunResult r = mount_over(m);
     INFO(r.output);
     CHECK(r.status != 0);
     CHECK(r.output.find("in use") != std::string::npos);
     CHECK(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(15));
   }
   SECTION("killed: the view is stale, though a stat of it is still answered") {
+    Mount m(broker.endpoint());
+    write_file(m.at("f"), "x");
+    struct stat st {};
+    REQUIRE(::stat(m.mnt().c_str(), &st) == 0);  // the root's attributes are cached
     m.kill9();
     CHECK(::stat(m.mnt().c_str(), &st) == 0);
-    const gate::RunResult r = mount_over();
+    const gate::RunResult r = mount_over(m);
     INFO(r.output);
     CHECK(r.status != 0);
     CHECK(r.output.find("stale FUSE mount") != std::string::npos);
