@@ -341,7 +341,17 @@ TEST_CASE("with an etcd store no quorum means 503 with the reason and the quorum
   cluster.start(2);
   REQUIRE(cluster.wait_healthy());
   REQUIRE(test::eventually([&] { return c1.request("GET", "/v1/health", "").status == 200; }, 20s));
-  CHECK(c1.acquire(req(k + ".other", LockMode::Write, "B", 5'000)).status == CallStatus::Ok);
+  // Service within seconds: a call in the first moments may still meet a member that is
+  // catching up and answer 503 with etcd's words ("no etcd member answered ... within
+  // 1500 ms"; about one run in ten here), never hang or answer wrongly.
+  std::string last;
+  CHECK(test::eventually([&] {
+    CallResult back = c1.acquire(req(k + ".other", LockMode::Write, "B", 5'000));
+    if (back.status == CallStatus::Unavailable) last = back.error;
+    return back.status == CallStatus::Ok;
+  }, 20s));
+  INFO("last 503: " << last);
+  CHECK((last.empty() || last.find("etcd") != std::string::npos));
 }
 
 TEST_CASE("gate broker --store says what is wrong with a store it cannot use", "[etcd][broker]") {
