@@ -41,10 +41,7 @@ std::string check_mount_point(const std::string& mnt) {
   // Asked before anything touches it: a stat of a view whose daemon is stopped waits
   // for that daemon unless the kernel still has the answer cached, and a stat of a
   // dead one may be answered from the cache (mount_state asks with a time limit).
-  std::error_code ec;
-  std::string lexical = std::filesystem::absolute(mnt, ec).lexically_normal().string();
-  if (lexical.size() > 1 && lexical.back() == '/') lexical.pop_back();
-  switch (mount_state(lexical)) {
+  switch (mount_state(mnt)) {
     case MountState::Stale: return stale;
     case MountState::Mounted: return in_use;
     case MountState::NotMounted: break;

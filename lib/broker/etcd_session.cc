@@ -23,14 +23,28 @@ std::string lease_hex(std::int64_t lease) {
   return buf;
 }
 
-// The fence format a broker's key says its broker numbers fences in (0: before formats
-// were written down, create revision x 64 + slot).
-std::int64_t format_of(const etcd::KeyValue& broker) {
+// What a broker's key says of its broker: its fence format (0: before formats were
+// written down, create revision x 64 + slot), and what people know it by.
+struct BrokerRecord {
+  std::int64_t format = 0;
+  std::string described;  // its id, gate version and address
+};
+BrokerRecord read_broker(const etcd::KeyValue& broker) {
+  BrokerRecord r;
+  r.described = broker.key.substr(etcd::broker_key("").size());
   boost::system::error_code ec;
   json::value v = json::parse(broker.value, ec);
-  if (ec || !v.is_object()) return 0;
-  const json::value* f = v.as_object().if_contains("format");
-  return f && f->is_int64() ? f->as_int64() : 0;
+  if (ec || !v.is_object()) return r;
+  const json::object& o = v.as_object();
+  if (const json::value* f = o.if_contains("format"); f && f->is_int64()) r.format = f->as_int64();
+  auto text = [&](const char* field) {
+    const json::value* x = o.if_contains(field);
+    return x && x->is_string() ? std::string(x->as_string()) : std::string();
+  };
+  const std::string version = text("version"), address = text("address");
+  if (!version.empty()) r.described += " (gate " + version + (address.empty() ? ")" : ", " + address + ")");
+  else if (!address.empty()) r.described += " (" + address + ")";
+  return r;
 }
 
 // The broker's key's value: where it listens, its gate and fence format, and `when`
@@ -42,18 +56,6 @@ std::string broker_value(const std::string& address, const char* when) {
                                       {when, format_iso8601(wall_clock_micros())}});
 }
 
-// What people know a broker by: its id, gate version and address.
-std::string described(const etcd::KeyValue& broker) {
-  std::string out = broker.key.substr(etcd::broker_key("").size());
-  boost::system::error_code ec;
-  json::value v = json::parse(broker.value, ec);
-  if (!ec && v.is_object())
-    for (const char* field : {"version", "address"})
-      if (const json::value* x = v.as_object().if_contains(field); x && x->is_string() && !x->as_string().empty())
-        out += std::string(field == std::string("version") ? " (gate " : ", ") + std::string(x->as_string());
-  return out + (out.find('(') != std::string::npos ? ")" : "");
-}
-
 // Every other broker on the cluster must number fences as this one does: fences are
 // computed from create revisions when read, so two numberings in one space would give
 // one lock two fences, and fences and versions could go back.
@@ -61,11 +63,12 @@ Status check_formats(etcd::EtcdClient& c, const std::string& me) {
   const std::string prefix = etcd::broker_key("");
   Result<etcd::RangeResult> r = c.range(etcd::range_request(prefix, etcd::prefix_end(prefix)));
   if (!r.ok()) return Status::failure("cannot read the brokers on etcd: " + r.message());
+  const std::string mine = etcd::broker_key(me);
   for (const etcd::KeyValue& kv : r->kvs) {
-    if (kv.key == etcd::broker_key(me)) continue;
-    if (const std::int64_t f = format_of(kv); f != etcd::kFormat)
-      return Status::failure("broker " + described(kv) + " on this etcd cluster numbers fences in format " +
-                             std::to_string(f) + ", this gate in format " + std::to_string(etcd::kFormat) +
+    if (kv.key == mine) continue;
+    if (const BrokerRecord b = read_broker(kv); b.format != etcd::kFormat)
+      return Status::failure("broker " + b.described + " on this etcd cluster numbers fences in format " +
+                             std::to_string(b.format) + ", this gate in format " + std::to_string(etcd::kFormat) +
                              ": stop it (its entries end with its session) before starting this one");
   }
   return {};
@@ -111,10 +114,11 @@ Status EtcdService::take_session(EtcdClient& c) {
     if (lease) {
       Result<std::int64_t> ttl = c.lease_ttl(lease);
       if (!ttl.ok()) return Status::failure("cannot reach etcd: " + ttl.message());
-      Result<etcd::RangeResult> mine = c.range(etcd::range_request(etcd::broker_key(lease_hex(lease))));
+      Result<etcd::RangeResult> mine = etcd::RangeResult{};
+      if (*ttl > 0) mine = c.range(etcd::range_request(etcd::broker_key(lease_hex(lease))));
       if (!mine.ok()) return Status::failure("cannot reach etcd: " + mine.message());
       if (*ttl <= 0) lease = 0;
-      else if (mine->kvs.empty() || format_of(mine->kvs.front()) != etcd::kFormat) {
+      else if (mine->kvs.empty() || read_broker(mine->kvs.front()).format != etcd::kFormat) {
         // The last run numbered fences otherwise (an upgrade), or its key is gone: its
         // entries end now, with its session.
         log(LogLevel::Warn, "broker", "not taking up the etcd session of the last run (lease ", lease_hex(lease), "): ",

@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -113,7 +114,12 @@ MountState mount_state(const std::string& path) {
   // while a statfs always goes to the connection, which then answers ENOTCONN. A
   // daemon that does not answer within the limit is alive, if hung: not stale.
   if (statfs_errno(path, std::chrono::seconds(2)) == ENOTCONN) return MountState::Stale;
-  return listed_in_mountinfo(path) ? MountState::Mounted : MountState::NotMounted;
+  // As mountinfo writes it: absolute and normalised, without touching the path (which
+  // may be a view whose daemon is stopped).
+  std::error_code ec;
+  std::string listed = std::filesystem::absolute(path, ec).lexically_normal().string();
+  if (listed.size() > 1 && listed.back() == '/') listed.pop_back();
+  return listed_in_mountinfo(listed) ? MountState::Mounted : MountState::NotMounted;
 }
 
 bool unmount_fuse(const std::string& path) {

@@ -7,6 +7,8 @@
 namespace gate {
 
 enum class MountState { NotMounted, Mounted, Stale };
+// `path` as given (relative, or with a trailing slash, too); nothing but a statfs with
+// a time limit touches it.
 MountState mount_state(const std::string& path);
 // Whether /proc/self/mountinfo lists path (an absolute, normalised path) as a mount point.
 bool listed_in_mountinfo(const std::string& path);

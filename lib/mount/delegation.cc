@@ -343,12 +343,15 @@ void Delegation::cancel(std::uint64_t id) {
   arm_tick();  // what came in behind it has deadlines of its own
 }
 
+std::chrono::milliseconds Delegation::keepalive_every() const {
+  const std::chrono::milliseconds third(std::max<std::int64_t>(lease_ms_ / 3, 100));
+  return report_failed_ ? std::min(third, std::chrono::milliseconds(1000)) : third;
+}
+
 void Delegation::arm_tick() {
   using std::chrono::milliseconds;
   const auto now = std::chrono::steady_clock::now();
-  auto at = std::min(confirmed_ + milliseconds(lease_ms_),
-                     last_report_ + std::min(report_failed_ ? milliseconds(1000) : milliseconds::max(),
-                                             milliseconds(std::max<std::int64_t>(lease_ms_ / 3, 100))));
+  auto at = std::min(confirmed_ + milliseconds(lease_ms_), last_report_ + keepalive_every());
   if (dirty_) at = std::min(at, last_report_ + kReportChanges);
   if (const std::optional<Micros> due = table_->next_deadline())
     at = std::min(at, now + std::chrono::microseconds(std::max<Micros>(0, *due - wall_clock_micros()) + 1));
@@ -371,9 +374,7 @@ void Delegation::tick(std::chrono::steady_clock::time_point at) {
     const auto since = now - last_report_;
     expired = now - confirmed_ >= std::chrono::milliseconds(lease_ms_);
     if (dirty_ && since >= kReportChanges) report_now = true;
-    else if (since >= std::chrono::milliseconds(std::max<std::int64_t>(lease_ms_ / 3, 100)) ||
-             (report_failed_ && since >= std::chrono::seconds(1)))
-      report_now = keepalive = true;
+    else if (since >= keepalive_every()) report_now = keepalive = true;
   }
   if (expired) return lost("the broker has not confirmed it for a lease (" + std::to_string(lease_ms_) + " ms)");
   if (report_now) report(keepalive);

@@ -76,6 +76,9 @@ class Delegation final : public LocalRoute, public std::enable_shared_from_this<
   // m_ held, state On: makes sure a tick comes by the time something is next due
   // (one timer at a time: armed again only for an earlier time).
   void arm_tick();
+  // m_ held: how long after the last report the next one is due with no change to
+  // tell (a third of the lease; a second, or less, after a failed one).
+  std::chrono::milliseconds keepalive_every() const;
   // `asked_for`: the number of the broker's request for it (0: a report of its own).
   void report(bool keepalive, std::uint64_t asked_for = 0);
   // Stops answering here and hands everything back; the calls waiting here go to the
