@@ -7,8 +7,9 @@
 # never 2379), two `gate broker --store etcd://...` on it, and one `gate broker` on
 # SQLite; then runs broker_bench's uncontended and contended scenarios with 16
 # clients spread over both etcd brokers (odd clients on the second), and the same
-# on the SQLite broker; and first, what a put, a guarded transaction and a range
-# cost through etcd's JSON gateway (bench/etcd_floor). Options after GATE go to broker_bench (for example
+# on the SQLite broker; then the same on two etcd brokers that lend quiet keys to
+# themselves (GATE_ETCD_LEND=1); and first, what a put, a guarded transaction and a
+# range cost through etcd's JSON gateway (bench/etcd_floor). Options after GATE go to broker_bench (for example
 # --seconds 10). Everything started here is stopped on exit, by pid.
 set -euo pipefail
 
@@ -79,6 +80,11 @@ start_gate_broker etcd1 --store "etcd://$endpoints"
 e1=$PORT e1_pid=${PIDS[-1]}
 start_gate_broker etcd2 --store "etcd://$endpoints"
 e2=$PORT
+# The same with quiet keys lent to their broker (docs/etcd-store.md; GATE_ETCD_LEND=1).
+GATE_ETCD_LEND=1 start_gate_broker etcd3 --store "etcd://$endpoints"
+e3=$PORT e3_pid=${PIDS[-1]}
+GATE_ETCD_LEND=1 start_gate_broker etcd4 --store "etcd://$endpoints"
+e4=$PORT
 start_gate_broker sqlite
 s1=$PORT s1_pid=${PIDS[-1]}
 
@@ -93,15 +99,26 @@ echo "######## etcd store: 3 members, brokers on :$e1 and :$e2 (16 clients over 
 "$bench" --port "$e1" --port2 "$e2" --broker-pid "$e1_pid" --clients 16 --seconds 5 \
   --only uncontended,contended "$@"
 # What the brokers sent etcd (their TxnBatcher's counters; all runs so far).
-for p in "$e1" "$e2"; do
-  curl -fsS "http://127.0.0.1:$p/metrics" | awk -v p="$p" '
-    /^gate_etcd_txn_batches_total / { b = $2 } /^gate_etcd_txns_total / { t = $2 }
-    /^gate_etcd_txn_batch_seconds_total / { s = $2 }
-    END { if (b > 0) printf "  broker :%s  %d decisions in %d calls to etcd (%.2f per call), %.2f ms per call\n", p, t, b, t / b, 1000 * s / b }'
-done
+sent_to_etcd() {
+  for p in "$@"; do
+    curl -fsS "http://127.0.0.1:$p/metrics" | awk -v p="$p" '
+      /^gate_etcd_txn_batches_total / { b = $2 } /^gate_etcd_txns_total / { t = $2 }
+      /^gate_etcd_txn_batch_seconds_total / { s = $2 } /^gate_etcd_adoptions_total / { a = $2 }
+      END { if (b > 0) printf "  broker :%s  %d decisions in %d calls to etcd (%.2f per call), %.2f ms per call; %d lends handed back\n", p, t, b, t / b, 1000 * s / b, a }'
+  done
+}
+sent_to_etcd "$e1" "$e2"
 echo
 echo "######## etcd store, one client (uncontended latency)"
 "$bench" --port "$e1" --broker-pid "$e1_pid" --clients 1 --seconds 5 --only uncontended "$@"
+echo
+echo "######## etcd store lending quiet keys: brokers on :$e3 and :$e4 (16 clients over both)"
+"$bench" --port "$e3" --port2 "$e4" --broker-pid "$e3_pid" --clients 16 --seconds 5 \
+  --only uncontended,contended "$@"
+sent_to_etcd "$e3" "$e4"
+echo
+echo "######## etcd store lending quiet keys, one client (uncontended latency)"
+"$bench" --port "$e3" --broker-pid "$e3_pid" --clients 1 --seconds 5 --only uncontended "$@"
 echo
 echo "######## SQLite store: one broker on :$s1 (16 clients)"
 "$bench" --port "$s1" --broker-pid "$s1_pid" --clients 16 --seconds 5 --only uncontended,contended "$@"

@@ -9,6 +9,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 
@@ -197,6 +198,9 @@ int broker(int argc, char** argv) {
     o.session_ttl_s = ttl;
     o.call_timeout = std::chrono::milliseconds(std::max<std::int64_t>(100, (*args)["etcd-timeout-ms"].as<std::int64_t>()));
     o.address = host;
+    // (Lending quiet keys is being built: docs/etcd-store.md.)
+    const char* lend = std::getenv("GATE_ETCD_LEND");
+    o.lend = lend && std::string_view(lend) == "1";
     raise_fd_limit(/*beyond_hard_limit=*/false);
     ::signal(SIGPIPE, SIG_IGN);
     boost::asio::io_context ioc(1);

@@ -114,6 +114,51 @@ json::array drop_ended(Queue& q, Micros now) {
   return deletes;
 }
 
+// A lend of `lock_key` to `broker` (docs/etcd-store.md): one write holder, the
+// party "broker:<id>", with no lease or hold cap.
+Entry lend_entry(const std::string& lock_key, const std::string& broker, std::int64_t slot, Micros now) {
+  Entry e;
+  const std::string name = broker + "-lend-" + random_token().substr(0, 12);
+  e.key = etcd::queue_key(lock_key, name);
+  e.lock_key = lock_key;
+  e.mode = LockMode::Write;
+  e.owner = e.session = "broker:" + broker;
+  e.broker = broker;
+  e.lock_id = name;
+  e.held = e.lend = true;
+  e.hold_count = 1;
+  e.requested_at = e.acquired_at = now;
+  e.slot = slot;
+  return e;
+}
+
+// A lent lock as an ordinary held entry of `lend`'s broker, in the lend's place (its
+// fence, and the lend's key prefix, which tells its name from other entries').
+Entry adopted_entry(const Lock& l, const Entry& lend) {
+  Entry e;
+  e.key = lend.key + "-" + random_token().substr(0, 12);
+  e.lock_key = l.key;
+  e.mode = l.mode;
+  e.owner = l.owner;
+  e.session = l.session;
+  e.broker = lend.broker;
+  e.lock_id = l.lock_id;
+  e.attach = random_token().substr(0, 16);
+  e.op = new_op();
+  e.held = true;
+  e.hold_count = l.hold_count;
+  e.requested_at = e.acquired_at = l.acquired_at;
+  e.lease_expires_at = l.lease_expires_at;
+  e.lease_ms = l.lease_ms;
+  e.max_hold_ms = l.max_hold_ms;
+  e.agent = l.who.agent;
+  e.pid = l.who.pid;
+  e.command = l.who.command;
+  e.slot = lend.slot;
+  e.fixed_fence = l.fence;
+  return e;
+}
+
 // The entry at `key` when the write marked `op` is in it (a write whose answer was
 // lost, read back with a fresh deadline); nullopt when it is not, or etcd cannot say.
 std::optional<Entry> applied(EtcdClient& c, const std::string& key, const std::string& op) {
@@ -147,7 +192,7 @@ void EtcdService::catch_up() const {
 }
 
 EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, const AcquireParams& p, Entry fresh,
-                                              Micros now) {
+                                              Micros now, bool may_lend) {
   using K = Outcome::Kind;
   const std::string prefix = etcd::queue_prefix(p.key), end = etcd::prefix_end(prefix);
   const std::string vkey = etcd::version_key(p.key);
@@ -164,30 +209,37 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
     // Most keys have no queue: one transaction that holds only while the queue is
     // empty (no key in its range has a version) takes the lock without waiting for
     // the mirror to catch up; otherwise its failure branch reads the queue.
-    Entry mine = fresh;
+    // (Lent: the queue's one entry is the lend, and the client's grant is made in
+    // this broker's lent table.)
+    Entry mine = may_lend ? lend_entry(p.key, s.id, slot, now) : fresh;
     mine.op = new_op();
-    json::array success = grant_writes(mine, now, lease, vkey);
+    json::array success = may_lend ? json::array{etcd::txn_put(mine.key, etcd::encode_entry(mine), lease),
+                                                 etcd::txn_range(vkey)}
+                                   : grant_writes(mine, now, lease, vkey);
+    const K kind = may_lend ? K::Lent : K::Granted;
     Result<etcd::TxnResult> r = txn(c, p.key, {etcd::compare_range(prefix, end, "VERSION", "EQUAL", 0)}, success,
                                     {etcd::txn_range(prefix, end), etcd::txn_range(vkey)}, Retry::Idempotent,
                                     etcd::Share::Alone);
     if (!r.ok()) {
       if (std::optional<Entry> e = applied(c, mine.key, mine.op)) {
-        remember(*e);
-        return {K::Granted, *e, version, ""};
+        if (!may_lend) remember(*e);
+        return {kind, *e, version, ""};
       }
       return {K::Unavailable, mine, 0, "etcd: " + r.message()};  // (what it may have made)
     }
     if (r->succeeded) {
       mine.create_revision = mine.mod_revision = r->revision;
       mine.etcd_lease = lease;
-      remember(mine);
-      return {K::Granted, mine, version_from(*r, success.size() - 1), ""};
+      if (!may_lend) remember(mine);
+      return {kind, mine, version_from(*r, success.size() - 1), ""};
     }
     q = queue_from(*r, 0);
     version = version_from(*r, 1);
     rev = r->revision;
   }
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
+    // Lent to this broker (by an acquire beside this one): served from its table.
+    if (!q.empty() && q.front().lend && q.front().broker == s.id) return {K::Lent, q.front(), version, ""};
     // A write of ours that etcd applied though its answer was lost.
     if (const Entry* mine = find_entry(q, fresh.key)) {
       if (mine->held) return {K::Granted, *mine, version, ""};
@@ -297,6 +349,19 @@ EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
   // Deadlock detection over the space as it was when the entry was made: an entry made
   // later that closes a cycle is the one refused (its own check finds it).
   mirror_->wait_for(e.mod_revision, std::chrono::seconds(2));  // (a re-attachment's write, too)
+  bool lend_seen = false;
+  if (std::optional<std::string> cycle = cycle_of(e, &lend_seen)) {
+    Result<etcd::TxnResult> r = txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
+                                      {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
+    if (!r.ok()) log(LogLevel::Warn, "broker", "could not remove the refused request ", e.key, ": ", r.message());
+    return {K::Deadlock, {}, 0, *cycle};
+  }
+  Outcome o{K::Queued, std::move(e), 0, ""};
+  o.lend_seen = lend_seen;
+  return o;
+}
+
+std::optional<std::string> EtcdService::cycle_of(const Entry& e, bool* lend_seen) const {
   // (A cycle is made of waits; and its own queue, whose holders it waits for, though the
   // mirror may not show it waiting yet.)
   etcd::Space space = mirror_->contested(e.lock_key);
@@ -308,13 +373,10 @@ EtcdService::Outcome EtcdService::after_queued(EtcdClient& c, Entry e) {
     own.push_back(e);
     std::sort(own.begin(), own.end(), etcd::queue_order);
   }
-  if (std::optional<std::string> cycle = etcd::deadlock(space, e)) {
-    Result<etcd::TxnResult> r = txn(c, e.lock_key, {etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
-                                      {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
-    if (!r.ok()) log(LogLevel::Warn, "broker", "could not remove the refused request ", e.key, ": ", r.message());
-    return {K::Deadlock, {}, 0, *cycle};
-  }
-  return {K::Queued, std::move(e), 0, ""};
+  *lend_seen = false;
+  for (const auto& [key, q] : space)
+    for (const Entry& x : q) *lend_seen = *lend_seen || x.lend;
+  return etcd::deadlock(space, e);
 }
 
 EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, Micros now) {
@@ -382,6 +444,43 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, M
     rev = r->revision;
   }
   return {K::Unavailable, {}, 0, "the queue of '" + lock_key + "' kept changing"};
+}
+
+EtcdService::Adoption EtcdService::adopt_job(EtcdClient& c, const Entry& lend, std::vector<Entry> entries, Micros now) {
+  using A = Adoption::Kind;
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    json::array compares{etcd::compare(lend.key, "MOD", "EQUAL", lend.mod_revision)};
+    json::array success{etcd::txn_delete(lend.key)};
+    for (const Entry& e : entries) success.push_back(etcd::txn_put(e.key, etcd::encode_entry(e), lend.etcd_lease));
+    // Nothing held under the lend: the next in line is granted at once (as a release
+    // does), on the first try (a failed compare: the plain adoption, and their
+    // brokers grant them).
+    if (entries.empty() && attempt == 0)
+      for (auto& w : hand_off(mirror_->queue(lend.lock_key), lend, now, &compares)) success.push_back(std::move(w));
+    Result<etcd::TxnResult> r =
+        txn(c, lend.lock_key, compares, success, {etcd::txn_range(lend.key)}, Retry::Idempotent, etcd::Share::Alone);
+    if (!r.ok()) {
+      // No answer in time: applied or not, as its first put (or the lend's absence) says.
+      if (!entries.empty()) {
+        if (std::optional<Entry> e = applied(c, entries.front().key, entries.front().op)) {
+          for (Entry& x : entries) x.create_revision = x.mod_revision = e->create_revision;
+          return {A::Done, std::move(entries), ""};
+        }
+      } else if (Result<etcd::RangeResult> now_r = c.range(etcd::range_request(lend.key)); now_r.ok() && now_r->kvs.empty()) {
+        return {A::Done, {}, ""};
+      }
+      return {A::Failed, {}, "etcd: " + r.message()};
+    }
+    if (r->succeeded) {
+      for (Entry& x : entries) {
+        x.create_revision = x.mod_revision = r->revision;
+        x.etcd_lease = lend.etcd_lease;
+      }
+      return {A::Done, std::move(entries), ""};
+    }
+    if (queue_from(*r, 0).empty()) return {A::Lost, {}, ""};  // the lend is gone: its session ended
+  }
+  return {A::Failed, {}, "the queue of '" + lend.lock_key + "' kept changing"};
 }
 
 void EtcdService::remember(const Entry& held) {

@@ -16,22 +16,12 @@ namespace gate {
 
 using namespace etcd_parts;
 
-struct EtcdService::Waiter {
-  Reply reply;
-  AcquireParams params;
-  Micros since = 0;
-  std::optional<Micros> deadline;
-  std::string made_as;         // the key its first entry is made under (acquire_job)
-  std::optional<Entry> entry;  // its queue entry once made, as last written
-  bool busy = false;           // a job for it runs
-  bool gone = false;           // its client went away
-  bool seen = false;           // the mirror showed its entry
-};
 
 namespace {
 
 constexpr Micros kRetryUs = 250'000;  // a job etcd refused is tried again after this
 constexpr Micros kUnattachedUs = 1'000'000;  // an entry of ours no request waits on lives this long
+constexpr Micros kQuietUs = 2'000'000;       // a key recalled this long ago may be lent again
 
 Lock to_lock(const Entry& e) {
   Lock l;
@@ -70,7 +60,17 @@ QueuedRequest to_queued(const Entry& e) {
 EtcdService::EtcdService(boost::asio::io_context& ioc, EtcdServiceOptions options)
     : ioc_(ioc), opts_(std::move(options)),
       workers_(std::clamp<std::size_t>(opts_.workers, 1, etcd::kFenceSlots - 1), "etcd"),
-      timer_(ioc) {}
+      timer_(ioc),
+      lent_table_(LockTableOptions{opts_.default_lease_ms, opts_.max_hold_ms, opts_.restore_grace_ms},
+                  [this] { return lending_ + "." + random_token().substr(0, 16); }) {
+  // A lent lock's id names its lend; its fence is one of its lend's (serve_lent makes
+  // sure one is left).
+  lent_table_.keep_journal(false);
+  lent_table_.set_fence_source([this](const std::string& key) {
+    Lent& l = lent_.at(key);
+    return l.lend.fence() + l.next++;
+  });
+}
 
 EtcdService::~EtcdService() { stop(); }
 
@@ -96,29 +96,6 @@ void EtcdService::stop() {
   if (mirror_) mirror_->stop();
 }
 
-template <typename F>
-void EtcdService::run_job(F&& fn) {
-  workers_.post([this, fn = std::forward<F>(fn)]() mutable {
-    std::pair<std::unique_ptr<EtcdClient>, std::int64_t> c;
-    {
-      std::lock_guard lock(clients_mu_);
-      if (!idle_clients_.empty()) {
-        c = std::move(idle_clients_.back());
-        idle_clients_.pop_back();
-      } else {
-        // (never more clients than workers, plus the caller's after stop())
-        c.second = clients_made_++ % etcd::kFenceSlots;
-      }
-    }
-    if (!c.first) c.first = std::make_unique<EtcdClient>(opts_.endpoints, opts_.call_timeout);
-    if constexpr (std::is_invocable_v<F&, EtcdClient&, std::int64_t>)
-      fn(*c.first, c.second);
-    else
-      fn(*c.first);
-    std::lock_guard lock(clients_mu_);
-    idle_clients_.push_back(std::move(c));
-  });
-}
 
 void EtcdService::answer(Reply reply, HttpAnswer a) {
   boost::asio::post(ioc_, [reply = std::move(reply), a = std::move(a)]() mutable { reply(std::move(a)); });
@@ -150,21 +127,25 @@ std::uint64_t EtcdService::handle(const std::string& method, const std::string& 
   } else if (path == "/metrics") {
     const auto [held, queued] = mirror_->counts();
     std::string text = metrics_exposition(metrics_, held, queued);
-    text += "# HELP gate_etcd_resyncs_total Whole reads of the lock space after the watch fell behind a compaction.\n"
-            "# TYPE gate_etcd_resyncs_total counter\ngate_etcd_resyncs_total " +
-            std::to_string(mirror_->resyncs()) +
-            "\n# HELP gate_etcd_revision The etcd revision this broker's mirror has applied.\n"
-            "# TYPE gate_etcd_revision gauge\ngate_etcd_revision " +
-            std::to_string(mirror_->revision()) +
-            "\n# HELP gate_etcd_txn_batches_total Calls to etcd that carried this broker's decisions (batches).\n"
-            "# TYPE gate_etcd_txn_batches_total counter\ngate_etcd_txn_batches_total " +
-            std::to_string(batcher_.batches()) +
-            "\n# HELP gate_etcd_txns_total This broker's decisions written to etcd (in the batches).\n"
-            "# TYPE gate_etcd_txns_total counter\ngate_etcd_txns_total " +
-            std::to_string(batcher_.transactions()) +
-            "\n# HELP gate_etcd_txn_batch_seconds_total Time the batches spent with etcd.\n"
-            "# TYPE gate_etcd_txn_batch_seconds_total counter\ngate_etcd_txn_batch_seconds_total " +
-            std::to_string(static_cast<double>(batcher_.call_micros()) / 1e6) + "\n";
+    auto add = [&text](const char* name, const char* type, const char* help, const std::string& value) {
+      text += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + " " + value + "\n";
+    };
+    add("gate_etcd_resyncs_total", "counter", "Whole reads of the lock space after the watch fell behind a compaction.",
+        std::to_string(mirror_->resyncs()));
+    add("gate_etcd_revision", "gauge", "The etcd revision this broker's mirror has applied.",
+        std::to_string(mirror_->revision()));
+    add("gate_etcd_txn_batches_total", "counter", "Calls to etcd that carried this broker's decisions (batches).",
+        std::to_string(batcher_.batches()));
+    add("gate_etcd_txns_total", "counter", "This broker's decisions written to etcd (in the batches).",
+        std::to_string(batcher_.transactions()));
+    add("gate_etcd_txn_batch_seconds_total", "counter", "Time the batches spent with etcd.",
+        std::to_string(static_cast<double>(batcher_.call_micros()) / 1e6));
+    add("gate_etcd_lent_keys", "gauge", "Keys lent to this broker now (served without etcd while nobody else asks).",
+        std::to_string(lent_.size()));
+    add("gate_etcd_lent_locks", "gauge", "Locks held under this broker's lends now.",
+        std::to_string(lent_table_.lock_count()));
+    add("gate_etcd_adoptions_total", "counter", "Lent keys handed back to etcd (someone else asked, or a wait).",
+        std::to_string(adoptions_));
     answer(std::move(reply), {200, std::move(text), "text/plain; version=0.0.4"});
   } else if (path.substr(0, 14) == "/v1/delegation") {
     ++metrics_.bad_requests;
@@ -225,12 +206,42 @@ void EtcdService::acquire(const std::string& body, Reply& reply, std::uint64_t* 
   if (p.timeout_ms && *p.timeout_ms > 0) w->deadline = now + *p.timeout_ms * 1000;
   w->busy = true;
   w->made_as = fresh.key;
+  w->fresh = std::move(fresh);
   const std::uint64_t t = ++next_ticket_;
   *ticket = t;
   if (w->deadline) arm_timer(*w->deadline);
   waiters_[t] = std::move(w);
-  run_job([this, t, p = std::move(p), fresh = std::move(fresh), now](EtcdClient& c, std::int64_t slot) {
-    Outcome o = acquire_job(c, slot, p, fresh, now);
+  begin_acquire(t);
+}
+
+void EtcdService::begin_acquire(std::uint64_t t) {
+  auto it = waiters_.find(t);
+  if (it == waiters_.end()) return;
+  Waiter& w = *it->second;
+  if (w.gone) {
+    ++metrics_.disconnects_while_queued;
+    waiters_.erase(it);
+    return;
+  }
+  w.busy = true;
+  const std::string& key = w.params.key;
+  if (auto l = lent_.find(key); l != lent_.end()) {
+    std::string why = "being handed back";
+    if (!l->second.adopting && serve_lent(t, &why)) return;
+    // It would wait (or the lend cannot serve it): the key goes back to etcd first.
+    return adopt(key, why.c_str(), [this, t](const std::string& error) {
+      if (error.empty()) return begin_acquire(t);
+      acquired(t, Outcome{Outcome::Kind::Unavailable, {}, 0, error});
+    });
+  }
+  bool may_lend = opts_.lend && !w.entry;
+  if (auto r = recalled_.find(key); may_lend && r != recalled_.end()) {
+    // Recalled a moment ago: someone else uses it; lent again once it is quiet.
+    if (wall_clock_micros() - r->second < kQuietUs) may_lend = false;
+    else recalled_.erase(r);
+  }
+  run_job([this, t, p = w.params, fresh = w.fresh, may_lend](EtcdClient& c, std::int64_t slot) {
+    Outcome o = acquire_job(c, slot, p, fresh, wall_clock_micros(), may_lend);
     boost::asio::post(ioc_, [this, t, o = std::move(o)]() mutable { acquired(t, std::move(o)); });
   });
 }
@@ -270,6 +281,7 @@ void EtcdService::acquired(std::uint64_t ticket, Outcome o) {
       return finish(granted_answer(to_lock(o.entry), o.version));
     case K::Queued: {
       w.entry = o.entry;
+      w.recheck = o.lend_seen;
       const Micros now = wall_clock_micros();
       if (shutting_down_) return finish({});  // its entry stays for a restart
       if (w.gone || (w.deadline && *w.deadline <= now)) {
@@ -293,6 +305,9 @@ void EtcdService::acquired(std::uint64_t ticket, Outcome o) {
       }
       schedule_evaluate();  // what the mirror showed meanwhile is looked at again
       return;
+    case K::Lent:
+      register_lend(o.entry, o.version);
+      return begin_acquire(ticket);
     case K::Timeout:
       ++metrics_.timeouts;
       return finish(status_answer(408, "timeout"));
@@ -375,9 +390,23 @@ void EtcdService::release(const std::string& body, Reply& reply) {
     ++metrics_.bad_requests;
     return answer(std::move(reply), error_answer(400, p.message()));
   }
-  const auto& [lock_id, owner, changed, stale] = *p;
   if (const std::string why = unavailable(); !why.empty())
     return answer(std::move(reply), status_answer(503, "unavailable", why));
+  release_lock(std::move(*p), std::move(reply));
+}
+
+void EtcdService::release_lock(ReleaseParams p, Reply reply) {
+  if (const Lock* l = lent_table_.find_lock(p.lock_id)) {
+    auto it = lent_.find(l->key);
+    if (it == lent_.end() || !it->second.adopting) return release_lent(p, std::move(reply));
+    it->second.after.push_back([this, p, reply = std::move(reply)](const std::string& error) mutable {
+      // (etcd away: released here all the same)
+      if (error.empty()) release_lock(std::move(p), std::move(reply));
+      else release_lent(p, std::move(reply));
+    });
+    return;
+  }
+  const auto& [lock_id, owner, changed, stale] = p;
   run_job([this, lock_id, owner, changed, stale, reply = std::move(reply)](EtcdClient& c) mutable {
     OpResult out{status_answer(503, "unavailable", "the lock kept changing; try again")};
     Result<std::optional<Entry>> found = find_lock(c, lock_id);
@@ -449,9 +478,34 @@ void EtcdService::heartbeat(const std::string& body, Reply& reply) {
     ++metrics_.bad_requests;
     return answer(std::move(reply), error_answer(400, p.message()));
   }
-  const auto& [lock_id, owner, lease_ms] = *p;
   if (const std::string why = unavailable(); !why.empty())
     return answer(std::move(reply), status_answer(503, "unavailable", why));
+  heartbeat_lock(std::move(*p), std::move(reply));
+}
+
+void EtcdService::heartbeat_lock(HeartbeatParams p, Reply reply) {
+  if (const Lock* l = lent_table_.find_lock(p.lock_id)) {
+    const std::string key = l->key;
+    auto it = lent_.find(key);
+    if (it != lent_.end() && (it->second.adopting || !lends_trusted())) {
+      // (In doubt about its session, this broker renews no lent lock: etcd does.)
+      return adopt(key, "a heartbeat while this broker's session is in doubt",
+                   [this, p, reply = std::move(reply)](const std::string& error) mutable {
+        if (error.empty()) heartbeat_lock(std::move(p), std::move(reply));
+        else answer(std::move(reply), status_answer(503, "unavailable", error));
+      });
+    }
+    Lock out;
+    const OpStatus st = lent_table_.heartbeat(p.lock_id, p.owner, p.lease_ms, wall_clock_micros(), &out);
+    drain_lent_events();
+    if (st != OpStatus::Ok)
+      return answer(std::move(reply),
+                    error_answer(st == OpStatus::NotFound ? 404 : 403, BrokerService::refusal_text(st, p.lock_id)));
+    ++metrics_.heartbeats;
+    json::object o{{"status", "ok"}, {"lock", lock_to_json(out, lent_table_.version_of(key))}};
+    return answer(std::move(reply), {200, json::serialize(o)});
+  }
+  const auto& [lock_id, owner, lease_ms] = p;
   run_job([this, lock_id, owner, lease_ms, reply = std::move(reply)](EtcdClient& c) mutable {
     OpResult out{status_answer(503, "unavailable", "the lock kept changing; try again")};
     Result<std::optional<Entry>> found = find_lock(c, lock_id);
@@ -502,10 +556,18 @@ void EtcdService::status(const std::string& query, Reply& reply) {
   json::array locks, queue;
   std::map<std::string, std::uint64_t> all_versions = mirror_->versions();
   etcd::Space space = mirror_->snapshot();
+  // The keys lent here: their locks from the lent table, in their lends' place.
+  for (const auto& [lock_key, l] : lent_) {
+    std::uint64_t& v = all_versions[lock_key];
+    v = std::max(v, lent_table_.version_of(lock_key));
+  }
+  for (const Lock& l : lent_table_.locks())
+    if (key.empty() || l.key == key) locks.push_back(lock_to_json(l, all_versions[l.key]));
   for (const auto& [lock_key, q] : space) {
     if (!key.empty() && lock_key != key) continue;
     const auto v = all_versions.find(lock_key);
     for (const Entry& e : q) {
+      if (e.lend && lent_.count(lock_key) && lent_.at(lock_key).lend.key == e.key) continue;
       if (!e.held) queue.push_back(queued_to_json(to_queued(e)));
       else if (e.ends_at() > now) locks.push_back(lock_to_json(to_lock(e), v == all_versions.end() ? 0 : v->second));
     }
@@ -609,6 +671,18 @@ void EtcdService::evaluate() {
       it = waiters_.erase(it);
       continue;
     }
+    if (w.recheck) {
+      // Its check saw a lend (a broker's locks nobody else sees): once it is handed
+      // back, a cycle through its locks shows.
+      if (std::optional<std::string> cycle = cycle_of(*e, &w.recheck)) {
+        cancel_entry(*e);
+        ++metrics_.deadlocks;
+        log(LogLevel::Info, "broker", "deadlock refused: ", *cycle);
+        answer(std::move(w.reply), status_answer(409, "deadlock", *cycle));
+        it = waiters_.erase(it);
+        continue;
+      }
+    }
     const std::size_t at = static_cast<std::size_t>(e - view.queue.data());
     if (etcd::standings(view.queue)[at] != etcd::Standing::Waiting) {
       w.busy = true;
@@ -622,6 +696,7 @@ void EtcdService::evaluate() {
 
   // Sweeps: from the mirror's indexes (what ended, what waits, what is in doubt), not
   // a copy of the whole space per change.
+  lend_evaluate(now, soon);
   const bool orphans_due = now >= started_at_ + opts_.restore_grace_ms * 1000;
   std::map<std::string, Micros> unattached;  // what is still so now
   auto consider = [&](const Entry& e) {

@@ -27,6 +27,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -37,6 +38,7 @@
 
 #include "broker/broker_service.h"
 #include "broker/handler.h"
+#include "broker/lock_json.h"
 #include "core/worker_pool.h"
 #include "etcd/etcd_client.h"
 #include "etcd/etcd_space.h"
@@ -56,6 +58,9 @@ struct EtcdServiceOptions {
   std::chrono::milliseconds call_timeout{5'000};
   std::size_t workers = 16;
   std::string address;  // where this broker listens, for the broker's key (people)
+  // Lend quiet keys to this broker (docs/etcd-store.md, "lending quiet keys"; being
+  // built, off unless GATE_ETCD_LEND=1).
+  bool lend = false;
 };
 
 class EtcdService : public RequestHandler {
@@ -95,11 +100,17 @@ class EtcdService : public RequestHandler {
  private:
   struct Waiter;
   struct Outcome;
+  struct Adoption;
 
   // ---- io thread ----
   void acquire(const std::string& body, Reply& reply, std::uint64_t* ticket);
+  // Waiter `ticket`'s acquire: from the lent table when its key is lent here and it
+  // need not wait, else etcd's way (a lend adopted first).
+  void begin_acquire(std::uint64_t ticket);
   void release(const std::string& body, Reply& reply);
+  void release_lock(ReleaseParams p, Reply reply);
   void heartbeat(const std::string& body, Reply& reply);
+  void heartbeat_lock(HeartbeatParams p, Reply reply);
   void status(const std::string& query, Reply& reply);
   void health(Reply& reply);
   void answer(Reply reply, HttpAnswer a);
@@ -115,9 +126,14 @@ class EtcdService : public RequestHandler {
   template <typename F>
   void run_job(F&& fn);
   // `slot`: the client's (Entry::slot), for the entry it makes.
-  Outcome acquire_job(etcd::EtcdClient& c, std::int64_t slot, const AcquireParams& p, etcd::Entry fresh, Micros now);
+  // `may_lend`: an empty queue is lent to this broker (Outcome::Lent) rather than granted.
+  Outcome acquire_job(etcd::EtcdClient& c, std::int64_t slot, const AcquireParams& p, etcd::Entry fresh, Micros now,
+                      bool may_lend);
   Outcome grant_job(etcd::EtcdClient& c, const etcd::Entry& known, Micros now);
   Outcome after_queued(etcd::EtcdClient& c, etcd::Entry e);
+  // Whether waiting entry `e` closes a cycle in the mirror's space (an entry made
+  // later is left out: its own check finds it); *lend_seen: the space holds a lend.
+  std::optional<std::string> cycle_of(const etcd::Entry& e, bool* lend_seen) const;
   // A transaction on the queue of `lock_key` (batched with other keys' decisions);
   // the revision it saw is noted for catch_up().
   Result<etcd::TxnResult> txn(etcd::EtcdClient& c, const std::string& lock_key, const boost::json::array& compares,
@@ -133,6 +149,37 @@ class EtcdService : public RequestHandler {
   void forget(const std::string& lock_id);
   // The held entry with `lock_id` (the mirror's, else etcd's); nullopt when none.
   Result<std::optional<etcd::Entry>> find_lock(etcd::EtcdClient& c, const std::string& lock_id);
+
+  // ---- lent keys (docs/etcd-store.md, "lending quiet keys"): io thread ----
+  struct Lent {
+    etcd::Entry lend;          // its lend entry, as written
+    std::uint64_t next = 1;    // the next of its fences, after the lend's own
+    bool adopting = false;     // its adoption is with etcd
+    bool used_up = false;      // adopted for want of fences (lent again at once)
+    // What waits for the adoption: called with "" once the key is etcd's again, or
+    // with why the adoption failed (the key stays lent).
+    std::vector<std::function<void(const std::string& error)>> after;
+  };
+  // The lend `lend` (made here, read with the key's content version) is this broker's.
+  void register_lend(const etcd::Entry& lend, std::uint64_t version);
+  // Serves waiter `ticket` from the lent table: false, and *why, when it would wait
+  // (or the lend's fences are used up, or this broker's session is in doubt).
+  bool serve_lent(std::uint64_t ticket, std::string* why);
+  // Hands the lent key back to etcd: its lend entry goes and its lent locks become
+  // ordinary entries in the lend's place (`why`: for the log); `then` runs after.
+  void adopt(const std::string& key, const char* why, std::function<void(const std::string& error)> then);
+  Adoption adopt_job(etcd::EtcdClient& c, const etcd::Entry& lend, std::vector<etcd::Entry> entries, Micros now);
+  void adopted(const std::string& key, Adoption a);
+  // The lend of `key` ended with this broker's session: its lent locks are gone.
+  void lost_lend(const std::string& key, const std::string& why);
+  void release_lent(const ReleaseParams& p, Reply reply);
+  // Whether this broker may grant under its lends now: its session's last keep-alive
+  // was sent within TTL / 2, and its mirror followed etcd within the last 1.5 s.
+  bool lends_trusted() const;
+  // The lent locks' ends, and the lends someone else asks for (adopted) or that ended
+  // with the session (lost); evaluate() calls it.
+  void lend_evaluate(Micros now, const std::function<void(Micros)>& soon);
+  void drain_lent_events();  // the lent table's ended locks, counted and logged
 
   // The session: keep-alive and the quorum's state.
   void keeper_main();
@@ -169,6 +216,11 @@ class EtcdService : public RequestHandler {
   std::int64_t probe_revision_ = 0;
   std::int64_t probe_seen_ = 0;  // the mirror's revision then
   std::chrono::steady_clock::time_point probe_at_;
+  std::int64_t probe_made_ = 0;  // (steady clock, ns) when that write was sent
+  // (steady clock, ns) When the last keep-alive etcd answered was sent; when the write
+  // that the mirror was last seen to have reached was made.
+  std::atomic<std::int64_t> alive_sent_at_{0};
+  std::atomic<std::int64_t> mirror_fresh_at_{0};
 
   // io thread only
   std::map<std::uint64_t, std::unique_ptr<Waiter>> waiters_;
@@ -184,6 +236,12 @@ class EtcdService : public RequestHandler {
   std::map<std::string, Micros> unattached_;  // entries of ours no request waits on, since when
   // Entries an acquire answered 503 may have made: key -> (its write's mark, when).
   std::map<std::string, std::pair<std::string, Micros>> doubtful_;
+  std::map<std::string, Lent> lent_;          // lock key -> its lend here
+  LockTable lent_table_;                      // the lent keys' locks
+  std::string lending_;                       // the lend a grant is being made under (lock ids)
+  std::map<std::string, Micros> recalled_;    // lock key -> when its lend was last adopted
+  std::map<std::string, Micros> retired_;     // lend entries adopted or lost -> when
+  std::uint64_t adoptions_ = 0;
 };
 
 }  // namespace gate

@@ -159,9 +159,18 @@ Status EtcdService::start() {
   if (Status s = mirror_->start(); !s.ok()) return s;
   start_revision_ = mirror_->revision();
   started_at_ = wall_clock_micros();
+  alive_sent_at_ = mirror_fresh_at_ = etcd_parts::steady_ns();
   const std::string me = broker_id();
   for (const auto& [key, q] : mirror_->snapshot())
-    for (const Entry& e : q) restored_waiting_ += !e.held && e.broker == me;
+    for (const Entry& e : q) {
+      restored_waiting_ += !e.held && e.broker == me;
+      if (!e.lend || e.broker != me) continue;
+      // The last run's lend: its lent locks were in that process alone, and are gone.
+      log(LogLevel::Warn, "broker", "the last run's lend of '", e.lock_key, "' ends: its lent locks are gone");
+      Result<etcd::TxnResult> r = keeper_client_->txn({etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
+                                                              {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
+      if (!r.ok()) return Status::failure("cannot end the last run's lend of '" + e.lock_key + "': " + r.message());
+    }
   workers_.start();
   keeper_ = start_quiet_thread([this] { keeper_main(); });
   boost::asio::post(ioc_, [this] { evaluate(); });
@@ -179,7 +188,9 @@ void EtcdService::keeper_main() {
       const auto old = std::chrono::steady_clock::now() - std::chrono::seconds(30);
       for (auto it = recent_.begin(); it != recent_.end();) it = it->second.second < old ? recent_.erase(it) : std::next(it);
     }
+    const std::int64_t sent = etcd_parts::steady_ns();
     Result<std::int64_t> ttl = keeper_client_->lease_keepalive(lease_.load());
+    if (ttl.ok() && *ttl > 0) alive_sent_at_ = sent;
     if (!ttl.ok()) {
       set_unavailable("etcd does not answer (" + ttl.message() + ")");
     } else if (*ttl <= 0) {
@@ -205,9 +216,11 @@ void EtcdService::keeper_main() {
       // that is behind but moving (a burst of writes) is left to catch up.
       const auto now = std::chrono::steady_clock::now();
       const std::int64_t seen = mirror_->revision();
+      if (probe_revision_ && seen >= probe_revision_) mirror_fresh_at_ = probe_made_;
       if (!probe_revision_ || seen >= probe_revision_ || seen != probe_seen_) {
         probe_revision_ = *probe;
         probe_at_ = now;
+        probe_made_ = sent;
         probe_seen_ = seen;
         set_unavailable("");
       } else if (now - probe_at_ > std::chrono::seconds(3)) {

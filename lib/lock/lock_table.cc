@@ -274,6 +274,13 @@ void LockTable::drop_lock(Lock* lock, const std::string& reason) {
   if (!reason.empty()) events_.push_back({Event::Kind::Dropped, 0, std::move(node.mapped()), reason});
 }
 
+std::vector<Lock> LockTable::take_key(const std::string& key) {
+  std::vector<Lock> out = locks(key);
+  for (const Lock& l : out) drop_lock(&locks_.at(l.lock_id), "");
+  forget_key_if_idle(key);
+  return out;
+}
+
 OpStatus LockTable::release(const std::string& lock_id, const std::string& owner, Micros now,
                             bool changed) {
   expire(now);

@@ -186,6 +186,10 @@ class LockTable {
   // acquire of it in. The table's fence floor is then neither used nor journaled.
   using FenceSource = std::function<std::uint64_t(const std::string& key)>;
   void set_fence_source(FenceSource source) { fence_source_ = std::move(source); }
+  // Takes every lock of `key` out of the table (journaled, no events) and answers
+  // them: the key now lives elsewhere (a lent key handed back to the etcd store).
+  // Requests queued on it stay.
+  std::vector<Lock> take_key(const std::string& key);
 
   // The version of a key's content: the fence of the last write hold that changed
   // it; 0 for content never seen to change. Versions only grow.

@@ -47,6 +47,23 @@ std::unique_ptr<BrokerProcess> etcd_broker(const test::EtcdCluster& cluster, std
   return std::make_unique<BrokerProcess>(o);
 }
 
+// A broker that lends quiet keys to itself (docs/etcd-store.md, "lending quiet keys").
+std::unique_ptr<BrokerProcess> lending_broker(const test::EtcdCluster& cluster, std::vector<std::string> more = {}) {
+  BrokerProcess::Options o;
+  o.extra_args = {"--store", cluster.spec()};
+  o.extra_args.insert(o.extra_args.end(), more.begin(), more.end());
+  o.env = {"GATE_ETCD_LEND=1"};
+  return std::make_unique<BrokerProcess>(o);
+}
+
+// A counter or gauge of a broker's /metrics.
+long metric(const BrokerEndpoint& ep, const std::string& name) {
+  const std::string text = BrokerClient(ep).request("GET", "/metrics", "").body;
+  const auto at = text.find("\n" + name + " ");
+  if (at == std::string::npos) FAIL("no metric " << name << " in:\n" << text);
+  return std::stol(text.substr(at + name.size() + 2));
+}
+
 AcquireRequest req(const std::string& key, LockMode mode, const std::string& owner,
                    std::optional<std::int64_t> timeout_ms = std::nullopt) {
   AcquireRequest r;
@@ -553,4 +570,161 @@ TEST_CASE("with an etcd store killing the etcd leader under load never makes two
   std::ostringstream seen;
   for (const auto& [what, n] : refusals) seen << what << ": " << n << "; ";
   WARN(holds.size() << " holds by " << kClients << " clients over two brokers across the leader's death; " << seen.str());
+}
+
+TEST_CASE("with an etcd store a quiet key is lent to its broker: pairs write nothing to etcd, fences and versions "
+          "go on", "[etcd][broker][lend]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = lending_broker(cluster);
+  auto b2 = lending_broker(cluster);
+  const std::string k = key_for("lent");
+  BrokerClient c1(b1->endpoint()), c2(b2->endpoint());
+
+  CallResult first = c1.acquire(req(k, LockMode::Write, "A"));
+  REQUIRE(first.status == CallStatus::Ok);
+  CHECK(metric(b1->endpoint(), "gate_etcd_lent_keys") == 1);
+  CHECK(metric(b1->endpoint(), "gate_etcd_lent_locks") == 1);
+  // Its broker shows the lent lock; the other one the lend, held by broker 1.
+  json::array mine = status_of(b1->endpoint(), k).at("locks").as_array();
+  REQUIRE(mine.size() == 1);
+  CHECK(mine[0].at("lock_id").as_string() == first.lock.lock_id);
+  REQUIRE(test::eventually([&] { return held(b2->endpoint(), k) == 1; }));
+  CHECK(status_of(b2->endpoint(), k).at("locks").as_array()[0].at("owner").as_string().starts_with("broker:"));
+  REQUIRE(c1.release(first.lock.lock_id, "A").status == CallStatus::Ok);
+
+  const long txns = metric(b1->endpoint(), "gate_etcd_txns_total");
+  std::uint64_t fence = first.lock.fence;
+  for (int i = 0; i < 20; ++i) {
+    CallResult g = c1.acquire(req(k, i % 2 ? LockMode::Read : LockMode::Write, "A"));
+    REQUIRE(g.status == CallStatus::Ok);
+    CHECK(g.lock.fence > fence);
+    fence = g.lock.fence;
+    REQUIRE(c1.release(g.lock.lock_id, "A").status == CallStatus::Ok);
+  }
+  CHECK(metric(b1->endpoint(), "gate_etcd_txns_total") == txns);  // none of them went to etcd
+  // Re-entry, a heartbeat and a refused try under the lend.
+  CallResult w = c1.acquire(req(k, LockMode::Write, "A"));
+  REQUIRE(w.status == CallStatus::Ok);
+  CallResult again = c1.acquire(req(k, LockMode::Read, "A"));
+  REQUIRE(again.status == CallStatus::Ok);
+  CHECK(again.lock.lock_id == w.lock.lock_id);
+  CHECK(again.lock.hold_count == 2);
+  CHECK(c1.heartbeat(w.lock.lock_id, "A", 5'000).status == CallStatus::Ok);
+  CHECK(c1.heartbeat(w.lock.lock_id, "B").status == CallStatus::Forbidden);
+  CHECK(c1.release(w.lock.lock_id, "B").status == CallStatus::Forbidden);
+  CHECK(c1.acquire(req(k, LockMode::Read, "B", 0)).status == CallStatus::Timeout);
+  REQUIRE(c1.release(w.lock.lock_id, "A").status == CallStatus::Ok);
+  // A change is written to etcd (one transaction) before its release is answered.
+  REQUIRE(c1.release(w.lock.lock_id, "A", /*changed=*/true).status == CallStatus::Ok);
+  CHECK(metric(b1->endpoint(), "gate_etcd_txns_total") == txns + 1);
+  CHECK(status_of(b2->endpoint(), k).at("versions").at(k).as_int64() == static_cast<std::int64_t>(w.lock.fence));
+  CallResult next = c1.acquire(req(k, LockMode::Write, "A"));
+  REQUIRE(next.status == CallStatus::Ok);
+  CHECK(next.lock.version == w.lock.fence);
+  CHECK(metric(b1->endpoint(), "gate_etcd_adoptions_total") == 0);
+}
+
+TEST_CASE("with an etcd store a lent key is handed back in its place when someone else asks", "[etcd][broker][lend]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = lending_broker(cluster);
+  auto b2 = lending_broker(cluster);
+  BrokerClient c1(b1->endpoint()), c2(b2->endpoint());
+
+  SECTION("another broker's acquire: the lent lock keeps its id and fence, and FIFO holds") {
+    const std::string k = key_for("asked");
+    CallResult a = c1.acquire(req(k, LockMode::Write, "A"));
+    REQUIRE(a.status == CallStatus::Ok);
+    Pending b = acquire_async(b2->endpoint(), req(k, LockMode::Write, "B"));
+    // The lend is adopted: broker 2 sees A's own lock, with B behind it.
+    REQUIRE(test::eventually([&] {
+      json::object st = status_of(b2->endpoint(), k);
+      const json::array& locks = st.at("locks").as_array();
+      return locks.size() == 1 && locks[0].at("lock_id").as_string() == a.lock.lock_id &&
+             locks[0].at("fence").to_number<std::uint64_t>() == a.lock.fence && st.at("queue").as_array().size() == 1;
+    }));
+    CHECK(metric(b1->endpoint(), "gate_etcd_lent_keys") == 0);
+    CHECK(metric(b1->endpoint(), "gate_etcd_adoptions_total") == 1);
+    Pending c = acquire_async(b1->endpoint(), req(k, LockMode::Read, "C"));
+    REQUIRE(queue_reaches(b2->endpoint(), k, 2));
+    CHECK_FALSE(b.ready());
+    // Released on the broker that did not lend it.
+    REQUIRE(c2.release(a.lock.lock_id, "A", /*changed=*/true).status == CallStatus::Ok);
+    REQUIRE(b.ready(10s));
+    CallResult gb = b.result.get();
+    REQUIRE(gb.status == CallStatus::Ok);
+    CHECK(gb.lock.fence > a.lock.fence);
+    CHECK(gb.lock.version == a.lock.fence);
+    CHECK_FALSE(c.ready(300ms));  // the reader behind the writer waits
+    REQUIRE(c1.release(gb.lock.lock_id, "B").status == CallStatus::Ok);
+    REQUIRE(c.ready(10s));
+    CallResult gc = c.result.get();
+    REQUIRE(gc.status == CallStatus::Ok);
+    CHECK(gc.lock.fence > gb.lock.fence);
+    REQUIRE(c1.release(gc.lock.lock_id, "C").status == CallStatus::Ok);
+  }
+
+  SECTION("a wait among the broker's own clients goes etcd's way, behind the lent lock") {
+    const std::string k = key_for("local");
+    CallResult a = c1.acquire(req(k, LockMode::Read, "A"));
+    REQUIRE(a.status == CallStatus::Ok);
+    CallResult r = c1.acquire(req(k, LockMode::Read, "R"));  // readers share under the lend
+    REQUIRE(r.status == CallStatus::Ok);
+    CHECK(metric(b1->endpoint(), "gate_etcd_lent_locks") == 2);
+    Pending w = acquire_async(b1->endpoint(), req(k, LockMode::Write, "W"));
+    REQUIRE(queue_reaches(b2->endpoint(), k, 1));
+    CHECK(held(b2->endpoint(), k) == 2);
+    REQUIRE(c1.release(a.lock.lock_id, "A").status == CallStatus::Ok);
+    CHECK_FALSE(w.ready(300ms));
+    REQUIRE(c2.release(r.lock.lock_id, "R").status == CallStatus::Ok);
+    REQUIRE(w.ready(10s));
+    CallResult gw = w.result.get();
+    REQUIRE(gw.status == CallStatus::Ok);
+    CHECK(gw.lock.fence > std::max(a.lock.fence, r.lock.fence));
+    REQUIRE(c1.release(gw.lock.lock_id, "W").status == CallStatus::Ok);
+  }
+
+  SECTION("a deadlock through two brokers' lends is refused once they are handed back") {
+    const std::string k1 = key_for("one"), k2 = key_for("two");
+    REQUIRE(c1.acquire(req(k1, LockMode::Write, "S1")).status == CallStatus::Ok);
+    CallResult s2 = c2.acquire(req(k2, LockMode::Write, "S2"));
+    REQUIRE(s2.status == CallStatus::Ok);
+    CHECK(metric(b1->endpoint(), "gate_etcd_lent_keys") == 1);
+    CHECK(metric(b2->endpoint(), "gate_etcd_lent_keys") == 1);
+    Pending w = acquire_async(b1->endpoint(), req(k2, LockMode::Write, "S1"));
+    REQUIRE(queue_reaches(b2->endpoint(), k2, 1));
+    Pending cycle = acquire_async(b2->endpoint(), req(k1, LockMode::Write, "S2"));
+    REQUIRE(cycle.ready(10s));
+    CallResult refused = cycle.result.get();
+    CHECK(refused.status == CallStatus::Deadlock);
+    CHECK(refused.error.find("S2") != std::string::npos);
+    CHECK_FALSE(w.ready());
+    REQUIRE(c2.release(s2.lock.lock_id, "S2").status == CallStatus::Ok);
+    REQUIRE(w.ready(10s));
+    CHECK(w.result.get().status == CallStatus::Ok);
+  }
+}
+
+TEST_CASE("with an etcd store a killed lender's lent locks end with its session", "[etcd][broker][lend]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = lending_broker(cluster, {"--etcd-session-ttl", "3"});
+  auto b2 = lending_broker(cluster, {"--etcd-session-ttl", "3"});
+  const std::string k = key_for("lender");
+  AcquireRequest r = req(k, LockMode::Write, "H");
+  r.lease_ms = 600'000;
+  CallResult h = BrokerClient(b1->endpoint()).acquire(r);
+  REQUIRE(h.status == CallStatus::Ok);
+  REQUIRE(metric(b1->endpoint(), "gate_etcd_lent_locks") == 1);
+  b1->kill9();
+  const auto killed = Clock::now();
+  Pending w = acquire_async(b2->endpoint(), req(k, LockMode::Write, "W"));
+  REQUIRE(w.ready(15s));
+  const auto waited = Clock::now() - killed;
+  CallResult g = w.result.get();
+  REQUIRE(g.status == CallStatus::Ok);
+  CHECK(g.lock.fence > h.lock.fence);
+  CHECK(waited <= 4'000ms);
+  CHECK(BrokerClient(b2->endpoint()).heartbeat(h.lock.lock_id, "H").status == CallStatus::NotFound);
 }
