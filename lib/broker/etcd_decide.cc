@@ -237,9 +237,22 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
     version = version_from(*r, 1);
     rev = r->revision;
   }
+  bool recalled = false;
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
     // Lent to this broker (by an acquire beside this one): served from its table.
     if (!q.empty() && q.front().lend && q.front().broker == s.id) return {K::Lent, q.front(), version, ""};
+    if (!q.empty() && q.front().lend && p.timeout_ms && *p.timeout_ms <= 0 && !recalled) {
+      // A try behind another broker's lend, whose locks only it knows (maybe none):
+      // it is asked to hand the key back first. (A request that waits makes an entry
+      // behind the lend, which is asked enough.)
+      recalled = true;
+      if (Status st = recall(c, {q.front()}); !st.ok()) return {K::Unavailable, {}, 0, st.message()};
+      etcd::SpaceMirror::KeyView again = mirror_->view(p.key);
+      q = std::move(again.queue);
+      rev = again.revision;
+      version = again.version;
+      continue;
+    }
     // A write of ours that etcd applied though its answer was lost.
     if (const Entry* mine = find_entry(q, fresh.key)) {
       if (mine->held) return {K::Granted, *mine, version, ""};
@@ -448,9 +461,23 @@ EtcdService::Outcome EtcdService::grant_job(EtcdClient& c, const Entry& known, M
 
 EtcdService::Adoption EtcdService::adopt_job(EtcdClient& c, const Entry& lend, std::vector<Entry> entries, Micros now) {
   using A = Adoption::Kind;
+  // Whether the adoption's writes are in etcd (its first entry's mark says), which
+  // is then done.
+  auto applied_already = [&]() -> std::optional<Adoption> {
+    if (entries.empty()) return std::nullopt;
+    std::optional<Entry> e = applied(c, entries.front().key, entries.front().op);
+    if (!e) return std::nullopt;
+    for (Entry& x : entries) {
+      x.create_revision = x.mod_revision = e->create_revision;
+      x.etcd_lease = lend.etcd_lease;
+    }
+    return Adoption{A::Done, std::move(entries), ""};
+  };
   for (int attempt = 0; attempt < 2; ++attempt) {
     json::array compares{etcd::compare(lend.key, "MOD", "EQUAL", lend.mod_revision)};
-    json::array success{etcd::txn_delete(lend.key)};
+    // (and the other brokers' recall keys: asked and answered)
+    const std::string recalls = etcd::recall_prefix(lend.lock_key);
+    json::array success{etcd::txn_delete(lend.key), etcd::txn_delete(recalls, etcd::prefix_end(recalls))};
     for (const Entry& e : entries) success.push_back(etcd::txn_put(e.key, etcd::encode_entry(e), lend.etcd_lease));
     // Nothing held under the lend: the next in line is granted at once (as a release
     // does), on the first try (a failed compare: the plain adoption, and their
@@ -462,10 +489,7 @@ EtcdService::Adoption EtcdService::adopt_job(EtcdClient& c, const Entry& lend, s
     if (!r.ok()) {
       // No answer in time: applied or not, as its first put (or the lend's absence) says.
       if (!entries.empty()) {
-        if (std::optional<Entry> e = applied(c, entries.front().key, entries.front().op)) {
-          for (Entry& x : entries) x.create_revision = x.mod_revision = e->create_revision;
-          return {A::Done, std::move(entries), ""};
-        }
+        if (std::optional<Adoption> done = applied_already()) return std::move(*done);
       } else if (Result<etcd::RangeResult> now_r = c.range(etcd::range_request(lend.key)); now_r.ok() && now_r->kvs.empty()) {
         return {A::Done, {}, ""};
       }
@@ -478,7 +502,13 @@ EtcdService::Adoption EtcdService::adopt_job(EtcdClient& c, const Entry& lend, s
       }
       return {A::Done, std::move(entries), ""};
     }
-    if (queue_from(*r, 0).empty()) return {A::Lost, {}, ""};  // the lend is gone: its session ended
+    if (queue_from(*r, 0).empty()) {
+      // The lend is gone: this adoption's own first try, applied though its answer was
+      // lost (its entries say), or the end of this broker's session.
+      if (entries.empty()) return {A::Done, {}, ""};
+      if (std::optional<Adoption> done = applied_already()) return std::move(*done);
+      return {A::Lost, {}, ""};
+    }
   }
   return {A::Failed, {}, "the queue of '" + lend.lock_key + "' kept changing"};
 }
@@ -495,6 +525,17 @@ void EtcdService::forget(const std::string& lock_id) {
 
 Result<std::optional<Entry>> EtcdService::find_lock(EtcdClient& c, const std::string& lock_id) {
   std::optional<Entry> mirrored = mirror_->find_lock(lock_id);
+  if (mirrored && mirrored->lend) mirrored.reset();  // (a lend's name is no lock's id)
+  if (!mirrored) {
+    // A lock lent to another broker (its id: "<lend's name>.<n>"): that broker is
+    // asked to hand its key back, and the lock is then an entry like any other.
+    const std::string::size_type dot = lock_id.rfind('.');
+    std::optional<Entry> lend = dot == std::string::npos ? std::nullopt : mirror_->find_lock(lock_id.substr(0, dot));
+    if (lend && lend->lend && lend->broker != session().id) {
+      if (Status s = recall(c, {*lend}); !s.ok()) return s;
+      mirrored = mirror_->find_lock(lock_id);
+    }
+  }
   {
     // A grant of this broker's a moment ago, which the mirror may not show yet (an
     // older copy only costs a failed compare).

@@ -3,12 +3,14 @@
 // and its locks are kept in the broker's own table while nobody else asks; whatever
 // would wait, and anyone else's entry behind the lend, hands the key back to etcd
 // first (an adoption: the lent locks become ordinary entries in the lend's place).
-// All on the io thread, but for the adoption's and the version's writes.
+// All on the io thread, but for the adoption's and the version's writes, and the
+// recall keys of other brokers' lends.
 #include <boost/asio/post.hpp>
 #include <boost/json.hpp>
 
 #include "broker/etcd_service_impl.h"
 #include "core/log.h"
+#include "core/token.h"
 
 namespace gate {
 
@@ -18,6 +20,12 @@ namespace {
 
 // How long a retired lend's key is remembered (a stale view of it is then refused).
 constexpr Micros kRetiredUs = 60'000'000;
+// A lend under which nothing is held goes after this long.
+constexpr Micros kIdleLendUs = 2'000'000;
+// At most this many locks under one lend (an adoption writes each in one transaction).
+constexpr std::size_t kMaxLentLocks = 64;
+// An adoption etcd did not answer is tried again after this long.
+constexpr Micros kAdoptRetryUs = 250'000;
 
 }  // namespace
 
@@ -25,9 +33,12 @@ bool EtcdService::lends_trusted() const {
   // A lend lives as long as this broker's session: granting under it is safe while
   // the session surely lives (a keep-alive etcd answered, sent within TTL / 2), and
   // only while the mirror follows etcd (it shows who else asks for a lent key).
+  // (The keeper sends a keep-alive every TTL / 4, and learns one interval later that the
+  // mirror reached its last probe: two intervals and a margin.)
   const std::int64_t now = steady_ns();
+  const std::int64_t every = std::chrono::nanoseconds(keeper_every()).count();
   return now - alive_sent_at_.load() < opts_.session_ttl_s * 500'000'000 &&
-         now - mirror_fresh_at_.load() < 1'500'000'000;
+         now - mirror_fresh_at_.load() < 2 * every + 500'000'000;
 }
 
 void EtcdService::register_lend(const Entry& lend, std::uint64_t version) {
@@ -50,6 +61,17 @@ bool EtcdService::serve_lent(std::uint64_t ticket, std::string* why) {
   }
   if (!lends_trusted()) {
     *why = "this broker's session is in doubt";
+    return false;
+  }
+  // (etcd allows 128 writes a transaction: an adoption writes each lent lock.)
+  if (lent_table_.holders(w.params.key) >= kMaxLentLocks) {
+    *why = "it has as many lent locks as an adoption can carry";
+    return false;
+  }
+  // Anyone else's entry behind the lend (the mirror's view): it is handed back, and
+  // this request goes behind it.
+  if (mirror_->queue(w.params.key).size() > 1) {
+    *why = "someone else asks for it";
     return false;
   }
   AcquireParams p = w.params;
@@ -78,9 +100,9 @@ bool EtcdService::serve_lent(std::uint64_t ticket, std::string* why) {
 void EtcdService::adopt(const std::string& key, const char* why, std::function<void(const std::string& error)> then) {
   Lent& l = lent_.at(key);
   if (then) l.after.push_back(std::move(then));
-  if (l.adopting) return;
-  l.adopting = true;
-  log(LogLevel::Debug, "broker", "handing '", key, "' back to etcd: ", why);
+  if (l.in_flight) return;
+  if (!l.adopting) log(LogLevel::Debug, "broker", "handing '", key, "' back to etcd: ", why);
+  l.adopting = l.in_flight = true;
   std::vector<Entry> entries;
   for (const Lock& lock : lent_table_.locks(key)) entries.push_back(adopted_entry(lock, l.lend));
   run_job([this, key, lend = l.lend, entries = std::move(entries)](EtcdClient& c) mutable {
@@ -96,13 +118,17 @@ void EtcdService::adopted(const std::string& key, Adoption a) {
   auto after = std::move(it->second.after);
   it->second.after.clear();
   if (a.kind == Adoption::Kind::Failed) {
-    log(LogLevel::Warn, "broker", "could not hand '", key, "' back to etcd: ", a.error);
-    it->second.adopting = false;
+    // Applied or not, etcd cannot say: the key stays frozen (nothing granted under the
+    // lend) and the adoption is tried again; what waited for it hears why.
+    log(LogLevel::Warn, "broker", "could not hand '", key, "' back to etcd (trying again): ", a.error);
+    it->second.in_flight = false;
+    arm_timer(wall_clock_micros() + kAdoptRetryUs);
   } else {
     ++adoptions_;
     const Micros now = wall_clock_micros();
     retired_[it->second.lend.key] = now;
     if (!it->second.used_up) recalled_[key] = now;  // (nobody else asked)
+    for (auto& turn : it->second.version_turns) boost::asio::post(ioc_, std::move(turn));
     lent_.erase(it);
     lent_table_.take_key(key);
     // (Until the mirror shows them, a release or heartbeat finds them here.)
@@ -117,6 +143,7 @@ void EtcdService::lost_lend(const std::string& key, const std::string& why) {
   if (it == lent_.end()) return;
   auto after = std::move(it->second.after);
   retired_[it->second.lend.key] = wall_clock_micros();
+  for (auto& turn : it->second.version_turns) boost::asio::post(ioc_, std::move(turn));
   lent_.erase(it);
   const std::vector<Lock> gone = lent_table_.take_key(key);
   log(LogLevel::Warn, "broker", "the lend of '", key, "' ended: ", why, "; its ", gone.size(), " lent lock(s) are gone");
@@ -129,7 +156,14 @@ void EtcdService::release_lent(const ReleaseParams& p, Reply reply) {
   if (l->owner != p.owner)
     return answer(std::move(reply), error_answer(403, BrokerService::refusal_text(OpStatus::Forbidden, p.lock_id)));
   auto finish = [this](const ReleaseParams& p, Reply reply) {
-    if (!lent_table_.find_lock(p.lock_id)) return release_lock(p, std::move(reply));
+    const Lock* l = lent_table_.find_lock(p.lock_id);
+    // (Handed back meanwhile, or being handed back: etcd's way, after.)
+    if (!l) return release_lock(p, std::move(reply));
+    if (auto it = lent_.find(l->key); it != lent_.end() && it->second.adopting)
+      return it->second.after.push_back([this, p, reply = std::move(reply)](const std::string& error) mutable {
+        if (error.empty()) release_lock(std::move(p), std::move(reply));
+        else answer(std::move(reply), status_answer(503, "unavailable", error));
+      });
     const OpStatus st = lent_table_.release(p.lock_id, p.owner, wall_clock_micros(), p.changed);
     drain_lent_events();
     if (st != OpStatus::Ok)
@@ -140,16 +174,66 @@ void EtcdService::release_lent(const ReleaseParams& p, Reply reply) {
   };
   if (!p.changed || l->mode != LockMode::Write) return finish(p, std::move(reply));
   // A change: the key's version is written to etcd (where it outlives this broker)
-  // before the answer, while the lock is still held (so versions only grow).
-  run_job([this, p, finish, reply = std::move(reply), key = l->key, fence = l->fence](EtcdClient& c) mutable {
+  // before the answer, while the lock is still held, while the lend lives, and one
+  // write of the key's at a time (so versions land in fence order).
+  const std::string key = l->key;
+  Lent& lent = lent_.at(key);
+  if (lent.writing_version)
+    return lent.version_turns.push_back([this, p, reply]() mutable { release_lent(p, std::move(reply)); });
+  lent.writing_version = true;
+  run_job([this, p, finish, reply = std::move(reply), key, fence = l->fence, lend = lent.lend](EtcdClient& c) mutable {
     Result<etcd::TxnResult> r =
-        txn(c, key, {}, {etcd::txn_put(etcd::version_key(key), std::to_string(fence))}, {}, Retry::Idempotent);
-    boost::asio::post(ioc_, [this, p = std::move(p), finish, reply = std::move(reply), ok = r.ok(),
-                             why = r.ok() ? std::string() : r.message()]() mutable {
+        txn(c, key, {etcd::compare(lend.key, "MOD", "EQUAL", lend.mod_revision)},
+            {etcd::txn_put(etcd::version_key(key), std::to_string(fence))}, {}, Retry::Idempotent);
+    boost::asio::post(ioc_, [this, p = std::move(p), finish, reply = std::move(reply), key, ok = r.ok(),
+                             written = r.ok() && r->succeeded, why = r.ok() ? std::string() : r.message()]() mutable {
+      if (auto it = lent_.find(key); it != lent_.end()) {
+        it->second.writing_version = false;
+        if (!it->second.version_turns.empty()) {
+          auto next = std::move(it->second.version_turns.front());
+          it->second.version_turns.pop_front();
+          boost::asio::post(ioc_, std::move(next));
+        }
+      }
       if (!ok) return answer(std::move(reply), status_answer(503, "unavailable", "etcd: " + why));
+      // The lend gone, the write was not made: once this broker knows why (handed back:
+      // etcd's way, which writes the version with the release; ended with the session:
+      // the lock is gone), the release is answered.
+      auto it = lent_.find(key);
+      if (!written && it != lent_.end() && !it->second.adopting)
+        return answer(std::move(reply), status_answer(503, "unavailable", "the lend of '" + key + "' ended; try again"));
       finish(p, std::move(reply));
     });
   });
+}
+
+Status EtcdService::recall(EtcdClient& c, const std::vector<Entry>& lends, std::chrono::milliseconds limit) {
+  const Session s = session();
+  if (!s.lease) return Status::failure("this broker has no etcd session (taking a new one)");
+  const std::string asker = s.id + "-" + random_token().substr(0, 12);
+  json::array puts, deletes;
+  for (const Entry& l : lends) {
+    const std::string key = etcd::recall_key(l.lock_key, asker);
+    puts.push_back(etcd::txn_put(key, l.key, s.lease));
+    deletes.push_back(etcd::txn_delete(key));
+  }
+  if (Result<etcd::TxnResult> r = c.txn({}, puts, {}, Retry::Idempotent); !r.ok())
+    return Status::failure("etcd: " + r.message());
+  const auto until = std::chrono::steady_clock::now() + limit;
+  auto handed_back = [&] {
+    for (const Entry& l : lends)
+      if (mirror_->entry(l.key)) return false;
+    return true;
+  };
+  while (!handed_back()) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - std::chrono::steady_clock::now());
+    if (left <= std::chrono::milliseconds(0)) break;
+    mirror_->wait_for(mirror_->revision() + 1, std::min(left, std::chrono::milliseconds(50)));
+  }
+  // (An adoption deletes them; a lend that ended otherwise, with its broker, did not.)
+  if (Result<etcd::TxnResult> r = c.txn({}, deletes, {}, Retry::Idempotent); !r.ok())
+    log(LogLevel::Warn, "broker", "could not remove a recall key (it ends with this broker's session): ", r.message());
+  return {};
 }
 
 void EtcdService::drain_lent_events() {
@@ -170,8 +254,13 @@ void EtcdService::lend_evaluate(Micros now, const std::function<void(Micros)>& s
     for (auto it = recalled_.begin(); it != recalled_.end();) it = now - it->second > 2'000'000 ? recalled_.erase(it) : std::next(it);
   const std::int64_t lease = lease_.load();
   std::vector<std::string> asked, lost;
-  for (const auto& [key, l] : lent_) {
-    if (l.adopting) continue;
+  std::vector<std::string> idle;
+  std::vector<std::string> retry;
+  for (auto& [key, l] : lent_) {
+    if (l.adopting) {
+      if (!l.in_flight) retry.push_back(key);
+      continue;
+    }
     if (l.lend.etcd_lease != lease) {
       lost.push_back(key);
       continue;
@@ -179,12 +268,30 @@ void EtcdService::lend_evaluate(Micros now, const std::function<void(Micros)>& s
     const etcd::SpaceMirror::KeyView v = mirror_->view(key);
     if (!find_entry(v.queue, l.lend.key)) {
       if (v.revision >= l.lend.mod_revision) lost.push_back(key);
-    } else if (v.queue.size() > 1) {
-      asked.push_back(key);  // someone else's entry behind the lend
+      continue;
+    }
+    if (v.queue.size() > 1 || mirror_->recalled(key)) {
+      asked.push_back(key);  // someone else's entry behind the lend, or a recall key
+      continue;
+    }
+    // A lend nobody holds a lock under goes after kIdleLendUs (lends do not pile up,
+    // and another broker's first acquire of the key is not a recall).
+    if (lent_table_.holders(key)) {
+      l.idle_since = 0;
+    } else if (!l.idle_since) {
+      l.idle_since = now;
+      soon(now + kIdleLendUs);
+    } else if (now - l.idle_since >= kIdleLendUs) {
+      l.used_up = true;  // (nobody asked: lent again at the next acquire)
+      idle.push_back(key);
+    } else {
+      soon(l.idle_since + kIdleLendUs);
     }
   }
   for (const std::string& key : lost) lost_lend(key, "its lend entry is gone (this broker's etcd session ended)");
   for (const std::string& key : asked) adopt(key, "someone else asks for it", {});
+  for (const std::string& key : idle) adopt(key, "nobody has held it for 2 s", {});
+  for (const std::string& key : retry) adopt(key, "", {});
 }
 
 }  // namespace gate

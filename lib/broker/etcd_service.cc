@@ -83,6 +83,11 @@ void EtcdService::shutdown() {
   }
   for (auto it = waiters_.begin(); it != waiters_.end();) it = it->second->busy ? std::next(it) : waiters_.erase(it);
   timer_.cancel();
+  // The lent keys go back to etcd, their locks with them (a restart within the
+  // session's TTL takes them up there): the jobs finish before stop() returns.
+  std::vector<std::string> keys;
+  for (const auto& [key, l] : lent_) keys.push_back(key);
+  for (const std::string& key : keys) adopt(key, "the broker stops", {});
 }
 
 void EtcdService::stop() {
@@ -179,6 +184,10 @@ void EtcdService::acquire(const std::string& body, Reply& reply, std::uint64_t* 
     return answer(std::move(reply), status_answer(503, "unavailable", why));
   AcquireParams p = std::move(*parsed);
   if (p.session.empty()) p.session = "owner:" + p.owner;  // as LockTable names it
+  if (p.owner.starts_with("broker:") || p.session.starts_with("broker:")) {
+    ++metrics_.bad_requests;
+    return answer(std::move(reply), error_answer(400, "owners and sessions named 'broker:...' are the brokers' own"));
+  }
   const Micros now = wall_clock_micros();
 
   Entry fresh;
@@ -234,7 +243,7 @@ void EtcdService::begin_acquire(std::uint64_t t) {
       acquired(t, Outcome{Outcome::Kind::Unavailable, {}, 0, error});
     });
   }
-  bool may_lend = opts_.lend && !w.entry;
+  bool may_lend = opts_.lend && !w.entry && lends_trusted();
   if (auto r = recalled_.find(key); may_lend && r != recalled_.end()) {
     // Recalled a moment ago: someone else uses it; lent again once it is quiet.
     if (wall_clock_micros() - r->second < kQuietUs) may_lend = false;
@@ -400,9 +409,8 @@ void EtcdService::release_lock(ReleaseParams p, Reply reply) {
     auto it = lent_.find(l->key);
     if (it == lent_.end() || !it->second.adopting) return release_lent(p, std::move(reply));
     it->second.after.push_back([this, p, reply = std::move(reply)](const std::string& error) mutable {
-      // (etcd away: released here all the same)
       if (error.empty()) release_lock(std::move(p), std::move(reply));
-      else release_lent(p, std::move(reply));
+      else answer(std::move(reply), status_answer(503, "unavailable", error));
     });
     return;
   }
@@ -552,6 +560,28 @@ void EtcdService::heartbeat_lock(HeartbeatParams p, Reply reply) {
 
 void EtcdService::status(const std::string& query, Reply& reply) {
   const std::string key = query_param(query, "path");
+  // Other brokers' lends: the locks under them only their brokers know, so they are
+  // asked to hand their keys back first (docs/etcd-store.md).
+  std::vector<Entry> lends;
+  const std::string me = broker_id();
+  auto foreign_lends = [&](const Queue& q) {
+    for (const Entry& e : q)
+      if (e.lend && e.broker != me) lends.push_back(e);
+  };
+  if (key.empty()) {
+    for (const auto& [lock_key, q] : mirror_->snapshot()) foreign_lends(q);
+  } else {
+    foreign_lends(mirror_->queue(key));
+  }
+  if (lends.empty()) return answer(std::move(reply), status_now(key));
+  run_job([this, key, lends = std::move(lends), reply = std::move(reply)](EtcdClient& c) mutable {
+    if (Status s = recall(c, lends, kStatusRecall); !s.ok())
+      log(LogLevel::Warn, "broker", "status shows other brokers' lends as they are: ", s.message());
+    boost::asio::post(ioc_, [this, key, reply = std::move(reply)]() mutable { answer(std::move(reply), status_now(key)); });
+  });
+}
+
+HttpAnswer EtcdService::status_now(const std::string& key) {
   const Micros now = wall_clock_micros();
   json::array locks, queue;
   std::map<std::string, std::uint64_t> all_versions = mirror_->versions();
@@ -580,7 +610,7 @@ void EtcdService::status(const std::string& query, Reply& reply) {
     for (const auto& [k, v] : all_versions) versions[k] = v;
   }
   json::object o{{"locks", std::move(locks)}, {"queue", std::move(queue)}, {"versions", std::move(versions)}};
-  answer(std::move(reply), {200, json::serialize(o)});
+  return {200, json::serialize(o)};
 }
 
 // ---------------------------------------------------------------------------------
@@ -700,8 +730,12 @@ void EtcdService::evaluate() {
   const bool orphans_due = now >= started_at_ + opts_.restore_grace_ms * 1000;
   std::map<std::string, Micros> unattached;  // what is still so now
   auto consider = [&](const Entry& e) {
-    // A lend ends with its broker (or its session), never by time or a sweep.
-    if (sweeping_.count(e.key) || e.lend) return;
+    // A lend ends with its broker (or its session), never by time or a sweep; but for
+    // one of this broker's made by an acquire answered 503 (it lends nothing).
+    if (sweeping_.count(e.key)) return;
+    if (e.lend && (e.broker != me || !doubtful_.count(e.key) ||
+                   (lent_.count(e.lock_key) && lent_.at(e.lock_key).lend.key == e.key)))
+      return;
     std::string why;
     if (auto d = doubtful_.find(e.key); d != doubtful_.end() && d->second.first == e.op) {
       why = "its request was answered 503 before etcd said it had been written";

@@ -26,6 +26,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -112,6 +113,7 @@ class EtcdService : public RequestHandler {
   void heartbeat(const std::string& body, Reply& reply);
   void heartbeat_lock(HeartbeatParams p, Reply reply);
   void status(const std::string& query, Reply& reply);
+  HttpAnswer status_now(const std::string& key);  // ("" : every key) as the mirror and lent table have it
   void health(Reply& reply);
   void answer(Reply reply, HttpAnswer a);
   void acquired(std::uint64_t ticket, Outcome o);  // an acquire or grant job's result
@@ -154,8 +156,14 @@ class EtcdService : public RequestHandler {
   struct Lent {
     etcd::Entry lend;          // its lend entry, as written
     std::uint64_t next = 1;    // the next of its fences, after the lend's own
-    bool adopting = false;     // its adoption is with etcd
-    bool used_up = false;      // adopted for want of fences (lent again at once)
+    bool adopting = false;     // its adoption is under way (with etcd, or to be tried again)
+    bool in_flight = false;    // an adoption job runs
+    bool used_up = false;      // adopted for want of fences, or idle (lent again at once)
+    Micros idle_since = 0;     // when its last lent lock ended (0: one is held)
+    // A version write of a lent release is with etcd; the next ones wait their turn
+    // (so that versions land in fence order).
+    bool writing_version = false;
+    std::deque<std::function<void()>> version_turns;
     // What waits for the adoption: called with "" once the key is etcd's again, or
     // with why the adoption failed (the key stays lent).
     std::vector<std::function<void(const std::string& error)>> after;
@@ -172,10 +180,20 @@ class EtcdService : public RequestHandler {
   void adopted(const std::string& key, Adoption a);
   // The lend of `key` ended with this broker's session: its lent locks are gone.
   void lost_lend(const std::string& key, const std::string& why);
+  // (worker) Asks the brokers of `lends` to hand their keys back (a recall key each,
+  // under this broker's session) and waits until the mirror shows the lends gone, or
+  // `limit`; the recall keys go after. A failure: etcd did not take them.
+  Status recall(etcd::EtcdClient& c, const std::vector<etcd::Entry>& lends,
+                std::chrono::milliseconds limit = kRecallWait);
+  static constexpr std::chrono::milliseconds kRecallWait{2'000};
+  static constexpr std::chrono::milliseconds kStatusRecall{500};
   void release_lent(const ReleaseParams& p, Reply reply);
   // Whether this broker may grant under its lends now: its session's last keep-alive
   // was sent within TTL / 2, and its mirror followed etcd within the last 1.5 s.
   bool lends_trusted() const;
+  // The keeper's interval, and how long after the keeper's last probe the mirror counts
+  // as following etcd.
+  std::chrono::milliseconds keeper_every() const;
   // The lent locks' ends, and the lends someone else asks for (adopted) or that ended
   // with the session (lost); evaluate() calls it.
   void lend_evaluate(Micros now, const std::function<void(Micros)>& soon);

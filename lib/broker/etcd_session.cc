@@ -177,8 +177,12 @@ Status EtcdService::start() {
   return {};
 }
 
+std::chrono::milliseconds EtcdService::keeper_every() const {
+  return std::chrono::milliseconds(std::max<std::int64_t>(200, opts_.session_ttl_s * 1000 / 4));
+}
+
 void EtcdService::keeper_main() {
-  const auto every = std::chrono::milliseconds(std::max<std::int64_t>(200, opts_.session_ttl_s * 1000 / 4));
+  const auto every = keeper_every();
   std::unique_lock lock(keeper_mu_);
   while (!keeper_cv_.wait_for(lock, every, [&] { return keeper_stop_; })) {
     lock.unlock();

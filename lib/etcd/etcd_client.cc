@@ -93,7 +93,9 @@ json::object compare_range(std::string_view key, std::string_view range_end, std
 json::object txn_put(std::string_view key, std::string_view value, std::int64_t lease) {
   return {{"request_put", put_request(key, value, lease)}};
 }
-json::object txn_delete(std::string_view key) { return {{"request_delete_range", delete_request(key)}}; }
+json::object txn_delete(std::string_view key, std::string_view range_end) {
+  return {{"request_delete_range", delete_request(key, range_end)}};
+}
 json::object txn_range(std::string_view key, std::string_view range_end) {
   return {{"request_range", range_request(key, range_end)}};
 }

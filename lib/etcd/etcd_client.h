@@ -80,7 +80,7 @@ Result<KeyValue> decode_kv(const boost::json::value& kv);
 Result<RangeResult> decode_range(const boost::json::object& response);
 // Requests of a transaction's branch.
 boost::json::object txn_put(std::string_view key, std::string_view value, std::int64_t lease = 0);
-boost::json::object txn_delete(std::string_view key);
+boost::json::object txn_delete(std::string_view key, std::string_view range_end = {});
 boost::json::object txn_range(std::string_view key, std::string_view range_end = {});
 // A transaction's body (kv/txn), also what a nested one holds ({"request_txn": ...}).
 boost::json::object txn_request(const boost::json::array& compares, const boost::json::array& success,

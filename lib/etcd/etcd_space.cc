@@ -44,13 +44,30 @@ std::string queue_key(std::string_view lock_key, std::string_view request) {
 std::string version_key(std::string_view lock_key) { return std::string(kRoot) + "v/" + hex(lock_key); }
 std::string broker_key(std::string_view broker) { return std::string(kRoot) + "b/" + std::string(broker); }
 
-std::optional<std::string> lock_key_of(std::string_view queue_key) {
-  const std::string prefix = all_queues_prefix();
-  if (queue_key.substr(0, prefix.size()) != prefix) return std::nullopt;
-  const std::string_view rest = queue_key.substr(prefix.size());
+namespace {
+
+// The lock key of `key` = <prefix><hex>/<name>; nullopt for any other shape.
+std::optional<std::string> lock_key_under(std::string_view key, const std::string& prefix) {
+  if (key.substr(0, prefix.size()) != prefix) return std::nullopt;
+  const std::string_view rest = key.substr(prefix.size());
   const auto slash = rest.find('/');
   if (slash == std::string_view::npos || slash == 0 || slash + 1 == rest.size()) return std::nullopt;
   return unhex(rest.substr(0, slash));
+}
+
+}  // namespace
+
+std::optional<std::string> lock_key_of(std::string_view queue_key) {
+  return lock_key_under(queue_key, all_queues_prefix());
+}
+
+std::string all_recalls_prefix() { return std::string(kRoot) + "r/"; }
+std::string recall_prefix(std::string_view lock_key) { return all_recalls_prefix() + hex(lock_key) + "/"; }
+std::string recall_key(std::string_view lock_key, std::string_view asker) {
+  return recall_prefix(lock_key) + std::string(asker);
+}
+std::optional<std::string> lock_key_of_recall(std::string_view recall_key) {
+  return lock_key_under(recall_key, all_recalls_prefix());
 }
 
 Micros Entry::ends_at() const {

@@ -29,6 +29,13 @@ std::string version_key(std::string_view lock_key);                          // 
 std::string broker_key(std::string_view broker);                             // .../b/<broker>
 // The lock key a queue key belongs to; nullopt for any other key.
 std::optional<std::string> lock_key_of(std::string_view queue_key);
+// Recall keys: another broker asks the broker a key is lent to to hand it back
+// (docs/etcd-store.md, "lending quiet keys"), under the asking broker's session.
+std::string recall_prefix(std::string_view lock_key);                        // .../r/<hex>/
+std::string recall_key(std::string_view lock_key, std::string_view asker);   // .../r/<hex>/<asker>
+std::string all_recalls_prefix();                                            // .../r/
+// The lock key a recall key is for; nullopt for any other key.
+std::optional<std::string> lock_key_of_recall(std::string_view recall_key);
 
 // Fences: each etcd revision has kFenceSlots slots, more than the etcd clients of one
 // broker (its workers), and each slot kSlotFences fences: the first is the fence of the

@@ -20,6 +20,7 @@ Result<std::int64_t> SpaceMirror::load() {
     lock_ids_.clear();
     ends_.clear();
     waiting_.clear();
+    recalls_.clear();
     for (const KeyValue& kv : r->kvs) put_kv(kv);
     revision_ = r->revision;
   }
@@ -40,6 +41,10 @@ void SpaceMirror::put_kv(const KeyValue& kv) {
       return;
     }
     if (lock_key) versions_[*lock_key] = v;
+    return;
+  }
+  if (std::optional<std::string> recalled = lock_key_of_recall(kv.key)) {
+    recalls_[kv.key] = *recalled;
     return;
   }
   static const std::string kQueues = all_queues_prefix();
@@ -68,6 +73,7 @@ void SpaceMirror::put_entry(Entry e) {
 }
 
 void SpaceMirror::delete_key(const std::string& key) {
+  if (recalls_.erase(key)) return;
   const std::optional<std::string> lock_key = lock_key_of(key);
   if (!lock_key) return;
   auto it = space_.find(*lock_key);
@@ -235,6 +241,13 @@ SpaceMirror::KeyView SpaceMirror::view(const std::string& lock_key) const {
   if (auto it = versions_.find(lock_key); it != versions_.end()) v.version = it->second;
   v.revision = revision_;
   return v;
+}
+
+bool SpaceMirror::recalled(const std::string& lock_key) const {
+  std::lock_guard lock(mu_);
+  for (const auto& [key, of] : recalls_)
+    if (of == lock_key) return true;
+  return false;
 }
 
 std::optional<Entry> SpaceMirror::find_lock(const std::string& lock_id) const {

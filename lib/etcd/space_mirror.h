@@ -66,6 +66,8 @@ class SpaceMirror {
     std::int64_t revision = 0;
   };
   KeyView view(const std::string& lock_key) const;
+  // Whether another broker asks for `lock_key` to be handed back (a recall key).
+  bool recalled(const std::string& lock_key) const;
   // The held entry with this lock id, if the mirror has it.
   std::optional<Entry> find_lock(const std::string& lock_id) const;
   // Content versions (0: never changed).
@@ -111,6 +113,7 @@ class SpaceMirror {
     std::string lock_key, broker;
   };
   std::map<std::string, Waiting> waiting_;               // a waiting entry's queue key -> where
+  std::map<std::string, std::string> recalls_;           // a recall key -> its lock key
   std::int64_t revision_ = 0;
   std::uint64_t resyncs_ = 0, skipped_ = 0;
   std::string last_problem_;

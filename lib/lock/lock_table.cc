@@ -274,6 +274,11 @@ void LockTable::drop_lock(Lock* lock, const std::string& reason) {
   if (!reason.empty()) events_.push_back({Event::Kind::Dropped, 0, std::move(node.mapped()), reason});
 }
 
+std::size_t LockTable::holders(const std::string& key) const {
+  auto it = keys_.find(key);
+  return it == keys_.end() ? 0 : it->second.holders.size();
+}
+
 std::vector<Lock> LockTable::take_key(const std::string& key) {
   std::vector<Lock> out = locks(key);
   for (const Lock& l : out) drop_lock(&locks_.at(l.lock_id), "");

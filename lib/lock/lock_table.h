@@ -208,6 +208,7 @@ class LockTable {
   std::vector<QueuedRequest> queue(const std::string& key = "") const;
   const Lock* find_lock(const std::string& lock_id) const;
   std::size_t lock_count() const { return locks_.size(); }
+  std::size_t holders(const std::string& key) const;  // how many hold `key`
   std::size_t queue_length() const { return requests_.size(); }
   std::uint64_t next_fence() const { return next_fence_; }
   const LockTableOptions& options() const { return options_; }
