@@ -241,10 +241,10 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
   for (int attempt = 0; attempt < kAttempts; ++attempt) {
     // Lent to this broker (by an acquire beside this one): served from its table.
     if (!q.empty() && q.front().lend && q.front().broker == s.id) return {K::Lent, q.front(), version, ""};
-    if (!q.empty() && q.front().lend && p.timeout_ms && *p.timeout_ms <= 0 && !recalled) {
-      // A try behind another broker's lend, whose locks only it knows (maybe none):
-      // it is asked to hand the key back first. (A request that waits makes an entry
-      // behind the lend, which is asked enough.)
+    if (!q.empty() && q.front().lend && !recalled) {
+      // Another broker's lend, whose locks only it knows (maybe none, maybe this
+      // owner's, to enter again): it is asked to hand the key back first, and the
+      // request is decided on the queue as it then is.
       recalled = true;
       if (Status st = recall(c, {q.front()}); !st.ok()) return {K::Unavailable, {}, 0, st.message()};
       etcd::SpaceMirror::KeyView again = mirror_->view(p.key);
@@ -322,7 +322,19 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
       if (now_free) {
         success = grant_writes(result, now, lease, vkey);
       } else if (p.timeout_ms && *p.timeout_ms <= 0) {
-        return {K::Timeout, {}, 0, ""};
+        // A try refused on the mirror's view: refused only once etcd confirms the view
+        // (a release a moment ago, on another broker, may not be in it yet): nothing
+        // changed since, and every entry of it still there.
+        json::array same{etcd::compare_range(prefix, end, "MOD", "LESS", rev + 1)};
+        for (const Entry& e : q)
+          if (same.size() < 64) same.push_back(etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision));
+        Result<etcd::TxnResult> r = txn(c, p.key, same, {}, failure, Retry::Idempotent);
+        if (!r.ok()) return {K::Unavailable, {}, 0, "etcd: " + r.message()};
+        if (r->succeeded) return {K::Timeout, {}, 0, ""};
+        q = queue_from(*r, 0);
+        version = version_from(*r, 1);
+        rev = r->revision;
+        continue;
       } else {
         // A waiting entry needs no view of the queue: its place is its create revision.
         compares = {etcd::compare(result.key, "CREATE", "EQUAL", 0)};

@@ -5,6 +5,8 @@
 // first (an adoption: the lent locks become ordinary entries in the lend's place).
 // All on the io thread, but for the adoption's and the version's writes, and the
 // recall keys of other brokers' lends.
+#include <sys/stat.h>
+
 #include <boost/asio/post.hpp>
 #include <boost/json.hpp>
 
@@ -46,6 +48,7 @@ void EtcdService::register_lend(const Entry& lend, std::uint64_t version) {
   if (lent_.count(lend.lock_key) || retired_.count(lend.key) || lend.etcd_lease != lease_.load()) return;
   lent_[lend.lock_key].lend = lend;
   lent_table_.merge_versions({{lend.lock_key, version}});
+  lent_changed();
   log(LogLevel::Debug, "broker", "'", lend.lock_key, "' lent to this broker (", lend.key, ")");
 }
 
@@ -78,7 +81,14 @@ bool EtcdService::serve_lent(std::uint64_t ticket, std::string* why) {
   p.timeout_ms = 0;  // what would wait goes etcd's way
   lending_ = l.lend.lock_id;
   const AcquireResult r = lent_table_.acquire(p, wall_clock_micros());
-  drain_lent_events();
+  if (!lent_changed() && r.kind == AcquireResult::Kind::Granted) {
+    // Not journaled: not granted (a restart would not know it).
+    lent_table_.release(r.lock.lock_id, r.lock.owner, wall_clock_micros());
+    lent_changed();
+    answer(std::move(w.reply), status_answer(503, "unavailable", "cannot journal the lent lock (see the broker's log)"));
+    waiters_.erase(it);
+    return true;
+  }
   if (r.kind == AcquireResult::Kind::Granted) {
     record_grant(w.since, false);
     answer(std::move(w.reply), granted_answer(r.lock, lent_table_.version_of(p.key)));
@@ -131,6 +141,7 @@ void EtcdService::adopted(const std::string& key, Adoption a) {
     for (auto& turn : it->second.version_turns) boost::asio::post(ioc_, std::move(turn));
     lent_.erase(it);
     lent_table_.take_key(key);
+    lent_changed();
     // (Until the mirror shows them, a release or heartbeat finds them here.)
     for (const Entry& e : a.entries) remember(e);
     log(LogLevel::Debug, "broker", "'", key, "' handed back to etcd with ", a.entries.size(), " lent lock(s)");
@@ -146,6 +157,7 @@ void EtcdService::lost_lend(const std::string& key, const std::string& why) {
   for (auto& turn : it->second.version_turns) boost::asio::post(ioc_, std::move(turn));
   lent_.erase(it);
   const std::vector<Lock> gone = lent_table_.take_key(key);
+  lent_changed();
   log(LogLevel::Warn, "broker", "the lend of '", key, "' ended: ", why, "; its ", gone.size(), " lent lock(s) are gone");
   for (auto& f : after) f("");  // (etcd's way now: there they are gone too)
 }
@@ -165,7 +177,7 @@ void EtcdService::release_lent(const ReleaseParams& p, Reply reply) {
         else answer(std::move(reply), status_answer(503, "unavailable", error));
       });
     const OpStatus st = lent_table_.release(p.lock_id, p.owner, wall_clock_micros(), p.changed);
-    drain_lent_events();
+    lent_changed();
     if (st != OpStatus::Ok)
       return answer(std::move(reply),
                     error_answer(st == OpStatus::NotFound ? 404 : 403, BrokerService::refusal_text(st, p.lock_id)));
@@ -236,18 +248,67 @@ Status EtcdService::recall(EtcdClient& c, const std::vector<Entry>& lends, std::
   return {};
 }
 
-void EtcdService::drain_lent_events() {
+bool EtcdService::lent_changed() {
+  bool saved = true;
+  if (std::vector<JournalEntry> j = lent_table_.take_journal(); !j.empty() && lent_store_)
+    if (Status s = lent_store_->apply(j); !s.ok()) {
+      log(LogLevel::Error, "broker", "cannot journal the lent locks in lent.db: ", s.message());
+      saved = false;
+    }
   for (const Event& e : lent_table_.take_events()) {
     if (e.kind != Event::Kind::Dropped) continue;
     ++(e.reason == "hold cap reached" ? metrics_.cap_expiries : metrics_.lease_expiries);
     log(LogLevel::Info, "broker", "dropped ", to_string(e.lock.mode), " lock on '", e.lock.key, "' of ", e.lock.owner,
         ": ", e.reason);
   }
+  return saved;
+}
+
+Status EtcdService::hand_back_last_run() {
+  const std::string path = opts_.state_dir + "/lent.db";
+  std::unique_ptr<LockStore> store;
+  LockStore::Snapshot saved;
+  struct stat st {};
+  if (opts_.lend || ::stat(path.c_str(), &st) == 0) {  // (a broker that never lent has none)
+    Result<std::unique_ptr<LockStore>> opened = LockStore::open(path, LockStore::Sync::Normal);
+    if (!opened.ok()) return Status::failure("cannot open " + path + ": " + opened.message());
+    store = std::move(*opened);
+    Result<LockStore::Snapshot> loaded = store->load();
+    if (!loaded.ok()) return Status::failure("cannot read " + path + ": " + loaded.message());
+    saved = std::move(*loaded);
+  }
+  const std::string me = broker_id();
+  std::size_t kept = 0, lost = 0;
+  for (const auto& [key, q] : mirror_->snapshot())
+    for (const Entry& lend : q) {
+      if (!lend.lend || lend.broker != me) continue;
+      std::vector<Entry> entries;
+      for (const Lock& l : saved.locks)
+        if (l.key == lend.lock_key && l.lock_id.starts_with(lend.lock_id + ".")) entries.push_back(adopted_entry(l, lend));
+      Adoption a = adopt_job(*keeper_client_, lend, std::move(entries), wall_clock_micros());
+      if (a.kind == Adoption::Kind::Failed)
+        return Status::failure("cannot hand the last run's lend of '" + lend.lock_key + "' back to etcd: " + a.error);
+      kept += a.entries.size();
+    }
+  // (Journaled locks whose lend is gone ended with the last run's session.)
+  std::vector<JournalEntry> clear;
+  for (const Lock& l : saved.locks) clear.push_back(JournalEntry{JournalEntry::Kind::DeleteLock, {}, {}, l.lock_id});
+  lost = saved.locks.size() - kept;
+  if (store && !clear.empty())
+    if (Status s = store->apply(clear); !s.ok()) return Status::failure("cannot empty " + path + ": " + s.message());
+  if (kept || lost)
+    log(LogLevel::Info, "broker", "the last run's lent locks: ", kept, " handed back to etcd with their lends, ", lost,
+        " ended with its session");
+  if (opts_.lend) {
+    lent_store_ = std::move(store);
+    lent_table_.keep_journal(true);
+  }
+  return {};
 }
 
 void EtcdService::lend_evaluate(Micros now, const std::function<void(Micros)>& soon) {
   lent_table_.expire(now);
-  drain_lent_events();
+  lent_changed();
   if (std::optional<Micros> at = lent_table_.next_deadline()) soon(*at);
   for (auto it = retired_.begin(); it != retired_.end();) it = now - it->second > kRetiredUs ? retired_.erase(it) : std::next(it);
   if (recalled_.size() > 1024)

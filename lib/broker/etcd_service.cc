@@ -64,7 +64,7 @@ EtcdService::EtcdService(boost::asio::io_context& ioc, EtcdServiceOptions option
       lent_table_(LockTableOptions{opts_.default_lease_ms, opts_.max_hold_ms, opts_.restore_grace_ms},
                   [this] { return lending_ + "." + random_token().substr(0, 16); }) {
   // A lent lock's id names its lend; its fence is one of its lend's (serve_lent makes
-  // sure one is left).
+  // sure one is left). Journaled once lent.db is open (start()).
   lent_table_.keep_journal(false);
   lent_table_.set_fence_source([this](const std::string& key) {
     Lent& l = lent_.at(key);
@@ -505,7 +505,7 @@ void EtcdService::heartbeat_lock(HeartbeatParams p, Reply reply) {
     }
     Lock out;
     const OpStatus st = lent_table_.heartbeat(p.lock_id, p.owner, p.lease_ms, wall_clock_micros(), &out);
-    drain_lent_events();
+    lent_changed();
     if (st != OpStatus::Ok)
       return answer(std::move(reply),
                     error_answer(st == OpStatus::NotFound ? 404 : 403, BrokerService::refusal_text(st, p.lock_id)));

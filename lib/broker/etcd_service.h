@@ -26,8 +26,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
-#include <deque>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -197,7 +197,12 @@ class EtcdService : public RequestHandler {
   // The lent locks' ends, and the lends someone else asks for (adopted) or that ended
   // with the session (lost); evaluate() calls it.
   void lend_evaluate(Micros now, const std::function<void(Micros)>& soon);
-  void drain_lent_events();  // the lent table's ended locks, counted and logged
+  // The lent table's changes journaled in lent.db (false, logged, when they could not
+  // be), and its ended locks counted and logged.
+  bool lent_changed();
+  // (start) The last run's lends: each is handed back to etcd with the locks lent.db
+  // journaled under it; lent.db is then emptied.
+  Status hand_back_last_run();
 
   // The session: keep-alive and the quorum's state.
   void keeper_main();
@@ -256,6 +261,7 @@ class EtcdService : public RequestHandler {
   std::map<std::string, std::pair<std::string, Micros>> doubtful_;
   std::map<std::string, Lent> lent_;          // lock key -> its lend here
   LockTable lent_table_;                      // the lent keys' locks
+  std::unique_ptr<LockStore> lent_store_;     // their journal (<state-dir>/lent.db)
   std::string lending_;                       // the lend a grant is being made under (lock ids)
   std::map<std::string, Micros> recalled_;    // lock key -> when its lend was last adopted
   std::map<std::string, Micros> retired_;     // lend entries adopted or lost -> when

@@ -162,15 +162,8 @@ Status EtcdService::start() {
   alive_sent_at_ = mirror_fresh_at_ = etcd_parts::steady_ns();
   const std::string me = broker_id();
   for (const auto& [key, q] : mirror_->snapshot())
-    for (const Entry& e : q) {
-      restored_waiting_ += !e.held && e.broker == me;
-      if (!e.lend || e.broker != me) continue;
-      // The last run's lend: its lent locks were in that process alone, and are gone.
-      log(LogLevel::Warn, "broker", "the last run's lend of '", e.lock_key, "' ends: its lent locks are gone");
-      Result<etcd::TxnResult> r = keeper_client_->txn({etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision)},
-                                                              {etcd::txn_delete(e.key)}, {}, Retry::Idempotent);
-      if (!r.ok()) return Status::failure("cannot end the last run's lend of '" + e.lock_key + "': " + r.message());
-    }
+    for (const Entry& e : q) restored_waiting_ += !e.held && e.broker == me;
+  if (Status s = hand_back_last_run(); !s.ok()) return s;
   workers_.start();
   keeper_ = start_quiet_thread([this] { keeper_main(); });
   boost::asio::post(ioc_, [this] { evaluate(); });

@@ -744,7 +744,8 @@ TEST_CASE("with an etcd store a lent key is handed back in its place when someon
   }
 }
 
-TEST_CASE("with an etcd store a lender stopped and started again keeps its lent locks", "[etcd][broker][lend]") {
+TEST_CASE("with an etcd store a lender stopped or killed and started again keeps its lent locks",
+          "[etcd][broker][lend]") {
   REQUIRE(test::etcd_installed());
   test::EtcdCluster cluster;
   auto b1 = lending_broker(cluster, {"--etcd-session-ttl", "6"});
@@ -753,7 +754,8 @@ TEST_CASE("with an etcd store a lender stopped and started again keeps its lent 
   CallResult h = BrokerClient(b1->endpoint()).acquire(req(k, LockMode::Write, "H"));
   REQUIRE(h.status == CallStatus::Ok);
   REQUIRE(metric(b1->endpoint(), "gate_etcd_lent_locks") == 1);
-  CHECK(b1->stop() == 0);
+  SECTION("stopped: it hands its lent keys back") { CHECK(b1->stop() == 0); }
+  SECTION("killed: its journal (lent.db) has them") { b1->kill9(); }
   b1->start();  // the same state directory: the same session, while it lives
   BrokerClient c1(b1->endpoint()), c2(b2->endpoint());
   CHECK(c1.heartbeat(h.lock.lock_id, "H").status == CallStatus::Ok);
