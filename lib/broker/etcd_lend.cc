@@ -127,6 +127,8 @@ void EtcdService::adopted(const std::string& key, Adoption a) {
   if (a.kind == Adoption::Kind::Lost) return lost_lend(key, "its lend entry is gone (this broker's etcd session ended)");
   auto after = std::move(it->second.after);
   it->second.after.clear();
+  const std::vector<std::uint64_t> acquires = std::move(it->second.acquires);
+  it->second.acquires.clear();
   if (a.kind == Adoption::Kind::Failed) {
     // Applied or not, etcd cannot say: the key stays frozen (nothing granted under the
     // lend) and the adoption is tried again; what waited for it hears why.
@@ -147,12 +149,15 @@ void EtcdService::adopted(const std::string& key, Adoption a) {
     log(LogLevel::Debug, "broker", "'", key, "' handed back to etcd with ", a.entries.size(), " lent lock(s)");
   }
   for (auto& f : after) f(a.error);
+  if (a.error.empty()) return begin_acquires_in_order(acquires);
+  for (std::uint64_t t : acquires) acquired(t, Outcome{Outcome::Kind::Unavailable, {}, 0, a.error});
 }
 
 void EtcdService::lost_lend(const std::string& key, const std::string& why) {
   auto it = lent_.find(key);
   if (it == lent_.end()) return;
   auto after = std::move(it->second.after);
+  const std::vector<std::uint64_t> acquires = std::move(it->second.acquires);
   retired_[it->second.lend.key] = wall_clock_micros();
   for (auto& turn : it->second.version_turns) boost::asio::post(ioc_, std::move(turn));
   lent_.erase(it);
@@ -160,6 +165,7 @@ void EtcdService::lost_lend(const std::string& key, const std::string& why) {
   lent_changed();
   log(LogLevel::Warn, "broker", "the lend of '", key, "' ended: ", why, "; its ", gone.size(), " lent lock(s) are gone");
   for (auto& f : after) f("");  // (etcd's way now: there they are gone too)
+  begin_acquires_in_order(acquires);
 }
 
 void EtcdService::release_lent(const ReleaseParams& p, Reply reply) {

@@ -237,11 +237,10 @@ void EtcdService::begin_acquire(std::uint64_t t) {
   if (auto l = lent_.find(key); l != lent_.end()) {
     std::string why = "being handed back";
     if (!l->second.adopting && serve_lent(t, &why)) return;
-    // It would wait (or the lend cannot serve it): the key goes back to etcd first.
-    return adopt(key, why.c_str(), [this, t](const std::string& error) {
-      if (error.empty()) return begin_acquire(t);
-      acquired(t, Outcome{Outcome::Kind::Unavailable, {}, 0, error});
-    });
+    // It would wait (or the lend cannot serve it): the key goes back to etcd first,
+    // and then the acquires that waited for that go etcd's way in their order.
+    l->second.acquires.push_back(t);
+    return adopt(key, why.c_str(), {});
   }
   bool may_lend = opts_.lend && !w.entry && lends_trusted();
   if (auto r = recalled_.find(key); may_lend && r != recalled_.end()) {
@@ -252,6 +251,33 @@ void EtcdService::begin_acquire(std::uint64_t t) {
   run_job([this, t, p = w.params, fresh = w.fresh, may_lend](EtcdClient& c, std::int64_t slot) {
     Outcome o = acquire_job(c, slot, p, fresh, wall_clock_micros(), may_lend);
     boost::asio::post(ioc_, [this, t, o = std::move(o)]() mutable { acquired(t, std::move(o)); });
+  });
+}
+
+void EtcdService::begin_acquires_in_order(const std::vector<std::uint64_t>& tickets) {
+  struct Start {
+    std::uint64_t ticket;
+    AcquireParams params;
+    Entry fresh;
+  };
+  std::vector<Start> starts;
+  for (std::uint64_t t : tickets) {
+    auto it = waiters_.find(t);
+    if (it == waiters_.end()) continue;
+    if (it->second->gone) {
+      ++metrics_.disconnects_while_queued;
+      waiters_.erase(it);
+      continue;
+    }
+    starts.push_back({t, it->second->params, it->second->fresh});
+  }
+  if (starts.empty()) return;
+  // One job: each request's entry is in etcd before the next one's is made.
+  run_job([this, starts = std::move(starts)](EtcdClient& c, std::int64_t slot) {
+    for (const Start& s : starts) {
+      Outcome o = acquire_job(c, slot, s.params, s.fresh, wall_clock_micros(), false);
+      boost::asio::post(ioc_, [this, t = s.ticket, o = std::move(o)]() mutable { acquired(t, std::move(o)); });
+    }
   });
 }
 

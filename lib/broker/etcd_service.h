@@ -108,6 +108,9 @@ class EtcdService : public RequestHandler {
   // Waiter `ticket`'s acquire: from the lent table when its key is lent here and it
   // need not wait, else etcd's way (a lend adopted first).
   void begin_acquire(std::uint64_t ticket);
+  // The acquires that waited for a lend to be handed back, etcd's way, one after
+  // another in their order.
+  void begin_acquires_in_order(const std::vector<std::uint64_t>& tickets);
   void release(const std::string& body, Reply& reply);
   void release_lock(ReleaseParams p, Reply reply);
   void heartbeat(const std::string& body, Reply& reply);
@@ -167,6 +170,7 @@ class EtcdService : public RequestHandler {
     // What waits for the adoption: called with "" once the key is etcd's again, or
     // with why the adoption failed (the key stays lent).
     std::vector<std::function<void(const std::string& error)>> after;
+    std::vector<std::uint64_t> acquires;  // waiters waiting for it, in their order
   };
   // The lend `lend` (made here, read with the key's content version) is this broker's.
   void register_lend(const etcd::Entry& lend, std::uint64_t version);

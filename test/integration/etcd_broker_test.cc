@@ -713,6 +713,9 @@ TEST_CASE("with an etcd store a lent key is handed back in its place when someon
     Pending w = acquire_async(b1->endpoint(), req(k, LockMode::Write, "W"));
     REQUIRE(queue_reaches(b2->endpoint(), k, 1));
     CHECK(held(b2->endpoint(), k) == 2);
+    // A reader after the queued writer waits behind it, on the same broker.
+    Pending r2 = acquire_async(b1->endpoint(), req(k, LockMode::Read, "R2"));
+    REQUIRE(queue_reaches(b2->endpoint(), k, 2));
     REQUIRE(c1.release(a.lock.lock_id, "A").status == CallStatus::Ok);
     CHECK_FALSE(w.ready(300ms));
     REQUIRE(c2.release(r.lock.lock_id, "R").status == CallStatus::Ok);
@@ -720,7 +723,12 @@ TEST_CASE("with an etcd store a lent key is handed back in its place when someon
     CallResult gw = w.result.get();
     REQUIRE(gw.status == CallStatus::Ok);
     CHECK(gw.lock.fence > std::max(a.lock.fence, r.lock.fence));
+    CHECK_FALSE(r2.ready(300ms));
     REQUIRE(c1.release(gw.lock.lock_id, "W").status == CallStatus::Ok);
+    REQUIRE(r2.ready(10s));
+    CallResult g2 = r2.result.get();
+    REQUIRE(g2.status == CallStatus::Ok);
+    CHECK(g2.lock.fence > gw.lock.fence);
   }
 
   SECTION("a deadlock through two brokers' lends is refused once they are handed back") {
