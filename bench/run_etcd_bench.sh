@@ -4,12 +4,12 @@
 #   bench/run_etcd_bench.sh [GATE] [broker_bench options...]
 #
 # Starts a 3-member etcd cluster on free loopback ports (own data directories,
-# never 2379), two `gate broker --store etcd://...` on it, and one `gate broker` on
-# SQLite; then runs broker_bench's uncontended and contended scenarios with 16
-# clients spread over both etcd brokers (odd clients on the second), and the same
-# on the SQLite broker; then the same on two etcd brokers that lend quiet keys to
-# themselves (GATE_ETCD_LEND=1); and first, what a put, a guarded transaction and a
-# range cost through etcd's JSON gateway (bench/etcd_floor). Options after GATE go to broker_bench (for example
+# never 2379), two `gate broker --store etcd://... --etcd-lend off` on it, two with
+# lending on (the default), and one `gate broker` on SQLite; then runs broker_bench's
+# uncontended and contended scenarios with 16 clients spread over both brokers of a
+# kind (odd clients on the second), and the same on the SQLite broker; and first,
+# what a put, a guarded transaction and a range cost through etcd's JSON gateway
+# (bench/etcd_floor). Options after GATE go to broker_bench (for example
 # --seconds 10). Everything started here is stopped on exit, by pid.
 set -euo pipefail
 
@@ -76,14 +76,14 @@ start_gate_broker() {  # NAME [flags...]: sets PORT (and its pid is the last of 
   for _ in $(seq 1 100); do grep -q . "$WORK/$name.port" && break; sleep 0.05; done
   PORT=$(head -n 1 "$WORK/$name.port")
 }
-start_gate_broker etcd1 --store "etcd://$endpoints"
+start_gate_broker etcd1 --store "etcd://$endpoints" --etcd-lend off
 e1=$PORT e1_pid=${PIDS[-1]}
-start_gate_broker etcd2 --store "etcd://$endpoints"
+start_gate_broker etcd2 --store "etcd://$endpoints" --etcd-lend off
 e2=$PORT
-# The same with quiet keys lent to their broker (docs/etcd-store.md; GATE_ETCD_LEND=1).
-GATE_ETCD_LEND=1 start_gate_broker etcd3 --store "etcd://$endpoints"
+# The same with quiet keys lent to their broker (the default; docs/etcd-store.md).
+start_gate_broker etcd3 --store "etcd://$endpoints" --etcd-lend on
 e3=$PORT e3_pid=${PIDS[-1]}
-GATE_ETCD_LEND=1 start_gate_broker etcd4 --store "etcd://$endpoints"
+start_gate_broker etcd4 --store "etcd://$endpoints" --etcd-lend on
 e4=$PORT
 start_gate_broker sqlite
 s1=$PORT s1_pid=${PIDS[-1]}

@@ -9,7 +9,6 @@
 
 #include <cerrno>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <iostream>
 
@@ -142,7 +141,10 @@ int broker(int argc, char** argv) {
        "with an etcd store: seconds after this broker stops answering etcd (killed, cut off) that its "
        "locks and queued requests end; a restart within it keeps them (at least 2)")
       ("etcd-timeout-ms", po::value<std::int64_t>()->default_value(5'000),
-       "with an etcd store: the deadline of one call to etcd (503 to the client after it)");
+       "with an etcd store: the deadline of one call to etcd (503 to the client after it)")
+      ("etcd-lend", po::value<std::string>()->default_value("on"),
+       "with an etcd store: on: a key nobody else uses is lent to this broker, which serves it without "
+       "etcd until someone else asks; off: every lock is an etcd write (env GATE_ETCD_LEND)");
   int code = 0;
   auto args = cli::parse(argc, argv, desc, "gate broker [options]",
                        "Runs the lock broker: FIFO read/write locks per path over HTTP, kept in "
@@ -198,9 +200,10 @@ int broker(int argc, char** argv) {
     o.session_ttl_s = ttl;
     o.call_timeout = std::chrono::milliseconds(std::max<std::int64_t>(100, (*args)["etcd-timeout-ms"].as<std::int64_t>()));
     o.address = host;
-    // (Lending quiet keys is being built: docs/etcd-store.md.)
-    const char* lend = std::getenv("GATE_ETCD_LEND");
-    o.lend = lend && std::string_view(lend) == "1";
+    const std::string lend = (*args)["etcd-lend"].as<std::string>();
+    if (lend == "on" || lend == "1" || lend == "yes") o.lend = true;
+    else if (lend == "off" || lend == "0" || lend == "no") o.lend = false;
+    else return cli::fail(me, "--etcd-lend must be on or off, not '" + lend + "'"), 2;
     raise_fd_limit(/*beyond_hard_limit=*/false);
     ::signal(SIGPIPE, SIG_IGN);
     boost::asio::io_context ioc(1);

@@ -23,6 +23,7 @@ const std::map<std::string, std::string>& env_table() {
       {"stale-writes", "GATE_STALE_WRITES"},
       {"log-level", "GATE_LOG_LEVEL"},
       {"store", "GATE_STORE"},
+      {"etcd-lend", "GATE_ETCD_LEND"},
       {"image-mirror", "GATE_IMAGE_MIRROR"},
   };
   return table;

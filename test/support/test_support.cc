@@ -185,12 +185,6 @@ void BrokerProcess::start() {
     argv.push_back(socket_path_);
   }
   for (const auto& a : options_.extra_args) argv.push_back(a);
-  if (!options_.env.empty()) {
-    // (env execs the broker: the child's pid stays the broker's)
-    std::vector<std::string> with{"env"};
-    with.insert(with.end(), options_.env.begin(), options_.env.end());
-    argv.insert(argv.begin(), with.begin(), with.end());
-  }
   // The broker's ready line is its TCP port.
   const std::string line = spawn_until_ready(child_, argv, log_path_);
   if (line.empty()) throw std::runtime_error("gate broker did not start; its log:\n" + log());

@@ -70,7 +70,6 @@ class BrokerProcess {
     std::string state_dir;  // empty: a fresh temporary directory owned by this object
     bool unix_socket = false;
     std::vector<std::string> extra_args;
-    std::vector<std::string> env;  // NAME=VALUE, added to the broker's environment
   };
   BrokerProcess();
   explicit BrokerProcess(Options options);
