@@ -322,18 +322,22 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
       if (now_free) {
         success = grant_writes(result, now, lease, vkey);
       } else if (p.timeout_ms && *p.timeout_ms <= 0) {
-        // A try refused on the mirror's view: refused only once etcd confirms the view
-        // (a release a moment ago, on another broker, may not be in it yet): nothing
-        // changed since, and every entry of it still there.
-        json::array same{etcd::compare_range(prefix, end, "MOD", "LESS", rev + 1)};
-        for (const Entry& e : q)
-          if (same.size() < 64) same.push_back(etcd::compare(e.key, "MOD", "EQUAL", e.mod_revision));
-        Result<etcd::TxnResult> r = txn(c, p.key, same, {}, failure, Retry::Idempotent);
-        if (!r.ok()) return {K::Unavailable, {}, 0, "etcd: " + r.message()};
-        if (r->succeeded) return {K::Timeout, {}, 0, ""};
-        q = queue_from(*r, 0);
-        version = version_from(*r, 1);
-        rev = r->revision;
+        // A try refused on the mirror's view: refused only once etcd's own queue says
+        // the same (a release a moment ago, on another broker, may not be in the view).
+        Result<etcd::RangeResult> now_q = c.range(etcd::range_request(prefix, end));
+        if (!now_q.ok()) return {K::Unavailable, {}, 0, "etcd: " + now_q.message()};
+        Queue fresh_q;
+        for (const etcd::KeyValue& kv : now_q->kvs)
+          if (Result<Entry> e = etcd::decode_entry(kv); e.ok()) fresh_q.push_back(std::move(*e));
+        std::sort(fresh_q.begin(), fresh_q.end(), etcd::queue_order);
+        auto same = [](const Queue& a, const Queue& b) {
+          return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const Entry& x, const Entry& y) {
+            return x.key == y.key && x.mod_revision == y.mod_revision;
+          });
+        };
+        if (same(q, fresh_q)) return {K::Timeout, {}, 0, ""};
+        q = std::move(fresh_q);
+        rev = now_q->revision;
         continue;
       } else {
         // A waiting entry needs no view of the queue: its place is its create revision.

@@ -39,16 +39,23 @@ bool EtcdService::lends_trusted() const {
   // mirror reached its last probe: two intervals and a margin.)
   const std::int64_t now = steady_ns();
   const std::int64_t every = std::chrono::nanoseconds(keeper_every()).count();
-  return now - alive_sent_at_.load() < opts_.session_ttl_s * 500'000'000 &&
+  return now - alive_sent_at_.load() < std::min(opts_.session_ttl_s, lease_ttl_s_.load()) * 500'000'000 &&
          now - mirror_fresh_at_.load() < 2 * every + 500'000'000;
 }
 
 void EtcdService::register_lend(const Entry& lend, std::uint64_t version) {
   // (A lend adopted or lost already, seen in an older view, or one of an ended session.)
-  if (lent_.count(lend.lock_key) || retired_.count(lend.key) || lend.etcd_lease != lease_.load()) return;
+  if (retired_.count(lend.key) || lend.etcd_lease != lease_.load()) return;
+  doubtful_.erase(lend.key);  // (taken up)
+  if (auto it = lent_.find(lend.lock_key); it != lent_.end()) {
+    // Made by a late acquire once the key's lend was gone in etcd, before this broker
+    // heard so: its turn comes after that adoption.
+    if (it->second.lend.key != lend.key && it->second.adopting) it->second.next_lend = {lend, version};
+    return;
+  }
   lent_[lend.lock_key].lend = lend;
   lent_table_.merge_versions({{lend.lock_key, version}});
-  lent_changed();
+  lent_changed(lend.lock_key);
   log(LogLevel::Debug, "broker", "'", lend.lock_key, "' lent to this broker (", lend.key, ")");
 }
 
@@ -81,14 +88,7 @@ bool EtcdService::serve_lent(std::uint64_t ticket, std::string* why) {
   p.timeout_ms = 0;  // what would wait goes etcd's way
   lending_ = l.lend.lock_id;
   const AcquireResult r = lent_table_.acquire(p, wall_clock_micros());
-  if (!lent_changed() && r.kind == AcquireResult::Kind::Granted) {
-    // Not journaled: not granted (a restart would not know it).
-    lent_table_.release(r.lock.lock_id, r.lock.owner, wall_clock_micros());
-    lent_changed();
-    answer(std::move(w.reply), status_answer(503, "unavailable", "cannot journal the lent lock (see the broker's log)"));
-    waiters_.erase(it);
-    return true;
-  }
+  lent_changed(p.key);
   if (r.kind == AcquireResult::Kind::Granted) {
     record_grant(w.since, false);
     answer(std::move(w.reply), granted_answer(r.lock, lent_table_.version_of(p.key)));
@@ -111,11 +111,14 @@ void EtcdService::adopt(const std::string& key, const char* why, std::function<v
   Lent& l = lent_.at(key);
   if (then) l.after.push_back(std::move(then));
   if (l.in_flight) return;
-  if (!l.adopting) log(LogLevel::Debug, "broker", "handing '", key, "' back to etcd: ", why);
+  if (!l.adopting) {
+    log(LogLevel::Debug, "broker", "handing '", key, "' back to etcd: ", why);
+    // (Frozen from now on: a try again writes the same entries, so that it can tell
+    // whether an earlier one was applied.)
+    for (const Lock& lock : lent_table_.locks(key)) l.adoption.push_back(adopted_entry(lock, l.lend));
+  }
   l.adopting = l.in_flight = true;
-  std::vector<Entry> entries;
-  for (const Lock& lock : lent_table_.locks(key)) entries.push_back(adopted_entry(lock, l.lend));
-  run_job([this, key, lend = l.lend, entries = std::move(entries)](EtcdClient& c) mutable {
+  run_job([this, key, lend = l.lend, entries = l.adoption](EtcdClient& c) mutable {
     Adoption a = adopt_job(c, lend, std::move(entries), wall_clock_micros());
     boost::asio::post(ioc_, [this, key, a = std::move(a)]() mutable { adopted(key, std::move(a)); });
   });
@@ -141,15 +144,17 @@ void EtcdService::adopted(const std::string& key, Adoption a) {
     retired_[it->second.lend.key] = now;
     if (!it->second.used_up) recalled_[key] = now;  // (nobody else asked)
     for (auto& turn : it->second.version_turns) boost::asio::post(ioc_, std::move(turn));
+    const auto next_lend = std::move(it->second.next_lend);
     lent_.erase(it);
     lent_table_.take_key(key);
     lent_changed();
+    if (next_lend) register_lend(next_lend->first, next_lend->second);
     // (Until the mirror shows them, a release or heartbeat finds them here.)
     for (const Entry& e : a.entries) remember(e);
     log(LogLevel::Debug, "broker", "'", key, "' handed back to etcd with ", a.entries.size(), " lent lock(s)");
   }
   for (auto& f : after) f(a.error);
-  if (a.error.empty()) return begin_acquires_in_order(acquires);
+  if (a.error.empty()) return begin_acquires_in_order(key, acquires);
   for (std::uint64_t t : acquires) acquired(t, Outcome{Outcome::Kind::Unavailable, {}, 0, a.error});
 }
 
@@ -160,12 +165,14 @@ void EtcdService::lost_lend(const std::string& key, const std::string& why) {
   const std::vector<std::uint64_t> acquires = std::move(it->second.acquires);
   retired_[it->second.lend.key] = wall_clock_micros();
   for (auto& turn : it->second.version_turns) boost::asio::post(ioc_, std::move(turn));
+  const auto next_lend = std::move(it->second.next_lend);
   lent_.erase(it);
   const std::vector<Lock> gone = lent_table_.take_key(key);
   lent_changed();
   log(LogLevel::Warn, "broker", "the lend of '", key, "' ended: ", why, "; its ", gone.size(), " lent lock(s) are gone");
+  if (next_lend) register_lend(next_lend->first, next_lend->second);
   for (auto& f : after) f("");  // (etcd's way now: there they are gone too)
-  begin_acquires_in_order(acquires);
+  begin_acquires_in_order(key, acquires);
 }
 
 void EtcdService::release_lent(const ReleaseParams& p, Reply reply) {
@@ -182,8 +189,9 @@ void EtcdService::release_lent(const ReleaseParams& p, Reply reply) {
         if (error.empty()) release_lock(std::move(p), std::move(reply));
         else answer(std::move(reply), status_answer(503, "unavailable", error));
       });
+    const std::string key = l->key;
     const OpStatus st = lent_table_.release(p.lock_id, p.owner, wall_clock_micros(), p.changed);
-    lent_changed();
+    lent_changed(key);
     if (st != OpStatus::Ok)
       return answer(std::move(reply),
                     error_answer(st == OpStatus::NotFound ? 404 : 403, BrokerService::refusal_text(st, p.lock_id)));
@@ -229,15 +237,24 @@ Status EtcdService::recall(EtcdClient& c, const std::vector<Entry>& lends, std::
   const Session s = session();
   if (!s.lease) return Status::failure("this broker has no etcd session (taking a new one)");
   const std::string asker = s.id + "-" + random_token().substr(0, 12);
-  json::array puts, deletes;
+  // (At most 100 writes a transaction: etcd takes 128.)
+  std::vector<json::array> puts(1), deletes(1);
+  std::int64_t seen = 0;
   for (const Entry& l : lends) {
+    if (puts.back().size() == 100) {
+      puts.emplace_back();
+      deletes.emplace_back();
+    }
     const std::string key = etcd::recall_key(l.lock_key, asker);
-    puts.push_back(etcd::txn_put(key, l.key, s.lease));
-    deletes.push_back(etcd::txn_delete(key));
+    puts.back().push_back(etcd::txn_put(key, l.key, s.lease));
+    deletes.back().push_back(etcd::txn_delete(key));
+    seen = std::max(seen, l.mod_revision);
   }
-  if (Result<etcd::TxnResult> r = c.txn({}, puts, {}, Retry::Idempotent); !r.ok())
-    return Status::failure("etcd: " + r.message());
+  for (const json::array& some : puts)
+    if (Result<etcd::TxnResult> r = c.txn({}, some, {}, Retry::Idempotent); !r.ok())
+      return Status::failure("etcd: " + r.message());
   const auto until = std::chrono::steady_clock::now() + limit;
+  mirror_->wait_for(seen, limit);  // (the lends as read, in the mirror, before it looks for their going)
   auto handed_back = [&] {
     for (const Entry& l : lends)
       if (mirror_->entry(l.key)) return false;
@@ -248,18 +265,26 @@ Status EtcdService::recall(EtcdClient& c, const std::vector<Entry>& lends, std::
     if (left <= std::chrono::milliseconds(0)) break;
     mirror_->wait_for(mirror_->revision() + 1, std::min(left, std::chrono::milliseconds(50)));
   }
+  const bool done = handed_back();
   // (An adoption deletes them; a lend that ended otherwise, with its broker, did not.)
-  if (Result<etcd::TxnResult> r = c.txn({}, deletes, {}, Retry::Idempotent); !r.ok())
-    log(LogLevel::Warn, "broker", "could not remove a recall key (it ends with this broker's session): ", r.message());
+  for (const json::array& some : deletes)
+    if (Result<etcd::TxnResult> r = c.txn({}, some, {}, Retry::Idempotent); !r.ok())
+      log(LogLevel::Warn, "broker", "could not remove a recall key (it ends with this broker's session): ", r.message());
+  if (!done)
+    return Status::failure("the broker '" + lends.front().lock_key + "' is lent to did not hand it back within " +
+                           std::to_string(limit.count()) + " ms");
   return {};
 }
 
-bool EtcdService::lent_changed() {
-  bool saved = true;
+void EtcdService::lent_changed(const std::string& key) {
   if (std::vector<JournalEntry> j = lent_table_.take_journal(); !j.empty() && lent_store_)
     if (Status s = lent_store_->apply(j); !s.ok()) {
-      log(LogLevel::Error, "broker", "cannot journal the lent locks in lent.db: ", s.message());
-      saved = false;
+      // (etcd has the truth once the key is handed back; the journal's rows of its
+      // lend are then the last run's of a lend that is gone: left out at a start.)
+      log(LogLevel::Error, "broker", "cannot journal the lent locks in lent.db (", s.message(),
+          "): the key goes back to etcd");
+      if (auto it = lent_.find(key); it != lent_.end() && !it->second.adopting)
+        adopt(key, "its journal could not be written", {});
     }
   for (const Event& e : lent_table_.take_events()) {
     if (e.kind != Event::Kind::Dropped) continue;
@@ -267,7 +292,6 @@ bool EtcdService::lent_changed() {
     log(LogLevel::Info, "broker", "dropped ", to_string(e.lock.mode), " lock on '", e.lock.key, "' of ", e.lock.owner,
         ": ", e.reason);
   }
-  return saved;
 }
 
 Status EtcdService::hand_back_last_run() {

@@ -242,6 +242,7 @@ void EtcdService::begin_acquire(std::uint64_t t) {
     l->second.acquires.push_back(t);
     return adopt(key, why.c_str(), {});
   }
+  if (auto d = draining_.find(key); d != draining_.end()) return d->second.push_back(t);  // (its turn comes)
   bool may_lend = opts_.lend && !w.entry && lends_trusted();
   if (auto r = recalled_.find(key); may_lend && r != recalled_.end()) {
     // Recalled a moment ago: someone else uses it; lent again once it is quiet.
@@ -254,7 +255,7 @@ void EtcdService::begin_acquire(std::uint64_t t) {
   });
 }
 
-void EtcdService::begin_acquires_in_order(const std::vector<std::uint64_t>& tickets) {
+void EtcdService::begin_acquires_in_order(const std::string& key, const std::vector<std::uint64_t>& tickets) {
   struct Start {
     std::uint64_t ticket;
     AcquireParams params;
@@ -272,12 +273,21 @@ void EtcdService::begin_acquires_in_order(const std::vector<std::uint64_t>& tick
     starts.push_back({t, it->second->params, it->second->fresh});
   }
   if (starts.empty()) return;
-  // One job: each request's entry is in etcd before the next one's is made.
-  run_job([this, starts = std::move(starts)](EtcdClient& c, std::int64_t slot) {
+  // One job: each request's entry is in etcd before the next one's is made; the key's
+  // acquires that come meanwhile wait their turn (draining_), and go next, in order.
+  draining_[key];
+  run_job([this, key, starts = std::move(starts)](EtcdClient& c, std::int64_t slot) {
     for (const Start& s : starts) {
       Outcome o = acquire_job(c, slot, s.params, s.fresh, wall_clock_micros(), false);
       boost::asio::post(ioc_, [this, t = s.ticket, o = std::move(o)]() mutable { acquired(t, std::move(o)); });
     }
+    boost::asio::post(ioc_, [this, key] {
+      auto d = draining_.find(key);
+      if (d == draining_.end()) return;
+      const std::vector<std::uint64_t> next = std::move(d->second);
+      draining_.erase(d);
+      if (!next.empty()) begin_acquires_in_order(key, next);
+    });
   });
 }
 
@@ -531,7 +541,7 @@ void EtcdService::heartbeat_lock(HeartbeatParams p, Reply reply) {
     }
     Lock out;
     const OpStatus st = lent_table_.heartbeat(p.lock_id, p.owner, p.lease_ms, wall_clock_micros(), &out);
-    lent_changed();
+    lent_changed(key);
     if (st != OpStatus::Ok)
       return answer(std::move(reply),
                     error_answer(st == OpStatus::NotFound ? 404 : 403, BrokerService::refusal_text(st, p.lock_id)));
@@ -759,9 +769,12 @@ void EtcdService::evaluate() {
     // A lend ends with its broker (or its session), never by time or a sweep; but for
     // one of this broker's made by an acquire answered 503 (it lends nothing).
     if (sweeping_.count(e.key)) return;
-    if (e.lend && (e.broker != me || !doubtful_.count(e.key) ||
-                   (lent_.count(e.lock_key) && lent_.at(e.lock_key).lend.key == e.key)))
+    if (e.lend) {
+      // One of this broker's made by an acquire answered 503: taken up (it lends
+      // nothing, and ends as an idle lend does), not swept.
+      if (e.broker == me && doubtful_.count(e.key)) register_lend(e, mirror_->version_of(e.lock_key));
       return;
+    }
     std::string why;
     if (auto d = doubtful_.find(e.key); d != doubtful_.end() && d->second.first == e.op) {
       why = "its request was answered 503 before etcd said it had been written";

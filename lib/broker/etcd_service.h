@@ -110,7 +110,7 @@ class EtcdService : public RequestHandler {
   void begin_acquire(std::uint64_t ticket);
   // The acquires that waited for a lend to be handed back, etcd's way, one after
   // another in their order.
-  void begin_acquires_in_order(const std::vector<std::uint64_t>& tickets);
+  void begin_acquires_in_order(const std::string& key, const std::vector<std::uint64_t>& tickets);
   void release(const std::string& body, Reply& reply);
   void release_lock(ReleaseParams p, Reply reply);
   void heartbeat(const std::string& body, Reply& reply);
@@ -171,6 +171,10 @@ class EtcdService : public RequestHandler {
     // with why the adoption failed (the key stays lent).
     std::vector<std::function<void(const std::string& error)>> after;
     std::vector<std::uint64_t> acquires;  // waiters waiting for it, in their order
+    std::vector<etcd::Entry> adoption;    // what its adoption writes (the same on each try)
+    // A lend of the key made meanwhile by a late acquire (its first lend gone in etcd
+    // already): this broker's once the adoption is done.
+    std::optional<std::pair<etcd::Entry, std::uint64_t>> next_lend;
   };
   // The lend `lend` (made here, read with the key's content version) is this broker's.
   void register_lend(const etcd::Entry& lend, std::uint64_t version);
@@ -189,7 +193,7 @@ class EtcdService : public RequestHandler {
   // `limit`; the recall keys go after. A failure: etcd did not take them.
   Status recall(etcd::EtcdClient& c, const std::vector<etcd::Entry>& lends,
                 std::chrono::milliseconds limit = kRecallWait);
-  static constexpr std::chrono::milliseconds kRecallWait{2'000};
+  static constexpr std::chrono::milliseconds kRecallWait{5'000};
   static constexpr std::chrono::milliseconds kStatusRecall{500};
   void release_lent(const ReleaseParams& p, Reply reply);
   // Whether this broker may grant under its lends now: its session's last keep-alive
@@ -201,9 +205,10 @@ class EtcdService : public RequestHandler {
   // The lent locks' ends, and the lends someone else asks for (adopted) or that ended
   // with the session (lost); evaluate() calls it.
   void lend_evaluate(Micros now, const std::function<void(Micros)>& soon);
-  // The lent table's changes journaled in lent.db (false, logged, when they could not
-  // be), and its ended locks counted and logged.
-  bool lent_changed();
+  // The lent table's changes journaled in lent.db, and its ended locks counted and
+  // logged. A journal that cannot be written (logged) hands `key` back to etcd, which
+  // then has its locks as they are.
+  void lent_changed(const std::string& key = "");
   // (start) The last run's lends: each is handed back to etcd with the locks lent.db
   // journaled under it; lent.db is then emptied.
   Status hand_back_last_run();
@@ -269,6 +274,10 @@ class EtcdService : public RequestHandler {
   std::string lending_;                       // the lend a grant is being made under (lock ids)
   std::map<std::string, Micros> recalled_;    // lock key -> when its lend was last adopted
   std::map<std::string, Micros> retired_;     // lend entries adopted or lost -> when
+  // Keys whose acquires go to etcd in order after a hand-back: later ones wait their turn.
+  std::map<std::string, std::vector<std::uint64_t>> draining_;
+  // The TTL etcd gives this broker's session lease (a lease taken up keeps its own).
+  std::atomic<std::int64_t> lease_ttl_s_{2};
   std::uint64_t adoptions_ = 0;
 };
 

@@ -187,7 +187,10 @@ void EtcdService::keeper_main() {
     }
     const std::int64_t sent = etcd_parts::steady_ns();
     Result<std::int64_t> ttl = keeper_client_->lease_keepalive(lease_.load());
-    if (ttl.ok() && *ttl > 0) alive_sent_at_ = sent;
+    if (ttl.ok() && *ttl > 0) {
+      alive_sent_at_ = sent;
+      lease_ttl_s_ = *ttl;
+    }
     if (!ttl.ok()) {
       set_unavailable("etcd does not answer (" + ttl.message() + ")");
     } else if (*ttl <= 0) {
