@@ -24,16 +24,19 @@ const json::object* response_range(const etcd::TxnResult& r, std::size_t i) {
 }  // namespace
 
 // The queue a transaction's failure branch read (entries not gate's are left out).
-Queue queue_from(const etcd::TxnResult& r, std::size_t i) {
+Queue queue_of(const etcd::RangeResult& range) {
   Queue q;
-  const json::object* range = response_range(r, i);
-  if (!range) return q;
-  Result<etcd::RangeResult> rr = etcd::decode_range(*range);
-  if (!rr.ok()) return q;
-  for (const etcd::KeyValue& kv : rr->kvs)
+  for (const etcd::KeyValue& kv : range.kvs)
     if (Result<Entry> e = etcd::decode_entry(kv); e.ok()) q.push_back(std::move(*e));
   std::sort(q.begin(), q.end(), etcd::queue_order);
   return q;
+}
+
+Queue queue_from(const etcd::TxnResult& r, std::size_t i) {
+  const json::object* range = response_range(r, i);
+  if (!range) return {};
+  Result<etcd::RangeResult> rr = etcd::decode_range(*range);
+  return rr.ok() ? queue_of(*rr) : Queue{};
 }
 
 std::uint64_t version_from(const etcd::TxnResult& r, std::size_t i) {
@@ -326,10 +329,7 @@ EtcdService::Outcome EtcdService::acquire_job(EtcdClient& c, std::int64_t slot, 
         // the same (a release a moment ago, on another broker, may not be in the view).
         Result<etcd::RangeResult> now_q = c.range(etcd::range_request(prefix, end));
         if (!now_q.ok()) return {K::Unavailable, {}, 0, "etcd: " + now_q.message()};
-        Queue fresh_q;
-        for (const etcd::KeyValue& kv : now_q->kvs)
-          if (Result<Entry> e = etcd::decode_entry(kv); e.ok()) fresh_q.push_back(std::move(*e));
-        std::sort(fresh_q.begin(), fresh_q.end(), etcd::queue_order);
+        Queue fresh_q = queue_of(*now_q);
         auto same = [](const Queue& a, const Queue& b) {
           return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const Entry& x, const Entry& y) {
             return x.key == y.key && x.mod_revision == y.mod_revision;

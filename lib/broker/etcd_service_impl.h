@@ -1,7 +1,9 @@
 #pragma once
 // What the parts of EtcdService share (etcd_service.cc: requests and their state on
-// the io thread; etcd_decide.cc: the decisions written to etcd on worker threads;
-// etcd_session.cc: the broker's etcd session). Not for other users.
+// the io thread; etcd_evaluate.cc: what the mirror shows, on the io thread;
+// etcd_decide.cc: the decisions written to etcd on worker threads; etcd_lend.cc: the
+// keys lent to the broker; etcd_session.cc: the broker's etcd session). Not for other
+// users.
 #include <boost/json.hpp>
 
 #include <chrono>
@@ -17,7 +19,7 @@
 
 namespace gate {
 
-// (Names the three parts all use; this header is theirs alone.)
+// (Names the parts all use; this header is theirs alone.)
 namespace json = boost::json;
 using etcd::Entry;
 using etcd::EtcdClient;
@@ -99,6 +101,13 @@ inline std::int64_t steady_ns() {
 // queue the failure read; this many times at most before the client hears 503.
 constexpr int kAttempts = 16;
 
+// A job etcd refused is tried again after this long.
+constexpr Micros kRetryUs = 250'000;
+// A queue entry as the API shows it: a lock, or a queued request.
+Lock to_lock(const etcd::Entry& e);
+QueuedRequest to_queued(const etcd::Entry& e);
+// The queue a range read, in queue order (entries not gate's are left out).
+etcd::Queue queue_of(const etcd::RangeResult& range);
 // The queue a transaction's failure branch read at response i (entries not gate's
 // are left out), and the version a range at response i read.
 etcd::Queue queue_from(const etcd::TxnResult& r, std::size_t i);
