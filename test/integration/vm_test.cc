@@ -110,11 +110,27 @@ std::vector<pid_t> processes_naming(const std::string& path) {
 // Work going on when a VM dies: a shell appends numbered lines to `file` (each append
 // its own open and close) and, after each close returned, writes how many it finished to
 // `progress` (outside the view). It stops at the first failure.
-test::Child start_writer(const std::string& file, const std::string& progress) {
+test::Child start_writer(const std::string& file, const std::string& progress,
+                         const std::string& log = "") {
   return test::Child::spawn(
       {"sh", "-c", "i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); echo \"line $i\" >> \"$1\" || exit 1; "
                    "echo $i > \"$2.new\" && mv \"$2.new\" \"$2\"; done",
-       "sh", file, progress});
+       "sh", file, progress},
+      log);
+}
+
+// For a failure's message: the last lines of the guest's mount log and of its broker's
+// journal (the sshfs method's mount runs in the guest, where its errors are logged).
+std::string guest_logs(const std::string& name) {
+  auto stack = load_stack(name);
+  if (!stack) return "(no stack state for " + name + ")";
+  vm::SshTarget root = vm::ssh_target_of(*stack);
+  root.user = "root";
+  RunResult r = run_command(
+      vm::ssh_command(root, "tail -n 60 /home/gate/gate-mount.log; echo '--- broker:'; "
+                            "journalctl -b -u gate-broker --no-pager -o short-monotonic -n 40"),
+      60s);
+  return "guest logs (ssh exit " + std::to_string(r.status) + "):\n" + r.output;
 }
 
 int finished_lines(const std::string& progress) {
@@ -311,8 +327,14 @@ TEST_CASE("in sshfs mode every edit lands in the repository as it is written, a 
     CHECK(journal.output.find("is still out") == std::string::npos);
   }
   const std::string progress = tmp.path() + "/progress";
-  auto writer = start_writer(mnt + "/work.log", progress);
-  REQUIRE(wait_until([&] { return finished_lines(progress) >= 20; }, 120s));
+  auto writer = start_writer(mnt + "/work.log", progress, tmp.path() + "/writer.log");
+  if (!wait_until([&] { return finished_lines(progress) >= 20; }, 120s)) {
+    const int status = writer.wait(0ms);
+    FAIL("the writer finished " << finished_lines(progress) << " lines in 120 s ("
+                                << (status < 0 ? "still running" : "exited " + std::to_string(status))
+                                << "): " << test::read_file(tmp.path() + "/writer.log") << "\n"
+                                << guest_logs("e2e-sshfs"));
+  }
   ::kill(pid_of(kv, "qemu_pid"), SIGKILL);
   REQUIRE(wait_for_exit(pid_of(kv, "qemu_pid"), 10s));
   const int finished = finished_lines(progress);
