@@ -9,6 +9,8 @@
 //                rate as a share of it is the figure that matters.
 //   contended    every client write-locks one key: pairs/s and the hand-off time
 //                from a holder sending release to the next holder seeing its grant.
+//   handoff      two clients (one per broker with --port2) take one key in turn,
+//                each releasing once the other waits: the hand-off time alone.
 //   memory       (--hold N) N distinct keys held at once, then the broker's VmRSS.
 //
 // The clients are coroutines on one io_context in one thread: on a 2-core machine
@@ -105,13 +107,18 @@ class HttpConnection {
   }
 
   asio::awaitable<Reply> post(std::string_view target, std::string body) {
+    co_return co_await exchange(http::verb::post, target, std::move(body));
+  }
+  asio::awaitable<Reply> get(std::string_view target) { co_return co_await exchange(http::verb::get, target, ""); }
+
+  asio::awaitable<Reply> exchange(http::verb verb, std::string_view target, std::string body) {
     if (!connected_) {
       ++reconnects_;
       co_await connect();
     }
-    http::request<http::string_body> req{http::verb::post, target, 11};
+    http::request<http::string_body> req{verb, target, 11};
     req.set(http::field::host, endpoint_.is_unix() ? std::string("localhost") : endpoint_.host);
-    req.set(http::field::content_type, "application/json");
+    if (verb == http::verb::post) req.set(http::field::content_type, "application/json");
     req.body() = std::move(body);
     req.prepare_payload();
     co_await http::async_write(socket_, req, asio::use_awaitable);
@@ -528,28 +535,76 @@ struct HotKey {
   std::uint64_t overlaps = 0;   // a grant seen while another client still held the key
 };
 
+// Client i takes `hot`'s key: its acquire, then the grant noted (the hand-off from the
+// last release to it, and whether another client still held the key). The lock's id.
+asio::awaitable<std::string> take(int i, HttpConnection& conn, RunResult& out, HotKey& hot, const std::string& path,
+                                  const std::string& acquire) {
+  auto t0 = Clock::now();
+  Reply acquired = co_await conn.post("/v1/locks/acquire", acquire);
+  auto granted_at = Clock::now();
+  ++out.requests;
+  std::string id = granted_lock_id(acquired, path);
+  if (hot.held) ++hot.overlaps;
+  hot.held = true;
+  if (hot.release_sent) {
+    hot.handoff_ms.push_back(ms_between(*hot.release_sent, granted_at));
+    if (hot.last_side != i % hot.brokers) hot.cross_ms.push_back(hot.handoff_ms.back());
+  }
+  hot.last_side = i % hot.brokers;
+  hot.release_sent.reset();
+  hot.wait_ms.push_back(ms_between(t0, granted_at));
+  co_return id;
+}
+
 asio::awaitable<void> hot_client(int i, HttpConnection& conn, RunResult& out, HotKey& hot) {
   const std::string path = "bench/hot";
   const std::string owner = "bench-" + std::to_string(i);
   const std::string acquire = acquire_body(path, owner);
   while (Clock::now() < hot.deadline) {
     auto t0 = Clock::now();
-    Reply acquired = co_await conn.post("/v1/locks/acquire", acquire);
-    auto granted_at = Clock::now();
-    ++out.requests;
-    std::string id = granted_lock_id(acquired, path);
-    if (hot.held) ++hot.overlaps;
-    hot.held = true;
-    if (hot.release_sent) {
-      hot.handoff_ms.push_back(ms_between(*hot.release_sent, granted_at));
-      if (hot.last_side != i % hot.brokers) hot.cross_ms.push_back(hot.handoff_ms.back());
-    }
-    hot.last_side = i % hot.brokers;
-    hot.release_sent.reset();
-    hot.wait_ms.push_back(ms_between(t0, granted_at));
-
+    std::string id = co_await take(i, conn, out, hot, path, acquire);
     hot.held = false;
     hot.release_sent = Clock::now();
+    Reply released = co_await conn.post("/v1/locks/release", release_body(id, owner));
+    ++out.requests;
+    expect_released(released, id);
+    out.pair_ms.push_back(ms_between(t0, Clock::now()));
+    ++out.pairs;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The hand-off scenario: two clients (one on each broker, with --port2) take one key
+// in turn (a HotKey). The holder releases only once its broker shows the other's
+// acquire queued, so each hand-off is a release with its successor already waiting:
+// the time from sending the release to the other client's grant, with nothing else
+// under way.
+
+// How many wait in the queue of a /v1/locks/status answer (-1: not an answer).
+long queued_in(const Reply& r) {
+  if (r.status != 200 || !r.json.is_object()) return -1;
+  const json::value* q = r.json.as_object().if_contains("queue");
+  return q && q->is_array() ? static_cast<long>(q->as_array().size()) : -1;
+}
+
+asio::awaitable<void> pingpong_client(int i, HttpConnection& conn, RunResult& out, HotKey& hot) {
+  const std::string path = "bench/pingpong";
+  const std::string owner = "bench-pp-" + std::to_string(i);
+  const std::string acquire = acquire_body(path, owner);
+  asio::steady_timer pause(co_await asio::this_coro::executor);
+  while (Clock::now() < hot.deadline) {
+    auto t0 = Clock::now();
+    std::string id = co_await take(i, conn, out, hot, path, acquire);
+    bool queued = false;
+    while (Clock::now() < hot.deadline) {
+      Reply st = co_await conn.get("/v1/locks/status?path=" + path);
+      ++out.requests;
+      if ((queued = queued_in(st) > 0)) break;
+      pause.expires_after(std::chrono::microseconds(200));
+      co_await pause.async_wait(asio::use_awaitable);
+    }
+    hot.held = false;
+    if (queued) hot.release_sent = Clock::now();  // (the last one, at the deadline, is no hand-off)
     Reply released = co_await conn.post("/v1/locks/release", release_body(id, owner));
     ++out.requests;
     expect_released(released, id);
@@ -644,7 +699,7 @@ int usage(FILE* to) {
                "  --hold-clients N        clients taking the held keys (4)\n"
                "  --hold-seconds S        give up taking/releasing held keys after S (300)\n"
                "  --lease-ms MS           lease of the held keys (600000)\n"
-               "  --only LIST             comma list of uncontended,baseline,contended,memory\n"
+               "  --only LIST             comma list of uncontended,baseline,contended,handoff,memory\n"
                "  --grace S               a run still going S seconds after its end is cut off (20)\n");
   return 2;
 }
@@ -736,8 +791,10 @@ std::optional<Options> parse(int argc, char** argv) {
         auto q = list.find(',', p);
         if (q == std::string::npos) q = list.size();
         std::string name = list.substr(p, q - p);
-        if (name != "uncontended" && name != "baseline" && name != "contended" && name != "memory") {
-          std::fprintf(stderr, "broker_bench: --only knows uncontended, baseline, contended, memory; not '%s'\n",
+        if (name != "uncontended" && name != "baseline" && name != "contended" && name != "handoff" &&
+            name != "memory") {
+          std::fprintf(stderr,
+                       "broker_bench: --only knows uncontended, baseline, contended, handoff, memory; not '%s'\n",
                        name.c_str());
           return std::nullopt;
         }
@@ -749,7 +806,7 @@ std::optional<Options> parse(int argc, char** argv) {
       return std::nullopt;
     }
   }
-  bool needs_broker = o.wants("uncontended") || o.wants("contended") || (o.wants("memory") && o.hold > 0);
+  bool needs_broker = o.wants("uncontended") || o.wants("contended") || o.wants("handoff") || (o.wants("memory") && o.hold > 0);
   if (needs_broker && o.broker.port == 0 && !o.broker.is_unix()) {
     std::fprintf(stderr, "broker_bench: say where the broker listens: --port N or --unix-socket PATH\n");
     return std::nullopt;
@@ -870,6 +927,32 @@ int main(int argc, char** argv) {
         failed = true;
         std::printf("  EXCLUSION BROKEN %llu grants arrived while another client still held bench/hot\n",
                     (unsigned long long)hot.overlaps);
+      }
+    }
+
+    if (opt.wants("handoff")) {
+      std::printf("\n== hand-off: 2 clients%s take bench/pingpong in turn; each releases once the other "
+                  "waits\n", opt.brokers().size() > 1 ? " (one on each broker)" : "");
+      HotKey pp;
+      pp.deadline = Clock::now() + std::chrono::hours(1);
+      pp.brokers = int(opt.brokers().size());
+      RunResult r = run_clients(opt.brokers(), 2, opt.run_limit(), opt.broker_pid,
+                                [&](int i, HttpConnection& c, RunResult& res) {
+                                  if (i == 0) pp.deadline = Clock::now() + opt.run_length();
+                                  return pingpong_client(i, c, res, pp);
+                                });
+      print_run(r, "broker");
+      if (!pp.handoff_ms.empty()) {
+        double p50 = percentile(pp.handoff_ms, 50);
+        std::printf("  hand-off         p50 %.3f ms  p99 %.3f ms  max %.3f ms  (%zu hand-offs, %zu of them to a "
+                    "client of the other broker)\n",
+                    p50, percentile(pp.handoff_ms, 99), percentile(pp.handoff_ms, 100), pp.handoff_ms.size(),
+                    pp.cross_ms.size());
+      }
+      if (pp.overlaps) {
+        failed = true;
+        std::printf("  EXCLUSION BROKEN %llu grants arrived while the other client still held bench/pingpong\n",
+                    (unsigned long long)pp.overlaps);
       }
     }
 

@@ -7,7 +7,8 @@
 # never 2379), two `gate broker --store etcd://... --etcd-lend off` on it, two with
 # lending on (the default), and one `gate broker` on SQLite; then runs broker_bench's
 # uncontended and contended scenarios with 16 clients spread over both brokers of a
-# kind (odd clients on the second), and the same on the SQLite broker; and first,
+# kind (odd clients on the second), its hand-off scenario (two clients, one on each
+# broker, each releasing once the other waits), and the same on the SQLite broker; and first,
 # what a put, a guarded transaction and a range cost through etcd's JSON gateway
 # (bench/etcd_floor). Options after GATE go to broker_bench (for example
 # --seconds 10). Everything started here is stopped on exit, by pid.
@@ -97,7 +98,7 @@ echo "######## etcd itself through its JSON gateway (the floor): 1 client, then 
 echo
 echo "######## etcd store: 3 members, brokers on :$e1 and :$e2 (16 clients over both)"
 "$bench" --port "$e1" --port2 "$e2" --broker-pid "$e1_pid" --clients 16 --seconds 5 \
-  --only uncontended,contended "$@"
+  --only uncontended,contended,handoff "$@"
 # What the brokers sent etcd (their TxnBatcher's counters; all runs so far).
 sent_to_etcd() {
   for p in "$@"; do
@@ -114,14 +115,14 @@ echo "######## etcd store, one client (uncontended latency)"
 echo
 echo "######## etcd store lending quiet keys: brokers on :$e3 and :$e4 (16 clients over both)"
 "$bench" --port "$e3" --port2 "$e4" --broker-pid "$e3_pid" --clients 16 --seconds 5 \
-  --only uncontended,contended "$@"
+  --only uncontended,contended,handoff "$@"
 sent_to_etcd "$e3" "$e4"
 echo
 echo "######## etcd store lending quiet keys, one client (uncontended latency)"
 "$bench" --port "$e3" --broker-pid "$e3_pid" --clients 1 --seconds 5 --only uncontended "$@"
 echo
 echo "######## SQLite store: one broker on :$s1 (16 clients)"
-"$bench" --port "$s1" --broker-pid "$s1_pid" --clients 16 --seconds 5 --only uncontended,contended "$@"
+"$bench" --port "$s1" --broker-pid "$s1_pid" --clients 16 --seconds 5 --only uncontended,contended,handoff "$@"
 echo
 echo "######## SQLite store, one client"
 "$bench" --port "$s1" --broker-pid "$s1_pid" --clients 1 --seconds 5 --only uncontended "$@"
