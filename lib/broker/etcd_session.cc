@@ -127,14 +127,26 @@ Status EtcdService::take_session(EtcdClient& c) {
         if (Status gone = c.lease_revoke(lease); !gone.ok())
           log(LogLevel::Warn, "broker", "could not end that session: ", gone.message());
         lease = 0;
-      } else log(LogLevel::Info, "broker", "taking up the etcd session of the last run (lease ", lease_hex(lease), ", ",
-               *ttl, " s left): its queued requests keep their places");
+      } else if (Result<std::int64_t> kept = c.lease_keepalive(lease); !kept.ok()) {
+        return Status::failure("cannot reach etcd: " + kept.message());
+      } else if (*kept <= 0) {
+        lease = 0;  // ended meanwhile
+      } else {
+        // Kept alive at once (what is left of it may be less than the keeper's first
+        // wait), and then as often as its own TTL needs, whatever --etcd-session-ttl
+        // says now: a new session has that TTL.
+        lease_ttl_s_ = *kept;
+        log(LogLevel::Info, "broker", "taking up the etcd session of the last run (lease ", lease_hex(lease), ", ",
+            *ttl, " s left, TTL ", *kept, " s): its queued requests keep their places");
+      }
     }
   }
   if (!lease) {
-    Result<std::int64_t> granted = c.lease_grant(std::max<std::int64_t>(2, opts_.session_ttl_s));
+    const std::int64_t ttl_s = std::max<std::int64_t>(2, opts_.session_ttl_s);
+    Result<std::int64_t> granted = c.lease_grant(ttl_s);
     if (!granted.ok()) return Status::failure("cannot take an etcd session lease: " + granted.message());
     lease = *granted;
+    lease_ttl_s_ = ttl_s;
     if (Status s = replace_file(path, std::to_string(lease) + "\n"); !s.ok())
       return Status::failure("cannot save the etcd session in " + path + ": " + s.message());
   }
@@ -171,13 +183,12 @@ Status EtcdService::start() {
 }
 
 std::chrono::milliseconds EtcdService::keeper_every() const {
-  return std::chrono::milliseconds(std::max<std::int64_t>(200, opts_.session_ttl_s * 1000 / 4));
+  return std::chrono::milliseconds(std::max<std::int64_t>(200, lease_ttl_s_.load() * 1000 / 4));
 }
 
 void EtcdService::keeper_main() {
-  const auto every = keeper_every();
   std::unique_lock lock(keeper_mu_);
-  while (!keeper_cv_.wait_for(lock, every, [&] { return keeper_stop_; })) {
+  while (!keeper_cv_.wait_for(lock, keeper_every(), [&] { return keeper_stop_; })) {
     lock.unlock();
     {
       // Grants the mirror has long shown (or that ended elsewhere) are forgotten.

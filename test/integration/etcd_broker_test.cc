@@ -333,6 +333,39 @@ TEST_CASE("with an etcd store a killed broker's locks end with its session and a
   }
 }
 
+TEST_CASE("with an etcd store a broker restarted with a longer session TTL keeps the session it took up alive",
+          "[etcd][broker]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  test::TempDir state{"gate-etcd-ttl"};
+  auto b1 = etcd_broker(cluster, {"--etcd-session-ttl", "3"}, state.path());
+  auto b2 = etcd_broker(cluster);
+  const std::string k = key_for("ttl");
+  AcquireRequest r = req(k, LockMode::Write, "H");
+  r.lease_ms = 600'000;
+  REQUIRE(BrokerClient(b1->endpoint()).acquire(r).status == CallStatus::Ok);
+  b1->kill9();
+  // The same session, taken up by a broker whose own sessions last 60 s: the lease it
+  // takes up has 3 s, and is kept alive as often as that needs (or the lock ends with it).
+  auto again = etcd_broker(cluster, {"--etcd-session-ttl", "60"}, state.path());
+  INFO(again->log());
+  REQUIRE(again->log().find("taking up the etcd session") != std::string::npos);
+  BrokerClient c2(b2->endpoint());
+  auto held = [&] {
+    auto h = c2.holders(k);
+    return h && h->size() == 1 && h->front().owner == "H";
+  };
+  CHECK(held());
+  // Three of the lease's TTLs: watched, since nothing is to happen.
+  const auto until = Clock::now() + 9s;
+  bool kept = true;
+  while (kept && Clock::now() < until) {
+    kept = held();
+    std::this_thread::sleep_for(100ms);
+  }
+  CHECK(kept);
+}
+
 TEST_CASE("with an etcd store no quorum means 503 with the reason and the quorum's return means service",
           "[etcd][broker]") {
   REQUIRE(test::etcd_installed());
