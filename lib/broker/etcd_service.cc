@@ -250,6 +250,9 @@ void EtcdService::begin_acquire(std::uint64_t t) {
     if (wall_clock_micros() - r->second < kQuietUs) may_lend = false;
     else recalled_.erase(r);
   }
+  // Another broker's entry there a moment ago (its lock, its wait, or its lend): the
+  // key is shared, and a lend would only be recalled.
+  if (may_lend && mirror_->other_broker_within(key, broker_id(), std::chrono::microseconds(kQuietUs))) may_lend = false;
   run_job([this, t, p = w.params, fresh = w.fresh, may_lend](EtcdClient& c, std::int64_t slot) {
     Outcome o = acquire_job(c, slot, p, fresh, wall_clock_micros(), may_lend);
     boost::asio::post(ioc_, [this, t, o = std::move(o)]() mutable { acquired(t, std::move(o)); });

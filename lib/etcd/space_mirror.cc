@@ -59,7 +59,32 @@ void SpaceMirror::put_kv(const KeyValue& kv) {
   put_entry(std::move(*e));
 }
 
+void SpaceMirror::note_had(const Entry& e) {
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point now = Clock::now();
+  had_[e.lock_key][e.broker] = now;
+  if (++had_since_prune_ < 4096) return;
+  // What is older than any window asked about goes (a minute: windows are seconds).
+  had_since_prune_ = 0;
+  for (auto k = had_.begin(); k != had_.end();) {
+    std::erase_if(k->second, [&](const auto& b) { return now - b.second > std::chrono::minutes(1); });
+    k = k->second.empty() ? had_.erase(k) : std::next(k);
+  }
+}
+
+bool SpaceMirror::other_broker_within(const std::string& lock_key, const std::string& me,
+                                      std::chrono::microseconds window) const {
+  std::lock_guard lock(mu_);
+  auto k = had_.find(lock_key);
+  if (k == had_.end()) return false;
+  const auto since = std::chrono::steady_clock::now() - window;
+  for (const auto& [broker, at] : k->second)
+    if (broker != me && at >= since) return true;
+  return false;
+}
+
 void SpaceMirror::put_entry(Entry e) {
+  note_had(e);
   Queue& q = space_[e.lock_key];
   auto same = std::find_if(q.begin(), q.end(), [&](const Entry& x) { return x.key == e.key; });
   if (same != q.end()) {
@@ -81,6 +106,7 @@ void SpaceMirror::delete_key(const std::string& key) {
   Queue& q = it->second;
   auto e = std::find_if(q.begin(), q.end(), [&](const Entry& x) { return x.key == key; });
   if (e == q.end()) return;
+  note_had(*e);
   unindex(*e);
   q.erase(e);
   if (q.empty()) space_.erase(it);

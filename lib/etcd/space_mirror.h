@@ -68,6 +68,9 @@ class SpaceMirror {
   KeyView view(const std::string& lock_key) const;
   // Whether another broker asks for `lock_key` to be handed back (a recall key).
   bool recalled(const std::string& lock_key) const;
+  // Whether a broker other than `me` has had an entry in `lock_key`'s queue (a lend
+  // too) within `window` of now, as far as this mirror has seen since it started.
+  bool other_broker_within(const std::string& lock_key, const std::string& me, std::chrono::microseconds window) const;
   // The held entry with this lock id, if the mirror has it.
   std::optional<Entry> find_lock(const std::string& lock_id) const;
   // Content versions (0: never changed).
@@ -114,6 +117,11 @@ class SpaceMirror {
   };
   std::map<std::string, Waiting> waiting_;               // a waiting entry's queue key -> where
   std::map<std::string, std::string> recalls_;           // a recall key -> its lock key
+  // When each broker last had an entry in a key's queue (one put, or deleted: it had
+  // one until then), on the steady clock; kept across resyncs, pruned as it grows.
+  std::map<std::string, std::map<std::string, std::chrono::steady_clock::time_point>> had_;
+  std::size_t had_since_prune_ = 0;
+  void note_had(const Entry& e);
   std::int64_t revision_ = 0;
   std::uint64_t resyncs_ = 0, skipped_ = 0;
   std::string last_problem_;

@@ -602,6 +602,43 @@ TEST_CASE("with an etcd store killing the etcd leader under load never makes two
   WARN(holds.size() << " holds by " << kClients << " clients over two brokers across the leader's death; " << seen.str());
 }
 
+TEST_CASE("with an etcd store a key another broker had a moment ago is not lent until it is quiet",
+          "[etcd][broker][lend]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  auto b1 = lending_broker(cluster);
+  auto b2 = lending_broker(cluster);
+  const std::string k = key_for("shared");
+  BrokerClient c1(b1->endpoint()), c2(b2->endpoint());
+  // Lent to b2, which nobody else asked for it.
+  CallResult there = c2.acquire(req(k, LockMode::Write, "B"));
+  REQUIRE(there.status == CallStatus::Ok);
+  CHECK(metric(b2->endpoint(), "gate_etcd_lent_keys") == 1);
+  REQUIRE(c2.release(there.lock.lock_id, "B").status == CallStatus::Ok);
+  // b1 asks it back, and then takes it through etcd: b2 had it a moment ago, so a
+  // lend to b1 would only be asked back in turn.
+  CallResult here = c1.acquire(req(k, LockMode::Write, "A"));
+  REQUIRE(here.status == CallStatus::Ok);
+  CHECK(metric(b2->endpoint(), "gate_etcd_adoptions_total") == 1);
+  CHECK(metric(b1->endpoint(), "gate_etcd_lent_keys") == 0);
+  REQUIRE(c1.release(here.lock.lock_id, "A").status == CallStatus::Ok);
+  const auto released = Clock::now();
+  CallResult again = c1.acquire(req(k, LockMode::Write, "A"));
+  REQUIRE(again.status == CallStatus::Ok);
+  if (Clock::now() - released < 1s) CHECK(metric(b1->endpoint(), "gate_etcd_lent_keys") == 0);
+  else WARN("the second acquire took a second or more: whether it was lent is not checked");
+  REQUIRE(c1.release(again.lock.lock_id, "A").status == CallStatus::Ok);
+  // Quiet for 2 s (nobody else's entry there), the key is lent to b1.
+  CHECK(test::eventually(
+      [&] {
+        CallResult g = c1.acquire(req(k, LockMode::Write, "A"));
+        const bool lent = g.status == CallStatus::Ok && metric(b1->endpoint(), "gate_etcd_lent_keys") == 1;
+        if (g.status == CallStatus::Ok) c1.release(g.lock.lock_id, "A");
+        return lent;
+      },
+      10s));
+}
+
 TEST_CASE("with an etcd store a quiet key is lent to its broker: pairs write nothing to etcd, fences and versions "
           "go on", "[etcd][broker][lend]") {
   REQUIRE(test::etcd_installed());
