@@ -35,11 +35,12 @@ bool EtcdService::lends_trusted() const {
   // A lend lives as long as this broker's session: granting under it is safe while
   // the session surely lives (a keep-alive etcd answered, sent within TTL / 2), and
   // only while the mirror follows etcd (it shows who else asks for a lent key).
-  // (The keeper sends a keep-alive every TTL / 4, and learns one interval later that the
-  // mirror reached its last probe: two intervals and a margin.)
+  // (The keeper sends a keep-alive every TTL / 4 of the lease it keeps, which may be one
+  // taken up with a TTL of its own, and learns one interval later that the mirror
+  // reached its last probe: two intervals and a margin.)
   const std::int64_t now = steady_ns();
   const std::int64_t every = std::chrono::nanoseconds(keeper_every()).count();
-  return now - alive_sent_at_.load() < std::min(opts_.session_ttl_s, lease_ttl_s_.load()) * 500'000'000 &&
+  return now - alive_sent_at_.load() < lease_ttl_s_.load() * 500'000'000 &&
          now - mirror_fresh_at_.load() < 2 * every + 500'000'000;
 }
 

@@ -366,6 +366,34 @@ TEST_CASE("with an etcd store a broker restarted with a longer session TTL keeps
   CHECK(kept);
 }
 
+TEST_CASE("with an etcd store a lending broker restarted with a shorter session TTL trusts the session it took up",
+          "[etcd][broker][lend]") {
+  REQUIRE(test::etcd_installed());
+  test::EtcdCluster cluster;
+  test::TempDir state{"gate-etcd-ttl"};
+  auto b1 = etcd_broker(cluster, {"--etcd-lend", "on", "--etcd-session-ttl", "6"}, state.path());
+  b1->kill9();
+  // Taken up by a broker whose own sessions last 2 s: the lease keeps its 6 s, is kept
+  // alive every 1.5 s, and is sure for 3 s after each keep-alive (not the 1 s of 2 s).
+  auto again = etcd_broker(cluster, {"--etcd-lend", "on"}, state.path());
+  REQUIRE(again->log().find("taking up the etcd session") != std::string::npos);
+  BrokerClient c(again->endpoint());
+  const std::string k = key_for("sure");
+  CallResult g = c.acquire(req(k, LockMode::Write, "A"));
+  REQUIRE(g.status == CallStatus::Ok);
+  REQUIRE(metric(again->endpoint(), "gate_etcd_lent_keys") == 1);
+  // Heartbeats over more than two keep-alive intervals: a heartbeat while the session
+  // is in doubt would hand the key back to etcd.
+  const auto until = Clock::now() + 4s;
+  while (Clock::now() < until) {
+    REQUIRE(c.heartbeat(g.lock.lock_id, "A", 10'000).status == CallStatus::Ok);
+    std::this_thread::sleep_for(100ms);
+  }
+  CHECK(metric(again->endpoint(), "gate_etcd_adoptions_total") == 0);
+  CHECK(metric(again->endpoint(), "gate_etcd_lent_keys") == 1);
+  CHECK(c.release(g.lock.lock_id, "A").status == CallStatus::Ok);
+}
+
 TEST_CASE("with an etcd store no quorum means 503 with the reason and the quorum's return means service",
           "[etcd][broker]") {
   REQUIRE(test::etcd_installed());
