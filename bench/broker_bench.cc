@@ -613,6 +613,31 @@ asio::awaitable<void> pingpong_client(int i, HttpConnection& conn, RunResult& ou
   }
 }
 
+// One run of `clients` clients of `client` on one key for --seconds, printed; what they
+// saw of the key.
+using HotClientFn = asio::awaitable<void> (*)(int, HttpConnection&, RunResult&, HotKey&);
+
+HotKey run_hot(const Options& opt, int clients, HotClientFn client) {
+  HotKey hot;
+  hot.deadline = Clock::now() + std::chrono::hours(1);
+  hot.brokers = int(opt.brokers().size());
+  RunResult r = run_clients(opt.brokers(), clients, opt.run_limit(), opt.broker_pid,
+                            [&](int i, HttpConnection& c, RunResult& res) {
+                              if (i == 0) hot.deadline = Clock::now() + opt.run_length();
+                              return client(i, c, res, hot);
+                            });
+  print_run(r, "broker");
+  return hot;
+}
+
+// Grants that came while another client still held the key fail the bench.
+void check_exclusion(const HotKey& hot, const char* key) {
+  if (!hot.overlaps) return;
+  failed = true;
+  std::printf("  EXCLUSION BROKEN %llu grants arrived while another client still held %s\n",
+              (unsigned long long)hot.overlaps, key);
+}
+
 // ---------------------------------------------------------------------------
 // The memory scenario: N distinct keys held at once by a few clients.
 struct HoldSet {
@@ -903,15 +928,7 @@ int main(int argc, char** argv) {
 
     if (opt.wants("contended")) {
       std::printf("\n== contended: %d clients write-lock one key, bench/hot\n", opt.clients);
-      HotKey hot;
-      hot.deadline = Clock::now() + std::chrono::hours(1);
-      hot.brokers = int(opt.brokers().size());
-      RunResult r = run_clients(opt.brokers(), opt.clients, opt.run_limit(), opt.broker_pid,
-                                [&](int i, HttpConnection& c, RunResult& res) {
-                                  if (i == 0) hot.deadline = Clock::now() + opt.run_length();
-                                  return hot_client(i, c, res, hot);
-                                });
-      print_run(r, "broker");
+      HotKey hot = run_hot(opt, opt.clients, hot_client);
       if (!hot.handoff_ms.empty()) {
         double p50 = percentile(hot.handoff_ms, 50);
         std::printf("  hand-off         p50 %.3f ms  p99 %.3f ms  max %.3f ms  (%zu hand-offs; target p50 < 0.5 ms: %s)\n",
@@ -923,25 +940,13 @@ int main(int argc, char** argv) {
           std::printf("  cross-broker     hand-off p50 %.3f ms  p99 %.3f ms  (%zu from a holder on the other broker)\n",
                       percentile(hot.cross_ms, 50), percentile(hot.cross_ms, 99), hot.cross_ms.size());
       }
-      if (hot.overlaps) {
-        failed = true;
-        std::printf("  EXCLUSION BROKEN %llu grants arrived while another client still held bench/hot\n",
-                    (unsigned long long)hot.overlaps);
-      }
+      check_exclusion(hot, "bench/hot");
     }
 
     if (opt.wants("handoff")) {
       std::printf("\n== hand-off: 2 clients%s take bench/pingpong in turn; each releases once the other "
                   "waits\n", opt.brokers().size() > 1 ? " (one on each broker)" : "");
-      HotKey pp;
-      pp.deadline = Clock::now() + std::chrono::hours(1);
-      pp.brokers = int(opt.brokers().size());
-      RunResult r = run_clients(opt.brokers(), 2, opt.run_limit(), opt.broker_pid,
-                                [&](int i, HttpConnection& c, RunResult& res) {
-                                  if (i == 0) pp.deadline = Clock::now() + opt.run_length();
-                                  return pingpong_client(i, c, res, pp);
-                                });
-      print_run(r, "broker");
+      HotKey pp = run_hot(opt, 2, pingpong_client);
       if (!pp.handoff_ms.empty()) {
         double p50 = percentile(pp.handoff_ms, 50);
         std::printf("  hand-off         p50 %.3f ms  p99 %.3f ms  max %.3f ms  (%zu hand-offs, %zu of them to a "
@@ -949,11 +954,7 @@ int main(int argc, char** argv) {
                     p50, percentile(pp.handoff_ms, 99), percentile(pp.handoff_ms, 100), pp.handoff_ms.size(),
                     pp.cross_ms.size());
       }
-      if (pp.overlaps) {
-        failed = true;
-        std::printf("  EXCLUSION BROKEN %llu grants arrived while the other client still held bench/pingpong\n",
-                    (unsigned long long)pp.overlaps);
-      }
+      check_exclusion(pp, "bench/pingpong");
     }
 
     if (opt.wants("memory") && opt.hold > 0) {

@@ -18,7 +18,8 @@ using namespace etcd_parts;
 
 namespace {
 
-constexpr Micros kQuietUs = 2'000'000;  // a key recalled this long ago may be lent again
+// A key recalled, or with another broker's entry, this long ago may be lent again.
+constexpr Micros kQuietUs = 2'000'000;
 
 }  // namespace
 

@@ -17,6 +17,7 @@ namespace gate::vm {
 inline constexpr std::uint16_t kGuestBrokerPort = defaults::kBrokerPort;
 inline constexpr const char* kGuestRepo = "/home/gate/repo";
 inline constexpr const char* kGuestView = "/home/gate/view";
+inline constexpr const char* kGuestMountLog = "/home/gate/gate-mount.log";  // the sshfs method's guest mount
 // The sshfs method's guest mount runs as this transient unit, ordered after the broker:
 // stopping it (gate down, or the guest's shutdown) ends the mount, which hands its locks
 // (and a delegation) back, before the broker stops.

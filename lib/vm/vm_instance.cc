@@ -544,7 +544,7 @@ std::string UpRun::guest_mount_command() const {
   guest.mountpoint = kGuestView;
   guest.broker_port = kGuestBrokerPort;
   guest.foreground = false;
-  guest.log_file = "/home/gate/gate-mount.log";
+  guest.log_file = kGuestMountLog;
   const std::vector<std::string> unit = {
       "systemd-run", std::string("--unit=") + kGuestViewUnit, "--service-type=forking",
       "--setenv=LD_LIBRARY_PATH=/opt/gate/lib", "--setenv=HOME=/root",  // (its history's home)

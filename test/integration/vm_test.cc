@@ -22,6 +22,7 @@
 #include "support/test_support.h"
 #include "vm/stack_state.h"
 #include "vm/vm_commands.h"
+#include "vm/vm_guest.h"
 #include "vm/vm_instance.h"
 
 using namespace gate;
@@ -124,12 +125,9 @@ test::Child start_writer(const std::string& file, const std::string& progress,
 std::string guest_logs(const std::string& name) {
   auto stack = load_stack(name);
   if (!stack) return "(no stack state for " + name + ")";
-  vm::SshTarget root = vm::ssh_target_of(*stack);
-  root.user = "root";
-  RunResult r = run_command(
-      vm::ssh_command(root, "tail -n 60 /home/gate/gate-mount.log; echo '--- broker:'; "
-                            "journalctl -b -u gate-broker --no-pager -o short-monotonic -n 40"),
-      60s);
+  const std::string command = std::string("tail -n 60 ") + vm::kGuestMountLog +
+                              "; echo '--- broker:'; journalctl -b -u gate-broker --no-pager -o short-monotonic -n 40";
+  RunResult r = run_command(vm::ssh_command(vm::as_root(vm::ssh_target_of(*stack)), command), 60s);
   return "guest logs (ssh exit " + std::to_string(r.status) + "):\n" + r.output;
 }
 
